@@ -1,5 +1,16 @@
 """Zarr count stores: lazy reading (CountStore), converters (write_store), validation and the field registry."""
 
+from scvi_scale.data.convert import write_store
 from scvi_scale.data.store import CountStore, CountValidationError, StoreError
+from scvi_scale.data.validate import validate_counts
+from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, StoreWriter
 
-__all__ = ["CountStore", "CountValidationError", "StoreError"]
+__all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "CountStore",
+    "CountValidationError",
+    "StoreError",
+    "StoreWriter",
+    "validate_counts",
+    "write_store",
+]

@@ -190,41 +190,34 @@ class CountStore:
 
     # --- counts ------------------------------------------------------------------------------------------------
 
-    def _check_rows(self, start: int, stop: int) -> None:
+    def read_raw(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
+        """Rows [start, stop) in the stored value dtype: scipy CSR for CSR stores, numpy array for dense ones.
+
+        For validation and library sizes, which must see the values before any cast to float32.
+        """
         if not 0 <= start <= stop <= self.n_obs:
             raise IndexError(f"row range [{start}, {stop}) is outside [0, {self.n_obs}) of {self.path}")
-
-    def read_csr_parts(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw CSR pieces of rows [start, stop) in their stored dtypes: (data, indices, indptr from 0).
-
-        For validation, which must see values before any cast. CSR stores only.
-        """
-        self._check_rows(start, stop)
+        if not self.is_sparse:
+            return np.asarray(self._counts[start:stop])
         indptr = np.asarray(self._indptr[start : stop + 1], dtype=np.int64)
         first, last = int(indptr[0]), int(indptr[-1])
         data = np.asarray(self._data[first:last])
         indices = np.asarray(self._indices[first:last])
-        return data, indices, indptr - first
+        return sp.csr_matrix((data, indices, indptr - first), shape=(stop - start, self.n_vars))
 
     def read_csr(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as scipy CSR, float32, shape (stop - start, n_vars); works for dense stores too."""
-        if not self.is_sparse:
-            return sp.csr_matrix(self.read_dense(start, stop))
-        data, indices, indptr = self.read_csr_parts(start, stop)
-        return sp.csr_matrix(
-            (data.astype(np.float32, copy=False), indices, indptr), shape=(stop - start, self.n_vars)
-        )
-
-    def read_dense_raw(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a dense store in their stored dtype. Dense stores only."""
-        self._check_rows(start, stop)
-        return np.asarray(self._counts[start:stop])
+        block = self.read_raw(start, stop)
+        if self.is_sparse:
+            return block.astype(np.float32, copy=False)
+        return sp.csr_matrix(block.astype(np.float32, copy=False))
 
     def read_dense(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as a float32 numpy array of shape (stop - start, n_vars)."""
+        block = self.read_raw(start, stop)
         if self.is_sparse:
-            return self.read_csr(start, stop).toarray()
-        return self.read_dense_raw(start, stop).astype(np.float32, copy=False)
+            return block.astype(np.float32, copy=False).toarray()
+        return block.astype(np.float32, copy=False)
 
     def block_bounds(self, block_rows: int | None = None) -> np.ndarray:
         """Row boundaries [0, b, 2b, ..., n_obs] for blocks of b = block_rows (default chunk_rows) rows."""

@@ -1,0 +1,336 @@
+"""Streaming writer of AnnData Zarr count stores: row blocks in, a valid `anndata.read_zarr` store out.
+
+Every converter and the synthetic generator write through `StoreWriter`: they append (counts, obs) row blocks of
+any size; the writer re-blocks them into blocks of exactly `chunk_rows` rows, validates each block's counts (unless
+told not to), and appends it to the arrays of X and obs. Memory holds at most about two row blocks, whatever the
+number of cells.
+
+Layout written (Zarr format 2 by default, as anndata 0.12 writes; 3 on request):
+- X, CSR: a group with encoding-type csr_matrix and three 1-D arrays, `data` float32, `indices` int32 and
+  `indptr` int64 (int64 always: an atlas passes 2^31 non-zeros near 10M cells). Chunking, chosen for streaming
+  row blocks: the data and indices chunks each hold about a quarter of the non-zeros of one block of `chunk_rows`
+  rows (measured on the first block), so reading any block of chunk_rows rows touches 4-6 chunks and decodes at
+  most about half a block more than it needs; `indptr` chunks cover 16 blocks. The group's attribute
+  `scvi_scale_chunk_rows` records the block, which CountStore.chunk_rows reports. Blocks are appended whole
+  chunks at a time (a partial chunk waits in memory), so no chunk is compressed twice.
+- X, dense: a float32 array chunked (chunk_rows, n_vars): one chunk per row block.
+- obs: written by anndata's own encoder (`anndata.io.write_elem`) for the first block, each later block encoded the
+  same way and appended column by column; arrays chunked by chunk_rows. Categorical columns must carry the same
+  categories in every block.
+- var, uns and the empty obsm/varm/obsp/varp/layers groups: `anndata.io.write_elem`.
+Compression: Blosc zstd level 3 with byte shuffle for X. Values are cast to float32 after validation (integer
+counts are exact in float32 up to 2^24).
+
+Crash safety: everything is written to a hidden sibling directory `.<name>.partial-<random>` and renamed onto the
+final path only after the last block, obs, uns and the consolidated metadata are written; an interrupted write
+leaves no store at the final path (delete stray `.partial-` directories at leisure).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import anndata
+import numcodecs
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+import zarr.storage
+from zarr.codecs import BloscCodec
+
+from scvi_scale.data.store import CHUNK_ROWS_ATTR, StoreError
+from scvi_scale.data.validate import check_counts
+
+DEFAULT_CHUNK_ROWS = 4096
+NNZ_CHUNKS_PER_BLOCK = 4  # data/indices chunks per row block (see the module docstring)
+MIN_NNZ_CHUNK = 16_384  # smallest data/indices chunk, in values: keeps very sparse stores from tiny chunk files
+INDPTR_CHUNK_BLOCKS = 16  # row blocks per indptr chunk
+COMPRESSION_LEVEL = 3
+
+
+def _compressor(zarr_format: int):
+    """Blosc zstd with byte shuffle, in the codec spelling each Zarr format wants."""
+    if zarr_format == 2:
+        return numcodecs.Blosc(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle=numcodecs.Blosc.SHUFFLE)
+    return BloscCodec(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle="shuffle")
+
+
+def write_elem(group: zarr.Group, key: str, value, **kwargs) -> None:
+    """anndata.io.write_elem without zarr's notice that v3 sharding will change defaults (we set chunks ourselves)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        anndata.io.write_elem(group, key, value, **kwargs)
+
+
+class _ChunkAlignedAppender:
+    """Appends along axis 0 of a zarr array writing whole chunks only; the last partial chunk waits in memory."""
+
+    def __init__(self, array: zarr.Array):
+        self.array = array
+        self.chunk = array.chunks[0]
+        self.tail = np.empty((0,) + array.shape[1:], dtype=array.dtype)
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.concatenate([self.tail, values]) if len(self.tail) else values
+        n_whole = len(values) // self.chunk * self.chunk
+        self._write(values[:n_whole])
+        self.tail = values[n_whole:].copy()
+
+    def close(self) -> None:
+        self._write(self.tail)
+        self.tail = self.tail[:0]
+
+    def _write(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        start = self.array.shape[0]
+        self.array.resize((start + len(values),) + self.array.shape[1:])
+        self.array[start:] = values
+
+
+class StoreWriter:
+    """Write an AnnData Zarr count store from appended row blocks; see the module docstring for the layout.
+
+        >>> with StoreWriter("out.zarr", var=var_frame, chunk_rows=4096) as writer:
+        ...     for counts, obs in blocks:            # counts (rows, n_vars) CSR or dense; obs a DataFrame of rows
+        ...         writer.append(counts, obs)
+        ...     writer.close(uns={"source": "..."})   # optional: leaving the block closes too; an error aborts
+
+    path: the store to create. var: DataFrame indexed by unique gene names, one row per column of the counts.
+    sparse: write X as CSR (True) or dense (False). validate: check every block's counts (finite, non-negative,
+    integer-valued) and raise CountValidationError at the first bad one. zarr_format: 2 or 3. overwrite: replace an
+    existing store at `path` (only once the new one is complete). where: how errors name the source.
+    """
+
+    def __init__(
+        self,
+        path,
+        var: pd.DataFrame,
+        *,
+        sparse: bool = True,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        validate: bool = True,
+        zarr_format: int = 2,
+        overwrite: bool = False,
+        where: str | None = None,
+    ):
+        self.path = Path(path)
+        self.where = where or str(path)
+        if self.path.exists() and not overwrite:
+            raise StoreError(f"{self.path} already exists; pass overwrite=True to replace it")
+        if int(chunk_rows) < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+        if zarr_format not in (2, 3):
+            raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format}")
+        if len(var) == 0:
+            raise StoreError(f"{self.where}: no genes (var is empty); an empty store is not allowed")
+        var = var.set_axis(var.index.astype(str))
+        duplicated = var.index[var.index.duplicated()]
+        if len(duplicated):
+            raise StoreError(
+                f"{self.where}: {len(duplicated)} duplicated var names, e.g. {list(duplicated[:5])}; "
+                "make them unique (e.g. AnnData.var_names_make_unique) before writing"
+            )
+        self.var_names = var.index
+        self.n_vars = len(var)
+        self.sparse = bool(sparse)
+        self.chunk_rows = int(chunk_rows)
+        self.validate = validate
+        self.zarr_format = zarr_format
+        self.overwrite = overwrite
+        self.n_obs = 0  # rows accepted so far (validated, maybe still pending)
+        self._n_written = 0  # rows written to the store
+        self._nnz = 0
+        self._pending: list[tuple[object, pd.DataFrame]] = []
+        self._pending_rows = 0
+        self._obs_dtypes: pd.Series | None = None
+        self._appenders: dict[str, _ChunkAlignedAppender] = {}
+        self._closed = False
+
+        self._partial = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:12]}"
+        self._root = zarr.open_group(str(self._partial), mode="w-", zarr_format=zarr_format)
+        self._root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        write_elem(self._root, "var", var)
+        for name in ("layers", "obsm", "varm", "obsp", "varp"):
+            write_elem(self._root, name, {})
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+    # --- appending ---------------------------------------------------------------------------------------------
+
+    def append(self, counts, obs: pd.DataFrame) -> None:
+        """Append rows: counts (rows, n_vars) scipy sparse or array-like of counts; obs a DataFrame of those rows."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: the writer is closed")
+        n_rows = counts.shape[0]
+        if len(counts.shape) != 2 or counts.shape[1] != self.n_vars:
+            raise StoreError(f"{self.where}: a block of counts has shape {counts.shape}, expected (rows, {self.n_vars})")
+        if len(obs) != n_rows:
+            raise StoreError(
+                f"{self.where}: rows [{self.n_obs}, {self.n_obs + n_rows}) have {n_rows} rows of counts but "
+                f"{len(obs)} rows of obs"
+            )
+        if n_rows == 0:
+            return
+        obs = obs.set_axis(obs.index.astype(str))
+        self._check_obs_schema(obs)
+        if self.sparse:
+            counts = sp.csr_matrix(counts)
+            counts.sum_duplicates()  # also sorts the column indices within each row
+        else:
+            counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+        if self.validate:
+            check_counts(counts, self.n_obs, obs.index, self.var_names, self.where)
+        counts = counts.astype(np.float32, copy=False)
+        self._pending.append((counts, obs))
+        self._pending_rows += n_rows
+        self.n_obs += n_rows
+        if self._pending_rows >= self.chunk_rows:
+            self._write_pending(final=False)
+
+    def _check_obs_schema(self, obs: pd.DataFrame) -> None:
+        """Every block must have the first block's columns and dtypes (categoricals: the same categories)."""
+        if self._obs_dtypes is None:
+            self._obs_dtypes = obs.dtypes
+            return
+        if list(obs.columns) != list(self._obs_dtypes.index):
+            raise StoreError(
+                f"{self.where}: obs columns of rows from {self.n_obs} are {list(obs.columns)}, "
+                f"earlier rows had {list(self._obs_dtypes.index)}"
+            )
+        for column, dtype in self._obs_dtypes.items():
+            if obs[column].dtype != dtype:
+                raise StoreError(
+                    f"{self.where}: obs column {column!r} of rows from {self.n_obs} has dtype {obs[column].dtype}, "
+                    f"earlier rows had {dtype}; every block needs the same dtype (categoricals: same categories)"
+                )
+
+    def _write_pending(self, final: bool) -> None:
+        """Write all whole blocks of chunk_rows rows that are pending (and the remainder too when final)."""
+        counts_parts, obs_parts = zip(*self._pending)
+        if len(counts_parts) == 1:
+            counts, obs = counts_parts[0], obs_parts[0]
+        else:
+            counts = sp.vstack(counts_parts, format="csr") if self.sparse else np.concatenate(counts_parts)
+            obs = pd.concat(obs_parts)
+        n_rows = counts.shape[0]
+        n_to_write = n_rows if final else n_rows // self.chunk_rows * self.chunk_rows
+        for start in range(0, n_to_write, self.chunk_rows):
+            stop = min(start + self.chunk_rows, n_to_write)
+            self._write_block(counts[start:stop], obs.iloc[start:stop])
+        self._pending = [(counts[n_to_write:], obs.iloc[n_to_write:])] if n_to_write < n_rows else []
+        self._pending_rows = n_rows - n_to_write
+
+    def _write_block(self, counts, obs: pd.DataFrame) -> None:
+        if self._n_written == 0:
+            self._create_x(counts)
+            write_elem(self._root, "obs", obs, dataset_kwargs={"chunks": (self.chunk_rows,)})
+        else:
+            self._append_obs(obs)
+        if self.sparse:
+            self._appenders["data"].append(counts.data)
+            self._appenders["indices"].append(counts.indices.astype(np.int32, copy=False))
+            self._appenders["indptr"].append(counts.indptr[1:].astype(np.int64) + self._nnz)
+            self._nnz += counts.nnz
+        else:
+            self._appenders["X"].append(counts)
+        self._n_written += counts.shape[0]
+
+    def _create_x(self, first_block) -> None:
+        """Create X sized for the first block: CSR data/indices chunks hold a quarter of a block's non-zeros."""
+        compressor = _compressor(self.zarr_format)
+        if not self.sparse:
+            dense = self._root.create_array(
+                "X", shape=(0, self.n_vars), chunks=(self.chunk_rows, self.n_vars), dtype="float32",
+                compressors=compressor,
+            )
+            dense.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            self._appenders["X"] = _ChunkAlignedAppender(dense)
+            return
+        nnz_per_row = first_block.nnz / first_block.shape[0]
+        nnz_chunk = max(MIN_NNZ_CHUNK, math.ceil(nnz_per_row * self.chunk_rows / NNZ_CHUNKS_PER_BLOCK))
+        group = self._root.create_group("X")
+        group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
+        for name, dtype, chunk in (
+            ("data", "float32", nnz_chunk),
+            ("indices", "int32", nnz_chunk),
+            ("indptr", "int64", self.chunk_rows * INDPTR_CHUNK_BLOCKS),
+        ):
+            array = group.create_array(name, shape=(0,), chunks=(chunk,), dtype=dtype, compressors=compressor)
+            self._appenders[name] = _ChunkAlignedAppender(array)
+        self._appenders["indptr"].append(np.zeros(1, dtype=np.int64))
+
+    def _append_obs(self, obs: pd.DataFrame) -> None:
+        """Encode the block's obs exactly as anndata would (in memory), then append each array to the store's."""
+        scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=self.zarr_format)
+        write_elem(scratch, "obs", obs)
+        target = self._root["obs"]
+        for column_path, array in _arrays_below(scratch["obs"]):
+            if column_path.endswith("/categories"):
+                continue  # the same in every block (checked in _check_obs_schema)
+            target[column_path].append(array[:])
+
+    # --- finishing ---------------------------------------------------------------------------------------------
+
+    def close(self, uns: dict | None = None) -> Path:
+        """Write what is pending, uns and the metadata, then move the store into place. Returns its path."""
+        if self._closed:
+            return self.path
+        try:
+            if self._pending_rows:
+                self._write_pending(final=True)
+            if self._n_written == 0:
+                raise StoreError(f"{self.where}: no rows were written; an empty store is not allowed")
+            for appender in self._appenders.values():
+                appender.close()
+            x = self._root["X"]
+            if self.sparse:
+                x.attrs.update({"shape": [self._n_written, self.n_vars], CHUNK_ROWS_ATTR: self.chunk_rows})
+            write_elem(self._root, "uns", dict(uns or {}))
+            with warnings.catch_warnings():
+                # zarr warns that consolidated metadata is not yet in the Zarr v3 spec; anndata writes it anyway.
+                warnings.simplefilter("ignore", UserWarning)
+                zarr.consolidate_metadata(str(self._partial))
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.path
+
+    def _move_into_place(self) -> None:
+        replaced = None
+        if self.path.exists():
+            if not self.overwrite:
+                raise StoreError(f"{self.path} appeared while writing; pass overwrite=True to replace it")
+            replaced = self.path.parent / f".{self.path.name}.replaced-{uuid.uuid4().hex[:12]}"
+            self.path.rename(replaced)
+        self._partial.rename(self.path)
+        if replaced is not None:
+            shutil.rmtree(replaced) if replaced.is_dir() else replaced.unlink()
+
+    def abort(self) -> None:
+        """Drop the partial store; the final path is left as it was."""
+        self._closed = True
+        shutil.rmtree(self._partial, ignore_errors=True)
+
+
+def _arrays_below(group: zarr.Group, prefix: str = ""):
+    """(relative path, array) for every array under `group`, depth first."""
+    for name, member in group.members():
+        if isinstance(member, zarr.Array):
+            yield prefix + name, member
+        else:
+            yield from _arrays_below(member, prefix + name + "/")
