@@ -1,0 +1,365 @@
+"""scvi_scale.kernels against float64 references written here from the formulas (scipy for the log-pmfs).
+
+Every check runs on both backends: "torch" (the PyTorch path) and "triton" (the fused kernels; on a machine without
+a GPU under TRITON_INTERPRET=1, which is set below before any kernel module can be imported). Inputs are drawn fresh
+for every check from a seed that failures print. Tolerances: norm-wise relative error ||got - want|| / ||want||
+under 1e-5 for float32 inputs against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the Triton modules are imported (they are imported lazily)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.special as sps  # noqa: E402
+import scipy.stats as sps_stats  # noqa: E402
+
+from scvi_scale import kernels  # noqa: E402
+from scvi_scale.settings import settings  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+FLOAT32_TOL = 1e-5
+FLOAT64_TOL = 1e-9
+TRITON_MODULES = ("scvi_scale.kernels.count_likelihood", "scvi_scale.kernels.decoder_likelihood")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Runs the test on one backend; the Triton one needs the interpreter (CPU) or a GPU."""
+    if request.param == "triton" and not ON_GPU:
+        imported_compiled = [m for m in TRITON_MODULES if m in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"]
+        if imported_compiled:
+            pytest.skip("Triton modules were imported without TRITON_INTERPRET=1 before this module")
+    monkeypatch.setattr(settings, "kernel_backend", request.param)
+    return request.param
+
+
+@pytest.fixture
+def rng(request):
+    """A generator with a fresh seed, printed by the failing test's name so a failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def rel_err(got: torch.Tensor, want: np.ndarray) -> float:
+    got = got.detach().double().cpu().numpy()
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# float64 references from the formulas
+
+
+def log_prob_reference(x, mu, theta, zi_logits, likelihood):
+    """Per-entry log p(x) in float64, (B, G). NB via scipy.stats.nbinom (n = theta, p = theta / (theta + mu))."""
+    if likelihood == "poisson":
+        return sps_stats.poisson.logpmf(x, mu)
+    theta = np.broadcast_to(theta, x.shape)
+    log_nb = sps_stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+    if likelihood == "nb":
+        return log_nb
+    log_pi, log_one_minus_pi = -np.logaddexp(0, -zi_logits), -np.logaddexp(0, zi_logits)
+    return np.where(x == 0, np.logaddexp(log_pi, log_one_minus_pi + log_nb), log_one_minus_pi + log_nb)
+
+
+def log_prob_gradients_reference(x, mu, theta, zi_logits, likelihood):
+    """d log p / d mu, d theta, d zi_logits per entry in float64, each (B, G) (None where not a parameter).
+
+    NB:   d/dmu    = theta (x - mu) / (mu (theta + mu))
+          d/dtheta = digamma(x + theta) - digamma(theta) - log1p(mu / theta) + (mu - x) / (theta + mu)
+    ZINB: x > 0: the NB gradients, and d/dz = -sigmoid(z);
+          x = 0: with L0 = log NB(0) = -theta log1p(mu / theta) and r = sigmoid(L0 - z), the share of NB(0) in p(0):
+                 d/dmu = -r theta / (theta + mu),  d/dtheta = r (-log1p(mu / theta) + mu / (theta + mu)),
+                 d/dz = sigmoid(z - L0) - sigmoid(z).
+    """
+    if likelihood == "poisson":
+        return x / mu - 1, None, None
+    theta = np.broadcast_to(theta, x.shape)
+    d_mu = theta * (x - mu) / (mu * (theta + mu))
+    d_theta = sps.digamma(x + theta) - sps.digamma(theta) - np.log1p(mu / theta) + (mu - x) / (theta + mu)
+    if likelihood == "nb":
+        return d_mu, d_theta, None
+    log_nb_zero = -theta * np.log1p(mu / theta)
+    r = sps.expit(log_nb_zero - zi_logits)
+    zero = x == 0
+    d_mu = np.where(zero, -r * theta / (theta + mu), d_mu)
+    d_theta = np.where(zero, r * (-np.log1p(mu / theta) + mu / (theta + mu)), d_theta)
+    d_z = np.where(zero, sps.expit(zi_logits - log_nb_zero) - sps.expit(zi_logits), -sps.expit(zi_logits))
+    return d_mu, d_theta, d_z
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def draw_counts(rng, mu):
+    """Counts like scRNA-seq: ~90% zeros, the rest Poisson around mu, and a few up to 1e5."""
+    counts = rng.poisson(np.minimum(mu, 1e5)) * (rng.random(mu.shape) < 0.1)
+    large = rng.random(mu.shape) < 0.002
+    counts[large] = rng.integers(1, 100_001, size=int(large.sum()))
+    return counts.astype(np.float64)
+
+
+def draw_theta(rng, n_cells, n_genes, per_cell):
+    """Inverse dispersion log-uniform on [1e-4, 1e4], per gene (G,) or per cell and gene (B, G)."""
+    shape = (n_cells, n_genes) if per_cell else (n_genes,)
+    return np.exp(rng.uniform(np.log(1e-4), np.log(1e4), size=shape))
+
+
+def draw_count_inputs(rng, n_cells, n_genes, likelihood, theta_per_cell):
+    """float64 numpy inputs of count_log_likelihood: x, mu (log-uniform on [e^-6, e^9]), theta, logits in +-30."""
+    mu = np.exp(rng.uniform(-6, 9, size=(n_cells, n_genes)))
+    x = draw_counts(rng, mu)
+    theta = None if likelihood == "poisson" else draw_theta(rng, n_cells, n_genes, theta_per_cell)
+    zi_logits = rng.uniform(-30, 30, size=(n_cells, n_genes)) if likelihood == "zinb" else None
+    return x, mu, theta, zi_logits
+
+
+def as_tensors(dtype, *arrays, requires_grad=False):
+    return [
+        None if a is None else torch.tensor(a, dtype=dtype, device=DEVICE, requires_grad=requires_grad)
+        for a in arrays
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# count_log_likelihood
+
+
+def check_count_log_likelihood(rng, n_cells, n_genes, likelihood, theta_per_cell, dtype, tol):
+    x, mu, theta, zi = draw_count_inputs(rng, n_cells, n_genes, likelihood, theta_per_cell)
+    # Reference on the values the function actually sees (inputs rounded to dtype).
+    x, mu, theta, zi = (None if a is None else a.astype(np.float32 if dtype == torch.float32 else np.float64)
+                        .astype(np.float64) for a in (x, mu, theta, zi))
+    x_t, = as_tensors(dtype, x)
+    mu_t, theta_t, zi_t = as_tensors(dtype, mu, theta, zi, requires_grad=True)
+    out = kernels.count_log_likelihood(x_t, mu_t, theta_t, zi_t, likelihood=likelihood)
+    assert out.shape == (n_cells,) and out.dtype == dtype
+    want = log_prob_reference(x, mu, theta, zi, likelihood).sum(-1)
+    assert rel_err(out, want) < tol, f"log-likelihood, rel err {rel_err(out, want):.2e}"
+
+    cell_weights = rng.normal(size=n_cells)
+    out.backward(torch.tensor(cell_weights, dtype=dtype, device=DEVICE))
+    d_mu, d_theta, d_z = log_prob_gradients_reference(x, mu, theta, zi, likelihood)
+    w = cell_weights[:, None]
+    checks = [("mu", mu_t, w * d_mu)]
+    if theta is not None:
+        checks.append(("theta", theta_t, (w * d_theta).reshape(-1, *theta.shape).sum(0) if not theta_per_cell
+                       else w * d_theta))
+    if zi is not None:
+        checks.append(("zi_logits", zi_t, w * d_z))
+    for name, tensor, want_grad in checks:
+        err = rel_err(tensor.grad, want_grad)
+        assert err < tol, f"d/d{name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+@pytest.mark.parametrize("n_cells,n_genes", [(1, 1), (3, 7), (128, 7), (3, 2000), (128, 2000)])
+def test_count_log_likelihood_float32(backend, rng, likelihood, n_cells, n_genes):
+    check_count_log_likelihood(rng, n_cells, n_genes, likelihood, False, torch.float32, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_count_log_likelihood_theta_per_cell(backend, rng, likelihood):
+    check_count_log_likelihood(rng, 3, 300, likelihood, True, torch.float32, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+def test_count_log_likelihood_float64(backend, rng, likelihood):
+    check_count_log_likelihood(rng, 5, 300, likelihood, False, torch.float64, FLOAT64_TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_count_log_likelihood_full_genome(backend, rng, likelihood):
+    check_count_log_likelihood(rng, 128, 33538, likelihood, False, torch.float32, FLOAT32_TOL)
+
+
+def test_count_log_likelihood_only_zeros(backend, rng):
+    """A cell without counts: the ZINB log-likelihood is the sum of log(pi + (1 - pi) NB(0))."""
+    mu = np.exp(rng.uniform(-3, 3, size=(2, 50)))
+    theta = draw_theta(rng, 2, 50, per_cell=False)
+    zi = rng.uniform(-30, 30, size=(2, 50))
+    x = np.zeros_like(mu)
+    out = kernels.count_log_likelihood(*as_tensors(torch.float64, x, mu, theta, zi))
+    assert rel_err(out, log_prob_reference(x, mu, theta, zi, "zinb").sum(-1)) < FLOAT64_TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decoder_log_likelihood
+
+
+def draw_decoder_inputs(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell):
+    """float64 inputs of decoder_log_likelihood, scaled like a trained scVI decoder; dropout logits reach +-30."""
+    hidden = np.maximum(rng.normal(size=(n_cells, n_hidden)), 0)  # after ReLU
+    scale_weight = rng.normal(scale=2 / np.sqrt(n_hidden), size=(n_genes, n_hidden))
+    scale_bias = rng.normal(size=n_genes)
+    log_library = rng.uniform(np.log(500), np.log(50_000), size=n_cells)
+    mu = np.exp(log_library)[:, None] * sps.softmax(hidden @ scale_weight.T + scale_bias, axis=-1)
+    x = draw_counts(rng, mu)
+    theta = None if likelihood == "poisson" else draw_theta(rng, n_cells, n_genes, theta_per_cell)
+    if likelihood == "zinb":
+        dropout_weight = rng.normal(scale=10 / np.sqrt(n_hidden), size=(n_genes, n_hidden))
+        dropout_bias = rng.uniform(-10, 10, size=n_genes)
+    else:
+        dropout_weight = dropout_bias = None
+    return dict(hidden=hidden, scale_weight=scale_weight, scale_bias=scale_bias, log_library=log_library, x=x,
+                theta=theta, dropout_weight=dropout_weight, dropout_bias=dropout_bias)
+
+
+def decoder_reference(inputs, likelihood, cell_weights):
+    """float64 per-cell log-likelihood and the gradients of sum(cell_weights * it) w.r.t. every input.
+
+    With s = hidden W^T + b, p = softmax(s), mu = exp(l) p, z = hidden Wd^T + bd and a = mu * dlogp/dmu:
+    dL/ds = a - p * sum_genes(a) (the softmax's Jacobian), dL/dl = sum_genes(a), and the linear layers' chain rule.
+    """
+    h, w_scale, l = inputs["hidden"], inputs["scale_weight"], inputs["log_library"]
+    p = sps.softmax(h @ w_scale.T + inputs["scale_bias"], axis=-1)
+    mu = np.exp(l)[:, None] * p
+    zi = None if likelihood != "zinb" else h @ inputs["dropout_weight"].T + inputs["dropout_bias"]
+    out = log_prob_reference(inputs["x"], mu, inputs["theta"], zi, likelihood).sum(-1)
+    d_mu, d_theta, d_z = log_prob_gradients_reference(inputs["x"], mu, inputs["theta"], zi, likelihood)
+    a = cell_weights[:, None] * mu * d_mu
+    d_s = a - p * a.sum(-1, keepdims=True)
+    grads = dict(hidden=d_s @ w_scale, scale_weight=d_s.T @ h, scale_bias=d_s.sum(0), log_library=a.sum(-1))
+    if d_theta is not None:
+        d_theta = cell_weights[:, None] * d_theta
+        grads["theta"] = d_theta if inputs["theta"].ndim == 2 else d_theta.sum(0)
+    if d_z is not None:
+        d_z = cell_weights[:, None] * d_z
+        grads["hidden"] = grads["hidden"] + d_z @ inputs["dropout_weight"]
+        grads["dropout_weight"] = d_z.T @ h
+        grads["dropout_bias"] = d_z.sum(0)
+    return out, grads
+
+
+def check_decoder_log_likelihood(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell, dtype, tol):
+    inputs = draw_decoder_inputs(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell)
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    inputs = {k: None if v is None else v.astype(np_dtype).astype(np.float64) for k, v in inputs.items()}
+    tensors = {k: None if v is None else torch.tensor(v, dtype=dtype, device=DEVICE, requires_grad=k != "x")
+               for k, v in inputs.items()}
+    out = kernels.decoder_log_likelihood(**tensors, likelihood=likelihood)
+    assert out.shape == (n_cells,) and out.dtype == dtype
+    cell_weights = rng.normal(size=n_cells)
+    want, want_grads = decoder_reference(inputs, likelihood, cell_weights)
+    assert rel_err(out, want) < tol, f"log-likelihood, rel err {rel_err(out, want):.2e}"
+    out.backward(torch.tensor(cell_weights, dtype=dtype, device=DEVICE))
+    for name, want_grad in want_grads.items():
+        err = rel_err(tensors[name].grad, want_grad)
+        assert err < tol, f"d/d{name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+@pytest.mark.parametrize("n_cells,n_genes", [(1, 1), (3, 7), (128, 7), (3, 2000)])
+def test_decoder_log_likelihood_float32(backend, rng, likelihood, n_cells, n_genes):
+    check_decoder_log_likelihood(rng, n_cells, n_genes, 24, likelihood, False, torch.float32, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_decoder_log_likelihood_theta_per_cell(backend, rng, likelihood):
+    check_decoder_log_likelihood(rng, 3, 300, 24, likelihood, True, torch.float32, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+def test_decoder_log_likelihood_float64(backend, rng, likelihood):
+    check_decoder_log_likelihood(rng, 5, 300, 10, likelihood, False, torch.float64, FLOAT64_TOL)
+
+
+@pytest.mark.slow
+def test_decoder_log_likelihood_full_genome(backend, rng):
+    check_decoder_log_likelihood(rng, 128, 33538, 128, "zinb", False, torch.float32, FLOAT32_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decoder_px_scale
+
+
+@pytest.mark.parametrize("n_genes,gene_chunk", [(1, None), (7, 3), (2000, None), (2000, 300)])
+def test_decoder_px_scale(backend, rng, n_genes, gene_chunk):
+    hidden = rng.normal(size=(3, 24))
+    scale_weight = rng.normal(scale=3, size=(n_genes, 24))
+    scale_bias = rng.normal(size=n_genes)
+    got = kernels.decoder_px_scale(*as_tensors(torch.float32, hidden, scale_weight, scale_bias), gene_chunk=gene_chunk)
+    assert got.dtype == torch.float32 and got.shape == (3, n_genes)
+    h, w, b = (a.astype(np.float32).astype(np.float64) for a in (hidden, scale_weight, scale_bias))
+    assert rel_err(got, sps.softmax(h @ w.T + b, axis=-1)) < FLOAT32_TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dispatch and input checks
+
+
+def test_backend_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(settings, "kernel_backend", "torch")
+    monkeypatch.setattr(kernels, "_backends_logged", set())
+    x, mu, theta = as_tensors(torch.float32, np.ones((2, 3)), np.ones((2, 3)), np.ones(3))
+    with caplog.at_level(logging.INFO, logger="scvi_scale.kernels"):
+        for _ in range(3):
+            kernels.count_log_likelihood(x, mu, theta, likelihood="nb")
+    assert [r.getMessage() for r in caplog.records if "backend" in r.getMessage()] == [
+        f"fused ops run on the torch backend (settings.kernel_backend='torch', {DEVICE} tensors)"
+    ]
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU refusal of the compiled Triton backend")
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(settings, "kernel_backend", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, mu, theta = as_tensors(torch.float32, np.ones((2, 3)), np.ones((2, 3)), np.ones(3))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.count_log_likelihood(x, mu, theta, likelihood="nb")
+
+
+def test_auto_backend_on_cpu_is_torch(monkeypatch, caplog):
+    monkeypatch.setattr(settings, "kernel_backend", "auto")
+    assert kernels._choose_backend(torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(likelihood="gamma"), "likelihood='gamma'"),
+        (dict(mu=torch.ones(2, 4)), r"mu has shape \(2, 4\), expected \(2, 3\)"),
+        (dict(theta=torch.ones(2)), r"theta has shape \(2,\), expected \(3,\) per gene or \(2, 3\)"),
+        (dict(theta=None), "needs theta"),
+        (dict(zi_logits=None), "needs zi_logits"),
+        (dict(likelihood="nb"), "zi_logits is used by likelihood='zinb' only"),
+        (dict(likelihood="poisson", zi_logits=None), "takes no theta"),
+    ],
+)
+def test_count_log_likelihood_rejects_bad_input(change, message):
+    args = dict(x=torch.ones(2, 3), mu=torch.ones(2, 3), theta=torch.ones(3), zi_logits=torch.zeros(2, 3),
+                likelihood="zinb")
+    with pytest.raises(ValueError, match=message):
+        kernels.count_log_likelihood(**{**args, **change})
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(scale_weight=torch.ones(3, 5)), r"scale_weight has shape \(3, 5\), expected \(3, 4\)"),
+        (dict(scale_bias=torch.ones(4)), r"scale_bias has shape \(4,\), expected \(3,\)"),
+        (dict(log_library=torch.ones(3)), r"log_library has shape \(3,\), expected \(2,\) or \(2, 1\)"),
+        (dict(dropout_bias=None), "pass both or neither"),
+        (dict(x=torch.ones(3, 3)), r"x has shape \(3, 3\), expected \(2, 3\)"),
+        (dict(dropout_weight=torch.ones(4, 4)), r"dropout_weight has shape \(4, 4\), expected \(3, 4\)"),
+    ],
+)
+def test_decoder_log_likelihood_rejects_bad_input(change, message):
+    args = dict(hidden=torch.ones(2, 4), scale_weight=torch.ones(3, 4), scale_bias=torch.ones(3),
+                log_library=torch.ones(2), x=torch.ones(2, 3), theta=torch.ones(3),
+                dropout_weight=torch.ones(3, 4), dropout_bias=torch.ones(3), likelihood="zinb")
+    with pytest.raises(ValueError, match=message):
+        kernels.decoder_log_likelihood(**{**args, **change})
