@@ -1,0 +1,219 @@
+"""Synthetic single-cell atlases with known structure, written straight to a Zarr count store in row blocks.
+
+    >>> from scvi_scale.datasets import synthetic_atlas
+    >>> store = synthetic_atlas("atlas.zarr", n_cells=200_000)     # CountStore: 200k cells x 2000 genes, CSR
+
+Generative model (natural logs unless a name says log2):
+- Gene baseline: log-expression b_g ~ Normal(0, 2.5), capped at 6 so no gene takes more than ~2% of a cell's
+  counts; negative-binomial inverse dispersion theta_g ~ LogNormal(log 0.3, 0.5) (overdispersed, as UMI data).
+- Cell types: type t plants `markers_per_type` marker genes (drawn from the better-expressed half, disjoint across
+  types) whose log-expression is raised by log2 fold change m_tg ~ Uniform(1, 3). Type profile: the softmax over
+  genes of b + m_t log 2. Ground truth is recorded: var["marker_of"] (categorical, NaN for non-markers) and
+  var["marker_lfc"] = log2 of the type's profile over the mean profile of the other types (exact, computed from the
+  profiles), uns["synthetic_atlas"]["true_log2_scale"] (n_cell_types, n_genes) the log2 profiles.
+- Batches: cells are in contiguous runs of batches (cell i is in batch floor(i * n_batches / n_cells)), as in an
+  atlas concatenated from studies; batch k multiplies each gene by exp(e_kg), e_kg ~ Normal(0, 0.4), shifts the
+  median library size by exp(Normal(0, 0.25)), and has its own cell-type composition ~ Dirichlet(3, ..., 3).
+- Continuous covariate obs["cycling_score"] ~ Normal(0, 1) scales a programme of 40 "cycling" genes (disjoint
+  from markers) by exp(c_g * score), c_g ~ Uniform(0.3, 0.8), recorded in var["cycling_coef"] (0 elsewhere).
+- Library size l_i ~ LogNormal(log 2500 + batch shift, 0.4). Counts: x_ig ~ NB(mean l_i * softmax_g(b + m_t log 2
+  + e_k + c score_i), inverse dispersion theta_g), drawn as Poisson(Gamma(theta_g, mean / theta_g)).
+  About 90% of the counts are zero at 2000 genes.
+
+Reproducibility: parameters come from SeedSequence(seed, spawn_key=(0,)) and cells are generated in fixed blocks
+of GENERATION_BLOCK_ROWS cells, block j from SeedSequence(seed, spawn_key=(1, j)); so the same seed gives
+byte-identical arrays, and the values do not depend on chunk_rows (only the on-disk chunking does).
+Memory: one generation block (1024 x n_genes float64 temporaries) plus the writer's row blocks, whatever n_cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scvi_scale.data.store import CountStore
+from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, StoreWriter
+
+GENERATION_BLOCK_ROWS = 1024
+BASE_LOG_SD = 3.0
+BASE_LOG_CAP = 5.0
+BROAD_GENE_FRACTION = 0.3
+RESTRICTED_ON_PROBABILITY = 0.2
+SILENCED_LOG_SHIFT = -5.0
+THETA_MEDIAN = 0.3
+THETA_LOG_SD = 0.5
+MARKER_LOG2FC_RANGE = (1.0, 3.0)
+BATCH_GENE_LOG_SD = 0.4
+BATCH_LIBRARY_LOG_SD = 0.25
+TYPE_COMPOSITION_ALPHA = 3.0
+N_CYCLING_GENES = 40
+CYCLING_COEF_RANGE = (0.3, 0.8)
+LIBRARY_MEDIAN = 2000.0
+LIBRARY_LOG_SD = 0.4
+
+
+@dataclass(frozen=True)
+class AtlasParameters:
+    """Everything shared by all cells of an atlas; arrays are (genes,), (types, genes) or (batches, ...)."""
+
+    type_log_profile: np.ndarray  # (n_cell_types, n_genes) log-expression before softmax: b + m_t log 2
+    batch_gene_log_effect: np.ndarray  # (n_batches, n_genes) e_kg
+    batch_library_log_median: np.ndarray  # (n_batches,) log median library size
+    batch_type_composition: np.ndarray  # (n_batches, n_cell_types) cell-type probabilities
+    cycling_coef: np.ndarray  # (n_genes,) c_g, 0 outside the cycling programme
+    theta: np.ndarray  # (n_genes,) inverse dispersion
+    marker_type: np.ndarray  # (n_genes,) int, index of the type a gene marks, -1 if none
+    marker_log2fc: np.ndarray  # (n_cell_types, n_genes) planted m_tg, 0 off markers
+
+
+def atlas_parameters(n_genes: int, n_batches: int, n_cell_types: int, markers_per_type: int, seed: int):
+    """Draw the shared parameters of an atlas (see the module docstring) from SeedSequence(seed, spawn_key=(0,))."""
+    n_special = n_cell_types * markers_per_type + N_CYCLING_GENES
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+    base = np.minimum(rng.normal(0.0, BASE_LOG_SD, n_genes), BASE_LOG_CAP)
+    theta = np.exp(rng.normal(np.log(THETA_MEDIAN), THETA_LOG_SD, n_genes))
+    # Type-restricted genes are on in a random subset of types and near silent in the others.
+    restricted = rng.random(n_genes) >= BROAD_GENE_FRACTION
+    silenced = restricted[None, :] & (rng.random((n_cell_types, n_genes)) >= RESTRICTED_ON_PROBABILITY)
+    # Markers and cycling genes are broad genes between the 50th and 90th percentile of expression: they carry
+    # counts, and no marker raised 8-fold takes over a cell's library.
+    broad = np.flatnonzero(~restricted)
+    by_expression = broad[np.argsort(base[broad])]
+    candidates = by_expression[len(broad) // 2 : len(broad) * 9 // 10]
+    if n_special > len(candidates):
+        raise ValueError(
+            f"{n_cell_types} cell types x {markers_per_type} markers + {N_CYCLING_GENES} cycling genes = "
+            f"{n_special} genes, more than the {len(candidates)} candidates among n_genes={n_genes}; "
+            "use more genes or fewer markers"
+        )
+    special = rng.permutation(candidates)[:n_special]
+    marker_genes = special[: n_cell_types * markers_per_type].reshape(n_cell_types, markers_per_type)
+    cycling_genes = special[n_cell_types * markers_per_type :]
+    marker_type = np.full(n_genes, -1)
+    marker_log2fc = np.zeros((n_cell_types, n_genes))
+    for cell_type, genes in enumerate(marker_genes):
+        marker_type[genes] = cell_type
+        marker_log2fc[cell_type, genes] = rng.uniform(*MARKER_LOG2FC_RANGE, markers_per_type)
+    cycling_coef = np.zeros(n_genes)
+    cycling_coef[cycling_genes] = rng.uniform(*CYCLING_COEF_RANGE, N_CYCLING_GENES)
+    return AtlasParameters(
+        type_log_profile=base[None, :] + marker_log2fc * np.log(2.0) + SILENCED_LOG_SHIFT * silenced,
+        batch_gene_log_effect=rng.normal(0.0, BATCH_GENE_LOG_SD, (n_batches, n_genes)),
+        batch_library_log_median=np.log(LIBRARY_MEDIAN) + rng.normal(0.0, BATCH_LIBRARY_LOG_SD, n_batches),
+        batch_type_composition=rng.dirichlet(np.full(n_cell_types, TYPE_COMPOSITION_ALPHA), n_batches),
+        cycling_coef=cycling_coef,
+        theta=theta,
+        marker_type=marker_type,
+        marker_log2fc=marker_log2fc,
+    )
+
+
+def _softmax_rows(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def true_log2_scale(params: AtlasParameters) -> np.ndarray:
+    """(n_cell_types, n_genes) log2 of each type's expected expression share, without batch or covariate."""
+    return np.log2(_softmax_rows(params.type_log_profile))
+
+
+def marker_log2_fold_change(params: AtlasParameters) -> np.ndarray:
+    """(n_genes,) for a marker of type t: log2(type t's share / mean share over the other types); 0 elsewhere."""
+    scale = _softmax_rows(params.type_log_profile)
+    n_types = scale.shape[0]
+    lfc = np.zeros(scale.shape[1])
+    for cell_type in range(n_types):
+        genes = params.marker_type == cell_type
+        others = (scale[:, genes].sum(axis=0) - scale[cell_type, genes]) / (n_types - 1)
+        lfc[genes] = np.log2(scale[cell_type, genes] / others)
+    return lfc
+
+
+def generate_block(params: AtlasParameters, seed: int, block: int, n_cells: int):
+    """Cells [block * GENERATION_BLOCK_ROWS, ...) of the atlas: (counts CSR float32, batch, cell type, score)."""
+    start = block * GENERATION_BLOCK_ROWS
+    cells = np.arange(start, min(start + GENERATION_BLOCK_ROWS, n_cells))
+    n_batches, n_types = params.batch_type_composition.shape
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, block)))
+    batch = cells * n_batches // n_cells
+    uniform = rng.random(len(cells))
+    cumulative = np.cumsum(params.batch_type_composition[batch], axis=1)
+    cell_type = np.minimum((uniform[:, None] >= cumulative).sum(axis=1), n_types - 1)
+    score = rng.normal(0.0, 1.0, len(cells))
+    library = np.exp(rng.normal(params.batch_library_log_median[batch], LIBRARY_LOG_SD))
+    logits = (
+        params.type_log_profile[cell_type]
+        + params.batch_gene_log_effect[batch]
+        + score[:, None] * params.cycling_coef[None, :]
+    )
+    mean = (library[:, None] * _softmax_rows(logits)).astype(np.float32)
+    theta = params.theta.astype(np.float32)[None, :]
+    rate = mean / theta * rng.standard_gamma(np.broadcast_to(theta, mean.shape), dtype=np.float32)
+    counts = rng.poisson(rate)
+    return sp.csr_matrix(counts, dtype=np.float32), batch, cell_type, score
+
+
+def synthetic_atlas(
+    path,
+    n_cells: int,
+    n_genes: int = 2000,
+    n_batches: int = 4,
+    n_cell_types: int = 8,
+    seed: int = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    markers_per_type: int = 20,
+    zarr_format: int = 2,
+    overwrite: bool = False,
+) -> CountStore:
+    """Write a synthetic atlas of n_cells x n_genes counts (CSR) to `path` and return it opened.
+
+    obs: "batch" (categorical "batch_0", ...), "cell_type" (categorical "type_0", ...), "cycling_score" (float).
+    var: "marker_of", "marker_lfc" (log2), "cycling_coef", "theta". uns["synthetic_atlas"]: the arguments and
+    "true_log2_scale". See the module docstring for the model and for reproducibility.
+    """
+    if n_cells < 1 or n_genes < 1 or n_batches < 1 or n_cell_types < 2:
+        raise ValueError(
+            f"need n_cells, n_genes, n_batches >= 1 and n_cell_types >= 2; got {n_cells}, {n_genes}, "
+            f"{n_batches}, {n_cell_types}"
+        )
+    params = atlas_parameters(n_genes, n_batches, n_cell_types, markers_per_type, seed)
+    type_names = [f"type_{index}" for index in range(n_cell_types)]
+    batch_dtype = pd.CategoricalDtype([f"batch_{index}" for index in range(n_batches)])
+    type_dtype = pd.CategoricalDtype(type_names)
+    var = pd.DataFrame(
+        {
+            "marker_of": pd.Categorical.from_codes(params.marker_type, dtype=type_dtype),
+            "marker_lfc": marker_log2_fold_change(params),
+            "cycling_coef": params.cycling_coef,
+            "theta": params.theta,
+        },
+        index=[f"gene_{index}" for index in range(n_genes)],
+    )
+    uns = {
+        "synthetic_atlas": {
+            "n_cells": n_cells, "n_genes": n_genes, "n_batches": n_batches, "n_cell_types": n_cell_types,
+            "seed": seed, "markers_per_type": markers_per_type, "true_log2_scale": true_log2_scale(params),
+        }
+    }
+    n_blocks = -(-n_cells // GENERATION_BLOCK_ROWS)
+    with StoreWriter(
+        path, var, chunk_rows=chunk_rows, zarr_format=zarr_format, overwrite=overwrite, validate=False
+    ) as writer:
+        for block in range(n_blocks):
+            counts, batch, cell_type, score = generate_block(params, seed, block, n_cells)
+            first = block * GENERATION_BLOCK_ROWS
+            obs = pd.DataFrame(
+                {
+                    "batch": pd.Categorical.from_codes(batch, dtype=batch_dtype),
+                    "cell_type": pd.Categorical.from_codes(cell_type, dtype=type_dtype),
+                    "cycling_score": score,
+                },
+                index=[f"cell_{index}" for index in range(first, first + counts.shape[0])],
+            )
+            writer.append(counts, obs)
+        writer.close(uns=uns)
+    return CountStore(path)
