@@ -1,6 +1,7 @@
 """Zarr count stores: lazy reading (CountStore), converters (write_store), validation and the field registry."""
 
 from scvi_scale.data.convert import write_store
+from scvi_scale.data.registry import Registry
 from scvi_scale.data.store import CountStore, CountValidationError, StoreError
 from scvi_scale.data.validate import validate_counts
 from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, StoreWriter
@@ -9,6 +10,7 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "CountStore",
     "CountValidationError",
+    "Registry",
     "StoreError",
     "StoreWriter",
     "validate_counts",
