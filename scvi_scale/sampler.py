@@ -1,0 +1,628 @@
+"""Minibatch streams over a count store: block-shuffled for training, sequential for inference.
+
+Reading single random rows from a compressed Zarr store is slow (each row decodes a whole chunk), so training does
+what annbatch and scDataset do: every epoch it visits contiguous, chunk-aligned row blocks in a random order, fills
+a shuffle buffer with `buffer_blocks` of them, shuffles the cells inside the buffer and cuts fixed-size minibatches
+(cells left over from one buffer open the next one). Inference (`SequentialSampler`) reads all cells in store order.
+
+Both streams read ahead in background threads and yield one dict of numpy arrays per minibatch of B cells:
+
+    x        (B, G) float32     dense counts
+    rows     (B,) int64         store row of each cell
+    library  (B,) float32       observed library size: the row sum of x
+    x_csr    (indptr (B+1,) int64, indices (nnz,) int64, data (nnz,) float32): the same rows in CSR (return_csr=True)
+    <key>    obs_arrays[key][rows] for every per-cell array passed in ("batch", "labels", "cat_covs", ...)
+
+The reader is a `scvi_scale.data.CountStore` or any object with the same `n_obs`, `n_vars`, `chunk_rows`,
+`is_sparse`, `read_csr(start, stop)` and `read_dense(start, stop)`, plus `to_dask()` for read_with="dask".
+
+    >>> train_rows, validation_rows = train_validation_split(store.n_obs, train_size=0.9, seed=0)
+    >>> sampler = BlockShuffleSampler(store, train_rows, batch_size=128, obs_arrays={"batch": batch_codes})
+    >>> for epoch in range(n_epochs):
+    ...     for minibatch in sampler:          # each pass is the next epoch; len(sampler) minibatches
+    ...         step(minibatch["x"], minibatch["batch"])
+    >>> for minibatch in SequentialSampler(store, batch_size=4096):   # every cell once, in store order
+    ...     ...
+
+Reading paths. read_with="direct" (the default) calls the reader's read_csr/read_dense from a pool of threads;
+read_with="dask" computes the slice of the reader's dask view (`to_dask()`) for each block, in the same threads with
+dask's synchronous scheduler, or on a `dask.distributed` client when one is given. benchmarks/loader.py measures
+both; dask costs more than 10% of the loader's throughput, so direct reading is the default hot path.
+
+Threads. Zarr's codecs release the GIL while decompressing, so `num_workers` reader threads overlap decoding with
+the caller's compute; at most `prefetch_blocks` block reads are queued or running, and at most `prefetch_batches`
+finished minibatches wait in a queue. One producer thread turns blocks into minibatches. Closing the iterator early
+(break, an exception, generator close) stops and joins every thread before it returns; a failed block read
+surfaces in the consumer as `BlockReadError` naming the row range, with the original error as its cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import queue
+import threading
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import scipy.sparse as sp
+
+DEFAULT_TRAIN_BATCH_SIZE = 128  # scvi-tools' default
+DEFAULT_INFERENCE_BATCH_SIZE = 4096
+DEFAULT_BUFFER_BLOCKS = 16  # chosen from the randomness/speed measurements of benchmarks/loader.py
+DEFAULT_NUM_WORKERS = 2
+DEFAULT_PREFETCH_BATCHES = 8
+READ_PATHS = ("direct", "dask")
+RESERVED_KEYS = frozenset({"x", "x_csr", "rows", "library"})
+# A last minibatch smaller than this breaks BatchNorm in training mode (scvi-tools warns below 3 as well).
+SMALL_LAST_BATCH = 3
+_QUEUE_POLL_SECONDS = 0.05  # how often a producer blocked on a full queue checks whether the consumer left
+_END = object()  # the producer's "no more minibatches" marker
+
+
+class BlockReadError(RuntimeError):
+    """Reading a block of rows in a prefetch thread failed; the message names the row range, the cause is chained."""
+
+
+# --- train/validation split ------------------------------------------------------------------------------------
+
+
+def train_validation_split(
+    n_obs: int, train_size: float = 0.9, validation_size: float | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split rows 0..n_obs-1 at random into training and validation rows, as scvi-tools' DataSplitter does.
+
+    n_train = ceil(train_size * n_obs); n_validation = n_obs - n_train when validation_size is None, else
+    floor(validation_size * n_obs) (rows in neither set are left out, a test set). One seeded permutation of the
+    cells decides: its first n_validation cells validate, the next n_train train. The split depends on nothing but
+    (n_obs, train_size, validation_size, seed), so block and buffer sizes never change it.
+
+    Returns (train_rows, validation_rows): sorted int64 arrays.
+    """
+    n_obs = _positive_int(n_obs, "n_obs")
+    if not 0.0 < train_size <= 1.0:
+        raise ValueError(f"train_size={train_size}: must satisfy 0 < train_size <= 1")
+    n_train = math.ceil(train_size * n_obs)
+    if validation_size is None:
+        n_validation = n_obs - n_train
+    elif not 0.0 <= validation_size < 1.0:
+        raise ValueError(f"validation_size={validation_size}: must satisfy 0 <= validation_size < 1")
+    elif train_size + validation_size > 1.0:
+        raise ValueError(f"train_size + validation_size = {train_size + validation_size}: must not exceed 1")
+    else:
+        n_validation = math.floor(validation_size * n_obs)
+    permutation = np.random.default_rng(_seed(seed)).permutation(n_obs)
+    validation_rows = np.sort(permutation[:n_validation])
+    train_rows = np.sort(permutation[n_validation : n_validation + n_train])
+    return train_rows.astype(np.int64), validation_rows.astype(np.int64)
+
+
+# --- randomness measure ----------------------------------------------------------------------------------------
+
+
+def label_mixing(minibatch_labels: Iterable[np.ndarray], n_labels: int) -> float:
+    """Mean over minibatches of the normalised entropy of a label (e.g. batch) within each minibatch, in [0, 1].
+
+    0: every minibatch holds one label; 1: every minibatch holds all labels equally. Comparing a sampler's value
+    with a fully random sampler's on a store whose labels lie in contiguous runs of rows measures how far block
+    shuffling is from a uniform shuffle. Minibatch labels are integer codes in [0, n_labels).
+    """
+    if n_labels < 2:
+        raise ValueError(f"n_labels={n_labels}: label mixing needs at least two labels")
+    entropies = []
+    for labels in minibatch_labels:
+        frequencies = np.bincount(np.asarray(labels), minlength=n_labels) / len(labels)
+        present = frequencies[frequencies > 0]
+        entropies.append(float(-(present * np.log(present)).sum() / np.log(n_labels)))
+    if not entropies:
+        raise ValueError("label_mixing needs at least one minibatch")
+    return float(np.mean(entropies))
+
+
+# --- argument checks -------------------------------------------------------------------------------------------
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+    return int(value)
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be a non-negative integer")
+    return int(seed)
+
+
+def _sorted_rows(rows, n_obs: int, name: str) -> np.ndarray:
+    """`rows` as a sorted int64 array after checking it is 1-D, integer, non-empty, unique and within [0, n_obs)."""
+    if rows is None:
+        return np.arange(n_obs, dtype=np.int64)
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D array of integer row indices, got shape {rows.shape} {rows.dtype}")
+    if rows.size == 0:
+        raise ValueError(f"{name} is empty: there are no cells to read")
+    rows = np.sort(rows).astype(np.int64, copy=False)
+    if rows[0] < 0 or rows[-1] >= n_obs:
+        bad = rows[0] if rows[0] < 0 else rows[-1]
+        raise ValueError(f"{name} holds row {bad}, outside the store's rows [0, {n_obs})")
+    repeated = rows[1:][rows[1:] == rows[:-1]]
+    if repeated.size:
+        raise ValueError(f"{name} holds row {repeated[0]} more than once ({repeated.size} repeats in all)")
+    return rows
+
+
+def _checked_obs_arrays(obs_arrays: Mapping[str, np.ndarray] | None, n_obs: int) -> dict[str, np.ndarray]:
+    checked = {}
+    for key, values in (obs_arrays or {}).items():
+        if key in RESERVED_KEYS:
+            raise ValueError(f"obs_arrays key {key!r} clashes with a minibatch entry; reserved: {sorted(RESERVED_KEYS)}")
+        values = np.asarray(values)
+        if values.ndim == 0 or values.shape[0] != n_obs:
+            raise ValueError(
+                f"obs_arrays[{key!r}] has shape {values.shape}; its first axis must have one entry per store row "
+                f"({n_obs})"
+            )
+        checked[key] = values
+    return checked
+
+
+def _concatenated_ranges(firsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices firsts[0]..firsts[0]+lengths[0]-1, then firsts[1].., ... as one int64 array, without a Python loop."""
+    starts_in_output = np.cumsum(lengths) - lengths
+    return np.repeat(firsts - starts_in_output, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+# --- shuffle buffers and minibatch cutting ---------------------------------------------------------------------
+
+
+class _Buffer:
+    """The cells of one shuffle buffer: `rows` in the order they are emitted, read as contiguous runs per block.
+
+    reads: one (start, stop, local) per block touched, in store order; the block read covers rows [start, stop)
+        and `local` picks the wanted rows among them (None when all are wanted).
+    counts: after loading, the wanted rows in store order (CSR or dense); `positions` maps emission order into
+        them (None when emission order is store order).
+    """
+
+    def __init__(self, rows: np.ndarray, block_rows: int):
+        self.rows = rows
+        if np.all(rows[1:] > rows[:-1]):
+            sorted_rows, self.positions = rows, None
+        else:
+            order = np.argsort(rows)
+            sorted_rows = rows[order]
+            self.positions = np.empty_like(order)
+            self.positions[order] = np.arange(len(order))
+        blocks = sorted_rows // block_rows
+        self.reads = []
+        for wanted in np.split(sorted_rows, np.flatnonzero(blocks[1:] != blocks[:-1]) + 1):
+            start, stop = int(wanted[0]), int(wanted[-1]) + 1
+            self.reads.append((start, stop, None if len(wanted) == stop - start else wanted - start))
+        self.counts = None
+
+    def take(self, start: int, stop: int):
+        """Counts of the cells emitted at positions [start, stop) of this buffer."""
+        if self.positions is None:
+            return self.counts[start:stop]
+        return self.counts[self.positions[start:stop]]
+
+
+def _cut(pieces: Iterable[tuple[object, int]], batch_sizes: np.ndarray) -> Iterator[list[tuple[object, int, int]]]:
+    """Cut the cells of consecutive pieces into minibatches of the given sizes, carrying leftovers forward.
+
+    pieces: (piece, n_cells) pairs in emission order, holding exactly sum(batch_sizes) cells in all.
+    Yields, per minibatch, the list of (piece, start, stop) cell ranges that fill it, in order.
+    """
+    sizes = iter(batch_sizes.tolist())
+    need = next(sizes, None)
+    parts, have = [], 0
+    for piece, n_cells in pieces:
+        offset = 0
+        while offset < n_cells and need is not None:
+            take = min(need - have, n_cells - offset)
+            parts.append((piece, offset, offset + take))
+            offset += take
+            have += take
+            if have == need:
+                yield parts
+                parts, have, need = [], 0, next(sizes, None)
+
+
+class _MinibatchStream:
+    """What both streams share: argument checks, block reading in threads, minibatch assembly."""
+
+    def __init__(
+        self,
+        reader,
+        rows,
+        *,
+        batch_size: int,
+        block_rows: int | None,
+        obs_arrays: Mapping[str, np.ndarray] | None,
+        return_csr: bool,
+        read_with: str,
+        client,
+        num_workers: int,
+        prefetch_blocks: int | None,
+        prefetch_batches: int,
+        minimum_prefetch_blocks: int,
+    ):
+        self.reader = reader
+        self.n_obs = int(reader.n_obs)
+        self.rows = _sorted_rows(rows, self.n_obs, "rows")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.block_rows = _positive_int(reader.chunk_rows if block_rows is None else block_rows, "block_rows")
+        self.obs_arrays = _checked_obs_arrays(obs_arrays, self.n_obs)
+        self.return_csr = bool(return_csr)
+        if read_with not in READ_PATHS:
+            raise ValueError(f"read_with={read_with!r}: expected one of {READ_PATHS}")
+        if client is not None and read_with != "dask":
+            raise ValueError("a dask client is only used with read_with='dask'")
+        self.read_with = read_with
+        self.client = client
+        self._lazy = reader.to_dask() if read_with == "dask" else None
+        self.num_workers = _positive_int(num_workers, "num_workers")
+        if prefetch_blocks is None:
+            prefetch_blocks = max(minimum_prefetch_blocks, 2 * self.num_workers)
+        self.prefetch_blocks = _positive_int(prefetch_blocks, "prefetch_blocks")
+        self.prefetch_batches = _positive_int(prefetch_batches, "prefetch_batches")
+        self._is_sparse = bool(reader.is_sparse)
+
+    # --- worker threads: one block read each
+
+    def _read(self, start: int, stop: int, local: np.ndarray | None):
+        """Rows [start, stop) of the store (float32 CSR or dense), narrowed to `local` when given."""
+        try:
+            if self._lazy is None:
+                read = self.reader.read_csr if self._is_sparse else self.reader.read_dense
+                block = read(start, stop)
+            elif self.client is None:
+                block = self._lazy[start:stop].compute(scheduler="sync")
+            else:
+                block = self.client.compute(self._lazy[start:stop]).result()
+        except Exception as error:
+            raise BlockReadError(
+                f"reading rows [{start}, {stop}) of {self.reader!r} failed: {type(error).__name__}: {error}"
+            ) from error
+        return block if local is None else block[local]
+
+    # --- producer thread: blocks to buffers to minibatches
+
+    def _load(self, executor: ThreadPoolExecutor, buffers: Iterator[_Buffer]) -> Iterator[tuple[_Buffer, int]]:
+        """Yield (buffer, n_cells) with buffer.counts loaded, keeping up to prefetch_blocks block reads submitted."""
+        reads = ((buffer, read) for buffer in buffers for read in buffer.reads)
+        in_flight: deque = deque()
+
+        def submit_more():
+            for buffer, (start, stop, local) in itertools.islice(reads, self.prefetch_blocks - len(in_flight)):
+                in_flight.append((buffer, executor.submit(self._read, start, stop, local)))
+
+        submit_more()
+        blocks = []
+        while in_flight:
+            buffer, future = in_flight.popleft()
+            blocks.append(future.result())
+            submit_more()
+            if len(blocks) == len(buffer.reads):
+                buffer.counts = self._stack(blocks)
+                blocks = []
+                yield buffer, len(buffer.rows)
+
+    def _stack(self, parts: list):
+        if len(parts) == 1:
+            return parts[0]
+        return sp.vstack(parts, format="csr") if self._is_sparse else np.concatenate(parts)
+
+    def _assemble(self, parts: list[tuple[_Buffer, int, int]]) -> dict:
+        """One minibatch dict (see the module docstring) from its (buffer, start, stop) cell ranges."""
+        rows = np.concatenate([buffer.rows[start:stop] for buffer, start, stop in parts])
+        counts = self._stack([buffer.take(start, stop) for buffer, start, stop in parts])
+        x = counts.toarray() if self._is_sparse else np.ascontiguousarray(counts)
+        minibatch = {
+            "x": x,
+            "rows": rows,
+            "library": x.sum(axis=1, dtype=np.float64).astype(np.float32),
+        }
+        if self.return_csr:
+            csr = counts if self._is_sparse else sp.csr_matrix(counts)
+            minibatch["x_csr"] = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
+        for key, values in self.obs_arrays.items():
+            minibatch[key] = values[rows]
+        return minibatch
+
+    def _produce(self, buffer_rows: Iterator[np.ndarray], batch_sizes: np.ndarray, out: queue.Queue, stop):
+        """Producer thread body: read, assemble and queue minibatches, then _END; an error is queued instead."""
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=_QUEUE_POLL_SECONDS)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="scvi-scale-read")
+        try:
+            buffers = (_Buffer(rows, self.block_rows) for rows in buffer_rows)
+            for parts in _cut(self._load(executor, buffers), batch_sizes):
+                if not put(self._assemble(parts)):
+                    return
+            put(_END)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(error)
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _stream(self, buffer_rows: Iterator[np.ndarray], batch_sizes: np.ndarray) -> Iterator[dict]:
+        """Minibatches of the given sizes over the buffers' cells, prepared by a producer thread."""
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._produce, args=(buffer_rows, batch_sizes, ready, stop), name="scvi-scale-loader", daemon=True
+        )
+        producer.start()
+        try:
+            while (item := ready.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            producer.join()
+
+
+# --- training stream -------------------------------------------------------------------------------------------
+
+
+class BlockShuffleSampler(_MinibatchStream):
+    """Block-shuffled training minibatches over `rows` (default: all cells), sharded across ranks, resumable.
+
+    Each epoch:
+    1. The store is cut into blocks of `block_rows` rows (default: the store's chunk_rows, so blocks are
+       chunk-aligned); blocks holding none of `rows` are dropped; the rest are put in a random order drawn from
+       (seed, epoch).
+    2. Sharding: that order, read as one sequence of N cells, is cut into `world_size` consecutive pieces of
+       N // world_size or N // world_size + 1 cells; rank r takes piece r. Every rank computes the same order, so
+       the pieces are disjoint and together hold every cell once; at most world_size - 1 blocks are split
+       between two neighbouring ranks (each reads its own part).
+    3. A rank fills buffers with `buffer_blocks` consecutive blocks of its piece, shuffles each buffer's cells
+       (seeded by seed, epoch, rank and buffer index) and cuts minibatches of `batch_size`; cells left over at
+       the end of a buffer start the next minibatch.
+    Balance for DistributedDataParallel: every rank yields the same number K of minibatches, because pieces differ
+    by at most one cell. With drop_last=False, K = ceil((N // world_size) / batch_size): every minibatch holds
+    batch_size cells except each rank's last, which holds the rest of its piece (batch_size + 1 cells in the rare
+    case that N // world_size is a multiple of batch_size and the rank holds one of the N % world_size extra
+    cells). With drop_last=True, K = (N // world_size) // batch_size minibatches of exactly batch_size cells; a
+    rank's cells past K * batch_size (the tail of its block order) are skipped and never read.
+
+    State: (epoch, minibatches done). Iterating runs the rest of the current epoch and then moves to the next
+    epoch (epoch + 1, 0 done); breaking off keeps the position, so the next iteration resumes there. A minibatch
+    counts as done once it has been handed out. `state_dict()` / `load_state_dict()` save and restore the state;
+    a restored sampler yields exactly the minibatches the original would have yielded, and reads only the blocks
+    that still hold cells to emit (the buffers before the resume point are skipped unread).
+
+    len(sampler) is K, the minibatches per epoch. One iteration at a time per sampler.
+    """
+
+    def __init__(
+        self,
+        reader,
+        rows=None,
+        *,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+        block_rows: int | None = None,
+        buffer_blocks: int = DEFAULT_BUFFER_BLOCKS,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        obs_arrays: Mapping[str, np.ndarray] | None = None,
+        return_csr: bool = False,
+        read_with: str = "direct",
+        client=None,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+        prefetch_blocks: int | None = None,
+        prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+    ):
+        """Arguments beyond those in the class docstring: prefetch_blocks (block reads queued or running; default
+        max(buffer_blocks, 2 * num_workers), i.e. the next buffer is read while the current one is consumed),
+        prefetch_batches (finished minibatches waiting), num_workers (reader threads), read_with and client (see
+        the module docstring)."""
+        self.buffer_blocks = _positive_int(buffer_blocks, "buffer_blocks")
+        super().__init__(
+            reader,
+            rows,
+            batch_size=batch_size,
+            block_rows=block_rows,
+            obs_arrays=obs_arrays,
+            return_csr=return_csr,
+            read_with=read_with,
+            client=client,
+            num_workers=num_workers,
+            prefetch_blocks=prefetch_blocks,
+            prefetch_batches=prefetch_batches,
+            minimum_prefetch_blocks=self.buffer_blocks,
+        )
+        self.seed = _seed(seed)
+        self.drop_last = bool(drop_last)
+        self.world_size = _positive_int(world_size, "world_size")
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank!r}: must be an integer in [0, world_size={self.world_size})")
+        self.rank = int(rank)
+
+        # The blocks that hold any of the rows: block_first[b] indexes self.rows, block_cells[b] counts them.
+        block_of_row = self.rows // self.block_rows
+        self._block_first = np.flatnonzero(np.r_[True, block_of_row[1:] != block_of_row[:-1]])
+        self._block_cells = np.diff(np.r_[self._block_first, len(self.rows)])
+
+        n_cells = len(self.rows)
+        per_rank, extra = divmod(n_cells, self.world_size)
+        if per_rank == 0:
+            raise ValueError(f"{n_cells} rows cannot give each of world_size={self.world_size} ranks a cell")
+        self._rank_start = self.rank * per_rank + min(self.rank, extra)
+        if self.drop_last:
+            n_batches = per_rank // self.batch_size
+            if n_batches == 0:
+                raise ValueError(
+                    f"drop_last=True with batch_size={self.batch_size} leaves no minibatch: each rank holds "
+                    f"{per_rank} cells"
+                )
+            self._n_emit = n_batches * self.batch_size
+        else:
+            n_batches = math.ceil(per_rank / self.batch_size)
+            self._n_emit = per_rank + (self.rank < extra)
+        self._batch_sizes = np.full(n_batches, self.batch_size, dtype=np.int64)
+        self._batch_sizes[-1] = self._n_emit - (n_batches - 1) * self.batch_size
+        if self._batch_sizes[-1] < SMALL_LAST_BATCH:
+            warnings.warn(
+                f"the last minibatch of every epoch holds {self._batch_sizes[-1]} cell(s), which breaks BatchNorm "
+                f"in training; use drop_last=True or another batch_size than {self.batch_size}",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.epoch = 0
+        self.batches_done = 0
+
+    def __len__(self) -> int:
+        return len(self._batch_sizes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its first minibatch at the next iteration."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r}: must be a non-negative integer")
+        self.epoch, self.batches_done = int(epoch), 0
+
+    def _settings(self) -> dict:
+        """What must match for a saved state to mean the same minibatches."""
+        return {
+            "seed": self.seed,
+            "n_rows": len(self.rows),
+            "batch_size": self.batch_size,
+            "block_rows": self.block_rows,
+            "buffer_blocks": self.buffer_blocks,
+            "drop_last": self.drop_last,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def state_dict(self) -> dict:
+        """{"epoch", "batches_done"} plus the settings the order depends on (checked by load_state_dict)."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done, **self._settings()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume from `state` (from state_dict()): the next iteration continues that epoch after its done batches."""
+        mismatched = {key: (state.get(key), mine) for key, mine in self._settings().items() if state.get(key) != mine}
+        if mismatched:
+            raise ValueError(
+                "the saved sampler state was made with other settings, so it would not resume the same order: "
+                + ", ".join(f"{key} saved {saved!r}, here {mine!r}" for key, (saved, mine) in mismatched.items())
+            )
+        epoch, done = state["epoch"], state["batches_done"]
+        if not 0 <= done <= len(self):
+            raise ValueError(f"batches_done={done} is outside [0, {len(self)}], the minibatches per epoch")
+        self.set_epoch(epoch)
+        self.batches_done = int(done)
+
+    def _rank_blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's share of the epoch, in order: (first, n_cells) per block part, indexing self.rows."""
+        order = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(epoch, 0))).permutation(
+            len(self._block_cells)
+        )
+        cells = self._block_cells[order]
+        ends = np.cumsum(cells)
+        begins = ends - cells
+        low, high = self._rank_start, self._rank_start + self._n_emit
+        mine = slice(np.searchsorted(ends, low, side="right"), np.searchsorted(begins, high, side="left"))
+        part_begins = np.maximum(begins[mine], low)
+        part_ends = np.minimum(ends[mine], high)
+        return self._block_first[order[mine]] + (part_begins - begins[mine]), part_ends - part_begins
+
+    def _plan(self, epoch: int, batches_done: int) -> tuple[Iterator[np.ndarray], np.ndarray]:
+        """(rows of each buffer in emission order, sizes of the minibatches) from minibatch `batches_done` on."""
+        firsts, n_cells = self._rank_blocks(epoch)
+        buffer_starts = np.arange(0, len(firsts), self.buffer_blocks)
+        buffer_ends = np.cumsum(np.add.reduceat(n_cells, buffer_starts))
+        skipped = batches_done * self.batch_size  # every minibatch before the last holds batch_size cells
+        first_buffer = int(np.searchsorted(buffer_ends, skipped, side="right"))
+
+        def buffer_rows() -> Iterator[np.ndarray]:
+            for index in range(first_buffer, len(buffer_starts)):
+                blocks = slice(buffer_starts[index], buffer_starts[index] + self.buffer_blocks)
+                rows = self.rows[_concatenated_ranges(firsts[blocks], n_cells[blocks])]
+                seed = np.random.SeedSequence(self.seed, spawn_key=(epoch, 1, self.rank, index))
+                rows = np.random.default_rng(seed).permutation(rows)
+                if index == first_buffer:
+                    rows = rows[skipped - (buffer_ends[index] - len(rows)) :]
+                yield rows
+
+        return buffer_rows(), self._batch_sizes[batches_done:]
+
+    def minibatch_rows(self) -> Iterator[np.ndarray]:
+        """Store rows of each minibatch still to come in the current epoch, computed without reading counts."""
+        buffers, batch_sizes = self._plan(self.epoch, self.batches_done)
+        for parts in _cut(((rows, len(rows)) for rows in buffers), batch_sizes):
+            yield np.concatenate([rows[start:stop] for rows, start, stop in parts])
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self.epoch
+        with contextlib.closing(self._stream(*self._plan(epoch, self.batches_done))) as minibatches:
+            for minibatch in minibatches:
+                self.batches_done += 1
+                yield minibatch
+        self.epoch, self.batches_done = epoch + 1, 0
+
+
+# --- inference stream ------------------------------------------------------------------------------------------
+
+
+class SequentialSampler(_MinibatchStream):
+    """Every cell of `rows` (default: all) once, in store order, in minibatches of batch_size (the last may be
+    smaller), read ahead in blocks of `block_rows` rows (default: the store's chunk_rows). Stateless: every
+    iteration starts from the first cell. len(sampler) = ceil(len(rows) / batch_size)."""
+
+    def __init__(
+        self,
+        reader,
+        rows=None,
+        *,
+        batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
+        block_rows: int | None = None,
+        obs_arrays: Mapping[str, np.ndarray] | None = None,
+        return_csr: bool = False,
+        read_with: str = "direct",
+        client=None,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+        prefetch_blocks: int | None = None,
+        prefetch_batches: int = 2,
+    ):
+        super().__init__(
+            reader,
+            rows,
+            batch_size=batch_size,
+            block_rows=block_rows,
+            obs_arrays=obs_arrays,
+            return_csr=return_csr,
+            read_with=read_with,
+            client=client,
+            num_workers=num_workers,
+            prefetch_blocks=prefetch_blocks,
+            prefetch_batches=prefetch_batches,
+            minimum_prefetch_blocks=1,
+        )
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        blocks = self.rows // self.block_rows
+        buffer_rows = np.split(self.rows, np.flatnonzero(blocks[1:] != blocks[:-1]) + 1)
+        batch_sizes = np.full(len(self), self.batch_size, dtype=np.int64)
+        batch_sizes[-1] = len(self.rows) - (len(self) - 1) * self.batch_size
+        return self._stream(iter(buffer_rows), batch_sizes)
