@@ -1,0 +1,345 @@
+"""Count stores: converters round-trip exactly through anndata.read_zarr, CountStore reads what was written, bad
+input fails early with errors that name what is wrong and where (rows, cells, values)."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import scipy.sparse as sp
+import zarr
+
+from scvi_scale.data import (
+    CountStore,
+    CountValidationError,
+    StoreError,
+    StoreWriter,
+    validate_counts,
+    write_store,
+)
+from scvi_scale.data.store import CHUNK_ROWS_ATTR
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CELLBENCH = SHARED_DATA / "cellbench_3cl.h5ad"
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*zarr v2 data will no longer be the default.*")
+
+
+def make_adata(n_obs=300, n_vars=40, seed=0, density=0.3) -> ad.AnnData:
+    """Small count AnnData: NB-like integer counts (float32 CSR), categorical/numeric/string obs, a var column."""
+    rng = np.random.default_rng(seed)
+    counts = rng.negative_binomial(2, 0.4, size=(n_obs, n_vars)) * (rng.random((n_obs, n_vars)) < density)
+    obs = pd.DataFrame(
+        {
+            "batch": pd.Categorical(rng.choice(["b2", "b0", "b1"], n_obs), categories=["b2", "b0", "b1", "unused"]),
+            "score": rng.normal(size=n_obs),
+            "donor": rng.choice(["d1", "d2"], n_obs).astype(object),
+            "n_genes": rng.integers(0, 100, n_obs),
+        },
+        index=[f"cell_{i}" for i in range(n_obs)],
+    )
+    var = pd.DataFrame({"symbol": [f"SYM{i}" for i in range(n_vars)]}, index=[f"gene_{i}" for i in range(n_vars)])
+    return ad.AnnData(sp.csr_matrix(counts, dtype=np.float32), obs=obs, var=var)
+
+
+def assert_same_anndata(read_back: ad.AnnData, expected: ad.AnnData) -> None:
+    """X equal value for value (as float32), obs and var equal including dtypes and categories."""
+    got = read_back.X.toarray() if sp.issparse(read_back.X) else read_back.X
+    want = expected.X.toarray() if sp.issparse(expected.X) else np.asarray(expected.X)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    pd.testing.assert_frame_equal(read_back.obs, expected.obs)
+    pd.testing.assert_frame_equal(read_back.var, expected.var)
+
+
+@pytest.fixture
+def cellbench_h5ad(tmp_path) -> Path:
+    if not CELLBENCH.exists():
+        pytest.skip(f"real data not found at {CELLBENCH}")
+    copy = tmp_path / "cellbench.h5ad"
+    shutil.copy(CELLBENCH, copy)
+    return copy
+
+
+def write_10x_folder(folder: Path, adata: ad.AnnData, compressed: bool, cell_major: bool) -> None:
+    """A 10x folder: matrix.mtx genes x cells (entries cell by cell as 10x writes them, or gene by gene)."""
+    folder.mkdir()
+    genes_by_cells = sp.csr_matrix(adata.X).T
+    matrix = sp.coo_matrix(genes_by_cells.tocsc() if cell_major else genes_by_cells.tocsr())
+    scipy.io.mmwrite(folder / "matrix.mtx", matrix, field="integer")
+    barcodes = pd.DataFrame({0: adata.obs_names})
+    if compressed:
+        with open(folder / "matrix.mtx", "rb") as plain, gzip.open(folder / "matrix.mtx.gz", "wb") as packed:
+            shutil.copyfileobj(plain, packed)
+        (folder / "matrix.mtx").unlink()
+        features = pd.DataFrame({0: adata.var_names, 1: adata.var["symbol"], 2: "Gene Expression"})
+        features.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False)
+        barcodes.to_csv(folder / "barcodes.tsv.gz", sep="\t", header=False, index=False)
+    else:
+        pd.DataFrame({0: adata.var_names, 1: adata.var["symbol"]}).to_csv(
+            folder / "genes.tsv", sep="\t", header=False, index=False
+        )
+        barcodes.to_csv(folder / "barcodes.tsv", sep="\t", header=False, index=False)
+
+
+# --- round trips ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "dense"])
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_anndata_round_trip_is_exact(tmp_path, sparse, zarr_format):
+    adata = make_adata()
+    if not sparse:
+        adata.X = adata.X.toarray()
+    store = write_store(adata, tmp_path / "s.zarr", chunk_rows=64, zarr_format=zarr_format)
+    assert store.is_sparse == sparse and store.shape == adata.shape and store.chunk_rows == 64
+    assert_same_anndata(ad.read_zarr(tmp_path / "s.zarr"), adata)
+    assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r").metadata.zarr_format == zarr_format
+
+
+def test_csr_layout_is_int64_indptr_and_row_aligned_chunks(tmp_path):
+    store = write_store(make_adata(n_obs=1000, n_vars=200), tmp_path / "s.zarr", chunk_rows=100)
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["X"]
+    assert group["indptr"].dtype == np.int64 and group["data"].dtype == np.float32
+    assert group.attrs[CHUNK_ROWS_ATTR] == 100 == store.chunk_rows
+    # data chunks hold about a quarter of a block's non-zeros (at least the floor of 16,384 values)
+    nnz_per_block = group["indptr"][100]
+    assert group["data"].chunks[0] >= max(16_384, nnz_per_block / 4)
+
+
+def test_h5ad_round_trip_real_data(cellbench_h5ad, tmp_path):
+    expected = ad.read_h5ad(cellbench_h5ad)
+    store = write_store(cellbench_h5ad, tmp_path / "cb.zarr", chunk_rows=128)
+    assert store.n_obs == 499 and store.is_sparse
+    read_back = ad.read_zarr(tmp_path / "cb.zarr")
+    assert_same_anndata(read_back, expected)
+    assert list(read_back.obs["batch"].cat.categories) == list(expected.obs["batch"].cat.categories)
+
+
+def test_h5ad_layer_goes_to_x(tmp_path):
+    adata = make_adata()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.multiply(0.5).tocsr()  # not counts: must not be what is written
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    write_store(tmp_path / "in.h5ad", tmp_path / "s.zarr", chunk_rows=50, layer="counts")
+    expected = adata.copy()
+    expected.X = adata.layers["counts"]
+    assert_same_anndata(ad.read_zarr(tmp_path / "s.zarr"), expected)
+
+
+@pytest.mark.parametrize(("compressed", "cell_major"), [(True, True), (False, False)], ids=["10x-v3", "genes-tsv"])
+def test_10x_folder_round_trip(tmp_path, compressed, cell_major):
+    adata = make_adata(n_obs=250, n_vars=30)
+    write_10x_folder(tmp_path / "tenx", adata, compressed, cell_major)
+    write_store(tmp_path / "tenx", tmp_path / "s.zarr", chunk_rows=64)
+    read_back = ad.read_zarr(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(read_back.X.toarray(), adata.X.toarray())
+    assert list(read_back.obs_names) == list(adata.obs_names)
+    assert list(read_back.var_names) == list(adata.var_names)
+    assert list(read_back.var["gene_symbols"]) == list(adata.var["symbol"])
+    assert ("feature_types" in read_back.var) == compressed
+
+
+def test_10x_header_mismatch_is_reported(tmp_path):
+    adata = make_adata(n_obs=20, n_vars=10)
+    write_10x_folder(tmp_path / "tenx", adata, compressed=False, cell_major=True)
+    pd.DataFrame({0: adata.obs_names[:-1]}).to_csv(tmp_path / "tenx" / "barcodes.tsv", sep="\t", header=False, index=False)
+    with pytest.raises(StoreError, match=r"10 genes x 20 cells .* 19 cells"):
+        write_store(tmp_path / "tenx", tmp_path / "s.zarr")
+
+
+@pytest.mark.parametrize("kind", ["csc", "dense"])
+def test_matrix_with_frames_round_trip(tmp_path, kind):
+    adata = make_adata()
+    matrix = adata.X.tocsc() if kind == "csc" else adata.X.toarray().astype(np.int64)
+    write_store(matrix, tmp_path / "s.zarr", obs=adata.obs, var=adata.var, chunk_rows=70)
+    read_back = ad.read_zarr(tmp_path / "s.zarr")
+    if kind == "dense":
+        read_back.X = sp.csr_matrix(read_back.X)
+    assert_same_anndata(read_back, adata)
+
+
+@pytest.mark.filterwarnings("ignore:.*autosharding.*", "ignore:Consolidated metadata.*")
+def test_zarr_store_rechunks_and_foreign_stores_open(tmp_path):
+    adata = make_adata(n_obs=500)
+    ad.settings.zarr_write_format = 3
+    try:
+        adata.write_zarr(tmp_path / "foreign.zarr")  # written by anndata itself: no chunk_rows attribute
+    finally:
+        ad.settings.zarr_write_format = 2
+    foreign = CountStore(tmp_path / "foreign.zarr")
+    assert foreign.is_sparse and 1 <= foreign.chunk_rows <= 500
+    rechunked = write_store(tmp_path / "foreign.zarr", tmp_path / "re.zarr", chunk_rows=33)
+    assert rechunked.chunk_rows == 33
+    assert_same_anndata(ad.read_zarr(tmp_path / "re.zarr"), adata)
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "dense"])
+def test_count_store_blocks_dask_and_pickle(tmp_path, sparse):
+    adata = make_adata(n_obs=230)
+    dense = adata.X.toarray()
+    store = write_store(adata, tmp_path / "s.zarr", chunk_rows=50, sparse=sparse)
+    np.testing.assert_array_equal(store.block_bounds(), [0, 50, 100, 150, 200, 230])
+    np.testing.assert_array_equal(store.block_bounds(100), [0, 100, 200, 230])
+    for start, stop in [(0, 50), (37, 141), (229, 230), (10, 10)]:
+        block = store.read_csr(start, stop)
+        assert sp.isspmatrix_csr(block) and block.dtype == np.float32 and block.shape == (stop - start, 40)
+        np.testing.assert_array_equal(block.toarray(), dense[start:stop])
+        rows = store.read_dense(start, stop)
+        assert rows.dtype == np.float32
+        np.testing.assert_array_equal(rows, dense[start:stop])
+    lazy = store.to_dask()
+    assert lazy.shape == (230, 40) and lazy.chunks == ((50, 50, 50, 50, 30), (40,))
+    computed = lazy.compute()
+    np.testing.assert_array_equal(computed.toarray() if sparse else computed, dense)
+    assert sp.issparse(lazy.blocks[1].compute()) == sparse
+    reopened = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(reopened.read_dense(0, 230), dense)
+    assert store.obs_keys() == ["batch", "score", "donor", "n_genes"]
+    batch = store.obs_column("batch")
+    assert isinstance(batch.dtype, pd.CategoricalDtype) and list(batch.cat.categories) == ["b2", "b0", "b1", "unused"]
+    pd.testing.assert_index_equal(batch.index, adata.obs_names)
+    pd.testing.assert_index_equal(store.var_names, adata.var_names)
+    with pytest.raises(IndexError, match=r"\[200, 231\)"):
+        store.read_csr(200, 231)
+
+
+def test_read_csr_from_threads_matches_serial(tmp_path):
+    adata = make_adata(n_obs=2000, n_vars=50)
+    store = write_store(adata, tmp_path / "s.zarr", chunk_rows=100)
+    starts = np.random.default_rng(1).integers(0, 1900, 64)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        blocks = list(pool.map(lambda start: store.read_csr(start, start + 100), starts))
+    for start, block in zip(starts, blocks):
+        np.testing.assert_array_equal(block.toarray(), adata.X[start : start + 100].toarray())
+
+
+# --- crash safety -----------------------------------------------------------------------------------------------
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    adata = make_adata()
+    with pytest.raises(RuntimeError, match="power cut"):
+        with StoreWriter(tmp_path / "s.zarr", adata.var, chunk_rows=50) as writer:
+            writer.append(adata.X[:120], adata.obs.iloc[:120])
+            raise RuntimeError("power cut")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_when_complete(tmp_path):
+    first = make_adata(seed=0)
+    write_store(first, tmp_path / "s.zarr")
+    with pytest.raises(StoreError, match="already exists"):
+        write_store(make_adata(seed=1), tmp_path / "s.zarr")
+    bad = make_adata(seed=1)
+    bad_counts = bad.X.toarray()
+    bad_counts[5, 3] = -1
+    bad.X = sp.csr_matrix(bad_counts)
+    with pytest.raises(CountValidationError):
+        write_store(bad, tmp_path / "s.zarr", overwrite=True)
+    assert_same_anndata(ad.read_zarr(tmp_path / "s.zarr"), first)  # the old store survived the failed rewrite
+    second = make_adata(seed=2)
+    write_store(second, tmp_path / "s.zarr", overwrite=True)
+    assert_same_anndata(ad.read_zarr(tmp_path / "s.zarr"), second)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.zarr"]
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [(-2.0, "non-negative"), (np.nan, "finite"), (np.inf, "finite"), (1.5, "integer-valued")],
+)
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "dense"])
+def test_bad_counts_are_named_while_converting(tmp_path, value, problem, sparse):
+    adata = make_adata(n_obs=300)
+    dense = adata.X.toarray()
+    dense[137, 7] = value
+    dense[250, 1] = value  # a later offender: the error names the first
+    matrix = sp.csr_matrix(dense) if sparse else dense
+    with pytest.raises(CountValidationError) as raised:
+        write_store(matrix, tmp_path / "s.zarr", obs=adata.obs, var=adata.var, chunk_rows=100)
+    message = str(raised.value)
+    assert f"must be {problem}" in message
+    assert "row 137 (cell 'cell_137')" in message and "gene 'gene_7'" in message
+    assert "[100, 200)" in message and repr(float(value)) in message
+    assert not (tmp_path / "s.zarr").exists()
+    write_store(matrix, tmp_path / "unchecked.zarr", obs=adata.obs, var=adata.var, chunk_rows=100, validate=False)
+    with pytest.raises(CountValidationError, match=r"row 137 \(cell 'cell_137'\).*\[120, 160\)"):
+        validate_counts(tmp_path / "unchecked.zarr", block_rows=40)
+
+
+def test_valid_counts_pass_validation(cellbench_h5ad, tmp_path):
+    store = write_store(cellbench_h5ad, tmp_path / "cb.zarr", chunk_rows=100, validate=False)
+    validate_counts(store)
+    validate_counts(store, block_rows=7)
+
+
+def test_missing_layer_and_obs_column(tmp_path):
+    adata = make_adata()
+    adata.layers["counts"] = adata.X.copy()
+    adata.write_zarr(tmp_path / "a.zarr")
+    with pytest.raises(StoreError, match=r"no layer 'raw_counts'.*\['counts'\]"):
+        CountStore(tmp_path / "a.zarr", layer="raw_counts")
+    with pytest.raises(StoreError, match=r"no layer 'raw_counts'.*\['counts'\]"):
+        write_store(adata, tmp_path / "b.zarr", layer="raw_counts")
+    store = CountStore(tmp_path / "a.zarr", layer="counts")
+    with pytest.raises(StoreError, match=r"no column 'cell_type'.*'batch', 'score'"):
+        store.obs_column("cell_type")
+
+
+def test_obs_length_mismatch(tmp_path):
+    adata = make_adata()
+    with pytest.raises(StoreError, match="obs has 299 rows but the counts have 300"):
+        write_store(adata.X, tmp_path / "s.zarr", obs=adata.obs.iloc[:-1], var=adata.var)
+    adata.write_zarr(tmp_path / "a.zarr")
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r+", use_consolidated=False)
+    ad.io.write_elem(group, "obs", adata.obs.iloc[:250])
+    zarr.consolidate_metadata(str(tmp_path / "a.zarr"))
+    with pytest.raises(StoreError, match="obs has 250 rows but the counts have 300 rows"):
+        CountStore(tmp_path / "a.zarr")
+
+
+def test_duplicated_var_names(tmp_path):
+    adata = make_adata()
+    adata.var_names = ["gene_0", "gene_1"] * 20
+    with pytest.raises(StoreError, match="38 duplicated var names"):
+        write_store(adata, tmp_path / "s.zarr")
+    with pytest.warns(UserWarning):
+        adata.write_zarr(tmp_path / "a.zarr")  # anndata warns about non-unique names but writes them
+    with pytest.raises(StoreError, match=r"duplicated var names, e.g. \['gene_0', 'gene_1'"):
+        CountStore(tmp_path / "a.zarr")
+
+
+def test_empty_inputs(tmp_path):
+    with pytest.raises(StoreError, match="no rows were written; an empty store"):
+        write_store(np.zeros((0, 5)), tmp_path / "s.zarr")
+    assert list(tmp_path.iterdir()) == []
+    ad.AnnData(sp.csr_matrix((0, 5), dtype=np.float32)).write_zarr(tmp_path / "a.zarr")
+    with pytest.raises(StoreError, match=r"empty: shape \(0, 5\)"):
+        CountStore(tmp_path / "a.zarr")
+
+
+def test_not_an_anndata_store(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(StoreError, match="not a Zarr group"):
+        CountStore(tmp_path / "folder")
+    with pytest.raises(StoreError, match="does not exist"):
+        write_store(tmp_path / "missing.h5ad", tmp_path / "s.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").create_array("x", shape=(3,), dtype="f4")
+    with pytest.raises(StoreError, match="not an AnnData store"):
+        CountStore(tmp_path / "plain.zarr")
+    with pytest.raises(StoreError, match=r"not an \.h5ad file, a 10x folder"):
+        write_store(tmp_path / "folder", tmp_path / "s.zarr")

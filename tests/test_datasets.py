@@ -1,0 +1,102 @@
+"""Synthetic atlas: reproducible from its seed (independently of chunk_rows), with the structure it promises:
+~90% zeros, libraries of a few thousand UMIs, contiguous batches, cell types that their planted markers separate
+with the recorded fold changes, a covariate that drives its gene programme."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from scvi_scale.datasets import synthetic_atlas
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*zarr v2 data will no longer be the default.*")
+
+
+def x_arrays(path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(path), mode="r")["X"]
+    return {name: group[name][:] for name in ("data", "indices", "indptr")}
+
+
+def test_same_seed_same_arrays_whatever_the_chunking(tmp_path):
+    first = synthetic_atlas(tmp_path / "a.zarr", 2500, seed=7, chunk_rows=500)
+    again = synthetic_atlas(tmp_path / "b.zarr", 2500, seed=7, chunk_rows=500)
+    rechunked = synthetic_atlas(tmp_path / "c.zarr", 2500, seed=7, chunk_rows=1100)
+    other_seed = synthetic_atlas(tmp_path / "d.zarr", 2500, seed=8, chunk_rows=500)
+    assert rechunked.chunk_rows == 1100 and first.chunk_rows == 500
+    reference = x_arrays(tmp_path / "a.zarr")
+    for path in ("b.zarr", "c.zarr"):
+        arrays = x_arrays(tmp_path / path)
+        for name, values in reference.items():
+            assert arrays[name].tobytes() == values.tobytes(), (path, name)
+    pd.testing.assert_frame_equal(ad.read_zarr(tmp_path / "a.zarr").obs, ad.read_zarr(tmp_path / "c.zarr").obs)
+    assert x_arrays(tmp_path / "d.zarr")["data"].tobytes() != reference["data"].tobytes()
+    assert not first.obs_column("cell_type").equals(other_seed.obs_column("cell_type"))
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory) -> ad.AnnData:
+    path = tmp_path_factory.mktemp("atlas") / "atlas.zarr"
+    synthetic_atlas(path, 8000, n_batches=4, n_cell_types=8, seed=3)
+    return ad.read_zarr(path)
+
+
+def test_sparsity_libraries_and_obs(atlas):
+    counts = atlas.X
+    assert atlas.shape == (8000, 2000)
+    assert 0.85 <= 1 - counts.nnz / np.prod(counts.shape) <= 0.95
+    np.testing.assert_array_equal(counts.data, np.round(counts.data))
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    assert 1000 <= np.median(library) <= 5000
+    log_library = np.log(library)
+    assert 0.2 <= log_library.std() <= 0.8  # log-normal spread LIBRARY_LOG_SD = 0.4 plus batch shifts
+    obs = atlas.obs
+    assert list(obs.columns) == ["batch", "cell_type", "cycling_score"]
+    assert list(obs["batch"].cat.categories) == ["batch_0", "batch_1", "batch_2", "batch_3"]
+    assert list(obs["cell_type"].cat.categories) == [f"type_{i}" for i in range(8)]
+    np.testing.assert_array_equal(obs["batch"].cat.codes, np.arange(8000) * 4 // 8000)  # contiguous runs
+    assert set(obs["cell_type"].cat.codes) == set(range(8))
+    assert abs(obs["cycling_score"].mean()) < 0.1 and abs(obs["cycling_score"].std() - 1) < 0.1
+
+
+def test_markers_have_the_recorded_fold_changes_and_separate_types(atlas):
+    normalized = atlas.X.toarray() / np.asarray(atlas.X.sum(axis=1))
+    cell_types = atlas.obs["cell_type"].cat.codes.to_numpy()
+    marker_of = atlas.var["marker_of"].cat.codes.to_numpy()
+    estimated, recorded = [], []
+    for cell_type in range(8):
+        genes = marker_of == cell_type
+        assert genes.sum() == 20
+        inside = normalized[cell_types == cell_type][:, genes].mean(axis=0)
+        others = np.mean([normalized[cell_types == other][:, genes].mean(axis=0)
+                          for other in range(8) if other != cell_type], axis=0)
+        estimated.append(np.log2(inside / others))
+        recorded.append(atlas.var["marker_lfc"].to_numpy()[genes])
+    estimated, recorded = np.concatenate(estimated), np.concatenate(recorded)
+    assert np.all((recorded > 0.5) & (recorded < 3.5))
+    assert np.corrcoef(estimated, recorded)[0, 1] > 0.9
+    assert np.mean(np.abs(estimated - recorded)) < 0.3
+    # nearest centroid on the log-normalised markers recovers the cell types
+    markers = np.log1p(normalized[:, marker_of >= 0] * 1e4)
+    centroids = np.stack([markers[cell_types == t].mean(axis=0) for t in range(8)])
+    predicted = np.argmin(((markers[:, None, :] - centroids[None]) ** 2).sum(axis=-1), axis=1)
+    assert (predicted == cell_types).mean() > 0.75
+
+
+def test_ground_truth_scale_and_covariate_programme(atlas):
+    truth = atlas.uns["synthetic_atlas"]["true_log2_scale"]
+    assert truth.shape == (8, 2000)
+    np.testing.assert_allclose((2.0 ** truth).sum(axis=1), 1.0, rtol=1e-10)
+    cycling = atlas.var["cycling_coef"].to_numpy() > 0
+    assert cycling.sum() == 40 and not np.any(cycling & atlas.var["marker_of"].notna().to_numpy())
+    counts = atlas.X.toarray()
+    cycling_share = np.log((counts[:, cycling].sum(axis=1) + 1) / counts.sum(axis=1))
+    assert np.corrcoef(atlas.obs["cycling_score"], cycling_share)[0, 1] > 0.5
+
+
+def test_too_few_genes_for_the_markers_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="markers"):
+        synthetic_atlas(tmp_path / "s.zarr", 100, n_genes=200)
+    assert not (tmp_path / "s.zarr").exists()
