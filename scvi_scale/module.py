@@ -1,0 +1,448 @@
+"""scVI's variational auto-encoder (Lopez et al. 2018) as a torch module: what scvi-tools calls `VAE`.
+
+Generative model for a cell with counts x (G genes), batch s and other covariates c:
+    z ~ N(0, I) (L dims; "ln": the decoder sees softmax(z))
+    l = log library: the observed log total count (default), or latent with the prior
+        N(library_log_means[s], library_log_vars[s]), the mean and variance of log total counts in batch s
+    px_scale = softmax over genes of the decoder's output for (z, s, c);  px_rate = exp(l) * px_scale
+    x_g ~ ZINB(px_rate_g, theta_g, zero-inflation logits_g), NB(px_rate_g, theta_g) or Poisson(px_rate_g)
+    theta (inverse dispersion) = exp(px_r): per gene, per gene and batch, per gene and label, or from a decoder head
+Inference: q(z | log1p(x)[, s, c]) and, for a latent library, q(l | log1p(x)[, s, c]), both Normal.
+Loss per cell (a negative ELBO): -log p(x | z, l) + kl_weight * KL(q(z) || p(z)) + KL(q(l) || p(l)); scvi-tools'
+KL warm-up weighs the z term only.
+
+Minibatches are dicts of torch tensors (B cells):
+    "x"           (B, G) float counts, always
+    "batch"       (B,) or (B, 1) integer batch codes; may be absent when n_batch <= 1 (all cells in batch 0)
+    "labels"      (B,) or (B, 1) integer label codes; needed by dispersion "gene-label" only
+    "cat_covs"    (B, k) integer codes of the k extra categorical covariates (n_cats_per_cov), when k > 0
+    "cont_covs"   (B, c) float continuous covariates, when n_continuous_cov = c > 0
+    "size_factor" (B,) or (B, 1) positive observed library to use instead of the row sum of x
+Other keys are ignored. The reconstruction term runs through `scvi_scale.kernels`, the single dispatch point of
+the fused likelihood ops.
+
+Parameter names follow scvi-tools' state dict (z_encoder, l_encoder, decoder, px_r, library_log_means/vars as
+(1, n_batch) buffers). Unlike scvi-tools, parts that the chosen options never use are not built: l_encoder only
+for a latent library, px_r only for "gene"/"gene-batch"/"gene-label" with NB or ZINB, the decoder's px_r head
+only for "gene-cell" with NB or ZINB, its dropout head only for ZINB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from scvi_scale import kernels
+from scvi_scale.nn import DecoderSCVI, Encoder
+
+DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
+GENE_LIKELIHOODS = ("zinb", "nb", "poisson")
+LATENT_DISTRIBUTIONS = ("normal", "ln")
+NORM_PLACEMENTS = ("none", "encoder", "decoder", "both")
+
+
+@dataclass
+class Minibatch:
+    """A checked minibatch. batch: (B,) int64; labels: (B,) int64 or None; cat_covs: one (B,) int64 per extra
+    categorical covariate; cont_covs: (B, c) or None; log_size_factor: (B, 1) or None."""
+
+    x: torch.Tensor
+    batch: torch.Tensor
+    labels: torch.Tensor | None
+    cat_covs: list[torch.Tensor]
+    cont_covs: torch.Tensor | None
+    log_size_factor: torch.Tensor | None
+
+
+def _codes(name: str, codes: torch.Tensor, n_cells: int, n_categories: int) -> torch.Tensor:
+    """codes (B,) or (B, 1) as int64 (B,), checked to lie in [0, n_categories)."""
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"tensors[{name!r}] has dtype {codes.dtype}, expected integer codes")
+    if tuple(codes.shape) not in ((n_cells,), (n_cells, 1)):
+        raise ValueError(f"tensors[{name!r}] has shape {tuple(codes.shape)}, expected ({n_cells},)")
+    codes = codes.reshape(n_cells).long()
+    if n_cells and (int(codes.min()) < 0 or int(codes.max()) >= n_categories):
+        raise ValueError(
+            f"tensors[{name!r}] has codes in [{int(codes.min())}, {int(codes.max())}], "
+            f"expected codes in [0, {n_categories - 1}]"
+        )
+    return codes
+
+
+class VAE(nn.Module):
+    """scVI's VAE. Options have scvi-tools' names and defaults (see the module docstring for the model).
+
+    n_input: genes; n_batch: batches (0: none); n_labels: labels (used by dispersion "gene-label" only);
+    n_continuous_cov / n_cats_per_cov: extra continuous covariates / category counts of the extra categorical
+    covariates; use_batch_norm / use_layer_norm: "none", "encoder", "decoder" or "both";
+    library_log_means / library_log_vars: (n_batch,) arrays (one entry when n_batch is 0), the per-batch mean and
+    variance of log total counts, required when use_observed_lib_size is False.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 0,
+        n_labels: int = 0,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: list[int] | None = None,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        latent_distribution: str = "normal",
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: str = "both",
+        use_layer_norm: str = "none",
+        use_observed_lib_size: bool = True,
+        library_log_means: np.ndarray | None = None,
+        library_log_vars: np.ndarray | None = None,
+    ):
+        super().__init__()
+        for name, value, choices in (
+            ("dispersion", dispersion, DISPERSIONS),
+            ("gene_likelihood", gene_likelihood, GENE_LIKELIHOODS),
+            ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS),
+            ("use_batch_norm", use_batch_norm, NORM_PLACEMENTS),
+            ("use_layer_norm", use_layer_norm, NORM_PLACEMENTS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}: expected one of {choices}")
+        for name, value in (("n_input", n_input), ("n_hidden", n_hidden), ("n_latent", n_latent)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: must be at least 1")
+        for name, value in (("n_batch", n_batch), ("n_labels", n_labels), ("n_continuous_cov", n_continuous_cov)):
+            if value < 0:
+                raise ValueError(f"{name}={value}: must not be negative")
+        n_cats_per_cov = [int(n) for n in (n_cats_per_cov or [])]
+        if any(n < 1 for n in n_cats_per_cov):
+            raise ValueError(f"n_cats_per_cov={n_cats_per_cov}: every covariate needs at least one category")
+        if dispersion == "gene-batch" and n_batch < 1:
+            raise ValueError("dispersion='gene-batch' needs n_batch >= 1")
+        if dispersion == "gene-label" and n_labels < 1:
+            raise ValueError("dispersion='gene-label' needs n_labels >= 1")
+
+        self.n_input = n_input
+        self.n_batch = n_batch
+        self.n_labels = n_labels
+        self.n_latent = n_latent
+        self.n_continuous_cov = n_continuous_cov
+        self.n_cats_per_cov = n_cats_per_cov
+        self.dispersion = dispersion
+        self.gene_likelihood = gene_likelihood
+        self.latent_distribution = latent_distribution
+        self.encode_covariates = encode_covariates
+        self.use_observed_lib_size = use_observed_lib_size
+
+        # Batch codes index a prior table with one row even when there are no batches.
+        self.n_batch_codes = max(n_batch, 1)
+        if not use_observed_lib_size:
+            self.register_buffer("library_log_means", self._library_prior("library_log_means", library_log_means))
+            self.register_buffer("library_log_vars", self._library_prior("library_log_vars", library_log_vars))
+            if not torch.all(self.library_log_vars > 0):
+                raise ValueError("library_log_vars must be positive (they are variances of log library sizes)")
+
+        # theta = exp(px_r); scvi-tools initialises px_r from a standard normal.
+        if gene_likelihood != "poisson":
+            if dispersion == "gene":
+                self.px_r = nn.Parameter(torch.randn(n_input))
+            elif dispersion == "gene-batch":
+                self.px_r = nn.Parameter(torch.randn(n_input, n_batch))
+            elif dispersion == "gene-label":
+                self.px_r = nn.Parameter(torch.randn(n_input, n_labels))
+
+        batch_norm_encoder = use_batch_norm in ("encoder", "both")
+        batch_norm_decoder = use_batch_norm in ("decoder", "both")
+        layer_norm_encoder = use_layer_norm in ("encoder", "both")
+        layer_norm_decoder = use_layer_norm in ("decoder", "both")
+        cat_list = [n_batch, *n_cats_per_cov]
+        encoder_cat_list = cat_list if encode_covariates else None
+        n_input_encoder = n_input + (n_continuous_cov if encode_covariates else 0)
+        encoder_options = dict(
+            n_cat_list=encoder_cat_list,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            inject_covariates=deeply_inject_covariates,
+            use_batch_norm=batch_norm_encoder,
+            use_layer_norm=layer_norm_encoder,
+        )
+        self.z_encoder = Encoder(
+            n_input_encoder, n_latent, n_layers=n_layers, distribution=latent_distribution, **encoder_options
+        )
+        if not use_observed_lib_size:
+            self.l_encoder = Encoder(n_input_encoder, 1, n_layers=1, **encoder_options)
+        self.decoder = DecoderSCVI(
+            n_latent + n_continuous_cov,
+            n_input,
+            n_cat_list=cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            inject_covariates=deeply_inject_covariates,
+            use_batch_norm=batch_norm_decoder,
+            use_layer_norm=layer_norm_decoder,
+            zero_inflated=gene_likelihood == "zinb",
+            dispersion_per_cell=dispersion == "gene-cell" and gene_likelihood != "poisson",
+        )
+
+    def _library_prior(self, name: str, values) -> torch.Tensor:
+        """The per-batch library prior parameter as a float32 (1, n_batch_codes) tensor, like scvi-tools' buffer."""
+        if values is None:
+            raise ValueError(f"use_observed_lib_size=False needs {name}, one value per batch")
+        values = torch.as_tensor(np.asarray(values, dtype=np.float32)).reshape(1, -1)
+        if values.shape[1] != self.n_batch_codes:
+            raise ValueError(f"{name} has {values.shape[1]} values, expected {self.n_batch_codes} (one per batch)")
+        if not torch.all(torch.isfinite(values)):
+            raise ValueError(f"{name} has non-finite values")
+        return values
+
+    # ----------------------------------------------------------------------------------------------- inputs
+
+    def _minibatch(self, tensors: dict) -> Minibatch:
+        """Checks a minibatch dict against the options the module was built with (see the module docstring)."""
+        if "x" not in tensors:
+            raise ValueError("tensors has no 'x' (the counts)")
+        x = tensors["x"]
+        if x.dim() != 2 or x.shape[1] != self.n_input or not x.dtype.is_floating_point:
+            raise ValueError(
+                f"tensors['x'] is {x.dtype} of shape {tuple(x.shape)}, expected float counts of shape "
+                f"(cells, {self.n_input})"
+            )
+        n_cells = x.shape[0]
+
+        if "batch" in tensors:
+            batch = _codes("batch", tensors["batch"], n_cells, self.n_batch_codes)
+        elif self.n_batch <= 1:
+            batch = torch.zeros(n_cells, dtype=torch.long, device=x.device)
+        else:
+            raise ValueError(f"tensors has no 'batch', needed with n_batch={self.n_batch}")
+
+        labels = None
+        if "labels" in tensors:
+            labels = _codes("labels", tensors["labels"], n_cells, max(self.n_labels, 1))
+        elif self.dispersion == "gene-label":
+            raise ValueError("tensors has no 'labels', needed by dispersion='gene-label'")
+
+        cat_covs = []
+        n_extra = len(self.n_cats_per_cov)
+        if n_extra:
+            if "cat_covs" not in tensors:
+                raise ValueError(f"tensors has no 'cat_covs', needed with n_cats_per_cov={self.n_cats_per_cov}")
+            columns = tensors["cat_covs"]
+            if tuple(columns.shape) != (n_cells, n_extra):
+                raise ValueError(f"tensors['cat_covs'] has shape {tuple(columns.shape)}, expected ({n_cells}, {n_extra})")
+            cat_covs = [
+                _codes(f"cat_covs[:, {j}]", columns[:, j], n_cells, n_cat)
+                for j, n_cat in enumerate(self.n_cats_per_cov)
+            ]
+        elif "cat_covs" in tensors:
+            raise ValueError("tensors has 'cat_covs' but the module was built with no categorical covariates")
+
+        cont_covs = None
+        if self.n_continuous_cov:
+            if "cont_covs" not in tensors:
+                raise ValueError(f"tensors has no 'cont_covs', needed with n_continuous_cov={self.n_continuous_cov}")
+            cont_covs = tensors["cont_covs"]
+            if tuple(cont_covs.shape) != (n_cells, self.n_continuous_cov):
+                raise ValueError(
+                    f"tensors['cont_covs'] has shape {tuple(cont_covs.shape)}, "
+                    f"expected ({n_cells}, {self.n_continuous_cov})"
+                )
+            cont_covs = cont_covs.to(x.dtype)
+        elif "cont_covs" in tensors:
+            raise ValueError("tensors has 'cont_covs' but the module was built with n_continuous_cov=0")
+
+        log_size_factor = None
+        if "size_factor" in tensors:
+            if not self.use_observed_lib_size:
+                raise ValueError(
+                    "tensors has 'size_factor' (an observed library) but the module was built with "
+                    "use_observed_lib_size=False (a latent library)"
+                )
+            size_factor = tensors["size_factor"]
+            if tuple(size_factor.shape) not in ((n_cells,), (n_cells, 1)):
+                raise ValueError(f"tensors['size_factor'] has shape {tuple(size_factor.shape)}, expected ({n_cells},)")
+            log_size_factor = torch.log(size_factor.reshape(n_cells, 1).to(x.dtype))
+        return Minibatch(x, batch, labels, cat_covs, cont_covs, log_size_factor)
+
+    # -------------------------------------------------------------------------------------------- inference
+
+    def inference(self, tensors: dict, n_samples: int = 1) -> dict:
+        """q(z | x) and the library. Returns
+            qz:      Normal over the untransformed latent, loc and scale (B, L)
+            z:       a draw, transformed ("ln": softmax), (B, L), or (n_samples, B, L) when n_samples > 1
+            library: log library (B, 1) or (n_samples, B, 1): observed, or a draw of ql
+            ql:      Normal over the log library (B, 1), or None when the library is observed
+        A single draw is reparameterized (differentiable); several are not, as in scvi-tools.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples={n_samples}: must be at least 1")
+        return self._inference(self._minibatch(tensors), n_samples)
+
+    def _inference(self, minibatch: Minibatch, n_samples: int = 1) -> dict:
+        encoder_input = torch.log1p(minibatch.x)
+        encoder_codes = ()
+        if self.encode_covariates:
+            if minibatch.cont_covs is not None:
+                encoder_input = torch.cat([encoder_input, minibatch.cont_covs], dim=-1)
+            encoder_codes = (minibatch.batch, *minibatch.cat_covs)
+        qz, z = self.z_encoder(encoder_input, *encoder_codes)
+        ql = None
+        if not self.use_observed_lib_size:
+            ql, library = self.l_encoder(encoder_input, *encoder_codes)
+        elif minibatch.log_size_factor is not None:
+            library = minibatch.log_size_factor
+        else:
+            library = torch.log(minibatch.x.sum(dim=1, keepdim=True))
+        if n_samples > 1:
+            z = self.z_encoder.transform(qz.sample((n_samples,)))
+            library = library.expand(n_samples, -1, -1) if ql is None else ql.sample((n_samples,))
+        return {"qz": qz, "z": z, "library": library, "ql": ql}
+
+    # ------------------------------------------------------------------------------------------- generative
+
+    def generative(self, z: torch.Tensor, library: torch.Tensor, tensors: dict, transform_batch: int | None = None) -> dict:
+        """p(x | z, l) for one draw. z: (B, L) (transformed); library: (B, 1) or (B,) log library.
+
+        transform_batch: decode every cell as if it came from this batch (batch-corrected outputs); it sets the
+        batch for the decoder's covariates and for the "gene-batch" dispersion. Returns
+            px_scale  (B, G) expected fraction of each gene (rows sum to 1)
+            px_rate   (B, G) expected counts, exp(library) * px_scale
+            theta     inverse dispersion: (G,) for "gene", (B, G) otherwise; None for Poisson
+            zi_logits (B, G) zero-inflation logits for ZINB, else None
+            hidden    (B, n_hidden) the decoder's last hidden layer
+        """
+        if z.dim() != 2 or z.shape[1] != self.n_latent:
+            raise ValueError(
+                f"z has shape {tuple(z.shape)}, expected (cells, {self.n_latent}): decode one draw at a time"
+            )
+        minibatch = self._minibatch(tensors)
+        if transform_batch is not None:
+            if not 0 <= int(transform_batch) < self.n_batch_codes:
+                raise ValueError(f"transform_batch={transform_batch}: expected a batch in [0, {self.n_batch_codes - 1}]")
+            minibatch.batch = torch.full_like(minibatch.batch, int(transform_batch))
+        return self._generative(z, library.reshape(-1, 1), minibatch)
+
+    def _generative(self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch) -> dict:
+        hidden = self._decoder_hidden(z, minibatch)
+        px_scale = torch.softmax(self.decoder.px_scale_decoder(hidden), dim=-1)
+        zi_logits = self.decoder.px_dropout_decoder(hidden) if self.gene_likelihood == "zinb" else None
+        return {
+            "px_scale": px_scale,
+            "px_rate": torch.exp(library) * px_scale,
+            "theta": self._theta(hidden, minibatch),
+            "zi_logits": zi_logits,
+            "hidden": hidden,
+        }
+
+    def _decoder_hidden(self, z: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
+        """The decoder's last hidden layer (B, n_hidden): continuous covariates join z at the input, batch and
+        categorical covariates are injected one-hot."""
+        decoder_input = z if minibatch.cont_covs is None else torch.cat([z, minibatch.cont_covs], dim=-1)
+        return self.decoder(decoder_input, minibatch.batch, *minibatch.cat_covs)
+
+    def _theta(self, hidden: torch.Tensor, minibatch: Minibatch) -> torch.Tensor | None:
+        """Inverse dispersion exp(px_r): (G,) for "gene", (B, G) for the others; None for Poisson."""
+        if self.gene_likelihood == "poisson":
+            return None
+        if self.dispersion == "gene":
+            log_theta = self.px_r
+        elif self.dispersion == "gene-batch":
+            log_theta = self.px_r.t()[minibatch.batch]
+        elif self.dispersion == "gene-label":
+            log_theta = self.px_r.t()[minibatch.labels]
+        else:
+            log_theta = self.decoder.px_r_decoder(hidden)
+        return torch.exp(log_theta)
+
+    def _log_likelihood(self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
+        """log p(x | z, l) per cell (B,), through the fused ops. z: (B, L); library: (B, 1)."""
+        if self.dispersion == "gene-cell" and self.gene_likelihood != "poisson":
+            # theta comes from a head of the hidden layer: the fused decoder takes theta as an input, so the
+            # gene-wise outputs are formed here and only the likelihood is fused.
+            outputs = self._generative(z, library, minibatch)
+            return kernels.count_log_likelihood(
+                minibatch.x, outputs["px_rate"], outputs["theta"], outputs["zi_logits"], self.gene_likelihood
+            )
+        hidden = self._decoder_hidden(z, minibatch)
+        zero_inflated = self.gene_likelihood == "zinb"
+        dropout_head = self.decoder.px_dropout_decoder
+        return kernels.decoder_log_likelihood(
+            hidden,
+            self.decoder.px_scale_decoder.weight,
+            self.decoder.px_scale_decoder.bias,
+            library,
+            minibatch.x,
+            theta=self._theta(hidden, minibatch),
+            dropout_weight=dropout_head.weight if zero_inflated else None,
+            dropout_bias=dropout_head.bias if zero_inflated else None,
+            likelihood=self.gene_likelihood,
+        )
+
+    # ------------------------------------------------------------------------------------------------- loss
+
+    def _library_prior_for(self, batch: torch.Tensor) -> Normal:
+        """p(l | s): Normal with the batch's log-library mean and variance, loc and scale (B, 1)."""
+        means = self.library_log_means[0, batch].unsqueeze(-1)
+        variances = self.library_log_vars[0, batch].unsqueeze(-1)
+        return Normal(means, variances.sqrt())
+
+    def loss(self, tensors: dict, kl_weight: float = 1.0) -> dict:
+        """The negative ELBO on one minibatch. Returns per-cell (B,) tensors
+            reconstruction_loss  -log p(x | z, l)
+            kl_z                 KL(q(z | x) || N(0, I))
+            kl_l                 KL(q(l | x) || p(l | s)), zeros when the library is observed
+            kl_local             kl_z + kl_l
+        and the scalar "loss" = mean over cells of reconstruction_loss + kl_weight * kl_z + kl_l.
+        """
+        minibatch = self._minibatch(tensors)
+        inference = self._inference(minibatch)
+        reconstruction_loss = -self._log_likelihood(inference["z"], inference["library"], minibatch)
+        qz = inference["qz"]
+        kl_z = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))).sum(dim=-1)
+        if inference["ql"] is None:
+            kl_l = torch.zeros_like(kl_z)
+        else:
+            kl_l = kl_divergence(inference["ql"], self._library_prior_for(minibatch.batch)).sum(dim=-1)
+        return {
+            "loss": torch.mean(reconstruction_loss + kl_weight * kl_z + kl_l),
+            "reconstruction_loss": reconstruction_loss,
+            "kl_local": kl_z + kl_l,
+            "kl_z": kl_z,
+            "kl_l": kl_l,
+        }
+
+    @torch.no_grad()
+    def marginal_ll(self, tensors: dict, n_mc_samples: int) -> torch.Tensor:
+        """Importance-sampled log p(x) per cell (B,) with n_mc_samples draws from q (call in eval mode):
+            log (1/K) sum_k p(x | z_k, l_k) p(z_k) p(l_k) / (q(z_k | x) q(l_k | x))
+        The densities of z are taken on the untransformed draw, so the estimate is the same for "ln" (the
+        softmax's Jacobian cancels between p and q); the l terms appear only for a latent library.
+        """
+        if n_mc_samples < 1:
+            raise ValueError(f"n_mc_samples={n_mc_samples}: must be at least 1")
+        minibatch = self._minibatch(tensors)
+        inference = self._inference(minibatch)
+        qz, ql = inference["qz"], inference["ql"]
+        standard_normal = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))
+        library_prior = None if ql is None else self._library_prior_for(minibatch.batch)
+        log_weights = []
+        for _ in range(n_mc_samples):
+            z_draw = qz.sample()
+            library = inference["library"] if ql is None else ql.sample()
+            log_weight = (
+                self._log_likelihood(self.z_encoder.transform(z_draw), library, minibatch)
+                + standard_normal.log_prob(z_draw).sum(dim=-1)
+                - qz.log_prob(z_draw).sum(dim=-1)
+            )
+            if ql is not None:
+                log_weight = log_weight + (library_prior.log_prob(library) - ql.log_prob(library)).sum(dim=-1)
+            log_weights.append(log_weight)
+        return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(n_mc_samples)

@@ -1,0 +1,197 @@
+"""The networks of scVI: fully connected blocks with covariate injection, the encoder and the decoder.
+
+Shapes: B cells, G genes, H hidden units, L latent dimensions. Categorical covariates enter as integer codes of
+shape (B,) or (B, 1) and are one-hot encoded here; a covariate with one category (or none) carries no information
+and is left out, as scvi-tools does.
+
+Architecture and defaults follow scvi-tools' `FCLayers`, `Encoder` and `DecoderSCVI`, and parameter names follow
+their state dict where that is free (`fc_layers.Layer 0.0.weight` is the first linear map, `.1.` its batch norm),
+so that a later step can load scvi-tools weights:
+    one block = Linear -> BatchNorm1d (momentum 0.01, eps 0.001) -> LayerNorm (no affine) -> ReLU -> Dropout
+with the norms and dropout present only when asked for. The one-hot covariates are concatenated after the block's
+input, in the order of `n_cat_list`, into the first block always and into every later block when
+`inject_covariates` is true.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal
+
+# scvi-tools' batch-norm settings (inherited from the original TensorFlow scVI).
+BATCH_NORM_MOMENTUM = 0.01
+BATCH_NORM_EPS = 0.001
+
+
+def one_hot_covariates(codes: Sequence[torch.Tensor], n_cat_list: Sequence[int], dtype: torch.dtype) -> list[torch.Tensor]:
+    """One-hot encodings (B, n_cat) of the categorical covariates with more than one category.
+
+    codes: one integer tensor (B,) or (B, 1) per entry of n_cat_list, each code in [0, n_cat) (the caller checks
+    the range once per minibatch; torch.nn.functional.one_hot rejects codes out of range).
+    """
+    if len(codes) != len(n_cat_list):
+        raise ValueError(f"got {len(codes)} categorical covariates, the network was built for {len(n_cat_list)}")
+    return [
+        F.one_hot(code.reshape(-1).long(), n_cat).to(dtype)
+        for code, n_cat in zip(codes, n_cat_list)
+        if n_cat > 1
+    ]
+
+
+class FCLayers(nn.Module):
+    """A stack of fully connected blocks with one-hot covariates injected into the linear maps.
+
+    n_in -> n_hidden -> ... -> n_out over n_layers blocks (n_layers=1: n_in -> n_out). Each block's linear map
+    takes sum(n_cat for n_cat in n_cat_list if n_cat > 1) extra inputs where covariates are injected.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_cat_list: Sequence[int] | None = None,
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        dropout_rate: float = 0.1,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        inject_covariates: bool = True,
+    ):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers={n_layers}: need at least one layer")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={dropout_rate}: expected a value in [0, 1)")
+        self.n_cat_list = list(n_cat_list or [])
+        self.inject_covariates = inject_covariates
+        n_covariate_inputs = sum(n_cat for n_cat in self.n_cat_list if n_cat > 1)
+        widths = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
+        blocks = []
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+            injected = n_covariate_inputs if self._injects_into(index) else 0
+            parts = [nn.Linear(width_in + injected, width_out)]
+            if use_batch_norm:
+                parts.append(nn.BatchNorm1d(width_out, momentum=BATCH_NORM_MOMENTUM, eps=BATCH_NORM_EPS))
+            if use_layer_norm:
+                parts.append(nn.LayerNorm(width_out, elementwise_affine=False))
+            parts.append(nn.ReLU())
+            if dropout_rate > 0:
+                parts.append(nn.Dropout(p=dropout_rate))
+            blocks.append((f"Layer {index}", nn.Sequential(*parts)))
+        self.fc_layers = nn.Sequential(OrderedDict(blocks))
+
+    def _injects_into(self, block_index: int) -> bool:
+        return block_index == 0 or self.inject_covariates
+
+    def forward(self, x: torch.Tensor, *cat_codes: torch.Tensor) -> torch.Tensor:
+        """x: (B, n_in); cat_codes: one integer tensor (B,) or (B, 1) per entry of n_cat_list. Returns (B, n_out)."""
+        covariates = one_hot_covariates(cat_codes, self.n_cat_list, x.dtype)
+        for index, block in enumerate(self.fc_layers):
+            if covariates and self._injects_into(index):
+                x = torch.cat([x, *covariates], dim=-1)
+            x = block(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """q(latent | input): a Normal whose mean and variance come from an FCLayers stack.
+
+    variance = exp(var_encoder(h)) + var_eps (scvi-tools' var_eps = 1e-4 keeps it away from zero). With
+    distribution "ln" (logistic normal) the returned sample is softmax-transformed; the Normal itself, and so
+    the KL term, stays in the untransformed space.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_cat_list: Sequence[int] | None = None,
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        dropout_rate: float = 0.1,
+        distribution: str = "normal",
+        var_eps: float = 1e-4,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        inject_covariates: bool = True,
+    ):
+        super().__init__()
+        if distribution not in ("normal", "ln"):
+            raise ValueError(f"distribution={distribution!r}: expected 'normal' or 'ln'")
+        self.distribution = distribution
+        self.var_eps = var_eps
+        self.encoder = FCLayers(
+            n_input,
+            n_hidden,
+            n_cat_list=n_cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            inject_covariates=inject_covariates,
+        )
+        self.mean_encoder = nn.Linear(n_hidden, n_output)
+        self.var_encoder = nn.Linear(n_hidden, n_output)
+
+    def transform(self, sample: torch.Tensor) -> torch.Tensor:
+        """Maps a draw of the Normal to the latent space: identity, or softmax over the last axis for "ln"."""
+        return torch.softmax(sample, dim=-1) if self.distribution == "ln" else sample
+
+    def forward(self, x: torch.Tensor, *cat_codes: torch.Tensor) -> tuple[Normal, torch.Tensor]:
+        """x: (B, n_input). Returns the Normal q (loc and scale (B, n_output)) and one reparameterized draw,
+        transformed, (B, n_output)."""
+        hidden = self.encoder(x, *cat_codes)
+        mean = self.mean_encoder(hidden)
+        variance = torch.exp(self.var_encoder(hidden)) + self.var_eps
+        posterior = Normal(mean, variance.sqrt())
+        return posterior, self.transform(posterior.rsample())
+
+
+class DecoderSCVI(nn.Module):
+    """p(x | z, covariates): an FCLayers stack (no dropout) and linear heads over the genes.
+
+    px_scale_decoder: logits of px_scale = softmax over genes (the expected fraction of each gene);
+    px_dropout_decoder: zero-inflation logits (built when `zero_inflated`); px_r_decoder: log inverse
+    dispersion per cell and gene (built when `dispersion_per_cell`). The heads' weights are read directly by
+    the fused likelihood, so the (B, G) outputs need not exist during training.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_cat_list: Sequence[int] | None = None,
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        inject_covariates: bool = True,
+        use_batch_norm: bool = False,
+        use_layer_norm: bool = False,
+        zero_inflated: bool = True,
+        dispersion_per_cell: bool = False,
+    ):
+        super().__init__()
+        self.px_decoder = FCLayers(
+            n_input,
+            n_hidden,
+            n_cat_list=n_cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=0.0,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            inject_covariates=inject_covariates,
+        )
+        self.px_scale_decoder = nn.Linear(n_hidden, n_output)
+        self.px_r_decoder = nn.Linear(n_hidden, n_output) if dispersion_per_cell else None
+        self.px_dropout_decoder = nn.Linear(n_hidden, n_output) if zero_inflated else None
+
+    def forward(self, z: torch.Tensor, *cat_codes: torch.Tensor) -> torch.Tensor:
+        """z: (B, n_input), the latent (with any continuous covariates appended). Returns the last hidden
+        layer (B, n_hidden), from which the heads compute the gene-wise outputs."""
+        return self.px_decoder(z, *cat_codes)
