@@ -281,10 +281,11 @@ def fit(
                 if config.n_epochs_kl_warmup is None and config.n_steps_kl_warmup:
                     weight = kl_weight(config, state.epoch, state.global_step)
                 losses = module.loss(to_tensors(minibatch, device), kl_weight=weight)
-                if not torch.isfinite(losses["loss"]):
+                loss_value = float(losses["loss"].detach())
+                if not math.isfinite(loss_value):
                     rows = minibatch["rows"]
                     raise TrainingDivergedError(
-                        f"loss is {float(losses['loss'])} at epoch {state.epoch}, step {state.step_in_epoch} "
+                        f"loss is {loss_value} at epoch {state.epoch}, step {state.step_in_epoch} "
                         f"(store rows {int(rows.min())}..{int(rows.max())}); training stopped, "
                         f"the last good checkpoint is kept at {checkpoint_path}. Try a lower lr."
                     )
@@ -295,7 +296,7 @@ def fit(
                 state.step_in_epoch += 1
                 state.global_step += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{float(losses['loss']):.4g}", refresh=False)
+                progress.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
                 if config.checkpoint_every_n_steps and state.global_step % config.checkpoint_every_n_steps == 0:
                     checkpoint()
                 if max_steps is not None and state.global_step >= max_steps:
