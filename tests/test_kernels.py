@@ -74,29 +74,45 @@ def log_prob_reference(x, mu, theta, zi_logits, likelihood):
 
 
 def log_prob_gradients_reference(x, mu, theta, zi_logits, likelihood):
-    """d log p / d mu, d theta, d zi_logits per entry in float64, each (B, G) (None where not a parameter).
+    """d log p / d mu, d theta, d zi_logits per entry in float64, each as (gradient, magnitude), (B, G) arrays
+    (None where not a parameter). The magnitude is the sum of the absolute values of the terms the gradient is
+    made of: no float32 evaluation can beat eps times it where the terms cancel (d/dtheta crosses zero).
 
     NB:   d/dmu    = theta (x - mu) / (mu (theta + mu))
-          d/dtheta = digamma(x + theta) - digamma(theta) - log1p(mu / theta) + (mu - x) / (theta + mu)
+          d/dtheta = h + e, h = log1p(v) - v with v = (x - mu) / (theta + mu), e = digamma(x + theta) - digamma(theta)
+                     - log1p(x / theta)  (= the textbook digamma(x + theta) - digamma(theta) - log1p(mu / theta)
+                     + (mu - x) / (theta + mu), grouped into the two parts that vanish as theta grows)
     ZINB: x > 0: the NB gradients, and d/dz = -sigmoid(z);
           x = 0: with L0 = log NB(0) = -theta log1p(mu / theta) and r = sigmoid(L0 - z), the share of NB(0) in p(0):
-                 d/dmu = -r theta / (theta + mu),  d/dtheta = r (-log1p(mu / theta) + mu / (theta + mu)),
-                 d/dz = sigmoid(z - L0) - sigmoid(z).
+                 d/dmu = -r theta / (theta + mu),  d/dtheta = r h,  d/dz = sigmoid(z - L0) - sigmoid(z).
     """
     if likelihood == "poisson":
-        return x / mu - 1, None, None
+        d_mu = x / mu - 1
+        return (d_mu, np.abs(d_mu)), None, None
     theta = np.broadcast_to(theta, x.shape)
+    v = (x - mu) / (theta + mu)
+    h = np.log1p(v) - v
+    e = np.where(x > 0, sps.digamma(x + theta) - sps.digamma(theta) - np.log1p(x / theta), 0.0)
     d_mu = theta * (x - mu) / (mu * (theta + mu))
-    d_theta = sps.digamma(x + theta) - sps.digamma(theta) - np.log1p(mu / theta) + (mu - x) / (theta + mu)
+    d_theta, theta_magnitude = h + e, np.abs(h) + np.abs(e)
     if likelihood == "nb":
-        return d_mu, d_theta, None
+        return (d_mu, np.abs(d_mu)), (d_theta, theta_magnitude), None
     log_nb_zero = -theta * np.log1p(mu / theta)
-    r = sps.expit(log_nb_zero - zi_logits)
-    zero = x == 0
-    d_mu = np.where(zero, -r * theta / (theta + mu), d_mu)
-    d_theta = np.where(zero, r * (-np.log1p(mu / theta) + mu / (theta + mu)), d_theta)
-    d_z = np.where(zero, sps.expit(zi_logits - log_nb_zero) - sps.expit(zi_logits), -sps.expit(zi_logits))
-    return d_mu, d_theta, d_z
+    r = np.where(x == 0, sps.expit(log_nb_zero - zi_logits), 1.0)
+    # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) - sigmoid(b) sigmoid(-a): no cancellation of two values near 1
+    a, b = zi_logits - log_nb_zero, zi_logits
+    d_z = np.where(x == 0, sps.expit(a) * sps.expit(-b) - sps.expit(b) * sps.expit(-a), -sps.expit(zi_logits))
+    return (r * d_mu, np.abs(r * d_mu)), (r * d_theta, r * theta_magnitude), (d_z, np.abs(d_z))
+
+
+def assert_gradient_close(name, got, want, magnitude, tol):
+    """||got - want|| < tol ||magnitude|| + tiny sqrt(n): norm-wise relative error, measured against the terms'
+    magnitudes; tiny, the smallest normal number of got's dtype, admits the underflow of unrepresentable values."""
+    tiny = torch.finfo(got.dtype).tiny
+    got = got.detach().double().cpu().numpy()
+    err = np.linalg.norm(got - want)
+    bound = tol * np.linalg.norm(magnitude) + tiny * np.sqrt(got.size)
+    assert err < bound, f"d/d{name}: error {err:.3g} > bound {bound:.3g} (tol {tol:g} of the gradient's magnitude)"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,11 +153,19 @@ def as_tensors(dtype, *arrays, requires_grad=False):
 # count_log_likelihood
 
 
+def rounded(array, dtype):
+    """The float64 values of `array` after rounding to `dtype`: the reference sees what the function sees."""
+    return None if array is None else array.astype(np.float32 if dtype == torch.float32 else np.float64).astype(float)
+
+
+def reduce_to(shape, weights, per_entry):
+    """sum over cells of weights[:, None] * per_entry (B, G), unless `shape` keeps the cells."""
+    weighted = weights[:, None] * per_entry
+    return weighted if len(shape) == 2 else weighted.sum(0)
+
+
 def check_count_log_likelihood(rng, n_cells, n_genes, likelihood, theta_per_cell, dtype, tol):
-    x, mu, theta, zi = draw_count_inputs(rng, n_cells, n_genes, likelihood, theta_per_cell)
-    # Reference on the values the function actually sees (inputs rounded to dtype).
-    x, mu, theta, zi = (None if a is None else a.astype(np.float32 if dtype == torch.float32 else np.float64)
-                        .astype(np.float64) for a in (x, mu, theta, zi))
+    x, mu, theta, zi = (rounded(a, dtype) for a in draw_count_inputs(rng, n_cells, n_genes, likelihood, theta_per_cell))
     x_t, = as_tensors(dtype, x)
     mu_t, theta_t, zi_t = as_tensors(dtype, mu, theta, zi, requires_grad=True)
     out = kernels.count_log_likelihood(x_t, mu_t, theta_t, zi_t, likelihood=likelihood)
@@ -151,17 +175,12 @@ def check_count_log_likelihood(rng, n_cells, n_genes, likelihood, theta_per_cell
 
     cell_weights = rng.normal(size=n_cells)
     out.backward(torch.tensor(cell_weights, dtype=dtype, device=DEVICE))
-    d_mu, d_theta, d_z = log_prob_gradients_reference(x, mu, theta, zi, likelihood)
-    w = cell_weights[:, None]
-    checks = [("mu", mu_t, w * d_mu)]
-    if theta is not None:
-        checks.append(("theta", theta_t, (w * d_theta).reshape(-1, *theta.shape).sum(0) if not theta_per_cell
-                       else w * d_theta))
-    if zi is not None:
-        checks.append(("zi_logits", zi_t, w * d_z))
-    for name, tensor, want_grad in checks:
-        err = rel_err(tensor.grad, want_grad)
-        assert err < tol, f"d/d{name}: rel err {err:.2e}"
+    gradients = log_prob_gradients_reference(x, mu, theta, zi, likelihood)
+    for name, tensor, reference in zip(("mu", "theta", "zi_logits"), (mu_t, theta_t, zi_t), gradients):
+        if reference is not None:
+            want_grad, magnitude = (reduce_to(tensor.shape, w, r) for w, r in
+                                    zip((cell_weights, np.abs(cell_weights)), reference))
+            assert_gradient_close(name, tensor.grad, want_grad, magnitude, tol)
 
 
 @pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
@@ -201,17 +220,20 @@ def test_count_log_likelihood_only_zeros(backend, rng):
 
 
 def draw_decoder_inputs(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell):
-    """float64 inputs of decoder_log_likelihood, scaled like a trained scVI decoder; dropout logits reach +-30."""
+    """float64 inputs of decoder_log_likelihood, scaled like a trained scVI decoder."""
     hidden = np.maximum(rng.normal(size=(n_cells, n_hidden)), 0)  # after ReLU
     scale_weight = rng.normal(scale=2 / np.sqrt(n_hidden), size=(n_genes, n_hidden))
     scale_bias = rng.normal(size=n_genes)
-    log_library = rng.uniform(np.log(500), np.log(50_000), size=n_cells)
+    # Library sizes as in single-cell data: 0.1 to 10 counts per gene on average.
+    log_library = np.log(n_genes * rng.uniform(0.1, 10, size=n_cells))
     mu = np.exp(log_library)[:, None] * sps.softmax(hidden @ scale_weight.T + scale_bias, axis=-1)
     x = draw_counts(rng, mu)
     theta = None if likelihood == "poisson" else draw_theta(rng, n_cells, n_genes, theta_per_cell)
     if likelihood == "zinb":
-        dropout_weight = rng.normal(scale=10 / np.sqrt(n_hidden), size=(n_genes, n_hidden))
-        dropout_bias = rng.uniform(-10, 10, size=n_genes)
+        # Logits within about +-10, as in trained models. (The count tests take logits to +-30 as exact inputs; here
+        # they come out of a float32 matmul whose rounding, ~eps * sum_k |h_k w_k|, d/dz inherits 1:1.)
+        dropout_weight = rng.normal(scale=2 / np.sqrt(n_hidden), size=(n_genes, n_hidden))
+        dropout_bias = rng.uniform(-6, 6, size=n_genes)
     else:
         dropout_weight = dropout_bias = None
     return dict(hidden=hidden, scale_weight=scale_weight, scale_bias=scale_bias, log_library=log_library, x=x,
@@ -219,7 +241,8 @@ def draw_decoder_inputs(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_c
 
 
 def decoder_reference(inputs, likelihood, cell_weights):
-    """float64 per-cell log-likelihood and the gradients of sum(cell_weights * it) w.r.t. every input.
+    """float64 per-cell log-likelihood, and the gradients of sum(cell_weights * it) w.r.t. every input as
+    {name: (gradient, magnitude)}, the magnitude being the same chain rule applied to absolute values.
 
     With s = hidden W^T + b, p = softmax(s), mu = exp(l) p, z = hidden Wd^T + bd and a = mu * dlogp/dmu:
     dL/ds = a - p * sum_genes(a) (the softmax's Jacobian), dL/dl = sum_genes(a), and the linear layers' chain rule.
@@ -229,36 +252,44 @@ def decoder_reference(inputs, likelihood, cell_weights):
     mu = np.exp(l)[:, None] * p
     zi = None if likelihood != "zinb" else h @ inputs["dropout_weight"].T + inputs["dropout_bias"]
     out = log_prob_reference(inputs["x"], mu, inputs["theta"], zi, likelihood).sum(-1)
-    d_mu, d_theta, d_z = log_prob_gradients_reference(inputs["x"], mu, inputs["theta"], zi, likelihood)
-    a = cell_weights[:, None] * mu * d_mu
+    (d_mu, _), d_theta, d_z = log_prob_gradients_reference(inputs["x"], mu, inputs["theta"], zi, likelihood)
+    w, abs_w = cell_weights[:, None], np.abs(cell_weights)[:, None]
+    a = w * mu * d_mu
     d_s = a - p * a.sum(-1, keepdims=True)
-    grads = dict(hidden=d_s @ w_scale, scale_weight=d_s.T @ h, scale_bias=d_s.sum(0), log_library=a.sum(-1))
+    d_s_magnitude = np.abs(a) + p * np.abs(a).sum(-1, keepdims=True)
+    grads = dict(
+        hidden=(d_s @ w_scale, d_s_magnitude @ np.abs(w_scale)),
+        scale_weight=(d_s.T @ h, d_s_magnitude.T @ np.abs(h)),
+        scale_bias=(d_s.sum(0), d_s_magnitude.sum(0)),
+        log_library=(a.sum(-1), np.abs(a).sum(-1)),
+    )
     if d_theta is not None:
-        d_theta = cell_weights[:, None] * d_theta
-        grads["theta"] = d_theta if inputs["theta"].ndim == 2 else d_theta.sum(0)
+        grads["theta"] = tuple(reduce_to(inputs["theta"].shape, weights, r)
+                               for weights, r in zip((cell_weights, abs_w[:, 0]), d_theta))
     if d_z is not None:
-        d_z = cell_weights[:, None] * d_z
-        grads["hidden"] = grads["hidden"] + d_z @ inputs["dropout_weight"]
-        grads["dropout_weight"] = d_z.T @ h
-        grads["dropout_bias"] = d_z.sum(0)
+        d_z, d_z_magnitude = w * d_z[0], abs_w * d_z[1]
+        w_dropout = inputs["dropout_weight"]
+        grads["hidden"] = (grads["hidden"][0] + d_z @ w_dropout,
+                           grads["hidden"][1] + d_z_magnitude @ np.abs(w_dropout))
+        grads["dropout_weight"] = (d_z.T @ h, d_z_magnitude.T @ np.abs(h))
+        grads["dropout_bias"] = (d_z.sum(0), d_z_magnitude.sum(0))
     return out, grads
 
 
 def check_decoder_log_likelihood(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell, dtype, tol):
     inputs = draw_decoder_inputs(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell)
-    np_dtype = np.float32 if dtype == torch.float32 else np.float64
-    inputs = {k: None if v is None else v.astype(np_dtype).astype(np.float64) for k, v in inputs.items()}
-    tensors = {k: None if v is None else torch.tensor(v, dtype=dtype, device=DEVICE, requires_grad=k != "x")
-               for k, v in inputs.items()}
+    inputs = {name: rounded(value, dtype) for name, value in inputs.items()}
+    tensors = {name: None if value is None else
+               torch.tensor(value, dtype=dtype, device=DEVICE, requires_grad=name != "x")
+               for name, value in inputs.items()}
     out = kernels.decoder_log_likelihood(**tensors, likelihood=likelihood)
     assert out.shape == (n_cells,) and out.dtype == dtype
     cell_weights = rng.normal(size=n_cells)
     want, want_grads = decoder_reference(inputs, likelihood, cell_weights)
     assert rel_err(out, want) < tol, f"log-likelihood, rel err {rel_err(out, want):.2e}"
     out.backward(torch.tensor(cell_weights, dtype=dtype, device=DEVICE))
-    for name, want_grad in want_grads.items():
-        err = rel_err(tensors[name].grad, want_grad)
-        assert err < tol, f"d/d{name}: rel err {err:.2e}"
+    for name, (want_grad, magnitude) in want_grads.items():
+        assert_gradient_close(name, tensors[name].grad, want_grad, magnitude, tol)
 
 
 @pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
@@ -280,6 +311,40 @@ def test_decoder_log_likelihood_float64(backend, rng, likelihood):
 @pytest.mark.slow
 def test_decoder_log_likelihood_full_genome(backend, rng):
     check_decoder_log_likelihood(rng, 128, 33538, 128, "zinb", False, torch.float32, FLOAT32_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gradcheck: the backward against finite differences of the forward, in float64
+
+
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+def test_gradcheck_count_log_likelihood(backend, rng, likelihood):
+    mu = np.exp(rng.uniform(-2, 4, size=(3, 5)))
+    x = np.where(rng.random((3, 5)) < 0.5, 0.0, rng.poisson(mu))
+    theta = np.exp(rng.uniform(-2, 4, size=5)) if likelihood != "poisson" else None
+    zi = rng.uniform(-3, 3, size=(3, 5)) if likelihood == "zinb" else None
+    x_t, = as_tensors(torch.float64, x)
+    params = as_tensors(torch.float64, mu, theta, zi, requires_grad=True)
+
+    def per_cell(mu, theta, zi):
+        return kernels.count_log_likelihood(x_t, mu, theta, zi, likelihood=likelihood)
+
+    assert torch.autograd.gradcheck(per_cell, params)
+
+
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+def test_gradcheck_decoder_log_likelihood(backend, rng, likelihood):
+    inputs = draw_decoder_inputs(rng, 3, 5, 4, likelihood, theta_per_cell=False)
+    if likelihood != "poisson":
+        inputs["theta"] = np.exp(rng.uniform(-2, 4, size=5))  # away from 1e-4, where finite differences need h << theta
+    x = torch.tensor(inputs.pop("x"), dtype=torch.float64, device=DEVICE)
+    names = [name for name, value in inputs.items() if value is not None]
+    params = as_tensors(torch.float64, *(inputs[name] for name in names), requires_grad=True)
+
+    def per_cell(*values):
+        return kernels.decoder_log_likelihood(x=x, **dict(zip(names, values)), likelihood=likelihood)
+
+    assert torch.autograd.gradcheck(per_cell, params)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
