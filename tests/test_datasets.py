@@ -10,9 +10,24 @@ import pandas as pd
 import pytest
 import zarr
 
-from scvi_scale.datasets import synthetic_atlas
+from scipy import stats
+
+from scvi_scale.datasets import negative_binomial_csr, synthetic_atlas
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*zarr v2 data will no longer be the default.*")
+
+
+@pytest.mark.parametrize(("mean", "theta"), [(0.05, 0.3), (0.8, 0.3), (6.0, 0.5), (40.0, 2.0), (300.0, 0.2)])
+def test_negative_binomial_sampler_matches_scipy(mean, theta):
+    n = 200_000
+    draws = negative_binomial_csr(np.random.default_rng(11), np.full((n, 1), mean), np.array([theta]))
+    values = draws.toarray().ravel()
+    assert draws.dtype == np.float32 and np.all(draws.data > 0)
+    reference = stats.nbinom(theta, theta / (theta + mean))  # scipy's (n, p) parametrisation
+    support = np.arange(10)
+    empirical = np.array([(values == k).mean() for k in support])
+    np.testing.assert_allclose(empirical, reference.pmf(support), atol=4 * np.sqrt(0.25 / n))
+    assert abs(values.mean() - mean) < 5 * reference.std() / np.sqrt(n)
 
 
 def x_arrays(path) -> dict[str, np.ndarray]:
