@@ -111,13 +111,14 @@ def main() -> None:
                 result = subprocess.run(command, check=True, capture_output=True, text=True)
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
                 row = rows[-1]
-                print(f"  {step:<9} {n_cells:>9,} cells: {row['seconds']:6.1f} s, peak RSS {row['peak_rss_mb']:6.0f} MB",
-                      file=sys.stderr, flush=True)
+                print(f"  {step:<9} {n_cells:>9,} cells: {row['seconds']:6.1f} s, "
+                      f"peak RSS {row['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\nn_genes={args.genes}, chunk_rows={args.chunk_rows}; Zarr: CSR, Blosc zstd-3, data/indices chunks = 1/4 block")
+    print(f"\nn_genes={args.genes}, chunk_rows={args.chunk_rows}; "
+          "Zarr: CSR, Blosc zstd-3, data/indices chunks = 1/4 block")
     header = (f"{'step':<10}{'cells':>11}{'nnz':>13}{'time s':>9}{'s / 1M':>9}{'peak RSS MB':>13}"
               f"{'above start MB':>16}{'disk MB':>9}{'raw MB':>9}")
     print(header)

@@ -152,7 +152,8 @@ def test_10x_folder_round_trip(tmp_path, compressed, cell_major):
 def test_10x_header_mismatch_is_reported(tmp_path):
     adata = make_adata(n_obs=20, n_vars=10)
     write_10x_folder(tmp_path / "tenx", adata, compressed=False, cell_major=True)
-    pd.DataFrame({0: adata.obs_names[:-1]}).to_csv(tmp_path / "tenx" / "barcodes.tsv", sep="\t", header=False, index=False)
+    one_short = pd.DataFrame({0: adata.obs_names[:-1]})
+    one_short.to_csv(tmp_path / "tenx" / "barcodes.tsv", sep="\t", header=False, index=False)
     with pytest.raises(StoreError, match=r"10 genes x 20 cells .* 19 cells"):
         write_store(tmp_path / "tenx", tmp_path / "s.zarr")
 

@@ -210,7 +210,8 @@ def _first_existing(folder: Path, names: tuple[str, ...]) -> Path:
     for name in names:
         if (folder / name).exists():
             return folder / name
-    raise StoreError(f"{folder}: a 10x folder needs one of {list(names)}; found {sorted(p.name for p in folder.iterdir())}")
+    found = sorted(path.name for path in folder.iterdir())
+    raise StoreError(f"{folder}: a 10x folder needs one of {list(names)}; found {found}")
 
 
 def _read_tsv(path: Path) -> pd.DataFrame:
@@ -256,7 +257,9 @@ def _tenx_source(folder: Path, scratch_parent: Path) -> _Source:
         )
 
     def blocks(block_rows: int):
-        yield from _tenx_blocks(matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, block_rows, scratch_parent)
+        yield from _tenx_blocks(
+            matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, block_rows, scratch_parent
+        )
 
     return _Source(blocks, var, True, str(folder))
 

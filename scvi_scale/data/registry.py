@@ -34,12 +34,20 @@ def _describe_rows(store: CountStore, rows: np.ndarray, limit: int = 5) -> str:
     return f"{len(rows)} row(s), e.g. rows {shown.tolist()} (cells {names})"
 
 
-def _category_list(store: CountStore, key: str) -> list:
-    """The categories of obs[key], checking it has no missing values."""
+def _column_without_missing(store: CountStore, key: str) -> pd.Series:
+    """obs[key], which must have no missing values (NaN)."""
     column = store.obs_column(key)
     missing = np.flatnonzero(column.isna().to_numpy())
     if len(missing):
-        raise StoreError(f"{store.path}: obs column {key!r} has missing values (NaN) in {_describe_rows(store, missing)}")
+        raise StoreError(
+            f"{store.path}: obs column {key!r} has missing values (NaN) in {_describe_rows(store, missing)}"
+        )
+    return column
+
+
+def _category_list(store: CountStore, key: str) -> list:
+    """The categories of obs[key], checking it has no missing values."""
+    column = _column_without_missing(store, key)
     categorical = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
     return categorical.cat.categories.tolist()
 
@@ -210,10 +218,11 @@ class Registry:
             first = next(
                 (i for i, (a, b) in enumerate(zip(names, self.var_names)) if a != b), min(len(names), self.n_vars)
             )
+            theirs = names[first] if first < len(names) else "end"
+            ours = self.var_names[first] if first < self.n_vars else "end"
             raise StoreError(
                 f"{store.path}: its {store.n_vars} var names differ from the {self.n_vars} registered ones, first at "
-                f"position {first} ({names[first] if first < len(names) else 'end'!r} vs "
-                f"{self.var_names[first] if first < self.n_vars else 'end'!r}); subset and order the genes as registered"
+                f"position {first} ({theirs!r} vs {ours!r}); subset and order the genes as registered"
             )
 
     def encode(self, store: CountStore | str) -> dict[str, np.ndarray]:
@@ -259,12 +268,7 @@ class Registry:
         if self.batch_key is None:
             raise StoreError("the registry has no batch_key, so there are no batch categories to extend")
         self.check_var_names(query)
-        column = query.obs_column(self.batch_key)
-        missing = np.flatnonzero(column.isna().to_numpy())
-        if len(missing):
-            raise StoreError(
-                f"{query.path}: obs column {self.batch_key!r} has missing values (NaN) in {_describe_rows(query, missing)}"
-            )
+        column = _column_without_missing(query, self.batch_key)
         registered = set(self.batch_categories)
         new_categories = sorted(value for value in pd.unique(column.astype(object)) if value not in registered)
         extended = replace(self, batch_categories=list(self.batch_categories) + new_categories)

@@ -136,7 +136,9 @@ class CountStore:
                 "make them unique (e.g. AnnData.var_names_make_unique) before using the store"
             )
         if len(self.var_names) != self.n_vars:
-            raise StoreError(f"{self.path}: var has {len(self.var_names)} rows but the counts have {self.n_vars} columns")
+            raise StoreError(
+                f"{self.path}: var has {len(self.var_names)} rows but the counts have {self.n_vars} columns"
+            )
 
     def _foreign_csr_chunk_rows(self) -> int:
         """Rows whose non-zeros about fill one data chunk, for CSR stores that do not record their row block."""

@@ -13,7 +13,8 @@ Layout written (Zarr format 2 by default, as anndata 0.12 writes; 3 on request):
   most about half a block more than it needs; `indptr` chunks cover 16 blocks. The group's attribute
   `scvi_scale_chunk_rows` records the block, which CountStore.chunk_rows reports. Blocks are appended whole
   chunks at a time (a partial chunk waits in memory), so no chunk is compressed twice.
-- X, dense: a float32 array chunked (chunk_rows, n_vars): one chunk per row block.
+- X, dense: a float32 array chunked (chunk_rows, n_vars): one chunk per row block (chunk_rows x n_vars x 4
+  bytes each: keep chunk_rows modest for wide dense data).
 - obs: written by anndata's own encoder (`anndata.io.write_elem`) for the first block, each later block encoded the
   same way and appended column by column; arrays chunked by chunk_rows. Categorical columns must carry the same
   categories in every block.
@@ -176,7 +177,9 @@ class StoreWriter:
             raise RuntimeError(f"{self.path}: the writer is closed")
         n_rows = counts.shape[0]
         if len(counts.shape) != 2 or counts.shape[1] != self.n_vars:
-            raise StoreError(f"{self.where}: a block of counts has shape {counts.shape}, expected (rows, {self.n_vars})")
+            raise StoreError(
+                f"{self.where}: a block of counts has shape {counts.shape}, expected (rows, {self.n_vars})"
+            )
         if len(obs) != n_rows:
             raise StoreError(
                 f"{self.where}: rows [{self.n_obs}, {self.n_obs + n_rows}) have {n_rows} rows of counts but "
@@ -188,7 +191,9 @@ class StoreWriter:
         self._check_obs_schema(obs)
         if self.sparse:
             counts = sp.csr_matrix(counts)
-            counts.sum_duplicates()  # also sorts the column indices within each row
+            if not counts.has_canonical_format:  # duplicates summed, columns sorted within rows (on a copy)
+                counts = counts.copy()
+                counts.sum_duplicates()
         else:
             counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
         if self.validate:
@@ -295,9 +300,9 @@ class StoreWriter:
                 raise StoreError(f"{self.where}: no rows were written; an empty store is not allowed")
             for appender in self._appenders.values():
                 appender.close()
-            x = self._root["X"]
             if self.sparse:
-                x.attrs.update({"shape": [self._n_written, self.n_vars], CHUNK_ROWS_ATTR: self.chunk_rows})
+                shape = [self._n_written, self.n_vars]
+                self._root["X"].attrs.update({"shape": shape, CHUNK_ROWS_ATTR: self.chunk_rows})
             write_elem(self._root, "uns", dict(uns or {}))
             with warnings.catch_warnings():
                 # zarr warns that consolidated metadata is not yet in the Zarr v3 spec; anndata writes it anyway.
