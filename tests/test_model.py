@@ -1,0 +1,266 @@
+"""SCVI end to end over Zarr stores: learning, real data, save/load, resume after a kill, divergence, CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scvi_scale import SCVI
+from scvi_scale.data import StoreError, write_store
+from scvi_scale.datasets import synthetic_atlas
+from scvi_scale.train import TrainingDivergedError, kl_weight, max_epochs_heuristic, TrainingConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# --- measures of a latent space (written here, independent of the package) ------------------------------------
+
+
+def pairwise_distances(points: np.ndarray) -> np.ndarray:
+    squared = (points**2).sum(1)
+    return np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * points @ points.T, 0))
+
+
+def silhouette(points: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette width (Rousseeuw 1987) with Euclidean distances."""
+    distances = pairwise_distances(points)
+    types = np.unique(labels)
+    mean_to = np.stack([distances[:, labels == t].mean(1) for t in types], axis=1)  # (n, types)
+    own = np.searchsorted(types, labels)
+    counts = np.array([(labels == t).sum() for t in types])
+    a = mean_to[np.arange(len(points)), own] * counts[own] / np.maximum(counts[own] - 1, 1)  # exclude self
+    mean_to[np.arange(len(points)), own] = np.inf
+    b = mean_to.min(1)
+    return float(np.mean((b - a) / np.maximum(a, b)))
+
+
+def knn(points: np.ndarray, k: int) -> np.ndarray:
+    distances = pairwise_distances(points)
+    np.fill_diagonal(distances, np.inf)
+    return np.argsort(distances, axis=1)[:, :k]
+
+
+def other_batch_fraction(points, batches, k=15) -> float:
+    """Fraction of each cell's k nearest neighbours that come from another batch (mixing; higher is mixed)."""
+    return float((batches[knn(points, k)] != batches[:, None]).mean())
+
+
+def knn_label_accuracy(points, labels, k=15) -> float:
+    """Majority vote of the k nearest neighbours' labels against the cell's own label."""
+    neighbours = labels[knn(points, k)]
+    votes = np.array([np.bincount(row).argmax() for row in neighbours])
+    return float((votes == labels).mean())
+
+
+def log_pca(counts: np.ndarray, n_components: int) -> np.ndarray:
+    """Uncorrected baseline: PCA of log1p of counts per 10k."""
+    normalized = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    centred = normalized - normalized.mean(0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    return u[:, :n_components] * s[:n_components]
+
+
+# --- fixtures --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory):
+    path = tmp_path_factory.mktemp("atlas") / "atlas.zarr"
+    synthetic_atlas(path, n_cells=3000, n_genes=2000, n_batches=3, n_cell_types=5, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(atlas, tmp_path_factory):
+    SCVI.setup_zarr(atlas, batch_key="batch", labels_key="cell_type")
+    model = SCVI(atlas)
+    model.train(max_epochs=25, plan_kwargs={"n_epochs_kl_warmup": 10}, seed=1)
+    return model
+
+
+# --- unit behaviour ----------------------------------------------------------------------------------------------
+
+
+def test_max_epochs_heuristic_and_kl_warmup_follow_scvi_tools():
+    assert max_epochs_heuristic(10_000) == 400
+    assert max_epochs_heuristic(100_000) == 80
+    assert max_epochs_heuristic(10_000_000) == 1
+    config = TrainingConfig(max_epochs=10)
+    assert [kl_weight(config, e, 0) for e in (0, 200, 400, 800)] == [0.0, 0.5, 1.0, 1.0]
+    by_steps = TrainingConfig(max_epochs=10, n_epochs_kl_warmup=None, n_steps_kl_warmup=100)
+    assert kl_weight(by_steps, 5, 25) == pytest.approx(0.25)
+
+
+def test_model_needs_setup_first(tmp_path):
+    path = tmp_path / "a.zarr"
+    synthetic_atlas(path, n_cells=200, n_genes=2000, seed=0)
+    with pytest.raises(StoreError, match="setup_zarr"):
+        SCVI(path)
+
+
+# --- learning ---------------------------------------------------------------------------------------------------
+
+
+def test_latent_separates_cell_types_and_mixes_batches(trained):
+    latent = trained.get_latent_representation()
+    store = trained.store
+    types = store.obs_column("cell_type").cat.codes.to_numpy()
+    batches = store.obs_column("batch").cat.codes.to_numpy()
+    counts = store.read_dense(0, store.n_obs)
+    random_projection = np.log1p(counts) @ np.random.default_rng(0).normal(size=(store.n_vars, latent.shape[1]))
+    pca = log_pca(counts, latent.shape[1])
+
+    latent_silhouette = silhouette(latent, types)
+    assert latent_silhouette > 0.15
+    assert latent_silhouette > silhouette(random_projection, types) + 0.1
+    assert knn_label_accuracy(latent, types) > 0.9
+    # batch mixing: well above the uncorrected PCA's, and a sizeable share of what full mixing would give
+    expected_if_mixed = 1 - np.sum(np.bincount(batches) ** 2) / len(batches) ** 2
+    mixing = other_batch_fraction(latent, batches)
+    assert mixing > other_batch_fraction(pca, batches) + 0.1
+    assert mixing > 0.5 * expected_if_mixed
+
+
+def test_history_and_held_out_elbo_improves(trained):
+    history = trained.history
+    for key in ("elbo_train", "elbo_validation", "reconstruction_loss_train", "reconstruction_loss_validation",
+                "kl_local_train", "kl_local_validation"):
+        assert len(history[key]) == 25, key
+    validation = history["elbo_validation"]["elbo_validation"].to_numpy()
+    assert validation[-1] < validation[0] * 0.8
+    # the last validation ELBO equals get_elbo on the validation cells up to the Monte Carlo noise of z
+    assert -trained.get_elbo(indices=trained.validation_indices) == pytest.approx(validation[-1], rel=5e-3)
+
+
+def test_elbo_reconstruction_and_marginal_ll_are_consistent(trained):
+    cells = np.arange(0, 3000, 50)
+    elbo = trained.get_elbo(indices=cells, return_mean=False)
+    reconstruction = trained.get_reconstruction_error(indices=cells, return_mean=False)["reconstruction_loss"]
+    marginal = trained.get_marginal_ll(indices=cells, n_mc_samples=50, return_mean=False)
+    assert elbo.shape == reconstruction.shape == marginal.shape == (len(cells),)
+    assert np.all(-elbo >= reconstruction - 1e-3)  # the KL term is non-negative
+    # importance sampling tightens the bound: log p(x) estimate >= ELBO on average
+    assert marginal.mean() > elbo.mean()
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    trained.save(tmp_path / "model")
+    with pytest.raises(FileExistsError):
+        trained.save(tmp_path / "model")
+    loaded = SCVI.load(tmp_path / "model", trained.store.path)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), trained.get_latent_representation())
+    assert loaded.history_ == trained.history_
+    assert "trained" in repr(loaded)
+
+
+# --- real data ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cellbench_3cl.h5ad").exists(), reason="../shared/data is absent")
+def test_cellbench_platforms_mix_and_cell_lines_separate(tmp_path):
+    store_path = tmp_path / "cellbench.zarr"
+    shutil.copy(SHARED_DATA / "cellbench_3cl.h5ad", tmp_path / "cellbench.h5ad")
+    write_store(tmp_path / "cellbench.h5ad", store_path)
+    SCVI.setup_zarr(store_path, batch_key="batch", labels_key="cell_line")
+    model = SCVI(store_path)
+    model.train(max_epochs=150, plan_kwargs={"n_epochs_kl_warmup": 50}, seed=0)
+    latent = model.get_latent_representation()
+
+    lines = model.store.obs_column("cell_line").cat.codes.to_numpy()
+    platforms = model.store.obs_column("batch").cat.codes.to_numpy()
+    pca = log_pca(model.store.read_dense(0, model.store.n_obs), 10)
+    # the uncorrected PCA keeps the platforms apart; scVI mixes them and keeps the cell lines apart
+    assert other_batch_fraction(latent, platforms) > other_batch_fraction(pca, platforms) + 0.15
+    assert knn_label_accuracy(latent, lines) > 0.9
+    assert silhouette(latent, lines) > silhouette(latent, platforms) + 0.2
+
+
+# --- resume, divergence, CLI ------------------------------------------------------------------------------------
+
+RESUME_SCRIPT = """
+import sys
+from scvi_scale import SCVI
+SCVI.setup_zarr(sys.argv[1], batch_key="batch")
+SCVI(sys.argv[1]).train(max_epochs=3, batch_size=64, checkpoint_dir=sys.argv[2], seed=5,
+                        checkpoint_every_n_steps=4)
+"""
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    store = tmp_path / "a.zarr"
+    synthetic_atlas(store, n_cells=1200, n_genes=2000, seed=1)
+    SCVI.setup_zarr(store, batch_key="batch")
+    uninterrupted = SCVI(store)
+    uninterrupted.train(max_epochs=3, batch_size=64, seed=5)
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "SCVI_SCALE_PROGRESS": "0"}
+    process = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(store), str(run_dir)], env=env)
+    checkpoint = run_dir / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["state"]["global_step"] >= 20:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(checkpoint, weights_only=False)["state"]
+    assert 0 < saved["global_step"] < 3 * 17, "the kill should land mid-training"
+
+    resumed = SCVI(store)
+    resumed.train(max_epochs=3, batch_size=64, seed=5, checkpoint_dir=run_dir, resume=True)
+    for (name, a), (_, b) in zip(uninterrupted.module.state_dict().items(), resumed.module.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for key in ("elbo_train", "elbo_validation"):
+        np.testing.assert_allclose(
+            [v for _, v in resumed.history_[key]], [v for _, v in uninterrupted.history_[key]], rtol=1e-5
+        )
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    store = tmp_path / "a.zarr"
+    synthetic_atlas(store, n_cells=600, n_genes=2000, seed=2)
+    SCVI.setup_zarr(store, batch_key="batch")
+    model = SCVI(store)
+    healthy_loss = model.module.loss
+    training_calls = []
+
+    def loss_turning_nan(tensors, kl_weight=1.0):
+        """The real loss, made NaN from the 3rd training step of the second epoch on."""
+        losses = healthy_loss(tensors, kl_weight)
+        if model.module.training:
+            training_calls.append(1)
+            if len(training_calls) > 5 + 2:  # 540 training cells at batch 128: 5 steps per epoch
+                losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    model.module.loss = loss_turning_nan
+    with pytest.raises(TrainingDivergedError, match="epoch 1, step 2"):
+        model.train(max_epochs=3, checkpoint_dir=tmp_path / "run")
+    kept = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert kept["state"]["epoch"] == 1 and kept["state"]["global_step"] == 5
+    assert all(torch.isfinite(value).all() for value in kept["module"].values() if value.is_floating_point())
+
+
+def test_cli_train_writes_a_loadable_model(tmp_path):
+    store = tmp_path / "a.zarr"
+    synthetic_atlas(store, n_cells=500, n_genes=2000, seed=4)
+    out = tmp_path / "model"
+    command = [sys.executable, "-m", "scvi_scale.cli", "train", str(store), "--batch-key", "batch",
+               "--out", str(out), "--max-epochs", "2", "--n-latent", "5"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "SCVI_SCALE_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    assert '"epochs": 2' in result.stdout
+    SCVI.setup_zarr(store, batch_key="batch")
+    assert SCVI.load(out, store).get_latent_representation().shape == (500, 5)
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr
