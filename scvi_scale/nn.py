@@ -28,7 +28,9 @@ BATCH_NORM_MOMENTUM = 0.01
 BATCH_NORM_EPS = 0.001
 
 
-def one_hot_covariates(codes: Sequence[torch.Tensor], n_cat_list: Sequence[int], dtype: torch.dtype) -> list[torch.Tensor]:
+def one_hot_covariates(
+    codes: Sequence[torch.Tensor], n_cat_list: Sequence[int], dtype: torch.dtype
+) -> list[torch.Tensor]:
     """One-hot encodings (B, n_cat) of the categorical covariates with more than one category.
 
     codes: one integer tensor (B,) or (B, 1) per entry of n_cat_list, each code in [0, n_cat) (the caller checks
@@ -41,6 +43,22 @@ def one_hot_covariates(codes: Sequence[torch.Tensor], n_cat_list: Sequence[int],
         for code, n_cat in zip(codes, n_cat_list)
         if n_cat > 1
     ]
+
+
+def linear_with_covariates(linear: nn.Linear, x: torch.Tensor, covariates: list[torch.Tensor]) -> torch.Tensor:
+    """linear([x, *covariates]) with the inputs concatenated along the last axis.
+
+    x: (B, n) dense, or sparse CSR. The sparse product skips the zeros; measured on 2 CPU cores at
+    B = 128, G = 2000, 90% zeros it is ~2.5x faster than the dense product in a forward pass, but its backward
+    is slower than the dense one, so the encoder uses it when no gradient is needed (see module.VAE).
+    """
+    if not x.is_sparse_csr:
+        return linear(torch.cat([x, *covariates], dim=-1) if covariates else x)
+    n_sparse = x.shape[1]
+    out = torch.sparse.mm(x, linear.weight[:, :n_sparse].t())
+    if covariates:
+        out = out + torch.cat(covariates, dim=-1) @ linear.weight[:, n_sparse:].t()
+    return out + linear.bias
 
 
 class FCLayers(nn.Module):
@@ -89,12 +107,14 @@ class FCLayers(nn.Module):
         return block_index == 0 or self.inject_covariates
 
     def forward(self, x: torch.Tensor, *cat_codes: torch.Tensor) -> torch.Tensor:
-        """x: (B, n_in); cat_codes: one integer tensor (B,) or (B, 1) per entry of n_cat_list. Returns (B, n_out)."""
+        """x: (B, n_in), dense or sparse CSR; cat_codes: one integer tensor (B,) or (B, 1) per entry of
+        n_cat_list. Returns (B, n_out)."""
         covariates = one_hot_covariates(cat_codes, self.n_cat_list, x.dtype)
         for index, block in enumerate(self.fc_layers):
-            if covariates and self._injects_into(index):
-                x = torch.cat([x, *covariates], dim=-1)
-            x = block(x)
+            linear, *rest = block
+            x = linear_with_covariates(linear, x, covariates if self._injects_into(index) else [])
+            for layer in rest:
+                x = layer(x)
         return x
 
 
