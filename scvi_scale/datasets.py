@@ -3,22 +3,24 @@
     >>> from scvi_scale.datasets import synthetic_atlas
     >>> store = synthetic_atlas("atlas.zarr", n_cells=200_000)     # CountStore: 200k cells x 2000 genes, CSR
 
-Generative model (natural logs unless a name says log2):
-- Gene baseline: log-expression b_g ~ Normal(0, 2.5), capped at 6 so no gene takes more than ~2% of a cell's
+Generative model (natural logs unless a name says log2; the constants below the imports hold the numbers):
+- Gene baseline: log-expression b_g ~ Normal(0, 3), capped at 5 so no gene takes more than ~2% of a cell's
   counts; negative-binomial inverse dispersion theta_g ~ LogNormal(log 0.3, 0.5) (overdispersed, as UMI data).
-- Cell types: type t plants `markers_per_type` marker genes (drawn from the better-expressed half, disjoint across
-  types) whose log-expression is raised by log2 fold change m_tg ~ Uniform(1, 3). Type profile: the softmax over
-  genes of b + m_t log 2. Ground truth is recorded: var["marker_of"] (categorical, NaN for non-markers) and
-  var["marker_lfc"] = log2 of the type's profile over the mean profile of the other types (exact, computed from the
-  profiles), uns["synthetic_atlas"]["true_log2_scale"] (n_cell_types, n_genes) the log2 profiles.
+- Gene programmes: 30% of the genes are broadly expressed; each of the others is on in a random 20% of the cell
+  types and near silent (log-expression - 5) in the rest. On top, type t plants `markers_per_type` marker genes
+  (broad genes between the 50th and 90th expression percentile, disjoint across types) raised by a log2 fold
+  change m_tg ~ Uniform(1, 3). Type profile: the softmax over genes of that log-expression.
+  Ground truth is recorded: var["marker_of"] (categorical, NaN for non-markers), var["marker_lfc"] = log2 of
+  the type's profile over the mean profile of the other types (exact, computed from the profiles), and
+  uns["synthetic_atlas"]["true_log2_scale"] (n_cell_types, n_genes), the log2 profiles themselves.
 - Batches: cells are in contiguous runs of batches (cell i is in batch floor(i * n_batches / n_cells)), as in an
   atlas concatenated from studies; batch k multiplies each gene by exp(e_kg), e_kg ~ Normal(0, 0.4), shifts the
   median library size by exp(Normal(0, 0.25)), and has its own cell-type composition ~ Dirichlet(3, ..., 3).
 - Continuous covariate obs["cycling_score"] ~ Normal(0, 1) scales a programme of 40 "cycling" genes (disjoint
   from markers) by exp(c_g * score), c_g ~ Uniform(0.3, 0.8), recorded in var["cycling_coef"] (0 elsewhere).
-- Library size l_i ~ LogNormal(log 2500 + batch shift, 0.4). Counts: x_ig ~ NB(mean l_i * softmax_g(b + m_t log 2
-  + e_k + c score_i), inverse dispersion theta_g), drawn by inverting the NB CDF (`negative_binomial_csr`).
-  About 90% of the counts are zero at 2000 genes.
+- Library size l_i ~ LogNormal(log 2000 + batch shift, 0.4). Counts: x_ig ~ NB(mean l_i * softmax_g(type
+  profile logits + e_k + c score_i), inverse dispersion theta_g), drawn by inverting the NB CDF
+  (`negative_binomial_csr`). About 90% of the counts are zero at 2000 genes (0.89-0.90 measured).
 
 Reproducibility: parameters come from SeedSequence(seed, spawn_key=(0,)) and cells are generated in fixed blocks
 of GENERATION_BLOCK_ROWS cells, block j from SeedSequence(seed, spawn_key=(1, j)); so the same seed gives
@@ -237,6 +239,7 @@ def synthetic_atlas(
         }
     }
     n_blocks = -(-n_cells // GENERATION_BLOCK_ROWS)
+    # validate=False: the sampler only produces non-negative integers, so checking them would only cost time.
     with StoreWriter(
         path, var, chunk_rows=chunk_rows, zarr_format=zarr_format, overwrite=overwrite, validate=False
     ) as writer:
