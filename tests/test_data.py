@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -134,6 +135,30 @@ def test_h5ad_layer_goes_to_x(tmp_path):
     expected = adata.copy()
     expected.X = adata.layers["counts"]
     assert_same_anndata(ad.read_zarr(tmp_path / "s.zarr"), expected)
+
+
+@pytest.mark.parametrize("nullable", [False, True], ids=["by-blocks", "nullable-read-whole"])
+def test_h5ad_obs_of_every_kind_round_trips(tmp_path, monkeypatch, nullable):
+    """obs columns as anndata.io.write_elem leaves them (strings not turned into categoricals), index named."""
+    adata = make_adata(n_obs=200)
+    adata.obs.index.name = "barcode"
+    adata.obs["flag"] = np.arange(200) % 3 == 0
+    adata.obs["stage"] = pd.Categorical(np.repeat(["early", "late"], 100), categories=["early", "late"], ordered=True)
+    if nullable:
+        adata.obs["n_umi"] = pd.array(np.arange(200), dtype="Int64")
+    with h5py.File(tmp_path / "in.h5ad", "w") as file:
+        file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        for key, value in (("X", adata.X), ("obs", adata.obs), ("var", adata.var)):
+            ad.io.write_elem(file, key, value)
+    whole_obs_reads = []
+    read_elem = ad.io.read_elem
+    monkeypatch.setattr(ad.io, "read_elem", lambda elem: whole_obs_reads.append(elem.name) or read_elem(elem))
+    write_store(tmp_path / "in.h5ad", tmp_path / "s.zarr", chunk_rows=64)
+    monkeypatch.undo()
+    assert ("/obs" in whole_obs_reads) == nullable  # without nullable columns obs is only read by row blocks
+    read_back = ad.read_zarr(tmp_path / "s.zarr")
+    assert read_back.obs["donor"].dtype == object and read_back.obs.index.name == "barcode"
+    assert_same_anndata(read_back, adata)
 
 
 @pytest.mark.parametrize(("compressed", "cell_major"), [(True, True), (False, False)], ids=["10x-v3", "genes-tsv"])

@@ -8,7 +8,7 @@
 
 Every source is read in row blocks of `chunk_rows` cells and streamed through one `StoreWriter`, which validates
 each block as it goes (no second pass); the output keeps the counts in X (float32), obs, var and uns.
-Memory: an .h5ad file is read through h5py one row block at a time (its obs and var are read whole: they are small);
+Memory: an .h5ad file is read through h5py one row block at a time, X and obs alike (var and uns whole);
 a 10x matrix.mtx is streamed in bounded pieces (see `_tenx_blocks`); an existing Zarr store is re-blocked (useful to
 rechunk a store written by others). An in-memory AnnData or matrix is, of course, already in memory.
 """
@@ -16,6 +16,7 @@ rechunk a store written by others). An in-memory AnnData or matrix is, of course
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import tempfile
 from collections.abc import Callable, Iterator
@@ -75,7 +76,8 @@ def write_store(
     overwrite: replace an existing store; the old one stays in place until the new one is complete.
     """
     if isinstance(source, (sp.spmatrix, sp.sparray, np.ndarray)):
-        source_context = contextlib.nullcontext(_matrix_source(source, obs, var, {}, "the matrix"))
+        obs_rows = None if obs is None else _ObsRows.of_frame(obs)
+        source_context = contextlib.nullcontext(_matrix_source(source, obs_rows, var, {}, "the matrix"))
     else:
         if obs is not None or var is not None:
             raise TypeError("obs= and var= are only for a matrix source; other sources carry their own")
@@ -131,20 +133,77 @@ def _open_source(source, layer: str | None, scratch_parent: Path) -> Iterator[_S
     )
 
 
+# --- obs read by row blocks -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ObsRows:
+    """obs as row blocks: n_rows rows; read(start, stop) gives the DataFrame of rows [start, stop)."""
+
+    n_rows: int
+    read: Callable[[int, int], pd.DataFrame]
+
+    @classmethod
+    def of_frame(cls, frame: pd.DataFrame) -> _ObsRows:
+        return cls(len(frame), lambda start, stop: frame.iloc[start:stop])
+
+    @classmethod
+    def of_group(cls, group) -> _ObsRows:
+        """An obs group on disk (h5py or zarr) read one row block at a time, so memory does not grow with cells.
+
+        Handles the encodings anndata writes for obs columns: categorical (codes sliced, categories read once),
+        numeric array and string-array; a frame with any other column (e.g. nullable integers) is read whole.
+        """
+        index_key = group.attrs["_index"]
+        readers = {}
+        for name in [index_key, *group.attrs["column-order"]]:
+            element = group[name]
+            encoding = element.attrs.get("encoding-type")
+            if encoding == "categorical":
+                dtype = pd.CategoricalDtype(
+                    anndata.io.read_elem(element["categories"]), ordered=bool(element.attrs.get("ordered", False))
+                )
+                readers[name] = functools.partial(_categorical_rows, element["codes"], dtype)
+            elif encoding in ("array", "string-array"):
+                readers[name] = functools.partial(_array_rows, element)
+            else:
+                return cls.of_frame(anndata.io.read_elem(group))
+        index_name = None if index_key == "_index" else index_key
+
+        def read(start: int, stop: int) -> pd.DataFrame:
+            index = pd.Index(readers[index_key](start, stop), name=index_name)
+            columns = {name: rows(start, stop) for name, rows in readers.items() if name != index_key}
+            return pd.DataFrame(columns, index=index)
+
+        return cls(int(group[index_key].shape[0]), read)
+
+
+def _categorical_rows(codes, dtype: pd.CategoricalDtype, start: int, stop: int) -> pd.Categorical:
+    return pd.Categorical.from_codes(np.asarray(codes[start:stop]), dtype=dtype)
+
+
+def _array_rows(element, start: int, stop: int) -> np.ndarray:
+    """Rows of a 1-D array; strings come back as an object array of str, as anndata.io.read_elem gives them."""
+    if isinstance(element, h5py.Dataset) and h5py.check_string_dtype(element.dtype) is not None:
+        return element.asstr()[start:stop]
+    values = np.asarray(element[start:stop])
+    return values.astype(object) if values.dtype.kind in "TU" else values
+
+
 # --- in-memory and HDF5 sources ---------------------------------------------------------------------------------
 
 
-def _matrix_source(matrix, obs: pd.DataFrame | None, var: pd.DataFrame | None, uns: dict, where: str) -> _Source:
+def _matrix_source(matrix, obs: _ObsRows | None, var: pd.DataFrame | None, uns: dict, where: str) -> _Source:
     """Rows of any row-sliceable matrix: scipy sparse, numpy, h5py dataset or anndata's backed sparse dataset."""
     if len(matrix.shape) != 2:
         raise StoreError(f"{where}: counts must be 2-D (cells x genes), got shape {matrix.shape}")
     n_obs, n_vars = matrix.shape
     if isinstance(matrix, (sp.spmatrix, sp.sparray)) and matrix.format != "csr":
         matrix = sp.csr_matrix(matrix)  # CSC/COO in memory: one conversion, not one per row block
-    obs = pd.DataFrame(index=pd.RangeIndex(n_obs).astype(str)) if obs is None else obs
+    obs = _ObsRows.of_frame(pd.DataFrame(index=pd.RangeIndex(n_obs).astype(str))) if obs is None else obs
     var = pd.DataFrame(index=pd.RangeIndex(n_vars).astype(str)) if var is None else var
-    if len(obs) != n_obs:
-        raise StoreError(f"{where}: obs has {len(obs)} rows but the counts have {n_obs} rows (cells)")
+    if obs.n_rows != n_obs:
+        raise StoreError(f"{where}: obs has {obs.n_rows} rows but the counts have {n_obs} rows (cells)")
     if len(var) != n_vars:
         raise StoreError(f"{where}: var has {len(var)} rows but the counts have {n_vars} columns (genes)")
     is_sparse = isinstance(matrix, (sp.spmatrix, sp.sparray, anndata.abc.CSRDataset, anndata.abc.CSCDataset))
@@ -152,7 +211,7 @@ def _matrix_source(matrix, obs: pd.DataFrame | None, var: pd.DataFrame | None, u
     def blocks(block_rows: int):
         for start in range(0, n_obs, block_rows):
             stop = min(start + block_rows, n_obs)
-            yield matrix[start:stop], obs.iloc[start:stop]
+            yield matrix[start:stop], obs.read(start, stop)
 
     return _Source(blocks, var, is_sparse, where, dict(uns))
 
@@ -166,11 +225,11 @@ def _anndata_source(adata: anndata.AnnData, layer: str | None) -> _Source:
         counts = adata.layers[layer]
     else:
         raise StoreError(f"the AnnData has no layer {layer!r}; its layers are {list(adata.layers.keys())}")
-    return _matrix_source(counts, adata.obs, adata.var, dict(adata.uns), "the AnnData")
+    return _matrix_source(counts, _ObsRows.of_frame(adata.obs), adata.var, dict(adata.uns), "the AnnData")
 
 
 def _h5ad_source(h5ad: h5py.File, layer: str | None, where: str) -> _Source:
-    """An .h5ad file read lazily through h5py: X (or the layer) sliced by rows, obs/var/uns read whole."""
+    """An .h5ad file read lazily through h5py: X (or the layer) and obs by row blocks, var and uns whole."""
     if "obs" not in h5ad or "var" not in h5ad:
         raise StoreError(f"{where}: not an AnnData file (no obs/var groups; members {sorted(h5ad.keys())})")
     layers = sorted(h5ad["layers"].keys()) if "layers" in h5ad else []
@@ -184,21 +243,20 @@ def _h5ad_source(h5ad: h5py.File, layer: str | None, where: str) -> _Source:
         raise StoreError(f"{where}: no layer {layer!r}; the file's layers are {layers}")
     matrix = anndata.io.sparse_dataset(element) if isinstance(element, h5py.Group) else element
     uns = anndata.io.read_elem(h5ad["uns"]) if "uns" in h5ad else {}
-    obs, var = anndata.io.read_elem(h5ad["obs"]), anndata.io.read_elem(h5ad["var"])
-    return _matrix_source(matrix, obs, var, uns, where)
+    return _matrix_source(matrix, _ObsRows.of_group(h5ad["obs"]), anndata.io.read_elem(h5ad["var"]), uns, where)
 
 
 def _zarr_source(path: str, layer: str | None) -> _Source:
     """An existing AnnData Zarr store, re-blocked (e.g. to rechunk a store written by others)."""
     store = CountStore(path, layer)
     root = open_anndata_group(path)
-    obs = anndata.io.read_elem(root["obs"])
+    obs = _ObsRows.of_group(root["obs"])
     uns = anndata.io.read_elem(root["uns"]) if "uns" in root else {}
 
     def blocks(block_rows: int):
         bounds = store.block_bounds(block_rows)
         for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            yield store.read_raw(start, stop), obs.iloc[start:stop]
+            yield store.read_raw(start, stop), obs.read(start, stop)
 
     return _Source(blocks, store.var_frame(), store.is_sparse, store.path, uns)
 
