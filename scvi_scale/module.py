@@ -54,9 +54,9 @@ NORM_PLACEMENTS = ("none", "encoder", "decoder", "both")
 
 @dataclass
 class Minibatch:
-    """A checked minibatch. batch: (B,) int64; labels: (B,) int64 for "gene-label", else None; cat_covs: one (B,) int64 per extra
-    categorical covariate; cont_covs: (B, c) or None; log_size_factor: (B, 1) or None; x_csr: x's CSR arrays
-    or None."""
+    """A checked minibatch. batch: (B,) int64; labels: (B,) int64 for "gene-label", else None; cat_covs: one
+    (B,) int64 per extra categorical covariate; cont_covs: (B, c) or None; log_size_factor: (B, 1) or None;
+    x_csr: x's CSR arrays or None."""
 
     x: torch.Tensor
     batch: torch.Tensor
