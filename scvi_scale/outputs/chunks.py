@@ -1,0 +1,450 @@
+"""Model outputs computed chunk by chunk: what one chunk computes (the jobs) and the loop that runs the chunks,
+in-process with the sampler's read-ahead or on `dask.distributed` workers.
+
+A unit is one chunk of cells: `Unit(index, rows)`, rows increasing store rows (chunk_rows of them, the last unit
+possibly fewer), plus an optional per-unit payload (group codes, requested cells). Writes of unit k go to chunk k
+of the outputs, rows k * chunk_rows ... of the store.
+
+A job is a small picklable object whose `compute(module, minibatch, unit, seed, batch_size, device)` turns the
+unit's minibatch (the sampler's dict of numpy arrays, all its cells) into a dict of named results, cells on the
+first axis (or, for `ScaleSampleJob`, one row per requested cell). It runs the module on sub-batches of
+`batch_size` cells to bound memory.
+
+Randomness: a job draws its noise with `noise.CellNoise(seed, keys)`, keys being the cells' store rows (the
+requests' numbers for ScaleSampleJob), one stream per purpose below. A cell's values are therefore the same
+whatever chunk size, batch size, process or resumed run computed them: written in chunks equals computed at once.
+Within a stream, the draws of a cell come in a fixed order: (n_draws, ...) first, then what each draw needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from scvi_scale.outputs.de import GroupStatistics
+from scvi_scale.outputs.noise import CellNoise, invert_counts
+from scvi_scale.settings import settings
+from scvi_scale.train import to_tensors
+
+LN_MEAN_BLOCK_VALUES = 1 << 22  # latent values per block of draws when averaging softmax(z) for "ln"
+# Noise streams; transform batch number t uses stream + N_STREAMS * t, so each batch gets fresh draws.
+STREAM_Z, STREAM_LIBRARY, STREAM_COUNTS, STREAM_DROPOUT, N_STREAMS = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One chunk of cells: its index, its store rows (increasing) and what its job needs besides the counts."""
+
+    index: int
+    rows: np.ndarray
+    payload: object = None
+
+
+def cut_units(rows: np.ndarray, chunk_rows: int) -> list[Unit]:
+    """Runs of chunk_rows consecutive entries of `rows` (sorted store rows), numbered from 0."""
+    return [Unit(index, rows[start : start + chunk_rows]) for index, start in enumerate(range(0, len(rows), chunk_rows))]
+
+
+# --- the module's posterior and decoder, with our own draws --------------------------------------------------------
+
+
+def sub_batches(minibatch: dict, noise: CellNoise, batch_size: int, device):
+    """(module inputs as tensors on `device`, their cells' noise) for consecutive slices of batch_size cells."""
+    n_cells = len(minibatch["rows"])
+    arrays = {key: value for key, value in minibatch.items() if isinstance(value, np.ndarray)}
+    for start in range(0, n_cells, batch_size):
+        part = slice(start, start + batch_size)
+        yield to_tensors({key: value[part] for key, value in arrays.items()}, device), noise.subset(part)
+
+
+def select(minibatch: dict, positions: np.ndarray) -> dict:
+    """The minibatch restricted to (possibly repeated) cell positions."""
+    return {key: value[positions] for key, value in minibatch.items() if isinstance(value, np.ndarray)}
+
+
+def _normal(noise: CellNoise, stream: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """(S, B, *shape[1:]) standard normals on like's device from per-cell draws of shape (S, *shape[1:])."""
+    return torch.from_numpy(noise.normal(stream, shape)).to(like.device).transpose(0, 1)
+
+
+def posterior_draws(module, tensors: dict, noise: CellNoise, n_draws: int, transform_index: int = 0):
+    """n_draws draws of (z, log library) per cell from q: z (S, B, L) transformed as the decoder sees it ("ln":
+    softmax), library (S, B, 1): the observed one, or draws of q(l | x). Also returns the inference outputs."""
+    inference = module.inference(tensors)
+    qz, ql = inference["qz"], inference["ql"]
+    offset = N_STREAMS * transform_index
+    z = module.z_encoder.transform(qz.loc + qz.scale * _normal(noise, STREAM_Z + offset, (n_draws, qz.loc.shape[1]), qz.loc))
+    if ql is None:
+        library = inference["library"].reshape(1, -1, 1).expand(n_draws, -1, -1)
+    else:
+        library = ql.loc + ql.scale * _normal(noise, STREAM_LIBRARY + offset, (n_draws, 1), ql.loc)
+    return z, library, inference
+
+
+def decode(module, z: torch.Tensor, library: torch.Tensor, tensors: dict, transform_batch: int | None) -> dict:
+    """The decoder's outputs for S draws at once: px_scale, px_rate, zi_logits (S, B, G); theta (G,) or (S, B, G).
+
+    The draws are stacked along the cell axis (each input tensor repeated S times) for one generative call.
+    """
+    n_draws, n_cells = z.shape[:2]
+    tiled = {key: value.repeat(n_draws, *([1] * (value.dim() - 1))) for key, value in tensors.items()}
+    outputs = module.generative(
+        z.reshape(n_draws * n_cells, -1), library.reshape(n_draws * n_cells, 1), tiled, transform_batch=transform_batch
+    )
+    return {
+        key: value if value is None or value.dim() == 1 else value.reshape(n_draws, n_cells, *value.shape[1:])
+        for key, value in outputs.items()
+        if key in ("px_scale", "px_rate", "theta", "zi_logits")
+    }
+
+
+def sample_counts(
+    rate: np.ndarray, theta: np.ndarray | None, zi_logits: np.ndarray | None, uniform: np.ndarray,
+    dropout_uniform: np.ndarray | None,
+) -> sp.csr_matrix:
+    """Counts (B, G) as float32 CSR from the likelihood: Poisson(rate) when theta is None, else NB(rate, theta),
+    by CDF inversion of `uniform`; zero-inflated when zi_logits is given (a non-zero draw is set to zero where
+    dropout_uniform < sigmoid(zi_logits), independently of it). Arrays are float64 (B, G); theta may be (G,)."""
+    counts = invert_counts(uniform, rate, theta)
+    if zi_logits is not None and counts.nnz:
+        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        dropout = 1.0 / (1.0 + np.exp(-zi_logits[rows, counts.indices]))
+        counts.data[dropout_uniform[rows, counts.indices] < dropout] = 0.0
+        counts.eliminate_zeros()
+    return counts
+
+
+# --- jobs -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatentJob:
+    """{"latent": (n, L)} the mean of q(z | x) (give_mean; for "ln" the mean of softmax(z) over mc_samples draws)
+    or one draw; with return_dist also {"variance": (n, L)}, the variance of q(z | x)."""
+
+    give_mean: bool = True
+    mc_samples: int = 5000
+    return_dist: bool = False
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        latent, variance = [], []
+        for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
+            qz = module.inference(tensors)["qz"]
+            if self.return_dist:
+                latent.append(qz.loc)
+                variance.append(qz.scale.square())
+            elif not self.give_mean:
+                latent.append(posterior_draws(module, tensors, noise, 1)[0][0])
+            elif module.latent_distribution == "ln":
+                latent.append(self._ln_mean(module, qz, noise))
+            else:
+                latent.append(qz.loc)
+        result = {"latent": torch.cat(latent).cpu().numpy()}
+        if self.return_dist:
+            result["variance"] = torch.cat(variance).cpu().numpy()
+        return result
+
+    def _ln_mean(self, module, qz, noise: CellNoise) -> torch.Tensor:
+        """Mean of softmax(z) over mc_samples draws, transformed in blocks of draws that bound memory."""
+        draws = _normal(noise, STREAM_Z, (self.mc_samples, qz.loc.shape[1]), qz.loc)
+        block = max(1, LN_MEAN_BLOCK_VALUES // qz.loc.numel())
+        total = torch.zeros_like(qz.loc)
+        for start in range(0, self.mc_samples, block):
+            total += module.z_encoder.transform(qz.loc + qz.scale * draws[start : start + block]).sum(0)
+        return total / self.mc_samples
+
+
+@dataclass(frozen=True)
+class LibraryJob:
+    """{"library": (n, 1)}: the mean of the log-normal q(l | x) (give_mean, latent library only) or exp(l), the
+    observed library or a draw of q(l | x)."""
+
+    give_mean: bool = True
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        parts = []
+        for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
+            if self.give_mean:
+                ql = module.inference(tensors)["ql"]
+                parts.append(torch.exp(ql.loc + 0.5 * ql.scale.square()))
+            else:
+                parts.append(torch.exp(posterior_draws(module, tensors, noise, 1)[1][0]))
+        return {"library": torch.cat(parts).cpu().numpy()}
+
+
+@dataclass(frozen=True)
+class ExpressionJob:
+    """{"expression": (n, G') or (n, S, G')}: px_scale * library_size (px_rate for library_size="latent") over the
+    genes `genes` (None: all), averaged over the batches of transform_batches (None: the observed batch; one draw of
+    z per batch, as scvi-tools re-runs inference for each), and over the S = n_samples draws when return_mean."""
+
+    transform_batches: tuple = (None,)
+    genes: tuple | None = None
+    library_size: float | str = 1.0
+    n_samples: int = 1
+    return_mean: bool = True
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        parts = []
+        for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
+            total = 0.0
+            for index, batch in enumerate(self.transform_batches):
+                z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, index)
+                outputs = decode(module, z, library, tensors, batch)
+                if self.library_size == "latent":
+                    values = outputs["px_rate"]
+                else:
+                    values = outputs["px_scale"] * self.library_size
+                total = total + (values if self.genes is None else values[..., list(self.genes)])
+            expression = total / len(self.transform_batches)  # (S, B, G')
+            if self.return_mean or self.n_samples == 1:
+                parts.append(expression.mean(0))
+            else:
+                parts.append(expression.transpose(0, 1))
+        return {"expression": torch.cat(parts).cpu().numpy()}
+
+
+@dataclass(frozen=True)
+class LikelihoodJob:
+    """{"mean": px_rate, "dispersions": theta (not for Poisson), "dropout": sigmoid(zi_logits) (ZINB only)}, each
+    (n, G), or (n, S, G) for n_samples > 1 without give_mean (give_mean averages over the draws)."""
+
+    n_samples: int = 1
+    give_mean: bool = False
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        parts: dict[str, list] = {}
+        for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
+            z, library, _ = posterior_draws(module, tensors, noise, self.n_samples)
+            outputs = decode(module, z, library, tensors, None)
+            values = {"mean": outputs["px_rate"]}
+            if outputs["theta"] is not None:
+                values["dispersions"] = outputs["theta"].expand_as(outputs["px_rate"])
+            if outputs["zi_logits"] is not None:
+                values["dropout"] = torch.sigmoid(outputs["zi_logits"])
+            for name, value in values.items():
+                value = value.mean(0) if self.give_mean or self.n_samples == 1 else value.transpose(0, 1)
+                parts.setdefault(name, []).append(value)
+        return {name: torch.cat(value).cpu().numpy() for name, value in parts.items()}
+
+
+@dataclass(frozen=True)
+class PosteriorPredictiveJob:
+    """{"sample_0", ..., "sample_{S-1}"}: (n, G') float32 CSR counts drawn from the fitted likelihood given one
+    draw of q(z, l | x) each, over the genes `genes` (None: all; a gene's draws do not depend on the selection);
+    with several transform_batches the draws of the batches are averaged, as scvi-tools does."""
+
+    transform_batches: tuple = (None,)
+    genes: tuple | None = None
+    n_samples: int = 1
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        parts = [[] for _ in range(self.n_samples)]
+        genes = slice(None) if self.genes is None else list(self.genes)
+        for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
+            n_genes = tensors["x"].shape[1]
+            total = [None] * self.n_samples
+            for index, batch in enumerate(self.transform_batches):
+                z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, index)
+                outputs = {
+                    key: None if value is None else value.double().cpu().numpy()
+                    for key, value in decode(module, z, library, tensors, batch).items()
+                }
+                offset = N_STREAMS * index
+                uniforms = noise.uniform(STREAM_COUNTS + offset, self.n_samples * n_genes)
+                dropout_uniforms = None
+                if outputs["zi_logits"] is not None:
+                    dropout_uniforms = noise.uniform(STREAM_DROPOUT + offset, self.n_samples * n_genes)
+                for draw in range(self.n_samples):
+                    own = slice(draw * n_genes, (draw + 1) * n_genes)
+                    theta = outputs["theta"]
+                    if theta is not None:
+                        theta = (theta if theta.ndim == 1 else theta[draw])[..., genes]
+                    zi_logits = None if outputs["zi_logits"] is None else outputs["zi_logits"][draw][:, genes]
+                    counts = sample_counts(
+                        outputs["px_rate"][draw][:, genes],
+                        theta,
+                        zi_logits,
+                        uniforms[:, own][:, genes],
+                        None if dropout_uniforms is None else dropout_uniforms[:, own][:, genes],
+                    )
+                    total[draw] = counts if total[draw] is None else total[draw] + counts
+            for draw in range(self.n_samples):
+                if len(self.transform_batches) > 1:
+                    total[draw] = total[draw] / len(self.transform_batches)
+                parts[draw].append(total[draw])
+        return {f"sample_{draw}": sp.vstack(part, format="csr") for draw, part in enumerate(parts)}
+
+
+@dataclass(frozen=True)
+class RawStatsJob:
+    """{"stats": GroupStatistics} of the unit's raw counts; the unit's payload holds its cells' group codes."""
+
+    n_groups: int
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        statistics = GroupStatistics(self.n_groups, minibatch["x"].shape[1])
+        statistics.add(minibatch["x"], unit.payload)
+        return {"stats": statistics}
+
+
+@dataclass(frozen=True)
+class ScaleSampleJob:
+    """Posterior samples of px_scale * library_size (px_rate for "latent") for requested cells of the unit.
+
+    The payload is (positions, batches, requests): per request, the cell's position in the unit (a cell may be
+    requested many times), the batch to decode it in (-1: its observed batch) and the request's number, which keys
+    its draw and says where the sample goes. Returns {"requests": (m,), "scales": (m, G') float32} over `genes`.
+    """
+
+    genes: tuple | None = None
+    library_size: float | str = 1.0
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        positions, batches, requests = unit.payload
+        order = np.argsort(batches, kind="stable")
+        scales = []
+        for batch in np.unique(batches):
+            chosen = order[batches[order] == batch]
+            selected = select(minibatch, positions[chosen])
+            for tensors, noise in sub_batches(selected, CellNoise(seed, requests[chosen]), batch_size, device):
+                z, library, _ = posterior_draws(module, tensors, noise, 1)
+                outputs = decode(module, z, library, tensors, None if batch < 0 else int(batch))
+                values = outputs["px_rate"] if self.library_size == "latent" else outputs["px_scale"] * self.library_size
+                scales.append(values[0] if self.genes is None else values[0][:, list(self.genes)])
+        return {"requests": requests[order], "scales": torch.cat(scales).cpu().numpy()}
+
+
+# --- running the units ----------------------------------------------------------------------------------------------
+
+
+def model_digest(module: torch.nn.Module) -> str:
+    """A short hash of the module's weights and buffers: outputs record it, workers check it."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """How a dask worker gets the model: model_class.load(model_dir, store), once per worker process; `digest`
+    (model_digest of the caller's model) guards against a model_dir that holds another model."""
+
+    model_class: type
+    model_dir: str
+    store: str
+    digest: str
+
+
+MAX_MODELS_PER_WORKER = 2
+_worker_models: OrderedDict[ModelReference, object] = OrderedDict()
+_loading = threading.Lock()
+
+
+def _worker_model(reference: ModelReference):
+    """The model of `reference`, loaded on first use in this process and kept (the last MAX_MODELS_PER_WORKER);
+    torch uses as many threads as the dask worker has."""
+    with _loading:
+        if reference not in _worker_models:
+            with contextlib.suppress(ImportError, ValueError, AttributeError):  # ValueError: not on a worker
+                from distributed import get_worker
+
+                torch.set_num_threads(max(1, get_worker().state.nthreads))
+            model = reference.model_class.load(reference.model_dir, reference.store)
+            if model_digest(model.module) != reference.digest:
+                raise RuntimeError(
+                    f"the model saved in {reference.model_dir} is not the model the outputs were asked of; save it "
+                    "there again (model.save(model_dir, overwrite=True)) or pass no model_dir"
+                )
+            _worker_models[reference] = model
+            while len(_worker_models) > MAX_MODELS_PER_WORKER:
+                _worker_models.popitem(last=False)
+        return _worker_models[reference]
+
+
+@torch.no_grad()
+def _compute(module, job, unit: Unit, minibatch: dict, seed: int, batch_size: int, device) -> dict:
+    if not np.array_equal(minibatch["rows"], unit.rows):
+        raise RuntimeError(f"unit {unit.index}: the sampler yielded other rows than the unit's (a bug)")
+    return job.compute(module, minibatch, unit, seed, batch_size, device)
+
+
+def _write(outputs: dict, unit: Unit, result: dict) -> None:
+    for name, output in outputs.items():
+        output.write_chunk(unit.index, result[name])
+
+
+def _remote_unit(unit: Unit, reference: ModelReference, job, seed: int, batch_size: int, outputs: dict | None):
+    """A dask task: compute one unit on a worker; write it there (returns None) or return the result."""
+    model = _worker_model(reference)
+    with contextlib.closing(iter(model._sequential(unit.rows, batch_size=len(unit.rows)))) as stream:
+        minibatch = next(stream)
+    result = _compute(model.module, job, unit, minibatch, seed, batch_size, model.device)
+    if outputs is None:
+        return result
+    _write(outputs, unit, result)
+    return None
+
+
+def run_units(
+    model,
+    job,
+    units: list[Unit],
+    *,
+    seed: int,
+    batch_size: int,
+    outputs: dict | None = None,
+    client=None,
+    reference: ModelReference | None = None,
+    description: str = "",
+    silent: bool = True,
+) -> list[dict] | None:
+    """Run `job` on every unit. With `outputs` ({result name: DenseOutput | CsrOutput}), unit k's results are
+    written as chunk k where they are computed and None is returned; else the results come back in unit order.
+
+    Without a client the units run here, one after the other, while the sampler reads the next ones ahead in
+    threads; with a dask.distributed client they fan out over its workers (`reference` says how a worker loads the
+    model). Units may differ in size only in the last one.
+    """
+    progress = tqdm(total=len(units), desc=description, unit="chunk", disable=silent or not settings.progress_bar)
+    results: dict[int, dict] = {}
+    try:
+        if client is None:
+            model.module.eval()
+            rows = np.concatenate([unit.rows for unit in units])
+            stream = iter(model._sequential(rows, batch_size=len(units[0].rows)))
+            with contextlib.closing(stream):  # stops the read-ahead threads if a unit fails
+                for unit, minibatch in zip(units, stream, strict=True):
+                    result = _compute(model.module, job, unit, minibatch, seed, batch_size, model.device)
+                    if outputs is None:
+                        results[unit.index] = result
+                    else:
+                        _write(outputs, unit, result)
+                    progress.update(1)
+        else:
+            from distributed import as_completed
+
+            task = functools.partial(
+                _remote_unit, reference=reference, job=job, seed=seed, batch_size=batch_size, outputs=outputs
+            )  # a partial: client.map would take batch_size for itself
+            futures = client.map(task, units, pure=False)
+            index_of = {future.key: unit.index for future, unit in zip(futures, units)}
+            for future, result in as_completed(futures, with_results=True):
+                if outputs is None:
+                    results[index_of[future.key]] = result
+                progress.update(1)
+    finally:
+        progress.close()
+    return None if outputs is not None else [results[unit.index] for unit in units]
+

@@ -1,0 +1,491 @@
+"""Chunked, resumable outputs in AnnData-Zarr stores: obsm/<key>, layers/<key> (dense or CSR) and uns/<key>.
+
+    >>> target = output_store("atlas.zarr")                     # or output_store("atlas.zarr", "outputs.zarr")
+    >>> out = DenseOutput(target, "layers", "scvi_normalized", n_rows, n_cols, chunk_rows=4096, settings={...})
+    >>> for chunk in out.prepare():                             # the chunks still to write (all, or the rest)
+    ...     out.write_chunk(chunk, values_of(chunk))            # rows out.bounds(chunk), any order, any process
+    >>> out.finish()                                            # marks it complete
+    >>> read_output(target, "layers/scvi_normalized")          # lazy dask array; refused while incomplete
+
+Where outputs go. Into the input store (new entries only: X and the entries already there are never modified; an
+existing key is refused unless overwrite=True, and only keys of obsm, layers and uns can be written), or into a
+separate output store that `output_store` creates as a valid AnnData store: obs and var copied from the input, no
+X, empty obsm/layers/uns, so `anndata.read_zarr` opens it.
+
+Dense outputs (obsm, layers). A float32 array with anndata's encoding attributes, created NaN-filled when the
+output starts, rows chunked by `chunk_rows` (columns cut so one Zarr chunk holds at most MAX_CHUNK_VALUES values).
+Each chunk of rows is written whole by a single task, so two tasks never share a Zarr chunk, and writing a chunk
+twice (a lost dask worker's task recomputed) rewrites the same bytes.
+
+CSR outputs (layers; mostly-zero samples). Each chunk of rows is saved as a piece (.npz) in the progress folder;
+`finish` concatenates the pieces in row order into the layer's data / indices / indptr arrays, then deletes them.
+
+Progress and completion. A hidden folder beside the store, `.<store name>.scvi-scale-progress/<group>/<key>/`,
+holds record.json (the output's kind, shape, chunking and the settings that produce its values) and one file per
+finished chunk: an empty marker for dense outputs, the piece for CSR ones. A rerun with the same record skips the
+finished chunks; a different record is refused unless overwrite=True (which starts over). The folder lies outside
+the Zarr hierarchy, so zarr and anndata never see it. The entry's attribute `scvi_scale_output` reads
+{"complete": false} until every chunk is written and {"complete": true} after; `read_output` refuses an incomplete
+output and says how many chunks are missing. When the store has consolidated metadata (anndata writes it), it is
+rewritten when an entry is created and when it completes, so `anndata.read_zarr` sees the entry at both times (an
+incomplete dense output reads NaN in its unwritten rows; an incomplete CSR output is not there yet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata
+import dask.array as da
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from scvi_scale.data.store import CHUNK_ROWS_ATTR, CountStore, StoreError, open_anndata_group
+from scvi_scale.data.writer import write_elem
+
+OUTPUT_ATTR = "scvi_scale_output"
+WRITABLE_GROUPS = ("obsm", "layers", "uns")
+PROGRESS_SUFFIX = ".scvi-scale-progress"
+RECORD_FILE = "record.json"
+MAX_CHUNK_VALUES = 1 << 21  # 8 MB of float32 per Zarr chunk of a dense output
+CSR_VALUES_CHUNK = 1 << 20  # values per Zarr chunk of a CSR output's data and indices
+INDPTR_CHUNK_BLOCKS = 16  # row chunks per Zarr chunk of a CSR output's indptr
+_ANNDATA_ENCODINGS = {
+    "dense": {"encoding-type": "array", "encoding-version": "0.2.0"},
+    "csr": {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"},
+    "group": {"encoding-type": "dict", "encoding-version": "0.1.0"},
+}
+
+
+class OutputError(StoreError):
+    """An output cannot be written or read as asked (exists already, other settings, unknown key, ...)."""
+
+
+class OutputIncompleteError(OutputError):
+    """The output has chunks still missing: a write is running or was interrupted (rerun it to finish)."""
+
+
+# --- stores and entries -----------------------------------------------------------------------------------------
+
+
+def split_entry(entry: str) -> tuple[str, str]:
+    """'layers/name' -> ('layers', 'name'), checking the group is writable and the key a plain name."""
+    group, _, key = str(entry).partition("/")
+    check_key(group, key)
+    return group, key
+
+
+def check_key(group: str, key: str) -> None:
+    if group not in WRITABLE_GROUPS:
+        raise OutputError(f"outputs go to one of {WRITABLE_GROUPS}, not {group!r} (X is never written)")
+    if not isinstance(key, str) or not key or "/" in key or key.startswith("."):
+        raise OutputError(f"{group} key {key!r}: must be a non-empty name without '/' that does not start with '.'")
+
+
+def progress_folder(store: str | os.PathLike, entry: str) -> Path:
+    """Where the progress of output `entry` ('group/key') of `store` is kept (outside the Zarr hierarchy)."""
+    store = Path(store).resolve()
+    return store.parent / f".{store.name}{PROGRESS_SUFFIX}" / entry
+
+
+def _root(store: str, mode: str = "r+") -> zarr.Group:
+    """The store's root group, read from the metadata files themselves (consolidated metadata may be stale)."""
+    open_anndata_group(store)  # a clear error when it is not an AnnData store
+    return zarr.open_group(store, mode=mode, use_consolidated=False)
+
+
+def _group(root: zarr.Group, name: str) -> zarr.Group:
+    """root[name], created as an empty anndata dict when a store lacks it."""
+    if name not in root:
+        root.create_group(name).attrs.update(_ANNDATA_ENCODINGS["group"])
+    return root[name]
+
+
+def reconsolidate(store: str, always: bool = False) -> None:
+    """Rewrite the consolidated metadata of a store that has it (or always), so readers that use it see new
+    entries."""
+    if not always and zarr.open_group(store, mode="r").metadata.consolidated_metadata is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zarr: consolidated metadata is not in the v3 spec yet
+        zarr.consolidate_metadata(store)
+
+
+def _index(group: zarr.Group) -> pd.Index:
+    return pd.Index(anndata.io.read_elem(group[group.attrs.get("_index", "_index")]))
+
+
+def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None = None) -> str:
+    """The store that outputs are written to: `input_store` itself when path is None, else `path`.
+
+    A missing `path` is created (in a hidden sibling folder first, then renamed into place) as an AnnData store
+    holding the input's obs and var, no X, and empty layers, obsm, varm, obsp, varp and uns. An existing one must
+    describe the same cells and genes, in the same order.
+    """
+    input_store = str(input_store)
+    if path is None or Path(path).resolve() == Path(input_store).resolve():
+        return input_store
+    path = Path(path)
+    source = open_anndata_group(input_store)
+    if path.exists():
+        target = open_anndata_group(path)
+        for axis in ("obs", "var"):
+            if not _index(source[axis]).equals(_index(target[axis])):
+                raise OutputError(
+                    f"{path}: its {axis} names differ from those of {input_store}; an output store must describe "
+                    "the input's cells and genes in the same order (choose another path)"
+                )
+        return str(path)
+    partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        root = zarr.open_group(str(partial), mode="w-", zarr_format=source.metadata.zarr_format)
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        for axis in ("obs", "var"):
+            write_elem(root, axis, anndata.io.read_elem(source[axis]))
+        for name in ("layers", "obsm", "varm", "obsp", "varp", "uns"):
+            write_elem(root, name, {})
+        reconsolidate(str(partial), always=True)  # as anndata does for the stores it writes
+        partial.rename(path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return str(path)
+
+
+def _remove_progress(store: str, entry: str) -> None:
+    """Delete an output's progress folder, and the folders above it that it leaves empty."""
+    folder = progress_folder(store, entry)
+    shutil.rmtree(folder, ignore_errors=True)
+    top = progress_folder(store, "")
+    for parent in (folder.parent, top):
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (other outputs in progress) or already gone
+            break
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(temporary path) and rename the result onto `path`, so a reader never sees a torn file."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# --- chunked outputs -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ChunkedOutput:
+    """An output of n_rows x n_cols written in chunks of chunk_rows rows; see the module docstring.
+
+    settings: JSON-serialisable description of what produces the values (method, arguments, model digest); a
+    rerun resumes only when it is the same.
+    """
+
+    store: str
+    group: str
+    key: str
+    n_rows: int
+    n_cols: int
+    chunk_rows: int
+    settings: dict = field(default_factory=dict)
+
+    kind = ""  # "dense" or "csr"
+
+    def __post_init__(self):
+        check_key(self.group, self.key)
+        if self.group == "uns":
+            raise OutputError("chunked outputs go to obsm or layers; uns holds small tables (write_uns)")
+        if self.n_rows < 1 or self.n_cols < 1 or self.chunk_rows < 1:
+            raise OutputError(
+                f"{self.entry}: shape ({self.n_rows}, {self.n_cols}) and chunk_rows {self.chunk_rows} must be positive"
+            )
+
+    @property
+    def entry(self) -> str:
+        return f"{self.group}/{self.key}"
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows)
+
+    @property
+    def progress(self) -> Path:
+        return progress_folder(self.store, self.entry)
+
+    def bounds(self, chunk: int) -> tuple[int, int]:
+        """Rows [start, stop) of chunk `chunk`."""
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.n_rows)
+
+    def record(self) -> dict:
+        return {
+            "kind": self.kind,
+            "shape": [self.n_rows, self.n_cols],
+            "chunk_rows": self.chunk_rows,
+            "settings": self.settings,
+        }
+
+    # --- the coordinator's side: prepare and finish
+
+    def prepare(self, overwrite: bool = False) -> list[int]:
+        """Create (or find) the output and return the chunks still to write, in order.
+
+        Refuses an entry that exists and is complete or not ours, and an unfinished one made with another record,
+        unless overwrite=True, which deletes them and starts over.
+        """
+        root = _root(self.store)
+        group = _group(root, self.group)
+        record_path = self.progress / RECORD_FILE
+        if overwrite:
+            if self.key in group:
+                del group[self.key]
+            _remove_progress(self.store, self.entry)
+        exists = self.key in group
+        if exists:
+            state = group[self.key].attrs.get(OUTPUT_ATTR)
+            if state is None or state.get("complete"):
+                raise OutputError(f"{self.store}: {self.entry} already exists; pass overwrite=True to replace it")
+        saved = json.loads(record_path.read_text()) if record_path.exists() else None
+        if saved is None and exists:
+            raise OutputError(
+                f"{self.store}: {self.entry} is an unfinished output whose progress record "
+                f"({self.progress}) is gone; pass overwrite=True to write it again"
+            )
+        if saved is not None and saved != _json_round_trip(self.record()):
+            raise OutputError(
+                f"{self.store}: {self.entry} is an unfinished output started with other settings "
+                f"(saved {saved}, now {self.record()}); rerun with the same settings to finish it, or pass "
+                "overwrite=True to start over"
+            )
+        if saved is None:
+            self.progress.mkdir(parents=True, exist_ok=True)
+            _atomic_write(record_path, lambda path: path.write_text(json.dumps(self.record())))
+        if not exists:
+            self._create(group)
+            reconsolidate(self.store)
+        done = self.done_chunks()
+        return [chunk for chunk in range(self.n_chunks) if chunk not in done]
+
+    def done_chunks(self) -> set[int]:
+        suffix = self._piece_suffix
+        if not self.progress.is_dir():
+            return set()
+        return {int(name.removesuffix(suffix)) for name in os.listdir(self.progress) if name.endswith(suffix)}
+
+    def finish(self) -> None:
+        """Mark the output complete (after assembling a CSR output); raises OutputIncompleteError if chunks miss."""
+        missing = self.n_chunks - len(self.done_chunks())
+        if missing:
+            raise OutputIncompleteError(
+                f"{self.store}: {self.entry} has {missing} of {self.n_chunks} chunks still to write"
+            )
+        group = _group(_root(self.store), self.group)
+        node = self._complete(group)
+        node.attrs.update({OUTPUT_ATTR: {"complete": True, **self.record()}})
+        reconsolidate(self.store)
+        _remove_progress(self.store, self.entry)
+
+    # --- what dense and CSR outputs do differently
+
+    _piece_suffix = ""
+
+    def _create(self, group: zarr.Group) -> None:
+        raise NotImplementedError
+
+    def write_chunk(self, chunk: int, values) -> None:
+        raise NotImplementedError
+
+    def _complete(self, group: zarr.Group):
+        raise NotImplementedError
+
+    def _piece(self, chunk: int) -> Path:
+        return self.progress / f"{chunk}{self._piece_suffix}"
+
+    def _check_chunk(self, chunk: int, values) -> None:
+        start, stop = self.bounds(chunk)
+        if not 0 <= chunk < self.n_chunks or tuple(values.shape) != (stop - start, self.n_cols):
+            raise OutputError(
+                f"{self.entry}: chunk {chunk} must hold rows [{start}, {stop}) x {self.n_cols} columns, "
+                f"got shape {tuple(values.shape)}"
+            )
+
+
+@dataclass(frozen=True)
+class DenseOutput(_ChunkedOutput):
+    """A float32 (n_rows, n_cols) output in obsm or layers, written in place chunk by chunk."""
+
+    kind = "dense"
+    _piece_suffix = ".done"
+
+    def _create(self, group: zarr.Group) -> None:
+        column_chunk = int(max(1, min(self.n_cols, MAX_CHUNK_VALUES // self.chunk_rows)))
+        array = group.create_array(
+            self.key,
+            shape=(self.n_rows, self.n_cols),
+            chunks=(self.chunk_rows, column_chunk),
+            dtype="float32",
+            fill_value=np.nan,
+        )
+        array.attrs.update({**_ANNDATA_ENCODINGS["dense"], OUTPUT_ATTR: {"complete": False}})
+
+    def write_chunk(self, chunk: int, values) -> None:
+        """Write rows bounds(chunk) (may run in any process), then leave the chunk's done marker."""
+        values = np.asarray(values, dtype=np.float32)
+        self._check_chunk(chunk, values)
+        start, stop = self.bounds(chunk)
+        zarr.open_array(self.store, path=self.entry, mode="r+")[start:stop] = values
+        self._piece(chunk).touch()
+
+    def _complete(self, group: zarr.Group):
+        return group[self.key]
+
+
+@dataclass(frozen=True)
+class CsrOutput(_ChunkedOutput):
+    """A float32 CSR (n_rows, n_cols) output in layers: pieces per chunk, assembled by `finish`."""
+
+    kind = "csr"
+    _piece_suffix = ".npz"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group != "layers":
+            raise OutputError(f"CSR outputs go to layers, not {self.group}")
+
+    def _create(self, group: zarr.Group) -> None:
+        """Nothing yet: the layer appears when finish assembles it."""
+
+    def write_chunk(self, chunk: int, values) -> None:
+        """Save rows bounds(chunk) as a CSR piece (may run in any process)."""
+        values = sp.csr_matrix(values, dtype=np.float32)
+        self._check_chunk(chunk, values)
+
+        def save(path: Path) -> None:
+            with path.open("wb") as file:  # a file object: given a name, numpy would append ".npz" to it
+                sp.save_npz(file, values, compressed=False)
+
+        _atomic_write(self._piece(chunk), save)
+
+    def _complete(self, group: zarr.Group):
+        """Concatenate the pieces in row order into the layer (replacing a half-assembled one)."""
+        if self.key in group:
+            del group[self.key]
+        pieces = [self._piece(chunk) for chunk in range(self.n_chunks)]
+        nnz = [int(np.load(piece)["indptr"][-1]) for piece in pieces]
+        offsets = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
+        layer = group.create_group(self.key)
+        arrays = {
+            "data": layer.create_array("data", shape=(offsets[-1],), chunks=(CSR_VALUES_CHUNK,), dtype="float32"),
+            "indices": layer.create_array("indices", shape=(offsets[-1],), chunks=(CSR_VALUES_CHUNK,), dtype="int32"),
+            "indptr": layer.create_array(
+                "indptr", shape=(self.n_rows + 1,), chunks=(self.chunk_rows * INDPTR_CHUNK_BLOCKS,), dtype="int64"
+            ),
+        }
+        arrays["indptr"][0:1] = np.zeros(1, dtype=np.int64)
+        for chunk, piece in enumerate(pieces):
+            values = sp.load_npz(piece)
+            first, last = offsets[chunk], offsets[chunk + 1]
+            start, stop = self.bounds(chunk)
+            if last > first:
+                arrays["data"][first:last] = values.data.astype(np.float32, copy=False)
+                arrays["indices"][first:last] = values.indices.astype(np.int32, copy=False)
+            arrays["indptr"][start + 1 : stop + 1] = values.indptr[1:].astype(np.int64) + first
+        layer.attrs.update(
+            {**_ANNDATA_ENCODINGS["csr"], "shape": [self.n_rows, self.n_cols], CHUNK_ROWS_ATTR: self.chunk_rows}
+        )
+        return layer
+
+
+def _json_round_trip(value):
+    """`value` as it reads back from JSON (tuples become lists), for comparing with a saved record."""
+    return json.loads(json.dumps(value))
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def read_output(store: str | os.PathLike, entry: str):
+    """A finished output of `store`: 'obsm/<key>' or 'layers/<key>' as a lazy dask array (CSR layers: chunks of
+    scipy CSR), 'uns/<key>' as what anndata reads (e.g. a DataFrame).
+
+    Raises OutputIncompleteError, naming the missing chunks' count, while the output is being written or after an
+    interrupted write, and OutputError when there is no such entry.
+    """
+    store = str(store)
+    group_name, key = split_entry(entry)
+    root = _root(store, mode="r")
+    record_path = progress_folder(store, entry) / RECORD_FILE
+    group = root[group_name] if group_name in root else None
+    node = group[key] if group is not None and key in group else None
+    state = None if node is None else node.attrs.get(OUTPUT_ATTR)
+    unfinished = (node is None or (state is not None and not state.get("complete"))) and record_path.exists()
+    if unfinished:
+        record = json.loads(record_path.read_text())
+        output_class = DenseOutput if record["kind"] == "dense" else CsrOutput
+        n_rows, n_cols = record["shape"]
+        output = output_class(store, group_name, key, n_rows, n_cols, record["chunk_rows"], record["settings"])
+        done = len(output.done_chunks())
+        raise OutputIncompleteError(
+            f"{store}: {entry} is incomplete: {done} of {output.n_chunks} chunks are written; a write is running "
+            "or was interrupted (rerun it with the same settings to finish)"
+        )
+    if node is None:
+        available = sorted(group.keys()) if group is not None else []
+        raise OutputError(f"{store}: no {entry}; {group_name} holds {available}")
+    if state is not None and not state.get("complete"):
+        raise OutputIncompleteError(f"{store}: {entry} is incomplete and its progress record is gone; write it again")
+    if group_name == "uns":
+        return anndata.io.read_elem(node)
+    if isinstance(node, zarr.Array):
+        return da.from_zarr(node)
+    if node.attrs.get("encoding-type") == "csr_matrix" and group_name == "layers":
+        return CountStore(store, layer=key).to_dask()
+    raise OutputError(f"{store}: {entry} has encoding {node.attrs.get('encoding-type')!r}, which read_output cannot read")
+
+
+# --- small in-memory results -----------------------------------------------------------------------------------
+
+
+def write_obsm(
+    store: str | os.PathLike, key: str, values, overwrite: bool = False, chunk_rows: int | None = None
+) -> None:
+    """Write a small in-memory (n_obs, k) result as obsm/<key> of `store` (float32, chunked like a dense output)."""
+    store = str(store)
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim == 1:
+        values = values[:, None]
+    n_obs = len(_index(_root(store, mode="r")["obs"]))
+    if values.ndim != 2 or values.shape[0] != n_obs:
+        raise OutputError(f"obsm/{key}: values of shape {values.shape} need one row per cell of {store} ({n_obs})")
+    chunk_rows = int(chunk_rows or min(n_obs, 4096))
+    output = DenseOutput(store, "obsm", key, n_obs, values.shape[1], chunk_rows, {"source": "write_obsm"})
+    output.prepare(overwrite=overwrite)
+    for chunk in range(output.n_chunks):  # all of them: a leftover unfinished write_obsm held other values
+        start, stop = output.bounds(chunk)
+        output.write_chunk(chunk, values[start:stop])
+    output.finish()
+
+
+def write_uns(store: str | os.PathLike, key: str, value, overwrite: bool = False) -> None:
+    """Write a small value (a DataFrame, dict, array) as uns/<key> of `store` with anndata's encoder."""
+    store = str(store)
+    check_key("uns", key)
+    uns = _group(_root(store), "uns")
+    if key in uns:
+        if not overwrite:
+            raise OutputError(f"{store}: uns/{key} already exists; pass overwrite=True to replace it")
+        del uns[key]
+    write_elem(uns, key, value)
+    reconsolidate(store)
