@@ -16,7 +16,7 @@ Generative model (natural logs unless a name says log2; the constants below the 
 - Batches: cells are in contiguous runs of batches (cell i is in batch floor(i * n_batches / n_cells)), as in an
   atlas concatenated from studies; batch k multiplies each gene by exp(e_kg), e_kg ~ Normal(0, 0.4), shifts the
   median library size by exp(Normal(0, 0.25)), and has its own cell-type composition ~ Dirichlet(3, ..., 3).
-- Continuous covariate obs["cycling_score"] ~ Normal(0, 1) scales a programme of 40 "cycling" genes (disjoint
+- Continuous covariate obs["cycling_score"] ~ Normal(0, 1) scales a programme of 40 "cycling" genes (fewer when n_genes < ~1300; disjoint
   from markers) by exp(c_g * score), c_g ~ Uniform(0.3, 0.8), recorded in var["cycling_coef"] (0 elsewhere).
 - Library size l_i ~ LogNormal(log 2000 + batch shift, 0.4). Counts: x_ig ~ NB(mean l_i * softmax_g(type
   profile logits + e_k + c score_i), inverse dispersion theta_g), drawn by inverting the NB CDF
@@ -51,7 +51,8 @@ MARKER_LOG2FC_RANGE = (1.0, 3.0)
 BATCH_GENE_LOG_SD = 0.4
 BATCH_LIBRARY_LOG_SD = 0.25
 TYPE_COMPOSITION_ALPHA = 3.0
-N_CYCLING_GENES = 40
+N_CYCLING_GENES = 40  # at most; a quarter of the candidate genes when they are fewer than 160
+DEFAULT_MARKERS_PER_TYPE = 20
 CYCLING_COEF_RANGE = (0.3, 0.8)
 LIBRARY_MEDIAN = 2000.0
 LIBRARY_LOG_SD = 0.4
@@ -71,9 +72,13 @@ class AtlasParameters:
     marker_log2fc: np.ndarray  # (n_cell_types, n_genes) planted m_tg, 0 off markers
 
 
-def atlas_parameters(n_genes: int, n_batches: int, n_cell_types: int, markers_per_type: int, seed: int):
-    """Draw the shared parameters of an atlas (see the module docstring) from SeedSequence(seed, spawn_key=(0,))."""
-    n_special = n_cell_types * markers_per_type + N_CYCLING_GENES
+def atlas_parameters(
+    n_genes: int, n_batches: int, n_cell_types: int, markers_per_type: int | None, seed: int
+) -> AtlasParameters:
+    """Draw the shared parameters of an atlas (see the module docstring) from SeedSequence(seed, spawn_key=(0,)).
+
+    markers_per_type None: DEFAULT_MARKERS_PER_TYPE, or fewer when the genes are too few to hold them.
+    """
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     base = np.minimum(rng.normal(0.0, BASE_LOG_SD, n_genes), BASE_LOG_CAP)
     theta = np.exp(rng.normal(np.log(THETA_MEDIAN), THETA_LOG_SD, n_genes))
@@ -85,11 +90,15 @@ def atlas_parameters(n_genes: int, n_batches: int, n_cell_types: int, markers_pe
     broad = np.flatnonzero(~restricted)
     by_expression = broad[np.argsort(base[broad])]
     candidates = by_expression[len(broad) // 2 : len(broad) * 9 // 10]
-    if n_special > len(candidates):
+    n_cycling = min(N_CYCLING_GENES, len(candidates) // 4)
+    if markers_per_type is None:
+        markers_per_type = min(DEFAULT_MARKERS_PER_TYPE, (len(candidates) - n_cycling) // n_cell_types)
+    n_special = n_cell_types * markers_per_type + n_cycling
+    if markers_per_type < 1 or n_special > len(candidates):
         raise ValueError(
-            f"{n_cell_types} cell types x {markers_per_type} markers + {N_CYCLING_GENES} cycling genes = "
-            f"{n_special} genes, more than the {len(candidates)} candidates among n_genes={n_genes}; "
-            "use more genes or fewer markers"
+            f"{n_cell_types} cell types x {markers_per_type} markers + {n_cycling} cycling genes need "
+            f"{max(n_special, n_cell_types + n_cycling)} of the {len(candidates)} candidate genes among "
+            f"n_genes={n_genes}; use more genes, fewer cell types or fewer markers"
         )
     special = rng.permutation(candidates)[:n_special]
     marker_genes = special[: n_cell_types * markers_per_type].reshape(n_cell_types, markers_per_type)
@@ -100,7 +109,7 @@ def atlas_parameters(n_genes: int, n_batches: int, n_cell_types: int, markers_pe
         marker_type[genes] = cell_type
         marker_log2fc[cell_type, genes] = rng.uniform(*MARKER_LOG2FC_RANGE, markers_per_type)
     cycling_coef = np.zeros(n_genes)
-    cycling_coef[cycling_genes] = rng.uniform(*CYCLING_COEF_RANGE, N_CYCLING_GENES)
+    cycling_coef[cycling_genes] = rng.uniform(*CYCLING_COEF_RANGE, n_cycling)
     return AtlasParameters(
         type_log_profile=base[None, :] + marker_log2fc * np.log(2.0) + SILENCED_LOG_SHIFT * silenced,
         batch_gene_log_effect=rng.normal(0.0, BATCH_GENE_LOG_SD, (n_batches, n_genes)),
@@ -204,7 +213,7 @@ def synthetic_atlas(
     n_cell_types: int = 8,
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    markers_per_type: int = 20,
+    markers_per_type: int | None = None,
     zarr_format: int = 2,
     overwrite: bool = False,
 ) -> CountStore:
@@ -212,7 +221,9 @@ def synthetic_atlas(
 
     obs: "batch" (categorical "batch_0", ...), "cell_type" (categorical "type_0", ...), "cycling_score" (float).
     var: "marker_of", "marker_lfc" (log2), "cycling_coef", "theta". uns["synthetic_atlas"]: the arguments and
-    "true_log2_scale". See the module docstring for the model and for reproducibility.
+    "true_log2_scale". markers_per_type: None gives 20 (fewer when n_genes is too small to hold them: about
+    0.12 n_genes genes are candidates; the number used is in uns). See the module docstring for the model and
+    for reproducibility.
     """
     if n_cells < 1 or n_genes < 1 or n_batches < 1 or n_cell_types < 2:
         raise ValueError(
@@ -235,7 +246,8 @@ def synthetic_atlas(
     uns = {
         "synthetic_atlas": {
             "n_cells": n_cells, "n_genes": n_genes, "n_batches": n_batches, "n_cell_types": n_cell_types,
-            "seed": seed, "markers_per_type": markers_per_type, "true_log2_scale": true_log2_scale(params),
+            "seed": seed, "markers_per_type": int(np.count_nonzero(params.marker_type == 0)),
+            "true_log2_scale": true_log2_scale(params),
         }
     }
     n_blocks = -(-n_cells // GENERATION_BLOCK_ROWS)

@@ -111,7 +111,12 @@ def test_ground_truth_scale_and_covariate_programme(atlas):
     assert np.corrcoef(atlas.obs["cycling_score"], cycling_share)[0, 1] > 0.5
 
 
-def test_too_few_genes_for_the_markers_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="markers"):
-        synthetic_atlas(tmp_path / "s.zarr", 100, n_genes=200)
+def test_small_gene_counts_get_fewer_markers_and_explicit_excess_is_an_error(tmp_path):
+    small = synthetic_atlas(tmp_path / "small.zarr", 300, n_genes=300, n_cell_types=4)
+    var = small.var_frame()
+    markers_per_type = var["marker_of"].value_counts()
+    assert len(markers_per_type) == 4 and markers_per_type.nunique() == 1 and 1 <= markers_per_type.iloc[0] < 20
+    assert 1 <= (var["cycling_coef"] > 0).sum() < 40
+    with pytest.raises(ValueError, match="8 cell types x 20 markers .* n_genes=200"):
+        synthetic_atlas(tmp_path / "s.zarr", 100, n_genes=200, markers_per_type=20)
     assert not (tmp_path / "s.zarr").exists()
