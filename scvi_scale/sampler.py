@@ -26,8 +26,10 @@ The reader is a `scvi_scale.data.CountStore` or any object with the same `n_obs`
 
 Reading paths. read_with="direct" (the default) calls the reader's read_csr/read_dense from a pool of threads;
 read_with="dask" computes the slice of the reader's dask view (`to_dask()`) for each block, in the same threads with
-dask's synchronous scheduler, or on a `dask.distributed` client when one is given. benchmarks/loader.py measures
-both; dask costs more than 10% of the loader's throughput, so direct reading is the default hot path.
+dask's synchronous scheduler (our threads are the thread pool: dask's threaded scheduler called from several
+threads would start a pool per calling thread), or on a `dask.distributed` client when one is given.
+benchmarks/loader.py measures both: dask adds about 4 ms to each 4096-row block (about 40% of its read time) and
+far more to small blocks, past the 10% of loader throughput we allow, so direct reading is the default hot path.
 
 Threads. Zarr's codecs release the GIL while decompressing, so `num_workers` reader threads overlap decoding with
 the caller's compute; at most `prefetch_blocks` block reads are queued or running, and at most `prefetch_batches`
@@ -53,7 +55,13 @@ import scipy.sparse as sp
 
 DEFAULT_TRAIN_BATCH_SIZE = 128  # scvi-tools' default
 DEFAULT_INFERENCE_BATCH_SIZE = 4096
-DEFAULT_BUFFER_BLOCKS = 16  # chosen from the randomness/speed measurements of benchmarks/loader.py
+# Training defaults chosen from the randomness/speed measurements of benchmarks/loader.py: on a 1M-cell CSR
+# store (chunk_rows 4096), 1024-row blocks x 64 per buffer mix batches within minibatches at 0.96 of a fully random
+# order, against 0.80 for 4096-row blocks x 16, at the same buffer memory and 10-30% fewer cells/s. CSR data chunks
+# are not row-aligned (our writer cuts about four per chunk_rows block), so a 1024-row block decodes little more
+# than it uses; a dense chunk is decoded whole, so dense stores keep their chunk as the block.
+DEFAULT_CSR_BLOCK_ROWS = 1024
+DEFAULT_BUFFER_CELLS = 65_536  # buffer_blocks defaults to DEFAULT_BUFFER_CELLS // block_rows
 DEFAULT_NUM_WORKERS = 2
 DEFAULT_PREFETCH_BATCHES = 8
 READ_PATHS = ("direct", "dask")
@@ -178,6 +186,38 @@ def _concatenated_ranges(firsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(firsts - starts_in_output, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
+# --- row gathering (scipy's vstack and fancy row indexing cost several times more on these sizes) -------------
+
+
+def _take_rows(counts, rows: slice | np.ndarray):
+    """Rows of a dense array or CSR matrix, selected by a slice or an index array; CSR is gathered with numpy."""
+    if isinstance(counts, np.ndarray):
+        return counts[rows]
+    indptr = counts.indptr
+    if isinstance(rows, slice):
+        first, last = indptr[rows.start], indptr[rows.stop]
+        parts = (counts.data[first:last], counts.indices[first:last], indptr[rows.start : rows.stop + 1] - first)
+        return sp.csr_matrix(parts, shape=(rows.stop - rows.start, counts.shape[1]))
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    at = _concatenated_ranges(starts, lengths)
+    new_indptr = np.concatenate([[0], np.cumsum(lengths)])
+    return sp.csr_matrix((counts.data[at], counts.indices[at], new_indptr), shape=(len(rows), counts.shape[1]))
+
+
+def _stack_rows(parts: list):
+    """Dense arrays or CSR matrices (all of one kind, same columns) stacked row-wise."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    nnz_before = np.cumsum([0] + [part.nnz for part in parts[:-1]])
+    indptr = np.concatenate([[0]] + [part.indptr[1:] + offset for part, offset in zip(parts, nnz_before)])
+    data = np.concatenate([part.data[: part.nnz] for part in parts])
+    indices = np.concatenate([part.indices[: part.nnz] for part in parts])
+    return sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, parts[0].shape[1]))
+
+
 # --- shuffle buffers and minibatch cutting ---------------------------------------------------------------------
 
 
@@ -208,9 +248,7 @@ class _Buffer:
 
     def take(self, start: int, stop: int):
         """Counts of the cells emitted at positions [start, stop) of this buffer."""
-        if self.positions is None:
-            return self.counts[start:stop]
-        return self.counts[self.positions[start:stop]]
+        return _take_rows(self.counts, slice(start, stop) if self.positions is None else self.positions[start:stop])
 
 
 def _cut(pieces: Iterable[tuple[object, int]], batch_sizes: np.ndarray) -> Iterator[list[tuple[object, int, int]]]:
@@ -290,7 +328,7 @@ class _MinibatchStream:
             raise BlockReadError(
                 f"reading rows [{start}, {stop}) of {self.reader!r} failed: {type(error).__name__}: {error}"
             ) from error
-        return block if local is None else block[local]
+        return block if local is None else _take_rows(block, local)
 
     # --- producer thread: blocks to buffers to minibatches
 
@@ -310,25 +348,17 @@ class _MinibatchStream:
             blocks.append(future.result())
             submit_more()
             if len(blocks) == len(buffer.reads):
-                buffer.counts = self._stack(blocks)
+                buffer.counts = _stack_rows(blocks)
                 blocks = []
                 yield buffer, len(buffer.rows)
-
-    def _stack(self, parts: list):
-        if len(parts) == 1:
-            return parts[0]
-        return sp.vstack(parts, format="csr") if self._is_sparse else np.concatenate(parts)
 
     def _assemble(self, parts: list[tuple[_Buffer, int, int]]) -> dict:
         """One minibatch dict (see the module docstring) from its (buffer, start, stop) cell ranges."""
         rows = np.concatenate([buffer.rows[start:stop] for buffer, start, stop in parts])
-        counts = self._stack([buffer.take(start, stop) for buffer, start, stop in parts])
+        counts = _stack_rows([buffer.take(start, stop) for buffer, start, stop in parts])
         x = counts.toarray() if self._is_sparse else np.ascontiguousarray(counts)
-        minibatch = {
-            "x": x,
-            "rows": rows,
-            "library": x.sum(axis=1, dtype=np.float64).astype(np.float32),
-        }
+        # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
+        minibatch = {"x": x, "rows": rows, "library": x.sum(axis=1)}
         if self.return_csr:
             csr = counts if self._is_sparse else sp.csr_matrix(counts)
             minibatch["x_csr"] = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
@@ -385,14 +415,14 @@ class BlockShuffleSampler(_MinibatchStream):
     """Block-shuffled training minibatches over `rows` (default: all cells), sharded across ranks, resumable.
 
     Each epoch:
-    1. The store is cut into blocks of `block_rows` rows (default: the store's chunk_rows, so blocks are
-       chunk-aligned); blocks holding none of `rows` are dropped; the rest are put in a random order drawn from
-       (seed, epoch).
+    1. The store is cut into blocks of `block_rows` rows (default: the store's chunk_rows for dense stores,
+       min(chunk_rows, 1024) for CSR; blocks start at multiples of block_rows, so they align with chunks);
+       blocks holding none of `rows` are dropped; the rest are put in a random order drawn from (seed, epoch).
     2. Sharding: that order, read as one sequence of N cells, is cut into `world_size` consecutive pieces of
        N // world_size or N // world_size + 1 cells; rank r takes piece r. Every rank computes the same order, so
        the pieces are disjoint and together hold every cell once; at most world_size - 1 blocks are split
        between two neighbouring ranks (each reads its own part).
-    3. A rank fills buffers with `buffer_blocks` consecutive blocks of its piece, shuffles each buffer's cells
+    3. A rank fills buffers with `buffer_blocks` (default: 65,536 cells' worth) consecutive blocks of its piece, shuffles each buffer's cells
        (seeded by seed, epoch, rank and buffer index) and cuts minibatches of `batch_size`; cells left over at
        the end of a buffer start the next minibatch.
     Balance for DistributedDataParallel: every rank yields the same number K of minibatches, because pieces differ
@@ -418,7 +448,7 @@ class BlockShuffleSampler(_MinibatchStream):
         *,
         batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
         block_rows: int | None = None,
-        buffer_blocks: int = DEFAULT_BUFFER_BLOCKS,
+        buffer_blocks: int | None = None,
         seed: int = 0,
         drop_last: bool = False,
         rank: int = 0,
@@ -435,6 +465,11 @@ class BlockShuffleSampler(_MinibatchStream):
         max(buffer_blocks, 2 * num_workers), i.e. the next buffer is read while the current one is consumed),
         prefetch_batches (finished minibatches waiting), num_workers (reader threads), read_with and client (see
         the module docstring)."""
+        if block_rows is None:
+            block_rows = min(reader.chunk_rows, DEFAULT_CSR_BLOCK_ROWS) if reader.is_sparse else reader.chunk_rows
+        block_rows = _positive_int(block_rows, "block_rows")
+        if buffer_blocks is None:
+            buffer_blocks = max(1, DEFAULT_BUFFER_CELLS // block_rows)
         self.buffer_blocks = _positive_int(buffer_blocks, "buffer_blocks")
         super().__init__(
             reader,
