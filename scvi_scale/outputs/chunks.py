@@ -36,7 +36,7 @@ from scvi_scale.settings import settings
 from scvi_scale.train import to_tensors
 
 LN_MEAN_BLOCK_VALUES = 1 << 22  # latent values per block of draws when averaging softmax(z) for "ln"
-# Noise streams; transform batch number t uses stream + N_STREAMS * t, so each batch gets fresh draws.
+# Noise streams of a cell (shifted by stream_offset(transform batch), so each batch gets its own draws).
 STREAM_Z, STREAM_LIBRARY, STREAM_COUNTS, STREAM_DROPOUT, N_STREAMS = 0, 1, 2, 3, 4
 
 
@@ -76,12 +76,19 @@ def _normal(noise: CellNoise, stream: int, shape: tuple, like: torch.Tensor) -> 
     return torch.from_numpy(noise.normal(stream, shape)).to(like.device).transpose(0, 1)
 
 
-def posterior_draws(module, tensors: dict, noise: CellNoise, n_draws: int, transform_index: int = 0):
-    """n_draws draws of (z, log library) per cell from q: z (S, B, L) transformed as the decoder sees it ("ln":
-    softmax), library (S, B, 1): the observed one, or draws of q(l | x). Also returns the inference outputs."""
+def stream_offset(transform_batch: int | None) -> int:
+    """Where the noise streams of draws decoded in a batch start: each batch has its own, None (the observed batch)
+    the first; so averaging over batches [a, b] averages exactly what decoding in a, then in b, gives."""
+    return 0 if transform_batch is None else N_STREAMS * (int(transform_batch) + 1)
+
+
+def posterior_draws(module, tensors: dict, noise: CellNoise, n_draws: int, transform_batch: int | None = None):
+    """n_draws draws of (z, log library) per cell from q, to be decoded in `transform_batch`: z (S, B, L)
+    transformed as the decoder sees it ("ln": softmax), library (S, B, 1): the observed one, or draws of q(l | x).
+    Also returns the inference outputs."""
     inference = module.inference(tensors)
     qz, ql = inference["qz"], inference["ql"]
-    offset = N_STREAMS * transform_index
+    offset = stream_offset(transform_batch)
     z = module.z_encoder.transform(qz.loc + qz.scale * _normal(noise, STREAM_Z + offset, (n_draws, qz.loc.shape[1]), qz.loc))
     if ql is None:
         library = inference["library"].reshape(1, -1, 1).expand(n_draws, -1, -1)
@@ -197,8 +204,8 @@ class ExpressionJob:
         parts = []
         for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
             total = 0.0
-            for index, batch in enumerate(self.transform_batches):
-                z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, index)
+            for batch in self.transform_batches:
+                z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, batch)
                 outputs = decode(module, z, library, tensors, batch)
                 if self.library_size == "latent":
                     values = outputs["px_rate"]
@@ -253,13 +260,13 @@ class PosteriorPredictiveJob:
         for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
             n_genes = tensors["x"].shape[1]
             total = [None] * self.n_samples
-            for index, batch in enumerate(self.transform_batches):
-                z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, index)
+            for batch in self.transform_batches:
+                z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, batch)
                 outputs = {
                     key: None if value is None else value.double().cpu().numpy()
                     for key, value in decode(module, z, library, tensors, batch).items()
                 }
-                offset = N_STREAMS * index
+                offset = stream_offset(batch)
                 uniforms = noise.uniform(STREAM_COUNTS + offset, self.n_samples * n_genes)
                 dropout_uniforms = None
                 if outputs["zi_logits"] is not None:
@@ -316,9 +323,10 @@ class ScaleSampleJob:
         for batch in np.unique(batches):
             chosen = order[batches[order] == batch]
             selected = select(minibatch, positions[chosen])
+            decode_in = None if batch < 0 else int(batch)
             for tensors, noise in sub_batches(selected, CellNoise(seed, requests[chosen]), batch_size, device):
-                z, library, _ = posterior_draws(module, tensors, noise, 1)
-                outputs = decode(module, z, library, tensors, None if batch < 0 else int(batch))
+                z, library, _ = posterior_draws(module, tensors, noise, 1, decode_in)
+                outputs = decode(module, z, library, tensors, decode_in)
                 values = outputs["px_rate"] if self.library_size == "latent" else outputs["px_scale"] * self.library_size
                 scales.append(values[0] if self.genes is None else values[0][:, list(self.genes)])
         return {"requests": requests[order], "scales": torch.cat(scales).cpu().numpy()}

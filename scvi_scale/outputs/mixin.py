@@ -393,10 +393,11 @@ class OutputsMixin:
 
     def _posterior_scales(
         self, rows: np.ndarray, batches: np.ndarray, *, genes, library_size, seed, batch_size, chunk_rows, client,
-        model_dir, silent, description: str = "posterior samples",
+        model_dir, silent, first_request: int = 0, description: str = "posterior samples",
     ) -> np.ndarray:
         """One posterior draw of px_scale * library_size per request (rows[i] decoded in batches[i], -1: its own
-        batch); returns (len(rows), G') float32 in request order. One pass over the requested cells' chunks."""
+        batch), keyed by its number first_request + i; returns (len(rows), G') float32 in request order. One pass
+        over the requested cells' chunks."""
         rows = np.asarray(rows, dtype=np.int64)
         batches = np.asarray(batches, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
@@ -408,7 +409,7 @@ class OutputsMixin:
             last = np.searchsorted(sorted_rows, unit.rows[-1], side="right")
             requests = order[first:last]
             positions = np.searchsorted(unit.rows, rows[requests])
-            units.append(Unit(unit.index, unit.rows, (positions, batches[requests], requests)))
+            units.append(Unit(unit.index, unit.rows, (positions, batches[requests], requests + first_request)))
         job = ScaleSampleJob(genes=genes, library_size=library_size)
         with self._worker_reference(client, model_dir) as reference:
             results = run_units(
@@ -418,7 +419,7 @@ class OutputsMixin:
         n_genes = self.store.n_vars if genes is None else len(genes)
         scales = np.empty((len(rows), n_genes), dtype=np.float32)
         for result in results:
-            scales[result["requests"]] = result["scales"]
+            scales[result["requests"] - first_request] = result["scales"]
         return scales
 
     # --- differential expression -------------------------------------------------------------------------------
@@ -498,7 +499,11 @@ class OutputsMixin:
                               stacklevel=2)
                 n_per_condition[side] = 2
 
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+        # Cells are picked, and (with use_permutation) paired, by their own generators, and the draws are keyed
+        # by request number: how the comparisons are grouped into passes does not change the result.
+        pick_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+        pair_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+        n_requests = 0
         bytes_per_comparison = (
             sum(len(conditions[side]) * n_per_condition[side] for side in (1, 2)) * self.store.n_vars * 4
         )
@@ -514,16 +519,16 @@ class OutputsMixin:
                     codes == group2_code)
                 for side in (1, 2):
                     for condition in conditions[side]:
-                        picked = rng.choice(sides[side], size=n_per_condition[side], replace=True)
+                        picked = pick_rng.choice(sides[side], size=n_per_condition[side], replace=True)
                         rows.append(picked)
                         batches.append(np.full(len(picked), condition))
                         blocks.append((side, condition, offset, offset + len(picked)))
                         offset += len(picked)
-            pass_seed = int(np.random.SeedSequence(seed, spawn_key=(1, first)).generate_state(1)[0])
             samples = self._posterior_scales(
-                np.concatenate(rows), np.concatenate(batches), genes=None, library_size=1.0, seed=pass_seed,
-                description="DE posterior samples", **common,
+                np.concatenate(rows), np.concatenate(batches), genes=None, library_size=1.0, seed=seed,
+                first_request=n_requests, description="DE posterior samples", **common,
             )
+            n_requests += offset
             per_comparison = len(blocks) // len(batch_of_comparisons)
             for number, (group1_code, group2_code) in enumerate(batch_of_comparisons):
                 own = blocks[number * per_comparison : (number + 1) * per_comparison]
@@ -531,7 +536,7 @@ class OutputsMixin:
                     samples, own, group1_code, group2_code, names, label_rows, statistics, mode=mode, delta=delta,
                     pseudocounts=pseudocounts, threshold_counts=threshold_counts, test_mode=test_mode,
                     fdr_target=fdr_target, all_stats=all_stats, use_observed_batches=use_observed_batches,
-                    use_permutation=use_permutation, m_permutation=m_permutation, rng=rng,
+                    use_permutation=use_permutation, m_permutation=m_permutation, rng=pair_rng,
                 ))
             del samples
         result = pd.concat(frames, axis=0)

@@ -1,0 +1,415 @@
+"""Chunked outputs written back to Zarr: writer guarantees, chunked == at once, DE on planted markers, posterior
+predictive moments, resume after a crash, dask workers, the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import zarr
+from scipy import stats
+
+from scvi_scale import SCVI
+from scvi_scale.datasets import synthetic_atlas
+from scvi_scale.outputs import (
+    OutputError,
+    OutputIncompleteError,
+    OutputsMixin,
+    output_store,
+    read_output,
+    write_obsm,
+    write_uns,
+)
+from scvi_scale.outputs import chunks
+from scvi_scale.outputs.noise import CellNoise, invert_counts
+from scvi_scale.outputs.writer import CsrOutput, DenseOutput
+
+N_CELLS, N_GENES, CHUNK_ROWS = 1200, 600, 256
+
+
+class OutputsSCVI(OutputsMixin, SCVI):
+    """SCVI with the outputs, whether or not SCVI already inherits OutputsMixin."""
+
+
+def store_files(path: Path, below: str) -> dict[str, str]:
+    """sha256 of every file under path/below, by relative path."""
+    return {
+        str(file.relative_to(path)): hashlib.sha256(file.read_bytes()).hexdigest()
+        for file in sorted((path / below).rglob("*"))
+        if file.is_file()
+    }
+
+
+def dense_counts(path) -> np.ndarray:
+    x = anndata.read_zarr(path).X
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("outputs") / "atlas.zarr"
+    synthetic_atlas(path, n_cells=N_CELLS, n_genes=N_GENES, n_batches=2, n_cell_types=3, markers_per_type=6,
+                    chunk_rows=CHUNK_ROWS, seed=11)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(atlas) -> OutputsSCVI:
+    """A ZINB model trained briefly (enough for the planted markers to stand out)."""
+    SCVI.setup_zarr(atlas, batch_key="batch")
+    trained = OutputsSCVI(atlas, n_latent=8, n_hidden=64)
+    trained.train(max_epochs=20, batch_size=128, plan_kwargs={"n_epochs_kl_warmup": 5}, seed=0)
+    return trained
+
+
+@pytest.fixture
+def scratch_store(tmp_path) -> Path:
+    path = tmp_path / "small.zarr"
+    synthetic_atlas(path, n_cells=300, n_genes=600, n_batches=2, n_cell_types=3, markers_per_type=6, chunk_rows=128,
+                    seed=5)
+    return path
+
+
+# --- the writer ----------------------------------------------------------------------------------------------------
+
+
+def test_dense_output_resumes_refuses_and_completes(scratch_store):
+    values = np.random.default_rng(0).random((300, 7)).astype(np.float32)
+    output = DenseOutput(str(scratch_store), "obsm", "X_test", 300, 7, 128, {"method": "test"})
+    assert output.prepare() == [0, 1, 2]
+    output.write_chunk(1, values[128:256])
+    with pytest.raises(OutputIncompleteError, match="1 of 3 chunks"):
+        read_output(scratch_store, "obsm/X_test")
+    seen = anndata.read_zarr(scratch_store).obsm["X_test"]  # anndata opens it while incomplete: NaN where unwritten
+    assert np.isnan(seen[:128]).all() and np.array_equal(seen[128:256], values[128:256])
+    assert output.prepare() == [0, 2]  # the same settings resume
+    with pytest.raises(OutputError, match="other settings"):
+        DenseOutput(str(scratch_store), "obsm", "X_test", 300, 7, 128, {"method": "other"}).prepare()
+    for chunk in (2, 0):
+        output.write_chunk(chunk, values[slice(*output.bounds(chunk))])
+    output.finish()
+    np.testing.assert_array_equal(read_output(scratch_store, "obsm/X_test").compute(), values)
+    np.testing.assert_array_equal(anndata.read_zarr(scratch_store).obsm["X_test"], values)
+    with pytest.raises(OutputError, match="already exists"):
+        output.prepare()
+    assert output.prepare(overwrite=True) == [0, 1, 2]
+    assert not list(scratch_store.parent.glob(".*progress*/obsm/X_test/*.done"))
+
+
+def test_csr_output_is_assembled_in_row_order(scratch_store):
+    values = sp.random(300, 600, density=0.05, format="csr", dtype=np.float32, random_state=1)
+    output = CsrOutput(str(scratch_store), "layers", "sampled", 300, 600, 128, {})
+    for chunk in reversed(output.prepare()):
+        output.write_chunk(chunk, values[slice(*output.bounds(chunk))])
+    with pytest.raises(OutputIncompleteError):
+        read_output(scratch_store, "layers/sampled")
+    assert "sampled" not in anndata.read_zarr(scratch_store).layers  # not there until assembled
+    output.finish()
+    layer = anndata.read_zarr(scratch_store).layers["sampled"]
+    assert sp.issparse(layer) and (layer != values).nnz == 0
+    assert (read_output(scratch_store, "layers/sampled").compute() != values).nnz == 0
+
+
+def test_writer_never_touches_x_or_existing_entries(scratch_store):
+    before = {**store_files(scratch_store, "X"), **store_files(scratch_store, "obs"), **store_files(scratch_store, "var")}
+    write_obsm(scratch_store, "X_small", np.ones((300, 2)))
+    with pytest.raises(OutputError, match="already exists"):
+        write_obsm(scratch_store, "X_small", np.zeros((300, 2)))
+    write_uns(scratch_store, "table", pd.DataFrame({"a": [1.0, 2.0]}, index=["g1", "g1"]))
+    with pytest.raises(OutputError, match="not 'X'|X is never written"):
+        DenseOutput(str(scratch_store), "X", "data", 300, 1, 128)
+    with pytest.raises(OutputError, match="one row per cell"):
+        write_obsm(scratch_store, "X_bad", np.ones((10, 2)))
+    after = {**store_files(scratch_store, "X"), **store_files(scratch_store, "obs"), **store_files(scratch_store, "var")}
+    assert before == after
+    adata = anndata.read_zarr(scratch_store)
+    assert adata.obsm["X_small"].shape == (300, 2) and adata.uns["table"]["a"].tolist() == [1.0, 2.0]
+
+
+def test_separate_output_store_is_a_valid_anndata_store(scratch_store, tmp_path):
+    target = output_store(scratch_store, tmp_path / "outputs.zarr")
+    write_obsm(target, "X_new", np.arange(600).reshape(300, 2))
+    adata, source = anndata.read_zarr(target), anndata.read_zarr(scratch_store)
+    assert adata.X is None and adata.obsm["X_new"][299, 1] == 599
+    pd.testing.assert_frame_equal(adata.obs, source.obs)
+    pd.testing.assert_frame_equal(adata.var, source.var)
+    assert "X_new" not in source.obsm
+    assert output_store(scratch_store, target) == str(target)  # reopening checks and reuses it
+
+
+# --- counts drawn by inversion ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("theta", [None, 0.05, 0.4, 30.0])
+def test_inverted_counts_follow_the_negative_binomial_and_poisson(theta):
+    mean = np.array([0.02, 0.7, 4.0, 60.0])
+    n_draws = 40_000
+    uniform = CellNoise(3, np.arange(n_draws)).uniform(0, len(mean))
+    counts = invert_counts(uniform, np.broadcast_to(mean, (n_draws, len(mean))).copy(),
+                           None if theta is None else np.full(len(mean), theta)).toarray()
+    for gene, mu in enumerate(mean):
+        draws = counts[:, gene]
+        if theta is None:
+            law = stats.poisson(mu)
+        else:
+            law = stats.nbinom(theta, theta / (theta + mu))
+        assert abs(draws.mean() - law.mean()) < 5 * np.sqrt(law.var() / n_draws)
+        # the empirical CDF against the law's, at every value up to the 99th percentile
+        values = np.arange(int(law.ppf(0.99)) + 1)
+        empirical = (draws[:, None] <= values[None, :]).mean(0)
+        assert np.abs(empirical - law.cdf(values)).max() < 5 * 0.5 / np.sqrt(n_draws)
+
+
+def test_cell_noise_depends_only_on_seed_stream_and_cell():
+    everything = CellNoise(7, np.arange(100)).normal(2, (3, 4))
+    some = CellNoise(7, np.array([42, 3])).normal(2, (3, 4))
+    np.testing.assert_array_equal(some, everything[[42, 3]])
+    assert not np.allclose(CellNoise(8, np.arange(100)).normal(2, (3, 4)), everything)
+    assert not np.allclose(CellNoise(7, np.arange(100)).normal(1, (3, 4)), everything)
+    assert abs(everything.mean()) < 0.15 and abs(everything.std() - 1) < 0.1
+
+
+# --- chunked equals at once -----------------------------------------------------------------------------------------
+
+
+def test_written_outputs_equal_outputs_computed_at_once(model, atlas):
+    at_once = dict(chunk_rows=N_CELLS, batch_size=128)  # one chunk holding every cell
+    latent = model.write_latent_representation(overwrite=True)
+    np.testing.assert_allclose(latent.compute(), model.get_latent_representation(), rtol=1e-5, atol=1e-6)
+
+    written = model.get_normalized_expression(write_to="scvi_normalized", seed=3, batch_size=128, overwrite=True)
+    in_memory = model.get_normalized_expression(return_numpy=True, seed=3, **at_once)
+    np.testing.assert_array_equal(written.compute(), in_memory)
+    np.testing.assert_allclose(in_memory.sum(1), 1.0, rtol=1e-4)  # px_scale: fractions over genes
+
+    parameters = model.get_likelihood_parameters(write_to="scvi", seed=4, batch_size=128, overwrite=True)
+    direct = model.get_likelihood_parameters(seed=4, **at_once)
+    for name in ("mean", "dispersions", "dropout"):
+        np.testing.assert_array_equal(parameters[name].compute(), direct[name])
+    observed_library = dense_counts(atlas).sum(1)
+    np.testing.assert_allclose(direct["mean"].sum(1), observed_library, rtol=1e-4)
+    np.testing.assert_allclose(direct["dispersions"][5], torch.exp(model.module.px_r).detach().numpy(), rtol=1e-6)
+
+    sampled = model.posterior_predictive_sample(write_to="scvi_samples", seed=5, batch_size=128, overwrite=True)
+    assert (sampled.compute() != model.posterior_predictive_sample(seed=5, **at_once)).nnz == 0
+
+    library = model.get_latent_library_size(give_mean=False, write_to="library", batch_size=128, overwrite=True)
+    np.testing.assert_allclose(library.compute()[:, 0], observed_library, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="does not compute the posterior distribution"):
+        model.get_latent_library_size()
+
+    adata = anndata.read_zarr(atlas)
+    assert {"X_scvi"} <= set(adata.obsm) and {"scvi_normalized", "scvi_samples", "scvi_mean"} <= set(adata.layers)
+    assert sp.issparse(adata.layers["scvi_samples"]) and adata.layers["scvi_normalized"].dtype == np.float32
+
+
+def test_values_of_a_cell_do_not_depend_on_its_company(model):
+    full = model.get_normalized_expression(return_numpy=True, n_samples=2, seed=9)
+    cells = [1100, 7, 300]
+    some = model.get_normalized_expression(indices=cells, gene_list=["gene_3", "gene_500"], n_samples=2, seed=9,
+                                           batch_size=2)
+    np.testing.assert_allclose(some.to_numpy(), full[cells][:, [3, 500]], rtol=1e-5)
+    assert list(some.index) == [f"cell_{cell}" for cell in cells]
+    both = model.get_normalized_expression(indices=cells, transform_batch=["batch_0", "batch_1"], return_numpy=True)
+    each = [model.get_normalized_expression(indices=cells, transform_batch=b, return_numpy=True)
+            for b in ("batch_0", "batch_1")]
+    np.testing.assert_allclose(both, (each[0] + each[1]) / 2, rtol=1e-5)  # averaged over batches, as scvi-tools
+    draws = model.get_normalized_expression(indices=cells, n_samples=3, return_mean=False)
+    assert draws.shape == (3, 3, N_GENES)
+    with pytest.raises(ValueError, match="not a valid batch category"):
+        model.get_normalized_expression(indices=cells, transform_batch="batch_9")
+    with pytest.raises(ValueError, match="not in the model"):
+        model.get_normalized_expression(indices=cells, gene_list=["no_such_gene"])
+    with pytest.raises(OutputError, match="every gene"):
+        model.get_normalized_expression(gene_list=["gene_3"], write_to="partial")
+
+
+# --- posterior predictive samples -------------------------------------------------------------------------------
+
+
+def test_posterior_predictive_moments_match_the_fitted_zinb(model):
+    """Each draw s of a cell is ZINB(mu_s, theta, pi_s) given its own z_s; get_likelihood_parameters with the same
+    seed sees the same z_s. Pooled over draws, mean and variance must match the mixture's within sampling error."""
+    cells, n_draws = np.arange(0, N_CELLS, 40), 300
+    samples = model.posterior_predictive_sample(indices=cells, n_samples=n_draws, seed=21)
+    counts = np.stack([sample.toarray() for sample in samples])  # (draws, cells, genes)
+    parameters = model.get_likelihood_parameters(indices=cells, n_samples=n_draws, seed=21)
+    mu, theta, pi = parameters["mean"], parameters["dispersions"], parameters["dropout"]
+    mean = (1 - pi) * mu
+    variance = (1 - pi) * mu * (1 + mu / theta + pi * mu)
+    pooled_mean = mean.mean(0)  # per cell and gene, over draws: a mixture over z
+    pooled_variance = (variance + mean**2).mean(0) - pooled_mean**2
+    n = counts.shape[0]
+    empirical_mean, empirical_variance = counts.mean(0), counts.var(0)
+    fourth = ((counts - empirical_mean) ** 4).mean(0)
+    expressed = pooled_mean > 0.05
+    z_mean = (empirical_mean - pooled_mean) / np.sqrt(pooled_variance / n)
+    z_variance = (empirical_variance - pooled_variance) / np.sqrt(np.maximum(fourth - empirical_variance**2, 1e-12) / n)
+    assert np.abs(z_mean[expressed]).max() < 6
+    assert np.mean(np.abs(z_mean[expressed]) < 2) > 0.9  # ~95% expected within 2 standard errors
+    assert np.mean(np.abs(z_variance[expressed]) < 2.5) > 0.85
+
+
+# --- differential expression -------------------------------------------------------------------------------------
+
+
+def test_de_ranks_planted_markers_above_null_genes_with_the_right_sign(model, atlas):
+    var = model.store.var_frame()
+    truth = 2.0 ** anndata.read_zarr(atlas).uns["synthetic_atlas"]["true_log2_scale"]  # (types, genes)
+    for mode, key in (("vanilla", "bayes_factor"), ("change", "proba_de")):
+        result = model.differential_expression(groupby="cell_type", mode=mode, silent=True, n_samples_overall=2000)
+        assert list(result["comparison"].unique()) == [f"type_{t} vs Rest" for t in range(3)]
+        for cell_type in range(3):
+            rows = result[result["group1"] == f"type_{cell_type}"]
+            assert rows[key].is_monotonic_decreasing
+            true_lfc = np.log2(truth[cell_type] / np.delete(truth, cell_type, axis=0).mean(0))
+            null = pd.Index(var.index[np.abs(true_lfc) < 0.3])
+            markers = var.index[var["marker_of"] == f"type_{cell_type}"]
+            rank = pd.Series(np.arange(len(rows)), index=rows.index)
+            above_null = (rank[markers].to_numpy()[:, None] < rank[null].to_numpy()[None, :]).mean()
+            assert above_null > 0.9, (mode, cell_type, above_null)
+            assert np.median(rank[markers]) < 0.1 * N_GENES
+            if mode == "change":
+                assert (rows.loc[markers, "lfc_mean"] > 0).mean() >= 0.9
+
+
+def test_de_change_mode_follows_delta_and_fdr(model):
+    def run(**options):
+        return model.differential_expression(groupby="cell_type", group1="type_0", group2="type_1", mode="change",
+                                             silent=True, n_samples_overall=1000, seed=4, **options)
+
+    narrow, wide = run(delta=0.25), run(delta=1.0)
+    wide = wide.loc[narrow.index]
+    assert (wide["proba_de"] <= narrow["proba_de"] + 1e-12).all()  # same samples: a wider null can only lose mass
+    assert (narrow["delta"] == 0.25).all() and (narrow["proba_de"] + narrow["proba_not_de"]).eq(1).all()
+    two_sided = run(delta=0.25, test_mode="two").loc[narrow.index]
+    assert (two_sided["proba_de"] >= narrow["proba_de"] - 1e-12).all()
+    np.testing.assert_allclose(two_sided["lfc_mean"], narrow["lfc_mean"])
+    # the FDR call: the top n genes, n the number of ranks where the running mean of 1 - proba_de is <= 0.05
+    ranked = narrow["proba_de"].to_numpy()
+    n_called = int(((np.cumsum(1 - ranked) / np.arange(1, len(ranked) + 1)) <= 0.05).sum())
+    assert narrow["is_de_fdr_0.05"].to_numpy().tolist() == [True] * n_called + [False] * (len(ranked) - n_called)
+    assert not run(delta=50.0)["is_de_fdr_0.05"].any()
+    vanilla = model.differential_expression(groupby="cell_type", group1="type_0", silent=True, n_samples_overall=500)
+    np.testing.assert_allclose(vanilla["proba_m1"] + vanilla["proba_m2"], 1.0)
+    np.testing.assert_allclose(
+        vanilla["bayes_factor"], np.log(vanilla["proba_m1"] + 1e-8) - np.log(vanilla["proba_m2"] + 1e-8)
+    )
+
+
+def test_de_raw_statistics_equal_a_direct_computation(model, atlas, tmp_path):
+    counts = dense_counts(atlas)
+    groups = anndata.read_zarr(atlas).obs["cell_type"].to_numpy()
+    in_group, in_other = groups == "type_2", groups == "type_0"
+    result = model.differential_expression(groupby="cell_type", group1="type_2", group2="type_0", silent=True,
+                                           n_samples_overall=200, write_to="de_type_2", table_path=tmp_path / "de")
+    result = result.loc[model.store.var_names]
+    normalized = counts / counts.sum(1, keepdims=True) * 1e4
+    for suffix, cells in (("1", in_group), ("2", in_other)):
+        np.testing.assert_allclose(result[f"raw_mean{suffix}"], counts[cells].mean(0), rtol=1e-6)
+        np.testing.assert_allclose(result[f"non_zeros_proportion{suffix}"], (counts[cells] > 0).mean(0), rtol=1e-6)
+        np.testing.assert_allclose(result[f"raw_normalized_mean{suffix}"], normalized[cells].mean(0), rtol=1e-5)
+    rest = model.differential_expression(idx1=in_group, silent=True, n_samples_overall=200)
+    np.testing.assert_allclose(rest.loc[model.store.var_names, "raw_mean2"], counts[~in_group].mean(0), rtol=1e-6)
+    assert "comparison" not in rest.columns  # as scvi-tools: no group columns for idx1/idx2
+    stored = anndata.read_zarr(atlas).uns["de_type_2"]
+    np.testing.assert_allclose(stored["raw_mean1"].to_numpy(), result.loc[stored.index, "raw_mean1"].to_numpy())
+    assert len(list(tmp_path.glob("de.*"))) == 1
+
+
+def test_de_result_does_not_depend_on_passes_or_workers(model):
+    options = dict(groupby="cell_type", mode="change", silent=True, n_samples_overall=300, seed=2)
+    one_pass = model.differential_expression(**options)
+    pass_per_comparison = model.differential_expression(**options, max_sample_bytes=1)
+    pd.testing.assert_frame_equal(one_pass, pass_per_comparison)
+    distributed = pytest.importorskip("distributed")
+    threads = torch.get_num_threads()
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+            on_workers = model.differential_expression(**options, client=client)
+            written = model.get_normalized_expression(write_to="on_workers", client=client, seed=3, overwrite=True)
+    finally:
+        torch.set_num_threads(threads)
+    pd.testing.assert_frame_equal(one_pass, on_workers)
+    np.testing.assert_array_equal(written.compute(), model.get_normalized_expression(return_numpy=True, seed=3))
+
+
+# --- crashes -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas, monkeypatch, kind):
+    x_before = store_files(atlas, "X")
+    key = f"crash_{kind}"
+    write = (
+        (lambda **o: model.get_normalized_expression(write_to=key, seed=8, **o)) if kind == "dense"
+        else (lambda **o: model.posterior_predictive_sample(write_to=key, seed=8, **o))
+    )
+    real_write, written = chunks._write, []
+
+    def crash_after_two(outputs, unit, result):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        real_write(outputs, unit, result)
+        written.append(unit.index)
+
+    monkeypatch.setattr(chunks, "_write", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    with pytest.raises(OutputIncompleteError, match="2 of 5 chunks"):
+        read_output(atlas, f"layers/{key}")
+    anndata.read_zarr(atlas)  # still opens
+    with pytest.raises(OutputError, match="other settings"):
+        model.get_normalized_expression(write_to=key, seed=9) if kind == "dense" else \
+            model.posterior_predictive_sample(write_to=key, seed=9)
+
+    monkeypatch.setattr(chunks, "_write", real_write)
+    computed = []
+    real_compute = chunks._compute
+    monkeypatch.setattr(chunks, "_compute", lambda *a, **k: computed.append(a[2].index) or real_compute(*a, **k))
+    resumed = write().compute()
+    assert sorted(computed) == [chunk for chunk in range(5) if chunk not in written]  # finished chunks are skipped
+    if kind == "dense":
+        np.testing.assert_array_equal(resumed, model.get_normalized_expression(return_numpy=True, seed=8))
+    else:
+        assert (resumed != model.posterior_predictive_sample(seed=8)).nnz == 0
+    assert store_files(atlas, "X") == x_before
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not issubclass(SCVI, OutputsMixin), reason="SCVI does not inherit OutputsMixin yet")
+def test_command_line_writes_outputs(model, atlas, tmp_path, capsys):
+    import argparse
+
+    from scvi_scale.outputs.cli import add_commands
+
+    model.save(tmp_path / "model")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    output = tmp_path / "cli_outputs.zarr"
+    for command in (
+        ["latent", str(atlas), "--model", str(tmp_path / "model"), "--output-store", str(output)],
+        ["normalize", str(atlas), "--model", str(tmp_path / "model"), "--output-store", str(output)],
+        ["de", str(atlas), "--model", str(tmp_path / "model"), "--groupby", "cell_type", "--output-store",
+         str(output), "--n-samples-overall", "200"],
+        ["sample", str(atlas), "--model", str(tmp_path / "model"), "--output-store", str(output)],
+    ):
+        args = parser.parse_args(command)
+        assert args.run(args) == 0
+        assert json.loads(capsys.readouterr().out)["written"]
+    adata = anndata.read_zarr(output)
+    assert {"X_scvi"} <= set(adata.obsm) and {"scvi_normalized", "scvi_samples"} <= set(adata.layers)
+    assert "de_cell_type" in adata.uns
