@@ -210,8 +210,9 @@ def decoder_px_scale(
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden has shape {tuple(hidden.shape)}, expected (cells, hidden units)")
-    n_genes = scale_weight.shape[0] if scale_weight.dim() == 2 else -1
-    _check_2d("scale_weight", scale_weight, (n_genes, hidden.shape[1]))
+    if scale_weight.dim() != 2 or scale_weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"scale_weight has shape {tuple(scale_weight.shape)}, expected (genes, {hidden.shape[1]})")
+    n_genes = scale_weight.shape[0]
     if tuple(scale_bias.shape) != (n_genes,):
         raise ValueError(f"scale_bias has shape {tuple(scale_bias.shape)}, expected ({n_genes},)")
     if gene_chunk is not None and gene_chunk < 1:

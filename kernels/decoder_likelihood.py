@@ -35,6 +35,7 @@ from scvi_scale.kernels.tl_math import LIKELIHOOD_CODES, POISSON, ZINB, count_lo
 
 GPU_TILE = (16, 64)  # (cells, genes); tl.dot needs >= 16 in every dimension
 GPU_TILE_ELEMENTS = 8192  # cap on BLOCK_GENES * BLOCK_HIDDEN on a GPU, so weight tiles fit in registers
+NUM_WARPS = 8  # the weight-gradient kernel holds two BLOCK_GENES x BLOCK_HIDDEN accumulators
 
 
 @triton.jit
@@ -290,8 +291,10 @@ class _Launch:
         """Grid of the kernel that loops over cell tiles."""
         return self.n_gene_blocks, self.cell_splits
 
-    def blocks(self) -> dict:
-        return dict(BLOCK_CELLS=self.block_cells, BLOCK_GENES=self.block_genes, BLOCK_HIDDEN=self.block_hidden)
+    def options(self) -> dict:
+        """Block sizes and warps, the launch arguments every decoder kernel takes."""
+        return dict(BLOCK_CELLS=self.block_cells, BLOCK_GENES=self.block_genes, BLOCK_HIDDEN=self.block_hidden,
+                    num_warps=NUM_WARPS)
 
 
 def _log_sum_exp(hidden, scale_weight, scale_bias, grid: _Launch) -> torch.Tensor:
@@ -300,7 +303,7 @@ def _log_sum_exp(hidden, scale_weight, scale_bias, grid: _Launch) -> torch.Tenso
     partial_sum = launch.new_buffer((grid.gene_splits, grid.n_cells), like=hidden)
     _lse_kernel[grid.over_genes](
         hidden, scale_weight, scale_bias, partial_max, partial_sum,
-        grid.n_cells, grid.n_genes, grid.n_hidden, grid.gene_splits, **grid.blocks(),
+        grid.n_cells, grid.n_genes, grid.n_hidden, grid.gene_splits, **grid.options(),
     )
     overall_max = partial_max.max(0).values
     # A split that got no gene tile reports (-inf, 0): exp(-inf - max) * 0 = 0 adds nothing.
@@ -329,7 +332,7 @@ class DecoderLogLikelihood(torch.autograd.Function):
             hidden, scale_weight, scale_bias, _or(dropout_weight, scale_weight), _or(dropout_bias, scale_bias),
             log_library, lse, x, _or(theta, x), partial_log_p, partial_a,
             grid.n_cells, grid.n_genes, grid.n_hidden, _theta_cell_stride(theta), grid.gene_splits,
-            LIKELIHOOD=LIKELIHOOD_CODES[likelihood], NEED_A=need_a, **grid.blocks(),
+            LIKELIHOOD=LIKELIHOOD_CODES[likelihood], NEED_A=need_a, **grid.options(),
         )
         a_sum = partial_a.sum(0) if need_a else None
         ctx.likelihood, ctx.grid = likelihood, grid
@@ -350,7 +353,7 @@ class DecoderLogLikelihood(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             partial = launch.new_buffer((grid.gene_splits, grid.n_cells, grid.n_hidden), like=hidden)
             _grad_hidden_kernel[grid.over_genes](
-                *shared, partial, *sizes, grid.gene_splits, LIKELIHOOD=code, **grid.blocks())
+                *shared, partial, *sizes, grid.gene_splits, LIKELIHOOD=code, **grid.options())
             grad_hidden = partial.sum(0)
         grads_weights = (None,) * 5
         if any(ctx.needs_input_grad[i] for i in (1, 2, 5, 6, 7)):
@@ -376,7 +379,7 @@ def _grad_weights(shared, sizes, theta, likelihood: str, grid: _Launch):
     grad_theta = launch.new_buffer(theta_shape, like=hidden) if has_theta else scale_bias
     _grad_weights_kernel[grid.over_cells](
         *shared, scale_weight, scale_bias, dropout_weight, dropout_bias, grad_theta, *sizes, splits,
-        LIKELIHOOD=LIKELIHOOD_CODES[likelihood], THETA_PER_GENE=theta_per_gene, **grid.blocks(),
+        LIKELIHOOD=LIKELIHOOD_CODES[likelihood], THETA_PER_GENE=theta_per_gene, **grid.options(),
     )
     grad_theta = (grad_theta.sum(0) if theta_per_gene else grad_theta) if has_theta else None
     if not zinb:
@@ -406,7 +409,7 @@ def decoder_px_scale(hidden, scale_weight, scale_bias) -> torch.Tensor:
     px_scale = launch.new_buffer((grid.n_cells, grid.n_genes), like=hidden)
     _px_scale_kernel[grid.over_genes](
         hidden, scale_weight, scale_bias, lse, px_scale,
-        grid.n_cells, grid.n_genes, grid.n_hidden, grid.gene_splits, **grid.blocks(),
+        grid.n_cells, grid.n_genes, grid.n_hidden, grid.gene_splits, **grid.options(),
     )
     return px_scale
 

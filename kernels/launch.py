@@ -7,6 +7,8 @@ of a dot >= 16), and a loop over tiles is split between programs until there are
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -35,8 +37,12 @@ def loop_splits(n_programs_across: int, n_tiles: int, device: torch.device) -> i
     """Programs sharing a loop over n_tiles tiles, given n_programs_across programs on the other grid axis."""
     if interpreted(device):
         return 1
-    n_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, triton.cdiv(PROGRAMS_PER_SM * n_sms, n_programs_across)))
+    return max(1, min(n_tiles, triton.cdiv(PROGRAMS_PER_SM * _sm_count(device.index), n_programs_across)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def tile(n_cells: int, n_genes: int, device: torch.device, gpu_tile: tuple[int, int], minimum: int = 1):

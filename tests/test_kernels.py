@@ -429,6 +429,29 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch, caplog):
     assert kernels._choose_backend(torch.device("cpu")) == "torch"
 
 
+def test_torch_path_falls_back_to_eager_when_compile_fails(monkeypatch, caplog, rng):
+    """torch.compile needs a C++ toolchain; without one the PyTorch path warns once and computes eagerly."""
+    from scvi_scale.kernels import torch_ops
+
+    def failing_compile(function, **options):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch_ops, "COMPILE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(torch_ops, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(settings, "kernel_backend", "torch")
+    x, mu, theta, zi = draw_count_inputs(rng, 3, 20, "zinb", theta_per_cell=False)
+    with caplog.at_level(logging.WARNING, logger="scvi_scale.kernels"):
+        for _ in range(2):
+            out = kernels.count_log_likelihood(*as_tensors(torch.float64, x, mu, theta, zi))
+            assert rel_err(out, log_prob_reference(x, mu, theta, zi, "zinb").sum(-1)) < FLOAT64_TOL
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 2 and all("no C++ compiler" in w for w in warnings)  # once per compiled function
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
