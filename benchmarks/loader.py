@@ -41,7 +41,8 @@ import numpy as np
 TRAIN_BATCH_SIZE = 128
 INFERENCE_BATCH_SIZE = 4096
 N_BATCH_LABELS = 16
-SWEEP = [(4096, 4), (4096, 16), (4096, 32), (2048, 32), (1024, 16), (1024, 32), (1024, 64)]  # (block_rows, buffer_blocks)
+# (block_rows, buffer_blocks) pairs for table 3
+SWEEP = [(4096, 4), (4096, 16), (4096, 32), (2048, 32), (1024, 16), (1024, 32), (1024, 64)]
 DASK_OVERHEAD_BLOCKS = 40
 
 

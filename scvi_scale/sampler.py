@@ -169,7 +169,9 @@ def _checked_obs_arrays(obs_arrays: Mapping[str, np.ndarray] | None, n_obs: int)
     checked = {}
     for key, values in (obs_arrays or {}).items():
         if key in RESERVED_KEYS:
-            raise ValueError(f"obs_arrays key {key!r} clashes with a minibatch entry; reserved: {sorted(RESERVED_KEYS)}")
+            raise ValueError(
+                f"obs_arrays key {key!r} clashes with a minibatch entry; reserved: {sorted(RESERVED_KEYS)}"
+            )
         values = np.asarray(values)
         if values.ndim == 0 or values.shape[0] != n_obs:
             raise ValueError(
@@ -422,9 +424,9 @@ class BlockShuffleSampler(_MinibatchStream):
        N // world_size or N // world_size + 1 cells; rank r takes piece r. Every rank computes the same order, so
        the pieces are disjoint and together hold every cell once; at most world_size - 1 blocks are split
        between two neighbouring ranks (each reads its own part).
-    3. A rank fills buffers with `buffer_blocks` (default: 65,536 cells' worth) consecutive blocks of its piece, shuffles each buffer's cells
-       (seeded by seed, epoch, rank and buffer index) and cuts minibatches of `batch_size`; cells left over at
-       the end of a buffer start the next minibatch.
+    3. A rank fills buffers with `buffer_blocks` consecutive blocks of its piece (default: 65,536 cells' worth),
+       shuffles each buffer's cells (seeded by seed, epoch, rank and buffer index) and cuts minibatches of
+       `batch_size`; cells left over at the end of a buffer start the next minibatch.
     Balance for DistributedDataParallel: every rank yields the same number K of minibatches, because pieces differ
     by at most one cell. With drop_last=False, K = ceil((N // world_size) / batch_size): every minibatch holds
     batch_size cells except each rank's last, which holds the rest of its piece (batch_size + 1 cells in the rare
