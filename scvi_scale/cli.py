@@ -2,6 +2,7 @@
 
     scvi-scale convert SOURCE STORE            # .h5ad, 10x folder or AnnData-Zarr -> our streaming layout
     scvi-scale train STORE --batch-key batch --out MODEL_DIR [--max-epochs N] [--resume]
+    scvi-scale latent | normalize | de | sample STORE --model MODEL_DIR   # outputs written into the store
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import sys
 import time
 from pathlib import Path
+
+from scvi_scale.outputs.cli import add_commands as add_output_commands
 
 
 def _add_train(commands) -> None:
@@ -40,6 +43,7 @@ def _add_train(commands) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out after a kill")
     p.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
+    p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
@@ -105,6 +109,7 @@ def _add_convert(commands) -> None:
     p.add_argument("store")
     p.add_argument("--chunk-rows", type=int, help="rows per streaming block (default: see write_store)")
     p.add_argument("--layer", help="take counts from this layer of the source instead of X")
+    p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args) -> int:
@@ -124,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_convert(commands)
     _add_train(commands)
+    add_output_commands(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    runners = {"convert": _run_convert, "train": _run_train}
-    return runners[args.command](args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 from scvi_scale import __version__
 from scvi_scale.data import CountStore, Registry, StoreError
 from scvi_scale.module import VAE
+from scvi_scale.outputs import OutputsMixin
 from scvi_scale.sampler import BlockShuffleSampler, SequentialSampler, train_validation_split
 from scvi_scale.train import TrainingConfig, fit, max_epochs_heuristic, to_tensors
 
@@ -34,11 +35,13 @@ CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_INFERENCE_BATCH_SIZE = 1024
 
 
-class SCVI:
+class SCVI(OutputsMixin):
     """scVI (Lopez et al. 2018) on a Zarr store that `SCVI.setup_zarr` registered.
 
     Parameters are scvi-tools' `SCVI` ones, with its defaults; other keyword arguments go to the module (`VAE`):
     encode_covariates, deeply_inject_covariates, use_batch_norm, use_layer_norm, use_observed_lib_size.
+    The chunked outputs (normalized expression, DE, posterior samples, likelihood parameters and their Zarr
+    write-back) come from `scvi_scale.outputs.OutputsMixin`.
     """
 
     # store key -> Registry built by setup_zarr; scvi-tools keeps its managers in a class-level map the same way.
