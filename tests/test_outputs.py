@@ -34,10 +34,6 @@ from scvi_scale.outputs.writer import CsrOutput, DenseOutput
 N_CELLS, N_GENES, CHUNK_ROWS = 1200, 600, 256
 
 
-class OutputsSCVI(OutputsMixin, SCVI):
-    """SCVI with the outputs, whether or not SCVI already inherits OutputsMixin."""
-
-
 def store_files(path: Path, below: str) -> dict[str, str]:
     """sha256 of every file under path/below, by relative path."""
     return {
@@ -64,10 +60,11 @@ def atlas(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(atlas) -> OutputsSCVI:
+def model(atlas) -> SCVI:
     """A ZINB model trained briefly (enough for the planted markers to stand out)."""
     SCVI.setup_zarr(atlas, batch_key="batch")
-    trained = OutputsSCVI(atlas, n_latent=8, n_hidden=64)
+    assert issubclass(SCVI, OutputsMixin)
+    trained = SCVI(atlas, n_latent=8, n_hidden=64)
     trained.train(max_epochs=20, batch_size=128, plan_kwargs={"n_epochs_kl_warmup": 5}, seed=0)
     return trained
 
@@ -151,23 +148,30 @@ def test_separate_output_store_is_a_valid_anndata_store(scratch_store, tmp_path)
 
 
 @pytest.mark.parametrize("theta", [None, 0.05, 0.4, 30.0])
-def test_inverted_counts_follow_the_negative_binomial_and_poisson(theta):
-    mean = np.array([0.02, 0.7, 4.0, 60.0])
+@pytest.mark.parametrize("dropout", [None, 0.3])
+def test_inverted_counts_follow_the_zinb_nb_and_poisson(theta, dropout):
+    mean = np.array([0.02, 0.7, 4.0, 60.0], dtype=np.float32)
     n_draws = 40_000
     uniform = CellNoise(3, np.arange(n_draws)).uniform(0, len(mean))
-    counts = invert_counts(uniform, np.broadcast_to(mean, (n_draws, len(mean))).copy(),
-                           None if theta is None else np.full(len(mean), theta)).toarray()
-    for gene, mu in enumerate(mean):
+    shape = (n_draws, len(mean))
+    counts = invert_counts(
+        uniform, np.broadcast_to(mean, shape).copy(), None if theta is None else np.full(len(mean), theta, np.float32),
+        None if dropout is None else np.full(shape, dropout, np.float32),
+    ).toarray()
+    for gene, mu in enumerate(mean.astype(np.float64)):
+        law = stats.poisson(mu) if theta is None else stats.nbinom(theta, theta / (theta + mu))
+        keep = 1.0 if dropout is None else 1.0 - dropout  # a zero-inflated law: 0 w.p. dropout, else the law
+
+        def cdf(values):
+            return (1.0 - keep) + keep * law.cdf(values)
+
+        mean_ = keep * law.mean()
+        variance = keep * (law.var() + law.mean() ** 2) - mean_**2
         draws = counts[:, gene]
-        if theta is None:
-            law = stats.poisson(mu)
-        else:
-            law = stats.nbinom(theta, theta / (theta + mu))
-        assert abs(draws.mean() - law.mean()) < 5 * np.sqrt(law.var() / n_draws)
-        # the empirical CDF against the law's, at every value up to the 99th percentile
-        values = np.arange(int(law.ppf(0.99)) + 1)
+        assert abs(draws.mean() - mean_) < 5 * np.sqrt(variance / n_draws)
+        values = np.arange(int(law.ppf(0.99)) + 1)  # the empirical CDF against the law's, up to its 99th percentile
         empirical = (draws[:, None] <= values[None, :]).mean(0)
-        assert np.abs(empirical - law.cdf(values)).max() < 5 * 0.5 / np.sqrt(n_draws)
+        assert np.abs(empirical - cdf(values)).max() < 5 * 0.5 / np.sqrt(n_draws)
 
 
 def test_cell_noise_depends_only_on_seed_stream_and_cell():
@@ -203,8 +207,10 @@ def test_written_outputs_equal_outputs_computed_at_once(model, atlas):
     sampled = model.posterior_predictive_sample(write_to="scvi_samples", seed=5, batch_size=128, overwrite=True)
     assert (sampled.compute() != model.posterior_predictive_sample(seed=5, **at_once)).nnz == 0
 
-    library = model.get_latent_library_size(give_mean=False, write_to="library", batch_size=128, overwrite=True)
+    library = model.get_latent_library_size(give_mean=False, write_to="library", batch_size=128, overwrite=True,
+                                            output_store=atlas.parent / "library.zarr")
     np.testing.assert_allclose(library.compute()[:, 0], observed_library, rtol=1e-5)
+    assert "library" in anndata.read_zarr(atlas.parent / "library.zarr").obsm
     with pytest.raises(RuntimeError, match="does not compute the posterior distribution"):
         model.get_latent_library_size()
 
@@ -390,7 +396,6 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
 # --- command line --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not issubclass(SCVI, OutputsMixin), reason="SCVI does not inherit OutputsMixin yet")
 def test_command_line_writes_outputs(model, atlas, tmp_path, capsys):
     import argparse
 

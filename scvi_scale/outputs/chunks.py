@@ -37,7 +37,7 @@ from scvi_scale.train import to_tensors
 
 LN_MEAN_BLOCK_VALUES = 1 << 22  # latent values per block of draws when averaging softmax(z) for "ln"
 # Noise streams of a cell (shifted by stream_offset(transform batch), so each batch gets its own draws).
-STREAM_Z, STREAM_LIBRARY, STREAM_COUNTS, STREAM_DROPOUT, N_STREAMS = 0, 1, 2, 3, 4
+STREAM_Z, STREAM_LIBRARY, STREAM_COUNTS, N_STREAMS = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,9 @@ def decode(module, z: torch.Tensor, library: torch.Tensor, tensors: dict, transf
     The draws are stacked along the cell axis (each input tensor repeated S times) for one generative call.
     """
     n_draws, n_cells = z.shape[:2]
-    tiled = {key: value.repeat(n_draws, *([1] * (value.dim() - 1))) for key, value in tensors.items()}
+    tiled = tensors if n_draws == 1 else {
+        key: value.repeat(n_draws, *([1] * (value.dim() - 1))) for key, value in tensors.items()
+    }
     outputs = module.generative(
         z.reshape(n_draws * n_cells, -1), library.reshape(n_draws * n_cells, 1), tiled, transform_batch=transform_batch
     )
@@ -112,22 +114,6 @@ def decode(module, z: torch.Tensor, library: torch.Tensor, tensors: dict, transf
         for key, value in outputs.items()
         if key in ("px_scale", "px_rate", "theta", "zi_logits")
     }
-
-
-def sample_counts(
-    rate: np.ndarray, theta: np.ndarray | None, zi_logits: np.ndarray | None, uniform: np.ndarray,
-    dropout_uniform: np.ndarray | None,
-) -> sp.csr_matrix:
-    """Counts (B, G) as float32 CSR from the likelihood: Poisson(rate) when theta is None, else NB(rate, theta),
-    by CDF inversion of `uniform`; zero-inflated when zi_logits is given (a non-zero draw is set to zero where
-    dropout_uniform < sigmoid(zi_logits), independently of it). Arrays are float64 (B, G); theta may be (G,)."""
-    counts = invert_counts(uniform, rate, theta)
-    if zi_logits is not None and counts.nnz:
-        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
-        dropout = 1.0 / (1.0 + np.exp(-zi_logits[rows, counts.indices]))
-        counts.data[dropout_uniform[rows, counts.indices] < dropout] = 0.0
-        counts.eliminate_zeros()
-    return counts
 
 
 # --- jobs -----------------------------------------------------------------------------------------------------------
@@ -213,7 +199,9 @@ class ExpressionJob:
                     values = outputs["px_scale"] * self.library_size
                 total = total + (values if self.genes is None else values[..., list(self.genes)])
             expression = total / len(self.transform_batches)  # (S, B, G')
-            if self.return_mean or self.n_samples == 1:
+            if self.n_samples == 1:
+                parts.append(expression[0])
+            elif self.return_mean:
                 parts.append(expression.mean(0))
             else:
                 parts.append(expression.transpose(0, 1))
@@ -246,9 +234,10 @@ class LikelihoodJob:
 
 @dataclass(frozen=True)
 class PosteriorPredictiveJob:
-    """{"sample_0", ..., "sample_{S-1}"}: (n, G') float32 CSR counts drawn from the fitted likelihood given one
-    draw of q(z, l | x) each, over the genes `genes` (None: all; a gene's draws do not depend on the selection);
-    with several transform_batches the draws of the batches are averaged, as scvi-tools does."""
+    """{"sample_0", ..., "sample_{S-1}"}: (n, G') float32 CSR counts drawn from the fitted likelihood (NB, ZINB or
+    Poisson; noise.invert_counts) given one draw of q(z, l | x) each, over the genes `genes` (None: all; a gene's
+    draws do not depend on the selection); with several transform_batches the draws of the batches are averaged,
+    as scvi-tools does."""
 
     transform_batches: tuple = (None,)
     genes: tuple | None = None
@@ -258,37 +247,31 @@ class PosteriorPredictiveJob:
         parts = [[] for _ in range(self.n_samples)]
         genes = slice(None) if self.genes is None else list(self.genes)
         for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
-            n_genes = tensors["x"].shape[1]
-            total = [None] * self.n_samples
+            n_cells, n_genes = tensors["x"].shape
+            total = 0
             for batch in self.transform_batches:
                 z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, batch)
-                outputs = {
-                    key: None if value is None else value.double().cpu().numpy()
-                    for key, value in decode(module, z, library, tensors, batch).items()
-                }
-                offset = stream_offset(batch)
-                uniforms = noise.uniform(STREAM_COUNTS + offset, self.n_samples * n_genes)
-                dropout_uniforms = None
-                if outputs["zi_logits"] is not None:
-                    dropout_uniforms = noise.uniform(STREAM_DROPOUT + offset, self.n_samples * n_genes)
-                for draw in range(self.n_samples):
-                    own = slice(draw * n_genes, (draw + 1) * n_genes)
-                    theta = outputs["theta"]
-                    if theta is not None:
-                        theta = (theta if theta.ndim == 1 else theta[draw])[..., genes]
-                    zi_logits = None if outputs["zi_logits"] is None else outputs["zi_logits"][draw][:, genes]
-                    counts = sample_counts(
-                        outputs["px_rate"][draw][:, genes],
-                        theta,
-                        zi_logits,
-                        uniforms[:, own][:, genes],
-                        None if dropout_uniforms is None else dropout_uniforms[:, own][:, genes],
-                    )
-                    total[draw] = counts if total[draw] is None else total[draw] + counts
+                outputs = decode(module, z, library, tensors, batch)
+
+                def stacked(value):  # (S, B, G) -> (S * B, G') on the CPU, draws one after the other
+                    return value[..., genes].reshape(-1, value.shape[-1] if self.genes is None else len(genes)).cpu()
+
+                uniforms = noise.uniform(STREAM_COUNTS + stream_offset(batch), self.n_samples * n_genes)
+                uniforms = uniforms.reshape(n_cells, self.n_samples, n_genes)[..., genes].transpose(1, 0, 2)
+                theta = outputs["theta"]
+                if theta is not None:
+                    theta = theta[genes].cpu() if theta.dim() == 1 else stacked(theta)
+                zi_logits = outputs["zi_logits"]
+                total = total + invert_counts(
+                    np.ascontiguousarray(uniforms).reshape(self.n_samples * n_cells, -1),
+                    stacked(outputs["px_rate"]),
+                    theta,
+                    None if zi_logits is None else torch.sigmoid(stacked(zi_logits)),
+                )
+            if len(self.transform_batches) > 1:
+                total = total / len(self.transform_batches)
             for draw in range(self.n_samples):
-                if len(self.transform_batches) > 1:
-                    total[draw] = total[draw] / len(self.transform_batches)
-                parts[draw].append(total[draw])
+                parts[draw].append(total[draw * n_cells : (draw + 1) * n_cells])
         return {f"sample_{draw}": sp.vstack(part, format="csr") for draw, part in enumerate(parts)}
 
 

@@ -52,7 +52,8 @@ from scvi_scale.outputs.chunks import (
     model_digest,
     run_units,
 )
-from scvi_scale.outputs.writer import CsrOutput, DenseOutput, OutputError, output_store, read_output, write_uns
+from scvi_scale.outputs import writer
+from scvi_scale.outputs.writer import CsrOutput, DenseOutput, OutputError, read_output, write_uns
 
 logger = logging.getLogger("scvi_scale.outputs")
 
@@ -149,7 +150,7 @@ class OutputsMixin:
             raise OutputError("outputs written to a store cover every cell: pass indices=None with write_to")
         batch_size = batch_size or DEFAULT_BATCH_SIZE
         chunk_rows = self._chunk_rows(chunk_rows)
-        target = output_store(self.store.path, output_store) if output_store is not None else self.store.path
+        target = writer.output_store(self.store.path, output_store)
         settings = {**arguments, "seed": seed, "batch_size": batch_size, "model": model_digest(self.module)}
         chunked = {
             name: (DenseOutput if kind == "dense" else CsrOutput)(
@@ -541,7 +542,7 @@ class OutputsMixin:
             del samples
         result = pd.concat(frames, axis=0)
         if write_to is not None:
-            target = output_store(self.store.path, output_store) if output_store is not None else self.store.path
+            target = writer.output_store(self.store.path, output_store)
             write_uns(target, write_to, result, overwrite=overwrite)
         if table_path is not None:
             write_table(result, table_path)
