@@ -4,7 +4,8 @@
 
 Paths, each timed for forward + backward (the minimum over --repeats runs after a warm-up):
     unfused     the textbook dense PyTorch forms (count_likelihood.reference_count_log_likelihood,
-                decoder_likelihood.reference_decoder_log_likelihood): three lgammas per entry, autograd, B x G temporaries
+                decoder_likelihood.reference_decoder_log_likelihood): three lgammas per entry, autograd,
+                B x G temporaries
     torch       scvi_scale.kernels' PyTorch path (torch_ops.py): sparse-aware, analytic gradients; eager, and with
                 torch.compile as it runs from torch_ops.COMPILE_MIN_ENTRIES entries on
     triton      the fused Triton kernels (CUDA only)
@@ -14,11 +15,13 @@ excluded), which is what training keeps alive from forward to backward; the Trit
 TRITON_INTERPRET=1 is set (its forward then runs in the interpreter, ~1 minute at this size).
 On CUDA, each time is set against two floors, written with B cells, G genes, H hidden units, 4-byte floats and
 z = 1 for ZINB (the dropout head), 0 otherwise:
-    bytes floor  count:   4 B G (reads x, mu, logits z, writes d mu, d z: 3 + 2z tensors) -> 4 B G (3 + 2 z)
-                 decoder: 4 (B G + 2 B H + 2 G H (1 + z))   (x once; hidden and the weights read, their gradients written)
+    bytes floor  count:   4 B G (3 + 2 z)   (x, mu, z read; d mu, d z written; theta per gene is negligible)
+                 decoder: 4 (B G + 2 B H + 2 G H (1 + z))   (x read once; hidden and the weights read, their
+                          gradients written)
     FLOP floor   decoder: 2 B G H (1 + z) x 3   (logits forward; d hidden and d W backward)
     time floor   bytes floor / copy bandwidth and FLOP floor / fp32 matmul rate, both measured on the device
                  (a device-to-device copy; torch.mm with TF32 off, the precision the kernels use)
+    achieved     bytes floor / measured time: the bandwidth the op would need if it moved only the floor's bytes
 """
 
 from __future__ import annotations
@@ -81,10 +84,19 @@ def compile_threshold(entries: int):
         torch_ops.COMPILE_MIN_ENTRIES = saved
 
 
+def leaves(inputs: dict, op: str, likelihood: str) -> dict:
+    """Fresh autograd leaves of the inputs the likelihood takes (the parameters requiring gradients), None for the
+    others (theta for Poisson, the dropout logits or head unless ZINB)."""
+    unused = {"zi_logits", "dropout_weight", "dropout_bias"} if likelihood != "zinb" else set()
+    if likelihood == "poisson":
+        unused.add("theta")
+    return {name: None if name in unused else t.detach().requires_grad_(name in PARAMETERS[op])
+            for name, t in inputs.items()}
+
+
 def forward_backward(function, inputs: dict, op: str, likelihood: str):
     """One training step's worth of the op: the per-cell log-likelihood, summed, and its gradients."""
-    leaves = {name: t.detach().requires_grad_(name in PARAMETERS[op]) for name, t in inputs.items()}
-    function(**leaves, likelihood=likelihood).sum().backward()
+    function(**leaves(inputs, op, likelihood), likelihood=likelihood).sum().backward()
 
 
 def seconds(function, inputs, op, likelihood, repeats: int, device: str) -> float:
@@ -148,8 +160,8 @@ def device_rates(device: str) -> tuple[float, float]:
 
 def saved_bytes(function, inputs: dict, op: str, likelihood: str) -> int:
     """Bytes of the tensors autograd saves for the backward of one forward pass, inputs' storage excluded."""
-    leaves = {name: t.detach().requires_grad_(name in PARAMETERS[op]) for name, t in inputs.items()}
-    input_storages = {t.untyped_storage().data_ptr() for t in leaves.values()}
+    arguments = leaves(inputs, op, likelihood)
+    input_storages = {t.untyped_storage().data_ptr() for t in arguments.values() if t is not None}
     saved = {}
 
     def pack(tensor):
@@ -159,7 +171,7 @@ def saved_bytes(function, inputs: dict, op: str, likelihood: str) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = function(**leaves, likelihood=likelihood)
+        out = function(**arguments, likelihood=likelihood)
     return sum(saved.values()) + out.numel() * out.element_size()
 
 
@@ -180,7 +192,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--memory-genes", type=int, default=33538)
     parser.add_argument("--likelihood", default="zinb", choices=("zinb", "nb", "poisson"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -188,48 +201,54 @@ def main() -> None:
           + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"))
 
     for device in devices:
-        decoder = decoder_inputs(args.cells, args.genes, args.hidden, device)
-        by_op = {"count": count_inputs(decoder), "decoder": decoder}
-        rates = device_rates(device) if device == "cuda" else None
-        print(f"\n### Time, forward + backward, {device}: B={args.cells} G={args.genes} H={args.hidden} "
-              f"{args.likelihood}, {int((decoder['x'] > 0).sum()) / decoder['x'].numel():.0%} nonzero")
-        header = "| op | path | time (ms) | vs unfused |"
-        if rates:
-            header += " achieved GB/s | bytes floor (ms) | FLOP floor (ms) |"
-        print(header + "\n|" + "---|" * (header.count("|") - 1))
-        for op, inputs in by_op.items():
-            unfused_time = None
-            for name, (function, threshold) in paths(op, device, with_triton=device == "cuda").items():
-                with compile_threshold(torch_ops.COMPILE_MIN_ENTRIES if threshold is None else threshold):
-                    elapsed = seconds(function, inputs, op, args.likelihood, args.repeats, device)
-                unfused_time = unfused_time or elapsed
-                row = f"| {op} | {name} | {1e3 * elapsed:.1f} | {unfused_time / elapsed:.2f}x |"
-                if rates:
-                    bytes_floor, flop_floor = floors(op, args.likelihood, args.cells, args.genes, args.hidden)
-                    row += (f" {bytes_floor / elapsed / 1e9:.0f} | {1e3 * bytes_floor / rates[0]:.2f} |"
-                            f" {1e3 * flop_floor / rates[1]:.2f} |")
-                print(row)
-        if rates:
-            print(f"\nmeasured: copy bandwidth {rates[0] / 1e9:.0f} GB/s, fp32 matmul {rates[1] / 1e12:.1f} TFLOP/s")
+        if not args.skip_time:
+            print_times(device, args)
+        if not args.skip_memory:
+            print_memory(device, args)
 
-        if args.skip_memory:
-            continue
-        big = decoder_inputs(args.cells, args.memory_genes, args.hidden, device, seed=1)
-        what = "peak CUDA memory above the inputs" if device == "cuda" else "bytes saved for backward"
-        print(f"\n### Memory, decoder op, {device}: B={args.cells} G={args.memory_genes} H={args.hidden} "
-              f"{args.likelihood}: {what}\n| path | MiB | vs unfused |\n|---|---|---|")
-        unfused_bytes = None
-        # The interpreter runs the Triton kernels on the CPU (far too slowly to time), which is enough to see what
-        # they keep for the backward.
-        with_triton = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        for name, (function, threshold) in paths("decoder", device, with_triton).items():
-            measure = peak_cuda_bytes if device == "cuda" else saved_bytes
+
+def print_times(device: str, args) -> None:
+    decoder = decoder_inputs(args.cells, args.genes, args.hidden, device)
+    rates = device_rates(device) if device == "cuda" else None
+    print(f"\n### Time, forward + backward, {device}: B={args.cells} G={args.genes} H={args.hidden} {args.likelihood}, "
+          f"{int((decoder['x'] > 0).sum()) / decoder['x'].numel():.0%} nonzero")
+    header = "| op | path | time (ms) | vs unfused |"
+    if rates:
+        header += " achieved (GB/s) | bytes floor (ms) | FLOP floor (ms) |"
+    print(header + "\n|" + "---|" * (header.count("|") - 1))
+    for op, inputs in {"count": count_inputs(decoder), "decoder": decoder}.items():
+        unfused_time = None
+        for name, (function, threshold) in paths(op, device, with_triton=device == "cuda").items():
             with compile_threshold(torch_ops.COMPILE_MIN_ENTRIES if threshold is None else threshold):
-                used = measure(function, big, "decoder", args.likelihood)
-            unfused_bytes = unfused_bytes or used
-            print(f"| {name} | {used / 2**20:.3f} | {used / unfused_bytes:.3%} |")
-        del big
+                elapsed = seconds(function, inputs, op, args.likelihood, args.repeats, device)
+            unfused_time = unfused_time or elapsed
+            row = f"| {op} | {name} | {1e3 * elapsed:.1f} | {unfused_time / elapsed:.2f}x |"
+            if rates:
+                bytes_floor, flop_floor = floors(op, args.likelihood, args.cells, args.genes, args.hidden)
+                row += (f" {bytes_floor / elapsed / 1e9:.0f} | {1e3 * bytes_floor / rates[0]:.2f} |"
+                        f" {1e3 * flop_floor / rates[1]:.2f} |")
+            print(row)
+    if rates:
+        print(f"\nmeasured: copy bandwidth {rates[0] / 1e9:.0f} GB/s, fp32 matmul {rates[1] / 1e12:.1f} TFLOP/s")
 
+
+def print_memory(device: str, args) -> None:
+    inputs = decoder_inputs(args.cells, args.memory_genes, args.hidden, device, seed=1)
+    what = "peak CUDA memory above the inputs" if device == "cuda" else "bytes saved for backward"
+    print(f"\n### Memory, decoder op, {device}: B={args.cells} G={args.memory_genes} H={args.hidden} "
+          f"{args.likelihood}: {what}\n| path | MiB | vs unfused |\n|---|---|---|")
+    # The interpreter runs the Triton kernels on the CPU (far too slowly to time), which is enough to see what they
+    # keep for the backward. Eager and compiled PyTorch keep the same tensors: only the compiled path is measured.
+    with_triton = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    unfused_bytes = None
+    for name, (function, threshold) in paths("decoder", device, with_triton).items():
+        if name == "torch eager":
+            continue
+        measure = peak_cuda_bytes if device == "cuda" else saved_bytes
+        with compile_threshold(torch_ops.COMPILE_MIN_ENTRIES if threshold is None else threshold):
+            used = measure(function, inputs, "decoder", args.likelihood)
+        unfused_bytes = unfused_bytes or used
+        print(f"| {name} | {used / 2**20:.3f} | {used / unfused_bytes:.3%} |")
 
 if __name__ == "__main__":
     main()

@@ -85,7 +85,8 @@ def _check_2d(name: str, tensor: torch.Tensor, shape: tuple[int, int]) -> None:
 
 
 def _check_likelihood_inputs(likelihood: str, theta, zi_name: str, zi_given: bool, n_cells: int, n_genes: int):
-    """Checks the likelihood name, that theta and the zero-inflation input come exactly when needed, and theta's shape."""
+    """Checks the likelihood name, that theta and the zero-inflation input come exactly when needed, and theta's
+    shape."""
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood={likelihood!r}: expected one of {LIKELIHOODS}")
     if likelihood == "poisson" and theta is not None:

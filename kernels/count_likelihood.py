@@ -21,6 +21,7 @@ from scvi_scale.kernels import launch
 from scvi_scale.kernels.tl_math import LIKELIHOOD_CODES, POISSON, ZINB, count_log_prob, count_log_prob_grads
 
 GPU_TILE = (8, 256)  # (cells, genes) per tile on a GPU
+NUM_WARPS = 8  # 8 entries per thread: the special functions keep many temporaries live
 
 
 @triton.jit
@@ -108,6 +109,7 @@ def count_log_likelihood_forward(x, mu, theta, zi_logits, likelihood: str) -> to
         x, mu, mu if theta is None else theta, mu if zi_logits is None else zi_logits, partial,
         n_cells, n_genes, _theta_cell_stride(theta), n_splits,
         LIKELIHOOD=LIKELIHOOD_CODES[likelihood], BLOCK_CELLS=block_cells, BLOCK_GENES=block_genes,
+        num_warps=NUM_WARPS,
     )
     return partial.sum(0)
 
@@ -129,7 +131,7 @@ def count_log_likelihood_backward(x, mu, theta, zi_logits, likelihood: str, grad
         grad_mu, mu if grad_theta is None else grad_theta, mu if grad_zi is None else grad_zi,
         n_cells, n_genes, _theta_cell_stride(theta), n_splits,
         LIKELIHOOD=LIKELIHOOD_CODES[likelihood], THETA_PER_GENE=theta_per_gene,
-        BLOCK_CELLS=block_cells, BLOCK_GENES=block_genes,
+        BLOCK_CELLS=block_cells, BLOCK_GENES=block_genes, num_warps=NUM_WARPS,
     )
     if theta_per_gene:
         grad_theta = grad_theta.sum(0)

@@ -25,7 +25,8 @@ where w = 1 at x > 0 and w = sigmoid(L0 - z) (the share of NB(0) in p(0)) at x =
 E(x, theta) = digamma(x + theta) - digamma(theta) - log1p(x / theta), which is 0 at x = 0.
 
 Sparse-aware: at x = 0 nothing but L0 and the logits is needed, so stirlerr, bd0 and E, the expensive parts, are
-evaluated at the nonzero entries only (~10% of single-cell counts), gathered with nonzero().
+evaluated at the nonzero entries only (~10% of single-cell counts), gathered with nonzero(). From COMPILE_MIN_ENTRIES
+entries on, both parts run through torch.compile (see there).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ logger = logging.getLogger("scvi_scale.kernels")
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # Stirling's series for lgamma is used from z >= 8 on: with five terms its truncation error there is below 3e-13,
-# so one cut-off serves float32 and float64. Smaller arguments are shifted up by 8.
+# so one cut-off serves float32 and float64. Below it, stirlerr uses lgamma and E shifts its argument up by 8.
 STIRLING_MIN = 8.0
 # bd0(a, b) and h(v) switch to their series where the direct form cancels: bd0 where |v| < BD0_SERIES_MAX (as
 # Loader's), h where |v| < H_SERIES_MAX (its direct form loses 4 eps / v^2 relative). odd_series reaches float64
