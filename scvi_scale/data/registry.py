@@ -135,7 +135,7 @@ class Registry:
     it was built from.
     """
 
-    var_names: list[str]
+    var_names: list[str] = field(repr=False)  # thousands of genes: kept out of repr
     layer: str | None = None
     batch_key: str | None = None
     batch_categories: list = field(default_factory=lambda: list(NO_KEY_CATEGORIES))
