@@ -136,7 +136,7 @@ def count_log_likelihood(
     device = _check_devices(x=x, mu=mu, theta=theta, zi_logits=zi_logits)
     dtype = _compute_dtype(x, mu, theta, zi_logits)
     x, mu, theta, zi_logits = (None if t is None else t.to(dtype) for t in (x, mu, theta, zi_logits))
-    if _choose_backend(device) == "triton":
+    if _choose_backend(device) == "triton" and x.numel() > 0:  # (an empty grid is no launch: PyTorch answers)
         return _triton_module("count_likelihood").count_log_likelihood(x, mu, theta, zi_logits, likelihood)
     return torch_ops.count_log_likelihood(x, mu, theta, zi_logits, likelihood)
 
@@ -195,7 +195,7 @@ def decoder_log_likelihood(
     device = _check_devices(**inputs)
     dtype = _compute_dtype(*inputs.values())
     inputs = {name: None if t is None else t.to(dtype) for name, t in inputs.items()}
-    if _choose_backend(device) == "triton":
+    if _choose_backend(device) == "triton" and x.numel() > 0:
         return _triton_module("decoder_likelihood").decoder_log_likelihood(**inputs, likelihood=likelihood)
     return torch_ops.decoder_log_likelihood(**inputs, likelihood=likelihood)
 
@@ -219,6 +219,6 @@ def decoder_px_scale(
     if gene_chunk is not None and gene_chunk < 1:
         raise ValueError(f"gene_chunk={gene_chunk}: expected a positive number of genes or None")
     device = _check_devices(hidden=hidden, scale_weight=scale_weight, scale_bias=scale_bias)
-    if _choose_backend(device) == "triton":
+    if _choose_backend(device) == "triton" and hidden.shape[0] * n_genes > 0:
         return _triton_module("decoder_likelihood").decoder_px_scale(hidden, scale_weight, scale_bias)
     return torch_ops.decoder_px_scale(hidden, scale_weight, scale_bias, gene_chunk)
