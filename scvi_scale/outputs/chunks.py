@@ -23,6 +23,7 @@ import functools
 import hashlib
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from scvi_scale.outputs.de import GroupStatistics
 from scvi_scale.outputs.noise import CellNoise, invert_counts
+from scvi_scale.sampler import SequentialSampler
 from scvi_scale.settings import settings
 from scvi_scale.train import to_tensors
 
@@ -280,10 +282,13 @@ class RawStatsJob:
     """{"stats": GroupStatistics} of the unit's raw counts; the unit's payload holds its cells' group codes."""
 
     n_groups: int
+    needs_csr = True  # sparse sums are ~10x cheaper than dense ones at ~10% non-zeros
 
     def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
-        statistics = GroupStatistics(self.n_groups, minibatch["x"].shape[1])
-        statistics.add(minibatch["x"], unit.payload)
+        n_cells, n_genes = minibatch["x"].shape
+        indptr, indices, data = minibatch["x_csr"]
+        statistics = GroupStatistics(self.n_groups, n_genes)
+        statistics.add(sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes)), unit.payload)
         return {"stats": statistics}
 
 
@@ -376,10 +381,20 @@ def _write(outputs: dict, unit: Unit, result: dict) -> None:
         output.write_chunk(unit.index, result[name])
 
 
+def _minibatches(model, job, rows: np.ndarray, unit_size: int):
+    """The sampler's minibatches of unit_size cells over `rows`, read ahead in threads; with the CSR form of the
+    counts too for jobs that ask (needs_csr)."""
+    sampler = SequentialSampler(
+        model.store, rows, batch_size=unit_size, obs_arrays=model.obs_arrays,
+        return_csr=getattr(job, "needs_csr", False),
+    )
+    return iter(sampler)
+
+
 def _remote_unit(unit: Unit, reference: ModelReference, job, seed: int, batch_size: int, outputs: dict | None):
     """A dask task: compute one unit on a worker; write it there (returns None) or return the result."""
     model = _worker_model(reference)
-    with contextlib.closing(iter(model._sequential(unit.rows, batch_size=len(unit.rows)))) as stream:
+    with contextlib.closing(_minibatches(model, job, unit.rows, len(unit.rows))) as stream:
         minibatch = next(stream)
     result = _compute(model.module, job, unit, minibatch, seed, batch_size, model.device)
     if outputs is None:
@@ -414,15 +429,21 @@ def run_units(
         if client is None:
             model.module.eval()
             rows = np.concatenate([unit.rows for unit in units])
-            stream = iter(model._sequential(rows, batch_size=len(units[0].rows)))
-            with contextlib.closing(stream):  # stops the read-ahead threads if a unit fails
+            stream = _minibatches(model, job, rows, len(units[0].rows))
+            # Writes run in a thread (compression releases the GIL), one unit behind the compute.
+            with contextlib.closing(stream), ThreadPoolExecutor(1, thread_name_prefix="scvi-scale-write") as writer:
+                writing = None
                 for unit, minibatch in zip(units, stream, strict=True):
                     result = _compute(model.module, job, unit, minibatch, seed, batch_size, model.device)
                     if outputs is None:
                         results[unit.index] = result
                     else:
-                        _write(outputs, unit, result)
+                        if writing is not None:
+                            writing.result()  # raises a failed write here
+                        writing = writer.submit(_write, outputs, unit, result)
                     progress.update(1)
+                if writing is not None:
+                    writing.result()
         else:
             from distributed import as_completed
 

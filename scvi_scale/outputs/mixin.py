@@ -18,9 +18,9 @@ Names, arguments and defaults are scvi-tools' (RNASeqMixin, DifferentialComputat
 Written outputs come back as lazy dask arrays over the Zarr (writer.read_output); a write that stopped half way
 resumes where it stopped when called again with the same arguments (writer.py).
 
-The mixin uses these attributes of the model: module (the VAE), store (CountStore), registry, _sequential(rows,
-batch_size) (sampler.SequentialSampler over rows, in store order), device, var_names, save(dir) and the class
-method load(dir, store) (dask workers only).
+The mixin uses these attributes of the model: module (the VAE), store (CountStore), registry, obs_arrays (the
+per-cell encoded obs fields the sampler hands out), device, var_names, save(dir) and the class method load(dir,
+store) (dask workers only). It reads cells with sampler.SequentialSampler over the store, in store order.
 """
 
 from __future__ import annotations
