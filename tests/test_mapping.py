@@ -1,0 +1,209 @@
+"""Reference mapping (scArches) on the synthetic atlas: a reference trained on batches 0-2 is mapped onto held-out
+batch 3, written as a separate store from the same generated atlas (same genes, cell types and batch model)."""
+
+from __future__ import annotations
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scvi_scale.data import CountStore, StoreError, write_store
+from scvi_scale.datasets import synthetic_atlas
+from scvi_scale.mapping import (
+    AlignedStore,
+    ArchesMixin,
+    nearest_neighbours,
+    transfer_labels,
+    weighted_votes,
+    write_obs_column,
+)
+from scvi_scale.model import SCVI
+from scvi_scale.settings import settings
+
+QueryModel = type("QueryModel", (ArchesMixin, SCVI), {})
+N_GENES = 200
+QUERY_BATCH = "batch_3"
+
+
+def _write_subset(atlas: CountStore, rows, path, columns=None, extra_genes: int = 0, sparse: bool = True):
+    """Rows of the atlas as their own store; `columns` reorders or drops genes, `extra_genes` appends genes the
+    reference never saw (random counts)."""
+    counts = atlas.read_csr(0, atlas.n_obs)[rows]
+    names = atlas.var_names
+    if columns is not None:
+        counts, names = counts[:, columns], names[columns]
+    if extra_genes:
+        rng = np.random.default_rng(0)
+        extra = rng.poisson(1.0, (counts.shape[0], extra_genes)).astype(np.float32)
+        counts = np.hstack([counts.toarray(), extra])
+        names = names.append(pd.Index([f"novel_{i}" for i in range(extra_genes)]))
+    obs = pd.DataFrame(
+        {"batch": atlas.obs_column("batch").astype(str).to_numpy()[rows],
+         "cell_type": atlas.obs_column("cell_type").to_numpy()[rows]},
+        index=atlas.obs_names[rows],
+    )
+    return write_store(counts, path, obs=obs, var=pd.DataFrame(index=names), sparse=sparse, chunk_rows=128)
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory):
+    """Reference trained on batches 0-2, its saved directory, and the query model fine-tuned on batch 3."""
+    settings.progress_bar = False
+    folder = tmp_path_factory.mktemp("mapping")
+    atlas = synthetic_atlas(folder / "atlas.zarr", n_cells=1000, n_genes=N_GENES, n_batches=4, n_cell_types=4, seed=3)
+    batch = atlas.obs_column("batch").astype(str).to_numpy()
+    reference_rows, query_rows = np.flatnonzero(batch != QUERY_BATCH), np.flatnonzero(batch == QUERY_BATCH)
+    _write_subset(atlas, reference_rows, folder / "reference.zarr")
+    _write_subset(atlas, query_rows, folder / "query.zarr")
+    QueryModel.setup_zarr(folder / "reference.zarr", batch_key="batch", labels_key="cell_type")
+    reference = QueryModel(folder / "reference.zarr", n_hidden=32, n_latent=6)
+    reference.train(max_epochs=30, batch_size=128, seed=0, plan_kwargs={"lr": 1e-2})
+    reference.save(folder / "reference_model")
+    reference_state = {key: value.clone() for key, value in reference.module.state_dict().items()}
+    query = QueryModel.load_query_data(folder / "query.zarr", folder / "reference_model")
+    query.train(max_epochs=10, batch_size=128, seed=0)  # default plan: Adam with weight_decay 1e-6
+    return {"folder": folder, "atlas": atlas, "query_rows": query_rows, "reference": reference,
+            "reference_state": reference_state, "query": query}
+
+
+def test_query_cells_get_their_cell_types_by_label_transfer(mapped):
+    query = mapped["query"]
+    result = transfer_labels(mapped["reference"], query, k=15, write_to=False)
+    truth = query.store.obs_column("cell_type").astype(str).to_numpy()
+    accuracy = float(np.mean(result["predicted_cell_type"].astype(str).to_numpy() == truth))
+    assert accuracy > 0.8
+    uncertainty = result["predicted_cell_type_uncertainty"].to_numpy()
+    assert np.all((uncertainty >= 0) & (uncertainty <= 1))
+    wrong = result["predicted_cell_type"].astype(str).to_numpy() != truth
+    if wrong.any():  # the kernel's uncertainty is informative: errors are less certain than hits
+        assert uncertainty[wrong].mean() > uncertainty[~wrong].mean()
+
+
+def test_frozen_reference_weights_stay_bit_identical(mapped):
+    """Defaults: only the decoder's new batch columns and its batch norm learn. The run used Adam's weight decay,
+    which would move frozen entries of a partly trainable weight without the step hook."""
+    reference_state, query_module = mapped["reference_state"], mapped["query"].module
+    query_state = query_module.state_dict()
+    learned = {"decoder.px_decoder.fc_layers.Layer 0.1." + name for name in ("weight", "bias", "running_mean",
+                                                                              "running_var", "num_batches_tracked")}
+    for key, before in reference_state.items():
+        after = query_state[key]
+        if key in learned or key.endswith("num_batches_tracked"):
+            continue
+        if after.shape != before.shape:  # the decoder's first layer: reference columns, then the new batch's
+            assert key == "decoder.px_decoder.fc_layers.Layer 0.0.weight"
+            assert after.shape[1] == before.shape[1] + 1
+            after = after[:, : before.shape[1]]
+        assert torch.equal(after, before), key
+    first = query_state["decoder.px_decoder.fc_layers.Layer 0.0.weight"]
+    fresh = QueryModel.load_query_data(mapped["query"].store, mapped["folder"] / "reference_model").module
+    assert not torch.equal(first[:, -1], fresh.state_dict()["decoder.px_decoder.fc_layers.Layer 0.0.weight"][:, -1])
+    trainable = {name for name, p in query_module.named_parameters() if p.requires_grad}
+    assert trainable == {"decoder.px_decoder.fc_layers.Layer 0.0.weight", "decoder.px_decoder.fc_layers.Layer 0.1.weight",
+                         "decoder.px_decoder.fc_layers.Layer 0.1.bias"}
+
+
+def test_freeze_options_follow_scvi_tools(mapped):
+    directory = mapped["folder"] / "reference_model"
+    store = mapped["query"].store
+    everything = QueryModel.load_query_data(store, directory, unfrozen=True).module
+    assert all(p.requires_grad for p in everything.parameters())
+    opened = QueryModel.load_query_data(
+        store, directory, freeze_expression=False, freeze_dropout=True, freeze_batchnorm_encoder=False
+    ).module
+    names = {name for name, p in opened.named_parameters() if p.requires_grad}
+    assert {"z_encoder.encoder.fc_layers.Layer 0.0.weight", "z_encoder.encoder.fc_layers.Layer 0.0.bias",
+            "z_encoder.encoder.fc_layers.Layer 0.1.weight"} <= names
+    assert "z_encoder.mean_encoder.weight" not in names and "decoder.px_scale_decoder.weight" not in names
+    assert all(m.p == 0 for m in opened.modules() if isinstance(m, torch.nn.Dropout))
+    frozen_norm = QueryModel.load_query_data(store, directory).module.z_encoder.encoder.fc_layers[0][1]
+    assert frozen_norm.momentum == 0
+
+
+def test_unseen_gene_order_gives_the_same_latent(mapped, tmp_path):
+    folder, atlas, rows = mapped["folder"], mapped["atlas"], mapped["query_rows"]
+    mapped["query"].save(tmp_path / "query_model")
+    permutation = np.random.default_rng(1).permutation(N_GENES)
+    _write_subset(atlas, rows, tmp_path / "shuffled.zarr", columns=permutation)
+    shuffled = QueryModel.prepare_query_zarr(tmp_path / "shuffled.zarr", folder / "reference_model")
+    in_order = QueryModel.load(tmp_path / "query_model", folder / "query.zarr")
+    reordered = QueryModel.load(tmp_path / "query_model", shuffled)
+    np.testing.assert_array_equal(reordered.get_latent_representation(), in_order.get_latent_representation())
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_missing_genes_warn_and_read_as_zeros_extra_genes_are_dropped(mapped, tmp_path, sparse):
+    atlas, rows = mapped["atlas"], mapped["query_rows"][:50]
+    kept = np.random.default_rng(2).permutation(N_GENES)[: N_GENES - 10]
+    _write_subset(atlas, rows, tmp_path / "partial.zarr", columns=kept, extra_genes=5, sparse=sparse)
+    with pytest.warns(UserWarning, match=f"10 of the reference's {N_GENES} genes are missing"):
+        aligned = AlignedStore(tmp_path / "partial.zarr", atlas.var_names)
+    assert aligned.n_vars == N_GENES and list(aligned.var_names) == list(atlas.var_names)
+    expected = atlas.read_dense(0, atlas.n_obs)[rows]
+    expected[:, np.setdiff1d(np.arange(N_GENES), kept)] = 0
+    np.testing.assert_array_equal(aligned.read_dense(0, aligned.n_obs), expected)
+    csr = aligned.read_csr(5, 40)
+    np.testing.assert_array_equal(csr.toarray(), expected[5:40])
+    assert csr.has_sorted_indices
+
+
+def test_query_without_shared_genes_or_reference_without_batches_is_refused(mapped, tmp_path):
+    atlas = mapped["atlas"]
+    with pytest.raises(StoreError, match="none of its"):
+        AlignedStore(atlas.path, [f"other_{i}" for i in range(5)])
+    QueryModel.setup_zarr(mapped["folder"] / "reference.zarr")
+    no_batches = QueryModel(mapped["folder"] / "reference.zarr", n_hidden=8, n_latent=2)
+    with pytest.raises(StoreError, match="without a batch_key"):
+        QueryModel.load_query_data(mapped["folder"] / "query.zarr", no_batches)
+
+
+def test_nearest_neighbours_match_brute_force_across_blocks(monkeypatch):
+    import scvi_scale.mapping as mapping
+
+    monkeypatch.setattr(mapping, "KNN_REFERENCE_BLOCK", 7)
+    monkeypatch.setattr(mapping, "KNN_QUERY_BLOCK", 5)
+    rng = np.random.default_rng(0)
+    reference, query = rng.normal(size=(40, 3)), rng.normal(size=(12, 3))
+    distances, indices = nearest_neighbours(reference, query, k=6)
+    exact = np.sqrt(((query[:, None, :] - reference[None, :, :]) ** 2).sum(-1))
+    np.testing.assert_array_equal(indices, np.argsort(exact, axis=1)[:, :6])
+    np.testing.assert_allclose(distances, np.sort(exact, axis=1)[:, :6], rtol=1e-5)
+
+
+def test_weighted_votes_follow_the_scarches_kernel():
+    distances = np.array([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0]])
+    codes = np.array([[0, 1, 1], [0, 1, 2]])
+    probabilities = weighted_votes(distances, codes, 3)
+    spread = distances[0].std()
+    weights = np.exp(-distances[0] / (2.0 / spread) ** 2)
+    weights /= weights.sum()
+    np.testing.assert_allclose(probabilities[0], [weights[0], weights[1] + weights[2], 0.0])
+    np.testing.assert_allclose(probabilities[1], [1 / 3, 1 / 3, 1 / 3])
+
+
+def test_predictions_are_written_to_obs_and_x_is_untouched(mapped, tmp_path, monkeypatch):
+    import scvi_scale.mapping as mapping
+
+    query = mapped["query"]
+    store = tmp_path / "query.zarr"
+    _write_subset(mapped["atlas"], mapped["query_rows"], store)
+    counts_before = CountStore(store).read_dense(0, query.store.n_obs)
+    result = transfer_labels(mapped["reference"], query, write_to=store)
+    adata = anndata.read_zarr(store)
+    pd.testing.assert_series_equal(adata.obs["predicted_cell_type"], result["predicted_cell_type"], check_names=False)
+    np.testing.assert_array_equal(adata.obs["predicted_cell_type_uncertainty"].to_numpy(),
+                                  result["predicted_cell_type_uncertainty"].to_numpy())
+    np.testing.assert_array_equal(np.asarray(adata.X.toarray()), counts_before)
+    with pytest.raises(FileExistsError):
+        write_obs_column(store, "predicted_cell_type", result["predicted_cell_type"])
+
+    def crash(path):
+        raise KeyboardInterrupt("killed before the consolidated metadata was rewritten")
+
+    monkeypatch.setattr(mapping, "reconsolidate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_obs_column(store, "second_guess", pd.Series(np.zeros(query.store.n_obs)), overwrite=True)
+    survived = anndata.read_zarr(store)  # still readable after the crash
+    assert "predicted_cell_type" in survived.obs
