@@ -1,0 +1,87 @@
+"""scvi-tools model interchange, against outputs that scvi-tools 1.4.2 itself recorded (tests/fixtures/scvi_tools,
+made by benchmarks/make_scvi_tools_fixture.py); scvi-tools is not needed to run these tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scvi_scale.data import write_store
+from scvi_scale.interop import UnsupportedScviToolsModel, load_scvi_tools, save_scvi_tools
+from scvi_scale.train import to_tensors
+
+FIXTURE = Path(__file__).parent / "fixtures" / "scvi_tools"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(FIXTURE / "data.h5ad", tmp_path_factory.mktemp("interop") / "cells.zarr")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return dict(np.load(FIXTURE / "expected.npz"))
+
+
+def _generative_at_means(model) -> dict[str, np.ndarray]:
+    """px_rate, px_scale, theta, zi_logits at z = E[q(z)] and library = E[q(l)], as the fixture recorded them."""
+    parts = {"px_rate": [], "px_scale": [], "zi_logits": []}
+    with torch.no_grad():
+        for minibatch in model._sequential():
+            tensors = to_tensors(minibatch, model.device)
+            inference = model.module.inference(tensors)
+            outputs = model.module.generative(inference["qz"].loc, inference["ql"].loc, tensors)
+            for key in parts:
+                parts[key].append(outputs[key].numpy())
+    result = {key: np.concatenate(values) for key, values in parts.items()}
+    result["theta"] = outputs["theta"].numpy()
+    return result
+
+
+def test_scvi_tools_model_gives_scvi_tools_latent_and_likelihood_parameters(store, expected):
+    model = load_scvi_tools(FIXTURE / "model", store)
+    assert model.init_params["n_layers"] == 2 and model.registry.label_categories == [f"type_{i}" for i in range(4)]
+    np.testing.assert_allclose(model.get_latent_representation(), expected["latent"], rtol=1e-5, atol=1e-6)
+    ours = _generative_at_means(model)
+    for key in ("px_rate", "px_scale", "zi_logits"):
+        np.testing.assert_allclose(ours[key], expected[key], rtol=1e-5, atol=1e-6 * np.abs(expected[key]).max())
+    np.testing.assert_allclose(np.broadcast_to(ours["theta"], expected["theta"].shape), expected["theta"], rtol=1e-6)
+
+
+def test_save_in_scvi_tools_format_and_load_back(store, tmp_path):
+    model = load_scvi_tools(FIXTURE / "model", store)
+    save_scvi_tools(model, tmp_path / "out")
+    payload = torch.load(tmp_path / "out" / "model.pt", weights_only=False)
+    original = torch.load(FIXTURE / "model" / "model.pt", weights_only=False)
+    # the same keys and shapes as scvi-tools' own file (the l_encoder and heads it always builds included)
+    assert {k: tuple(v.shape) for k, v in payload["model_state_dict"].items() if k != "pyro_param_store"} == {
+        k: tuple(v.shape) for k, v in original["model_state_dict"].items() if k != "pyro_param_store"
+    }
+    assert payload["attr_dict"]["init_params_"]["non_kwargs"] == original["attr_dict"]["init_params_"]["non_kwargs"]
+    reloaded = load_scvi_tools(tmp_path / "out", store)
+    np.testing.assert_array_equal(reloaded.get_latent_representation(), model.get_latent_representation())
+    with pytest.raises(FileExistsError):
+        save_scvi_tools(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a["init_params_"]["non_kwargs"].update(gene_likelihood="normal"), "gene_likelihood='normal'"),
+        (lambda a: a["init_params_"]["kwargs"]["kwargs"].update(batch_representation="embedding"), "embedding"),
+        (lambda a: a["init_params_"]["kwargs"]["kwargs"].update(log_variational=False), "log_variational"),
+        (lambda a: a["init_params_"]["kwargs"]["kwargs"].update(unknown_option=1), "unknown_option"),
+        (lambda a: a["registry_"]["setup_args"].update(size_factor_key="sf"), "size_factor_key"),
+        (lambda a: a["registry_"].update(model_name="SCANVI"), "SCANVI"),
+    ],
+)
+def test_options_we_cannot_map_are_refused_by_name(store, tmp_path, change, message):
+    payload = torch.load(FIXTURE / "model" / "model.pt", weights_only=False)
+    change(payload["attr_dict"])
+    (tmp_path / "model").mkdir()
+    torch.save(payload, tmp_path / "model" / "model.pt")
+    with pytest.raises(UnsupportedScviToolsModel, match=message):
+        load_scvi_tools(tmp_path / "model", store)
