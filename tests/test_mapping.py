@@ -207,3 +207,27 @@ def test_predictions_are_written_to_obs_and_x_is_untouched(mapped, tmp_path, mon
         write_obs_column(store, "second_guess", pd.Series(np.zeros(query.store.n_obs)), overwrite=True)
     survived = anndata.read_zarr(store)  # still readable after the crash
     assert "predicted_cell_type" in survived.obs
+
+
+def test_map_command_fine_tunes_saves_and_transfers_labels(mapped, tmp_path, monkeypatch):
+    import argparse
+
+    import scvi_scale
+    from scvi_scale.mapping import add_map_command
+
+    monkeypatch.setattr(scvi_scale, "SCVI", QueryModel)  # the command uses scvi_scale.SCVI, which has the mixin
+    store = tmp_path / "query.zarr"
+    _write_subset(mapped["atlas"], mapped["query_rows"], store)
+    parser = argparse.ArgumentParser()
+    add_map_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "map", str(store), "--reference", str(mapped["folder"] / "reference_model"), "--out", str(tmp_path / "out"),
+        "--reference-store", str(mapped["folder"] / "reference.zarr"), "--labels-key", "cell_type",
+        "--max-epochs", "2", "--accelerator", "cpu",
+    ])
+    assert args.run(args) == 0
+    adata = anndata.read_zarr(store)
+    assert adata.obsm["X_scVI"].shape == (len(mapped["query_rows"]), 6)
+    assert {"predicted_cell_type", "predicted_cell_type_uncertainty"} <= set(adata.obs.columns)
+    reloaded = QueryModel.load(tmp_path / "out", store)
+    np.testing.assert_allclose(reloaded.get_latent_representation(), adata.obsm["X_scVI"], rtol=1e-6)
