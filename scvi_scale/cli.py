@@ -1,7 +1,8 @@
 """The `scvi-scale` command line: atlas-scale jobs over Zarr stores.
 
     scvi-scale convert SOURCE STORE            # .h5ad, 10x folder or AnnData-Zarr -> our streaming layout
-    scvi-scale train STORE --batch-key batch --out MODEL_DIR [--max-epochs N] [--resume]
+    scvi-scale train STORE --batch-key batch --out MODEL_DIR [--max-epochs N] [--resume] [--nproc N]
+    torchrun --nnodes M --nproc-per-node N ... -m scvi_scale.cli train ...   # data-parallel across machines
     scvi-scale latent | normalize | de | sample STORE --model MODEL_DIR   # outputs written into the store
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,17 +45,35 @@ def _add_train(commands) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out after a kill")
     p.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
+    p.add_argument(
+        "--nproc", type=int, default=1,
+        help="data-parallel processes on this machine (gloo on CPU, nccl on GPUs); --batch-size is per process",
+    )
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
-    import torch
-
-    from scvi_scale import SCVI
-
     out = Path(args.out)
     if (out / "model.pt").exists() and not (args.overwrite or args.resume):
         raise SystemExit(f"{out / 'model.pt'} exists: pass --overwrite to replace it or choose another --out")
+    if args.nproc < 1:
+        raise SystemExit(f"--nproc {args.nproc}: must be at least 1")
+    if args.nproc == 1:
+        _train_and_save(args)
+    else:
+        from scvi_scale import distributed
+
+        distributed.launch(_train_and_save, args.nproc, args)
+    return 0
+
+
+def _train_and_save(args) -> None:
+    """Train and save on this process: alone, or as one rank of a torch.distributed job (torchrun, --nproc)."""
+    import torch
+
+    from scvi_scale import SCVI, distributed
+
+    out = Path(args.out)
     SCVI.setup_zarr(
         args.store,
         layer=args.layer,
@@ -73,7 +93,8 @@ def _run_train(args) -> int:
         gene_likelihood=args.gene_likelihood,
         latent_distribution=args.latent_distribution,
     )
-    print(model, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # the process group starts inside train(); torchrun and --nproc set RANK
+        print(model, flush=True)
     started = time.perf_counter()
     model.train(
         max_epochs=args.max_epochs,
@@ -87,20 +108,23 @@ def _run_train(args) -> int:
         seed=args.seed,
     )
     seconds = time.perf_counter() - started
-    model.save(out, overwrite=True)
+    distributed.on_rank_zero(lambda: model.save(out, overwrite=True))
+    rank, world_size = distributed.world()
+    if rank != 0:
+        return
     history = model.history_
     epochs = len(history.get("elbo_train", []))
     summary = {
         "model": str(out / "model.pt"),
         "epochs": epochs,
         "seconds": round(seconds, 1),
+        "processes": world_size,
         "train_cells_per_second": round(len(model.train_indices) * epochs / max(seconds, 1e-9), 1),
         "elbo_train": history["elbo_train"][-1][1] if epochs else None,
         "elbo_validation": history["elbo_validation"][-1][1] if "elbo_validation" in history else None,
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(summary, indent=2))
-    return 0
 
 
 def _add_convert(commands) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scvi_scale import __version__
+from scvi_scale import __version__, distributed
 from scvi_scale.data import CountStore, Registry, StoreError
 from scvi_scale.module import VAE
 from scvi_scale.outputs import OutputsMixin
@@ -172,6 +172,11 @@ class SCVI(OutputsMixin):
             continues from it and ends where an uninterrupted run would.
         seed: seeds the split, the sampler and torch, so two runs with the same seed are identical.
         block_rows, buffer_blocks: the sampler's shuffle block and buffer sizes (defaults: see sampler.py).
+
+        Data-parallel: run this on every rank of a torch.distributed job (torchrun, or `distributed.launch`);
+        each rank trains on its share of the training cells with `batch_size` cells per step (so a step averages
+        world_size * batch_size cells) and validates on its share of the validation cells. Rank 0 writes the
+        checkpoint; resume=True restores it on every rank. Save with `distributed.on_rank_zero`.
         """
         n_obs = self.store.n_obs
         config = TrainingConfig(
@@ -180,8 +185,9 @@ class SCVI(OutputsMixin):
             **(plan_kwargs or {}),
             **trainer_kwargs,
         )
-        device = _resolve_device(accelerator)
-        torch.manual_seed(seed)
+        device = distributed.setup(_resolve_device(accelerator))
+        rank, world_size = distributed.world()
+        torch.manual_seed(distributed.rank_seed(seed))
         self.train_indices, self.validation_indices = train_validation_split(
             n_obs, train_size=train_size, validation_size=validation_size, seed=seed
         )
@@ -196,12 +202,17 @@ class SCVI(OutputsMixin):
             batch_size=batch_size,
             obs_arrays=self.obs_arrays,
             seed=seed,
+            rank=rank,
+            world_size=world_size,
             **sampler_options,
         )
-        validation_stream = SequentialSampler(
-            self.store, self.validation_indices, batch_size=max(batch_size, DEFAULT_INFERENCE_BATCH_SIZE),
-            obs_arrays=self.obs_arrays,
-        )
+        validation_share = np.array_split(self.validation_indices, world_size)[rank]
+        validation_stream = None
+        if len(self.validation_indices) >= world_size:  # every rank validates, or none does
+            validation_stream = SequentialSampler(
+                self.store, validation_share, batch_size=max(batch_size, DEFAULT_INFERENCE_BATCH_SIZE),
+                obs_arrays=self.obs_arrays,
+            )
         checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
         state = fit(
             self.module,

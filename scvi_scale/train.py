@@ -5,7 +5,11 @@ Defaults are scvi-tools' (`TrainingPlan`, `TrainRunner`, `EarlyStopping` as scvi
 knows nothing of Zarr: it takes a module with `loss(tensors, kl_weight)` and two minibatch streams that yield
 dicts of numpy arrays and expose `set_epoch`, `state_dict`, `load_state_dict` and `__len__` (see `sampler.py`).
 
-Metrics follow scvi-tools' names and meaning. Per epoch, over the cells seen:
+Data-parallel: when a torch.distributed process group is up (see `distributed.py`), the module trains under
+DistributedDataParallel, each rank on its own stream; epoch sums and validation sums are all-reduced, so metrics,
+history and the early-stopping and LR decisions are global and the same on every rank.
+
+Metrics follow scvi-tools' names and meaning. Per epoch, over the cells seen (by all ranks):
     reconstruction_loss_{train,validation} = mean over cells of -log p(x | z, l)
     kl_local_{train,validation}            = mean over cells of KL(q(z|x) || p(z)) (+ KL on l)
     elbo_{train,validation}                = their sum (a negative ELBO per cell: lower is better)
@@ -17,13 +21,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scvi_scale import distributed
 from scvi_scale.settings import settings
 
 logger = logging.getLogger("scvi_scale.train")
@@ -115,6 +120,12 @@ class _EpochSums:
         self.loss += float(losses["loss"])
         self.n_steps += 1
 
+    def all_reduced(self, device: torch.device) -> "_EpochSums":
+        """These sums added up over all ranks (themselves when there is one)."""
+        names = [f.name for f in fields(self)]
+        totals = distributed.all_reduce_sum([float(getattr(self, name)) for name in names], device)
+        return _EpochSums(**{name: type(getattr(self, name))(total) for name, total in zip(names, totals)})
+
     def metrics(self, mode: str) -> dict[str, float]:
         n = max(self.n_cells, 1)
         rec, kl = self.reconstruction_loss / n, self.kl_local / n
@@ -154,7 +165,8 @@ class TrainingState:
 
 @torch.no_grad()
 def evaluate(module: torch.nn.Module, stream, device: torch.device) -> dict[str, float]:
-    """Validation metrics over one full pass of `stream` with the module in eval mode (KL weight 1)."""
+    """Validation metrics over one full pass of `stream` with the module in eval mode (KL weight 1); with several
+    ranks, each passes over its own stream and the sums are added up."""
     was_training = module.training
     module.eval()
     sums = _EpochSums()
@@ -163,17 +175,23 @@ def evaluate(module: torch.nn.Module, stream, device: torch.device) -> dict[str,
             sums.add(module.loss(to_tensors(minibatch, device), kl_weight=1.0))
     finally:
         module.train(was_training)
-    return sums.metrics("validation")
+    return sums.all_reduced(device).metrics("validation")
 
 
-def save_checkpoint(path: Path, module, optimizer, scheduler, train_stream, state: TrainingState) -> None:
-    """Write the checkpoint to a temporary file and rename it over `path`, so a kill never leaves a torn file."""
+def save_checkpoint(
+    path: Path, module, optimizer, scheduler, train_stream, state: TrainingState, torch_rng_states: list
+) -> None:
+    """Write the checkpoint to a temporary file and rename it over `path`, so a kill never leaves a torn file.
+
+    With several ranks, rank 0 calls this with the epoch sums of all ranks in `state` and every rank's torch RNG
+    state in `torch_rng_states` (one entry per rank); the sampler state is rank 0's (all ranks are at the same
+    minibatch)."""
     payload = {
         "module": module.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "train_stream": train_stream.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        "torch_rng": torch_rng_states,
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "state": {
             "epoch": state.epoch,
@@ -192,14 +210,21 @@ def save_checkpoint(path: Path, module, optimizer, scheduler, train_stream, stat
 
 
 def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> TrainingState:
-    """Restore module, optimizer, scheduler, sampler position and RNG states from `path`."""
+    """Restore module, optimizer, scheduler, sampler position and RNG states from `path`, on every rank: each
+    takes its own RNG state; rank 0 carries on the epoch's (all-rank) sums, the other ranks start theirs at zero."""
+    rank, world_size = distributed.world()
     payload = torch.load(path, map_location="cpu", weights_only=False)
+    if len(payload["torch_rng"]) != world_size:
+        raise ValueError(
+            f"{path} was written by a run of {len(payload['torch_rng'])} process(es); resume it with that many, "
+            f"not {world_size}"
+        )
     module.load_state_dict(payload["module"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
-    train_stream.load_state_dict(payload["train_stream"])
-    torch.set_rng_state(payload["torch_rng"])
+    train_stream.load_state_dict({**payload["train_stream"], "rank": rank})
+    torch.set_rng_state(payload["torch_rng"][rank])
     if payload["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["cuda_rng"])
     saved = payload["state"]
@@ -208,7 +233,7 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> T
         step_in_epoch=saved["step_in_epoch"],
         global_step=saved["global_step"],
         history=saved["history"],
-        epoch_sums=_EpochSums(**saved["epoch_sums"]),
+        epoch_sums=_EpochSums(**saved["epoch_sums"]) if rank == 0 else _EpochSums(),
         early_stopping=_EarlyStopping(**saved["early_stopping"]) if saved["early_stopping"] else None,
         stopped_early=saved["stopped_early"],
     )
@@ -227,6 +252,9 @@ def fit(
 ) -> TrainingState:
     """Train `module` in place and return the final state (its `history` holds the per-epoch metrics).
 
+    With a torch.distributed process group up, every rank calls fit with its own shard of the training and
+    validation cells (equal numbers of minibatches per epoch); see the module docstring.
+
     checkpoint_path: where the checkpoint lives; written at the end of every epoch (and every
         `config.checkpoint_every_n_steps` minibatches), atomically.
     resume: continue from `checkpoint_path` if it exists: the same minibatches, RNG draws and optimizer state as
@@ -236,6 +264,8 @@ def fit(
     """
     device = torch.device(device)
     module.to(device)
+    rank, world_size = distributed.world()
+    train_loss = distributed.data_parallel_loss(module, device)  # module.loss, or DDP around it
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     scheduler = None
@@ -260,14 +290,20 @@ def fit(
         state.early_stopping = _EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
 
     def checkpoint() -> None:
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, module, optimizer, scheduler, train_stream, state)
+        """Every rank calls this at the same step: the sums and RNG states are gathered, rank 0 writes."""
+        if checkpoint_path is None:
+            return
+        global_state = replace(state, epoch_sums=state.epoch_sums.all_reduced(device))
+        rng_states = distributed.all_gather(torch.get_rng_state())
+        distributed.on_rank_zero(
+            lambda: save_checkpoint(checkpoint_path, module, optimizer, scheduler, train_stream, global_state, rng_states)
+        )
 
     steps_per_epoch = len(train_stream)
     progress = tqdm(
         total=config.max_epochs * steps_per_epoch,
         initial=state.epoch * steps_per_epoch + state.step_in_epoch,
-        disable=not settings.progress_bar,
+        disable=not settings.progress_bar or rank != 0,
         unit="step",
         dynamic_ncols=True,
     )
@@ -280,8 +316,9 @@ def fit(
             for minibatch in train_stream:
                 if config.n_epochs_kl_warmup is None and config.n_steps_kl_warmup:
                     weight = kl_weight(config, state.epoch, state.global_step)
-                losses = module.loss(to_tensors(minibatch, device), kl_weight=weight)
-                loss_value = float(losses["loss"].detach())
+                losses = train_loss(to_tensors(minibatch, device), weight)
+                # the mean over ranks, so that all ranks stop together when one loss is not finite
+                loss_value = distributed.all_reduce_sum([float(losses["loss"].detach())], device)[0] / world_size
                 if not math.isfinite(loss_value):
                     rows = minibatch["rows"]
                     raise TrainingDivergedError(
@@ -301,6 +338,7 @@ def fit(
                     checkpoint()
                 if max_steps is not None and state.global_step >= max_steps:
                     checkpoint()
+                    distributed.broadcast_buffers(module)
                     return state
             _end_epoch(module, validation_stream, config, state, scheduler, device, weight)
             state.history.setdefault("epoch_seconds", []).append((state.epoch - 1, time.perf_counter() - epoch_start))
@@ -312,18 +350,20 @@ def fit(
             checkpoint()
     finally:
         progress.close()
+    distributed.broadcast_buffers(module)  # every rank ends with the same model: rank 0's BatchNorm statistics
     return state
 
 
 def _end_epoch(module, validation_stream, config, state: TrainingState, scheduler, device, weight) -> None:
     """Record the epoch's metrics, validate, step the LR scheduler and early stopping, and advance the epoch."""
-    sums = state.epoch_sums
+    sums = state.epoch_sums.all_reduced(device)
     record = sums.metrics("train")
     record["train_loss_epoch"] = sums.loss / max(sums.n_steps, 1)
     record["kl_weight"] = weight
     validate = validation_stream is not None and len(validation_stream) > 0
     validate = validate and (state.epoch + 1) % config.check_val_every_n_epoch == 0
     if validate:
+        distributed.broadcast_buffers(module)  # BatchNorm running statistics: rank 0's on every rank
         record.update(evaluate(module, validation_stream, device))
     for key, value in record.items():
         state.history.setdefault(key, []).append((state.epoch, value))
