@@ -162,7 +162,8 @@ def load_scvi_tools(dir_path, store, accelerator: str = "cpu", model_class=None)
         raise _unsupported(dir_path, "a minified model")
     params = _init_params(dir_path, attrs)
     fields = attrs["registry_"]["field_registries"]
-    registry = _registry(dir_path, attrs["registry_"], list(payload["var_names"]), fields["X"]["summary_stats"]["n_cells"])
+    n_cells = fields["X"]["summary_stats"]["n_cells"]
+    registry = _registry(dir_path, attrs["registry_"], list(payload["var_names"]), n_cells)
     if not isinstance(store, CountStore):
         store = CountStore(store, layer=registry.layer)
     registry.check_var_names(store)
@@ -220,12 +221,16 @@ def _scvi_tools_state(model) -> dict:
             use_layer_norm=nn.LayerNorm in norms,
         )
         state.update({f"l_encoder.{key}": value for key, value in library_encoder.state_dict().items()})
-    if params.get("dispersion", "gene") == "gene" and "px_r" not in state:
-        state["px_r"] = torch.randn(n_input)
+    if "px_r" not in state:  # scvi-tools builds it for every likelihood, except with "gene-cell"
+        shapes = {"gene": (n_input,), "gene-batch": (n_input, module.n_batch), "gene-label": (n_input, module.n_labels)}
+        shape = shapes.get(params.get("dispersion", "gene"))
+        if shape is not None:
+            state["px_r"] = torch.randn(shape)
     for head in ("px_r_decoder", "px_dropout_decoder"):
         if f"decoder.{head}.weight" not in state:
             linear = nn.Linear(n_hidden, n_input)
-            state[f"decoder.{head}.weight"], state[f"decoder.{head}.bias"] = linear.weight.detach(), linear.bias.detach()
+            state[f"decoder.{head}.weight"] = linear.weight.detach()
+            state[f"decoder.{head}.bias"] = linear.bias.detach()
     state["pyro_param_store"] = {"params": {}, "constraints": {}}
     return state
 

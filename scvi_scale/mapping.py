@@ -83,7 +83,8 @@ class AlignedStore(CountStore):
         self.query_var_names = CountStore.var_names.func(self)
         reference = pd.Index([str(name) for name in reference_var_names])
         if reference.has_duplicates:
-            raise StoreError(f"the reference has duplicated var names, e.g. {list(reference[reference.duplicated()][:5])}")
+            duplicated = list(reference[reference.duplicated()][:5])
+            raise StoreError(f"the reference has duplicated var names, e.g. {duplicated}")
         self.query_columns = self.query_var_names.get_indexer(reference).astype(np.int64)
         n_shared = int(np.count_nonzero(self.query_columns >= 0))
         if n_shared == 0:
