@@ -73,9 +73,9 @@ def invert_counts(
     structural zero, and otherwise (u - dropout) / (1 - dropout), uniform on [0, 1), is inverted.
 
     The entries below the zero threshold, about 90% of them, are settled in a few float32 tensor operations; the
-    others walk up the CDF together in float64, each stopping at the first k whose CDF exceeds its uniform (or,
-    against rounding, once pmf(k) no longer moves the CDF); the few still walking after MAX_WALK steps are
-    bisected on the CDF (`_bisect_counts`). Exact up to the uniforms' 24-bit resolution.
+    others walk up the CDF together in float64, each stopping at the first k whose CDF exceeds its uniform; the
+    few still walking after MAX_WALK steps are bisected on the CDF (`_bisect_counts`). Exact up to the uniforms'
+    24-bit resolution and float64 rounding.
     uniform: numpy float32 (B, G); mean, theta, dropout: float32 tensors (or arrays) on the CPU.
     """
     uniform = torch.as_tensor(uniform)
@@ -99,31 +99,44 @@ def invert_counts(
     if dropout is not None:
         entry_dropout = entries(dropout)
         entry_uniform = (entry_uniform - entry_dropout) / (1.0 - entry_dropout)
+    # pmf(k + 1) = pmf(k) (slope k + intercept) / (k + 1): Poisson slope 0, intercept mean; NB slope
+    # mean / (theta + mean), intercept theta times that.
     if theta is None:
-        entry_theta, ratio = None, entry_mean
+        entry_theta, slope, intercept = None, np.zeros_like(entry_mean), entry_mean
         pmf = np.exp(-entry_mean)
     else:
         entry_theta = entries(theta)
-        ratio = entry_mean / (entry_theta + entry_mean)
+        slope = entry_mean / (entry_theta + entry_mean)
+        intercept = entry_theta * slope
         pmf = np.exp(-entry_theta * np.log1p(entry_mean / entry_theta))
     cdf = pmf.copy()
-    values = np.zeros(len(positions), dtype=np.float32)
-    pending = np.arange(len(positions))
-    k = 0
-    while pending.size and k < MAX_WALK:
-        pmf *= ratio / (k + 1) if entry_theta is None else (k + entry_theta) / (k + 1) * ratio
-        k += 1
+    values = np.ones(len(positions), dtype=np.float32)  # every entry here is at least 1
+    # walking[i]: the entry (of all `positions`) followed in slot i; values grow by 1 per step the CDF stays at
+    # or below the uniform. Finished entries keep their value; the arrays shrink when half of them are finished.
+    walking = np.arange(len(positions))
+    counts = values.copy()
+    below = np.ones(len(positions), dtype=bool)
+    for k in range(MAX_WALK):
+        pmf *= (slope * k + intercept) / (k + 1)
         cdf += pmf
-        done = (entry_uniform < cdf) | (pmf <= cdf * np.finfo(np.float64).eps)
-        values[pending[done]] = k
-        if done.any():
-            keep = ~done
-            pending, pmf, cdf, entry_uniform, ratio = pending[keep], pmf[keep], cdf[keep], entry_uniform[keep], ratio[keep]
-            entry_mean = entry_mean[keep]
+        np.less_equal(cdf, entry_uniform, out=below)
+        counts += below
+        n_below = np.count_nonzero(below)
+        if n_below == 0 or 2 * n_below < len(walking):
+            values[walking] = counts
+            walking, pmf, cdf, entry_uniform, slope, intercept, counts, entry_mean = (
+                array[below] for array in (walking, pmf, cdf, entry_uniform, slope, intercept, counts, entry_mean)
+            )
             if entry_theta is not None:
-                entry_theta = entry_theta[keep]
-    if pending.size:  # the few far in the tail: bisect on the CDF itself
-        values[pending] = _bisect_counts(entry_uniform, entry_mean, entry_theta, k)
+                entry_theta = entry_theta[below]
+            below = below[below]
+            if n_below == 0:
+                break
+    values[walking] = counts
+    if below.any():  # the few still below after MAX_WALK steps, far in a heavy tail: bisect on the CDF itself
+        values[walking[below]] = _bisect_counts(
+            entry_uniform[below], entry_mean[below], None if entry_theta is None else entry_theta[below], MAX_WALK
+        )
     rows, columns = np.divmod(positions.numpy(), n_genes)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
