@@ -18,12 +18,15 @@ freeze_expression=False (the encoder's first layer learns whole) or freeze_decod
 decoder's). Two deliberate differences from scvi-tools, so that frozen reference weights stay bit-identical:
 - scvi-tools lets every covariate column of a hooked layer learn (reference batches and other covariates too);
   here only the new batches' columns do. Query cells of a reference batch leave that batch's weights as they are.
+  With dispersion "gene-batch" the new batches' columns of px_r learn too (scvi-tools freezes px_r whole).
 - Adam's weight decay adds decay * w to every gradient inside optimizer.step(), after the gradient hooks that
   zero the frozen entries, so in scvi-tools a query run with weight_decay > 0 (its default 1e-6) moves frozen
   weights slightly. Here a global optimizer step hook copies the frozen entries of partly frozen weights back
   after every step (`_restore_frozen_entries`); fully frozen weights have requires_grad=False and are never
   given to the optimizer.
 Frozen batch norms get momentum 0, so their running statistics do not move (num_batches_tracked still counts).
+The freezing lives on the module object: a query model saved and loaded again trains whole; call
+load_query_data on it (as the reference) to fine-tune with freezing again.
 
 Label transfer. The reference's labels go to query cells by the k nearest reference cells in the latent space
 (Euclidean, exact, computed in blocks), weighted as scArches' `weighted_knn_transfer` does: with d the k distances
@@ -289,6 +292,11 @@ def freeze_for_query(
         return
     for parameter in module.parameters():
         parameter.requires_grad_(False)
+    if getattr(module, "dispersion", None) == "gene-batch" and hasattr(module, "px_r"):
+        # scvi-tools freezes px_r whole, leaving the new batches' dispersions at their random initialisation
+        trainable = torch.zeros_like(module.px_r, dtype=torch.bool)
+        trainable[:, n_reference_batch:] = True
+        _set_trainable(module.px_r, trainable)
     for name, child in module.named_modules():
         top = name.split(".")[0]
         if top in UNFROZEN_MODULES:

@@ -3,6 +3,8 @@ batch 3, written as a separate store from the same generated atlas (same genes, 
 
 from __future__ import annotations
 
+import pickle
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -63,9 +65,10 @@ def mapped(tmp_path_factory):
     reference.save(folder / "reference_model")
     reference_state = {key: value.clone() for key, value in reference.module.state_dict().items()}
     query = QueryModel.load_query_data(folder / "query.zarr", folder / "reference_model")
+    initial_query_state = {key: value.clone() for key, value in query.module.state_dict().items()}
     query.train(max_epochs=10, batch_size=128, seed=0)  # default plan: Adam with weight_decay 1e-6
     return {"folder": folder, "atlas": atlas, "query_rows": query_rows, "reference": reference,
-            "reference_state": reference_state, "query": query}
+            "reference_state": reference_state, "initial_query_state": initial_query_state, "query": query}
 
 
 def test_query_cells_get_their_cell_types_by_label_transfer(mapped):
@@ -97,9 +100,8 @@ def test_frozen_reference_weights_stay_bit_identical(mapped):
             assert after.shape[1] == before.shape[1] + 1
             after = after[:, : before.shape[1]]
         assert torch.equal(after, before), key
-    first = query_state["decoder.px_decoder.fc_layers.Layer 0.0.weight"]
-    fresh = QueryModel.load_query_data(mapped["query"].store, mapped["folder"] / "reference_model").module
-    assert not torch.equal(first[:, -1], fresh.state_dict()["decoder.px_decoder.fc_layers.Layer 0.0.weight"][:, -1])
+    first_layer = "decoder.px_decoder.fc_layers.Layer 0.0.weight"
+    assert not torch.equal(query_state[first_layer][:, -1], mapped["initial_query_state"][first_layer][:, -1])
     trainable = {name for name, p in query_module.named_parameters() if p.requires_grad}
     first_block = "decoder.px_decoder.fc_layers.Layer 0."
     assert trainable == {first_block + "0.weight", first_block + "1.weight", first_block + "1.bias"}
@@ -147,6 +149,7 @@ def test_missing_genes_warn_and_read_as_zeros_extra_genes_are_dropped(mapped, tm
     csr = aligned.read_csr(5, 40)
     np.testing.assert_array_equal(csr.toarray(), expected[5:40])
     assert csr.has_sorted_indices
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(aligned)).read_dense(0, 10), expected[:10])  # dask workers
 
 
 def test_query_without_shared_genes_or_reference_without_batches_is_refused(mapped, tmp_path):
@@ -231,3 +234,16 @@ def test_map_command_fine_tunes_saves_and_transfers_labels(mapped, tmp_path, mon
     assert {"predicted_cell_type", "predicted_cell_type_uncertainty"} <= set(adata.obs.columns)
     reloaded = QueryModel.load(tmp_path / "out", store)
     np.testing.assert_allclose(reloaded.get_latent_representation(), adata.obsm["X_scVI"], rtol=1e-6)
+
+
+def test_gene_batch_dispersion_learns_for_new_batches_only(mapped, tmp_path):
+    QueryModel.setup_zarr(mapped["folder"] / "reference.zarr", batch_key="batch")
+    reference = QueryModel(mapped["folder"] / "reference.zarr", n_hidden=8, n_latent=2, dispersion="gene-batch")
+    before = reference.module.px_r.detach().clone()
+    query = QueryModel.load_query_data(mapped["folder"] / "query.zarr", reference)
+    initial = query.module.px_r.detach().clone()
+    query.train(max_epochs=1, batch_size=128)
+    after = query.module.px_r.detach()
+    assert after.shape == (N_GENES, 4)
+    assert torch.equal(after[:, :3], before) and torch.equal(initial[:, :3], before)
+    assert not torch.equal(after[:, 3], initial[:, 3])
