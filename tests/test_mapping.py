@@ -24,7 +24,8 @@ from scvi_scale.mapping import (
 from scvi_scale.model import SCVI
 from scvi_scale.settings import settings
 
-QueryModel = type("QueryModel", (ArchesMixin, SCVI), {})
+# SCVI gains ArchesMixin as a base when mapping is wired into model.py; until then a subclass adds it
+QueryModel = SCVI if issubclass(SCVI, ArchesMixin) else type("QueryModel", (ArchesMixin, SCVI), {})
 N_GENES = 200
 QUERY_BATCH = "batch_3"
 
