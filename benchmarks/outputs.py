@@ -15,7 +15,9 @@ processes are separate: their largest peak is shown beside the coordinator's. Ou
     sample     posterior_predictive_sample(write_to=...) -> CSR layer
     de         differential_expression(groupby="cell_type"), one-vs-rest over 8 types, vanilla mode, 5000
                samples per group: one pass for the raw statistics, one over the sampled cells
-Columns: seconds, cells/s (cells of the store over seconds; for de: seconds only matter), peak RSS (MiB).
+Columns: wall seconds, cells/s (cells of the store over wall seconds; for de only the seconds matter), CPU seconds
+of the coordinator and the workers together, cells per CPU second (less sensitive than wall time to other
+processes sharing the cores; on an idle machine, cells/s approaches it times the cores in use), peak RSS (MiB).
 
 The peer, scvi-tools' same calls on the store read into memory, runs only when scvi-tools is importable here; it is
 not installed in this project's environment (issue 6 lists its numbers measured on this machine).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -90,22 +93,25 @@ def run_case(case: dict) -> dict:
         else:
             model.differential_expression(groupby="cell_type", silent=True, write_to="de", **options, client=client)
 
-    worker_peak = None
-    started = time.perf_counter()
+    worker_peak, worker_cpu = None, 0.0
     if case["workers"]:
         from distributed import Client, LocalCluster
 
         with LocalCluster(n_workers=case["workers"], threads_per_worker=1, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
-            started = time.perf_counter()
+            cpu_before = sum(client.run(time.process_time).values())
+            started, cpu_started = time.perf_counter(), time.process_time()
             call(client)
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            worker_cpu = sum(client.run(time.process_time).values()) - cpu_before
             worker_peak = max(client.run(peak_rss_mib).values())
     else:
+        started, cpu_started = time.perf_counter(), time.process_time()
         call(None)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     shutil.rmtree(target, ignore_errors=True)
-    return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "worker_peak_rss_mib": worker_peak}
+    return {"seconds": seconds, "cpu_seconds": cpu + worker_cpu, "peak_rss_mib": peak_rss_mib(),
+            "worker_peak_rss_mib": worker_peak}
 
 
 def run_peer(case: dict) -> dict:
@@ -117,7 +123,7 @@ def run_peer(case: dict) -> dict:
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
     model = scvi.model.SCVI(adata)
     model.train(max_epochs=1, train_size=min(1.0, MODEL_TRAIN_CELLS / adata.n_obs), batch_size=128)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if case["output"] == "latent":
         model.get_latent_representation(batch_size=1024)
     elif case["output"] == "normalize":
@@ -126,7 +132,8 @@ def run_peer(case: dict) -> dict:
         model.posterior_predictive_sample(batch_size=1024)
     else:
         model.differential_expression(groupby="cell_type", silent=True)
-    return {"seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib(), "worker_peak_rss_mib": None}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+            "peak_rss_mib": peak_rss_mib(), "worker_peak_rss_mib": None}
 
 
 def in_subprocess(function: str, case: dict) -> dict:
@@ -162,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     stores = {n_cells: ensure_store(data_dir, n_cells) for n_cells in args.sizes}
     peer = importlib.util.find_spec("scvi") is not None
 
-    header = f"{'output':<10} {'cells':>9} {'runner':<12} {'seconds':>8} {'cells/s':>9} {'peak RSS MiB':>13} {'worker peak':>12}"
+    header = (f"{'output':<10} {'cells':>9} {'runner':<12} {'seconds':>8} {'cells/s':>9} {'CPU s':>8} "
+              f"{'cells/CPU-s':>11} {'peak RSS MiB':>13} {'worker peak':>12}")
     print(header)
     print("-" * len(header))
     rows = []
     for output in args.outputs:
         for n_cells, store in stores.items():
-            runs = [(f"{workers} workers" if workers else "in-process", "run_case", workers) for workers in args.workers]
+            runs = [(f"{n} workers" if n else "in-process", "run_case", n) for n in args.workers]
             if peer:
                 runs.append(("scvi-tools", "run_peer", 0))
             for runner, function, workers in runs:
@@ -178,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                 worker_peak = result["worker_peak_rss_mib"]
                 print(
                     f"{output:<10} {n_cells:>9} {runner:<12} {result['seconds']:>8.1f} "
-                    f"{n_cells / result['seconds']:>9.0f} {result['peak_rss_mib']:>13.0f} "
+                    f"{n_cells / result['seconds']:>9.0f} {result['cpu_seconds']:>8.1f} "
+                    f"{n_cells / result['cpu_seconds']:>11.0f} {result['peak_rss_mib']:>13.0f} "
                     f"{'' if worker_peak is None else f'{worker_peak:.0f}':>12}",
                     flush=True,
                 )
                 rows.append({"output": output, "cells": n_cells, "runner": runner, **result})
+    print(f"\nload average at the end: {' '.join(f'{value:.1f}' for value in os.getloadavg())} "
+          f"({os.cpu_count()} cores; other processes share them, so compare cells/CPU-s across runs)")
     if not peer:
         print(f"\nscvi-tools is not installed in this environment, so no peer run; for reference, "
               f"{SCVI_TOOLS_ISSUE_NUMBERS}.")

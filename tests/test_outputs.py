@@ -118,7 +118,7 @@ def test_csr_output_is_assembled_in_row_order(scratch_store):
 
 
 def test_writer_never_touches_x_or_existing_entries(scratch_store):
-    before = {**store_files(scratch_store, "X"), **store_files(scratch_store, "obs"), **store_files(scratch_store, "var")}
+    before = {name: store_files(scratch_store, name) for name in ("X", "obs", "var")}
     write_obsm(scratch_store, "X_small", np.ones((300, 2)))
     with pytest.raises(OutputError, match="already exists"):
         write_obsm(scratch_store, "X_small", np.zeros((300, 2)))
@@ -127,7 +127,7 @@ def test_writer_never_touches_x_or_existing_entries(scratch_store):
         DenseOutput(str(scratch_store), "X", "data", 300, 1, 128)
     with pytest.raises(OutputError, match="one row per cell"):
         write_obsm(scratch_store, "X_bad", np.ones((10, 2)))
-    after = {**store_files(scratch_store, "X"), **store_files(scratch_store, "obs"), **store_files(scratch_store, "var")}
+    after = {name: store_files(scratch_store, name) for name in ("X", "obs", "var")}
     assert before == after
     adata = anndata.read_zarr(scratch_store)
     assert adata.obsm["X_small"].shape == (300, 2) and adata.uns["table"]["a"].tolist() == [1.0, 2.0]

@@ -53,7 +53,8 @@ class Unit:
 
 def cut_units(rows: np.ndarray, chunk_rows: int) -> list[Unit]:
     """Runs of chunk_rows consecutive entries of `rows` (sorted store rows), numbered from 0."""
-    return [Unit(index, rows[start : start + chunk_rows]) for index, start in enumerate(range(0, len(rows), chunk_rows))]
+    starts = range(0, len(rows), chunk_rows)
+    return [Unit(index, rows[start : start + chunk_rows]) for index, start in enumerate(starts)]
 
 
 # --- the module's posterior and decoder, with our own draws --------------------------------------------------------
@@ -91,7 +92,8 @@ def posterior_draws(module, tensors: dict, noise: CellNoise, n_draws: int, trans
     inference = module.inference(tensors)
     qz, ql = inference["qz"], inference["ql"]
     offset = stream_offset(transform_batch)
-    z = module.z_encoder.transform(qz.loc + qz.scale * _normal(noise, STREAM_Z + offset, (n_draws, qz.loc.shape[1]), qz.loc))
+    noise_z = _normal(noise, STREAM_Z + offset, (n_draws, qz.loc.shape[1]), qz.loc)
+    z = module.z_encoder.transform(qz.loc + qz.scale * noise_z)
     if ql is None:
         library = inference["library"].reshape(1, -1, 1).expand(n_draws, -1, -1)
     else:
@@ -116,6 +118,11 @@ def decode(module, z: torch.Tensor, library: torch.Tensor, tensors: dict, transf
         for key, value in outputs.items()
         if key in ("px_scale", "px_rate", "theta", "zi_logits")
     }
+
+
+def scaled_expression(outputs: dict, library_size: float | str) -> torch.Tensor:
+    """px_scale * library_size, or px_rate for library_size="latent" (scvi-tools' get_normalized_expression)."""
+    return outputs["px_rate"] if library_size == "latent" else outputs["px_scale"] * library_size
 
 
 # --- jobs -----------------------------------------------------------------------------------------------------------
@@ -195,10 +202,7 @@ class ExpressionJob:
             for batch in self.transform_batches:
                 z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, batch)
                 outputs = decode(module, z, library, tensors, batch)
-                if self.library_size == "latent":
-                    values = outputs["px_rate"]
-                else:
-                    values = outputs["px_scale"] * self.library_size
+                values = scaled_expression(outputs, self.library_size)
                 total = total + (values if self.genes is None else values[..., list(self.genes)])
             expression = total / len(self.transform_batches)  # (S, B, G')
             if self.n_samples == 1:
@@ -315,7 +319,7 @@ class ScaleSampleJob:
             for tensors, noise in sub_batches(selected, CellNoise(seed, requests[chosen]), batch_size, device):
                 z, library, _ = posterior_draws(module, tensors, noise, 1, decode_in)
                 outputs = decode(module, z, library, tensors, decode_in)
-                values = outputs["px_rate"] if self.library_size == "latent" else outputs["px_scale"] * self.library_size
+                values = scaled_expression(outputs, self.library_size)
                 scales.append(values[0] if self.genes is None else values[0][:, list(self.genes)])
         return {"requests": requests[order], "scales": torch.cat(scales).cpu().numpy()}
 

@@ -86,7 +86,8 @@ def _client(args):
         with Client(args.scheduler) as client:
             yield client
         return
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
+    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True)
+    with cluster, Client(cluster) as client:
         yield client
 
 

@@ -158,7 +158,8 @@ def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 
     try:
         from sklearn.mixture import GaussianMixture
     except ImportError as error:
-        raise ImportError("delta=None estimates delta with scikit-learn, which is not installed; pass a delta") from error
+        message = "delta=None estimates delta with scikit-learn, which is not installed; pass a delta"
+        raise ImportError(message) from error
     mixture = GaussianMixture(n_components=3).fit(np.asarray(lfc_means)[:, None])
     means = np.sort(mixture.means_.squeeze())
     return float(max(min_thres, coef * np.abs(means[[0, -1]]).mean()))

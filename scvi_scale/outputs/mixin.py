@@ -26,6 +26,7 @@ store) (dask workers only). It reads cells with sampler.SequentialSampler over t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scvi_scale.outputs import de
+from scvi_scale.outputs import de, writer
 from scvi_scale.outputs.chunks import (
     ExpressionJob,
     LatentJob,
@@ -52,7 +53,6 @@ from scvi_scale.outputs.chunks import (
     model_digest,
     run_units,
 )
-from scvi_scale.outputs import writer
 from scvi_scale.outputs.writer import CsrOutput, DenseOutput, OutputError, read_output, write_uns
 
 logger = logging.getLogger("scvi_scale.outputs")
@@ -475,6 +475,8 @@ class OutputsMixin:
             raise ValueError(f"mode={mode!r}: expected one of {de.MODES}")
         if test_mode not in de.TEST_MODES:
             raise ValueError(f"test_mode={test_mode!r}: expected one of {de.TEST_MODES}")
+        if mode == "change" and delta is None and importlib.util.find_spec("sklearn") is None:
+            raise ImportError("delta=None estimates delta with scikit-learn, which is not installed; pass a delta")
         use_observed_batches = not batch_correction
         if use_observed_batches and (batchid1 is not None or batchid2 is not None):
             raise ValueError("batchid1 / batchid2 choose the batches to decode in: they need batch_correction=True")

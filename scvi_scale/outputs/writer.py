@@ -452,7 +452,8 @@ def read_output(store: str | os.PathLike, entry: str):
         return da.from_zarr(node)
     if node.attrs.get("encoding-type") == "csr_matrix" and group_name == "layers":
         return CountStore(store, layer=key).to_dask()
-    raise OutputError(f"{store}: {entry} has encoding {node.attrs.get('encoding-type')!r}, which read_output cannot read")
+    encoding = node.attrs.get("encoding-type")
+    raise OutputError(f"{store}: {entry} has encoding {encoding!r}, which read_output cannot read")
 
 
 # --- small in-memory results -----------------------------------------------------------------------------------
