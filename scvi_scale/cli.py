@@ -4,6 +4,7 @@
     scvi-scale train STORE --batch-key batch --out MODEL_DIR [--max-epochs N] [--resume] [--nproc N]
     torchrun --nnodes M --nproc-per-node N ... -m scvi_scale.cli train ...   # data-parallel across machines
     scvi-scale latent | normalize | de | sample STORE --model MODEL_DIR   # outputs written into the store
+    scvi-scale map QUERY --reference MODEL_DIR --out MODEL_DIR [--reference-store STORE --labels-key cell_type]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from scvi_scale.mapping import add_map_command
 from scvi_scale.outputs.cli import add_commands as add_output_commands
 
 
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_convert(commands)
     _add_train(commands)
     add_output_commands(commands)
+    add_map_command(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     return args.run(args)

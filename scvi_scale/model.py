@@ -23,6 +23,7 @@ import torch
 
 from scvi_scale import __version__, distributed
 from scvi_scale.data import CountStore, Registry, StoreError
+from scvi_scale.mapping import ArchesMixin
 from scvi_scale.module import VAE
 from scvi_scale.outputs import OutputsMixin
 from scvi_scale.sampler import BlockShuffleSampler, SequentialSampler, train_validation_split
@@ -35,7 +36,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_INFERENCE_BATCH_SIZE = 1024
 
 
-class SCVI(OutputsMixin):
+class SCVI(ArchesMixin, OutputsMixin):
     """scVI (Lopez et al. 2018) on a Zarr store that `SCVI.setup_zarr` registered.
 
     Parameters are scvi-tools' `SCVI` ones, with its defaults; other keyword arguments go to the module (`VAE`):
@@ -305,8 +306,17 @@ class SCVI(OutputsMixin):
 
     # --- persistence ---------------------------------------------------------------------------------------------
 
-    def save(self, dir_path, overwrite: bool = False) -> None:
-        """Write `dir_path/model.pt`: weights, init parameters, registry, var names and history (no counts)."""
+    def save(self, dir_path, overwrite: bool = False, format: str = "scvi-scale") -> None:
+        """Write `dir_path/model.pt`: weights, init parameters, registry, var names and history (no counts).
+
+        format="scvi-tools" writes the directory scvi-tools' `SCVI.load` reads instead (see interop.py).
+        """
+        if format == "scvi-tools":
+            from scvi_scale.interop import save_scvi_tools
+
+            return save_scvi_tools(self, dir_path, overwrite=overwrite)
+        if format != "scvi-scale":
+            raise ValueError(f"format={format!r}: expected 'scvi-scale' or 'scvi-tools'")
         dir_path = Path(dir_path)
         target = dir_path / MODEL_FILE
         if target.exists() and not overwrite:
@@ -331,9 +341,14 @@ class SCVI(OutputsMixin):
 
     @classmethod
     def load(cls, dir_path, store, accelerator: str = "cpu") -> "SCVI":
-        """Load a model that `save` wrote, over `store` (a path or CountStore) with the same genes in the same order."""
+        """Load a model that `save` (or scvi-tools' SCVI.save) wrote, over `store` (a path or CountStore) with the
+        same genes in the same order."""
         payload = torch.load(Path(dir_path) / MODEL_FILE, map_location="cpu", weights_only=False)
         attrs = payload["attr_dict"]
+        if "scvi_scale_version" not in attrs:  # a directory that scvi-tools' SCVI.save wrote
+            from scvi_scale.interop import load_scvi_tools
+
+            return load_scvi_tools(dir_path, store, accelerator=accelerator, model_class=cls)
         registry = Registry.from_dict(attrs["registry_"])
         if not isinstance(store, CountStore):
             store = CountStore(store, layer=registry.layer)

@@ -15,7 +15,6 @@ from scvi_scale.data import CountStore, StoreError, write_store
 from scvi_scale.datasets import synthetic_atlas
 from scvi_scale.mapping import (
     AlignedStore,
-    ArchesMixin,
     nearest_neighbours,
     transfer_labels,
     weighted_votes,
@@ -24,8 +23,6 @@ from scvi_scale.mapping import (
 from scvi_scale.model import SCVI
 from scvi_scale.settings import settings
 
-# SCVI gains ArchesMixin as a base when mapping is wired into model.py; until then a subclass adds it
-QueryModel = SCVI if issubclass(SCVI, ArchesMixin) else type("QueryModel", (ArchesMixin, SCVI), {})
 N_GENES = 200
 QUERY_BATCH = "batch_3"
 
@@ -60,12 +57,12 @@ def mapped(tmp_path_factory):
     reference_rows, query_rows = np.flatnonzero(batch != QUERY_BATCH), np.flatnonzero(batch == QUERY_BATCH)
     _write_subset(atlas, reference_rows, folder / "reference.zarr")
     _write_subset(atlas, query_rows, folder / "query.zarr")
-    QueryModel.setup_zarr(folder / "reference.zarr", batch_key="batch", labels_key="cell_type")
-    reference = QueryModel(folder / "reference.zarr", n_hidden=32, n_latent=6)
+    SCVI.setup_zarr(folder / "reference.zarr", batch_key="batch", labels_key="cell_type")
+    reference = SCVI(folder / "reference.zarr", n_hidden=32, n_latent=6)
     reference.train(max_epochs=30, batch_size=128, seed=0, plan_kwargs={"lr": 1e-2})
     reference.save(folder / "reference_model")
     reference_state = {key: value.clone() for key, value in reference.module.state_dict().items()}
-    query = QueryModel.load_query_data(folder / "query.zarr", folder / "reference_model")
+    query = SCVI.load_query_data(folder / "query.zarr", folder / "reference_model")
     initial_query_state = {key: value.clone() for key, value in query.module.state_dict().items()}
     query.train(max_epochs=10, batch_size=128, seed=0)  # default plan: Adam with weight_decay 1e-6
     return {"folder": folder, "atlas": atlas, "query_rows": query_rows, "reference": reference,
@@ -111,9 +108,9 @@ def test_frozen_reference_weights_stay_bit_identical(mapped):
 def test_freeze_options_follow_scvi_tools(mapped):
     directory = mapped["folder"] / "reference_model"
     store = mapped["query"].store
-    everything = QueryModel.load_query_data(store, directory, unfrozen=True).module
+    everything = SCVI.load_query_data(store, directory, unfrozen=True).module
     assert all(p.requires_grad for p in everything.parameters())
-    opened = QueryModel.load_query_data(
+    opened = SCVI.load_query_data(
         store, directory, freeze_expression=False, freeze_dropout=True, freeze_batchnorm_encoder=False
     ).module
     names = {name for name, p in opened.named_parameters() if p.requires_grad}
@@ -121,7 +118,7 @@ def test_freeze_options_follow_scvi_tools(mapped):
             "z_encoder.encoder.fc_layers.Layer 0.1.weight"} <= names
     assert "z_encoder.mean_encoder.weight" not in names and "decoder.px_scale_decoder.weight" not in names
     assert all(m.p == 0 for m in opened.modules() if isinstance(m, torch.nn.Dropout))
-    frozen_norm = QueryModel.load_query_data(store, directory).module.z_encoder.encoder.fc_layers[0][1]
+    frozen_norm = SCVI.load_query_data(store, directory).module.z_encoder.encoder.fc_layers[0][1]
     assert frozen_norm.momentum == 0
 
 
@@ -130,9 +127,9 @@ def test_unseen_gene_order_gives_the_same_latent(mapped, tmp_path):
     mapped["query"].save(tmp_path / "query_model")
     permutation = np.random.default_rng(1).permutation(N_GENES)
     _write_subset(atlas, rows, tmp_path / "shuffled.zarr", columns=permutation)
-    shuffled = QueryModel.prepare_query_zarr(tmp_path / "shuffled.zarr", folder / "reference_model")
-    in_order = QueryModel.load(tmp_path / "query_model", folder / "query.zarr")
-    reordered = QueryModel.load(tmp_path / "query_model", shuffled)
+    shuffled = SCVI.prepare_query_zarr(tmp_path / "shuffled.zarr", folder / "reference_model")
+    in_order = SCVI.load(tmp_path / "query_model", folder / "query.zarr")
+    reordered = SCVI.load(tmp_path / "query_model", shuffled)
     np.testing.assert_array_equal(reordered.get_latent_representation(), in_order.get_latent_representation())
 
 
@@ -157,10 +154,10 @@ def test_query_without_shared_genes_or_reference_without_batches_is_refused(mapp
     atlas = mapped["atlas"]
     with pytest.raises(StoreError, match="none of its"):
         AlignedStore(atlas.path, [f"other_{i}" for i in range(5)])
-    QueryModel.setup_zarr(mapped["folder"] / "reference.zarr")
-    no_batches = QueryModel(mapped["folder"] / "reference.zarr", n_hidden=8, n_latent=2)
+    SCVI.setup_zarr(mapped["folder"] / "reference.zarr")
+    no_batches = SCVI(mapped["folder"] / "reference.zarr", n_hidden=8, n_latent=2)
     with pytest.raises(StoreError, match="without a batch_key"):
-        QueryModel.load_query_data(mapped["folder"] / "query.zarr", no_batches)
+        SCVI.load_query_data(mapped["folder"] / "query.zarr", no_batches)
 
 
 def test_nearest_neighbours_match_brute_force_across_blocks(monkeypatch):
@@ -219,7 +216,7 @@ def test_map_command_fine_tunes_saves_and_transfers_labels(mapped, tmp_path, mon
     import scvi_scale
     from scvi_scale.mapping import add_map_command
 
-    monkeypatch.setattr(scvi_scale, "SCVI", QueryModel)  # the command uses scvi_scale.SCVI, which has the mixin
+    monkeypatch.setattr(scvi_scale, "SCVI", SCVI)  # the command uses scvi_scale.SCVI, which has the mixin
     store = tmp_path / "query.zarr"
     _write_subset(mapped["atlas"], mapped["query_rows"], store)
     parser = argparse.ArgumentParser()
@@ -233,15 +230,15 @@ def test_map_command_fine_tunes_saves_and_transfers_labels(mapped, tmp_path, mon
     adata = anndata.read_zarr(store)
     assert adata.obsm["X_scVI"].shape == (len(mapped["query_rows"]), 6)
     assert {"predicted_cell_type", "predicted_cell_type_uncertainty"} <= set(adata.obs.columns)
-    reloaded = QueryModel.load(tmp_path / "out", store)
+    reloaded = SCVI.load(tmp_path / "out", store)
     np.testing.assert_allclose(reloaded.get_latent_representation(), adata.obsm["X_scVI"], rtol=1e-6)
 
 
 def test_gene_batch_dispersion_learns_for_new_batches_only(mapped, tmp_path):
-    QueryModel.setup_zarr(mapped["folder"] / "reference.zarr", batch_key="batch")
-    reference = QueryModel(mapped["folder"] / "reference.zarr", n_hidden=8, n_latent=2, dispersion="gene-batch")
+    SCVI.setup_zarr(mapped["folder"] / "reference.zarr", batch_key="batch")
+    reference = SCVI(mapped["folder"] / "reference.zarr", n_hidden=8, n_latent=2, dispersion="gene-batch")
     before = reference.module.px_r.detach().clone()
-    query = QueryModel.load_query_data(mapped["folder"] / "query.zarr", reference)
+    query = SCVI.load_query_data(mapped["folder"] / "query.zarr", reference)
     initial = query.module.px_r.detach().clone()
     query.train(max_epochs=1, batch_size=128)
     after = query.module.px_r.detach()
