@@ -136,8 +136,9 @@ def _run_rank(rank: int, function: Callable, world_size: int, port: int, threads
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(threads)
-    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
-    dist.init_process_group(backend)
+    # both backends where there are GPUs enough: tensors on the CPU (accelerator="cpu") go through gloo
+    gpus = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    dist.init_process_group("cpu:gloo,cuda:nccl" if gpus else "gloo")
     try:
         function(*args)
     finally:

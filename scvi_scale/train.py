@@ -295,9 +295,8 @@ def fit(
             return
         global_state = replace(state, epoch_sums=state.epoch_sums.all_reduced(device))
         rng_states = distributed.all_gather(torch.get_rng_state())
-        distributed.on_rank_zero(
-            lambda: save_checkpoint(checkpoint_path, module, optimizer, scheduler, train_stream, global_state, rng_states)
-        )
+        arguments = (checkpoint_path, module, optimizer, scheduler, train_stream, global_state, rng_states)
+        distributed.on_rank_zero(lambda: save_checkpoint(*arguments))
 
     steps_per_epoch = len(train_stream)
     progress = tqdm(

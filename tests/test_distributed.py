@@ -160,7 +160,8 @@ def test_every_training_cell_is_seen_once_per_epoch_across_ranks(atlas, two_rank
             assert len({sum(1 for name, e, _ in r["seen"] if name == run and e == epoch) for r in records}) == 1
     # an interrupted and resumed epoch still covers every cell exactly once
     for epoch in range(3):
-        rows = [rows for r in records for name, e, rows in r["seen"] if name in ("interrupted", "resumed") and e == epoch]
+        rows = [rows for r in records for name, e, rows in r["seen"]
+                if name in ("interrupted", "resumed") and e == epoch]
         np.testing.assert_array_equal(np.sort(np.concatenate(rows)), train_rows)
 
 
