@@ -331,6 +331,8 @@ def test_de_raw_statistics_equal_a_direct_computation(model, atlas, tmp_path):
     stored = anndata.read_zarr(atlas).uns["de_type_2"]
     np.testing.assert_allclose(stored["raw_mean1"].to_numpy(), result.loc[stored.index, "raw_mean1"].to_numpy())
     assert len(list(tmp_path.glob("de.*"))) == 1
+    with pytest.raises(OutputError, match="already exists"):  # refused before any work
+        model.differential_expression(groupby="cell_type", silent=True, write_to="de_type_2")
 
 
 def test_de_result_does_not_depend_on_passes_or_workers(model):

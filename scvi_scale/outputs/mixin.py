@@ -480,6 +480,9 @@ class OutputsMixin:
         use_observed_batches = not batch_correction
         if use_observed_batches and (batchid1 is not None or batchid2 is not None):
             raise ValueError("batchid1 / batchid2 choose the batches to decode in: they need batch_correction=True")
+        target = None if write_to is None else writer.output_store(self.store.path, output_store)
+        if target is not None:
+            writer.check_uns_key(target, write_to, overwrite)  # before the work, not after
         codes, names, comparisons, label_rows = self._de_groups(groupby, group1, group2, idx1, idx2)
         chunk_rows = self._chunk_rows(chunk_rows)
         common = dict(batch_size=batch_size, chunk_rows=chunk_rows, client=client, model_dir=model_dir, silent=silent)
@@ -543,8 +546,7 @@ class OutputsMixin:
                 ))
             del samples
         result = pd.concat(frames, axis=0)
-        if write_to is not None:
-            target = writer.output_store(self.store.path, output_store)
+        if target is not None:
             write_uns(target, write_to, result, overwrite=overwrite)
         if table_path is not None:
             write_table(result, table_path)

@@ -479,14 +479,20 @@ def write_obsm(
     output.finish()
 
 
+def check_uns_key(store: str | os.PathLike, key: str, overwrite: bool = False) -> None:
+    """Raise OutputError if uns/<key> of `store` cannot be written (a bad name, or it exists and not overwrite)."""
+    check_key("uns", key)
+    root = _root(str(store), mode="r")
+    if not overwrite and "uns" in root and key in root["uns"]:
+        raise OutputError(f"{store}: uns/{key} already exists; pass overwrite=True to replace it")
+
+
 def write_uns(store: str | os.PathLike, key: str, value, overwrite: bool = False) -> None:
     """Write a small value (a DataFrame, dict, array) as uns/<key> of `store` with anndata's encoder."""
     store = str(store)
-    check_key("uns", key)
+    check_uns_key(store, key, overwrite)
     uns = _group(_root(store), "uns")
     if key in uns:
-        if not overwrite:
-            raise OutputError(f"{store}: uns/{key} already exists; pass overwrite=True to replace it")
         del uns[key]
     write_elem(uns, key, value)
     reconsolidate(store)
