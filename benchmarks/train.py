@@ -8,7 +8,8 @@ Both sides train the same architecture (scvi-tools' SCVI defaults: 128 hidden, 1
 dispersion, batch as covariate) on the same synthetic store (scvi_scale.datasets.synthetic_atlas, 2000 genes).
 scvi-scale streams the store from Zarr; scvi-tools reads it into memory (anndata.read_zarr) first, so it runs only at
 the sizes given with --peer-sizes (default: the smallest). Each case runs in its own process, so its peak RSS is its
-own (ru_maxrss). Throughput is cells per second over `--steps` optimizer steps of one epoch, timed around train().
+own (ru_maxrss). Throughput is cells per second over `--steps` optimizer steps of one epoch, timed around train(),
+after a 20-step warm-up run in the same process on both sides (torch.compile, Lightning's start-up, first reads).
 
 The peer environment (scvi-tools wants its own torch and lightning; keep it out of .venv):
     python3 -m venv peer && peer/bin/pip install torch==2.13.0 && peer/bin/pip install scvi-tools==1.4.2
@@ -29,6 +30,7 @@ from scvi_scale import SCVI
 store, batch_size, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 SCVI.setup_zarr(store, batch_key="batch")
+SCVI(store).train(max_epochs=1, batch_size=batch_size, max_steps=20)  # warm-up: torch.compile, first reads
 model = SCVI(store)
 started = time.perf_counter()
 model.train(max_epochs=1, batch_size=batch_size, max_steps=steps)
@@ -44,6 +46,8 @@ store, batch_size, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[
 torch.set_num_threads(threads)
 adata = anndata.read_zarr(store)
 scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+scvi.model.SCVI(adata).train(max_epochs=1, batch_size=batch_size, max_steps=20, accelerator="cpu",
+                             enable_progress_bar=False)  # warm-up, as for scvi-scale
 model = scvi.model.SCVI(adata)
 started = time.perf_counter()
 model.train(max_epochs=1, batch_size=batch_size, max_steps=steps, accelerator="cpu", enable_progress_bar=False)
