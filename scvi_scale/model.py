@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 
 from scvi_scale import __version__, distributed
-from scvi_scale.data import CountStore, Registry, StoreError
+from scvi_scale.data import CountStore, Registry, StoreError, write_store
 from scvi_scale.mapping import ArchesMixin
 from scvi_scale.module import VAE
 from scvi_scale.outputs import OutputsMixin
@@ -47,6 +48,9 @@ class SCVI(ArchesMixin, OutputsMixin):
 
     # store key -> Registry built by setup_zarr; scvi-tools keeps its managers in a class-level map the same way.
     _registries: dict[tuple[str, str | None], Registry] = {}
+    # id(AnnData) -> the store setup_anndata wrote it to, and the temporary folders it made (removed at exit)
+    _anndata_stores: dict[int, str] = {}
+    _temporary_folders: list[tempfile.TemporaryDirectory] = []
 
     def __init__(
         self,
@@ -62,6 +66,10 @@ class SCVI(ArchesMixin, OutputsMixin):
         registry: Registry | None = None,
         **module_kwargs,
     ):
+        if hasattr(store, "obs") and hasattr(store, "X"):  # an in-memory AnnData that setup_anndata wrote out
+            if id(store) not in self._anndata_stores:
+                raise StoreError("this AnnData has not been set up: call SCVI.setup_anndata(adata, batch_key=...) first")
+            store = self._anndata_stores[id(store)]
         self.store = store if isinstance(store, CountStore) else None
         path = store.path if isinstance(store, CountStore) else str(store)
         if registry is None:
@@ -129,6 +137,36 @@ class SCVI(ArchesMixin, OutputsMixin):
         )
         cls._registries[_registry_key(store.path, layer)] = registry
         return registry
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        store_path=None,
+    ) -> Registry:
+        """scvi-tools' `setup_anndata` for an in-memory AnnData: its counts (X or `layer`), obs and var are written to
+        a Zarr store (`store_path`, default a temporary folder removed when the process exits) and that store is
+        registered, so `SCVI(adata)` trains on it like on any store. The AnnData itself is not modified."""
+        if store_path is None:
+            folder = tempfile.TemporaryDirectory(prefix="scvi-scale-anndata-")
+            cls._temporary_folders.append(folder)
+            store_path = Path(folder.name) / "adata.zarr"
+        write_store(adata, store_path, layer=layer)
+        cls._anndata_stores[id(adata)] = str(store_path)
+        return cls.setup_zarr(
+            store_path,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
 
     @property
     def obs_arrays(self) -> dict[str, np.ndarray]:

@@ -107,6 +107,23 @@ def test_model_needs_setup_first(tmp_path):
         SCVI(path)
 
 
+def test_setup_anndata_trains_on_an_in_memory_anndata(tmp_path):
+    import anndata
+
+    path = tmp_path / "a.zarr"
+    synthetic_atlas(path, n_cells=300, n_genes=2000, seed=6)
+    adata = anndata.read_zarr(path)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X * 0.5  # not counts: the layer is what gets registered
+    with pytest.raises(StoreError, match="setup_anndata"):
+        SCVI(adata)
+    SCVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = SCVI(adata, n_latent=4)
+    model.train(max_epochs=1)
+    assert model.get_latent_representation().shape == (300, 4)
+    np.testing.assert_array_equal(model.store.read_dense(0, 300), adata.layers["counts"].toarray())
+
+
 # --- learning ---------------------------------------------------------------------------------------------------
 
 
