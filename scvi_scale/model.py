@@ -27,6 +27,7 @@ from scvi_scale.data import CountStore, Registry, StoreError, write_store
 from scvi_scale.mapping import ArchesMixin
 from scvi_scale.module import VAE
 from scvi_scale.outputs import OutputsMixin
+from scvi_scale.outputs.chunks import LatentJob
 from scvi_scale.sampler import BlockShuffleSampler, SequentialSampler, train_validation_split
 from scvi_scale.train import TrainingConfig, fit, max_epochs_heuristic, to_tensors
 
@@ -292,11 +293,11 @@ class SCVI(ArchesMixin, OutputsMixin):
 
     def get_elbo(self, indices=None, batch_size: int | None = None, return_mean: bool = True):
         """The ELBO per cell (reconstruction log-likelihood minus KL; higher is better), or its mean."""
-        elbo = self._per_cell(
-            lambda t: -(lambda out: out["reconstruction_loss"] + out["kl_local"])(self.module.loss(t)),
-            indices,
-            batch_size,
-        )
+        def elbo_per_cell(tensors):
+            losses = self.module.loss(tensors)
+            return -(losses["reconstruction_loss"] + losses["kl_local"])
+
+        elbo = self._per_cell(elbo_per_cell, indices, batch_size)
         return float(elbo.mean()) if return_mean else elbo
 
     def get_reconstruction_error(self, indices=None, batch_size: int | None = None, return_mean: bool = True):
@@ -318,29 +319,21 @@ class SCVI(ArchesMixin, OutputsMixin):
         mc_samples: int = 5000,
         batch_size: int | None = None,
         return_dist: bool = False,
+        seed: int = 0,
     ):
-        """The posterior mean of z (n_cells, n_latent) in store order, computed chunk by chunk.
+        """The posterior mean of z (n_cells, n_latent), cells in the order of `indices`, computed chunk by chunk
+        (the job `write_latent_representation` writes to the store; see outputs/chunks.py LatentJob).
 
         give_mean=False draws one sample per cell; for latent_distribution="ln" the mean is estimated from
         `mc_samples` samples pushed through the softmax. return_dist=True gives (mean, variance) of q(z | x).
+        Draws are keyed by `seed` and cell, so a cell gets the same values whatever else is computed with it.
         """
-
-        def latent(tensors):
-            qz = self.module.inference(tensors)["qz"]
-            if return_dist:
-                return torch.cat([qz.loc, qz.scale.square()], dim=-1)
-            if not give_mean:
-                z = qz.sample()
-                return torch.softmax(z, dim=-1) if self.module.latent_distribution == "ln" else z
-            if self.module.latent_distribution == "ln":
-                return torch.softmax(qz.sample((mc_samples,)), dim=-1).mean(0)
-            return qz.loc
-
-        values = self._per_cell(latent, indices, batch_size)
-        if return_dist:
-            n_latent = values.shape[1] // 2
-            return values[:, :n_latent], values[:, n_latent:]
-        return values
+        job = LatentJob(give_mean=give_mean, mc_samples=mc_samples, return_dist=return_dist)
+        result = self._in_memory(
+            job, indices=indices, batch_size=batch_size, seed=seed, chunk_rows=None, client=None, model_dir=None,
+            silent=True, description="latent",
+        )
+        return (result["latent"], result["variance"]) if return_dist else result["latent"]
 
     # --- persistence ---------------------------------------------------------------------------------------------
 
