@@ -37,7 +37,7 @@ def x_arrays(path) -> dict[str, np.ndarray]:
 
 def test_same_seed_same_arrays_whatever_the_chunking(tmp_path):
     first = synthetic_atlas(tmp_path / "a.zarr", 2500, seed=7, chunk_rows=500)
-    again = synthetic_atlas(tmp_path / "b.zarr", 2500, seed=7, chunk_rows=500)
+    synthetic_atlas(tmp_path / "b.zarr", 2500, seed=7, chunk_rows=500)
     rechunked = synthetic_atlas(tmp_path / "c.zarr", 2500, seed=7, chunk_rows=1100)
     other_seed = synthetic_atlas(tmp_path / "d.zarr", 2500, seed=8, chunk_rows=500)
     assert rechunked.chunk_rows == 1100 and first.chunk_rows == 500

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-import zarr
 from scipy import stats
 
 from scvi_scale import SCVI

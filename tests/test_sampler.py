@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scvi_scale.data import CountStore, write_store
+from scvi_scale.data import write_store
 from scvi_scale.sampler import (
     BlockReadError,
     BlockShuffleSampler,
