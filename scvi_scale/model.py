@@ -231,11 +231,6 @@ class SCVI(ArchesMixin, OutputsMixin):
         self.train_indices, self.validation_indices = train_validation_split(
             n_obs, train_size=train_size, validation_size=validation_size, seed=seed
         )
-        sampler_options = {}
-        if block_rows is not None:
-            sampler_options["block_rows"] = block_rows
-        if buffer_blocks is not None:
-            sampler_options["buffer_blocks"] = buffer_blocks
         train_stream = BlockShuffleSampler(
             self.store,
             self.train_indices,
@@ -244,7 +239,8 @@ class SCVI(ArchesMixin, OutputsMixin):
             seed=seed,
             rank=rank,
             world_size=world_size,
-            **sampler_options,
+            block_rows=block_rows,
+            buffer_blocks=buffer_blocks,
         )
         validation_share = np.array_split(self.validation_indices, world_size)[rank]
         validation_stream = None
