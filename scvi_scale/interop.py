@@ -243,12 +243,12 @@ def _scvi_tools_registry(model) -> dict:
     continuous = registry.continuous_covariate_keys
 
     def categorical_field(key, categories, attr_key, summary):
-        if key is None:
-            return {"data_registry": {}, "state_registry": {}, "summary_stats": {summary: 1}}
+        # Without a key, scvi-tools puts one category, 0, in a column of its own (its load re-creates it).
+        mapping = np.array([0]) if key is None else np.asarray(categories, dtype=object)
         return {
             "data_registry": {"attr_key": attr_key, "attr_name": "obs"},
-            "state_registry": {"categorical_mapping": np.asarray(categories, dtype=object), "original_key": key},
-            "summary_stats": {summary: len(categories)},
+            "state_registry": {"categorical_mapping": mapping, "original_key": attr_key if key is None else key},
+            "summary_stats": {summary: len(mapping)},
         }
 
     fields = {

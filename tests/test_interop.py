@@ -67,6 +67,31 @@ def test_save_in_scvi_tools_format_and_load_back(store, tmp_path):
         save_scvi_tools(model, tmp_path / "out")
 
 
+def test_save_without_labels_records_what_scvi_tools_setup_records(tmp_path):
+    """scvi-tools' load re-runs setup_anndata from the saved registry; without a labels_key, scvi-tools 1.4.2's
+    setup_anndata records one category, 0, in a column "_scvi_labels" of its own (its registry printed on this
+    machine), and its load fails on a field without that mapping. Ours must record the same, and load back."""
+    from scvi_scale import SCVI
+    from scvi_scale.datasets import synthetic_atlas
+
+    path = synthetic_atlas(tmp_path / "atlas.zarr", 300, n_genes=200, n_batches=2, seed=0)
+    SCVI.setup_zarr(path, batch_key="batch")
+    model = SCVI(path)
+    save_scvi_tools(model, tmp_path / "model")
+    fields = torch.load(tmp_path / "model" / "model.pt", weights_only=False)["attr_dict"]["registry_"][
+        "field_registries"
+    ]
+    labels = fields["labels"]
+    assert labels["data_registry"] == {"attr_key": "_scvi_labels", "attr_name": "obs"}
+    assert labels["state_registry"]["original_key"] == "_scvi_labels"
+    assert labels["state_registry"]["categorical_mapping"].tolist() == [0]
+    assert labels["summary_stats"] == {"n_labels": 1}
+    assert fields["batch"]["state_registry"]["categorical_mapping"].tolist() == ["batch_0", "batch_1"]
+    reloaded = load_scvi_tools(tmp_path / "model", path)
+    assert reloaded.registry.labels_key is None
+    np.testing.assert_array_equal(reloaded.get_latent_representation(), model.get_latent_representation())
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
