@@ -516,7 +516,7 @@ def write_obs_column(store, key: str, values: pd.Series, overwrite: bool = False
     into place, and only then listed in obs' column-order and in the consolidated metadata, so a crash at any
     point leaves a store that anndata reads (with or without the new column).
     """
-    store = str(store)
+    store = os.fspath(store)
     root = zarr.open_group(store, mode="r+", use_consolidated=False)
     obs = root["obs"]
     folder = Path(store) / "obs"

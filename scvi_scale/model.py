@@ -72,7 +72,7 @@ class SCVI(ArchesMixin, OutputsMixin):
                 raise StoreError("this AnnData has not been set up: call SCVI.setup_anndata(adata, batch_key=...) first")
             store = self._anndata_stores[id(store)]
         self.store = store if isinstance(store, CountStore) else None
-        path = store.path if isinstance(store, CountStore) else str(store)
+        path = os.fspath(store)
         if registry is None:
             registry = self._registries.get(_registry_key(path, getattr(store, "layer", None)))
             if registry is None:

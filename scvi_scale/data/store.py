@@ -17,6 +17,7 @@ subclass `CountValidationError`.
 from __future__ import annotations
 
 import functools
+import os
 
 import anndata
 import dask.array as da
@@ -83,11 +84,12 @@ class CountStore:
         var_names, obs_names: pandas Index of gene and cell names (read on first use).
 
     Thread-safe for reading: a prefetcher may call read_csr/read_dense from several threads at once. Pickles as
-    (path, layer), so dask workers reopen the store themselves.
+    (path, layer), so dask workers reopen the store themselves. A CountStore is path-like (os.fspath gives its
+    path), so it can be passed wherever a store's path is asked for.
     """
 
     def __init__(self, path, layer: str | None = None):
-        self.path = str(path)
+        self.path = os.fspath(path)
         self.layer = layer
         root = open_anndata_group(self.path)
         counts = _locate_counts(root, layer, self.path)
@@ -149,6 +151,9 @@ class CountStore:
         nnz_per_row = total_nnz / n_rows
         rows_per_chunk = int(self._data.chunks[0] / nnz_per_row)
         return int(np.clip(rows_per_chunk, MIN_DERIVED_CHUNK_ROWS, MAX_DERIVED_CHUNK_ROWS))
+
+    def __fspath__(self) -> str:
+        return self.path
 
     def __getstate__(self):
         return {"path": self.path, "layer": self.layer}
