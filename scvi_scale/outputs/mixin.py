@@ -53,6 +53,7 @@ from scvi_scale.outputs.chunks import (
     model_digest,
     run_units,
 )
+from scvi_scale.outputs.noise import NOISE_VERSION
 from scvi_scale.outputs.writer import CsrOutput, DenseOutput, OutputError, read_output, write_uns
 
 logger = logging.getLogger("scvi_scale.outputs")
@@ -151,7 +152,8 @@ class OutputsMixin:
         batch_size = batch_size or DEFAULT_BATCH_SIZE
         chunk_rows = self._chunk_rows(chunk_rows)
         target = writer.output_store(self.store.path, output_store)
-        settings = {**arguments, "seed": seed, "batch_size": batch_size, "model": model_digest(self.module)}
+        settings = {**arguments, "seed": seed, "batch_size": batch_size, "model": model_digest(self.module),
+                    "noise": NOISE_VERSION}  # a resume under other random streams would mix two sets of draws
         chunked = {
             name: (DenseOutput if kind == "dense" else CsrOutput)(
                 target, group, key, self.store.n_obs, n_columns, chunk_rows, settings

@@ -1,16 +1,20 @@
 """Random numbers keyed by cell, and counts drawn from NB / Poisson by inverting their CDF with those numbers.
 
-Every random number an output uses comes from a counter-based generator (Philox, Salmon et al. 2011) whose key is
-derived from the seed and whose counter starts at (stream, cell key): a pure function of (seed, stream, cell key,
-position in the cell's sequence). So a cell's draws do not depend on which other cells share its chunk or
-minibatch, on the chunk size, on the process that computes it, or on whether the run was resumed.
+Every random number an output uses is a pure function of (seed, stream, cell key, position in the cell's sequence),
+so a cell's draws do not depend on which other cells share its chunk or minibatch, on the chunk size, on the
+process that computes it, or on whether the run was resumed. Two counter-based generators, each fast where the
+other is slow:
+- uniforms, one per gene (thousands per cell): Philox (Salmon et al. 2011) with its key derived from the seed and
+  its counter moved to (stream, cell key); moving costs about 2 microseconds per cell, then values come at numpy's
+  speed;
+- normals, a few per cell (the latent's dimensions, the library): SplitMix64 (Steele et al. 2014) started at a
+  hash of (seed, stream, cell key), computed for all cells at once in numpy, then Box-Muller; for 10 normals per
+  cell this is 5x cheaper than moving Philox cell by cell. From LONG_NORMAL_SEQUENCE normals per cell (the 5000
+  draws of the "ln" latent mean, n_samples draws of the latent) Philox is cheaper again and makes them.
 
     noise = CellNoise(seed, keys)               # keys (B,): store rows, or request numbers
     noise.normal(stream, (n_draws, n_latent))   # (B, n_draws, n_latent) float32 standard normals
     noise.uniform(stream, n_genes)              # (B, n_genes) float32 in [0, 1)
-
-Moving one Philox generator to a cell's counter costs about 2 microseconds, measured cheaper than hashing counters
-in numpy for the (cells x genes) uniforms of posterior sampling.
 """
 
 from __future__ import annotations
@@ -21,7 +25,19 @@ import torch
 from scipy import special
 
 
+NOISE_VERSION = 2  # recorded with written outputs; raise it whenever a draw changes for the same (seed, cell)
 MAX_WALK = 64  # CDF steps taken one by one; entries beyond are bisected (heavy NB tails take thousands of steps)
+LONG_NORMAL_SEQUENCE = 128  # normals per cell from which Philox makes them (measured crossover ~100)
+NORMAL_BLOCK_VALUES = 1 << 20  # normals made per block of cells: bounds the uint64 temporaries to a few MB
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio, odd)
+
+
+def _mix64(bits: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Stafford's mix 13): a bijection of uint64 in which every input bit flips each
+    output bit with probability about 1/2."""
+    bits = (bits ^ (bits >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    bits = (bits ^ (bits >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return bits ^ (bits >> np.uint64(31))
 
 
 class CellNoise:
@@ -31,7 +47,8 @@ class CellNoise:
     def __init__(self, seed: int, keys: np.ndarray):
         self.seed = int(seed)
         self.keys = np.asarray(keys, dtype=np.int64)
-        self._bits = np.random.Philox(key=np.random.SeedSequence(self.seed).generate_state(2, np.uint64))
+        self._seed_state = np.random.SeedSequence(self.seed).generate_state(2, np.uint64)
+        self._bits = np.random.Philox(key=self._seed_state)
         self._generator = np.random.Generator(self._bits)
 
     def subset(self, positions) -> CellNoise:
@@ -55,11 +72,29 @@ class CellNoise:
         return values
 
     def normal(self, stream: int, shape: tuple[int, ...]) -> np.ndarray:
-        """(B, *shape) float32 standard normals: the first prod(shape) of each cell's sequence in this stream."""
-        values = np.empty((len(self.keys), int(np.prod(shape))), dtype=np.float32)
-        for row in self._cells(stream):
-            self._generator.standard_normal(out=values[row], dtype=np.float32)
-        return values.reshape(len(self.keys), *shape)
+        """(B, *shape) float32 standard normals: the first prod(shape) of each cell's normal sequence in this
+        stream (a sequence of its own, not the uniforms')."""
+        n_values = int(np.prod(shape))
+        if n_values >= LONG_NORMAL_SEQUENCE:
+            values = np.empty((len(self.keys), n_values), dtype=np.float32)
+            for row in self._cells(stream):
+                self._generator.standard_normal(out=values[row], dtype=np.float32)
+            return values.reshape(len(self.keys), *shape)
+        n_pairs = (n_values + 1) // 2  # Box-Muller turns two uniforms into two normals
+        values = np.empty((len(self.keys), 2 * n_pairs), dtype=np.float32)
+        block = max(1, NORMAL_BLOCK_VALUES // (2 * n_pairs))
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as SplitMix64 means it to
+            stream_start = _mix64(self._seed_state[1] ^ _mix64(np.uint64(stream) + self._seed_state[0]))
+            steps = _GOLDEN_GAMMA * np.arange(1, 2 * n_pairs + 1, dtype=np.uint64)
+            for start in range(0, len(self.keys), block):
+                cell_starts = _mix64(stream_start ^ _mix64(self.keys[start : start + block].astype(np.uint64)))
+                bits = _mix64(cell_starts[:, None] + steps)  # (cells, 2 * n_pairs): SplitMix64's sequence
+                uniforms = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # 53 random bits in [0, 1)
+                radius = np.sqrt(-2.0 * np.log1p(-uniforms[:, :n_pairs]))  # 1 - u lies in (0, 1]
+                angle = 2.0 * np.pi * uniforms[:, n_pairs:]
+                values[start : start + block, :n_pairs] = radius * np.cos(angle)
+                values[start : start + block, n_pairs:] = radius * np.sin(angle)
+        return values[:, :n_values].reshape(len(self.keys), *shape)
 
 
 def invert_counts(
