@@ -36,6 +36,7 @@ only for "gene-cell" with NB or ZINB, its dropout head only for ZINB.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,7 @@ DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 GENE_LIKELIHOODS = ("zinb", "nb", "poisson")
 LATENT_DISTRIBUTIONS = ("normal", "ln")
 NORM_PLACEMENTS = ("none", "encoder", "decoder", "both")
+GENERATIVE_OUTPUTS = ("px_scale", "px_rate", "theta", "zi_logits", "hidden")
 
 
 @dataclass
@@ -314,13 +316,15 @@ class VAE(nn.Module):
         if minibatch.x_csr is not None and appended is None and not torch.is_grad_enabled():
             crow_indices, col_indices, values = minibatch.x_csr
             try:  # the check costs ~50 us at B = 128; a malformed CSR would otherwise read out of bounds
-                return torch.sparse_csr_tensor(
-                    crow_indices,
-                    col_indices,
-                    torch.log1p(values.to(minibatch.x.dtype)),
-                    minibatch.x.shape,
-                    check_invariants=True,
-                )
+                with warnings.catch_warnings():  # torch calls its CSR tensors beta; the one product used is tested
+                    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+                    return torch.sparse_csr_tensor(
+                        crow_indices,
+                        col_indices,
+                        torch.log1p(values.to(minibatch.x.dtype)),
+                        minibatch.x.shape,
+                        check_invariants=True,
+                    )
             except RuntimeError as error:
                 raise ValueError(f"tensors['x_csr'] is not a valid CSR matrix of x's shape: {error}") from error
         encoder_input = torch.log1p(minibatch.x)
@@ -345,18 +349,27 @@ class VAE(nn.Module):
     # ------------------------------------------------------------------------------------------- generative
 
     def generative(
-        self, z: torch.Tensor, library: torch.Tensor, tensors: dict, transform_batch: int | None = None
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        tensors: dict,
+        transform_batch: int | None = None,
+        outputs: tuple[str, ...] = GENERATIVE_OUTPUTS,
     ) -> dict:
         """p(x | z, l) for one draw. z: (B, L) (transformed); library: (B, 1) or (B,) log library.
 
         transform_batch: decode every cell as if it came from this batch (batch-corrected outputs); it sets the
-        batch for the decoder's covariates and for the "gene-batch" dispersion. Returns
+        batch for the decoder's covariates and for the "gene-batch" dispersion. Returns the `outputs` asked for
+        (all by default; each (B, G) head costs as much as the softmax decoder, so inference asks for what it uses):
             px_scale  (B, G) expected fraction of each gene (rows sum to 1)
             px_rate   (B, G) expected counts, exp(library) * px_scale
             theta     inverse dispersion: (G,) for "gene", (B, G) otherwise; None for Poisson
             zi_logits (B, G) zero-inflation logits for ZINB, else None
             hidden    (B, n_hidden) the decoder's last hidden layer
         """
+        unknown = set(outputs) - set(GENERATIVE_OUTPUTS)
+        if unknown:
+            raise ValueError(f"outputs {sorted(unknown)}: expected some of {GENERATIVE_OUTPUTS}")
         if z.dim() != 2 or z.shape[1] != self.n_latent:
             raise ValueError(
                 f"z has shape {tuple(z.shape)}, expected (cells, {self.n_latent}): decode one draw at a time"
@@ -368,19 +381,25 @@ class VAE(nn.Module):
                     f"transform_batch={transform_batch}: expected a batch in [0, {self.n_batch_codes - 1}]"
                 )
             minibatch.batch = torch.full_like(minibatch.batch, int(transform_batch))
-        return self._generative(z, library.reshape(-1, 1), minibatch)
+        return self._generative(z, library.reshape(-1, 1), minibatch, outputs)
 
-    def _generative(self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch) -> dict:
+    def _generative(
+        self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch, outputs=GENERATIVE_OUTPUTS
+    ) -> dict:
         hidden = self._decoder_hidden(z, minibatch)
-        px_scale = torch.softmax(self.decoder.px_scale_decoder(hidden), dim=-1)
-        zi_logits = self.decoder.px_dropout_decoder(hidden) if self.gene_likelihood == "zinb" else None
-        return {
-            "px_scale": px_scale,
-            "px_rate": torch.exp(library) * px_scale,
-            "theta": self._theta(hidden, minibatch),
-            "zi_logits": zi_logits,
-            "hidden": hidden,
-        }
+        result = {"hidden": hidden}
+        if "px_scale" in outputs or "px_rate" in outputs:
+            px_scale = torch.softmax(self.decoder.px_scale_decoder(hidden), dim=-1)
+            if "px_rate" in outputs:
+                result["px_rate"] = torch.exp(library) * px_scale
+            if "px_scale" in outputs:
+                result["px_scale"] = px_scale
+        if "theta" in outputs:
+            result["theta"] = self._theta(hidden, minibatch)
+        if "zi_logits" in outputs:
+            zinb = self.gene_likelihood == "zinb"
+            result["zi_logits"] = self.decoder.px_dropout_decoder(hidden) if zinb else None
+        return result
 
     def _decoder_hidden(self, z: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
         """The decoder's last hidden layer (B, n_hidden): continuous covariates join z at the input, batch and

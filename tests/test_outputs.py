@@ -16,6 +16,7 @@ import torch
 from scipy import stats
 
 from scvi_scale import SCVI
+from scvi_scale.data import write_store
 from scvi_scale.datasets import synthetic_atlas
 from scvi_scale.outputs import (
     OutputError,
@@ -27,7 +28,7 @@ from scvi_scale.outputs import (
     write_uns,
 )
 from scvi_scale.outputs import chunks
-from scvi_scale.outputs.noise import CellNoise, invert_counts
+from scvi_scale.outputs.noise import LONG_NORMAL_SEQUENCE, CellNoise, invert_counts
 from scvi_scale.outputs.writer import CsrOutput, DenseOutput
 
 N_CELLS, N_GENES, CHUNK_ROWS = 1200, 600, 256
@@ -174,13 +175,18 @@ def test_inverted_counts_follow_the_zinb_nb_and_poisson(theta, dropout):
         assert np.abs(empirical - cdf(values)).max() < 5 * 0.5 / np.sqrt(n_draws)
 
 
-def test_cell_noise_depends_only_on_seed_stream_and_cell():
-    everything = CellNoise(7, np.arange(100)).normal(2, (3, 4))
-    some = CellNoise(7, np.array([42, 3])).normal(2, (3, 4))
+@pytest.mark.parametrize("shape", [(3, 4), (1, 7), (2, LONG_NORMAL_SEQUENCE // 2 + 1)])  # the last: Philox
+def test_cell_noise_depends_only_on_seed_stream_and_cell(shape):
+    everything = CellNoise(7, np.arange(100)).normal(2, shape)
+    some = CellNoise(7, np.array([42, 3])).normal(2, shape)
     np.testing.assert_array_equal(some, everything[[42, 3]])
-    assert not np.allclose(CellNoise(8, np.arange(100)).normal(2, (3, 4)), everything)
-    assert not np.allclose(CellNoise(7, np.arange(100)).normal(1, (3, 4)), everything)
-    assert abs(everything.mean()) < 0.15 and abs(everything.std() - 1) < 0.1
+    assert not np.allclose(CellNoise(8, np.arange(100)).normal(2, shape), everything)
+    assert not np.allclose(CellNoise(7, np.arange(100)).normal(1, shape), everything)
+    # standard normal, independent across cells and across a cell's draws
+    values = CellNoise(7, np.arange(20_000)).normal(2, shape).reshape(20_000, -1)
+    assert stats.kstest(values.ravel(), "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(values[:-1, 0], values[1:, 0])[0, 1]) < 5 / np.sqrt(20_000)
+    assert abs(np.corrcoef(values[:, 0], values[:, -1])[0, 1]) < 5 / np.sqrt(20_000)
 
 
 # --- chunked equals at once -----------------------------------------------------------------------------------------
@@ -217,6 +223,22 @@ def test_written_outputs_equal_outputs_computed_at_once(model, atlas):
     adata = anndata.read_zarr(atlas)
     assert {"X_scvi"} <= set(adata.obsm) and {"scvi_normalized", "scvi_samples", "scvi_mean"} <= set(adata.layers)
     assert sp.issparse(adata.layers["scvi_samples"]) and adata.layers["scvi_normalized"].dtype == np.float32
+
+
+def test_dense_and_csr_stores_give_the_same_outputs(model, atlas, tmp_path):
+    """Over a CSR store the encoder multiplies the non-zeros only; over a dense store, the whole matrix."""
+    dense_store = write_store(anndata.read_zarr(atlas), tmp_path / "dense.zarr", sparse=False)
+    assert not dense_store.is_sparse and model.store.is_sparse
+    model.save(tmp_path / "model")
+    on_dense = SCVI.load(tmp_path / "model", dense_store)
+    np.testing.assert_allclose(
+        on_dense.get_latent_representation(), model.get_latent_representation(), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        on_dense.get_normalized_expression(return_numpy=True, seed=2),
+        model.get_normalized_expression(return_numpy=True, seed=2),
+        rtol=1e-4, atol=1e-7,
+    )
 
 
 def test_values_of_a_cell_do_not_depend_on_its_company(model):

@@ -13,7 +13,9 @@ separate output store that `output_store` creates as a valid AnnData store: obs 
 X, empty obsm/layers/uns, so `anndata.read_zarr` opens it.
 
 Dense outputs (obsm, layers). A float32 array with anndata's encoding attributes, created NaN-filled when the
-output starts, rows chunked by `chunk_rows` (columns cut so one Zarr chunk holds at most MAX_CHUNK_VALUES values).
+output starts, rows chunked by `chunk_rows` (columns cut so one Zarr chunk holds at most MAX_CHUNK_VALUES values),
+stored uncompressed: computed float32 values have noisy mantissas, and Zarr's default zstd shrank normalized
+expression by 1.08x for 10 us of CPU per cell of 2000 genes, as much as the model's forward pass on the 2 cores.
 Each chunk of rows is written whole by a single task, so two tasks never share a Zarr chunk, and writing a chunk
 twice (a lost dask worker's task recomputed) rewrites the same bytes.
 
@@ -130,7 +132,7 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
     holding the input's obs and var, no X, and empty layers, obsm, varm, obsp, varp and uns. An existing one must
     describe the same cells and genes, in the same order.
     """
-    input_store = str(input_store)
+    input_store = os.fspath(input_store)
     if path is None or Path(path).resolve() == Path(input_store).resolve():
         return input_store
     path = Path(path)
@@ -337,6 +339,7 @@ class DenseOutput(_ChunkedOutput):
             chunks=(self.chunk_rows, column_chunk),
             dtype="float32",
             fill_value=np.nan,
+            compressors=None,
         )
         array.attrs.update({**_ANNDATA_ENCODINGS["dense"], OUTPUT_ATTR: {"complete": False}})
 
@@ -345,7 +348,9 @@ class DenseOutput(_ChunkedOutput):
         values = np.asarray(values, dtype=np.float32)
         self._check_chunk(chunk, values)
         start, stop = self.bounds(chunk)
-        zarr.open_array(self.store, path=self.entry, mode="r+")[start:stop] = values
+        # write_empty_chunks: else zarr first compares every chunk with the fill value (NaN), to skip storing it
+        array = zarr.open_array(self.store, path=self.entry, mode="r+", config={"write_empty_chunks": True})
+        array[start:stop] = values
         self._piece(chunk).touch()
 
     def _complete(self, group: zarr.Group):
@@ -423,7 +428,7 @@ def read_output(store: str | os.PathLike, entry: str):
     Raises OutputIncompleteError, naming the missing chunks' count, while the output is being written or after an
     interrupted write, and OutputError when there is no such entry.
     """
-    store = str(store)
+    store = os.fspath(store)
     group_name, key = split_entry(entry)
     root = _root(store, mode="r")
     record_path = progress_folder(store, entry) / RECORD_FILE
@@ -463,7 +468,7 @@ def write_obsm(
     store: str | os.PathLike, key: str, values, overwrite: bool = False, chunk_rows: int | None = None
 ) -> None:
     """Write a small in-memory (n_obs, k) result as obsm/<key> of `store` (float32, chunked like a dense output)."""
-    store = str(store)
+    store = os.fspath(store)
     values = np.asarray(values, dtype=np.float32)
     if values.ndim == 1:
         values = values[:, None]
@@ -482,14 +487,14 @@ def write_obsm(
 def check_uns_key(store: str | os.PathLike, key: str, overwrite: bool = False) -> None:
     """Raise OutputError if uns/<key> of `store` cannot be written (a bad name, or it exists and not overwrite)."""
     check_key("uns", key)
-    root = _root(str(store), mode="r")
+    root = _root(os.fspath(store), mode="r")
     if not overwrite and "uns" in root and key in root["uns"]:
         raise OutputError(f"{store}: uns/{key} already exists; pass overwrite=True to replace it")
 
 
 def write_uns(store: str | os.PathLike, key: str, value, overwrite: bool = False) -> None:
     """Write a small value (a DataFrame, dict, array) as uns/<key> of `store` with anndata's encoder."""
-    store = str(store)
+    store = os.fspath(store)
     check_uns_key(store, key, overwrite)
     uns = _group(_root(store), "uns")
     if key in uns:
