@@ -22,7 +22,7 @@ import contextlib
 import functools
 import hashlib
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -442,13 +442,18 @@ def _remote_unit(unit: Unit, reference: ModelReference, job, seed: int, batch_si
 
 
 @contextlib.contextmanager
-def _core_left_for_io():
-    """torch computes on one thread fewer than it has (at least one) while the sampler's readers and the writer
-    run beside it: on 2 cores, normalized expression ran at 25k cells/s with 2 torch threads and 31k with 1."""
+def _compute_threads(device):
+    """How many units compute at once in-process: on the CPU, one per torch thread, each unit's torch operations
+    on its own thread (measured on 2 cores at 200k cells: normalized expression 25k cells/s with one unit on 2
+    torch threads, 31k with one on 1, 31-37k with two on 1 each, bound by writing 1.6 GB; posterior samples,
+    mostly numpy on one thread, 8.5k -> 16.8k; latent 80k -> 94k); on an accelerator, one."""
+    if torch.device(device).type != "cpu":
+        yield 1
+        return
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
+    torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 
@@ -469,8 +474,8 @@ def run_units(
     """Run `job` on every unit. With `outputs` ({result name: DenseOutput | CsrOutput}), unit k's results are
     written as chunk k where they are computed and None is returned; else the results come back in unit order.
 
-    Without a client the units run here, one after the other, while the sampler reads the next ones ahead in
-    threads; with a dask.distributed client they fan out over its workers (`reference` says how a worker loads the
+    Without a client the units run here, on as many threads as torch has (each unit's torch operations on one),
+    while the sampler reads the next ones ahead in threads and a thread writes; with a dask.distributed client they fan out over its workers (`reference` says how a worker loads the
     model). Units may differ in size only in the last one.
     """
     progress = tqdm(total=len(units), desc=description, unit="chunk", disable=silent or not settings.progress_bar)
@@ -480,12 +485,18 @@ def run_units(
             model.module.eval()
             rows = np.concatenate([unit.rows for unit in units])
             stream = _minibatches(model, job, rows, len(units[0].rows))
-            # Writes run in a thread, one unit behind the compute.
-            with contextlib.closing(stream), ThreadPoolExecutor(1, thread_name_prefix="scvi-scale-write") as writer, \
-                    _core_left_for_io():
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(contextlib.closing(stream))
+                n_threads = stack.enter_context(_compute_threads(model.device))
+                computer = stack.enter_context(ThreadPoolExecutor(n_threads, thread_name_prefix="scvi-scale-compute"))
+                writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="scvi-scale-write"))
+                computing: deque = deque()  # (unit, future), in unit order; at most n_threads + 1 in flight
                 writing = None
-                for unit, minibatch in zip(units, stream, strict=True):
-                    result = _compute(model.module, job, unit, minibatch, seed, batch_size, model.device)
+
+                def collect():  # the oldest unit's result: kept, or written one unit behind
+                    nonlocal writing
+                    unit, future = computing.popleft()
+                    result = future.result()
                     if outputs is None:
                         results[unit.index] = result
                     else:
@@ -493,6 +504,15 @@ def run_units(
                             writing.result()  # raises a failed write here
                         writing = writer.submit(_write, outputs, unit, result)
                     progress.update(1)
+
+                for unit, minibatch in zip(units, stream, strict=True):
+                    future = computer.submit(_compute, model.module, job, unit, minibatch, seed, batch_size,
+                                             model.device)
+                    computing.append((unit, future))
+                    if len(computing) > n_threads:
+                        collect()
+                while computing:
+                    collect()
                 if writing is not None:
                     writing.result()
         else:

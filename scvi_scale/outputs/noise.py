@@ -145,32 +145,36 @@ def invert_counts(
         intercept = entry_theta * slope
         pmf = np.exp(-entry_theta * np.log1p(entry_mean / entry_theta))
     cdf = pmf.copy()
+    numerator = intercept.copy()  # slope k + intercept at step k
     values = np.ones(len(positions), dtype=np.float32)  # every entry here is at least 1
-    # walking[i]: the entry (of all `positions`) followed in slot i; values grow by 1 per step the CDF stays at
-    # or below the uniform. Finished entries keep their value; the arrays shrink when half of them are finished.
+    # walking[i]: the entry (of all `positions`) followed in slot i; counts grow by 1 per step the CDF stays at or
+    # below the uniform. Finished entries keep their value; the arrays shrink when a quarter or fewer still walk
+    # (in place otherwise: the walk is bound by memory traffic, and most entries stop at 1 or 2).
     walking = np.arange(len(positions))
     counts = values.copy()
     below = np.ones(len(positions), dtype=bool)
     for k in range(MAX_WALK):
-        pmf *= (slope * k + intercept) / (k + 1)
+        pmf *= numerator
+        pmf *= 1.0 / (k + 1)
+        numerator += slope
         cdf += pmf
         np.less_equal(cdf, entry_uniform, out=below)
         counts += below
         n_below = np.count_nonzero(below)
-        if n_below == 0 or 2 * n_below < len(walking):
+        if n_below == 0 or 4 * n_below < len(walking):
             values[walking] = counts
-            walking, pmf, cdf, entry_uniform, slope, intercept, counts, entry_mean = (
-                array[below] for array in (walking, pmf, cdf, entry_uniform, slope, intercept, counts, entry_mean)
+            kept = np.flatnonzero(below)
+            walking, pmf, cdf, entry_uniform, slope, numerator, counts = (
+                array[kept] for array in (walking, pmf, cdf, entry_uniform, slope, numerator, counts)
             )
-            if entry_theta is not None:
-                entry_theta = entry_theta[below]
-            below = below[below]
+            below = np.ones(len(kept), dtype=bool)
             if n_below == 0:
                 break
     values[walking] = counts
     if below.any():  # the few still below after MAX_WALK steps, far in a heavy tail: bisect on the CDF itself
-        values[walking[below]] = _bisect_counts(
-            entry_uniform[below], entry_mean[below], None if entry_theta is None else entry_theta[below], MAX_WALK
+        tail = walking[below]
+        values[tail] = _bisect_counts(
+            entry_uniform[below], entry_mean[tail], None if entry_theta is None else entry_theta[tail], MAX_WALK
         )
     rows, columns = np.divmod(positions.numpy(), n_genes)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
