@@ -26,6 +26,7 @@ from scvi_scale.data import (
     validate_counts,
     write_store,
 )
+from scvi_scale.data import writer as store_writer
 from scvi_scale.data.store import CHUNK_ROWS_ATTR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -106,10 +107,26 @@ def test_anndata_round_trip_is_exact(tmp_path, sparse, zarr_format):
     assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r").metadata.zarr_format == zarr_format
 
 
-def test_csr_layout_is_int64_indptr_and_row_aligned_chunks(tmp_path):
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_csr_indptr_is_int32_below_2_to_the_31_non_zeros_and_int64_beyond(tmp_path, monkeypatch, zarr_format):
+    """scipy selects rows of int32 indices with an int64 indptr by copying all the indices first: in-memory readers
+    of the store (scanpy, scvi-tools) must get matching int32 index arrays, as anndata writes them."""
+    adata = make_adata(n_obs=3000, n_vars=400)
+    write_store(adata, tmp_path / "narrow.zarr", chunk_rows=1000, zarr_format=zarr_format)
+    monkeypatch.setattr(store_writer, "INT32_INDEX_LIMIT", adata.X.nnz - 1)  # as if there were 2^31 non-zeros
+    write_store(adata, tmp_path / "wide.zarr", chunk_rows=1000, zarr_format=zarr_format)
+    for name, dtype in (("narrow", np.int32), ("wide", np.int64)):
+        x = ad.read_zarr(tmp_path / f"{name}.zarr").X
+        assert x.indptr.dtype == dtype and x.indices.dtype == np.int32
+        assert (x != adata.X).nnz == 0
+        np.testing.assert_array_equal(CountStore(tmp_path / f"{name}.zarr").read_csr(900, 2100).toarray(),
+                                      adata.X[900:2100].toarray())
+
+
+def test_csr_layout_has_row_aligned_chunks(tmp_path):
     store = write_store(make_adata(n_obs=3000, n_vars=400), tmp_path / "s.zarr", chunk_rows=1000)
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["X"]
-    assert group["indptr"].dtype == np.int64 and group["data"].dtype == np.float32
+    assert group["data"].dtype == np.float32
     assert group.attrs[CHUNK_ROWS_ATTR] == 1000 == store.chunk_rows
     # data and indices chunks hold a quarter of the first row block's non-zeros (above the 16,384 floor here)
     nnz_first_block = int(group["indptr"][1000])

@@ -115,6 +115,7 @@ def test_csr_output_is_assembled_in_row_order(scratch_store):
     output.finish()
     layer = anndata.read_zarr(scratch_store).layers["sampled"]
     assert sp.issparse(layer) and (layer != values).nnz == 0
+    assert layer.indptr.dtype == layer.indices.dtype == np.int32  # as anndata writes (see test_data)
     assert (read_output(scratch_store, "layers/sampled").compute() != values).nnz == 0
 
 

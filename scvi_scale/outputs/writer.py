@@ -51,7 +51,7 @@ import scipy.sparse as sp
 import zarr
 
 from scvi_scale.data.store import CHUNK_ROWS_ATTR, CountStore, StoreError, open_anndata_group
-from scvi_scale.data.writer import write_elem
+from scvi_scale.data.writer import INT32_INDEX_LIMIT, write_elem
 
 OUTPUT_ATTR = "scvi_scale_output"
 WRITABLE_GROUPS = ("obsm", "layers", "uns")
@@ -390,15 +390,19 @@ class CsrOutput(_ChunkedOutput):
         pieces = [self._piece(chunk) for chunk in range(self.n_chunks)]
         nnz = [int(np.load(piece)["indptr"][-1]) for piece in pieces]
         offsets = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
+        # int32 indptr below 2^31 non-zeros, as scipy and anndata make it (see scvi_scale.data.writer: scipy copies
+        # all int32 indices to int64 on every row selection when indptr is int64)
+        indptr_dtype = np.int32 if offsets[-1] <= INT32_INDEX_LIMIT else np.int64
         layer = group.create_group(self.key)
         arrays = {
             "data": layer.create_array("data", shape=(offsets[-1],), chunks=(CSR_VALUES_CHUNK,), dtype="float32"),
             "indices": layer.create_array("indices", shape=(offsets[-1],), chunks=(CSR_VALUES_CHUNK,), dtype="int32"),
             "indptr": layer.create_array(
-                "indptr", shape=(self.n_rows + 1,), chunks=(self.chunk_rows * INDPTR_CHUNK_BLOCKS,), dtype="int64"
+                "indptr", shape=(self.n_rows + 1,), chunks=(self.chunk_rows * INDPTR_CHUNK_BLOCKS,),
+                dtype=indptr_dtype,
             ),
         }
-        arrays["indptr"][0:1] = np.zeros(1, dtype=np.int64)
+        arrays["indptr"][0:1] = np.zeros(1, dtype=indptr_dtype)
         for chunk, piece in enumerate(pieces):
             values = sp.load_npz(piece)
             first, last = offsets[chunk], offsets[chunk + 1]
@@ -406,7 +410,7 @@ class CsrOutput(_ChunkedOutput):
             if last > first:
                 arrays["data"][first:last] = values.data.astype(np.float32, copy=False)
                 arrays["indices"][first:last] = values.indices.astype(np.int32, copy=False)
-            arrays["indptr"][start + 1 : stop + 1] = values.indptr[1:].astype(np.int64) + first
+            arrays["indptr"][start + 1 : stop + 1] = (values.indptr[1:].astype(np.int64) + first).astype(indptr_dtype)
         layer.attrs.update(
             {**_ANNDATA_ENCODINGS["csr"], "shape": [self.n_rows, self.n_cols], CHUNK_ROWS_ATTR: self.chunk_rows}
         )
