@@ -475,8 +475,9 @@ def run_units(
     written as chunk k where they are computed and None is returned; else the results come back in unit order.
 
     Without a client the units run here, on as many threads as torch has (each unit's torch operations on one),
-    while the sampler reads the next ones ahead in threads and a thread writes; with a dask.distributed client they fan out over its workers (`reference` says how a worker loads the
-    model). Units may differ in size only in the last one.
+    while the sampler reads the next ones ahead in threads and a thread writes; with a dask.distributed client
+    they fan out over its workers (`reference` says how a worker loads the model). Units may differ in size only
+    in the last one.
     """
     progress = tqdm(total=len(units), desc=description, unit="chunk", disable=silent or not settings.progress_bar)
     results: dict[int, dict] = {}
