@@ -64,8 +64,8 @@ def cut_units(rows: np.ndarray, chunk_rows: int) -> list[Unit]:
 def sub_batches(minibatch: dict, noise: CellNoise, batch_size: int, device):
     """(module inputs as tensors on `device`, their cells' noise) for consecutive slices of batch_size cells.
 
-    When the minibatch has the counts in CSR too (jobs with needs_csr), the slices carry them as "x_csr": the
-    module then runs the encoder's first layer on the non-zeros only (about a tenth of the entries).
+    When the minibatch has the counts in CSR too (a CSR store, or a job with needs_csr), the slices carry them as
+    "x_csr": the module then runs the encoder's first layer on the non-zeros only (about a tenth of the entries).
     """
     n_cells = len(minibatch["rows"])
     arrays = {key: value for key, value in minibatch.items() if isinstance(value, np.ndarray)}
