@@ -201,6 +201,14 @@ def test_output_shapes():
         assert losses[key].shape == (n_cells,), key
     with pytest.raises(ValueError, match="one draw at a time"):
         module.generative(many["z"], many["library"], tensors)
+    # asking for some outputs computes those alone, with the same values
+    for asked in [("px_scale",), ("px_rate",), ("theta", "zi_logits")]:
+        some = module.generative(inference["z"], inference["library"], tensors, outputs=asked)
+        assert set(some) == {*asked, "hidden"}
+        for key in asked:
+            torch.testing.assert_close(some[key], generative[key])
+    with pytest.raises(ValueError, match="px_dropout"):
+        module.generative(inference["z"], inference["library"], tensors, outputs=("px_dropout",))
 
 
 def test_several_draws_come_from_q():
