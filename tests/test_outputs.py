@@ -242,6 +242,21 @@ def test_dense_and_csr_stores_give_the_same_outputs(model, atlas, tmp_path):
     )
 
 
+def test_in_process_units_share_the_torch_threads_within_the_memory_budget(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        monkeypatch.setattr(chunks, "IN_FLIGHT_BYTES", 1000)
+        for unit_bytes, n_units, torch_threads in ((100, 4, 1), (400, 2, 2), (10_000, 1, 4)):
+            with chunks._compute_threads("cpu", unit_bytes) as running:
+                assert (running, torch.get_num_threads()) == (n_units, torch_threads)
+            assert torch.get_num_threads() == 4
+        with chunks._compute_threads("cuda", 100) as running:  # an accelerator: one unit at a time
+            assert running == 1 and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_values_of_a_cell_do_not_depend_on_its_company(model):
     full = model.get_normalized_expression(return_numpy=True, n_samples=2, seed=9)
     cells = [1100, 7, 300]

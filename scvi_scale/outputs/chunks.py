@@ -37,6 +37,7 @@ from scvi_scale.sampler import SequentialSampler
 from scvi_scale.settings import settings
 from scvi_scale.train import to_tensors
 
+IN_FLIGHT_BYTES = 2 << 30  # in-process, units compute at once while their dense counts and outputs fit in this
 LN_MEAN_BLOCK_VALUES = 1 << 22  # latent values per block of draws when averaging softmax(z) for "ln"
 LIKELIHOOD_OUTPUTS = ("px_rate", "theta", "zi_logits")  # what likelihood parameters and samples decode
 # Noise streams of a cell (shifted by stream_offset(transform batch), so each batch gets its own draws).
@@ -442,18 +443,20 @@ def _remote_unit(unit: Unit, reference: ModelReference, job, seed: int, batch_si
 
 
 @contextlib.contextmanager
-def _compute_threads(device):
+def _compute_threads(device, unit_bytes: int):
     """How many units compute at once in-process: on the CPU, one per torch thread, each unit's torch operations
     on its own thread (measured on 2 cores at 200k cells: normalized expression 25k cells/s with one unit on 2
     torch threads, 31k with one on 1, 31-37k with two on 1 each, bound by writing 1.6 GB; posterior samples,
-    mostly numpy on one thread, 8.5k -> 16.8k; latent 80k -> 94k); on an accelerator, one."""
+    mostly numpy on one thread, 8.5k -> 16.8k; latent 80k -> 94k), as many as IN_FLIGHT_BYTES holds of units of
+    `unit_bytes` (a unit of 4096 cells x 33k genes holds ~1 GB); on an accelerator, one."""
     if torch.device(device).type != "cpu":
         yield 1
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    n_units = max(1, min(threads, IN_FLIGHT_BYTES // max(1, unit_bytes)))
+    torch.set_num_threads(max(1, threads // n_units))
     try:
-        yield threads
+        yield n_units
     finally:
         torch.set_num_threads(threads)
 
@@ -488,10 +491,12 @@ def run_units(
             stream = _minibatches(model, job, rows, len(units[0].rows))
             with contextlib.ExitStack() as stack:
                 stack.enter_context(contextlib.closing(stream))
-                n_threads = stack.enter_context(_compute_threads(model.device))
-                computer = stack.enter_context(ThreadPoolExecutor(n_threads, thread_name_prefix="scvi-scale-compute"))
+                # a unit's dense counts and a dense output as wide, float32
+                unit_bytes = 2 * len(units[0].rows) * model.store.n_vars * 4
+                n_units = stack.enter_context(_compute_threads(model.device, unit_bytes))
+                computer = stack.enter_context(ThreadPoolExecutor(n_units, thread_name_prefix="scvi-scale-compute"))
                 writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="scvi-scale-write"))
-                computing: deque = deque()  # (unit, future), in unit order; at most n_threads + 1 in flight
+                computing: deque = deque()  # (unit, future), in unit order; at most n_units + 1 in flight
                 writing = None
 
                 def collect():  # the oldest unit's result: kept, or written one unit behind
@@ -510,7 +515,7 @@ def run_units(
                     future = computer.submit(_compute, model.module, job, unit, minibatch, seed, batch_size,
                                              model.device)
                     computing.append((unit, future))
-                    if len(computing) > n_threads:
+                    if len(computing) > n_units:
                         collect()
                 while computing:
                     collect()
