@@ -92,6 +92,14 @@ class SCVI(ArchesMixin, OutputsMixin):
             latent_distribution=latent_distribution,
             **module_kwargs,
         )
+        if not module_kwargs.get("use_observed_lib_size", True):
+            flat = [c for c, v in zip(registry.batch_categories, registry.library_log_vars, strict=True) if not v > 0]
+            if flat:
+                raise ValueError(
+                    f"use_observed_lib_size=False puts a log-normal prior on each batch's library sizes, but batches "
+                    f"{flat} of {registry.batch_key!r} have log library sizes of variance 0 (one cell, or equal "
+                    "library sizes): keep the observed library (the default), or merge those batches"
+                )
         self.module = VAE(
             n_input=self.store.n_vars,
             n_batch=registry.n_batch,

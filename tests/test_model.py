@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -105,6 +106,20 @@ def test_model_needs_setup_first(tmp_path):
     synthetic_atlas(path, n_cells=200, n_genes=2000, seed=0)
     with pytest.raises(StoreError, match="setup_zarr"):
         SCVI(path)
+
+
+def test_latent_library_refuses_a_batch_whose_library_cannot_vary(tmp_path):
+    """A one-cell batch: the observed library (the default) trains; a latent library's per-batch prior would have
+    variance 0, so it is refused naming the batch, before any training."""
+    import anndata
+
+    adata = anndata.read_zarr(synthetic_atlas(tmp_path / "a.zarr", n_cells=200, n_genes=200, seed=0).path)
+    adata.obs["sample"] = pd.Categorical(["kept"] * 199 + ["lonely"])
+    path = write_store(adata, tmp_path / "lonely.zarr").path
+    SCVI.setup_zarr(path, batch_key="sample")
+    SCVI(path, n_latent=4).train(max_epochs=1)
+    with pytest.raises(ValueError, match=r"\['lonely'\] of 'sample' have log library sizes of variance 0"):
+        SCVI(path, use_observed_lib_size=False)
 
 
 def test_setup_anndata_trains_on_an_in_memory_anndata(tmp_path):
