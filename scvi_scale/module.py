@@ -12,7 +12,7 @@ Loss per cell (a negative ELBO): -log p(x | z, l) + kl_weight * KL(q(z) || p(z))
 KL warm-up weighs the z term only.
 
 Minibatches are dicts of torch tensors (B cells):
-    "x"           (B, G) float counts, always
+    "x"           (B, G) float counts; may be absent when "x_csr" is given (made dense from it where needed)
     "batch"       (B,) or (B, 1) integer batch codes; may be absent when n_batch <= 1 (all cells in batch 0)
     "labels"      (B,) or (B, 1) integer label codes; read by dispersion "gene-label" only
     "cat_covs"    (B, k) integer codes of the k extra categorical covariates (n_cats_per_cov), when k > 0
@@ -60,7 +60,7 @@ class Minibatch:
     (B,) int64 per extra categorical covariate; cont_covs: (B, c) or None; log_size_factor: (B, 1) or None;
     x_csr: x's CSR arrays or None."""
 
-    x: torch.Tensor
+    x: torch.Tensor | None
     batch: torch.Tensor
     labels: torch.Tensor | None
     cat_covs: list[torch.Tensor]
@@ -215,22 +215,31 @@ class VAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- inputs
 
-    def _minibatch(self, tensors: dict) -> Minibatch:
-        """Checks a minibatch dict against the options the module was built with (see the module docstring)."""
-        if "x" not in tensors:
-            raise ValueError("tensors has no 'x' (the counts)")
-        x = tensors["x"]
-        if x.dim() != 2 or x.shape[1] != self.n_input or not x.dtype.is_floating_point:
-            raise ValueError(
-                f"tensors['x'] is {x.dtype} of shape {tuple(x.shape)}, expected float counts of shape "
-                f"(cells, {self.n_input})"
-            )
-        n_cells = x.shape[0]
+    def _minibatch(self, tensors: dict, cells_like: torch.Tensor | None = None) -> Minibatch:
+        """Checks a minibatch dict against the options the module was built with (see the module docstring).
+        cells_like: for the decoder, which reads no counts: a tensor with one row per cell, used when the
+        minibatch has neither x nor x_csr."""
+        x, x_csr = tensors.get("x"), tensors.get("x_csr")
+        if x is not None:
+            if x.dim() != 2 or x.shape[1] != self.n_input or not x.dtype.is_floating_point:
+                raise ValueError(
+                    f"tensors['x'] is {x.dtype} of shape {tuple(x.shape)}, expected float counts of shape "
+                    f"(cells, {self.n_input})"
+                )
+            n_cells, device, dtype = x.shape[0], x.device, x.dtype
+        elif x_csr is not None:
+            if len(x_csr) != 3 or x_csr[0].dim() != 1 or not x_csr[2].dtype.is_floating_point:
+                raise ValueError("tensors['x_csr'] must be (crow_indices, col_indices, float values)")
+            n_cells, device, dtype = x_csr[0].shape[0] - 1, x_csr[2].device, x_csr[2].dtype
+        elif cells_like is not None:
+            n_cells, device, dtype = cells_like.shape[0], cells_like.device, cells_like.dtype
+        else:
+            raise ValueError("tensors has no 'x' (the counts), nor 'x_csr'")
 
         if "batch" in tensors:
             batch = _codes("batch", tensors["batch"], n_cells, self.n_batch_codes)
         elif self.n_batch <= 1:
-            batch = torch.zeros(n_cells, dtype=torch.long, device=x.device)
+            batch = torch.zeros(n_cells, dtype=torch.long, device=device)
         else:
             raise ValueError(f"tensors has no 'batch', needed with n_batch={self.n_batch}")
 
@@ -267,7 +276,7 @@ class VAE(nn.Module):
                     f"tensors['cont_covs'] has shape {tuple(cont_covs.shape)}, "
                     f"expected ({n_cells}, {self.n_continuous_cov})"
                 )
-            cont_covs = cont_covs.to(x.dtype)
+            cont_covs = cont_covs.to(dtype)
         elif "cont_covs" in tensors:
             raise ValueError("tensors has 'cont_covs' but the module was built with n_continuous_cov=0")
 
@@ -281,9 +290,8 @@ class VAE(nn.Module):
             size_factor = tensors["size_factor"]
             if tuple(size_factor.shape) not in ((n_cells,), (n_cells, 1)):
                 raise ValueError(f"tensors['size_factor'] has shape {tuple(size_factor.shape)}, expected ({n_cells},)")
-            log_size_factor = torch.log(size_factor.reshape(n_cells, 1).to(x.dtype))
+            log_size_factor = torch.log(size_factor.reshape(n_cells, 1).to(dtype))
 
-        x_csr = tensors.get("x_csr")
         if x_csr is not None:
             if len(x_csr) != 3:
                 raise ValueError("tensors['x_csr'] must be (crow_indices, col_indices, values)")
@@ -321,14 +329,32 @@ class VAE(nn.Module):
                     return torch.sparse_csr_tensor(
                         crow_indices,
                         col_indices,
-                        torch.log1p(values.to(minibatch.x.dtype)),
-                        minibatch.x.shape,
+                        torch.log1p(values),
+                        (crow_indices.shape[0] - 1, self.n_input),
                         check_invariants=True,
                     )
             except RuntimeError as error:
                 raise ValueError(f"tensors['x_csr'] is not a valid CSR matrix of x's shape: {error}") from error
-        encoder_input = torch.log1p(minibatch.x)
+        encoder_input = torch.log1p(self._dense_counts(minibatch))
         return encoder_input if appended is None else torch.cat([encoder_input, appended], dim=-1)
+
+    def _dense_counts(self, minibatch: Minibatch) -> torch.Tensor:
+        """x (B, G), made from x_csr when only the CSR form was given."""
+        if minibatch.x is not None:
+            return minibatch.x
+        crow_indices, col_indices, values = minibatch.x_csr
+        shape = (crow_indices.shape[0] - 1, self.n_input)
+        with warnings.catch_warnings():  # torch calls its CSR tensors beta
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            return torch.sparse_csr_tensor(crow_indices, col_indices, values, shape, check_invariants=True).to_dense()
+
+    def _library_sizes(self, minibatch: Minibatch) -> torch.Tensor:
+        """Observed library sizes (B, 1): the row sums of x (in float64 from x_csr, exact for integer counts)."""
+        if minibatch.x is not None:
+            return minibatch.x.sum(dim=1, keepdim=True)
+        crow_indices, _, values = minibatch.x_csr
+        running = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
+        return (running[crow_indices[1:]] - running[crow_indices[:-1]]).to(values.dtype).unsqueeze(1)
 
     def _inference(self, minibatch: Minibatch, n_samples: int = 1) -> dict:
         encoder_input = self._encoder_input(minibatch)
@@ -340,7 +366,7 @@ class VAE(nn.Module):
         elif minibatch.log_size_factor is not None:
             library = minibatch.log_size_factor
         else:
-            library = torch.log(minibatch.x.sum(dim=1, keepdim=True))
+            library = torch.log(self._library_sizes(minibatch))
         if n_samples > 1:
             z = self.z_encoder.transform(qz.sample((n_samples,)))
             library = library.expand(n_samples, -1, -1) if ql is None else ql.sample((n_samples,))
@@ -374,7 +400,7 @@ class VAE(nn.Module):
             raise ValueError(
                 f"z has shape {tuple(z.shape)}, expected (cells, {self.n_latent}): decode one draw at a time"
             )
-        minibatch = self._minibatch(tensors)
+        minibatch = self._minibatch(tensors, cells_like=z)
         if transform_batch is not None:
             if not 0 <= int(transform_batch) < self.n_batch_codes:
                 raise ValueError(
@@ -428,7 +454,8 @@ class VAE(nn.Module):
             # gene-wise outputs are formed here and only the likelihood is fused.
             outputs = self._generative(z, library, minibatch)
             return kernels.count_log_likelihood(
-                minibatch.x, outputs["px_rate"], outputs["theta"], outputs["zi_logits"], self.gene_likelihood
+                self._dense_counts(minibatch), outputs["px_rate"], outputs["theta"], outputs["zi_logits"],
+                self.gene_likelihood,
             )
         hidden = self._decoder_hidden(z, minibatch)
         zero_inflated = self.gene_likelihood == "zinb"
@@ -438,7 +465,7 @@ class VAE(nn.Module):
             self.decoder.px_scale_decoder.weight,
             self.decoder.px_scale_decoder.bias,
             library,
-            minibatch.x,
+            self._dense_counts(minibatch),
             theta=self._theta(hidden, minibatch),
             dropout_weight=dropout_head.weight if zero_inflated else None,
             dropout_bias=dropout_head.bias if zero_inflated else None,

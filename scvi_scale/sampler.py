@@ -10,7 +10,8 @@ Both streams read ahead in background threads and yield one dict of numpy arrays
     x        (B, G) float32     dense counts
     rows     (B,) int64         store row of each cell
     library  (B,) float32       observed library size: the row sum of x
-    x_csr    (indptr (B+1,) int64, indices (nnz,) int64, data (nnz,) float32): the same rows in CSR (return_csr=True)
+    x_csr    (indptr (B+1,) int64, indices (nnz,) int64, data (nnz,) float32): the same rows in CSR (return_csr=True;
+             with dense=False, x is left out and x_csr is the only form of the counts)
     <key>    obs_arrays[key][rows] for every per-cell array passed in ("batch", "labels", "cat_covs", ...)
 
 The reader is a `scvi_scale.data.CountStore` or any object with the same `n_obs`, `n_vars`, `chunk_rows`,
@@ -292,6 +293,7 @@ class _MinibatchStream:
         prefetch_blocks: int | None,
         prefetch_batches: int,
         minimum_prefetch_blocks: int,
+        dense: bool = True,
     ):
         self.reader = reader
         self.n_obs = int(reader.n_obs)
@@ -300,6 +302,9 @@ class _MinibatchStream:
         self.block_rows = _positive_int(reader.chunk_rows if block_rows is None else block_rows, "block_rows")
         self.obs_arrays = _checked_obs_arrays(obs_arrays, self.n_obs)
         self.return_csr = bool(return_csr)
+        self.dense = bool(dense)
+        if not (self.dense or self.return_csr):
+            raise ValueError("dense=False leaves x out: it needs return_csr=True, the counts' only form then")
         if read_with not in READ_PATHS:
             raise ValueError(f"read_with={read_with!r}: expected one of {READ_PATHS}")
         if client is not None and read_with != "dask":
@@ -358,12 +363,15 @@ class _MinibatchStream:
         """One minibatch dict (see the module docstring) from its (buffer, start, stop) cell ranges."""
         rows = np.concatenate([buffer.rows[start:stop] for buffer, start, stop in parts])
         counts = _stack_rows([buffer.take(start, stop) for buffer, start, stop in parts])
-        x = counts.toarray() if self._is_sparse else np.ascontiguousarray(counts)
-        # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
-        minibatch = {"x": x, "rows": rows, "library": x.sum(axis=1)}
+        minibatch = {"rows": rows}
+        if self.dense:
+            x = counts.toarray() if self._is_sparse else np.ascontiguousarray(counts)
+            minibatch["x"] = x
         if self.return_csr:
             csr = counts if self._is_sparse else sp.csr_matrix(counts)
             minibatch["x_csr"] = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
+        # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
+        minibatch["library"] = x.sum(axis=1) if self.dense else np.asarray(csr.sum(axis=1), np.float32).ravel()
         for key, values in self.obs_arrays.items():
             minibatch[key] = values[rows]
         return minibatch
@@ -638,6 +646,7 @@ class SequentialSampler(_MinibatchStream):
         num_workers: int = DEFAULT_NUM_WORKERS,
         prefetch_blocks: int | None = None,
         prefetch_batches: int = 2,
+        dense: bool = True,
     ):
         super().__init__(
             reader,
@@ -652,6 +661,7 @@ class SequentialSampler(_MinibatchStream):
             prefetch_blocks=prefetch_blocks,
             prefetch_batches=prefetch_batches,
             minimum_prefetch_blocks=1,
+            dense=dense,
         )
 
     def __len__(self) -> int:

@@ -394,6 +394,30 @@ def test_sparse_first_product_gives_the_dense_result(options):
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(n_batch=3, n_continuous_cov=2, encode_covariates=True, use_observed_lib_size=False)],
+    ids=["default", "encoded-continuous"],
+)
+def test_csr_alone_gives_what_x_gives(options):
+    """x may be left out when x_csr is given: the module makes it dense where it must (training, appended
+    covariates) and sums the observed library from the CSR values."""
+    module, tensors = build(options)
+    module.eval()
+    tensors = with_csr(tensors)
+    csr_only = {k: v for k, v in tensors.items() if k != "x"}
+    with torch.no_grad():
+        both = [seeded(lambda: module.inference(t)) for t in (csr_only, tensors)]
+        torch.testing.assert_close(both[0]["qz"].loc, both[1]["qz"].loc, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both[0]["library"], both[1]["library"], rtol=1e-5, atol=1e-5)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            losses = [seeded(lambda: module.loss(t)["loss"]) for t in (csr_only, tensors)]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="nor 'x_csr'"):
+        module.inference({k: v for k, v in csr_only.items() if k != "x_csr"})
+
+
 def test_sparse_first_product_runs_only_without_gradients():
     """CSR values that disagree with x show which input the encoder read."""
     module, tensors = build(dict())

@@ -196,6 +196,18 @@ def test_iteration_reads_every_training_row_once_and_no_validation_row(world_siz
     assert_exactly_once([np.concatenate(batches) for batches in per_rank], train)
 
 
+def test_csr_only_minibatches_leave_x_out(csr_store):
+    with_x = list(SequentialSampler(csr_store, batch_size=100, return_csr=True))
+    without = list(SequentialSampler(csr_store, batch_size=100, return_csr=True, dense=False))
+    for full, lean in zip(with_x, without, strict=True):
+        assert "x" not in lean and sorted(lean) == sorted(set(full) - {"x"})
+        np.testing.assert_array_equal(lean["library"], full["library"])
+        for a, b in zip(lean["x_csr"], full["x_csr"], strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="return_csr=True"):
+        SequentialSampler(csr_store, dense=False)
+
+
 @pytest.mark.parametrize("store_name", ["csr_store", "dense_store"])
 def test_minibatch_contents_equal_direct_reads_of_the_store(store_name, request):
     store = request.getfixturevalue(store_name)

@@ -288,7 +288,7 @@ class PosteriorPredictiveJob:
         parts = [[] for _ in range(self.n_samples)]
         genes = slice(None) if self.genes is None else list(self.genes)
         for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
-            n_cells, n_genes = tensors["x"].shape
+            n_cells, n_genes = len(noise.keys), module.n_input
             total = 0
             for batch in self.transform_batches:
                 z, library, _ = posterior_draws(module, tensors, noise, self.n_samples, batch)
@@ -324,7 +324,7 @@ class RawStatsJob:
     needs_csr = True  # sparse sums are ~10x cheaper than dense ones at ~10% non-zeros
 
     def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
-        n_cells, n_genes = minibatch["x"].shape
+        n_cells, n_genes = len(minibatch["rows"]), module.n_input
         indptr, indices, data = minibatch["x_csr"]
         statistics = GroupStatistics(self.n_groups, n_genes)
         statistics.add(sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes)), unit.payload)
@@ -342,6 +342,7 @@ class ScaleSampleJob:
 
     genes: tuple | None = None
     library_size: float | str = 1.0
+    needs_dense = True  # requested cells are selected (and repeated) from the dense counts
 
     def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
         positions, batches, requests = unit.payload
@@ -421,11 +422,14 @@ def _write(outputs: dict, unit: Unit, result: dict) -> None:
 
 
 def _minibatches(model, job, rows: np.ndarray, unit_size: int):
-    """The sampler's minibatches of unit_size cells over `rows`, read ahead in threads; with the CSR form of the
-    counts too when the store holds CSR (the encoder then reads the non-zeros only) or the job asks (needs_csr)."""
+    """The sampler's minibatches of unit_size cells over `rows`, read ahead in threads. A CSR store's counts come
+    as CSR only (the encoder reads the non-zeros; the module makes them dense where it must), unless the job asks
+    for dense counts too (needs_dense); a dense store's come dense, with CSR too if the job asks (needs_csr)."""
+    sparse = model.store.is_sparse
     sampler = SequentialSampler(
         model.store, rows, batch_size=unit_size, obs_arrays=model.obs_arrays,
-        return_csr=model.store.is_sparse or getattr(job, "needs_csr", False),
+        return_csr=sparse or getattr(job, "needs_csr", False),
+        dense=not sparse or getattr(job, "needs_dense", False),
     )
     return iter(sampler)
 
