@@ -322,31 +322,27 @@ class VAE(nn.Module):
         Sparse CSR when x_csr is given, no gradient is needed and there are no appended columns."""
         appended = minibatch.cont_covs if self.encode_covariates else None
         if minibatch.x_csr is not None and appended is None and not torch.is_grad_enabled():
-            crow_indices, col_indices, values = minibatch.x_csr
-            try:  # the check costs ~50 us at B = 128; a malformed CSR would otherwise read out of bounds
-                with warnings.catch_warnings():  # torch calls its CSR tensors beta; the one product used is tested
-                    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-                    return torch.sparse_csr_tensor(
-                        crow_indices,
-                        col_indices,
-                        torch.log1p(values),
-                        (crow_indices.shape[0] - 1, self.n_input),
-                        check_invariants=True,
-                    )
-            except RuntimeError as error:
-                raise ValueError(f"tensors['x_csr'] is not a valid CSR matrix of x's shape: {error}") from error
+            return self._csr_counts(minibatch, torch.log1p)
         encoder_input = torch.log1p(self._dense_counts(minibatch))
         return encoder_input if appended is None else torch.cat([encoder_input, appended], dim=-1)
 
-    def _dense_counts(self, minibatch: Minibatch) -> torch.Tensor:
-        """x (B, G), made from x_csr when only the CSR form was given."""
-        if minibatch.x is not None:
-            return minibatch.x
+    def _csr_counts(self, minibatch: Minibatch, transform=None) -> torch.Tensor:
+        """x_csr as a checked sparse CSR tensor (B, G), `transform` applied to its values."""
         crow_indices, col_indices, values = minibatch.x_csr
         shape = (crow_indices.shape[0] - 1, self.n_input)
-        with warnings.catch_warnings():  # torch calls its CSR tensors beta
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-            return torch.sparse_csr_tensor(crow_indices, col_indices, values, shape, check_invariants=True).to_dense()
+        try:  # the check costs ~50 us at B = 128; a malformed CSR would otherwise read out of bounds
+            with warnings.catch_warnings():  # torch calls its CSR tensors beta; the operations used here are tested
+                warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+                values = values if transform is None else transform(values)
+                return torch.sparse_csr_tensor(crow_indices, col_indices, values, shape, check_invariants=True)
+        except RuntimeError as error:
+            raise ValueError(f"tensors['x_csr'] is not a valid CSR matrix of x's shape: {error}") from error
+
+    def _dense_counts(self, minibatch: Minibatch) -> torch.Tensor:
+        """x (B, G); made from x_csr, once, when only the CSR form was given."""
+        if minibatch.x is None:
+            minibatch.x = self._csr_counts(minibatch).to_dense()
+        return minibatch.x
 
     def _library_sizes(self, minibatch: Minibatch) -> torch.Tensor:
         """Observed library sizes (B, 1): the row sums of x (in float64 from x_csr, exact for integer counts)."""

@@ -481,63 +481,69 @@ def run_units(
     """Run `job` on every unit. With `outputs` ({result name: DenseOutput | CsrOutput}), unit k's results are
     written as chunk k where they are computed and None is returned; else the results come back in unit order.
 
-    Without a client the units run here, on as many threads as torch has (each unit's torch operations on one),
-    while the sampler reads the next ones ahead in threads and a thread writes; with a dask.distributed client
-    they fan out over its workers (`reference` says how a worker loads the model). Units may differ in size only
-    in the last one.
+    Without a client the units run here (`_run_here`); with a dask.distributed client they fan out over its
+    workers (`_run_on_workers`; `reference` says how a worker loads the model). Units may differ in size only in
+    the last one.
     """
-    progress = tqdm(total=len(units), desc=description, unit="chunk", disable=silent or not settings.progress_bar)
+    if client is None:
+        finished = _run_here(model, job, units, seed, batch_size, outputs)
+    else:
+        finished = _run_on_workers(client, reference, job, units, seed, batch_size, outputs)
     results: dict[int, dict] = {}
-    try:
-        if client is None:
-            model.module.eval()
-            rows = np.concatenate([unit.rows for unit in units])
-            stream = _minibatches(model, job, rows, len(units[0].rows))
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(contextlib.closing(stream))
-                # a unit's dense counts and a dense output as wide, float32
-                unit_bytes = 2 * len(units[0].rows) * model.store.n_vars * 4
-                n_units = stack.enter_context(_compute_threads(model.device, unit_bytes))
-                computer = stack.enter_context(ThreadPoolExecutor(n_units, thread_name_prefix="scvi-scale-compute"))
-                writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="scvi-scale-write"))
-                computing: deque = deque()  # (unit, future), in unit order; at most n_units + 1 in flight
-                writing = None
-
-                def collect():  # the oldest unit's result: kept, or written one unit behind
-                    nonlocal writing
-                    unit, future = computing.popleft()
-                    result = future.result()
-                    if outputs is None:
-                        results[unit.index] = result
-                    else:
-                        if writing is not None:
-                            writing.result()  # raises a failed write here
-                        writing = writer.submit(_write, outputs, unit, result)
-                    progress.update(1)
-
-                for unit, minibatch in zip(units, stream, strict=True):
-                    future = computer.submit(_compute, model.module, job, unit, minibatch, seed, batch_size,
-                                             model.device)
-                    computing.append((unit, future))
-                    if len(computing) > n_units:
-                        collect()
-                while computing:
-                    collect()
-                if writing is not None:
-                    writing.result()
-        else:
-            from distributed import as_completed
-
-            task = functools.partial(
-                _remote_unit, reference=reference, job=job, seed=seed, batch_size=batch_size, outputs=outputs
-            )  # a partial: client.map would take batch_size for itself
-            futures = client.map(task, units, pure=False)
-            index_of = {future.key: unit.index for future, unit in zip(futures, units)}
-            for future, result in as_completed(futures, with_results=True):
-                if outputs is None:
-                    results[index_of[future.key]] = result
-                progress.update(1)
-    finally:
-        progress.close()
+    with tqdm(total=len(units), desc=description, unit="chunk", disable=silent or not settings.progress_bar) as bar:
+        for index, result in finished:
+            if outputs is None:
+                results[index] = result
+            bar.update(1)
     return None if outputs is not None else [results[unit.index] for unit in units]
 
+
+def _run_here(model, job, units: list[Unit], seed: int, batch_size: int, outputs: dict | None):
+    """Yield (unit index, result or None when written) in unit order: units compute on as many threads as torch
+    has (each unit's torch operations on one; `_compute_threads`), while the sampler reads the next ones ahead in
+    threads and a thread writes each result one unit behind."""
+    model.module.eval()
+    rows = np.concatenate([unit.rows for unit in units])
+    # an upper bound of what one unit holds: its counts made dense, and an output as wide, float32
+    unit_bytes = 2 * len(units[0].rows) * model.store.n_vars * 4
+    with contextlib.ExitStack() as stack:
+        stream = stack.enter_context(contextlib.closing(_minibatches(model, job, rows, len(units[0].rows))))
+        n_units = stack.enter_context(_compute_threads(model.device, unit_bytes))
+        computer = stack.enter_context(ThreadPoolExecutor(n_units, thread_name_prefix="scvi-scale-compute"))
+        writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="scvi-scale-write"))
+        computing: deque = deque()  # (unit, future), in unit order; at most n_units + 1 in flight
+        writing = None
+
+        def finish(unit: Unit, future):  # the unit's result, or None once its write is handed to the writer
+            nonlocal writing
+            result = future.result()
+            if outputs is None:
+                return unit.index, result
+            if writing is not None:
+                writing.result()  # raises a failed write here
+            writing = writer.submit(_write, outputs, unit, result)
+            return unit.index, None
+
+        for unit, minibatch in zip(units, stream, strict=True):
+            future = computer.submit(_compute, model.module, job, unit, minibatch, seed, batch_size, model.device)
+            computing.append((unit, future))
+            if len(computing) > n_units:
+                yield finish(*computing.popleft())
+        while computing:
+            yield finish(*computing.popleft())
+        if writing is not None:
+            writing.result()
+
+
+def _run_on_workers(client, reference: ModelReference, job, units: list[Unit], seed: int, batch_size: int,
+                    outputs: dict | None):
+    """Yield (unit index, result or None when written there) as the client's workers finish units."""
+    from distributed import as_completed
+
+    task = functools.partial(
+        _remote_unit, reference=reference, job=job, seed=seed, batch_size=batch_size, outputs=outputs
+    )  # a partial: client.map would take batch_size for itself
+    futures = client.map(task, units, pure=False)
+    index_of = {future.key: unit.index for future, unit in zip(futures, units)}
+    for future, result in as_completed(futures, with_results=True):
+        yield index_of[future.key], result

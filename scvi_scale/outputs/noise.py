@@ -54,32 +54,29 @@ class CellNoise:
     def subset(self, positions) -> CellNoise:
         return CellNoise(self.seed, self.keys[positions])
 
-    def _cells(self, stream: int):
-        """Yield each cell's row index with the generator moved to the start of that cell's sequence."""
+    def _philox(self, stream: int, size: int, draw) -> np.ndarray:
+        """(B, size) float32: for each cell, `draw` (a method of the generator) fills its row with the first `size`
+        values of the cell's Philox sequence, the generator moved to counter (stream, cell key) first."""
+        values = np.empty((len(self.keys), size), dtype=np.float32)
         state = self._bits.state
         for row, key in enumerate(self.keys):
             state["state"]["counter"] = np.array([0, 0, stream, key], dtype=np.uint64)
             state["buffer_pos"] = len(state["buffer"])  # nothing buffered from the previous cell
             state["has_uint32"] = 0
             self._bits.state = state
-            yield row
+            draw(out=values[row], dtype=np.float32)
+        return values
 
     def uniform(self, stream: int, size: int) -> np.ndarray:
         """(B, size) float32 uniforms in [0, 1): the first `size` of each cell's sequence in this stream."""
-        values = np.empty((len(self.keys), size), dtype=np.float32)
-        for row in self._cells(stream):
-            self._generator.random(out=values[row], dtype=np.float32)
-        return values
+        return self._philox(stream, size, self._generator.random)
 
     def normal(self, stream: int, shape: tuple[int, ...]) -> np.ndarray:
         """(B, *shape) float32 standard normals: the first prod(shape) of each cell's normal sequence in this
         stream (a sequence of its own, not the uniforms')."""
         n_values = int(np.prod(shape))
         if n_values >= LONG_NORMAL_SEQUENCE:
-            values = np.empty((len(self.keys), n_values), dtype=np.float32)
-            for row in self._cells(stream):
-                self._generator.standard_normal(out=values[row], dtype=np.float32)
-            return values.reshape(len(self.keys), *shape)
+            return self._philox(stream, n_values, self._generator.standard_normal).reshape(len(self.keys), *shape)
         n_pairs = (n_values + 1) // 2  # Box-Muller turns two uniforms into two normals
         values = np.empty((len(self.keys), 2 * n_pairs), dtype=np.float32)
         block = max(1, NORMAL_BLOCK_VALUES // (2 * n_pairs))

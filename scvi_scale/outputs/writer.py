@@ -410,7 +410,7 @@ class CsrOutput(_ChunkedOutput):
             if last > first:
                 arrays["data"][first:last] = values.data.astype(np.float32, copy=False)
                 arrays["indices"][first:last] = values.indices.astype(np.int32, copy=False)
-            arrays["indptr"][start + 1 : stop + 1] = (values.indptr[1:].astype(np.int64) + first).astype(indptr_dtype)
+            arrays["indptr"][start + 1 : stop + 1] = (values.indptr[1:] + first).astype(indptr_dtype)  # first: int64
         layer.attrs.update(
             {**_ANNDATA_ENCODINGS["csr"], "shape": [self.n_rows, self.n_cols], CHUNK_ROWS_ATTR: self.chunk_rows}
         )
