@@ -17,7 +17,7 @@ Tables printed:
    the store's dask view, at every store size.
 2. Dask's per-block overhead: read_csr(start, stop) against computing the dask view's slice, same blocks.
 3. Randomness vs speed for block_rows x buffer_blocks: batch-label mixing within minibatches (normalised entropy,
-   see sampler.label_mixing) relative to a fully random order, against cells/s and peak RSS.
+   see tests/helpers.py label_mixing) relative to a fully random order, against cells/s and peak RSS.
 4. The peer loader annbatch, when it installs in this environment (it needs Python >= 3.12).
 5. What training consumes: cells/s of the scVI training step (scvi_scale.module.VAE with scvi-tools' defaults,
    128-cell minibatches of this store, Adam) with 1 and 2 torch threads, against the block-shuffled loader:
@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the measures the tests share with us
 
 TRAIN_BATCH_SIZE = 128
 INFERENCE_BATCH_SIZE = 4096
@@ -188,14 +190,15 @@ def in_subprocess(function: str, argument) -> dict:
 
 def relative_mixing(store_path: str, block_rows: int, buffer_blocks: int, seed: int = 0) -> float:
     from scvi_scale.data import CountStore
-    from scvi_scale.sampler import BlockShuffleSampler, label_mixing
+    from helpers import label_mixing, planned_minibatch_rows  # tests/helpers.py, on the path below
+    from scvi_scale.sampler import BlockShuffleSampler
 
     store = CountStore(store_path)
     labels = store.obs_column("batch").cat.codes.to_numpy()
     n_labels = int(labels.max()) + 1
     shuffled = BlockShuffleSampler(store, batch_size=TRAIN_BATCH_SIZE, block_rows=block_rows,
                                    buffer_blocks=buffer_blocks, seed=seed)
-    mixing = label_mixing((labels[rows] for rows in shuffled.minibatch_rows()), n_labels)
+    mixing = label_mixing((labels[rows] for rows in planned_minibatch_rows(shuffled)), n_labels)
     order = np.random.default_rng(seed).permutation(len(labels))
     uniform = label_mixing(
         (labels[order[start : start + TRAIN_BATCH_SIZE]] for start in range(0, len(order), TRAIN_BATCH_SIZE)),

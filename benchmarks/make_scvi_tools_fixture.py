@@ -13,8 +13,8 @@ Writes, from a tiny synthetic data set (200 cells x 100 genes, 3 batches, 4 labe
                      px_scale, theta (n_genes,), zi_logits (n_cells, n_genes) from the same pass
                      normalized (n_cells, n_genes) get_normalized_expression(library_size=1) with its mean z
 Then it checks the other direction once: the main environment (.venv, scvi-scale without scvi-tools) loads the
-fixture and writes it back with save_scvi_tools into a temporary folder, scvi-tools loads that, and the script
-prints how far the two latents are apart (it fails above 1e-5). --check-only skips making the fixture.
+fixture and writes it back in scvi-tools' format (SCVI.save(format="scvi-tools")) into a temporary folder,
+scvi-tools loads that, and the script prints how far the two latents are apart (it fails above 1e-5). --check-only skips making the fixture.
 """
 
 from __future__ import annotations
@@ -103,18 +103,18 @@ def make_fixture() -> None:
 # Run by the main environment (scvi-scale, no scvi-tools): load the fixture, write it back in scvi-tools' format.
 SCVI_SCALE_SIDE = """
 import sys, numpy as np
+from scvi_scale import SCVI
 from scvi_scale.data import write_store
-from scvi_scale.interop import load_scvi_tools, save_scvi_tools
 fixture, work = sys.argv[1], sys.argv[2]
 store = write_store(fixture + "/data.h5ad", work + "/cells.zarr")
-model = load_scvi_tools(fixture + "/model", store)
-save_scvi_tools(model, work + "/roundtrip")
+model = SCVI.load(fixture + "/model", store)
+model.save(work + "/roundtrip", format="scvi-tools")
 np.save(work + "/scvi_scale_latent.npy", model.get_latent_representation())
 """
 
 
 def check_roundtrip() -> None:
-    """scvi-tools loads a model directory that scvi-scale's save_scvi_tools wrote, with the same latent."""
+    """scvi-tools loads a model directory that scvi-scale's scvi-tools-format save wrote, with the same latent."""
     with tempfile.TemporaryDirectory() as work:
         subprocess.run([str(MAIN_PYTHON), "-c", SCVI_SCALE_SIDE, str(FIXTURE), work], check=True)
         adata = anndata.read_h5ad(FIXTURE / "data.h5ad")
@@ -123,7 +123,7 @@ def check_roundtrip() -> None:
         theirs = model.get_latent_representation()
         expected = np.load(FIXTURE / "expected.npz")["latent"]
     difference = float(np.abs(ours - theirs).max())
-    print(f"scvi-tools loaded scvi-scale's save_scvi_tools output: max |latent difference| = {difference:.2e}")
+    print(f"scvi-tools loaded scvi-scale's scvi-tools-format save output: max |latent difference| = {difference:.2e}")
     original_difference = float(np.abs(expected - theirs).max())
     print(f"  (scvi-tools' latent of the original model vs the round trip: {original_difference:.2e})")
     if difference > 1e-5:

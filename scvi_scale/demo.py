@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from scvi_scale import SCVI
+    from scvi_scale import SCVI, persist
     from scvi_scale.datasets import synthetic_atlas
 
     out = Path(args.out)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = model.store.obs_column("cell_type").to_numpy()
     summary = {
         "store": str(store_path),
-        "model": str(model_dir / "model.pt"),
+        "model": str(persist.model_path(model_dir)),
         "latent": f"{store_path}/obsm/X_scvi",
         "normalized_expression": f"{store_path}/layers/scvi_normalized",
         "open_with": f"anndata.read_zarr({str(store_path)!r})",

@@ -24,8 +24,15 @@ Minibatches are dicts of torch tensors (B cells):
                   form. When no gradient is needed (inference, validation) the encoder's first product then
                   skips the zeros (see `nn.linear_with_covariates`); training keeps the dense product, which
                   measured faster with its backward.
-Other keys are ignored. The reconstruction term runs through `scvi_scale.kernels`, the single dispatch point of
-the fused likelihood ops.
+Other keys are ignored. `to_tensors` makes this dict from a sampler minibatch (numpy arrays), for training and
+outputs alike. The per-step path checks shapes and dtypes only: reading a value back to the host would cost a
+device sync per step, so code ranges and CSR structure are checked once at the data boundary (`check_inputs`;
+the store's readers prove the CSR they hand out, the registry's encoding the codes). The reconstruction term runs
+through `scvi_scale.kernels`, the single dispatch point of the fused likelihood ops.
+
+Draws. The one reparameterised draw is `Encoder.draw` (loc + scale * noise, then the "ln" transform). Training
+takes its noise from torch's generator; outputs pass their own standard normals (`inference(noise=...)`,
+`draw_latent`), so that a cell's draws can be keyed by the cell (outputs/noise.py).
 
 Parameter names follow scvi-tools' state dict (z_encoder, l_encoder, decoder, px_r, library_log_means/vars as
 (1, n_batch) buffers). Unlike scvi-tools, parts that the chosen options never use are not built: l_encoder only
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +60,30 @@ GENE_LIKELIHOODS = ("zinb", "nb", "poisson")
 LATENT_DISTRIBUTIONS = ("normal", "ln")
 NORM_PLACEMENTS = ("none", "encoder", "decoder", "both")
 GENERATIVE_OUTPUTS = ("px_scale", "px_rate", "theta", "zi_logits", "hidden")
+# Minibatch entries the module reads; a sampler's other entries (rows, library) stay on the host.
+MODULE_KEYS = ("x", "batch", "labels", "cat_covs", "cont_covs", "size_factor")
+
+
+def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """The module's inputs from a sampler minibatch (a dict of numpy arrays, see sampler.py) as tensors on
+    `device` (no copy on the CPU), for the minibatch's cells `cells` (a slice). A CSR form of the counts,
+    minibatch["x_csr"] = (indptr, indices, data), becomes "x_csr" = (crow_indices, col_indices, values) of those
+    cells."""
+    tensors = {
+        key: torch.from_numpy(np.ascontiguousarray(minibatch[key][cells])).to(device, non_blocking=True)
+        for key in MODULE_KEYS
+        if key in minibatch
+    }
+    if "x_csr" in minibatch:
+        indptr, indices, data = minibatch["x_csr"]
+        start, stop, _ = cells.indices(len(indptr) - 1)
+        row_starts = indptr[start : stop + 1]
+        entries = slice(row_starts[0], row_starts[-1])
+        tensors["x_csr"] = tuple(
+            torch.from_numpy(array).to(device, non_blocking=True)
+            for array in (row_starts - row_starts[0], indices[entries], data[entries])
+        )
+    return tensors
 
 
 @dataclass
@@ -69,19 +101,21 @@ class Minibatch:
     x_csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
-def _codes(name: str, codes: torch.Tensor, n_cells: int, n_categories: int) -> torch.Tensor:
-    """codes (B,) or (B, 1) as int64 (B,), checked to lie in [0, n_categories)."""
+def _codes(name: str, codes: torch.Tensor, n_cells: int) -> torch.Tensor:
+    """codes (B,) or (B, 1) as int64 (B,); their range is checked by `VAE.check_inputs`, not here (no sync)."""
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"tensors[{name!r}] has dtype {codes.dtype}, expected integer codes")
     if tuple(codes.shape) not in ((n_cells,), (n_cells, 1)):
         raise ValueError(f"tensors[{name!r}] has shape {tuple(codes.shape)}, expected ({n_cells},)")
-    codes = codes.reshape(n_cells).long()
-    if n_cells and (int(codes.min()) < 0 or int(codes.max()) >= n_categories):
+    return codes.reshape(n_cells).long()
+
+
+def _check_code_range(name: str, codes: torch.Tensor, n_categories: int) -> None:
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= n_categories):
         raise ValueError(
             f"tensors[{name!r}] has codes in [{int(codes.min())}, {int(codes.max())}], "
             f"expected codes in [0, {n_categories - 1}]"
         )
-    return codes
 
 
 class VAE(nn.Module):
@@ -202,6 +236,21 @@ class VAE(nn.Module):
             dispersion_per_cell=dispersion == "gene-cell" and gene_likelihood != "poisson",
         )
 
+    @classmethod
+    def from_registry(cls, registry, **options) -> VAE:
+        """A VAE sized for a `scvi_scale.data.Registry` (genes, batches, labels, covariates, library prior), with
+        SCVI's keyword arguments `options` (n_hidden, n_latent, dispersion, ...)."""
+        return cls(
+            n_input=registry.n_vars,
+            n_batch=registry.n_batch,
+            n_labels=registry.n_labels,
+            n_continuous_cov=registry.n_continuous_cov,
+            n_cats_per_cov=registry.n_cats_per_cov or None,
+            library_log_means=registry.library_log_means,
+            library_log_vars=registry.library_log_vars,
+            **options,
+        )
+
     def _library_prior(self, name: str, values) -> torch.Tensor:
         """The per-batch library prior parameter as a float32 (1, n_batch_codes) tensor, like scvi-tools' buffer."""
         if values is None:
@@ -237,7 +286,7 @@ class VAE(nn.Module):
             raise ValueError("tensors has no 'x' (the counts), nor 'x_csr'")
 
         if "batch" in tensors:
-            batch = _codes("batch", tensors["batch"], n_cells, self.n_batch_codes)
+            batch = _codes("batch", tensors["batch"], n_cells)
         elif self.n_batch <= 1:
             batch = torch.zeros(n_cells, dtype=torch.long, device=device)
         else:
@@ -247,7 +296,7 @@ class VAE(nn.Module):
         if self.dispersion == "gene-label":  # the only use of labels in scVI
             if "labels" not in tensors:
                 raise ValueError("tensors has no 'labels', needed by dispersion='gene-label'")
-            labels = _codes("labels", tensors["labels"], n_cells, self.n_labels)
+            labels = _codes("labels", tensors["labels"], n_cells)
 
         cat_covs = []
         n_extra = len(self.n_cats_per_cov)
@@ -259,11 +308,8 @@ class VAE(nn.Module):
                 raise ValueError(
                     f"tensors['cat_covs'] has shape {tuple(columns.shape)}, expected ({n_cells}, {n_extra})"
                 )
-            cat_covs = [
-                _codes(f"cat_covs[:, {j}]", columns[:, j], n_cells, n_cat)
-                for j, n_cat in enumerate(self.n_cats_per_cov)
-            ]
-        elif "cat_covs" in tensors:
+            cat_covs = [_codes(f"cat_covs[:, {j}]", columns[:, j], n_cells) for j in range(n_extra)]
+        elif "cat_covs" in tensors and tensors["cat_covs"].shape[-1] > 0:  # (B, 0): none, as Registry.encode gives
             raise ValueError("tensors has 'cat_covs' but the module was built with no categorical covariates")
 
         cont_covs = None
@@ -277,7 +323,7 @@ class VAE(nn.Module):
                     f"expected ({n_cells}, {self.n_continuous_cov})"
                 )
             cont_covs = cont_covs.to(dtype)
-        elif "cont_covs" in tensors:
+        elif "cont_covs" in tensors and tensors["cont_covs"].shape[-1] > 0:
             raise ValueError("tensors has 'cont_covs' but the module was built with n_continuous_cov=0")
 
         log_size_factor = None
@@ -303,19 +349,53 @@ class VAE(nn.Module):
                 )
         return Minibatch(x, batch, labels, cat_covs, cont_covs, log_size_factor, x_csr)
 
+    def check_inputs(self, tensors: dict) -> None:
+        """The value checks the per-step path leaves out (they read values back to the host): category codes
+        within the module's sizes and a well-formed x_csr, on top of `_minibatch`'s shape checks. For the data
+        boundary, once: e.g. on the per-cell obs arrays of a whole store, or on a minibatch a caller built."""
+        minibatch = self._minibatch(tensors, cells_like=self._cells_like(tensors))
+        _check_code_range("batch", minibatch.batch, self.n_batch_codes)
+        if minibatch.labels is not None:
+            _check_code_range("labels", minibatch.labels, self.n_labels)
+        for j, (codes, n_cat) in enumerate(zip(minibatch.cat_covs, self.n_cats_per_cov)):
+            _check_code_range(f"cat_covs[:, {j}]", codes, n_cat)
+        if minibatch.x_csr is not None:
+            crow_indices, col_indices, values = minibatch.x_csr
+            try:
+                with warnings.catch_warnings():  # torch calls its CSR tensors beta; the operations used are tested
+                    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+                    torch.sparse_csr_tensor(
+                        crow_indices, col_indices, values, (crow_indices.shape[0] - 1, self.n_input),
+                        check_invariants=True,
+                    )
+            except RuntimeError as error:
+                raise ValueError(f"tensors['x_csr'] is not a valid CSR matrix of x's shape: {error}") from error
+
+    @staticmethod
+    def _cells_like(tensors: dict) -> torch.Tensor | None:
+        """A per-cell tensor of `tensors` that tells the number of cells when there are no counts."""
+        return next((tensors[key] for key in ("batch", "labels", "cat_covs", "cont_covs", "size_factor")
+                     if key in tensors), None)
+
     # -------------------------------------------------------------------------------------------- inference
 
-    def inference(self, tensors: dict, n_samples: int = 1) -> dict:
+    def inference(self, tensors: dict, n_samples: int = 1, noise: dict | None = None) -> dict:
         """q(z | x) and the library. Returns
             qz:      Normal over the untransformed latent, loc and scale (B, L)
             z:       a draw, transformed ("ln": softmax), (B, L), or (n_samples, B, L) when n_samples > 1
             library: log library (B, 1) or (n_samples, B, 1): observed, or a draw of ql
             ql:      Normal over the log library (B, 1), or None when the library is observed
-        A single draw is reparameterized (differentiable); several are not, as in scvi-tools.
+        noise: the standard normals of the draws, {"z": (n_samples, B, L), "library": (n_samples, B, 1)} (library
+        only for a latent library); default torch's generator. Draws are reparameterised (differentiable).
         """
         if n_samples < 1:
             raise ValueError(f"n_samples={n_samples}: must be at least 1")
-        return self._inference(self._minibatch(tensors), n_samples)
+        return self._inference(self._minibatch(tensors), n_samples, noise)
+
+    def draw_latent(self, qz: Normal, noise: torch.Tensor) -> torch.Tensor:
+        """z = loc + scale * noise, transformed as the decoder sees it ("ln": softmax): noise (..., B, L) standard
+        normals, result of the same shape."""
+        return self.z_encoder.draw(qz, noise)
 
     def _encoder_input(self, minibatch: Minibatch) -> torch.Tensor:
         """log1p(x), with the continuous covariates appended when they are encoded: (B, n_input_encoder).
@@ -327,16 +407,14 @@ class VAE(nn.Module):
         return encoder_input if appended is None else torch.cat([encoder_input, appended], dim=-1)
 
     def _csr_counts(self, minibatch: Minibatch, transform=None) -> torch.Tensor:
-        """x_csr as a checked sparse CSR tensor (B, G), `transform` applied to its values."""
+        """x_csr as a sparse CSR tensor (B, G), `transform` applied to its values. Not checked here (that costs a
+        device sync): the store's readers prove the CSR they hand out, check_inputs proves one built by hand."""
         crow_indices, col_indices, values = minibatch.x_csr
         shape = (crow_indices.shape[0] - 1, self.n_input)
-        try:  # the check costs ~50 us at B = 128; a malformed CSR would otherwise read out of bounds
-            with warnings.catch_warnings():  # torch calls its CSR tensors beta; the operations used here are tested
-                warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-                values = values if transform is None else transform(values)
-                return torch.sparse_csr_tensor(crow_indices, col_indices, values, shape, check_invariants=True)
-        except RuntimeError as error:
-            raise ValueError(f"tensors['x_csr'] is not a valid CSR matrix of x's shape: {error}") from error
+        with warnings.catch_warnings():  # torch calls its CSR tensors beta; the operations used here are tested
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            values = values if transform is None else transform(values)
+            return torch.sparse_csr_tensor(crow_indices, col_indices, values, shape, check_invariants=False)
 
     def _dense_counts(self, minibatch: Minibatch) -> torch.Tensor:
         """x (B, G); made from x_csr, once, when only the CSR form was given."""
@@ -352,21 +430,35 @@ class VAE(nn.Module):
         running = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
         return (running[crow_indices[1:]] - running[crow_indices[:-1]]).to(values.dtype).unsqueeze(1)
 
-    def _inference(self, minibatch: Minibatch, n_samples: int = 1) -> dict:
+    def _inference(self, minibatch: Minibatch, n_samples: int = 1, noise: dict | None = None) -> dict:
+        noise = noise or {}
         encoder_input = self._encoder_input(minibatch)
         encoder_codes = (minibatch.batch, *minibatch.cat_covs) if self.encode_covariates else ()
-        qz, z = self.z_encoder(encoder_input, *encoder_codes)
+        qz = self.z_encoder(encoder_input, *encoder_codes)
+        z = self.z_encoder.draw(qz, self._draw_noise(noise.get("z"), qz, n_samples))
         ql = None
         if not self.use_observed_lib_size:
-            ql, library = self.l_encoder(encoder_input, *encoder_codes)
-        elif minibatch.log_size_factor is not None:
-            library = minibatch.log_size_factor
+            ql = self.l_encoder(encoder_input, *encoder_codes)
+            library = self.l_encoder.draw(ql, self._draw_noise(noise.get("library"), ql, n_samples))
         else:
-            library = torch.log(self._library_sizes(minibatch))
-        if n_samples > 1:
-            z = self.z_encoder.transform(qz.sample((n_samples,)))
-            library = library.expand(n_samples, -1, -1) if ql is None else ql.sample((n_samples,))
+            library = minibatch.log_size_factor
+            if library is None:
+                library = torch.log(self._library_sizes(minibatch))
+            if n_samples > 1:
+                library = library.expand(n_samples, -1, -1)
         return {"qz": qz, "z": z, "library": library, "ql": ql}
+
+    @staticmethod
+    def _draw_noise(noise: torch.Tensor | None, posterior: Normal, n_samples: int) -> torch.Tensor:
+        """Standard normals for n_samples draws of `posterior` (B, D): (B, D) for one draw, else (S, B, D)."""
+        shape = tuple(posterior.loc.shape) if n_samples == 1 else (n_samples, *posterior.loc.shape)
+        if noise is None:
+            return torch.empty(shape, dtype=posterior.loc.dtype, device=posterior.loc.device).normal_()
+        if n_samples == 1 and noise.dim() == len(shape) + 1 and noise.shape[0] == 1:
+            noise = noise[0]  # (1, B, D): the leading draws axis of one draw
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} for {n_samples} draw(s) of {tuple(shape[-2:])}")
+        return noise.to(posterior.loc.dtype)
 
     # ------------------------------------------------------------------------------------------- generative
 

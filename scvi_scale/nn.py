@@ -19,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
@@ -33,16 +32,17 @@ def one_hot_covariates(
 ) -> list[torch.Tensor]:
     """One-hot encodings (B, n_cat) of the categorical covariates with more than one category.
 
-    codes: one integer tensor (B,) or (B, 1) per entry of n_cat_list, each code in [0, n_cat) (the caller checks
-    the range once per minibatch; torch.nn.functional.one_hot rejects codes out of range).
+    codes: one integer tensor (B,) or (B, 1) per entry of n_cat_list, each code in [0, n_cat): the data boundary
+    checks the range once (VAE.check_inputs); a code out of range here is an index error of scatter.
     """
     if len(codes) != len(n_cat_list):
         raise ValueError(f"got {len(codes)} categorical covariates, the network was built for {len(n_cat_list)}")
-    return [
-        F.one_hot(code.reshape(-1).long(), n_cat).to(dtype)
-        for code, n_cat in zip(codes, n_cat_list)
-        if n_cat > 1
-    ]
+    encodings = []
+    for code, n_cat in zip(codes, n_cat_list):
+        if n_cat > 1:  # scatter, not F.one_hot: one_hot reads the codes' range back to the host (a device sync)
+            code = code.reshape(-1, 1).long()
+            encodings.append(torch.zeros(code.shape[0], n_cat, dtype=dtype, device=code.device).scatter_(1, code, 1.0))
+    return encodings
 
 
 def linear_with_covariates(linear: nn.Linear, x: torch.Tensor, covariates: list[torch.Tensor]) -> torch.Tensor:
@@ -163,14 +163,20 @@ class Encoder(nn.Module):
         """Maps a draw of the Normal to the latent space: identity, or softmax over the last axis for "ln"."""
         return torch.softmax(sample, dim=-1) if self.distribution == "ln" else sample
 
-    def forward(self, x: torch.Tensor, *cat_codes: torch.Tensor) -> tuple[Normal, torch.Tensor]:
-        """x: (B, n_input). Returns the Normal q (loc and scale (B, n_output)) and one reparameterized draw,
-        transformed, (B, n_output)."""
+    def draw(self, posterior: Normal, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The reparameterised draw loc + scale * noise, transformed: (..., B, n_output), differentiable in loc and
+        scale. noise: standard normals of shape (S, B, n_output) or (B, n_output); None draws one set from torch's
+        generator (as Normal.rsample does)."""
+        if noise is None:
+            noise = torch.empty_like(posterior.loc).normal_()
+        return self.transform(posterior.loc + posterior.scale * noise)
+
+    def forward(self, x: torch.Tensor, *cat_codes: torch.Tensor) -> Normal:
+        """x: (B, n_input). Returns the Normal q, loc and scale (B, n_output)."""
         hidden = self.encoder(x, *cat_codes)
         mean = self.mean_encoder(hidden)
         variance = torch.exp(self.var_encoder(hidden)) + self.var_eps
-        posterior = Normal(mean, variance.sqrt())
-        return posterior, self.transform(posterior.rsample())
+        return Normal(mean, variance.sqrt())
 
 
 class DecoderSCVI(nn.Module):

@@ -28,7 +28,7 @@ The reader is a `scvi_scale.data.CountStore` or any object with the same `n_obs`
 Reading paths. read_with="direct" (the default) calls the reader's read_csr/read_dense from a pool of threads;
 read_with="dask" computes the slice of the reader's dask view (`to_dask()`) for each block, in the same threads with
 dask's synchronous scheduler (our threads are the thread pool: dask's threaded scheduler called from several
-threads would start a pool per calling thread), or on a `dask.distributed` client when one is given.
+threads would start a pool per calling thread); it is how any lazy dask array of counts streams in.
 benchmarks/loader.py measures both: dask adds about 4 ms to each 4096-row block (about 40% of its read time) and
 far more to small blocks, past the 10% of loader throughput we allow, so direct reading is the default hot path.
 
@@ -108,28 +108,6 @@ def train_validation_split(
     validation_rows = np.sort(permutation[:n_validation])
     train_rows = np.sort(permutation[n_validation : n_validation + n_train])
     return train_rows.astype(np.int64), validation_rows.astype(np.int64)
-
-
-# --- randomness measure ----------------------------------------------------------------------------------------
-
-
-def label_mixing(minibatch_labels: Iterable[np.ndarray], n_labels: int) -> float:
-    """Mean over minibatches of the normalised entropy of a label (e.g. batch) within each minibatch, in [0, 1].
-
-    0: every minibatch holds one label; 1: every minibatch holds all labels equally. Comparing a sampler's value
-    with a fully random sampler's on a store whose labels lie in contiguous runs of rows measures how far block
-    shuffling is from a uniform shuffle. Minibatch labels are integer codes in [0, n_labels).
-    """
-    if n_labels < 2:
-        raise ValueError(f"n_labels={n_labels}: label mixing needs at least two labels")
-    entropies = []
-    for labels in minibatch_labels:
-        frequencies = np.bincount(np.asarray(labels), minlength=n_labels) / len(labels)
-        present = frequencies[frequencies > 0]
-        entropies.append(float(-(present * np.log(present)).sum() / np.log(n_labels)))
-    if not entropies:
-        raise ValueError("label_mixing needs at least one minibatch")
-    return float(np.mean(entropies))
 
 
 # --- argument checks -------------------------------------------------------------------------------------------
@@ -288,7 +266,6 @@ class _MinibatchStream:
         obs_arrays: Mapping[str, np.ndarray] | None,
         return_csr: bool,
         read_with: str,
-        client,
         num_workers: int,
         prefetch_blocks: int | None,
         prefetch_batches: int,
@@ -307,10 +284,7 @@ class _MinibatchStream:
             raise ValueError("dense=False leaves x out: it needs return_csr=True, the counts' only form then")
         if read_with not in READ_PATHS:
             raise ValueError(f"read_with={read_with!r}: expected one of {READ_PATHS}")
-        if client is not None and read_with != "dask":
-            raise ValueError("a dask client is only used with read_with='dask'")
         self.read_with = read_with
-        self.client = client
         self._lazy = reader.to_dask() if read_with == "dask" else None
         self.num_workers = _positive_int(num_workers, "num_workers")
         if prefetch_blocks is None:
@@ -327,10 +301,8 @@ class _MinibatchStream:
             if self._lazy is None:
                 read = self.reader.read_csr if self._is_sparse else self.reader.read_dense
                 block = read(start, stop)
-            elif self.client is None:
-                block = self._lazy[start:stop].compute(scheduler="sync")
             else:
-                block = self.client.compute(self._lazy[start:stop]).result()
+                block = self._lazy[start:stop].compute(scheduler="sync")
         except Exception as error:
             raise BlockReadError(
                 f"reading rows [{start}, {stop}) of {self.reader!r} failed: {type(error).__name__}: {error}"
@@ -466,15 +438,14 @@ class BlockShuffleSampler(_MinibatchStream):
         obs_arrays: Mapping[str, np.ndarray] | None = None,
         return_csr: bool = False,
         read_with: str = "direct",
-        client=None,
         num_workers: int = DEFAULT_NUM_WORKERS,
         prefetch_blocks: int | None = None,
         prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
     ):
         """Arguments beyond those in the class docstring: prefetch_blocks (block reads queued or running; default
         max(buffer_blocks, 2 * num_workers), i.e. the next buffer is read while the current one is consumed),
-        prefetch_batches (finished minibatches waiting), num_workers (reader threads), read_with and client (see
-        the module docstring)."""
+        prefetch_batches (finished minibatches waiting), num_workers (reader threads), read_with (see the module
+        docstring)."""
         if block_rows is None:
             block_rows = min(reader.chunk_rows, DEFAULT_CSR_BLOCK_ROWS) if reader.is_sparse else reader.chunk_rows
         block_rows = _positive_int(block_rows, "block_rows")
@@ -489,7 +460,6 @@ class BlockShuffleSampler(_MinibatchStream):
             obs_arrays=obs_arrays,
             return_csr=return_csr,
             read_with=read_with,
-            client=client,
             num_workers=num_workers,
             prefetch_blocks=prefetch_blocks,
             prefetch_batches=prefetch_batches,
@@ -609,12 +579,6 @@ class BlockShuffleSampler(_MinibatchStream):
 
         return buffer_rows(), self._batch_sizes[batches_done:]
 
-    def minibatch_rows(self) -> Iterator[np.ndarray]:
-        """Store rows of each minibatch still to come in the current epoch, computed without reading counts."""
-        buffers, batch_sizes = self._plan(self.epoch, self.batches_done)
-        for parts in _cut(((rows, len(rows)) for rows in buffers), batch_sizes):
-            yield np.concatenate([rows[start:stop] for rows, start, stop in parts])
-
     def __iter__(self) -> Iterator[dict]:
         epoch = self.epoch
         with contextlib.closing(self._stream(*self._plan(epoch, self.batches_done))) as minibatches:
@@ -642,7 +606,6 @@ class SequentialSampler(_MinibatchStream):
         obs_arrays: Mapping[str, np.ndarray] | None = None,
         return_csr: bool = False,
         read_with: str = "direct",
-        client=None,
         num_workers: int = DEFAULT_NUM_WORKERS,
         prefetch_blocks: int | None = None,
         prefetch_batches: int = 2,
@@ -656,7 +619,6 @@ class SequentialSampler(_MinibatchStream):
             obs_arrays=obs_arrays,
             return_csr=return_csr,
             read_with=read_with,
-            client=client,
             num_workers=num_workers,
             prefetch_blocks=prefetch_blocks,
             prefetch_batches=prefetch_batches,

@@ -3,7 +3,9 @@ atomic checkpoints and exact resume.
 
 Defaults are scvi-tools' (`TrainingPlan`, `TrainRunner`, `EarlyStopping` as scvi-tools configures it). The loop
 knows nothing of Zarr: it takes a module with `loss(tensors, kl_weight)` and two minibatch streams that yield
-dicts of numpy arrays and expose `set_epoch`, `state_dict`, `load_state_dict` and `__len__` (see `sampler.py`).
+dicts of numpy arrays (see `sampler.py`). The training stream owns the position: its `epoch` and `batches_done`
+say where the loop is, `state_dict` / `load_state_dict` save and restore it, iterating it runs the rest of its
+epoch and moves it to the next. The loop is `fit` -> `_Loop.run_epoch` per epoch -> `_Loop.step` per minibatch.
 
 Data-parallel: when a torch.distributed process group is up (see `distributed.py`), the module trains under
 DistributedDataParallel, each rank on its own stream; epoch sums and validation sums are all-reduced, so metrics,
@@ -19,22 +21,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scvi_scale import distributed
+from scvi_scale import distributed, surgery
+from scvi_scale.module import to_tensors
+from scvi_scale.persist import atomic_save
 from scvi_scale.settings import settings
 
 logger = logging.getLogger("scvi_scale.train")
-
-# Minibatch entries that the module reads; the sampler's other entries (rows, library) stay on the host.
-MODULE_KEYS = ("x", "batch", "labels", "cat_covs", "cont_covs", "size_factor")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -94,15 +93,6 @@ def kl_weight(config: TrainingConfig, epoch: int, step: int) -> float:
     return config.max_kl_weight
 
 
-def to_tensors(minibatch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """The module's inputs from one sampler minibatch, as tensors on `device` (zero-copy on the CPU)."""
-    return {
-        key: torch.from_numpy(np.ascontiguousarray(minibatch[key])).to(device, non_blocking=True)
-        for key in MODULE_KEYS
-        if key in minibatch
-    }
-
-
 @dataclass
 class _EpochSums:
     """Running sums of per-cell losses over the cells seen so far in an epoch."""
@@ -152,10 +142,8 @@ class _EarlyStopping:
 
 @dataclass
 class TrainingState:
-    """Everything a resumed run needs besides the module and optimizer: where the loop is and what it has seen."""
+    """What a resumed run needs besides the module, the optimizer and the stream's position: what it has seen."""
 
-    epoch: int = 0  # the epoch in progress (or next to start)
-    step_in_epoch: int = 0  # minibatches of that epoch already taken
     global_step: int = 0
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(epoch, value)]
     epoch_sums: _EpochSums = field(default_factory=_EpochSums)
@@ -181,37 +169,34 @@ def evaluate(module: torch.nn.Module, stream, device: torch.device) -> dict[str,
 def save_checkpoint(
     path: Path, module, optimizer, scheduler, train_stream, state: TrainingState, torch_rng_states: list
 ) -> None:
-    """Write the checkpoint to a temporary file and rename it over `path`, so a kill never leaves a torn file.
+    """Write the checkpoint atomically (persist.atomic_save), so a kill never leaves a torn file.
 
     With several ranks, rank 0 calls this with the epoch sums of all ranks in `state` and every rank's torch RNG
-    state in `torch_rng_states` (one entry per rank); the sampler state is rank 0's (all ranks are at the same
+    state in `torch_rng_states` (one entry per rank); the stream state is rank 0's (all ranks are at the same
     minibatch)."""
-    payload = {
-        "module": module.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "train_stream": train_stream.state_dict(),
-        "torch_rng": torch_rng_states,
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "state": {
-            "epoch": state.epoch,
-            "step_in_epoch": state.step_in_epoch,
-            "global_step": state.global_step,
-            "history": state.history,
-            "epoch_sums": asdict(state.epoch_sums),
-            "early_stopping": asdict(state.early_stopping) if state.early_stopping else None,
-            "stopped_early": state.stopped_early,
+    atomic_save(
+        {
+            "module": module.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "train_stream": train_stream.state_dict(),
+            "torch_rng": torch_rng_states,
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "state": {
+                "global_step": state.global_step,
+                "history": state.history,
+                "epoch_sums": asdict(state.epoch_sums),
+                "early_stopping": asdict(state.early_stopping) if state.early_stopping else None,
+                "stopped_early": state.stopped_early,
+            },
         },
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+        path,
+    )
 
 
 def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> TrainingState:
-    """Restore module, optimizer, scheduler, sampler position and RNG states from `path`, on every rank: each
-    takes its own RNG state; rank 0 carries on the epoch's (all-rank) sums, the other ranks start theirs at zero."""
+    """Restore module, optimizer, scheduler, stream position and RNG states from `path`, on every rank: each takes
+    its own RNG state; rank 0 carries on the epoch's (all-rank) sums, the other ranks start theirs at zero."""
     rank, world_size = distributed.world()
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if len(payload["torch_rng"]) != world_size:
@@ -229,8 +214,6 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> T
         torch.cuda.set_rng_state_all(payload["cuda_rng"])
     saved = payload["state"]
     return TrainingState(
-        epoch=saved["epoch"],
-        step_in_epoch=saved["step_in_epoch"],
         global_step=saved["global_step"],
         history=saved["history"],
         epoch_sums=_EpochSums(**saved["epoch_sums"]) if rank == 0 else _EpochSums(),
@@ -262,114 +245,136 @@ def fit(
     max_steps: stop after this many optimizer steps in total (a checkpoint is written first); for tests and
         time-boxed jobs.
     """
-    device = torch.device(device)
-    module.to(device)
-    rank, world_size = distributed.world()
-    train_loss = distributed.data_parallel_loss(module, device)  # module.loss, or DDP around it
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    # fused: one kernel over all parameters (0.41 ms a step against 1.27 for the per-tensor loop on 2 CPU cores)
-    optimizer = torch.optim.Adam(
-        trainable, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
-        fused=device.type in ("cpu", "cuda"),
-    )
-    scheduler = None
-    if config.reduce_lr_on_plateau:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer,
-            factor=config.lr_factor,
-            patience=config.lr_patience,
-            threshold=config.lr_threshold,
-            threshold_mode="abs",
-            min_lr=config.lr_min,
-        )
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, module, optimizer, scheduler, train_stream)
-        logger.info("resumed from %s at epoch %d, step %d", checkpoint_path, state.epoch, state.step_in_epoch)
+    loop = _Loop(module, train_stream, validation_stream, config, torch.device(device), checkpoint_path)
+    if resume and loop.checkpoint_path is not None and loop.checkpoint_path.exists():
+        loop.state = load_checkpoint(loop.checkpoint_path, module, loop.optimizer, loop.scheduler, train_stream)
+        logger.info("resumed from %s at epoch %d, step %d", loop.checkpoint_path, train_stream.epoch,
+                    train_stream.batches_done)
     else:
-        state = TrainingState()
         train_stream.set_epoch(0)
-    if config.early_stopping and state.early_stopping is None:
-        state.early_stopping = _EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
+    if config.early_stopping and loop.state.early_stopping is None:
+        loop.state.early_stopping = _EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
+    module.train()
+    with loop.progress_bar():
+        while train_stream.epoch < config.max_epochs and not loop.state.stopped_early:
+            if not loop.run_epoch(max_steps):
+                break
+    distributed.broadcast_buffers(module)  # every rank ends with the same model: rank 0's BatchNorm statistics
+    return loop.state
 
-    def checkpoint() -> None:
+
+class _Loop:
+    """The pieces of one training run and its two levels: an epoch (`run_epoch`) and a step (`step`)."""
+
+    def __init__(self, module, train_stream, validation_stream, config: TrainingConfig, device, checkpoint_path):
+        self.module, self.config, self.device = module.to(device), config, device
+        self.train_stream, self.validation_stream = train_stream, validation_stream
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.world_size = distributed.world()[1]
+        self.train_loss = distributed.data_parallel_loss(module, device)  # module.loss, or DDP around it
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        # fused: one kernel over all parameters (0.41 ms a step against 1.27 for the per-tensor loop on 2 CPU cores)
+        self.optimizer = torch.optim.Adam(
+            trainable, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
+            fused=device.type in ("cpu", "cuda"),
+        )
+        self.frozen = surgery.partly_frozen(module)  # query models: entries restored after each step
+        self.scheduler = None
+        if config.reduce_lr_on_plateau:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer,
+                factor=config.lr_factor,
+                patience=config.lr_patience,
+                threshold=config.lr_threshold,
+                threshold_mode="abs",
+                min_lr=config.lr_min,
+            )
+        self.state = TrainingState()
+        self.progress = None
+
+    def progress_bar(self):
+        steps_per_epoch = len(self.train_stream)
+        self.progress = tqdm(
+            total=self.config.max_epochs * steps_per_epoch,
+            initial=self.train_stream.epoch * steps_per_epoch + self.train_stream.batches_done,
+            disable=not settings.progress_bar or distributed.world()[0] != 0,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        return self.progress
+
+    def checkpoint(self) -> None:
         """Every rank calls this at the same step: the sums and RNG states are gathered, rank 0 writes."""
-        if checkpoint_path is None:
+        if self.checkpoint_path is None:
             return
-        global_state = replace(state, epoch_sums=state.epoch_sums.all_reduced(device))
+        state = replace(self.state, epoch_sums=self.state.epoch_sums.all_reduced(self.device))
         rng_states = distributed.all_gather(torch.get_rng_state())
-        arguments = (checkpoint_path, module, optimizer, scheduler, train_stream, global_state, rng_states)
+        arguments = (self.checkpoint_path, self.module, self.optimizer, self.scheduler, self.train_stream, state,
+                     rng_states)
         distributed.on_rank_zero(lambda: save_checkpoint(*arguments))
 
-    steps_per_epoch = len(train_stream)
-    progress = tqdm(
-        total=config.max_epochs * steps_per_epoch,
-        initial=state.epoch * steps_per_epoch + state.step_in_epoch,
-        disable=not settings.progress_bar or rank != 0,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    module.train()
-    try:
-        while state.epoch < config.max_epochs and not state.stopped_early:
-            progress.set_description(f"Epoch {state.epoch + 1}/{config.max_epochs}")
-            weight = kl_weight(config, state.epoch, state.global_step)
-            epoch_start = time.perf_counter()
-            for minibatch in train_stream:
-                if config.n_epochs_kl_warmup is None and config.n_steps_kl_warmup:
-                    weight = kl_weight(config, state.epoch, state.global_step)
-                losses = train_loss(to_tensors(minibatch, device), weight)
-                # the mean over ranks, so that all ranks stop together when one loss is not finite
-                loss_value = distributed.all_reduce_sum([float(losses["loss"].detach())], device)[0] / world_size
-                if not math.isfinite(loss_value):
-                    rows = minibatch["rows"]
-                    raise TrainingDivergedError(
-                        f"loss is {loss_value} at epoch {state.epoch}, step {state.step_in_epoch} "
-                        f"(store rows {int(rows.min())}..{int(rows.max())}); training stopped, "
-                        f"the last good checkpoint is kept at {checkpoint_path}. Try a lower lr."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                optimizer.step()
-                state.epoch_sums.add({k: v.detach() for k, v in losses.items()})
-                state.step_in_epoch += 1
-                state.global_step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
-                if config.checkpoint_every_n_steps and state.global_step % config.checkpoint_every_n_steps == 0:
-                    checkpoint()
-                if max_steps is not None and state.global_step >= max_steps:
-                    checkpoint()
-                    distributed.broadcast_buffers(module)
-                    return state
-            _end_epoch(module, validation_stream, config, state, scheduler, device, weight)
-            state.history.setdefault("epoch_seconds", []).append((state.epoch - 1, time.perf_counter() - epoch_start))
-            progress.set_postfix(
-                loss=f"{state.history['train_loss_epoch'][-1][1]:.4g}",
-                val=f"{state.history.get('elbo_validation', [(0, float('nan'))])[-1][1]:.4g}",
+    def run_epoch(self, max_steps: int | None) -> bool:
+        """The rest of the stream's current epoch, then its metrics, validation and checkpoint. Returns False when
+        max_steps stopped it first (the stream keeps its position inside the epoch)."""
+        epoch, config = self.train_stream.epoch, self.config
+        self.progress.set_description(f"Epoch {epoch + 1}/{config.max_epochs}")
+        weight = kl_weight(config, epoch, self.state.global_step)
+        started = time.perf_counter()
+        for minibatch in self.train_stream:
+            if config.n_epochs_kl_warmup is None and config.n_steps_kl_warmup:
+                weight = kl_weight(config, epoch, self.state.global_step)
+            self.step(minibatch, weight)
+            if config.checkpoint_every_n_steps and self.state.global_step % config.checkpoint_every_n_steps == 0:
+                self.checkpoint()
+            if max_steps is not None and self.state.global_step >= max_steps:
+                self.checkpoint()
+                return False
+        _end_epoch(self.module, self.validation_stream, config, self.state, self.scheduler, self.device, weight,
+                   epoch)
+        self.state.history.setdefault("epoch_seconds", []).append((epoch, time.perf_counter() - started))
+        self.progress.set_postfix(
+            loss=f"{self.state.history['train_loss_epoch'][-1][1]:.4g}",
+            val=f"{self.state.history.get('elbo_validation', [(0, float('nan'))])[-1][1]:.4g}",
+        )
+        self.checkpoint()
+        return True
+
+    def step(self, minibatch: dict, weight: float) -> None:
+        """One optimizer step on one minibatch; a loss that is not finite stops the run (on every rank)."""
+        losses = self.train_loss(to_tensors(minibatch, self.device), weight)
+        # the mean over ranks, so that all ranks stop together when one loss is not finite
+        loss_value = distributed.all_reduce_sum([float(losses["loss"].detach())], self.device)[0] / self.world_size
+        if not math.isfinite(loss_value):
+            rows = minibatch["rows"]
+            raise TrainingDivergedError(
+                f"loss is {loss_value} at epoch {self.train_stream.epoch}, step {self.train_stream.batches_done - 1} "
+                f"(store rows {int(rows.min())}..{int(rows.max())}); training stopped, "
+                f"the last good checkpoint is kept at {self.checkpoint_path}. Try a lower lr."
             )
-            train_stream.set_epoch(state.epoch)
-            checkpoint()
-    finally:
-        progress.close()
-    distributed.broadcast_buffers(module)  # every rank ends with the same model: rank 0's BatchNorm statistics
-    return state
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        if self.frozen:
+            surgery.restore_frozen_entries(self.frozen)
+        self.state.epoch_sums.add({k: v.detach() for k, v in losses.items()})
+        self.state.global_step += 1
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
 
 
-def _end_epoch(module, validation_stream, config, state: TrainingState, scheduler, device, weight) -> None:
-    """Record the epoch's metrics, validate, step the LR scheduler and early stopping, and advance the epoch."""
+def _end_epoch(module, validation_stream, config, state: TrainingState, scheduler, device, weight, epoch) -> None:
+    """Record the epoch's metrics, validate, step the LR scheduler and early stopping, reset the sums."""
     sums = state.epoch_sums.all_reduced(device)
     record = sums.metrics("train")
     record["train_loss_epoch"] = sums.loss / max(sums.n_steps, 1)
     record["kl_weight"] = weight
     validate = validation_stream is not None and len(validation_stream) > 0
-    validate = validate and (state.epoch + 1) % config.check_val_every_n_epoch == 0
+    validate = validate and (epoch + 1) % config.check_val_every_n_epoch == 0
     if validate:
         distributed.broadcast_buffers(module)  # BatchNorm running statistics: rank 0's on every rank
         record.update(evaluate(module, validation_stream, device))
     for key, value in record.items():
-        state.history.setdefault(key, []).append((state.epoch, value))
+        state.history.setdefault(key, []).append((epoch, value))
 
     if validate and scheduler is not None:
         scheduler.step(record[config.lr_scheduler_metric])
@@ -378,11 +383,9 @@ def _end_epoch(module, validation_stream, config, state: TrainingState, schedule
             state.stopped_early = True
             logger.info(
                 "early stopping at epoch %d: %s did not improve for %d epochs (best %.4f)",
-                state.epoch,
+                epoch,
                 config.early_stopping_monitor,
                 config.early_stopping_patience,
                 state.early_stopping.best,
             )
-    state.epoch += 1
-    state.step_in_epoch = 0
     state.epoch_sums = _EpochSums()

@@ -13,13 +13,9 @@ import torch
 
 from scvi_scale.data import CountStore, StoreError, write_store
 from scvi_scale.datasets import synthetic_atlas
-from scvi_scale.mapping import (
-    AlignedStore,
-    nearest_neighbours,
-    transfer_labels,
-    weighted_votes,
-    write_obs_column,
-)
+from scvi_scale.data.aligned import AlignedStore
+from scvi_scale.outputs.labels import nearest_neighbours, transfer_labels, weighted_votes
+from scvi_scale.outputs.writer import write_obs_column
 from scvi_scale.model import SCVI
 from scvi_scale.settings import settings
 
@@ -161,10 +157,10 @@ def test_query_without_shared_genes_or_reference_without_batches_is_refused(mapp
 
 
 def test_nearest_neighbours_match_brute_force_across_blocks(monkeypatch):
-    import scvi_scale.mapping as mapping
+    import scvi_scale.outputs.labels as labels
 
-    monkeypatch.setattr(mapping, "KNN_REFERENCE_BLOCK", 7)
-    monkeypatch.setattr(mapping, "KNN_QUERY_BLOCK", 5)
+    monkeypatch.setattr(labels, "KNN_REFERENCE_BLOCK", 7)
+    monkeypatch.setattr(labels, "KNN_QUERY_BLOCK", 5)
     rng = np.random.default_rng(0)
     reference, query = rng.normal(size=(40, 3)), rng.normal(size=(12, 3))
     distances, indices = nearest_neighbours(reference, query, k=6)
@@ -185,7 +181,7 @@ def test_weighted_votes_follow_the_scarches_kernel():
 
 
 def test_predictions_are_written_to_obs_and_x_is_untouched(mapped, tmp_path, monkeypatch):
-    import scvi_scale.mapping as mapping
+    import scvi_scale.outputs.writer as writer
 
     query = mapped["query"]
     store = tmp_path / "query.zarr"
@@ -203,7 +199,7 @@ def test_predictions_are_written_to_obs_and_x_is_untouched(mapped, tmp_path, mon
     def crash(path):
         raise KeyboardInterrupt("killed before the consolidated metadata was rewritten")
 
-    monkeypatch.setattr(mapping, "reconsolidate", crash)
+    monkeypatch.setattr(writer, "reconsolidate", crash)
     with pytest.raises(KeyboardInterrupt):
         write_obs_column(store, "second_guess", pd.Series(np.zeros(query.store.n_obs)), overwrite=True)
     survived = anndata.read_zarr(store)  # still readable after the crash
@@ -213,14 +209,12 @@ def test_predictions_are_written_to_obs_and_x_is_untouched(mapped, tmp_path, mon
 def test_map_command_fine_tunes_saves_and_transfers_labels(mapped, tmp_path, monkeypatch):
     import argparse
 
-    import scvi_scale
-    from scvi_scale.mapping import add_map_command
+    from scvi_scale.cli.query import add_commands
 
-    monkeypatch.setattr(scvi_scale, "SCVI", SCVI)  # the command uses scvi_scale.SCVI, which has the mixin
     store = tmp_path / "query.zarr"
     _write_subset(mapped["atlas"], mapped["query_rows"], store)
     parser = argparse.ArgumentParser()
-    add_map_command(parser.add_subparsers(dest="command"))
+    add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args([
         "map", str(store), "--reference", str(mapped["folder"] / "reference_model"), "--out", str(tmp_path / "out"),
         "--reference-store", str(mapped["folder"] / "reference.zarr"), "--labels-key", "cell_type",

@@ -295,7 +295,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     with pytest.raises(TrainingDivergedError, match="epoch 1, step 2"):
         model.train(max_epochs=3, checkpoint_dir=tmp_path / "run")
     kept = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert kept["state"]["epoch"] == 1 and kept["state"]["global_step"] == 5
+    assert kept["train_stream"]["epoch"] == 1 and kept["state"]["global_step"] == 5  # the stream owns the position
     assert all(torch.isfinite(value).all() for value in kept["module"].values() if value.is_floating_point())
 
 

@@ -516,9 +516,9 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="no 'batch'"):
         module.loss({k: v for k, v in tensors.items() if k != "batch"})
     with pytest.raises(ValueError, match=r"tensors\['batch'\] has codes in \[0, 3\]"):
-        module.loss(dict(tensors, batch=tensors["batch"].clamp(max=0) + 3 * (tensors["batch"] == 2)))
+        module.check_inputs(dict(tensors, batch=tensors["batch"].clamp(max=0) + 3 * (tensors["batch"] == 2)))
     with pytest.raises(ValueError, match=r"cat_covs\[:, 0\]"):
-        module.loss(dict(tensors, cat_covs=tensors["cat_covs"] + 2))
+        module.check_inputs(dict(tensors, cat_covs=tensors["cat_covs"] + 2))
     with pytest.raises(ValueError, match="no 'cat_covs'"):
         module.loss({k: v for k, v in tensors.items() if k != "cat_covs"})
     with pytest.raises(ValueError, match="n_continuous_cov=0"):
@@ -537,7 +537,7 @@ def test_bad_inputs_get_clear_errors():
         module.loss(dict(tensors, x_csr=(torch.zeros(5, dtype=torch.long),) * 3))
     crow_indices, col_indices, values = with_csr(tensors)["x_csr"]
     with torch.no_grad(), pytest.raises(ValueError, match="not a valid CSR"):
-        module.loss(dict(tensors, x_csr=(crow_indices, col_indices + N_GENES, values)))
+        module.check_inputs(dict(tensors, x_csr=(crow_indices, col_indices + N_GENES, values)))
     with pytest.raises(ValueError, match="no 'labels'"):
         VAE(N_GENES, n_labels=2, dispersion="gene-label").loss(make_tensors())
     with pytest.raises(ValueError, match="dispersion='gene-batch' needs n_batch"):

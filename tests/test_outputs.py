@@ -18,16 +18,8 @@ from scipy import stats
 from scvi_scale import SCVI
 from scvi_scale.data import write_store
 from scvi_scale.datasets import synthetic_atlas
-from scvi_scale.outputs import (
-    OutputError,
-    OutputIncompleteError,
-    OutputsMixin,
-    output_store,
-    read_output,
-    write_obsm,
-    write_uns,
-)
-from scvi_scale.outputs import chunks
+from scvi_scale.outputs import OutputError, OutputIncompleteError, output_store, read_output, write_obsm, write_uns
+from scvi_scale.outputs import runner
 from scvi_scale.outputs.noise import LONG_NORMAL_SEQUENCE, CellNoise, invert_counts
 from scvi_scale.outputs.writer import CsrOutput, DenseOutput
 
@@ -63,7 +55,6 @@ def atlas(tmp_path_factory) -> Path:
 def model(atlas) -> SCVI:
     """A ZINB model trained briefly (enough for the planted markers to stand out)."""
     SCVI.setup_zarr(atlas, batch_key="batch")
-    assert issubclass(SCVI, OutputsMixin)
     torch.manual_seed(0)  # the initial weights: the same model whatever ran before in this process
     trained = SCVI(atlas, n_latent=8, n_hidden=64)
     trained.train(max_epochs=20, batch_size=128, plan_kwargs={"n_epochs_kl_warmup": 5}, seed=0)
@@ -246,12 +237,12 @@ def test_in_process_units_share_the_torch_threads_within_the_memory_budget(monke
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        monkeypatch.setattr(chunks, "IN_FLIGHT_BYTES", 1000)
+        monkeypatch.setattr(runner, "IN_FLIGHT_BYTES", 1000)
         for unit_bytes, n_units, torch_threads in ((100, 4, 1), (400, 2, 2), (10_000, 1, 4)):
-            with chunks._compute_threads("cpu", unit_bytes) as running:
+            with runner._compute_threads("cpu", unit_bytes) as running:
                 assert (running, torch.get_num_threads()) == (n_units, torch_threads)
             assert torch.get_num_threads() == 4
-        with chunks._compute_threads("cuda", 100) as running:  # an accelerator: one unit at a time
+        with runner._compute_threads("cuda", 100) as running:  # an accelerator: one unit at a time
             assert running == 1 and torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
@@ -403,7 +394,7 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
         (lambda **o: model.get_normalized_expression(write_to=key, seed=8, **o)) if kind == "dense"
         else (lambda **o: model.posterior_predictive_sample(write_to=key, seed=8, **o))
     )
-    real_write, written = chunks._write, []
+    real_write, written = runner._write, []
 
     def crash_after_two(outputs, unit, result):
         if len(written) == 2:
@@ -411,7 +402,7 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
         real_write(outputs, unit, result)
         written.append(unit.index)
 
-    monkeypatch.setattr(chunks, "_write", crash_after_two)
+    monkeypatch.setattr(runner, "_write", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         write()
     with pytest.raises(OutputIncompleteError, match="2 of 5 chunks"):
@@ -421,10 +412,10 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
         model.get_normalized_expression(write_to=key, seed=9) if kind == "dense" else \
             model.posterior_predictive_sample(write_to=key, seed=9)
 
-    monkeypatch.setattr(chunks, "_write", real_write)
+    monkeypatch.setattr(runner, "_write", real_write)
     computed = []
-    real_compute = chunks._compute
-    monkeypatch.setattr(chunks, "_compute", lambda *a, **k: computed.append(a[2].index) or real_compute(*a, **k))
+    real_compute = runner._compute
+    monkeypatch.setattr(runner, "_compute", lambda *a, **k: computed.append(a[2].index) or real_compute(*a, **k))
     resumed = write().compute()
     assert sorted(computed) == [chunk for chunk in range(5) if chunk not in written]  # finished chunks are skipped
     if kind == "dense":
@@ -440,7 +431,7 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
 def test_command_line_writes_outputs(model, atlas, tmp_path, capsys):
     import argparse
 
-    from scvi_scale.outputs.cli import add_commands
+    from scvi_scale.cli.outputs import add_commands
 
     model.save(tmp_path / "model")
     parser = argparse.ArgumentParser()

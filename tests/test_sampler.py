@@ -1,8 +1,8 @@
 """Tests of scvi_scale.sampler: splits, exactly-once epochs, sharding, resume, contents, randomness, threads.
 
-Order properties (exactly once, sharding, resume) run on `minibatch_rows()` (the plan, no reading) over many
-sizes with hypothesis, and on real iteration over an in-memory reader that records its reads; contents are checked
-against direct reads of real Zarr stores written by scvi_scale.data.write_store.
+Order properties (exactly once, sharding, resume) run on the sampler's plan (helpers.planned_minibatch_rows, no
+reading) over many sizes with hypothesis, and on real iteration over an in-memory reader that records its reads;
+contents are checked against direct reads of real Zarr stores written by scvi_scale.data.write_store.
 """
 
 from __future__ import annotations
@@ -17,14 +17,9 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import label_mixing, planned_minibatch_rows
 from scvi_scale.data import write_store
-from scvi_scale.sampler import (
-    BlockReadError,
-    BlockShuffleSampler,
-    SequentialSampler,
-    label_mixing,
-    train_validation_split,
-)
+from scvi_scale.sampler import BlockReadError, BlockShuffleSampler, SequentialSampler, train_validation_split
 
 N_GENES = 12
 
@@ -157,7 +152,7 @@ def test_every_row_once_per_epoch_across_ranks_with_equal_batch_counts(
             world_size=world_size, rank=rank, drop_last=drop_last, seed=7,
         )
         sampler.set_epoch(epoch)
-        batches = list(sampler.minibatch_rows())
+        batches = list(planned_minibatch_rows(sampler))
         assert len(batches) == len(sampler)
         sizes = [len(batch) for batch in batches]
         assert all(size == batch_size for size in sizes[:-1])
@@ -185,9 +180,9 @@ def test_iteration_reads_every_training_row_once_and_no_validation_row(world_siz
         )
         batches = [minibatch["rows"] for minibatch in sampler]
         assert len(batches) == len(sampler)
-        expected = list(BlockShuffleSampler(
+        expected = list(planned_minibatch_rows(BlockShuffleSampler(
             reader, train, batch_size=50, buffer_blocks=3, rank=rank, world_size=world_size, seed=11
-        ).minibatch_rows())
+        )))
         for got, planned in zip(batches, expected, strict=True):
             np.testing.assert_array_equal(got, planned)
         assert not np.isin(np.concatenate(batches), validation).any()
@@ -246,18 +241,11 @@ def test_dask_reading_gives_the_same_minibatches_as_direct_reading(csr_store):
         np.testing.assert_array_equal(one["x"], other["x"])
 
 
-def test_dask_distributed_client_reads_the_same_cells(dense_store):
-    distributed = pytest.importorskip("distributed")
-    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
-        minibatches = list(SequentialSampler(dense_store, batch_size=300, read_with="dask", client=client))
-    np.testing.assert_array_equal(np.concatenate([m["x"] for m in minibatches]), dense_store.read_dense(0, 1000))
-
-
 # --- determinism and resume ------------------------------------------------------------------------------------
 
 
 def epoch_rows(sampler) -> np.ndarray:
-    return np.concatenate(list(sampler.minibatch_rows()))
+    return np.concatenate(list(planned_minibatch_rows(sampler)))
 
 
 def test_order_depends_on_seed_and_epoch_only():
@@ -295,7 +283,7 @@ def test_resume_mid_epoch_yields_the_remaining_minibatches_and_skips_finished_bu
     for rank in range(world_size):
         uninterrupted = BlockShuffleSampler(MemoryReader(counts, 100), train, rank=rank, **options)
         uninterrupted.set_epoch(2)
-        full_epoch = list(uninterrupted.minibatch_rows())
+        full_epoch = list(planned_minibatch_rows(uninterrupted))
 
         interrupted = BlockShuffleSampler(MemoryReader(counts, 100), train, rank=rank, **options)
         interrupted.set_epoch(2)
@@ -343,9 +331,9 @@ def test_block_shuffle_mixes_contiguous_batches_nearly_as_well_as_a_fully_random
         (batch_labels[fully_random[start : start + batch_size]] for start in range(0, n_obs, batch_size)), n_batches
     )
     block_shuffled = BlockShuffleSampler(reader, batch_size=batch_size, seed=0)
-    mixing = label_mixing((batch_labels[rows] for rows in block_shuffled.minibatch_rows()), n_batches)
+    mixing = label_mixing((batch_labels[rows] for rows in planned_minibatch_rows(block_shuffled)), n_batches)
     one_block_buffers = BlockShuffleSampler(reader, batch_size=batch_size, buffer_blocks=1, seed=0)
-    unmixed = label_mixing((batch_labels[rows] for rows in one_block_buffers.minibatch_rows()), n_batches)
+    unmixed = label_mixing((batch_labels[rows] for rows in planned_minibatch_rows(one_block_buffers)), n_batches)
     assert mixing / random_mixing > 0.9
     assert unmixed / random_mixing < 0.2  # the measure does tell block order from a real shuffle
 
@@ -442,7 +430,6 @@ def test_stopping_early_leaves_no_thread_running():
         ({"rank": 2, "world_size": 2}, "rank=2"),
         ({"batch_size": 0}, "batch_size=0"),
         ({"read_with": "zarr"}, "read_with='zarr'"),
-        ({"client": object()}, "only used with read_with='dask'"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_clear_message(kwargs, message):

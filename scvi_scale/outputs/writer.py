@@ -1,4 +1,5 @@
-"""Chunked, resumable outputs in AnnData-Zarr stores: obsm/<key>, layers/<key> (dense or CSR) and uns/<key>.
+"""Chunked, resumable outputs in AnnData-Zarr stores: obsm/<key>, layers/<key> (dense or CSR) and uns/<key>; obs
+columns (write_obs_column) and result tables (write_table).
 
     >>> target = output_store("atlas.zarr")                     # or output_store("atlas.zarr", "outputs.zarr")
     >>> out = DenseOutput(target, "layers", "scvi_normalized", n_rows, n_cols, chunk_rows=4096, settings={...})
@@ -505,3 +506,55 @@ def write_uns(store: str | os.PathLike, key: str, value, overwrite: bool = False
         del uns[key]
     write_elem(uns, key, value)
     reconsolidate(store)
+
+
+def write_obs_column(store, key: str, values: pd.Series, overwrite: bool = False) -> None:
+    """Add (or with overwrite=True replace) obs/<key> of a local AnnData-Zarr store, in anndata's encoding.
+
+    X and the other columns are never touched. The column is encoded into a hidden sibling name first and renamed
+    into place, and only then listed in obs' column-order and in the consolidated metadata, so a crash at any
+    point leaves a store that anndata reads (with or without the new column).
+    """
+    store = os.fspath(store)
+    root = zarr.open_group(store, mode="r+", use_consolidated=False)
+    obs = root["obs"]
+    folder = Path(store) / "obs"
+    if not folder.is_dir():
+        raise StoreError(f"{store}: obs columns can only be written into a store on the local file system")
+    index_name = obs.attrs.get("_index", "_index")
+    order = list(obs.attrs.get("column-order", []))
+    n_obs = obs[index_name].shape[0]
+    if key == index_name or "/" in key or key.startswith("."):
+        raise ValueError(f"obs column name {key!r} is not allowed (the index, or a path)")
+    if len(values) != n_obs:
+        raise ValueError(f"obs/{key}: {len(values)} values for the store's {n_obs} cells")
+    if key in obs and not overwrite:
+        raise FileExistsError(f"{store}: obs/{key} exists; pass overwrite=True to replace it")
+    token = uuid.uuid4().hex[:12]
+    partial = f".{key}.partial-{token}"
+    write_elem(obs, partial, values.to_numpy() if not isinstance(values.dtype, pd.CategoricalDtype) else values.array)
+    if key in obs:
+        replaced = folder / f".{key}.replaced-{token}"
+        os.replace(folder / key, replaced)
+        os.replace(folder / partial, folder / key)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(folder / partial, folder / key)
+    if key not in order:
+        obs.attrs["column-order"] = order + [key]
+    reconsolidate(store)
+
+
+def write_table(frame: pd.DataFrame, path) -> Path:
+    """Write a result table as parquet when pyarrow is installed, else as csv (the suffix is set to match).
+    Returns the path written."""
+    path = Path(path)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        path = path.with_suffix(".csv")
+        frame.to_csv(path)
+    else:
+        path = path.with_suffix(".parquet")
+        frame.to_parquet(path)
+    return path

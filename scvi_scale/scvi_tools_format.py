@@ -1,7 +1,9 @@
-"""Model files interchanged with scvi-tools (its `SCVI.save` / `SCVI.load` directory format).
+"""scvi-tools' model files (its `SCVI.save` / `SCVI.load` directory format) translated to ours and back.
 
-    >>> model = load_scvi_tools("scvi_tools_model/", "cells.zarr")     # SCVI over our store, scvi-tools' weights
-    >>> save_scvi_tools(model, "for_scvi_tools/")                      # scvi.model.SCVI.load(dir, adata=...) reads it
+    >>> fields = to_ours(payload, "model_dir/")        # SavedModel fields from scvi-tools' model.pt payload
+    >>> payload = from_ours(saved, module, frames)    # the payload scvi.model.SCVI.load(dir, adata=...) reads
+
+persist.py reads and writes the files; this module only translates what they hold.
 
 scvi-tools writes `<dir>/model.pt` (torch.save of a dict):
     model_state_dict  the VAE's state dict, plus "pyro_param_store" (empty for SCVI)
@@ -16,7 +18,7 @@ Weights map one to one (our names follow scvi-tools', see module.py) except `dec
 px_r for Poisson or "gene-cell", the decoder's px_r head except for "gene-cell" and its dropout head except for
 ZINB): they are dropped on loading and filled with freshly initialised (unused) values on saving.
 
-What cannot be mapped (load_scvi_tools raises UnsupportedScviToolsModel naming it): models other than SCVI;
+What cannot be mapped (to_ours raises UnsupportedScviToolsModel naming it): models other than SCVI;
 set-ups other than setup_anndata (MuData, data modules); size_factor_key (scvi-tools then swaps px_scale's softmax
 for a softplus, ours stays a softmax); gene_likelihood "normal"; log_variational=False; batch_representation
 "embedding"; a custom var_activation; extra_encoder_kwargs / extra_decoder_kwargs / batch_embedding_kwargs;
@@ -26,20 +28,15 @@ split indices are carried over (no optimizer state).
 
 from __future__ import annotations
 
-import os
 import uuid
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from scvi_scale.data.registry import NO_KEY_CATEGORIES, Registry, library_log_stats
-from scvi_scale.data.store import CountStore
+from scvi_scale.data.registry import NO_KEY_CATEGORIES, Registry
 from scvi_scale.nn import Encoder
 
-MODEL_FILE = "model.pt"
 SCVI_TOOLS_VERSION = "1.4.2"  # the scvi-tools version whose format this writes (and the fixture was made with)
 # SCVI's named arguments, as scvi-tools keeps them in init_params_["non_kwargs"]
 NAMED_ARGUMENTS = (
@@ -68,13 +65,6 @@ class UnsupportedScviToolsModel(ValueError):
 
 def _unsupported(path, what: str) -> UnsupportedScviToolsModel:
     return UnsupportedScviToolsModel(f"{path}: {what}; scvi-scale cannot map this scvi-tools option")
-
-
-def _read(dir_path) -> dict:
-    path = Path(dir_path) / MODEL_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (a scvi-tools SCVI.save directory holds model.pt)")
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _init_params(path, attrs: dict) -> dict:
@@ -146,17 +136,12 @@ def _unused_parts(params: dict) -> tuple[str, ...]:
     return tuple(unused)
 
 
-def load_scvi_tools(dir_path, store, accelerator: str = "cpu", model_class=None):
-    """An SCVI over `store` (path or CountStore, with the model's genes in order) holding a scvi-tools model's weights.
+def to_ours(payload: dict, dir_path) -> dict:
+    """persist.SavedModel fields from scvi-tools' model.pt payload (read from `dir_path`, named in errors); the
+    history stays in scvi-tools' frames (metric -> DataFrame).
 
-    model_class: the class to build (default scvi_scale.SCVI). With an observed library the per-batch library
-    statistics (unused by the model, kept for query mapping) are computed from `store` in one pass.
-    """
-    if model_class is None:
-        from scvi_scale.model import SCVI as model_class
-    from scvi_scale.model import _resolve_device
-
-    payload = _read(dir_path)
+    The registry's library statistics come from the state dict when the model has a latent library; with an
+    observed library scvi-tools does not save them (they are None here: the loader computes them from a store)."""
     attrs = payload["attr_dict"]
     if attrs.get("minified_data_type_") or attrs["registry_"].get("minified_data_type"):
         raise _unsupported(dir_path, "a minified model")
@@ -164,44 +149,33 @@ def load_scvi_tools(dir_path, store, accelerator: str = "cpu", model_class=None)
     fields = attrs["registry_"]["field_registries"]
     n_cells = fields["X"]["summary_stats"]["n_cells"]
     registry = _registry(dir_path, attrs["registry_"], list(payload["var_names"]), n_cells)
-    if not isinstance(store, CountStore):
-        store = CountStore(store, layer=registry.layer)
-    registry.check_var_names(store)
     state = {key: value for key, value in payload["model_state_dict"].items() if key != "pyro_param_store"}
     if "library_log_means" in state:
         registry.library_log_means = state["library_log_means"].reshape(-1).numpy().astype(np.float32)
         registry.library_log_vars = state["library_log_vars"].reshape(-1).numpy().astype(np.float32)
     else:
-        registry.library_log_means, registry.library_log_vars = library_log_stats(
-            store, registry.encode(store)["batch"], registry.n_batch, validate=False
-        )
-    model = model_class(store, registry=registry, **params)
+        registry.library_log_means = registry.library_log_vars = None
     unused = _unused_parts(params)
-    ours = {}
-    for key, value in state.items():
-        if key.startswith(unused):
-            continue
-        ours[key.replace(f"{SCALE_HEAD}.0.", f"{SCALE_HEAD}.")] = value
-    missing, unexpected = model.module.load_state_dict(ours, strict=False)
-    if missing or unexpected:
-        raise _unsupported(dir_path, f"weights that do not match ours (missing {missing}, unexpected {unexpected})")
-    model.module.to(_resolve_device(accelerator)).eval()
-    model.is_trained = bool(attrs.get("is_trained_", True))
-    history = attrs.get("history_") or {}
-    model.history_ = {
-        key: [(int(epoch), float(value)) for epoch, value in frame[key].items()]
-        for key, frame in history.items()
-        if isinstance(frame, pd.DataFrame) and key in frame
+    module_state = {
+        key.replace(f"{SCALE_HEAD}.0.", f"{SCALE_HEAD}."): value
+        for key, value in state.items()
+        if not key.startswith(unused)
     }
-    model.train_indices = attrs.get("train_indices_")
-    model.validation_indices = attrs.get("validation_indices_")
-    return model
+    return {
+        "module_state": module_state,
+        "var_names": list(payload["var_names"]),
+        "init_params": params,
+        "registry": registry,
+        "history": attrs.get("history_") or {},  # scvi-tools' frames: persist turns them into ours
+        "is_trained": bool(attrs.get("is_trained_", True)),
+        "train_indices": attrs.get("train_indices_"),
+        "validation_indices": attrs.get("validation_indices_"),
+        "source": f"scvi-tools {attrs['registry_'].get('scvi_version', '?')}",
+    }
 
 
-def _scvi_tools_state(model) -> dict:
+def _scvi_tools_state(module: nn.Module, params: dict) -> dict:
     """Our module's state dict in scvi-tools' names, with the parts scvi-tools always builds filled in."""
-    module = model.module
-    params = model.init_params
     state = {}
     for key, value in module.state_dict().items():
         state[key.replace(f"{SCALE_HEAD}.", f"{SCALE_HEAD}.0.")] = value.detach().cpu()
@@ -235,9 +209,8 @@ def _scvi_tools_state(model) -> dict:
     return state
 
 
-def _scvi_tools_registry(model) -> dict:
+def _scvi_tools_registry(registry: Registry) -> dict:
     """scvi-tools' registry_ for our registry (the layout scvi-tools 1.4's setup_anndata records)."""
-    registry = model.registry
     var_names = np.asarray(registry.var_names, dtype=object)
     categorical = registry.categorical_covariate_keys
     continuous = registry.continuous_covariate_keys
@@ -294,37 +267,29 @@ def _scvi_tools_registry(model) -> dict:
     }
 
 
-def save_scvi_tools(model, dir_path, overwrite: bool = False) -> None:
-    """Write `model` as scvi-tools' SCVI.save would, to `dir_path/model.pt` (atomically), for scvi.model.SCVI.load.
-
-    A size_factor_key registry cannot be written (scvi-tools would decode it with a softplus)."""
-    if model.registry.size_factor_key:
-        raise _unsupported(dir_path, f"size_factor_key={model.registry.size_factor_key!r}")
-    dir_path = Path(dir_path)
-    target = dir_path / MODEL_FILE
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-    dir_path.mkdir(parents=True, exist_ok=True)
-    params = dict(model.init_params)
+def from_ours(saved, module: nn.Module, history_frames: dict) -> dict:
+    """scvi-tools' model.pt payload for a persist.SavedModel whose weights are `module`'s, with the history as
+    scvi-tools keeps it (metric -> DataFrame). A size_factor_key registry cannot be written (scvi-tools would
+    decode it with a softplus)."""
+    registry = saved.registry
+    if registry.size_factor_key:
+        raise UnsupportedScviToolsModel(
+            f"size_factor_key={registry.size_factor_key!r}: scvi-tools decodes such a model with a softplus, so it "
+            "cannot be written in scvi-tools' format"
+        )
+    params = dict(saved.init_params)
     named = {key: params.pop(key) for key in NAMED_ARGUMENTS if key in params}
-    history = {
-        key: pd.DataFrame({key: [value for _, value in pairs]}, index=pd.Index([e for e, _ in pairs], name="epoch"))
-        for key, pairs in model.history_.items()
-    }
-    payload = {
-        "model_state_dict": _scvi_tools_state(model),
-        "var_names": np.asarray(model.var_names, dtype=object),
+    return {
+        "model_state_dict": _scvi_tools_state(module, saved.init_params),
+        "var_names": np.asarray(saved.var_names, dtype=object),
         "attr_dict": {
             "init_params_": {"kwargs": {"kwargs": params}, "non_kwargs": named},
-            "registry_": _scvi_tools_registry(model),
-            "history_": history,
-            "is_trained_": bool(model.is_trained),
-            "train_indices_": model.train_indices,
-            "validation_indices_": model.validation_indices,
+            "registry_": _scvi_tools_registry(registry),
+            "history_": history_frames,
+            "is_trained_": bool(saved.is_trained),
+            "train_indices_": saved.train_indices,
+            "validation_indices_": saved.validation_indices,
             "test_indices_": np.array([], dtype=np.int64),
             "get_normalized_function_name_": "get_normalized_expression",
         },
     }
-    temporary = dir_path / (MODEL_FILE + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, target)

@@ -1,4 +1,4 @@
-"""Subcommands of `scvi-scale` that write a trained model's outputs into a store:
+"""`scvi-scale latent | normalize | de | sample`: a trained model's outputs written into a store:
 
     scvi-scale latent    STORE --model MODEL_DIR [--key X_scvi] [--return-dist]          -> obsm/<key>
     scvi-scale normalize STORE --model MODEL_DIR [--key scvi_normalized] [--transform-batch B ...]  -> layers/<key>
@@ -8,7 +8,7 @@
 Common options: --output-store PATH (write to a separate AnnData store instead), --overwrite, --workers N (a local
 dask cluster of N worker processes; or --scheduler ADDRESS of a running one), --batch-size, --chunk-rows, --seed.
 A command that was killed resumes its unfinished output when run again with the same options. Each prints a JSON
-summary. `add_commands(subparsers)` registers them; each parser's default `run` is its runner (args -> exit code).
+summary.
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+
+from scvi_scale import SCVI
+from scvi_scale.cli.defaults import default
+from scvi_scale.outputs.de import MODES
+from scvi_scale.outputs.differential import DEOptions
 
 
 def _common(parser) -> None:
@@ -40,7 +45,8 @@ def add_commands(subparsers) -> None:
     _common(latent)
     latent.add_argument("--key", default="X_scvi")
     latent.add_argument("--sample", action="store_true", help="one draw of q(z | x) instead of its mean")
-    latent.add_argument("--mc-samples", type=int, default=5000, help='draws for the mean with latent "ln"')
+    latent.add_argument("--mc-samples", type=int, default=default(SCVI.get_latent_representation, "mc_samples"),
+                        help='draws for the mean with latent "ln"')
     latent.add_argument("--return-dist", action="store_true", help="also write the variance as obsm/<key>_var")
     latent.set_defaults(run=run_latent)
 
@@ -57,11 +63,12 @@ def add_commands(subparsers) -> None:
     de.add_argument("--groupby", help="obs column of the groups")
     de.add_argument("--group1", nargs="+", help="groups to test (default: each group against the rest)")
     de.add_argument("--group2", help="reference group (default: all other cells)")
-    de.add_argument("--mode", default="vanilla", choices=["vanilla", "change"])
-    de.add_argument("--delta", type=float, default=0.25)
+    de.add_argument("--mode", default=DEOptions.mode, choices=MODES)
+    de.add_argument("--delta", type=float, default=DEOptions.delta)
     de.add_argument("--batch-correction", action="store_true")
-    de.add_argument("--fdr-target", type=float, default=0.05)
-    de.add_argument("--n-samples-overall", type=int, default=5000, help="posterior samples per group")
+    de.add_argument("--fdr-target", type=float, default=DEOptions.fdr_target)
+    de.add_argument("--n-samples-overall", type=int, default=DEOptions.n_samples_overall,
+                    help="posterior samples per group")
     de.add_argument("--key", help="uns key (default: de_<groupby>)")
     de.add_argument("--table", help="also write the table here (parquet if pyarrow is installed, else csv)")
     de.set_defaults(run=run_de)
@@ -93,8 +100,6 @@ def _client(args):
 
 def _run(args, write) -> int:
     """Load the model, run write(model, options) with a client if asked, and print a JSON summary."""
-    from scvi_scale import SCVI
-
     model = SCVI.load(args.model, args.store)
     started = time.perf_counter()
     with _client(args) as client:

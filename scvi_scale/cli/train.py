@@ -1,0 +1,104 @@
+"""`scvi-scale train STORE --out MODEL_DIR`: set up a store, train scVI on it and save the model, in this process
+or as the ranks of a data-parallel job (`--nproc N`, or torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from scvi_scale import SCVI, distributed, persist
+from scvi_scale.cli.defaults import default
+from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
+from scvi_scale.train import TrainingConfig
+
+SETUP_KEYS = ("layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
+              "continuous_covariate_keys")
+MODEL_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion", "gene_likelihood",
+              "latent_distribution")
+
+
+def add_commands(commands) -> None:
+    p = commands.add_parser("train", help="train scVI on a store and save the model")
+    p.add_argument("store", help="AnnData-Zarr store (see `scvi-scale convert`)")
+    p.add_argument("--out", required=True, help="model directory; the training checkpoint lives there too")
+    p.add_argument("--layer", help="layer holding raw counts (default X)")
+    p.add_argument("--batch-key", help="obs column of the batch (e.g. sample or platform)")
+    p.add_argument("--labels-key", help="obs column of cell labels (kept for label transfer)")
+    p.add_argument("--size-factor-key", help="obs column of observed library sizes")
+    p.add_argument("--categorical-covariate-keys", nargs="*", help="further categorical obs columns")
+    p.add_argument("--continuous-covariate-keys", nargs="*", help="continuous obs columns")
+    for name, kind in (("n_hidden", int), ("n_latent", int), ("n_layers", int), ("dropout_rate", float)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default(SCVI.__init__, name))
+    for name, choices in (("dispersion", DISPERSIONS), ("gene_likelihood", GENE_LIKELIHOODS),
+                          ("latent_distribution", LATENT_DISTRIBUTIONS)):
+        p.add_argument(f"--{name.replace('_', '-')}", default=default(SCVI.__init__, name), choices=choices)
+    p.add_argument("--max-epochs", type=int, help="default: scvi-tools' heuristic from the number of cells")
+    p.add_argument("--batch-size", type=int, default=default(SCVI.train, "batch_size"))
+    p.add_argument("--train-size", type=float, default=default(SCVI.train, "train_size"))
+    p.add_argument("--lr", type=float, default=TrainingConfig.lr)
+    p.add_argument("--early-stopping", action="store_true")
+    p.add_argument("--accelerator", default=default(SCVI.train, "accelerator"), help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=default(SCVI.train, "seed"))
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out after a kill")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
+    p.add_argument(
+        "--nproc", type=int, default=1,
+        help="data-parallel processes on this machine (gloo on CPU, nccl on GPUs); --batch-size is per process",
+    )
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    saved = persist.model_path(args.out)
+    if saved.exists() and not (args.overwrite or args.resume):
+        raise SystemExit(f"{saved} exists: pass --overwrite to replace it or choose another --out")
+    if args.nproc < 1:
+        raise SystemExit(f"--nproc {args.nproc}: must be at least 1")
+    if args.nproc == 1:
+        train_and_save(args)
+    else:
+        distributed.launch(train_and_save, args.nproc, args)
+    return 0
+
+
+def train_and_save(args) -> None:
+    """Train and save on this process: alone, or as one rank of a torch.distributed job (torchrun, --nproc)."""
+    import torch
+
+    out = Path(args.out)
+    SCVI.setup_zarr(args.store, **{key: getattr(args, key) for key in SETUP_KEYS})
+    model = SCVI(args.store, **{key: getattr(args, key) for key in MODEL_KEYS})
+    if os.environ.get("RANK", "0") == "0":  # the process group starts inside train(); torchrun and --nproc set RANK
+        print(model, flush=True)
+    started = time.perf_counter()
+    model.train(
+        max_epochs=args.max_epochs,
+        accelerator=args.accelerator,
+        train_size=args.train_size,
+        batch_size=args.batch_size,
+        early_stopping=args.early_stopping,
+        plan_kwargs={"lr": args.lr},
+        checkpoint_dir=out,
+        resume=args.resume,
+        seed=args.seed,
+    )
+    seconds = time.perf_counter() - started
+    distributed.on_rank_zero(lambda: model.save(out, overwrite=True))
+    rank, world_size = distributed.world()
+    if rank != 0:
+        return
+    history = model.history_
+    epochs = len(history.get("elbo_train", []))
+    summary = {
+        "model": str(persist.model_path(out)),
+        "epochs": epochs,
+        "seconds": round(seconds, 1),
+        "processes": world_size,
+        "train_cells_per_second": round(len(model.train_indices) * epochs / max(seconds, 1e-9), 1),
+        "elbo_train": history["elbo_train"][-1][1] if epochs else None,
+        "elbo_validation": history["elbo_validation"][-1][1] if "elbo_validation" in history else None,
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(summary, indent=2))

@@ -1,0 +1,116 @@
+"""A query store read with a reference model's genes, in the reference's order, without rewriting the store.
+
+    >>> query = AlignedStore("query.zarr", reference_var_names)     # CountStore-like, n_vars = the reference's
+    >>> block = query.read_csr(0, 4096)                             # columns mapped onto the reference genes
+
+Reference genes the query lacks read as zeros (a warning says how many, and that fewer than 80% shared genes may
+map poorly, as scvi-tools warns); query genes the reference lacks are dropped. Each block is remapped as it is
+read, so a query larger than memory maps too.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scvi_scale.data.store import CountStore, StoreError
+
+logger = logging.getLogger("scvi_scale.data")
+
+MIN_SHARED_GENE_FRACTION = 0.8  # below this share of the reference genes scvi-tools warns of poor mapping
+
+
+class AlignedStore(CountStore):
+    """A query store read with the reference's genes, in the reference's order; the store itself is not changed.
+
+    n_vars, shape and var_names are the reference's; every block read (read_raw, read_csr, read_dense, to_dask)
+    has its columns mapped: reference gene j reads query column `query_columns[j]`, or zeros where that is -1.
+    query_var_names holds the store's own genes. Pickles as (path, layer, reference genes).
+    """
+
+    def __init__(self, path, reference_var_names, layer: str | None = None):
+        self._reference_var_names = None  # the store's own genes until the alignment below is set
+        super().__init__(path, layer=layer)
+        self.query_var_names = CountStore.var_names.func(self)
+        reference = pd.Index([str(name) for name in reference_var_names])
+        if reference.has_duplicates:
+            duplicated = list(reference[reference.duplicated()][:5])
+            raise StoreError(f"the reference has duplicated var names, e.g. {duplicated}")
+        self.query_columns = self.query_var_names.get_indexer(reference).astype(np.int64)
+        n_shared = int(np.count_nonzero(self.query_columns >= 0))
+        if n_shared == 0:
+            raise StoreError(
+                f"{self.path}: none of its {len(self.query_var_names)} genes is among the reference's "
+                f"{len(reference)} genes (e.g. {list(reference[:3])}); are they named the same way?"
+            )
+        n_missing = len(reference) - n_shared
+        n_dropped = len(self.query_var_names) - n_shared
+        if n_missing:
+            fraction = n_shared / len(reference)
+            poor = " (less than 80%: the mapping may be poor)" if fraction < MIN_SHARED_GENE_FRACTION else ""
+            warnings.warn(
+                f"{self.path}: {n_missing} of the reference's {len(reference)} genes are missing from the query "
+                f"and read as zeros; the query has {fraction:.0%} of the reference genes{poor}",
+                UserWarning,
+                stacklevel=2,
+            )
+        if n_dropped:
+            logger.info("%s: %d query genes not in the reference are dropped", self.path, n_dropped)
+        # query column -> reference column (-1: dropped), for remapping CSR column indices
+        self.reference_columns = np.full(len(self.query_var_names), -1, dtype=np.int64)
+        present = np.flatnonzero(self.query_columns >= 0)
+        self.reference_columns[self.query_columns[present]] = present
+        self._reference_var_names = reference
+        self.n_vars = len(reference)
+        self.shape = (self.n_obs, self.n_vars)
+
+    @property
+    def var_names(self) -> pd.Index:
+        if self._reference_var_names is None:
+            return CountStore.var_names.func(self)
+        return self._reference_var_names
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the query has exactly the reference genes in the reference order (blocks pass unchanged)."""
+        return len(self.query_var_names) == self.n_vars and bool(
+            np.array_equal(self.query_columns, np.arange(self.n_vars))
+        )
+
+    def __getstate__(self):
+        return {"path": self.path, "layer": self.layer, "reference_var_names": list(self._reference_var_names)}
+
+    def __setstate__(self, state):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # warned once already, in the process that aligned it
+            self.__init__(state["path"], state["reference_var_names"], layer=state["layer"])
+
+    def __repr__(self) -> str:
+        return f"Aligned{super().__repr__()[:-1]}, aligned to {self.n_vars} reference genes)"
+
+    def var_frame(self) -> pd.DataFrame:
+        return super().var_frame().reindex(self._reference_var_names)
+
+    def read_raw(self, start: int, stop: int):
+        """Rows [start, stop) with the reference's columns, in the stored dtype (CSR or dense as stored)."""
+        block = super().read_raw(start, stop)
+        if self.is_identity:
+            return block
+        if isinstance(block, np.ndarray):
+            aligned = np.zeros((block.shape[0], self.n_vars), dtype=block.dtype)
+            present = np.flatnonzero(self.query_columns >= 0)
+            aligned[:, present] = block[:, self.query_columns[present]]
+            return aligned
+        columns = self.reference_columns[block.indices]
+        kept = columns >= 0
+        kept_before = np.concatenate([[0], np.cumsum(kept)])
+        aligned = sp.csr_matrix(
+            (block.data[kept], columns[kept].astype(block.indices.dtype), kept_before[block.indptr]),
+            shape=(block.shape[0], self.n_vars),
+        )
+        aligned.sort_indices()  # the reorder scrambles each row's column order; CSR consumers want it sorted
+        return aligned

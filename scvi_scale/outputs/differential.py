@@ -1,0 +1,234 @@
+"""Differential expression over a store: which cells are compared, their posterior samples, one table per
+comparison. The statistics themselves are de.py's; this file gathers their inputs, in bounded memory.
+
+    >>> comparisons = compare_groups(store, groupby="cell_type")            # one-vs-rest, as scvi-tools
+    >>> table = differential_expression(inputs, request, comparisons, DEOptions(mode="change"), batches, genes)
+
+Per comparison, side and batch condition (the cells' observed batch, or with batch_correction each of batchid1 /
+batchid2, default all batches), n_samples_overall / n_conditions cells are drawn at random with replacement and
+decoded once each (px_scale). Comparisons are grouped into passes whose samples fit in max_sample_bytes; cells are
+picked and (with use_permutation) paired by generators of their own, and the draws are keyed by request number,
+so how the comparisons fall into passes does not change the result. The raw-count columns come from one
+streaming pass over all cells, whatever the number of groups.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from scvi_scale.outputs import de
+from scvi_scale.outputs.arguments import batch_codes, cell_mask
+from scvi_scale.outputs.jobs import OWN_BATCH, RawStatsJob
+from scvi_scale.outputs.runner import ModelInputs, OutputRequest, Unit, cut_units, posterior_scales, run_units
+
+DE_SAMPLE_BYTES = 512 << 20  # posterior samples of px_scale held at once
+
+
+@dataclass(frozen=True)
+class DEOptions:
+    """scvi-tools' differential_expression / get_bayes_factors options, with its defaults (see de.bayes_factors),
+    and max_sample_bytes: posterior samples held at once."""
+
+    mode: str = "vanilla"
+    delta: float | None = 0.25
+    all_stats: bool = True
+    batch_correction: bool = False
+    batchid1: object = None
+    batchid2: object = None
+    fdr_target: float = 0.05
+    n_samples_overall: int = 5000
+    use_permutation: bool = False
+    m_permutation: int = 10000
+    pseudocounts: float | None = None
+    threshold_counts: float = 0.01
+    test_mode: str = "three"
+    max_sample_bytes: int = DE_SAMPLE_BYTES
+
+    def __post_init__(self):
+        if self.mode not in de.MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {de.MODES}")
+        if self.test_mode not in de.TEST_MODES:
+            raise ValueError(f"test_mode={self.test_mode!r}: expected one of {de.TEST_MODES}")
+        if self.mode == "change" and self.delta is None and importlib.util.find_spec("sklearn") is None:
+            raise ImportError("delta=None estimates delta with scikit-learn, which is not installed; pass a delta")
+        if not self.batch_correction and (self.batchid1 is not None or self.batchid2 is not None):
+            raise ValueError("batchid1 / batchid2 choose the batches to decode in: they need batch_correction=True")
+
+
+@dataclass(frozen=True)
+class Comparisons:
+    """codes: (n_obs,) int64 group of each cell, -1 for cells in no group; names: the group names; pairs:
+    [(group1 code, group2 code or None: all other cells)]; labelled: whether rows get comparison/group1/group2
+    columns (groupby comparisons do, idx1/idx2 ones do not, as in scvi-tools)."""
+
+    codes: np.ndarray
+    names: list[str]
+    pairs: list[tuple[int, int | None]]
+    labelled: bool
+
+    def sides(self, group1: int, group2: int | None) -> dict[int, np.ndarray]:
+        """Store rows of each side of a comparison."""
+        other = self.codes != group1 if group2 is None else self.codes == group2
+        return {1: np.flatnonzero(self.codes == group1), 2: np.flatnonzero(other)}
+
+
+def compare_groups(store, groupby=None, group1=None, group2=None, idx1=None, idx2=None) -> Comparisons:
+    """The comparisons scvi-tools' _de_core makes: obs[groupby] values group1 (default: every value with cells,
+    one-vs-rest) against group2 (default: all other cells, "Rest"); or cells idx1 against idx2 (boolean masks,
+    integer positions or an obs query string; idx2 None: all other cells)."""
+    if idx1 is not None:
+        codes = np.full(store.n_obs, -1, dtype=np.int64)
+        codes[cell_mask(store, idx1, "idx1")] = 0
+        if idx2 is not None:
+            codes[cell_mask(store, idx2, "idx2")] = 1
+        if not (codes == 0).any() or (idx2 is not None and not (codes == 1).any()):
+            raise ValueError("One of idx1 or idx2 has size zero.")
+        return Comparisons(codes, ["one", "two"], [(0, None if idx2 is None else 1)], labelled=False)
+    if groupby is None:
+        raise ValueError("pass groupby (an obs column) or idx1 to choose the cells to compare")
+    column = pd.Categorical(store.obs_column(groupby).to_numpy())
+    categories = list(column.categories)
+    codes = column.codes.astype(np.int64)
+    sizes = np.bincount(codes[codes >= 0], minlength=len(categories))
+    if group1 is None:
+        group1 = [category for category, size in zip(categories, sizes) if size > 0]
+        if len(group1) == 1:
+            raise ValueError("Only a single group in the data. Can't run DE on a single group.")
+    elif isinstance(group1, str) or not isinstance(group1, Iterable):
+        group1 = [group1]
+    for value in [*group1, *([] if group2 is None else [group2])]:
+        if value not in categories:
+            raise ValueError(f"{value!r} is not a value of obs[{groupby!r}]; its values are {categories[:20]}")
+        if sizes[categories.index(value)] == 0:
+            raise ValueError(f"group {value!r} of obs[{groupby!r}] has no cells")
+    pairs = [(categories.index(value), None if group2 is None else categories.index(group2)) for value in group1]
+    return Comparisons(codes, [str(category) for category in categories], pairs, labelled=True)
+
+
+def differential_expression(
+    inputs: ModelInputs, request: OutputRequest, comparisons: Comparisons, options: DEOptions,
+    batch_categories: list, var_names: pd.Index,
+) -> pd.DataFrame:
+    """One DataFrame (index: gene names, one block of rows per comparison, scvi-tools' columns and row order)."""
+    statistics = None
+    if options.all_stats or (options.mode == "change" and options.pseudocounts is None):
+        statistics = group_statistics(inputs, request, comparisons.codes, len(comparisons.names))
+    conditions = _conditions(options, batch_categories)
+    per_condition = _cells_per_condition(options.n_samples_overall, conditions)
+    pick_rng = np.random.default_rng(np.random.SeedSequence(request.seed, spawn_key=(0,)))
+    pair_rng = np.random.default_rng(np.random.SeedSequence(request.seed, spawn_key=(1,)))
+    bytes_per_comparison = sum(len(conditions[s]) * per_condition[s] for s in (1, 2)) * inputs.store.n_vars * 4
+    per_pass = max(1, int(options.max_sample_bytes // bytes_per_comparison))
+    frames, n_requests = [], 0
+    for first in range(0, len(comparisons.pairs), per_pass):
+        passed = comparisons.pairs[first : first + per_pass]
+        rows, batches, blocks = _pick_cells(comparisons, passed, conditions, per_condition, pick_rng)
+        samples = posterior_scales(
+            inputs, request, rows, batches, genes=None, library_size=1.0, first_request=n_requests,
+            description="DE posterior samples",
+        )
+        n_requests += len(rows)
+        for pair, own_blocks in zip(passed, blocks):
+            sides = {side: _side_samples(samples, own_blocks, side) for side in (1, 2)}
+            frames.append(_frame(sides, pair, comparisons, statistics, options, var_names, pair_rng))
+    return pd.concat(frames, axis=0)
+
+
+def group_statistics(inputs: ModelInputs, request: OutputRequest, codes: np.ndarray, n_groups: int):
+    """de.GroupStatistics of every group in one streaming pass over all cells."""
+    units = [
+        Unit(unit.index, unit.rows, codes[unit.rows])
+        for unit in cut_units(np.arange(inputs.store.n_obs), request.unit_rows(inputs.store))
+    ]
+    results = run_units(inputs, RawStatsJob(n_groups), units, request, description="DE raw statistics")
+    statistics = de.GroupStatistics(n_groups, inputs.store.n_vars)
+    for result in results:
+        statistics.merge(result["stats"])
+    return statistics
+
+
+def _conditions(options: DEOptions, batch_categories: list) -> dict[int, tuple[int, ...]]:
+    """The batches each side is decoded in: its observed batch, or with batch_correction the chosen batches."""
+    if not options.batch_correction:
+        return {1: (OWN_BATCH,), 2: (OWN_BATCH,)}
+    return {
+        side: batch_codes(batch_categories, batch_categories if batchid is None else batchid)
+        for side, batchid in ((1, options.batchid1), (2, options.batchid2))
+    }
+
+
+def _cells_per_condition(n_samples_overall: int, conditions: dict) -> dict[int, int]:
+    per_condition = {side: int(n_samples_overall / len(conditions[side])) for side in (1, 2)}
+    for side in (1, 2):
+        if per_condition[side] == 0:
+            warnings.warn("very small sample size, please consider increasing `n_samples_overall`", UserWarning,
+                          stacklevel=3)
+            per_condition[side] = 2
+    return per_condition
+
+
+def _pick_cells(comparisons: Comparisons, pairs, conditions, per_condition, rng):
+    """Requested rows and batches for the comparisons of one pass, and per comparison its blocks of requests
+    [(side, batch, start, stop)]."""
+    rows, batches, blocks, offset = [], [], [], 0
+    for group1, group2 in pairs:
+        sides = comparisons.sides(group1, group2)
+        own = []
+        for side in (1, 2):
+            for condition in conditions[side]:
+                picked = rng.choice(sides[side], size=per_condition[side], replace=True)
+                rows.append(picked)
+                batches.append(np.full(len(picked), condition))
+                own.append((side, condition, offset, offset + len(picked)))
+                offset += len(picked)
+        blocks.append(own)
+    return np.concatenate(rows), np.concatenate(batches), blocks
+
+
+def _side_samples(samples: np.ndarray, blocks, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(posterior samples (n, G), the batch each was decoded in (n,)) of one side of a comparison."""
+    own = [(batch, start, stop) for block_side, batch, start, stop in blocks if block_side == side]
+    scales = np.concatenate([samples[start:stop] for _, start, stop in own])
+    batches = np.concatenate([np.full(stop - start, batch) for batch, start, stop in own])
+    return scales, batches
+
+
+def _frame(sides, pair, comparisons: Comparisons, statistics, options: DEOptions, var_names, rng) -> pd.DataFrame:
+    """The result rows of one comparison, sorted as scvi-tools sorts them."""
+    group1, group2 = pair
+    use_observed_batches = not options.batch_correction
+    scales1, scales2 = de.pair_samples(
+        *sides[1], *sides[2], use_observed_batches=use_observed_batches, use_permutation=options.use_permutation,
+        m_permutation=options.m_permutation, rng=rng,
+    )
+    raw = None if statistics is None else statistics.properties(group1, group2)
+    where_zero = {}
+    if raw is not None:
+        where_zero = {"where_zero1": raw["raw_mean1"] < options.threshold_counts,
+                      "where_zero2": raw["raw_mean2"] < options.threshold_counts}
+    columns = de.bayes_factors(
+        scales1, scales2, sides[1][0].mean(0), sides[2][0].mean(0), mode=options.mode, delta=options.delta,
+        pseudocounts=options.pseudocounts, test_mode=options.test_mode, **where_zero,
+    )
+    if options.all_stats:
+        columns.update(raw)
+    frame = pd.DataFrame(columns, index=pd.Index(var_names))
+    frame = frame.sort_values(by="proba_de" if options.mode == "change" else "bayes_factor", ascending=False,
+                              kind="stable")
+    if options.mode == "change":
+        frame[f"is_de_fdr_{options.fdr_target}"] = de.fdr_de_prediction(
+            frame["proba_de"].to_numpy(), fdr=options.fdr_target
+        )
+    if comparisons.labelled:
+        group1_name = comparisons.names[group1]
+        group2_name = "Rest" if group2 is None else comparisons.names[group2]
+        frame["comparison"] = f"{group1_name} vs {group2_name}"
+        frame["group1"] = group1_name
+        frame["group2"] = group2_name
+    return frame

@@ -1,0 +1,148 @@
+"""Model directories: the one reader and writer of `model.pt`, in our format and in scvi-tools'.
+
+    >>> saved = read_model("model_dir/")               # a SavedModel, whichever format wrote the directory
+    >>> write_model("copy/", saved)                    # ours; format="scvi-tools" for scvi-tools' SCVI.load
+    >>> atomic_save(payload, path)                     # torch.save to a temporary file, renamed over path
+
+A directory holds one file, `model.pt` (MODEL_FILE), a torch pickle of {"model_state_dict", "var_names",
+"attr_dict"}: scvi-tools' layout, which ours follows. Ours has attr_dict keys init_params_ (our SCVI keyword
+arguments), registry_ (Registry.to_dict), history_ (metric -> [(epoch, value)]), is_trained_, train_indices_,
+validation_indices_ and scvi_scale_version; scvi-tools' has its own init_params_ / registry_ / history_ (pandas
+frames), translated by scvi_tools_format.py. Every write goes to a temporary file first and is renamed into place,
+so a kill never leaves a torn model.pt.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from scvi_scale import scvi_tools_format
+from scvi_scale.data.registry import Registry
+from scvi_scale.module import VAE
+from scvi_scale.version import __version__
+
+MODEL_FILE = "model.pt"
+FORMATS = ("scvi-scale", "scvi-tools")
+
+
+@dataclass
+class SavedModel:
+    """What a model directory holds, in our terms.
+
+    module_state: the VAE's state dict (our parameter names); init_params: SCVI's keyword arguments; registry: the
+    set-up (its library statistics may be None for a scvi-tools model with an observed library, which does not
+    save them: the loader computes them from the store); history: metric -> [(epoch, value)]; train_indices /
+    validation_indices: store rows (None when not trained); source: "scvi-scale <version>" or "scvi-tools <version>".
+    """
+
+    module_state: dict
+    var_names: list[str]
+    init_params: dict
+    registry: Registry
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    is_trained: bool = False
+    train_indices: np.ndarray | None = None
+    validation_indices: np.ndarray | None = None
+    source: str = f"scvi-scale {__version__}"
+
+    def build_module(self) -> VAE:
+        """The saved VAE, its weights loaded, in eval mode on the CPU."""
+        module = VAE.from_registry(self.registry, **self.init_params)
+        missing, unexpected = module.load_state_dict(self.module_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"the saved weights ({self.source}) do not fit the module its set-up builds: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        return module.eval()
+
+
+def model_path(dir_path) -> Path:
+    return Path(dir_path) / MODEL_FILE
+
+
+def atomic_save(payload, path: str | os.PathLike) -> None:
+    """torch.save(payload) to a temporary file beside `path`, renamed over it (never a torn file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def history_frames(history: dict[str, list[tuple[int, float]]]) -> dict[str, pd.DataFrame]:
+    """metric -> [(epoch, value)] as scvi-tools shows its history: metric -> DataFrame (one column, indexed by epoch)."""
+    return {
+        key: pd.DataFrame({key: [value for _, value in pairs]}, index=pd.Index([e for e, _ in pairs], name="epoch"))
+        for key, pairs in history.items()
+    }
+
+
+def history_lists(frames: dict) -> dict[str, list[tuple[int, float]]]:
+    """The inverse of history_frames (frames without their metric's column are skipped)."""
+    return {
+        key: [(int(epoch), float(value)) for epoch, value in frame[key].items()]
+        for key, frame in frames.items()
+        if isinstance(frame, pd.DataFrame) and key in frame
+    }
+
+
+def read_model(dir_path) -> SavedModel:
+    """The model saved in `dir_path`, written by our save or by scvi-tools' SCVI.save (translated; an option we
+    cannot map raises scvi_tools_format.UnsupportedScviToolsModel naming it)."""
+    path = model_path(dir_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: a model directory (SCVI.save) holds {MODEL_FILE}")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    attrs = payload.get("attr_dict", {})
+    if "scvi_scale_version" not in attrs:
+        fields = scvi_tools_format.to_ours(payload, dir_path)
+        return SavedModel(**{**fields, "history": history_lists(fields["history"])})
+    return SavedModel(
+        module_state=payload["model_state_dict"],
+        var_names=list(payload["var_names"]),
+        init_params=dict(attrs["init_params_"]),
+        registry=Registry.from_dict(attrs["registry_"]),
+        history=attrs["history_"],
+        is_trained=attrs["is_trained_"],
+        train_indices=attrs["train_indices_"],
+        validation_indices=attrs["validation_indices_"],
+        source=f"scvi-scale {attrs['scvi_scale_version']}",
+    )
+
+
+def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = False, format: str = "scvi-scale") -> Path:
+    """Write `saved` as `dir_path/model.pt`, atomically; returns its path. format="scvi-tools" writes the directory
+    scvi-tools' SCVI.load reads, and needs the `module` itself (scvi-tools builds parts that ours leaves out)."""
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: expected one of {FORMATS}")
+    path = model_path(dir_path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if format == "scvi-tools":
+        payload = scvi_tools_format.from_ours(saved, module, history_frames(saved.history))
+    else:
+        payload = {
+            "model_state_dict": saved.module_state,
+            "var_names": list(saved.var_names),
+            "attr_dict": {
+                "init_params_": saved.init_params,
+                "registry_": saved.registry.to_dict(),
+                "history_": saved.history,
+                "is_trained_": saved.is_trained,
+                "train_indices_": saved.train_indices,
+                "validation_indices_": saved.validation_indices,
+                "scvi_scale_version": __version__,
+            },
+        }
+    atomic_save(payload, path)
+    return path
