@@ -566,7 +566,7 @@ class VAE(nn.Module):
         """p(l | s): Normal with the batch's log-library mean and variance, loc and scale (B, 1)."""
         means = self.library_log_means[0, batch].unsqueeze(-1)
         variances = self.library_log_vars[0, batch].unsqueeze(-1)
-        return Normal(means, variances.sqrt())
+        return Normal(means, variances.sqrt(), validate_args=False)
 
     def loss(self, tensors: dict, kl_weight: float = 1.0) -> dict:
         """The negative ELBO on one minibatch. Returns per-cell (B,) tensors
@@ -580,7 +580,8 @@ class VAE(nn.Module):
         inference = self._inference(minibatch)
         reconstruction_loss = -self._log_likelihood(inference["z"], inference["library"], minibatch)
         qz = inference["qz"]
-        kl_z = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))).sum(dim=-1)
+        prior = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale), validate_args=False)
+        kl_z = kl_divergence(qz, prior).sum(dim=-1)
         if inference["ql"] is None:
             kl_l = torch.zeros_like(kl_z)
         else:
@@ -605,7 +606,7 @@ class VAE(nn.Module):
         minibatch = self._minibatch(tensors)
         inference = self._inference(minibatch)
         qz, ql = inference["qz"], inference["ql"]
-        standard_normal = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))
+        standard_normal = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale), validate_args=False)
         library_prior = None if ql is None else self._library_prior_for(minibatch.batch)
         log_weights = []
         for _ in range(n_mc_samples):

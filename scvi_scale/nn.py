@@ -176,7 +176,8 @@ class Encoder(nn.Module):
         hidden = self.encoder(x, *cat_codes)
         mean = self.mean_encoder(hidden)
         variance = torch.exp(self.var_encoder(hidden)) + self.var_eps
-        return Normal(mean, variance.sqrt())
+        # validate_args=False: checking scale > 0 reads it back to the host (a device sync per step)
+        return Normal(mean, variance.sqrt(), validate_args=False)
 
 
 class DecoderSCVI(nn.Module):

@@ -544,3 +544,28 @@ def test_bad_inputs_get_clear_errors():
         VAE(N_GENES, dispersion="gene-batch")
     with pytest.raises(ValueError, match="gene_likelihood='normal'"):
         VAE(N_GENES, gene_likelihood="normal")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_training_step_reads_no_value_back_to_the_host(name, monkeypatch):
+    """A device sync happens where a tensor's value is read on the host: .item(), .tolist(), int(), float(),
+    bool() (an `if tensor:`), .numpy(). On a GPU each costs a sync per step; counted here on the CPU, where the
+    same Python calls would be made, for the loss, its backward and inference with CSR counts."""
+    module, tensors = build(CONFIGS[name])
+    csr = with_csr(tensors)
+    reads = []
+    for method in ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            reads.append(_method)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    module.train()
+    module.loss(tensors, kl_weight=0.5)["loss"].backward()
+    module.eval()
+    with torch.no_grad():
+        module.inference({k: v for k, v in csr.items() if k != "x"})
+        module.loss(csr)
+    assert reads == []
