@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     model = SCVI(store_path)
 
     print(f"3/4 training for {args.max_epochs} epochs, streaming minibatches from Zarr", flush=True)
-    model.train(max_epochs=args.max_epochs, checkpoint_dir=model_dir, seed=args.seed)
+    model.train(max_epochs=args.max_epochs, checkpoint_dir=model_dir, seed=args.seed, check_val_every_n_epoch=1)
     model.save(model_dir, overwrite=True)
 
     print("4/4 writing obsm/X_scvi and layers/scvi_normalized into the store, chunk by chunk", flush=True)

@@ -56,12 +56,16 @@ from scvi_scale import kernels
 from scvi_scale.nn import DecoderSCVI, Encoder
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
-GENE_LIKELIHOODS = ("zinb", "nb", "poisson")
+GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal")
+BATCH_REPRESENTATIONS = ("one-hot", "embedding")
+# What extra_encoder_kwargs / extra_decoder_kwargs may hold: the options our Encoder / DecoderSCVI take.
+ENCODER_EXTRA_KEYS = ("var_eps", "activation_fn", "use_activation", "bias")
+DECODER_EXTRA_KEYS = ("activation_fn", "use_activation", "bias")
 LATENT_DISTRIBUTIONS = ("normal", "ln")
 NORM_PLACEMENTS = ("none", "encoder", "decoder", "both")
 GENERATIVE_OUTPUTS = ("px_scale", "px_rate", "theta", "zi_logits", "hidden")
 # Minibatch entries the module reads; a sampler's other entries (rows, library) stay on the host.
-MODULE_KEYS = ("x", "batch", "labels", "cat_covs", "cont_covs", "size_factor")
+MODULE_KEYS = ("x", "batch", "labels", "cat_covs", "cont_covs", "size_factor", "qzm", "qzv", "observed_lib_size")
 
 
 def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> dict[str, torch.Tensor]:
@@ -90,7 +94,8 @@ def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> dict[s
 class Minibatch:
     """A checked minibatch. batch: (B,) int64; labels: (B,) int64 for "gene-label", else None; cat_covs: one
     (B,) int64 per extra categorical covariate; cont_covs: (B, c) or None; log_size_factor: (B, 1) or None;
-    x_csr: x's CSR arrays or None."""
+    x_csr: x's CSR arrays or None; cached: (qzm (B, L), qzv (B, L), observed library (B,)) of a minified model,
+    else None."""
 
     x: torch.Tensor | None
     batch: torch.Tensor
@@ -99,6 +104,7 @@ class Minibatch:
     cont_covs: torch.Tensor | None
     log_size_factor: torch.Tensor | None
     x_csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _codes(name: str, codes: torch.Tensor, n_cells: int) -> torch.Tensor:
@@ -149,6 +155,12 @@ class VAE(nn.Module):
         use_observed_lib_size: bool = True,
         library_log_means: np.ndarray | None = None,
         library_log_vars: np.ndarray | None = None,
+        log_variational: bool = True,
+        batch_representation: str = "one-hot",
+        batch_embedding_kwargs: dict | None = None,
+        var_activation=None,
+        extra_encoder_kwargs: dict | None = None,
+        extra_decoder_kwargs: dict | None = None,
     ):
         super().__init__()
         for name, value, choices in (
@@ -157,6 +169,7 @@ class VAE(nn.Module):
             ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS),
             ("use_batch_norm", use_batch_norm, NORM_PLACEMENTS),
             ("use_layer_norm", use_layer_norm, NORM_PLACEMENTS),
+            ("batch_representation", batch_representation, BATCH_REPRESENTATIONS),
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: expected one of {choices}")
@@ -173,6 +186,11 @@ class VAE(nn.Module):
             raise ValueError("dispersion='gene-batch' needs n_batch >= 1")
         if dispersion == "gene-label" and n_labels < 1:
             raise ValueError("dispersion='gene-label' needs n_labels >= 1")
+        for name, given, allowed in (("extra_encoder_kwargs", extra_encoder_kwargs, ENCODER_EXTRA_KEYS),
+                                     ("extra_decoder_kwargs", extra_decoder_kwargs, DECODER_EXTRA_KEYS)):
+            unknown = sorted(set(given or {}) - set(allowed))
+            if unknown:
+                raise ValueError(f"{name} {unknown}: the options these networks take are {list(allowed)}")
 
         self.n_input = n_input
         self.n_batch = n_batch
@@ -185,6 +203,8 @@ class VAE(nn.Module):
         self.latent_distribution = latent_distribution
         self.encode_covariates = encode_covariates
         self.use_observed_lib_size = use_observed_lib_size
+        self.log_variational = log_variational
+        self.batch_representation = batch_representation
 
         # Batch codes index a prior table with one row even when there are no batches.
         self.n_batch_codes = max(n_batch, 1)
@@ -207,9 +227,16 @@ class VAE(nn.Module):
         batch_norm_decoder = use_batch_norm in ("decoder", "both")
         layer_norm_encoder = use_layer_norm in ("encoder", "both")
         layer_norm_decoder = use_layer_norm in ("decoder", "both")
-        cat_list = [n_batch, *n_cats_per_cov]
+        # "embedding": a learnt vector per batch joins the decoder's input (and the encoder's when covariates are
+        # encoded) instead of a one-hot injected into every layer; scvi-tools' name for it in the state dict.
+        n_embedded = 0
+        if batch_representation == "embedding":
+            embedding_options = {"embedding_dim": 5, **(batch_embedding_kwargs or {})}
+            self._embeddings_dict = nn.ModuleDict({"batch": nn.Embedding(self.n_batch_codes, **embedding_options)})
+            n_embedded = self._embeddings_dict["batch"].embedding_dim
+        cat_list = [*([] if n_embedded else [n_batch]), *n_cats_per_cov]
         encoder_cat_list = cat_list if encode_covariates else None
-        n_input_encoder = n_input + (n_continuous_cov if encode_covariates else 0)
+        n_input_encoder = n_input + ((n_continuous_cov + n_embedded) if encode_covariates else 0)
         encoder_options = dict(
             n_cat_list=encoder_cat_list,
             n_hidden=n_hidden,
@@ -217,6 +244,8 @@ class VAE(nn.Module):
             inject_covariates=deeply_inject_covariates,
             use_batch_norm=batch_norm_encoder,
             use_layer_norm=layer_norm_encoder,
+            var_activation=var_activation,
+            **(extra_encoder_kwargs or {}),
         )
         self.z_encoder = Encoder(
             n_input_encoder, n_latent, n_layers=n_layers, distribution=latent_distribution, **encoder_options
@@ -224,7 +253,7 @@ class VAE(nn.Module):
         if not use_observed_lib_size:
             self.l_encoder = Encoder(n_input_encoder, 1, n_layers=1, **encoder_options)
         self.decoder = DecoderSCVI(
-            n_latent + n_continuous_cov,
+            n_latent + n_continuous_cov + n_embedded,
             n_input,
             n_cat_list=cat_list,
             n_layers=n_layers,
@@ -234,6 +263,7 @@ class VAE(nn.Module):
             use_layer_norm=layer_norm_decoder,
             zero_inflated=gene_likelihood == "zinb",
             dispersion_per_cell=dispersion == "gene-cell" and gene_likelihood != "poisson",
+            **(extra_decoder_kwargs or {}),
         )
 
     @classmethod
@@ -280,6 +310,8 @@ class VAE(nn.Module):
             if len(x_csr) != 3 or x_csr[0].dim() != 1 or not x_csr[2].dtype.is_floating_point:
                 raise ValueError("tensors['x_csr'] must be (crow_indices, col_indices, float values)")
             n_cells, device, dtype = x_csr[0].shape[0] - 1, x_csr[2].device, x_csr[2].dtype
+        elif "qzm" in tensors:  # a minified model: the cached posterior stands in for the counts
+            n_cells, device, dtype = tensors["qzm"].shape[0], tensors["qzm"].device, tensors["qzm"].dtype
         elif cells_like is not None:
             n_cells, device, dtype = cells_like.shape[0], cells_like.device, cells_like.dtype
         else:
@@ -347,7 +379,15 @@ class VAE(nn.Module):
                     f"tensors['x_csr'] has arrays of shapes {[tuple(a.shape) for a in x_csr]}, expected "
                     f"({n_cells + 1},), (nnz,), (nnz,) for the {n_cells} rows of x"
                 )
-        return Minibatch(x, batch, labels, cat_covs, cont_covs, log_size_factor, x_csr)
+        cached = None
+        if "qzm" in tensors:
+            cached = (tensors["qzm"].to(dtype), tensors["qzv"].to(dtype), tensors["observed_lib_size"].to(dtype))
+            if tuple(cached[0].shape) != (n_cells, self.n_latent) or cached[1].shape != cached[0].shape:
+                raise ValueError(
+                    f"tensors['qzm'] / ['qzv'] have shapes {tuple(cached[0].shape)} / {tuple(cached[1].shape)}, "
+                    f"expected ({n_cells}, {self.n_latent})"
+                )
+        return Minibatch(x, batch, labels, cat_covs, cont_covs, log_size_factor, x_csr, cached)
 
     def check_inputs(self, tensors: dict) -> None:
         """The value checks the per-step path leaves out (they read values back to the host): category codes
@@ -398,13 +438,28 @@ class VAE(nn.Module):
         return self.z_encoder.draw(qz, noise)
 
     def _encoder_input(self, minibatch: Minibatch) -> torch.Tensor:
-        """log1p(x), with the continuous covariates appended when they are encoded: (B, n_input_encoder).
-        Sparse CSR when x_csr is given, no gradient is needed and there are no appended columns."""
-        appended = minibatch.cont_covs if self.encode_covariates else None
-        if minibatch.x_csr is not None and appended is None and not torch.is_grad_enabled():
-            return self._csr_counts(minibatch, torch.log1p)
-        encoder_input = torch.log1p(self._dense_counts(minibatch))
-        return encoder_input if appended is None else torch.cat([encoder_input, appended], dim=-1)
+        """log1p(x) (x itself without log_variational), with the continuous covariates and the batch embedding
+        appended when covariates are encoded: (B, n_input_encoder). Sparse CSR when x_csr is given, no gradient
+        is needed and there are no appended columns."""
+        appended = []
+        if self.encode_covariates:
+            appended = [t for t in (minibatch.cont_covs, self._batch_embedding(minibatch.batch)) if t is not None]
+        transform = torch.log1p if self.log_variational else None
+        if minibatch.x_csr is not None and not appended and not torch.is_grad_enabled():
+            return self._csr_counts(minibatch, transform)
+        counts = self._dense_counts(minibatch)
+        encoder_input = counts if transform is None else transform(counts)
+        return torch.cat([encoder_input, *appended], dim=-1) if appended else encoder_input
+
+    def _batch_embedding(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """The batch embedding (B, d) for batch_representation="embedding", else None."""
+        return self._embeddings_dict["batch"](batch) if self.batch_representation == "embedding" else None
+
+    def _covariate_codes(self, minibatch: Minibatch) -> tuple:
+        """The category codes the networks one-hot encode: batch (unless embedded) and the categorical
+        covariates."""
+        batch = () if self.batch_representation == "embedding" else (minibatch.batch,)
+        return (*batch, *minibatch.cat_covs)
 
     def _csr_counts(self, minibatch: Minibatch, transform=None) -> torch.Tensor:
         """x_csr as a sparse CSR tensor (B, G), `transform` applied to its values. Not checked here (that costs a
@@ -432,8 +487,15 @@ class VAE(nn.Module):
 
     def _inference(self, minibatch: Minibatch, n_samples: int = 1, noise: dict | None = None) -> dict:
         noise = noise or {}
+        if minibatch.cached is not None:  # minified: q(z | x) was stored, the counts are not read
+            qzm, qzv, observed_library = minibatch.cached
+            qz = Normal(qzm, qzv.sqrt(), validate_args=False)
+            z = self.z_encoder.draw(qz, self._draw_noise(noise.get("z"), qz, n_samples))
+            library = torch.log(observed_library.reshape(-1, 1))
+            return {"qz": qz, "z": z, "library": library.expand(n_samples, -1, -1) if n_samples > 1 else library,
+                    "ql": None}
         encoder_input = self._encoder_input(minibatch)
-        encoder_codes = (minibatch.batch, *minibatch.cat_covs) if self.encode_covariates else ()
+        encoder_codes = self._covariate_codes(minibatch) if self.encode_covariates else ()
         qz = self.z_encoder(encoder_input, *encoder_codes)
         z = self.z_encoder.draw(qz, self._draw_noise(noise.get("z"), qz, n_samples))
         ql = None
@@ -516,13 +578,15 @@ class VAE(nn.Module):
         return result
 
     def _decoder_hidden(self, z: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
-        """The decoder's last hidden layer (B, n_hidden): continuous covariates join z at the input, batch and
-        categorical covariates are injected one-hot."""
-        decoder_input = z if minibatch.cont_covs is None else torch.cat([z, minibatch.cont_covs], dim=-1)
-        return self.decoder(decoder_input, minibatch.batch, *minibatch.cat_covs)
+        """The decoder's last hidden layer (B, n_hidden): continuous covariates (and a batch embedding) join z at
+        the input, the batch (one-hot) and categorical covariates are injected."""
+        joined = [t for t in (minibatch.cont_covs, self._batch_embedding(minibatch.batch)) if t is not None]
+        decoder_input = torch.cat([z, *joined], dim=-1) if joined else z
+        return self.decoder(decoder_input, *self._covariate_codes(minibatch))
 
     def _theta(self, hidden: torch.Tensor, minibatch: Minibatch) -> torch.Tensor | None:
-        """Inverse dispersion exp(px_r): (G,) for "gene", (B, G) for the others; None for Poisson."""
+        """Inverse dispersion exp(px_r) (for "normal": the standard deviation): (G,) for "gene", (B, G) for the
+        others; None for Poisson."""
         if self.gene_likelihood == "poisson":
             return None
         if self.dispersion == "gene":
@@ -537,6 +601,10 @@ class VAE(nn.Module):
 
     def _log_likelihood(self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
         """log p(x | z, l) per cell (B,), through the fused ops. z: (B, L); library: (B, 1)."""
+        if self.gene_likelihood == "normal":  # scvi-tools' Normal(px_rate, exp(px_r)), for non-count data: unfused
+            outputs = self._generative(z, library, minibatch, ("px_rate", "theta"))
+            normal = Normal(outputs["px_rate"], outputs["theta"].expand_as(outputs["px_rate"]), validate_args=False)
+            return normal.log_prob(self._dense_counts(minibatch)).sum(dim=-1)
         if self.dispersion == "gene-cell" and self.gene_likelihood != "poisson":
             # theta comes from a head of the hidden layer: the fused decoder takes theta as an input, so the
             # gene-wise outputs are formed here and only the likelihood is fused.
@@ -594,30 +662,47 @@ class VAE(nn.Module):
             "kl_l": kl_l,
         }
 
+    def _repeated(self, minibatch: Minibatch, k: int) -> Minibatch:
+        """The minibatch's cells repeated k times (draw after draw), for decoding k draws in one pass."""
+        if k == 1:
+            return minibatch
+
+        def tile(tensor):
+            return None if tensor is None else tensor.repeat(k, *([1] * (tensor.dim() - 1)))
+
+        return Minibatch(tile(self._dense_counts(minibatch)), tile(minibatch.batch), tile(minibatch.labels),
+                         [tile(codes) for codes in minibatch.cat_covs], tile(minibatch.cont_covs),
+                         tile(minibatch.log_size_factor), None)
+
     @torch.no_grad()
-    def marginal_ll(self, tensors: dict, n_mc_samples: int) -> torch.Tensor:
+    def marginal_ll(self, tensors: dict, n_mc_samples: int, n_mc_samples_per_pass: int = 1) -> torch.Tensor:
         """Importance-sampled log p(x) per cell (B,) with n_mc_samples draws from q (call in eval mode):
             log (1/K) sum_k p(x | z_k, l_k) p(z_k) p(l_k) / (q(z_k | x) q(l_k | x))
         The densities of z are taken on the untransformed draw, so the estimate is the same for "ln" (the
         softmax's Jacobian cancels between p and q); the l terms appear only for a latent library.
+        n_mc_samples_per_pass draws are decoded at once (the cells repeated), as scvi-tools batches them.
         """
         if n_mc_samples < 1:
             raise ValueError(f"n_mc_samples={n_mc_samples}: must be at least 1")
+        per_pass = max(1, min(int(n_mc_samples_per_pass), n_mc_samples))
         minibatch = self._minibatch(tensors)
         inference = self._inference(minibatch)
         qz, ql = inference["qz"], inference["ql"]
         standard_normal = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale), validate_args=False)
         library_prior = None if ql is None else self._library_prior_for(minibatch.batch)
         log_weights = []
-        for _ in range(n_mc_samples):
-            z_draw = qz.sample()
-            library = inference["library"] if ql is None else ql.sample()
+        for first in range(0, n_mc_samples, per_pass):
+            k = min(per_pass, n_mc_samples - first)
+            z_draw = qz.sample((k,))  # (k, B, L)
+            library = inference["library"].expand(k, -1, -1) if ql is None else ql.sample((k,))
             log_weight = (
-                self._log_likelihood(self.z_encoder.transform(z_draw), library, minibatch)
+                self._log_likelihood(self.z_encoder.transform(z_draw).flatten(0, 1), library.flatten(0, 1),
+                                     self._repeated(minibatch, k)).reshape(k, -1)
                 + standard_normal.log_prob(z_draw).sum(dim=-1)
                 - qz.log_prob(z_draw).sum(dim=-1)
             )
             if ql is not None:
                 log_weight = log_weight + (library_prior.log_prob(library) - ql.log_prob(library)).sum(dim=-1)
             log_weights.append(log_weight)
-        return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(n_mc_samples)
+        return torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(n_mc_samples)
+

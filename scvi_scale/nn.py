@@ -58,7 +58,7 @@ def linear_with_covariates(linear: nn.Linear, x: torch.Tensor, covariates: list[
     out = torch.sparse.mm(x, linear.weight[:, :n_sparse].t())
     if covariates:
         out = out + torch.cat(covariates, dim=-1) @ linear.weight[:, n_sparse:].t()
-    return out + linear.bias
+    return out if linear.bias is None else out + linear.bias
 
 
 class FCLayers(nn.Module):
@@ -66,6 +66,7 @@ class FCLayers(nn.Module):
 
     n_in -> n_hidden -> ... -> n_out over n_layers blocks (n_layers=1: n_in -> n_out). Each block's linear map
     takes sum(n_cat for n_cat in n_cat_list if n_cat > 1) extra inputs where covariates are injected.
+    activation_fn (a module class, default ReLU), use_activation and bias are scvi-tools' FCLayers options.
     """
 
     def __init__(
@@ -79,6 +80,9 @@ class FCLayers(nn.Module):
         use_batch_norm: bool = True,
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
+        activation_fn: type[nn.Module] = nn.ReLU,
+        use_activation: bool = True,
+        bias: bool = True,
     ):
         super().__init__()
         if n_layers < 1:
@@ -92,12 +96,13 @@ class FCLayers(nn.Module):
         blocks = []
         for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
             injected = n_covariate_inputs if self._injects_into(index) else 0
-            parts = [nn.Linear(width_in + injected, width_out)]
+            parts = [nn.Linear(width_in + injected, width_out, bias=bias)]
             if use_batch_norm:
                 parts.append(nn.BatchNorm1d(width_out, momentum=BATCH_NORM_MOMENTUM, eps=BATCH_NORM_EPS))
             if use_layer_norm:
                 parts.append(nn.LayerNorm(width_out, elementwise_affine=False))
-            parts.append(nn.ReLU())
+            if use_activation:
+                parts.append(activation_fn())
             if dropout_rate > 0:
                 parts.append(nn.Dropout(p=dropout_rate))
             blocks.append((f"Layer {index}", nn.Sequential(*parts)))
@@ -121,7 +126,8 @@ class FCLayers(nn.Module):
 class Encoder(nn.Module):
     """q(latent | input): a Normal whose mean and variance come from an FCLayers stack.
 
-    variance = exp(var_encoder(h)) + var_eps (scvi-tools' var_eps = 1e-4 keeps it away from zero). With
+    variance = var_activation(var_encoder(h)) + var_eps (default exp; scvi-tools' var_eps = 1e-4 keeps it away
+    from zero); other keyword arguments (activation_fn, use_activation, bias) go to FCLayers. With
     distribution "ln" (logistic normal) the returned sample is softmax-transformed; the Normal itself, and so
     the KL term, stays in the untransformed space.
     """
@@ -139,12 +145,15 @@ class Encoder(nn.Module):
         use_batch_norm: bool = True,
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
+        var_activation=None,
+        **fc_options,
     ):
         super().__init__()
         if distribution not in ("normal", "ln"):
             raise ValueError(f"distribution={distribution!r}: expected 'normal' or 'ln'")
         self.distribution = distribution
         self.var_eps = var_eps
+        self.var_activation = torch.exp if var_activation is None else var_activation
         self.encoder = FCLayers(
             n_input,
             n_hidden,
@@ -155,6 +164,7 @@ class Encoder(nn.Module):
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
             inject_covariates=inject_covariates,
+            **fc_options,
         )
         self.mean_encoder = nn.Linear(n_hidden, n_output)
         self.var_encoder = nn.Linear(n_hidden, n_output)
@@ -175,7 +185,7 @@ class Encoder(nn.Module):
         """x: (B, n_input). Returns the Normal q, loc and scale (B, n_output)."""
         hidden = self.encoder(x, *cat_codes)
         mean = self.mean_encoder(hidden)
-        variance = torch.exp(self.var_encoder(hidden)) + self.var_eps
+        variance = self.var_activation(self.var_encoder(hidden)) + self.var_eps
         # validate_args=False: checking scale > 0 reads it back to the host (a device sync per step)
         return Normal(mean, variance.sqrt(), validate_args=False)
 
@@ -186,7 +196,8 @@ class DecoderSCVI(nn.Module):
     px_scale_decoder: logits of px_scale = softmax over genes (the expected fraction of each gene);
     px_dropout_decoder: zero-inflation logits (built when `zero_inflated`); px_r_decoder: log inverse
     dispersion per cell and gene (built when `dispersion_per_cell`). The heads' weights are read directly by
-    the fused likelihood, so the (B, G) outputs need not exist during training.
+    the fused likelihood, so the (B, G) outputs need not exist during training. fc_options (activation_fn,
+    use_activation, bias) go to FCLayers.
     """
 
     def __init__(
@@ -201,6 +212,7 @@ class DecoderSCVI(nn.Module):
         use_layer_norm: bool = False,
         zero_inflated: bool = True,
         dispersion_per_cell: bool = False,
+        **fc_options,
     ):
         super().__init__()
         self.px_decoder = FCLayers(
@@ -213,6 +225,7 @@ class DecoderSCVI(nn.Module):
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
             inject_covariates=inject_covariates,
+            **fc_options,
         )
         self.px_scale_decoder = nn.Linear(n_hidden, n_output)
         self.px_r_decoder = nn.Linear(n_hidden, n_output) if dispersion_per_cell else None

@@ -4,11 +4,12 @@
     >>> write_model("copy/", saved)                    # ours; format="scvi-tools" for scvi-tools' SCVI.load
     >>> atomic_save(payload, path)                     # torch.save to a temporary file, renamed over path
 
-A directory holds one file, `model.pt` (MODEL_FILE), a torch pickle of {"model_state_dict", "var_names",
-"attr_dict"}: scvi-tools' layout, which ours follows. Ours has attr_dict keys init_params_ (our SCVI keyword
-arguments), registry_ (Registry.to_dict), history_ (metric -> [(epoch, value)]), is_trained_, train_indices_,
-validation_indices_ and scvi_scale_version; scvi-tools' has its own init_params_ / registry_ / history_ (pandas
-frames), translated by scvi_tools_format.py. Every write goes to a temporary file first and is renamed into place,
+A directory holds `{prefix}model.pt` (MODEL_FILE), a torch pickle of {"model_state_dict", "var_names",
+"attr_dict"}: scvi-tools' layout, which ours follows, and, when saved with the data, `{prefix}adata.h5ad`. Ours has
+attr_dict keys init_params_ (our SCVI keyword arguments), registry_ (Registry.to_dict), history_ (metric ->
+[(epoch, value)]), is_trained_, train_indices_, validation_indices_, data_path_ (the store it was trained on),
+minified_ (type, latent mean and variance keys) and scvi_scale_version; scvi-tools' has its own init_params_ /
+registry_ / history_ (pandas frames), translated by scvi_tools_format.py. Every write goes to a temporary file first and is renamed into place,
 so a kill never leaves a torn model.pt.
 """
 
@@ -28,6 +29,7 @@ from scvi_scale.module import VAE
 from scvi_scale.version import __version__
 
 MODEL_FILE = "model.pt"
+ANNDATA_FILE = "adata.h5ad"
 FORMATS = ("scvi-scale", "scvi-tools")
 
 
@@ -50,6 +52,8 @@ class SavedModel:
     train_indices: np.ndarray | None = None
     validation_indices: np.ndarray | None = None
     source: str = f"scvi-scale {__version__}"
+    data_path: str | None = None  # the store the model was saved from (None: an AnnData)
+    minified: tuple[str, str, str] | None = None  # (minified type, obsm key of q(z) means, of its variances)
 
     def build_module(self) -> VAE:
         """The saved VAE, its weights loaded, in eval mode on the CPU."""
@@ -63,8 +67,25 @@ class SavedModel:
         return module.eval()
 
 
-def model_path(dir_path) -> Path:
-    return Path(dir_path) / MODEL_FILE
+def model_path(dir_path, prefix: str | None = None) -> Path:
+    return Path(dir_path) / f"{prefix or ''}{MODEL_FILE}"
+
+
+def anndata_path(dir_path, prefix: str | None = None) -> Path:
+    return Path(dir_path) / f"{prefix or ''}{ANNDATA_FILE}"
+
+
+def saved_data(dir_path, prefix: str | None, saved: SavedModel):
+    """The data to load a model over when none is given: the AnnData saved beside it, else the store it was saved
+    from (when it still exists)."""
+    import anndata
+
+    if anndata_path(dir_path, prefix).exists():
+        return anndata.read_h5ad(anndata_path(dir_path, prefix))
+    if saved.data_path is not None and Path(saved.data_path).exists():
+        return saved.data_path
+    raise ValueError(f"{dir_path} holds no {ANNDATA_FILE} and names no store that exists "
+                     f"({saved.data_path}): pass adata= (an AnnData or a store path)")
 
 
 def atomic_save(payload, path: str | os.PathLike) -> None:
@@ -96,10 +117,10 @@ def history_lists(frames: dict) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def read_model(dir_path) -> SavedModel:
+def read_model(dir_path, prefix: str | None = None) -> SavedModel:
     """The model saved in `dir_path`, written by our save or by scvi-tools' SCVI.save (translated; an option we
     cannot map raises scvi_tools_format.UnsupportedScviToolsModel naming it)."""
-    path = model_path(dir_path)
+    path = model_path(dir_path, prefix)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: a model directory (SCVI.save) holds {MODEL_FILE}")
     payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -117,15 +138,19 @@ def read_model(dir_path) -> SavedModel:
         train_indices=attrs["train_indices_"],
         validation_indices=attrs["validation_indices_"],
         source=f"scvi-scale {attrs['scvi_scale_version']}",
+        data_path=attrs.get("data_path_"),
+        minified=attrs.get("minified_"),
     )
 
 
-def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = False, format: str = "scvi-scale") -> Path:
-    """Write `saved` as `dir_path/model.pt`, atomically; returns its path. format="scvi-tools" writes the directory
-    scvi-tools' SCVI.load reads, and needs the `module` itself (scvi-tools builds parts that ours leaves out)."""
+def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = False, format: str = "scvi-scale",
+                prefix: str | None = None) -> Path:
+    """Write `saved` as `dir_path/{prefix}model.pt`, atomically; returns its path. format="scvi-tools" writes the
+    directory scvi-tools' SCVI.load reads, and needs the `module` itself (scvi-tools builds parts ours leaves
+    out)."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: expected one of {FORMATS}")
-    path = model_path(dir_path)
+    path = model_path(dir_path, prefix)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if format == "scvi-tools":
@@ -141,6 +166,8 @@ def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = Fals
                 "is_trained_": saved.is_trained,
                 "train_indices_": saved.train_indices,
                 "validation_indices_": saved.validation_indices,
+                "data_path_": saved.data_path,
+                "minified_": saved.minified,
                 "scvi_scale_version": __version__,
             },
         }

@@ -81,14 +81,15 @@ class BlockReadError(RuntimeError):
 
 
 def train_validation_split(
-    n_obs: int, train_size: float = 0.9, validation_size: float | None = None, seed: int = 0
+    n_obs: int, train_size: float = 0.9, validation_size: float | None = None, seed: int = 0, shuffle: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split rows 0..n_obs-1 at random into training and validation rows, as scvi-tools' DataSplitter does.
 
     n_train = ceil(train_size * n_obs); n_validation = n_obs - n_train when validation_size is None, else
     floor(validation_size * n_obs) (rows in neither set are left out, a test set). One seeded permutation of the
-    cells decides: its first n_validation cells validate, the next n_train train. The split depends on nothing but
-    (n_obs, train_size, validation_size, seed), so block and buffer sizes never change it.
+    cells decides (the identity with shuffle=False): its first n_validation cells validate, the next n_train
+    train. The split depends on nothing but (n_obs, train_size, validation_size, seed, shuffle), so block and
+    buffer sizes never change it.
 
     Returns (train_rows, validation_rows): sorted int64 arrays.
     """
@@ -104,7 +105,8 @@ def train_validation_split(
         raise ValueError(f"train_size + validation_size = {train_size + validation_size}: must not exceed 1")
     else:
         n_validation = math.floor(validation_size * n_obs)
-    permutation = np.random.default_rng(_seed(seed)).permutation(n_obs)
+    # shuffle=False (scvi-tools' shuffle_set_split=False): the first n_validation cells validate, the next train
+    permutation = np.random.default_rng(_seed(seed)).permutation(n_obs) if shuffle else np.arange(n_obs)
     validation_rows = np.sort(permutation[:n_validation])
     train_rows = np.sort(permutation[n_validation : n_validation + n_train])
     return train_rows.astype(np.int64), validation_rows.astype(np.int64)

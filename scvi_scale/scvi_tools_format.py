@@ -18,12 +18,12 @@ Weights map one to one (our names follow scvi-tools', see module.py) except `dec
 px_r for Poisson or "gene-cell", the decoder's px_r head except for "gene-cell" and its dropout head except for
 ZINB): they are dropped on loading and filled with freshly initialised (unused) values on saving.
 
-What cannot be mapped (to_ours raises UnsupportedScviToolsModel naming it): models other than SCVI;
+Module options map as they are (log_variational, batch_representation "embedding" with batch_embedding_kwargs,
+var_activation, extra_encoder_kwargs / extra_decoder_kwargs within what our networks take, gene_likelihood
+"normal"). What cannot be mapped (to_ours raises UnsupportedScviToolsModel naming it): models other than SCVI;
 set-ups other than setup_anndata (MuData, data modules); size_factor_key (scvi-tools then swaps px_scale's softmax
-for a softplus, ours stays a softmax); gene_likelihood "normal"; log_variational=False; batch_representation
-"embedding"; a custom var_activation; extra_encoder_kwargs / extra_decoder_kwargs / batch_embedding_kwargs;
-minified models; any module keyword this module does not know. Only the weights, set-up, training history flag and
-split indices are carried over (no optimizer state).
+for a softplus, ours stays a softmax); minified scvi-tools models; any module keyword this module does not know.
+Only the weights, set-up, training history flag and split indices are carried over (no optimizer state).
 """
 
 from __future__ import annotations
@@ -44,15 +44,11 @@ NAMED_ARGUMENTS = (
     "latent_distribution",
 )
 # scvi-tools module keywords that our VAE takes as they are
-MAPPED_KEYWORDS = ("encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm")
+MAPPED_KEYWORDS = ("encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm",
+                   "log_variational", "batch_representation", "batch_embedding_kwargs", "var_activation",
+                   "extra_encoder_kwargs", "extra_decoder_kwargs")
 # scvi-tools module keywords accepted at their default only: name -> the default
 DEFAULT_ONLY_KEYWORDS = {
-    "log_variational": True,
-    "batch_representation": "one-hot",
-    "var_activation": None,
-    "extra_encoder_kwargs": None,
-    "extra_decoder_kwargs": None,
-    "batch_embedding_kwargs": None,
     "extra_payload_autotune": False,
     "use_size_factor_key": False,
 }
@@ -83,8 +79,6 @@ def _init_params(path, attrs: dict) -> dict:
                 raise _unsupported(path, f"{key}={value!r}")
         else:
             raise _unsupported(path, f"module keyword {key}={value!r}")
-    if params.get("gene_likelihood") == "normal":
-        raise _unsupported(path, "gene_likelihood='normal'")
     return params
 
 

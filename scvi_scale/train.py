@@ -11,10 +11,16 @@ Data-parallel: when a torch.distributed process group is up (see `distributed.py
 DistributedDataParallel, each rank on its own stream; epoch sums and validation sums are all-reduced, so metrics,
 history and the early-stopping and LR decisions are global and the same on every rank.
 
-Metrics follow scvi-tools' names and meaning. Per epoch, over the cells seen (by all ranks):
+Metrics follow scvi-tools' (1.5) names and meaning. Per epoch, over the cells seen (by all ranks):
+    train_loss / validation_loss           = mean over cells of the loss minimised: reconstruction +
+                                             kl_weight * KL(z) + KL(l), at the epoch's KL weight
     reconstruction_loss_{train,validation} = mean over cells of -log p(x | z, l)
     kl_local_{train,validation}            = mean over cells of KL(q(z|x) || p(z)) (+ KL on l)
-    elbo_{train,validation}                = their sum (a negative ELBO per cell: lower is better)
+    kl_global_{train,validation}           = 0 (scVI has no global latent variables)
+    elbo_{train,validation}                = reconstruction + kl_local + kl_global (a negative ELBO per cell)
+and kl_weight, lr and epoch_seconds. Validation runs as scvi-tools runs it: never, unless check_val_every_n_epoch
+asks for it or early stopping or LR-on-plateau needs it (then every epoch).
+The step reads one value back to the host, the loss (to stop on NaN); the epoch's sums stay on the device.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+VALIDATION_METRICS = ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation",
+                      "kl_global_validation", "validation_loss")
+OPTIMIZERS = ("Adam", "AdamW")
+
+
 @dataclass
 class TrainingConfig:
     """Optimisation settings with scvi-tools' names and defaults."""
@@ -62,8 +73,11 @@ class TrainingConfig:
     lr_threshold: float = 0.0
     lr_min: float = 0.0
     lr_scheduler_metric: str = "elbo_validation"
-    check_val_every_n_epoch: int = 1
+    check_val_every_n_epoch: int | None = None
     checkpoint_every_n_steps: int | None = None
+    optimizer: str = "Adam"
+    gradient_clip_val: float = 0.0
+    early_stopping_warmup_epochs: int = 0
 
     def __post_init__(self):
         if self.max_epochs < 1:
@@ -72,8 +86,18 @@ class TrainingConfig:
             raise ValueError(f"min_kl_weight={self.min_kl_weight} is larger than max_kl_weight={self.max_kl_weight}")
         for key in ("early_stopping_monitor", "lr_scheduler_metric"):
             metric = getattr(self, key)
-            if metric not in ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation"):
-                raise ValueError(f"{key}={metric!r}: expected a validation metric such as 'elbo_validation'")
+            if metric not in VALIDATION_METRICS:
+                raise ValueError(f"{key}={metric!r}: expected a validation metric, one of {VALIDATION_METRICS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
+
+    @property
+    def validation_every(self) -> int | None:
+        """Epochs between validations: check_val_every_n_epoch, else 1 when early stopping or LR on plateau
+        needs the metric, else None (no validation), as scvi-tools' Trainer decides."""
+        if self.check_val_every_n_epoch is not None:
+            return int(self.check_val_every_n_epoch)
+        return 1 if self.early_stopping or self.reduce_lr_on_plateau else None
 
 
 def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20_000) -> int:
@@ -95,31 +119,50 @@ def kl_weight(config: TrainingConfig, epoch: int, step: int) -> float:
 
 @dataclass
 class _EpochSums:
-    """Running sums of per-cell losses over the cells seen so far in an epoch."""
+    """Running sums over the cells seen so far in an epoch. The loss sums stay tensors on the module's device
+    until the epoch's end (adding floats would read each back to the host, a sync per step on a GPU)."""
 
     n_cells: int = 0
-    reconstruction_loss: float = 0.0
-    kl_local: float = 0.0
-    loss: float = 0.0
-    n_steps: int = 0
+    reconstruction_loss: float | torch.Tensor = 0.0
+    kl_local: float | torch.Tensor = 0.0
+    kl_z: float | torch.Tensor = 0.0
+    loss: float | torch.Tensor = 0.0  # sum over cells of each step's mean loss, so train_loss weighs by cells
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
-        self.n_cells += int(losses["reconstruction_loss"].shape[0])
-        self.reconstruction_loss += float(losses["reconstruction_loss"].sum())
-        self.kl_local += float(losses["kl_local"].sum())
-        self.loss += float(losses["loss"])
-        self.n_steps += 1
+        n_cells = int(losses["reconstruction_loss"].shape[0])
+        self.n_cells += n_cells
+        self.reconstruction_loss = self.reconstruction_loss + losses["reconstruction_loss"].sum()
+        self.kl_local = self.kl_local + losses["kl_local"].sum()
+        self.kl_z = self.kl_z + losses["kl_z"].sum()
+        self.loss = self.loss + losses["loss"] * n_cells
+
+    def as_floats(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
 
     def all_reduced(self, device: torch.device) -> "_EpochSums":
-        """These sums added up over all ranks (themselves when there is one)."""
-        names = [f.name for f in fields(self)]
-        totals = distributed.all_reduce_sum([float(getattr(self, name)) for name in names], device)
-        return _EpochSums(**{name: type(getattr(self, name))(total) for name, total in zip(names, totals)})
+        """These sums added up over all ranks (themselves when there is one), as floats."""
+        values = self.as_floats()
+        totals = distributed.all_reduce_sum(list(values.values()), device)
+        reduced = dict(zip(values, totals))
+        reduced["n_cells"] = int(reduced["n_cells"])
+        return _EpochSums(**reduced)
 
-    def metrics(self, mode: str) -> dict[str, float]:
+    def metrics(self, mode: str, kl_weight: float) -> dict[str, float]:
+        """The epoch's metrics in scvi-tools' names (see the module docstring); loss at `kl_weight` for
+        validation (training records the loss it minimised)."""
         n = max(self.n_cells, 1)
-        rec, kl = self.reconstruction_loss / n, self.kl_local / n
-        return {f"elbo_{mode}": rec + kl, f"reconstruction_loss_{mode}": rec, f"kl_local_{mode}": kl}
+        rec, kl = float(self.reconstruction_loss) / n, float(self.kl_local) / n
+        if mode == "train":
+            loss = float(self.loss) / n
+        else:
+            loss = rec + kl - (1.0 - kl_weight) * float(self.kl_z) / n
+        return {
+            "train_loss" if mode == "train" else "validation_loss": loss,
+            f"elbo_{mode}": rec + kl,
+            f"reconstruction_loss_{mode}": rec,
+            f"kl_local_{mode}": kl,
+            f"kl_global_{mode}": 0.0,
+        }
 
 
 @dataclass
@@ -152,9 +195,10 @@ class TrainingState:
 
 
 @torch.no_grad()
-def evaluate(module: torch.nn.Module, stream, device: torch.device) -> dict[str, float]:
-    """Validation metrics over one full pass of `stream` with the module in eval mode (KL weight 1); with several
-    ranks, each passes over its own stream and the sums are added up."""
+def evaluate(module: torch.nn.Module, stream, device: torch.device, kl_weight: float = 1.0) -> dict[str, float]:
+    """Validation metrics over one full pass of `stream` with the module in eval mode (the ELBO at KL weight 1,
+    validation_loss at `kl_weight`); with several ranks, each passes over its own stream and the sums are added
+    up."""
     was_training = module.training
     module.eval()
     sums = _EpochSums()
@@ -163,7 +207,7 @@ def evaluate(module: torch.nn.Module, stream, device: torch.device) -> dict[str,
             sums.add(module.loss(to_tensors(minibatch, device), kl_weight=1.0))
     finally:
         module.train(was_training)
-    return sums.all_reduced(device).metrics("validation")
+    return sums.all_reduced(device).metrics("validation", kl_weight)
 
 
 def save_checkpoint(
@@ -185,7 +229,7 @@ def save_checkpoint(
             "state": {
                 "global_step": state.global_step,
                 "history": state.history,
-                "epoch_sums": asdict(state.epoch_sums),
+                "epoch_sums": state.epoch_sums.as_floats(),
                 "early_stopping": asdict(state.early_stopping) if state.early_stopping else None,
                 "stopped_early": state.stopped_early,
             },
@@ -272,10 +316,11 @@ class _Loop:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.world_size = distributed.world()[1]
         self.train_loss = distributed.data_parallel_loss(module, device)  # module.loss, or DDP around it
-        trainable = [p for p in module.parameters() if p.requires_grad]
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
         # fused: one kernel over all parameters (0.41 ms a step against 1.27 for the per-tensor loop on 2 CPU cores)
-        self.optimizer = torch.optim.Adam(
-            trainable, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
+        optimizer = torch.optim.AdamW if config.optimizer == "AdamW" else torch.optim.Adam
+        self.optimizer = optimizer(
+            self.trainable, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
             fused=device.type in ("cpu", "cuda"),
         )
         self.frozen = surgery.partly_frozen(module)  # query models: entries restored after each step
@@ -330,12 +375,12 @@ class _Loop:
                 self.checkpoint()
                 return False
         _end_epoch(self.module, self.validation_stream, config, self.state, self.scheduler, self.device, weight,
-                   epoch)
+                   epoch, self.optimizer.param_groups[0]["lr"])
         self.state.history.setdefault("epoch_seconds", []).append((epoch, time.perf_counter() - started))
-        self.progress.set_postfix(
-            loss=f"{self.state.history['train_loss_epoch'][-1][1]:.4g}",
-            val=f"{self.state.history.get('elbo_validation', [(0, float('nan'))])[-1][1]:.4g}",
-        )
+        postfix = {"loss": f"{self.state.history['train_loss'][-1][1]:.4g}"}
+        if "elbo_validation" in self.state.history:
+            postfix["val"] = f"{self.state.history['elbo_validation'][-1][1]:.4g}"
+        self.progress.set_postfix(postfix)
         self.checkpoint()
         return True
 
@@ -353,6 +398,8 @@ class _Loop:
             )
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        if self.config.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.gradient_clip_val)
         self.optimizer.step()
         if self.frozen:
             surgery.restore_frozen_entries(self.frozen)
@@ -362,23 +409,25 @@ class _Loop:
         self.progress.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
 
 
-def _end_epoch(module, validation_stream, config, state: TrainingState, scheduler, device, weight, epoch) -> None:
+def _end_epoch(module, validation_stream, config, state: TrainingState, scheduler, device, weight, epoch,
+               optimizer_lr) -> None:
     """Record the epoch's metrics, validate, step the LR scheduler and early stopping, reset the sums."""
-    sums = state.epoch_sums.all_reduced(device)
-    record = sums.metrics("train")
-    record["train_loss_epoch"] = sums.loss / max(sums.n_steps, 1)
+    record = state.epoch_sums.all_reduced(device).metrics("train", weight)
     record["kl_weight"] = weight
+    record["lr"] = float(optimizer_lr)
+    every = config.validation_every
     validate = validation_stream is not None and len(validation_stream) > 0
-    validate = validate and (epoch + 1) % config.check_val_every_n_epoch == 0
+    validate = validate and every is not None and (epoch + 1) % every == 0
     if validate:
         distributed.broadcast_buffers(module)  # BatchNorm running statistics: rank 0's on every rank
-        record.update(evaluate(module, validation_stream, device))
+        record.update(evaluate(module, validation_stream, device, weight))
     for key, value in record.items():
         state.history.setdefault(key, []).append((epoch, value))
 
     if validate and scheduler is not None:
         scheduler.step(record[config.lr_scheduler_metric])
-    if validate and state.early_stopping is not None:
+    warmed_up = epoch >= config.early_stopping_warmup_epochs
+    if validate and state.early_stopping is not None and warmed_up:
         if state.early_stopping.should_stop(record[config.early_stopping_monitor]):
             state.stopped_early = True
             logger.info(

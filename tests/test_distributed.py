@@ -70,7 +70,7 @@ def held_out_rows(n_obs: int) -> np.ndarray:
 def held_out_elbo(model: SCVI) -> float:
     """Mean held-out ELBO per cell, averaged over 5 passes (the loss samples z) with a fixed torch seed."""
     torch.manual_seed(0)
-    return float(np.mean([model.get_elbo(held_out_rows(model.store.n_obs)) for _ in range(5)]))
+    return float(np.mean([model.get_elbo(indices=held_out_rows(model.store.n_obs)) for _ in range(5)]))
 
 
 def train_model(path, seed: int, batch_size: int, max_epochs: int = EPOCHS, **options) -> SCVI:
@@ -78,7 +78,7 @@ def train_model(path, seed: int, batch_size: int, max_epochs: int = EPOCHS, **op
     torch.manual_seed(seed)  # the initial weights come from torch's global generator; train(seed=) comes later
     model = SCVI(path, **MODEL)
     model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, plan_kwargs={"n_epochs_kl_warmup": KL_WARMUP},
-                **SPLIT, **options)
+                check_val_every_n_epoch=1, **SPLIT, **options)
     return model
 
 

@@ -96,9 +96,7 @@ def test_save_without_labels_records_what_scvi_tools_setup_records(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda a: a["init_params_"]["non_kwargs"].update(gene_likelihood="normal"), "gene_likelihood='normal'"),
-        (lambda a: a["init_params_"]["kwargs"]["kwargs"].update(batch_representation="embedding"), "embedding"),
-        (lambda a: a["init_params_"]["kwargs"]["kwargs"].update(log_variational=False), "log_variational"),
+        (lambda a: a["init_params_"]["kwargs"]["kwargs"].update(use_size_factor_key=True), "use_size_factor_key"),
         (lambda a: a["init_params_"]["kwargs"]["kwargs"].update(unknown_option=1), "unknown_option"),
         (lambda a: a["registry_"]["setup_args"].update(size_factor_key="sf"), "size_factor_key"),
         (lambda a: a["registry_"].update(model_name="SCANVI"), "SCANVI"),

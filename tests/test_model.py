@@ -84,7 +84,7 @@ def atlas(tmp_path_factory):
 def trained(atlas, tmp_path_factory):
     SCVI.setup_zarr(atlas, batch_key="batch", labels_key="cell_type")
     model = SCVI(atlas)
-    model.train(max_epochs=25, plan_kwargs={"n_epochs_kl_warmup": 10}, seed=1)
+    model.train(max_epochs=25, plan_kwargs={"n_epochs_kl_warmup": 10}, seed=1, check_val_every_n_epoch=1)
     return model
 
 
@@ -238,7 +238,7 @@ SCVI.setup_zarr(sys.argv[1], batch_key="batch")
 torch.set_num_threads(1)  # as the test process (conftest), so float sums round alike
 torch.manual_seed(5)  # the initial weights, drawn when the model is built
 SCVI(sys.argv[1]).train(max_epochs=3, batch_size=64, checkpoint_dir=sys.argv[2], seed=5,
-                        checkpoint_every_n_steps=4)
+                        checkpoint_every_n_steps=4, check_val_every_n_epoch=1)
 """
 
 
@@ -248,7 +248,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     SCVI.setup_zarr(store, batch_key="batch")
     torch.manual_seed(5)
     uninterrupted = SCVI(store)
-    uninterrupted.train(max_epochs=3, batch_size=64, seed=5)
+    uninterrupted.train(max_epochs=3, batch_size=64, seed=5, check_val_every_n_epoch=1)
 
     run_dir = tmp_path / "run"
     env = {**os.environ, "SCVI_SCALE_PROGRESS": "0"}
@@ -265,7 +265,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert 0 < saved["global_step"] < 3 * 17, "the kill should land mid-training"
 
     resumed = SCVI(store)
-    resumed.train(max_epochs=3, batch_size=64, seed=5, checkpoint_dir=run_dir, resume=True)
+    resumed.train(max_epochs=3, batch_size=64, seed=5, checkpoint_dir=run_dir, resume=True, check_val_every_n_epoch=1)
     for (name, a), (_, b) in zip(uninterrupted.module.state_dict().items(), resumed.module.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for key in ("elbo_train", "elbo_validation"):

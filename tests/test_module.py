@@ -6,6 +6,8 @@ log-likelihoods, one covariate-injected block, and a cell-type-blind NB baseline
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,8 @@ def log_likelihood_reference(x, mu, theta, zi_logits, likelihood):
     if likelihood == "poisson":
         return (x * torch.log(mu) - mu - torch.lgamma(x + 1)).sum(-1)
     theta = theta.double().expand_as(mu)
+    if likelihood == "normal":  # scvi-tools' Normal(px_rate, theta): theta is the standard deviation
+        return (-0.5 * math.log(2 * math.pi) - torch.log(theta) - (x - mu) ** 2 / (2 * theta**2)).sum(-1)
     log_nb = (
         torch.lgamma(x + theta)
         - torch.lgamma(theta)
@@ -542,8 +546,10 @@ def test_bad_inputs_get_clear_errors():
         VAE(N_GENES, n_labels=2, dispersion="gene-label").loss(make_tensors())
     with pytest.raises(ValueError, match="dispersion='gene-batch' needs n_batch"):
         VAE(N_GENES, dispersion="gene-batch")
-    with pytest.raises(ValueError, match="gene_likelihood='normal'"):
-        VAE(N_GENES, gene_likelihood="normal")
+    with pytest.raises(ValueError, match="gene_likelihood='gamma'"):
+        VAE(N_GENES, gene_likelihood="gamma")
+    with pytest.raises(ValueError, match=r"extra_encoder_kwargs \['dropout'\]"):
+        VAE(N_GENES, extra_encoder_kwargs={"dropout": 0.5})
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

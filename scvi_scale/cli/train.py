@@ -83,6 +83,7 @@ def train_and_save(args) -> None:
         checkpoint_dir=out,
         resume=args.resume,
         seed=args.seed,
+        check_val_every_n_epoch=1,  # atlas jobs report the held-out ELBO of every epoch
     )
     seconds = time.perf_counter() - started
     distributed.on_rank_zero(lambda: model.save(out, overwrite=True))

@@ -6,7 +6,9 @@ comparison. The statistics themselves are de.py's; this file gathers their input
 
 Per comparison, side and batch condition (the cells' observed batch, or with batch_correction each of batchid1 /
 batchid2, default all batches), n_samples_overall / n_conditions cells are drawn at random with replacement and
-decoded once each (px_scale). Comparisons are grouped into passes whose samples fit in max_sample_bytes; cells are
+decoded once each (px_scale); with weights="importance" the draws are picked by importance weight instead
+(importance.py); with filter_outlier_cells, each side's outliers in the latent space are left out first
+(scikit-learn's EllipticEnvelope, as scvi-tools). Comparisons are grouped into passes whose samples fit in max_sample_bytes; cells are
 picked and (with use_permutation) paired by generators of their own, and the draws are keyed by request number,
 so how the comparisons fall into passes does not change the result. The raw-count columns come from one
 streaming pass over all cells, whatever the number of groups.
@@ -24,8 +26,9 @@ import pandas as pd
 
 from scvi_scale.outputs import de
 from scvi_scale.outputs.arguments import batch_codes, cell_mask
-from scvi_scale.outputs.jobs import OWN_BATCH, RawStatsJob
-from scvi_scale.outputs.runner import ModelInputs, OutputRequest, Unit, cut_units, posterior_scales, run_units
+from scvi_scale.outputs.importance import ImportanceOptions, importance_sample
+from scvi_scale.outputs.jobs import OWN_BATCH, LatentJob, RawStatsJob
+from scvi_scale.outputs.runner import ModelInputs, OutputRequest, Unit, cut_units, posterior_scales, run, run_units
 
 DE_SAMPLE_BYTES = 512 << 20  # posterior samples of px_scale held at once
 
@@ -49,6 +52,9 @@ class DEOptions:
     threshold_counts: float = 0.01
     test_mode: str = "three"
     max_sample_bytes: int = DE_SAMPLE_BYTES
+    weights: str = "uniform"
+    filter_outlier_cells: bool = False
+    importance: ImportanceOptions = ImportanceOptions()
 
     def __post_init__(self):
         if self.mode not in de.MODES:
@@ -59,6 +65,10 @@ class DEOptions:
             raise ImportError("delta=None estimates delta with scikit-learn, which is not installed; pass a delta")
         if not self.batch_correction and (self.batchid1 is not None or self.batchid2 is not None):
             raise ValueError("batchid1 / batchid2 choose the batches to decode in: they need batch_correction=True")
+        if self.weights not in ("uniform", "importance"):
+            raise ValueError(f"weights={self.weights!r}: expected 'uniform' or 'importance'")
+        if self.filter_outlier_cells and importlib.util.find_spec("sklearn") is None:
+            raise ImportError("filter_outlier_cells uses scikit-learn's EllipticEnvelope, which is not installed")
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,24 @@ class Comparisons:
         """Store rows of each side of a comparison."""
         other = self.codes != group1 if group2 is None else self.codes == group2
         return {1: np.flatnonzero(self.codes == group1), 2: np.flatnonzero(other)}
+
+    def without_outliers(self, inputs: ModelInputs, request: OutputRequest) -> Comparisons:
+        """The comparisons with each group's outliers in the latent space (EllipticEnvelope on its cells' latent
+        means) left out of it (code -1); "Rest" sides keep all other cells, as scvi-tools filters the two
+        selections it is given."""
+        from sklearn.covariance import EllipticEnvelope
+
+        codes = self.codes.copy()
+        for group in sorted({code for pair in self.pairs for code in pair if code is not None}):
+            rows = np.flatnonzero(self.codes == group)
+            latent = run(inputs, LatentJob(), request.replace(indices=rows))["latent"]
+            try:
+                inlier = EllipticEnvelope().fit_predict(latent) == 1
+            except ValueError:
+                warnings.warn("Could not properly estimate Cov!, using all samples", UserWarning, stacklevel=3)
+                continue
+            codes[rows[~inlier]] = -1
+        return Comparisons(codes, self.names, self.pairs, self.labelled)
 
 
 def compare_groups(store, groupby=None, group1=None, group2=None, idx1=None, idx2=None) -> Comparisons:
@@ -119,21 +147,23 @@ def differential_expression(
     statistics = None
     if options.all_stats or (options.mode == "change" and options.pseudocounts is None):
         statistics = group_statistics(inputs, request, comparisons.codes, len(comparisons.names))
+    if options.filter_outlier_cells:
+        comparisons = comparisons.without_outliers(inputs, request)
     conditions = _conditions(options, batch_categories)
     per_condition = _cells_per_condition(options.n_samples_overall, conditions)
     pick_rng = np.random.default_rng(np.random.SeedSequence(request.seed, spawn_key=(0,)))
     pair_rng = np.random.default_rng(np.random.SeedSequence(request.seed, spawn_key=(1,)))
     bytes_per_comparison = sum(len(conditions[s]) * per_condition[s] for s in (1, 2)) * inputs.store.n_vars * 4
     per_pass = max(1, int(options.max_sample_bytes // bytes_per_comparison))
-    frames, n_requests = [], 0
+    frames = []
+    picker = _Picker(inputs, request, options, pick_rng)
     for first in range(0, len(comparisons.pairs), per_pass):
         passed = comparisons.pairs[first : first + per_pass]
-        rows, batches, blocks = _pick_cells(comparisons, passed, conditions, per_condition, pick_rng)
+        rows, batches, numbers, blocks = _pick_cells(comparisons, passed, conditions, per_condition, picker)
         samples = posterior_scales(
-            inputs, request, rows, batches, genes=None, library_size=1.0, first_request=n_requests,
+            inputs, request, rows, batches, genes=None, library_size=1.0, numbers=numbers,
             description="DE posterior samples",
         )
-        n_requests += len(rows)
         for pair, own_blocks in zip(passed, blocks):
             sides = {side: _side_samples(samples, own_blocks, side) for side in (1, 2)}
             frames.append(_frame(sides, pair, comparisons, statistics, options, var_names, pair_rng))
@@ -173,22 +203,43 @@ def _cells_per_condition(n_samples_overall: int, conditions: dict) -> dict[int, 
     return per_condition
 
 
-def _pick_cells(comparisons: Comparisons, pairs, conditions, per_condition, rng):
-    """Requested rows and batches for the comparisons of one pass, and per comparison its blocks of requests
-    [(side, batch, start, stop)]."""
-    rows, batches, blocks, offset = [], [], [], 0
+class _Picker:
+    """Which draws a side's samples are: cells picked uniformly with replacement, one draw each (numbered in
+    order), or draws picked by importance weight from a pool (importance.py). Numbers never repeat across sides,
+    so every side has draws of its own."""
+
+    def __init__(self, inputs: ModelInputs, request: OutputRequest, options: DEOptions, rng):
+        self.inputs, self.request, self.options, self.rng = inputs, request, options, rng
+        self.next_number = 0
+
+    def __call__(self, cells: np.ndarray, n_samples: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        first = self.next_number
+        if self.options.weights == "importance":
+            rows, numbers = importance_sample(self.inputs, self.request, cells, n_samples, batch,
+                                              self.options.importance, self.rng, first)
+            self.next_number = first + (n_samples // len(cells) + 1) * len(cells)
+            return rows, numbers
+        self.next_number = first + n_samples
+        return self.rng.choice(cells, size=n_samples, replace=True), first + np.arange(n_samples)
+
+
+def _pick_cells(comparisons: Comparisons, pairs, conditions, per_condition, picker: _Picker):
+    """Requested rows, batches and draw numbers for the comparisons of one pass, and per comparison its blocks
+    of requests [(side, batch, start, stop)]."""
+    rows, batches, numbers, blocks, offset = [], [], [], [], 0
     for group1, group2 in pairs:
         sides = comparisons.sides(group1, group2)
         own = []
         for side in (1, 2):
             for condition in conditions[side]:
-                picked = rng.choice(sides[side], size=per_condition[side], replace=True)
+                picked, picked_numbers = picker(sides[side], per_condition[side], condition)
                 rows.append(picked)
                 batches.append(np.full(len(picked), condition))
+                numbers.append(picked_numbers)
                 own.append((side, condition, offset, offset + len(picked)))
                 offset += len(picked)
         blocks.append(own)
-    return np.concatenate(rows), np.concatenate(batches), blocks
+    return np.concatenate(rows), np.concatenate(batches), np.concatenate(numbers), blocks
 
 
 def _side_samples(samples: np.ndarray, blocks, side: int) -> tuple[np.ndarray, np.ndarray]:

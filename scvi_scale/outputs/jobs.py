@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from scvi_scale import kernels
 from scvi_scale.module import to_tensors
 from scvi_scale.outputs.de import GroupStatistics
 from scvi_scale.outputs.noise import CellNoise, invert_counts
@@ -31,6 +32,8 @@ LN_MEAN_BLOCK_VALUES = 1 << 22  # latent values per block of draws when averagin
 LIKELIHOOD_OUTPUTS = ("px_rate", "theta", "zi_logits")  # what likelihood parameters and samples decode
 # Noise streams of a cell (shifted by stream_offset(transform batch), so each batch gets its own draws).
 STREAM_Z, STREAM_LIBRARY, STREAM_COUNTS, N_STREAMS = 0, 1, 2, 3
+STREAM_DENOISED = 1 << 20  # the gamma draws of get_feature_correlation_matrix, far from any batch's streams
+LIKELIHOOD_BLOCK_VALUES = 1 << 22  # (requests x anchors x genes) entries per block of importance likelihoods
 
 
 # --- the module's posterior and decoder, with our own draws --------------------------------------------------------
@@ -283,6 +286,7 @@ class RawStatsJob:
 
     n_groups: int
     needs_csr = True  # sparse sums are ~10x cheaper than dense ones at ~10% non-zeros
+    needs_counts = True  # raw statistics read the counts, even for a minified model
 
     def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
         n_cells, n_genes = len(minibatch["rows"]), module.n_input
@@ -319,3 +323,99 @@ class ScaleSampleJob:
                 values = scaled_expression(outputs, self.library_size)
                 scales.append(values[0] if self.genes is None else values[0][:, list(self.genes)])
         return {"requests": requests[order], "scales": concatenate(scales)}
+
+
+@dataclass(frozen=True)
+class DenoisedJob:
+    """{"denoised": (n, S, G)}: scvi-tools' adjusted posterior predictive for feature correlations (its
+    _get_denoised_samples): per draw of z decoded in `transform_batch`, Gamma(shape theta, mean rna_size_factor *
+    px_scale) per gene. The gamma draws come from a numpy generator keyed by (seed, stream, cell), so a cell's
+    values do not depend on its company."""
+
+    n_samples: int = 25
+    rna_size_factor: float = 1000.0
+    transform_batch: int = OWN_BATCH
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        parts = []
+        for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
+            z, library = posterior_draws(module, tensors, noise, self.n_samples, self.transform_batch)
+            outputs = decode(module, z, library, tensors, self.transform_batch, ("px_scale", "theta"))
+            rate = (self.rna_size_factor * outputs["px_scale"]).transpose(0, 1).cpu().numpy()  # (B, S, G)
+            theta = outputs["theta"]
+            theta = (theta if theta.dim() == 1 else theta.transpose(0, 1)).cpu().numpy()
+            theta = np.broadcast_to(theta, rate.shape)
+            draws = np.empty(rate.shape, dtype=np.float32)
+            for row, key in enumerate(noise.keys):
+                generator = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(STREAM_DENOISED, int(key))))
+                draws[row] = generator.standard_gamma(theta[row]) * (rate[row] / theta[row])
+            parts.append(draws)
+        return {"denoised": np.concatenate(parts)}
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """The cells importance weights are measured against (scvi-tools' anchors, at most max_cells of them):
+    dense counts x (A, G), library sizes (A,), q(z | x) loc and scale (A, L), and log p(x) (A,)."""
+
+    x: np.ndarray
+    library: np.ndarray
+    qz_loc: np.ndarray
+    qz_scale: np.ndarray
+    log_px: np.ndarray
+
+
+@dataclass(frozen=True)
+class ImportanceJob:
+    """Importance log-weights of requested posterior samples (scvi-tools' get_importance_weights, before the
+    normalisation over samples): for a sample z_s of a requested cell, decoded in its batch,
+        w_s = log p(z_s) - logsumexp_b log q(z_s | x_b) + logsumexp_a [log p(x_a | z_s, l_a) - log p(x_a)]
+    over the anchors a, b, where p(x_a | z_s, l_a) is the sample's likelihood (its px_scale at anchor a's library
+    size, its dispersion and dropout). The payload is ScaleSampleJob's; the draws are keyed by request number as
+    there, so a sample chosen by its weight decodes to the same values. Returns {"requests", "log_weights"}."""
+
+    anchors: Anchors
+    needs_dense = True
+
+    def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
+        positions, batches, requests = unit.payload
+        order = np.argsort(batches, kind="stable")
+        anchors = {name: torch.from_numpy(np.asarray(getattr(self.anchors, name))).to(device)
+                   for name in ("x", "library", "qz_loc", "qz_scale", "log_px")}
+        weights = []
+        for batch in np.unique(batches):
+            chosen = order[batches[order] == batch]
+            selected = select(minibatch, positions[chosen])
+            for tensors, noise in sub_batches(selected, CellNoise(seed, requests[chosen]), batch_size, device):
+                z, library = posterior_draws(module, tensors, noise, 1, batch)
+                outputs = decode(module, z, library, tensors, batch, ("px_scale", "theta", "zi_logits"))
+                weights.append(self._log_weights(module, z[0], outputs, anchors))
+        return {"requests": requests[order], "log_weights": concatenate(weights)}
+
+    @staticmethod
+    def _log_weights(module, z: torch.Tensor, outputs: dict, anchors: dict) -> torch.Tensor:
+        n_samples, n_anchors, n_genes = z.shape[0], anchors["x"].shape[0], anchors["x"].shape[1]
+        standard_normal = torch.distributions.Normal(0.0, 1.0, validate_args=False)
+        log_pz = standard_normal.log_prob(z).sum(-1)  # (s,)
+        qz = torch.distributions.Normal(anchors["qz_loc"], anchors["qz_scale"], validate_args=False)
+        log_qz = qz.log_prob(z[:, None, :]).sum(-1)  # (s, A)
+        scale = outputs["px_scale"][0]  # (s, G)
+        theta, zi = outputs["theta"], outputs["zi_logits"]
+        block = max(1, LIKELIHOOD_BLOCK_VALUES // max(1, n_anchors * n_genes))
+        log_px_z = []
+        for start in range(0, n_samples, block):
+            rows = slice(start, start + block)
+            k = scale[rows].shape[0]
+            mu = (scale[rows, None, :] * anchors["library"][None, :, None]).reshape(k * n_anchors, n_genes)
+            x = anchors["x"].expand(k, -1, -1).reshape(k * n_anchors, n_genes)
+
+            def per_pair(value):  # (s, G) or (G,) -> one row per (sample, anchor) pair, or as it is
+                if value is None or value.dim() == 1:
+                    return value
+                return value[0][rows, None, :].expand(-1, n_anchors, -1).reshape(k * n_anchors, n_genes)
+
+            log_px_z.append(kernels.count_log_likelihood(
+                x, mu, per_pair(theta), per_pair(zi), module.gene_likelihood
+            ).reshape(k, n_anchors))
+        log_px_z = torch.cat(log_px_z)
+        return log_pz - torch.logsumexp(log_qz, 1) + torch.logsumexp(log_px_z - anchors["log_px"][None, :], 1)

@@ -54,12 +54,15 @@ MAX_MODELS_PER_WORKER = 2
 @dataclass
 class ModelInputs:
     """What outputs are computed from: the trained module, the store of the cells it runs on and their per-cell
-    encoded obs fields (Registry.encode of that store). save(dir) writes the model for dask workers to load."""
+    encoded obs fields (Registry.encode of that store). save(dir) writes the model for dask workers to load.
+    minified: obs_arrays hold each cell's cached posterior (qzm, qzv, observed_lib_size), and jobs read no
+    counts (except those that need them: needs_counts)."""
 
     module: torch.nn.Module
     store: CountStore
     obs_arrays: dict[str, np.ndarray]
     save: Callable[[str], None] | None = None
+    minified: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -195,15 +198,14 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
     return {name: writer.read_output(target, output.entry) for name, output in chunked.items()}
 
 
-def posterior_scales(
-    inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray, *, genes, library_size,
-    first_request: int = 0, description: str = "posterior samples",
-) -> np.ndarray:
-    """One posterior draw of px_scale * library_size per request (rows[i] decoded in batches[i], jobs.OWN_BATCH:
-    its own batch), keyed by its number first_request + i; returns (len(rows), G') float32 in request order. One
-    pass over the requested cells' chunks, each cell read once however often it is requested."""
+def request_units(inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray,
+                  numbers: np.ndarray) -> list[Unit]:
+    """Units over the cells of requests: request i is cell rows[i] decoded in batches[i] (jobs.OWN_BATCH: its
+    own batch), keyed by numbers[i]; each cell is read once however often it is requested. A unit's payload is
+    (positions of its requests' cells in the unit, their batches, their numbers)."""
     rows = np.asarray(rows, dtype=np.int64)
     batches = np.asarray(batches, dtype=np.int64)
+    numbers = np.asarray(numbers, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
     units = []
@@ -212,14 +214,30 @@ def posterior_scales(
         last = np.searchsorted(sorted_rows, unit.rows[-1], side="right")
         requests = order[first:last]
         positions = np.searchsorted(unit.rows, rows[requests])
-        units.append(Unit(unit.index, unit.rows, (positions, batches[requests], requests + first_request)))
+        units.append(Unit(unit.index, unit.rows, (positions, batches[requests], numbers[requests])))
+    return units
+
+
+def posterior_scales(
+    inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray, *, genes, library_size,
+    first_request: int = 0, numbers: np.ndarray | None = None, description: str = "posterior samples",
+) -> np.ndarray:
+    """One posterior draw of px_scale * library_size per request (rows[i] decoded in batches[i]), keyed by its
+    number (numbers[i], default first_request + i); returns (len(rows), G') float32 in request order. One pass
+    over the requested cells' chunks."""
+    if numbers is None:
+        numbers = first_request + np.arange(len(rows), dtype=np.int64)
+    # a number asked for twice is one draw (keyed by it): decode each once
+    numbers, first, repeat = np.unique(np.asarray(numbers, dtype=np.int64), return_index=True, return_inverse=True)
+    rows, batches = np.asarray(rows)[first], np.asarray(batches)[first]
     job = ScaleSampleJob(genes=genes, library_size=library_size)
-    results = run_units(inputs, job, units, request, description=description)
+    results = run_units(inputs, job, request_units(inputs, request, rows, batches, numbers), request,
+                        description=description)
     n_genes = inputs.store.n_vars if genes is None else len(genes)
     scales = np.empty((len(rows), n_genes), dtype=np.float32)
     for result in results:
-        scales[result["requests"] - first_request] = result["scales"]
-    return scales
+        scales[np.searchsorted(numbers, result["requests"])] = result["scales"]
+    return scales if np.array_equal(repeat, np.arange(len(repeat))) else scales[repeat]
 
 
 # --- running units ----------------------------------------------------------------------------------------------
@@ -264,7 +282,13 @@ def _write(outputs: dict, unit: Unit, result: dict) -> None:
 def _minibatches(inputs: ModelInputs, job, rows: np.ndarray, unit_size: int):
     """The sampler's minibatches of unit_size cells over `rows`, read ahead in threads. A CSR store's counts come
     as CSR only (the encoder reads the non-zeros; the module makes them dense where it must), unless the job asks
-    for dense counts too (needs_dense); a dense store's come dense, with CSR too if the job asks (needs_csr)."""
+    for dense counts too (needs_dense); a dense store's come dense, with CSR too if the job asks (needs_csr).
+    A minified model's minibatches hold the cached posterior only: no counts are read."""
+    if inputs.minified and not getattr(job, "needs_counts", False):
+        return (
+            {"rows": part, **{key: values[part] for key, values in inputs.obs_arrays.items()}}
+            for part in np.split(rows, range(unit_size, len(rows), unit_size))
+        )
     sparse = inputs.store.is_sparse
     sampler = SequentialSampler(
         inputs.store, rows, batch_size=unit_size, obs_arrays=inputs.obs_arrays,

@@ -1,0 +1,120 @@
+"""Where a model's cells come from, and where set-ups are kept until a model is built over them.
+
+Two kinds of data, read the same way (the CountStore interface):
+- a Zarr store (a path or a CountStore), set up with SCVI.setup_zarr: streamed, never loaded whole;
+- an AnnData, in memory or backed, set up in place with SCVI.setup_anndata, as scvi-tools does: the registry
+  is kept under a uuid written into adata.uns["_scvi_uuid"], the counts are read from the AnnData itself
+  (data.AnnDataSource: nothing copied, nothing written to disk), and obs is read live, so columns added later
+  are seen. A model saved and loaded again is reattached with SCVI.load(dir, adata).
+
+The set-ups wait here, as scvi-tools keeps its managers in a class-level map: by uuid for AnnDatas, by resolved
+path and layer for stores. A model takes its registry from here once and holds it itself.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from scvi_scale.data import CountStore, Registry, StoreError
+from scvi_scale.data.aligned import AlignedStore
+from scvi_scale.data.anndata_source import AnnDataSource
+
+SETUP_UUID_KEY = "_scvi_uuid"  # scvi-tools' uns key for the set-up of an AnnData
+
+_anndata_setups: dict[str, Registry] = {}
+_store_setups: dict[tuple[str, str | None], Registry] = {}
+
+
+def is_anndata(data) -> bool:
+    return hasattr(data, "obs") and hasattr(data, "var") and hasattr(data, "uns") and not isinstance(data, CountStore)
+
+
+def remember_store_setup(store: CountStore, registry: Registry) -> None:
+    _store_setups[_store_key(store.path, store.layer)] = registry
+
+
+def remember_anndata_setup(adata, registry: Registry) -> None:
+    adata.uns[SETUP_UUID_KEY] = uuid.uuid4().hex
+    _anndata_setups[adata.uns[SETUP_UUID_KEY]] = registry
+
+
+def setup_of(data) -> Registry:
+    """The registry setup_anndata / setup_zarr made for `data`, or StoreError saying which set-up to run."""
+    if is_anndata(data):
+        registry = _anndata_setups.get(data.uns.get(SETUP_UUID_KEY))
+        if registry is None:
+            raise StoreError("this AnnData has not been set up: call SCVI.setup_anndata(adata, batch_key=...) first")
+        return registry
+    path = os.fspath(data)
+    registry = _store_setups.get(_store_key(path, getattr(data, "layer", None)))
+    if registry is None:
+        registry = next((r for (p, _), r in _store_setups.items() if p == _resolved(path)), None)
+    if registry is None:
+        raise StoreError(f"{path} has not been set up: call SCVI.setup_zarr({path!r}, batch_key=..., ...) first")
+    return registry
+
+
+def open_source(data, layer: str | None) -> CountStore:
+    """A reader over `data`: an AnnData (AnnDataSource), a store path, or a CountStore as it is."""
+    if isinstance(data, CountStore):
+        return data
+    if is_anndata(data):
+        return AnnDataSource(data, layer=layer)
+    return CountStore(data, layer=layer)
+
+
+def source_for_model(data, registry: Registry) -> CountStore:
+    """`data` opened with the registry's layer and checked to have the registered genes in order."""
+    source = open_source(data, registry.layer)
+    registry.check_var_names(source)
+    return source
+
+
+def query_source(data, reference_var_names: list[str], layer: str | None) -> CountStore:
+    """A query for mapping: an AnnData must already hold the reference's genes in order (prepare_query_anndata,
+    as in scvi-tools); a store is aligned on the fly (AlignedStore) when its genes differ."""
+    if is_anndata(data):
+        source = AnnDataSource(data, layer=layer)
+        if not source.var_names.equals(_index(reference_var_names)):
+            raise StoreError(
+                "the query AnnData's genes are not the reference's, in the reference's order: call "
+                "SCVI.prepare_query_anndata(adata, reference) first (it pads missing genes with zeros and reorders)"
+            )
+        return source
+    if isinstance(data, AlignedStore):
+        return data
+    path = data.path if isinstance(data, CountStore) else os.fspath(data)
+    store = data if isinstance(data, CountStore) else CountStore(path, layer=layer)
+    if store.var_names.equals(_index(reference_var_names)):
+        return store
+    return AlignedStore(path, reference_var_names, layer=store.layer)
+
+
+def cell_positions(indices, n_obs: int) -> np.ndarray | None:
+    """Integer cell positions from scvi-tools' `indices`: None (all cells), positions, or a boolean mask."""
+    if indices is None:
+        return None
+    indices = np.asarray(indices)
+    if indices.dtype == bool:
+        if indices.shape != (n_obs,):
+            raise ValueError(f"indices is a boolean mask of shape {indices.shape}; the data has {n_obs} cells")
+        return np.flatnonzero(indices)
+    return indices
+
+
+def _index(names):
+    import pandas as pd
+
+    return pd.Index([str(name) for name in names])
+
+
+def _resolved(path) -> str:
+    return str(Path(path).resolve())
+
+
+def _store_key(path, layer) -> tuple[str, str | None]:
+    return (_resolved(path), layer)
