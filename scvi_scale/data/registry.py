@@ -41,13 +41,15 @@ def _column_without_missing(store: CountStore, key: str) -> pd.Series:
     """obs[key], which must have no missing values: NaN, or the string 'nan' in a column of strings."""
     column = store.obs_column(key)
     missing = column.isna().to_numpy()
+    nan_strings = np.zeros_like(missing)
     if column.dtype == object or isinstance(column.dtype, pd.StringDtype):
-        missing |= (column == "nan").to_numpy(dtype=bool, na_value=True)
-    if missing.any():
+        nan_strings = (column == "nan").to_numpy(dtype=bool, na_value=False)
+    if missing.any() or nan_strings.any():
+        note = "; the string 'nan' counts as missing: it is how anndata writes a NaN of a column of strings"
         raise StoreError(
-            f"{store.path}: obs column {key!r} has missing values (NaN, or the string 'nan' that anndata writes for "
-            f"a NaN in a column of strings) in {_describe_rows(store, np.flatnonzero(missing))}; fill them or "
-            "leave those cells out"
+            f"{store.path}: obs column {key!r} has missing values (NaN) in "
+            f"{_describe_rows(store, np.flatnonzero(missing | nan_strings))}{note if nan_strings.any() else ''}; "
+            "fill them or leave those cells out"
         )
     return column
 
