@@ -205,8 +205,8 @@ class Registry:
                 f"{store.path}: the store has {store.n_obs} cell; a model cannot train on it (training needs cells "
                 "for a training and a validation set, and minibatches of at least 2 cells for BatchNorm)"
             )
-        duplicated = store.obs_names[store.obs_names.duplicated()]
-        if len(duplicated):
+        if not store.obs_names.is_unique:  # one hash of every name: about 3% of the pass at 200k cells x 2000 genes
+            duplicated = store.obs_names[store.obs_names.duplicated()]
             raise StoreError(
                 f"{store.path}: {len(duplicated)} duplicated obs names (cell names), e.g. "
                 f"{list(pd.unique(duplicated)[:5])}; make them unique (e.g. AnnData.obs_names_make_unique) and "
