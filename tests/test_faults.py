@@ -166,7 +166,7 @@ def test_intact_stores_pass_and_read_exactly(tmp_path, writer, caplog):
 
 @pytest.mark.parametrize("name", ["data", "indices", "indptr"])
 def test_garbage_anywhere_in_a_chunk_of_ours_fails_its_checksum(tmp_path, name):
-    """64 bytes of garbage at 8 random places of a chunk: each is caught by the chunk's crc32c, whatever it decodes to."""
+    """64 garbage bytes at 8 random places of a chunk: each is caught by the chunk's crc32c, whatever it decodes to."""
     intact = write_intact(tmp_path / "intact.zarr", "ours")
     key = _chunk_key(intact, name, DAMAGED_CHUNK)
     rng = np.random.default_rng(1)

@@ -214,7 +214,7 @@ def test_duplicated_obs_names_are_refused(tmp_path):
     adata = make_adata()
     adata.obs_names = [f"c{i % 390}" for i in range(400)]  # c0 .. c9 twice
     store = write_store(adata, tmp_path / "s.zarr")
-    with pytest.raises(StoreError, match=r"10 duplicated obs names \(cell names\), e.g. \['c0', 'c1', 'c2', 'c3', 'c4'\]"):
+    with pytest.raises(StoreError, match=r"10 duplicated obs names \(cell names\), e.g. \['c0', 'c1', 'c2', 'c3'"):
         Registry.build(store, batch_key="study")
 
 

@@ -137,7 +137,7 @@ class CountStore:
         checksummed: every chunk of the counts carries a crc32c checksum that each read verifies.
         var_names, obs_names: pandas Index of gene and cell names (read on first use).
 
-    Opening checks the layout and reads proves each block (see the module docstring); both raise StoreError naming
+    Opening checks the layout and every read proves its block (see the module docstring); both raise StoreError naming
     what is wrong and where. Thread-safe for reading: a prefetcher may call read_csr/read_dense from several threads
     at once. Pickles as (path, layer), so dask workers reopen the store themselves. A CountStore is path-like
     (os.fspath gives its path), so it can be passed wherever a store's path is asked for.
@@ -401,7 +401,8 @@ class CountStore:
         coords = (entry // self._indptr.chunks[0],)
         return StoreError(
             f"{self.path}: {self._indptr.path} is damaged: entry {entry} (the start of row {entry}) {problem}; "
-            f"it is in chunk {self._chunk_key(self._indptr, coords)}, which holds {self._held_by(self._indptr, coords[0])}"
+            f"it is in chunk {self._chunk_key(self._indptr, coords)}, which holds "
+            f"{self._held_by(self._indptr, coords[0])}"
         )
 
     def _column_error(self, indices: np.ndarray, indptr: np.ndarray, start: int) -> StoreError:
