@@ -4,8 +4,12 @@ input fails early with errors that name what is wrong and where (rows, cells, va
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import shutil
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -387,3 +391,68 @@ def test_not_an_anndata_store(tmp_path):
         CountStore(tmp_path / "plain.zarr")
     with pytest.raises(StoreError, match=r"not an \.h5ad file, a 10x folder"):
         write_store(tmp_path / "folder", tmp_path / "s.zarr")
+
+
+def test_counts_beyond_float32_are_refused_not_stored_as_inf(tmp_path):
+    adata = make_adata(n_obs=300)
+    dense = adata.X.toarray().astype(np.float64)
+    dense[212, 5] = 1e39  # a finite float64 integer, inf in float32
+    with pytest.raises(CountValidationError, match=r"at most 3.4028235e\+38 .* row 212 \(cell 'cell_212'\) has "
+                                                   r"value 1e\+39 at gene 'gene_5'"):
+        write_store(sp.csr_matrix(dense), tmp_path / "s.zarr", obs=adata.obs, var=adata.var, chunk_rows=100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_strings_in_obs_are_refused_naming_the_rows(tmp_path):
+    adata = make_adata(n_obs=300)
+    donor = adata.obs["donor"].to_numpy().copy()
+    donor[[120, 260]] = [np.nan, None]
+    adata.obs["donor"] = donor
+    with pytest.raises(StoreError, match=r"'donor' \(strings\) has missing values .* in 1 row\(s\) of rows "
+                                         r"\[100, 200\), e.g. rows \[120\] \(cells \['cell_120'\]\)"):
+        write_store(adata, tmp_path / "s.zarr", chunk_rows=100)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_chunk_checksums_in_format_3_and_none_said_once_in_format_2(tmp_path, zarr_format, caplog):
+    with caplog.at_level("INFO", logger="scvi_scale.data"):
+        store = write_store(make_adata(), tmp_path / "s.zarr", chunk_rows=64, zarr_format=zarr_format)
+        CountStore(tmp_path / "s.zarr")
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    arrays = [group["X"][name] for name in ("data", "indices", "indptr")] + [group["obs/batch/codes"],
+                                                                             group["obs/donor"], group["var/symbol"]]
+    with_crc = [any(type(codec).__name__ == "Crc32cCodec" for codec in array.metadata.codecs)
+                for array in arrays if array.metadata.zarr_format == 3]
+    assert with_crc == ([True] * 6 if zarr_format == 3 else [])
+    assert store.checksummed == (zarr_format == 3)
+    assert caplog.text.count("carries no chunk checksums") == (0 if zarr_format == 3 else 1)
+
+
+KILLED_WRITER = """
+import sys, numpy as np, pandas as pd, scipy.sparse as sp
+from scvi_scale.data import StoreWriter
+var = pd.DataFrame(index=[f"g{i}" for i in range(50)])
+with StoreWriter(sys.argv[1], var, chunk_rows=10) as writer:
+    for block in range(10**9):  # until killed
+        writer.append(sp.csr_matrix(np.ones((10, 50))), pd.DataFrame(index=[f"c{block}_{i}" for i in range(10)]))
+        if block == 3:
+            print("writing", flush=True)
+"""
+
+
+def test_a_killed_writer_leaves_no_store_and_the_next_writer_removes_its_leftovers(tmp_path):
+    target = tmp_path / "s.zarr"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.kill()
+    writer.wait()
+    left = [path.name for path in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".s.zarr.partial-{socket.gethostname()}-{writer.pid}-")
+    older_form = tmp_path / ".s.zarr.partial-0123456789ab"  # as writers before named themselves left them
+    running = tmp_path / f".s.zarr.partial-{socket.gethostname()}-{os.getpid()}-fedcba987654"  # a live writer's
+    unrelated = tmp_path / ".s.zarr.backup"
+    for folder in (older_form, running, unrelated):
+        folder.mkdir()
+    write_store(make_adata(), target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([running.name, unrelated.name, "s.zarr"])

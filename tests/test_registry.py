@@ -202,3 +202,33 @@ def test_encode_requires_the_registered_genes(tmp_path, store):
     other = write_store(renamed, tmp_path / "other.zarr")
     with pytest.raises(StoreError, match=r"first at position 29 \('other' vs 'g29'\)"):
         registry.encode(other)
+
+
+def test_a_store_of_one_cell_is_refused(tmp_path):
+    store = write_store(make_adata(n_obs=1), tmp_path / "one.zarr")
+    with pytest.raises(StoreError, match="has 1 cell; a model cannot train on it"):
+        Registry.build(store)
+
+
+def test_duplicated_obs_names_are_refused(tmp_path):
+    adata = make_adata()
+    adata.obs_names = [f"c{i % 390}" for i in range(400)]  # c0 .. c9 twice
+    store = write_store(adata, tmp_path / "s.zarr")
+    with pytest.raises(StoreError, match=r"10 duplicated obs names \(cell names\), e.g. \['c0', 'c1', 'c2', 'c3'"):
+        Registry.build(store, batch_key="study")
+
+
+@pytest.mark.parametrize("role", ["batch_key", "labels_key", "categorical_covariate_keys"])
+def test_nan_written_as_a_string_is_refused_naming_the_rows(tmp_path, role):
+    """anndata writes a NaN of an object column as the string 'nan' (a store written by anndata.io.write_elem, as
+    older scvi-scale did): registered, it would be a batch of its own."""
+    adata = make_adata()
+    study = adata.obs["study"].to_numpy().copy()
+    study[[12, 301]] = np.nan
+    adata.obs["study"] = study
+    adata.write_zarr(tmp_path / "a.zarr", convert_strings_to_categoricals=False)
+    assert list(ad.read_zarr(tmp_path / "a.zarr").obs["study"].iloc[[12, 301]]) == ["nan", "nan"]
+    key = ["study"] if role == "categorical_covariate_keys" else "study"
+    with pytest.raises(StoreError, match=r"'study' has missing values \(NaN\) in 2 row\(s\), e.g. rows \[12, 301\] "
+                                         r"\(cells \['c0_12', 'c0_301'\]\); the string 'nan' counts as missing"):
+        Registry.build(tmp_path / "a.zarr", **{role: key})

@@ -1,4 +1,5 @@
-"""Zarr count stores: lazy reading (CountStore), converters (write_store), validation and the field registry."""
+"""Zarr count stores: lazy reading that proves each block (CountStore), converters (write_store), validation and the
+field registry."""
 
 from scvi_scale.data.convert import write_store
 from scvi_scale.data.registry import Registry

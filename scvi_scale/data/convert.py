@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
-import tempfile
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scvi_scale.data.store import CountStore, StoreError, open_anndata_group
-from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, StoreWriter
+from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, DEFAULT_ZARR_FORMAT, StoreWriter, scratch_sibling
 
 MTX_ENTRIES_PER_READ = 2_000_000  # Matrix Market entries parsed at once (~50 MB of parser memory)
 # One non-zero of a 10x matrix, as kept in the per-block bucket files: 1-based cell and gene, value as read.
@@ -58,7 +58,7 @@ def write_store(
     var: pd.DataFrame | None = None,
     sparse: bool | None = None,
     validate: bool = True,
-    zarr_format: int = 2,
+    zarr_format: int = DEFAULT_ZARR_FORMAT,
     overwrite: bool = False,
 ) -> CountStore:
     """Convert `source` into an AnnData Zarr count store at `path` and return it opened as a CountStore.
@@ -72,7 +72,10 @@ def write_store(
         the output always holds them in X.
     sparse: write X as CSR (True) or dense (False); default: as the source is.
     validate: check every count (finite, non-negative, integer-valued) while streaming; CountValidationError names
-        the first bad value, its cell and the row range. zarr_format: 2 (default, as anndata writes) or 3.
+        the first bad value, its cell and the row range. zarr_format: 3 (default: every chunk checksummed) or 2
+        (for readers still on zarr-python 2; no checksums).
+    A damaged source (an AnnData Zarr store with a chunk absent, damaged or out of structure) is refused with the
+    StoreError of CountStore; whenever the conversion fails, nothing is left at `path` (or next to it).
     overwrite: replace an existing store; the old one stays in place until the new one is complete.
     """
     if isinstance(source, (sp.spmatrix, sp.sparray, np.ndarray)):
@@ -81,7 +84,7 @@ def write_store(
     else:
         if obs is not None or var is not None:
             raise TypeError("obs= and var= are only for a matrix source; other sources carry their own")
-        source_context = _open_source(source, layer, Path(path).parent)
+        source_context = _open_source(source, layer, Path(path))
     with source_context as counts_source:
         with StoreWriter(
             path,
@@ -100,7 +103,7 @@ def write_store(
 
 
 @contextlib.contextmanager
-def _open_source(source, layer: str | None, scratch_parent: Path) -> Iterator[_Source]:
+def _open_source(source, layer: str | None, target: Path) -> Iterator[_Source]:
     """Recognise the source and yield it as a _Source (closing any file it opened afterwards)."""
     if isinstance(source, anndata.AnnData):
         yield _anndata_source(source, layer)
@@ -123,7 +126,7 @@ def _open_source(source, layer: str | None, scratch_parent: Path) -> Iterator[_S
     if source.is_dir() and any((source / name).exists() for name in ("matrix.mtx", "matrix.mtx.gz")):
         if layer is not None:
             raise StoreError(f"{source}: a 10x folder has no layers (got layer={layer!r})")
-        yield _tenx_source(source, scratch_parent)
+        yield _tenx_source(source, target)
         return
     if source.is_dir() and any((source / name).exists() for name in (".zgroup", "zarr.json")):
         yield _zarr_source(str(source), layer)
@@ -295,7 +298,7 @@ def _mtx_header(path: Path) -> tuple[int, int, int, int, str]:
     return n_genes, n_cells, n_entries, n_header_lines + 1, field_kind
 
 
-def _tenx_source(folder: Path, scratch_parent: Path) -> _Source:
+def _tenx_source(folder: Path, target: Path) -> _Source:
     """A 10x folder: barcodes become obs names; gene ids become var names (symbols and types become var columns)."""
     matrix_path = _first_existing(folder, ("matrix.mtx.gz", "matrix.mtx"))
     barcodes_path = _first_existing(folder, ("barcodes.tsv.gz", "barcodes.tsv"))
@@ -316,23 +319,26 @@ def _tenx_source(folder: Path, scratch_parent: Path) -> _Source:
 
     def blocks(block_rows: int):
         yield from _tenx_blocks(
-            matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, block_rows, scratch_parent
+            matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, block_rows, target
         )
 
     return _Source(blocks, var, True, str(folder))
 
 
-def _tenx_blocks(matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, block_rows, scratch_parent):
+def _tenx_blocks(matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, block_rows, target):
     """Cell blocks of a genes x cells Matrix Market file as cells x genes CSR, in bounded memory.
 
     Matrix Market entries may come in any order (10x writes them cell by cell, scipy.io.mmwrite gene by gene),
     so one pass parses the file MTX_ENTRIES_PER_READ entries at a time and appends each entry to a bucket file of
-    its cell block, in a scratch folder next to the output (16 bytes per non-zero, deleted afterwards); then each
-    bucket becomes one CSR block. Memory: one parse chunk, then one block.
+    its cell block, in a scratch folder next to the output `target` (16 bytes per non-zero, deleted afterwards, or by
+    the next writer of `target` if this process is killed); then each bucket becomes one CSR block. Memory: one parse
+    chunk, then one block.
     """
     n_blocks = -(-n_cells // block_rows)
-    with tempfile.TemporaryDirectory(prefix=".10x-buckets-", dir=scratch_parent) as scratch:
-        buckets = [Path(scratch) / f"block-{index}.bin" for index in range(n_blocks)]
+    scratch = scratch_sibling(target, "buckets")
+    scratch.mkdir()
+    try:
+        buckets = [scratch / f"block-{index}.bin" for index in range(n_blocks)]
         n_read = 0
         reader = pd.read_csv(
             matrix_path, sep=r"\s+", header=None, names=["gene", "cell", "value"], skiprows=n_header_lines,
@@ -364,3 +370,5 @@ def _tenx_blocks(matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, 
             )
             bucket.unlink(missing_ok=True)
             yield counts, obs.iloc[start:stop]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Read-only, lazy access to the counts of an AnnData store written in Zarr.
+"""Read-only, lazy access to the counts of an AnnData store written in Zarr, proven as they are read.
 
 An AnnData Zarr store (format 2 or 3, as `anndata.write_zarr` or our `write_store` writes it) holds the count
 matrix either as a dense 2-D array or as a CSR group with three 1-D arrays: `data` (values), `indices` (column of
@@ -10,6 +10,22 @@ and one read of the matching slice of data and indices.
     >>> block = store.read_csr(0, store.chunk_rows)    # scipy CSR, float32, (chunk_rows, n_vars)
     >>> lazy = store.to_dask()                         # (n_obs, n_vars), one dask chunk per row block
 
+Integrity: a block is handed out only once it is proven.
+- Checksums. Stores our writer makes in Zarr format 3 end every chunk with a crc32c checksum, which zarr verifies
+  whenever it decodes the chunk. Format-2 stores and stores written by others have none (said once, in a log line).
+- Absent chunks. Zarr reads a chunk that is not on disk as its fill value (zeros), so a lost chunk of X/indices
+  would move counts to gene 0 unseen. X is read through a view of the store in which an absent chunk is an error.
+  One exception: zarr skips writing chunks that hold only zeros, which in a dense X may be real cells, so a dense X
+  without our writer's mark (`scvi_scale_every_chunk_written`) reads absent chunks as zeros and says how many once.
+- On opening: the arrays of X are on disk (not only listed in the consolidated metadata), indptr has n_obs + 1
+  entries from 0 to nnz = len(data) = len(indices), obs and var match the matrix.
+- On every block read: indptr does not decrease over the block and stays within [0, nnz], every column index is in
+  [0, n_vars), and each row's columns are sorted without repeats (a store that is not: said once, sorted on read).
+A chunk that is absent or does not decode (checksum mismatch, truncated, decompression error) raises StoreError
+naming the store, the array, the chunk key and the rows the chunk holds. Reading every block, as `validate_counts`
+and `Registry.build` (hence SCVI.setup_zarr) do, therefore proves the whole store; benchmarks/integrity.py measures
+what the checks cost per block read.
+
 All errors about a store's layout or content derive from `StoreError` (a ValueError); bad count values raise its
 subclass `CountValidationError`.
 """
@@ -17,6 +33,8 @@ subclass `CountValidationError`.
 from __future__ import annotations
 
 import functools
+import itertools
+import logging
 import os
 
 import anndata
@@ -26,14 +44,31 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 import zarr.errors
+from zarr.codecs import Crc32cCodec
+from zarr.storage import WrapperStore
+
+logger = logging.getLogger("scvi_scale.data")
 
 # Attribute our writer sets on a CSR group: the row block its data/indices chunks were sized for.
 CHUNK_ROWS_ATTR = "scvi_scale_chunk_rows"
+# Attribute our writer sets on X: every chunk was written (zarr skips chunks of zeros unless told otherwise), so an
+# absent chunk of a dense X was lost, not skipped.
+EVERY_CHUNK_ATTR = "scvi_scale_every_chunk_written"
 # Row block for CSR stores written by others when their data chunks say nothing useful.
 DEFAULT_CSR_CHUNK_ROWS = 10_000
 # Bounds on a row block derived from a foreign store's data chunk length (see CountStore._foreign_csr_chunk_rows).
 MIN_DERIVED_CHUNK_ROWS = 1_000
 MAX_DERIVED_CHUNK_ROWS = 100_000
+# Keys zarr looks up that are metadata, not chunks: their absence is an answer, not damage.
+_METADATA_KEYS = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+
+_said: set[tuple[str, str]] = set()  # (store path, topic) of the notices already logged by this process
+
+
+def _say_once(level: int, path: str, topic: str, message: str, *args) -> None:
+    if (path, topic) not in _said:
+        _said.add((path, topic))
+        logger.log(level, message, *args)
 
 
 class StoreError(ValueError):
@@ -59,16 +94,34 @@ def open_anndata_group(path) -> zarr.Group:
     return root
 
 
-def _locate_counts(root: zarr.Group, layer: str | None, path: str):
-    """The zarr node (CSR group or dense array) holding the counts: X, or layers/<layer>."""
+def _counts_path(root: zarr.Group, layer: str | None, path: str) -> str:
+    """Where the counts are in the store: "X", or "layers/<layer>"; StoreError when there are none."""
     available = sorted(root["layers"].keys()) if "layers" in root else []
     if layer is None:
         if "X" not in root or root["X"].attrs.get("encoding-type") == "null":
             raise StoreError(f"{path}: the store has no X; pass layer= one of the layers {available}")
-        return root["X"]
+        return "X"
     if layer not in available:
         raise StoreError(f"{path}: no layer {layer!r}; the store's layers are {available}")
-    return root["layers"][layer]
+    return f"layers/{layer}"
+
+
+class _AbsentChunk(Exception):
+    """A chunk that the store does not hold (args[0]: its key)."""
+
+
+class _AbsentChunksFail(WrapperStore):
+    """A zarr store seen so that reading an absent chunk raises _AbsentChunk instead of giving zarr's fill value."""
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and key.rsplit("/", 1)[-1] not in _METADATA_KEYS:
+            raise _AbsentChunk(key)
+        return value
+
+
+def _has_checksums(array: zarr.Array) -> bool:
+    return array.metadata.zarr_format == 3 and any(isinstance(codec, Crc32cCodec) for codec in array.metadata.codecs)
 
 
 class CountStore:
@@ -81,54 +134,74 @@ class CountStore:
         chunk_rows: the natural row block for reading. Dense: the array's row chunk. CSR: the block our writer
             aligned the data/indices chunks to (attribute `scvi_scale_chunk_rows`); for CSR stores written by others,
             the number of rows whose non-zeros fill one data chunk, kept within [1,000, 100,000].
+        checksummed: every chunk of the counts carries a crc32c checksum that each read verifies.
         var_names, obs_names: pandas Index of gene and cell names (read on first use).
 
-    Thread-safe for reading: a prefetcher may call read_csr/read_dense from several threads at once. Pickles as
-    (path, layer), so dask workers reopen the store themselves. A CountStore is path-like (os.fspath gives its
-    path), so it can be passed wherever a store's path is asked for.
+    Opening checks the layout and every read proves its block (see the module docstring); both raise StoreError naming
+    what is wrong and where. Thread-safe for reading: a prefetcher may call read_csr/read_dense from several threads
+    at once. Pickles as (path, layer), so dask workers reopen the store themselves. A CountStore is path-like
+    (os.fspath gives its path), so it can be passed wherever a store's path is asked for.
     """
 
     def __init__(self, path, layer: str | None = None):
         self.path = os.fspath(path)
         self.layer = layer
         root = open_anndata_group(self.path)
-        counts = _locate_counts(root, layer, self.path)
+        counts_path = _counts_path(root, layer, self.path)
         where = f"{self.path}: {'X' if layer is None else f'layer {layer!r}'}"
+        listed = root[counts_path]  # as the consolidated metadata describes it, when the store has that
+        every_chunk_written = isinstance(listed, zarr.Group) or bool(listed.attrs.get(EVERY_CHUNK_ATTR))
+        # The counts are opened from their own metadata files, through a view where absent chunks are errors.
+        on_disk = zarr.open_group(
+            store=_AbsentChunksFail(root.store) if every_chunk_written else root.store, mode="r", use_consolidated=False
+        )
+        try:
+            counts = on_disk[counts_path]
+        except KeyError:
+            raise StoreError(
+                f"{where} is listed in the store's consolidated metadata but is not on disk (its metadata file is "
+                "missing): the store is damaged; restore it from a copy or rewrite it from its source"
+            ) from None
         if isinstance(counts, zarr.Array):
             if counts.ndim != 2:
                 raise StoreError(f"{where} is a {counts.ndim}-D array; counts must be 2-D (cells x genes)")
             self.is_sparse = False
             self.shape = (int(counts.shape[0]), int(counts.shape[1]))
             self.chunk_rows = int(counts.chunks[0])
+            arrays = (counts,)
+            if not every_chunk_written and counts.nchunks_initialized < counts.nchunks:
+                _say_once(
+                    logging.WARNING, self.path, "absent dense chunks",
+                    "%s: %d of the %d chunks of %s are not on disk and read as zeros: zarr skips writing chunks that "
+                    "hold only zeros, but a chunk lost in a copy reads the same (write_store rewrites the store with "
+                    "every chunk written)", self.path, counts.nchunks - counts.nchunks_initialized, counts.nchunks,
+                    counts_path,
+                )
         else:
-            encoding = counts.attrs.get("encoding-type")
-            if encoding != "csr_matrix":
-                raise StoreError(
-                    f"{where} has encoding-type {encoding!r}; only a dense array or a csr_matrix group can be read "
-                    "row by row (convert a CSC store with scvi_scale.data.write_store)"
-                )
-            missing = [name for name in ("data", "indices", "indptr") if name not in counts]
-            if missing:
-                raise StoreError(f"{where} is a csr_matrix group without {missing}")
-            self.is_sparse = True
-            self.shape = tuple(int(size) for size in counts.attrs["shape"])
-            self._data, self._indices, self._indptr = counts["data"], counts["indices"], counts["indptr"]
-            if self._indptr.shape[0] != self.shape[0] + 1:
-                raise StoreError(
-                    f"{where}: indptr has {self._indptr.shape[0]} entries for {self.shape[0]} rows "
-                    f"(expected {self.shape[0] + 1})"
-                )
-            self.chunk_rows = int(counts.attrs.get(CHUNK_ROWS_ATTR) or self._foreign_csr_chunk_rows())
+            self._open_csr(counts, where)
+            arrays = (self._data, self._indices, self._indptr)
         self.n_obs, self.n_vars = self.shape
-        if self.n_obs == 0 or self.n_vars == 0:
+        self._n_columns = self.n_vars  # columns of the stored matrix (a subclass may present other genes)
+        if 0 in self.shape:
             raise StoreError(f"{where} is empty: shape {self.shape}")
         self.chunk_rows = max(1, min(self.chunk_rows, self.n_obs))
+        self.checksummed = all(_has_checksums(array) for array in arrays)
+        if not self.checksummed:
+            _say_once(
+                logging.INFO, self.path, "no checksums",
+                "%s: %s carries no chunk checksums (Zarr format %d, written by another tool or an older scvi-scale); "
+                "its structure is still checked on every read (write_store rewrites it with checksums)",
+                self.path, counts_path, counts.metadata.zarr_format,
+            )
         self._root = root
         self._counts = counts
-        obs_index = root["obs"][root["obs"].attrs.get("_index", "_index")]
-        if obs_index.shape[0] != self.n_obs:
+        obs = root["obs"]
+        index_key = obs.attrs.get("_index", "_index")
+        if index_key not in obs:
+            raise StoreError(f"{self.path}: obs has no index array {index_key!r}; the store is damaged")
+        if obs[index_key].shape[0] != self.n_obs:
             raise StoreError(
-                f"{self.path}: obs has {obs_index.shape[0]} rows but the counts have {self.n_obs} rows; "
+                f"{self.path}: obs has {obs[index_key].shape[0]} rows but the counts have {self.n_obs} rows; "
                 "obs and X must describe the same cells"
             )
         duplicated = self.var_names[self.var_names.duplicated()]
@@ -142,13 +215,53 @@ class CountStore:
                 f"{self.path}: var has {len(self.var_names)} rows but the counts have {self.n_vars} columns"
             )
 
+    def _open_csr(self, group: zarr.Group, where: str) -> None:
+        """Check a csr_matrix group's arrays against each other and keep them; sets shape, nnz and chunk_rows."""
+        encoding = group.attrs.get("encoding-type")
+        if encoding != "csr_matrix":
+            raise StoreError(
+                f"{where} has encoding-type {encoding!r}; only a dense array or a csr_matrix group can be read "
+                "row by row (convert a CSC store with scvi_scale.data.write_store)"
+            )
+        missing = [name for name in ("data", "indices", "indptr") if name not in group]
+        if missing or "shape" not in group.attrs:
+            lacking = missing + ([] if "shape" in group.attrs else ["its shape attribute"])
+            raise StoreError(f"{where} is a csr_matrix group without {lacking} on disk; the store is damaged")
+        self.is_sparse = True
+        self.shape = tuple(int(size) for size in group.attrs["shape"])
+        if 0 in self.shape:
+            raise StoreError(f"{where} is empty: shape {self.shape}")
+        self._data, self._indices, self._indptr = group["data"], group["indices"], group["indptr"]
+        for array in (self._data, self._indices, self._indptr):
+            if array.ndim != 1:
+                raise StoreError(f"{where}: {array.path} is {array.ndim}-D; the arrays of a CSR matrix are 1-D")
+        for array in (self._indices, self._indptr):
+            if array.dtype.kind not in "iu":
+                raise StoreError(f"{where}: {array.path} has dtype {array.dtype}; CSR indices must be integers")
+        if self._indptr.shape[0] != self.shape[0] + 1:
+            raise StoreError(
+                f"{where}: indptr has {self._indptr.shape[0]} entries for {self.shape[0]} rows "
+                f"(expected {self.shape[0] + 1})"
+            )
+        self.nnz = int(self._data.shape[0])
+        if self._indices.shape[0] != self.nnz:
+            raise StoreError(
+                f"{where}: data holds {self.nnz} values but indices {self._indices.shape[0]}; they must match"
+            )
+        first = int(self._read(self._indptr, 0, 1)[0])
+        last = int(self._read(self._indptr, self.shape[0], self.shape[0] + 1)[0])
+        if (first, last) != (0, self.nnz):
+            raise StoreError(
+                f"{where}: indptr runs from {first} to {last}, but it must run from 0 to {self.nnz}, the number of "
+                "stored values (the length of data and indices); the store is damaged"
+            )
+        self.chunk_rows = int(group.attrs.get(CHUNK_ROWS_ATTR) or self._foreign_csr_chunk_rows())
+
     def _foreign_csr_chunk_rows(self) -> int:
         """Rows whose non-zeros about fill one data chunk, for CSR stores that do not record their row block."""
-        n_rows = self.shape[0]
-        total_nnz = int(self._indptr[n_rows]) if n_rows else 0
-        if total_nnz == 0:
+        if self.nnz == 0 or self.shape[0] == 0:
             return DEFAULT_CSR_CHUNK_ROWS
-        nnz_per_row = total_nnz / n_rows
+        nnz_per_row = self.nnz / self.shape[0]
         rows_per_chunk = int(self._data.chunks[0] / nnz_per_row)
         return int(np.clip(rows_per_chunk, MIN_DERIVED_CHUNK_ROWS, MAX_DERIVED_CHUNK_ROWS))
 
@@ -200,17 +313,109 @@ class CountStore:
     def read_raw(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
         """Rows [start, stop) in the stored value dtype: scipy CSR for CSR stores, numpy array for dense ones.
 
-        For validation and library sizes, which must see the values before any cast to float32.
+        For validation and library sizes, which must see the values before any cast to float32. The block is
+        proven first (chunks present and intact; CSR structure, see the module docstring), else StoreError.
         """
         if not 0 <= start <= stop <= self.n_obs:
             raise IndexError(f"row range [{start}, {stop}) is outside [0, {self.n_obs}) of {self.path}")
         if not self.is_sparse:
-            return np.asarray(self._counts[start:stop])
-        indptr = np.asarray(self._indptr[start : stop + 1], dtype=np.int64)
+            return self._read(self._counts, start, stop)
+        indptr = self._read(self._indptr, start, stop + 1).astype(np.int64, copy=False)
+        if not (indptr[0] >= 0 and indptr[-1] <= self.nnz and np.all(indptr[1:] >= indptr[:-1])):
+            raise self._indptr_error(indptr, start)
         first, last = int(indptr[0]), int(indptr[-1])
-        data = np.asarray(self._data[first:last])
-        indices = np.asarray(self._indices[first:last])
-        return sp.csr_matrix((data, indices, indptr - first), shape=(stop - start, self.n_vars))
+        indices = self._read(self._indices, first, last)
+        # One pass for both bounds: seen as unsigned, a negative index is larger than any column.
+        if len(indices) and indices.view(f"u{indices.dtype.itemsize}").max() >= self._n_columns:
+            raise self._column_error(indices, indptr, start)
+        data = self._read(self._data, first, last)
+        block = sp.csr_matrix((data, indices, indptr - first), shape=(stop - start, self._n_columns))
+        if not block.has_canonical_format:
+            _say_once(
+                logging.WARNING, self.path, "unsorted",
+                "%s: %s is not sorted within rows (or repeats a column in a row), first in rows [%d, %d); each "
+                "block is sorted on read, which costs time (write_store rewrites the store sorted)",
+                self.path, self._indices.path, start, stop,
+            )
+            block.sum_duplicates()
+        return block
+
+    # --- proving reads -------------------------------------------------------------------------------------------
+
+    def _read(self, array: zarr.Array, start: int, stop: int) -> np.ndarray:
+        """array[start:stop] along axis 0, or StoreError naming the chunk that is absent or does not decode."""
+        try:
+            return np.asarray(array[start:stop])
+        except Exception as error:
+            raise self._chunk_error(array, start, stop, error) from error
+
+    def _chunk_error(self, array: zarr.Array, start: int, stop: int, error: Exception) -> StoreError:
+        """Read the chunks of array[start:stop] one by one to find the one at fault, and say what is wrong with it."""
+        size = array.chunks[0]
+        other_axes = [range(-(-extent // chunk)) for extent, chunk in zip(array.shape[1:], array.chunks[1:])]
+        for coords in itertools.product(range(start // size, -(-stop // size)), *other_axes):
+            try:
+                array[tuple(slice(index * chunk, (index + 1) * chunk) for index, chunk in zip(coords, array.chunks))]
+            except Exception as chunk_error:
+                if isinstance(chunk_error, _AbsentChunk):
+                    problem = "is missing from the store (deleted, or lost in a copy)"
+                elif "checksum" in str(chunk_error):
+                    problem = "fails its crc32c checksum (its bytes changed after it was written)"
+                else:
+                    problem = f"cannot be decoded ({type(chunk_error).__name__}: {chunk_error})"
+                return StoreError(
+                    f"{self.path}: chunk {self._chunk_key(array, coords)} of {array.path} {problem}; it holds "
+                    f"{self._held_by(array, coords[0])}. Restore the store from a copy or rewrite it from its source"
+                )
+        return StoreError(f"{self.path}: reading {array.path}[{start}:{stop}] failed: {type(error).__name__}: {error}")
+
+    @staticmethod
+    def _chunk_key(array: zarr.Array, coords) -> str:
+        return f"{array.path}/{array.metadata.encode_chunk_key(tuple(coords))}"
+
+    def _held_by(self, array: zarr.Array, chunk_index: int) -> str:
+        """What chunk `chunk_index` (along axis 0) of one of the counts' arrays holds, in rows."""
+        low = chunk_index * array.chunks[0]
+        high = min(low + array.chunks[0], array.shape[0])
+        if not self.is_sparse:
+            return f"rows [{low}, {high})"
+        if array is self._indptr:
+            return f"the offsets of rows [{max(low - 1, 0)}, {min(high, self.shape[0])})"
+        try:
+            indptr = np.asarray(self._indptr[:])  # on the way to an error only: the whole indptr
+        except Exception:
+            return f"values [{low}, {high}) of rows that X/indptr cannot tell (it does not read either)"
+        first_row = int(np.searchsorted(indptr, low, side="right")) - 1
+        last_row = int(np.searchsorted(indptr, high - 1, side="right"))
+        return f"values [{low}, {high}), of rows [{first_row}, {last_row})"
+
+    def _indptr_error(self, indptr: np.ndarray, start: int) -> StoreError:
+        """indptr (the entries start..stop of the store's) decreases or leaves [0, nnz]: say where."""
+        previous = np.concatenate([[0], indptr[:-1]])
+        bad = int(np.argmax((indptr < 0) | (indptr > self.nnz) | (indptr < previous)))
+        entry = start + bad
+        if 0 <= indptr[bad] <= self.nnz:
+            problem = f"is {indptr[bad]}, below the entry before it ({previous[bad]}); indptr must not decrease"
+        else:
+            problem = f"is {indptr[bad]}, outside [0, {self.nnz}] (nnz, the number of stored values)"
+        coords = (entry // self._indptr.chunks[0],)
+        return StoreError(
+            f"{self.path}: {self._indptr.path} is damaged: entry {entry} (the start of row {entry}) {problem}; "
+            f"it is in chunk {self._chunk_key(self._indptr, coords)}, which holds "
+            f"{self._held_by(self._indptr, coords[0])}"
+        )
+
+    def _column_error(self, indices: np.ndarray, indptr: np.ndarray, start: int) -> StoreError:
+        """A column index of the block is outside [0, n_vars): name the row, the value and the chunk."""
+        position = int(np.argmax(indices.view(f"u{indices.dtype.itemsize}") >= self._n_columns))
+        row = start + int(np.searchsorted(indptr, indptr[0] + position, side="right")) - 1
+        value_index = int(indptr[0]) + position
+        coords = (value_index // self._indices.chunks[0],)
+        return StoreError(
+            f"{self.path}: {self._indices.path} is damaged: row {row} has column index {indices[position]}, outside "
+            f"[0, {self._n_columns}) (the store has {self._n_columns} genes); it is value {value_index}, in chunk "
+            f"{self._chunk_key(self._indices, coords)}, which holds {self._held_by(self._indices, coords[0])}"
+        )
 
     def read_csr(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as scipy CSR, float32, shape (stop - start, n_vars); works for dense stores too."""

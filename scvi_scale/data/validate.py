@@ -1,4 +1,5 @@
-"""Count validation: values must be finite, non-negative and integer-valued (integers stored as floats are fine).
+"""Count validation: values must be finite, non-negative and integer-valued (integers stored as floats are fine),
+and within float32's range, the dtype counts are read and stored in (a float64 1e39 would become inf).
 
 The check runs one row block at a time, so memory is bounded by the block, and reports the first offending value
 in row order: the problem, the row range of the block, the row and cell name, the gene and the value.
@@ -16,6 +17,9 @@ import scipy.sparse as sp
 
 from scvi_scale.data.store import CountStore, CountValidationError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_PROBLEM = f"at most {FLOAT32_MAX:.8g} (the largest float32, the dtype counts are read in)"
+
 
 @dataclass(frozen=True)
 class BadCount:
@@ -24,7 +28,7 @@ class BadCount:
     row: int
     column: int
     value: float
-    problem: str  # "finite", "non-negative" or "integer-valued": what the value fails to be
+    problem: str  # "finite", "non-negative", "integer-valued" or FLOAT32_PROBLEM: what the value fails to be
     n_bad: int  # how many values of the block are invalid
 
 
@@ -44,6 +48,8 @@ def find_bad_count(block: sp.spmatrix | np.ndarray) -> BadCount | None:
     else:
         # Written so that NaN counts as bad: NaN fails every comparison.
         bad = ~(np.isfinite(values) & (values >= 0) & (values == np.floor(values)))
+        if values.dtype.itemsize > 4:  # wider than float32: a finite value may still not fit
+            bad |= values > FLOAT32_MAX
     n_bad = int(np.count_nonzero(bad))
     if n_bad == 0:
         return None
@@ -58,6 +64,8 @@ def find_bad_count(block: sp.spmatrix | np.ndarray) -> BadCount | None:
         problem = "finite"
     elif value < 0:
         problem = "non-negative"
+    elif value > FLOAT32_MAX:
+        problem = FLOAT32_PROBLEM
     else:
         problem = "integer-valued"
     return BadCount(int(row), int(column), float(value), problem, n_bad)

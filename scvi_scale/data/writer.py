@@ -5,7 +5,7 @@ any size; the writer re-blocks them into blocks of exactly `chunk_rows` rows, va
 told not to), and appends it to the arrays of X and obs. Memory holds at most about two row blocks, whatever the
 number of cells.
 
-Layout written (Zarr format 2 by default, as anndata 0.12 writes; 3 on request):
+Layout written (Zarr format 3 by default, which anndata >= 0.11 reads; 2 on request, for readers on zarr-python 2):
 - X, CSR: a group with encoding-type csr_matrix and three 1-D arrays, `data` float32, `indices` int32 and
   `indptr` int32 below 2^31 non-zeros, int64 beyond (an atlas passes 2^31 near 10M cells), as scipy and anndata
   make them. indptr is streamed as int64 and narrowed when the store closes: scipy selects rows of a matrix with
@@ -23,17 +23,30 @@ Layout written (Zarr format 2 by default, as anndata 0.12 writes; 3 on request):
   categories in every block.
 - var, uns and the empty obsm/varm/obsp/varp/layers groups: `anndata.io.write_elem`.
 Compression: Blosc zstd level 3 with byte shuffle for X. Values are cast to float32 after validation (integer
-counts are exact in float32 up to 2^24).
+counts are exact in float32 up to 2^24; a value beyond float32's range is refused, not stored as inf).
 
-Crash safety: everything is written to a hidden sibling directory `.<name>.partial-<random>` and renamed onto the
-final path only after the last block, obs, uns and the consolidated metadata are written; an interrupted write
-leaves no store at the final path (delete stray `.partial-` directories at leisure).
+Integrity: in format 3 every array (X, obs, var, uns) ends each chunk with a crc32c checksum (zarr's `crc32c`
+codec), which zarr verifies on every read: a flipped bit, a truncated or overwritten chunk is an error, never a
+wrong count. Format 2 has no codec for it, so format-2 stores carry no checksums (CountStore says so once).
+Every chunk of X is written, even one of zeros (zarr skips those by default), and X's attribute
+`scvi_scale_every_chunk_written` says so: an absent chunk is then known to be lost (see store.py). Cost, measured
+with benchmarks/integrity.py (200k cells, one decoding thread, CPU time): reading a block of a format-3 store takes
+about 4% more than of a format-2 one in zarr-python 3.1, and its checksum about 4% more again.
+
+Crash safety: everything is written to a hidden sibling directory `.<name>.partial-<host>-<pid>-<random>` and
+renamed onto the final path only after the last block, obs, uns and the consolidated metadata are written; an
+interrupted write leaves no store at the final path. A killed writer cannot clean up after itself, so the next
+StoreWriter of the same path removes the siblings left by processes of this host that are gone.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import re
 import shutil
+import socket
 import uuid
 import warnings
 from pathlib import Path
@@ -45,10 +58,12 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 import zarr.storage
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
-from scvi_scale.data.store import CHUNK_ROWS_ATTR, StoreError
+from scvi_scale.data.store import CHUNK_ROWS_ATTR, EVERY_CHUNK_ATTR, StoreError
 from scvi_scale.data.validate import check_counts
+
+logger = logging.getLogger("scvi_scale.data")
 
 DEFAULT_CHUNK_ROWS = 4096
 NNZ_CHUNKS_PER_BLOCK = 4  # data/indices chunks per row block (see the module docstring)
@@ -56,13 +71,57 @@ MIN_NNZ_CHUNK = 16_384  # smallest data/indices chunk, in values: keeps very spa
 INDPTR_CHUNK_BLOCKS = 16  # row blocks per indptr chunk
 INT32_INDEX_LIMIT = np.iinfo(np.int32).max  # up to this many non-zeros, indptr is stored as int32
 COMPRESSION_LEVEL = 3
+DEFAULT_ZARR_FORMAT = 3
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}  # zarr's array config: chunks of zeros are written too
 
 
-def _compressor(zarr_format: int):
-    """Blosc zstd with byte shuffle, in the codec spelling each Zarr format wants."""
+def _compressors(zarr_format: int):
+    """Blosc zstd with byte shuffle, then (format 3) a crc32c checksum, in the codec spelling each format wants."""
     if zarr_format == 2:
         return numcodecs.Blosc(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle=numcodecs.Blosc.SHUFFLE)
-    return BloscCodec(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle="shuffle")
+    return [BloscCodec(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle="shuffle"), Crc32cCodec()]
+
+
+SCRATCH_KINDS = ("partial", "replaced", "buckets")  # the store being written, the one it replaces, 10x buckets
+
+
+def scratch_sibling(path: Path, kind: str) -> Path:
+    """A hidden sibling of `path` for temporary files, named for this host and process so that a later run can tell
+    whether its writer is gone: `.<name>.<kind>-<host>-<pid>-<random>`, kind one of SCRATCH_KINDS."""
+    return path.parent / f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_abandoned_siblings(path: Path) -> None:
+    """Delete the scratch siblings of `path` (see scratch_sibling) whose process, on this host, is gone.
+
+    Also those of the older form `.<name>.partial-<12 hex digits>`, written before writers named themselves.
+    """
+    if not path.parent.is_dir():
+        return
+    name, kinds = re.escape(path.name), "|".join(SCRATCH_KINDS)
+    named = re.compile(rf"\.{name}\.(?:{kinds})-(?P<host>.+)-(?P<pid>\d+)-[0-9a-z_]+")
+    older = re.compile(rf"\.{name}\.(?:partial|replaced)-[0-9a-f]{{12}}")
+    for sibling in path.parent.iterdir():
+        match = named.fullmatch(sibling.name)
+        if match is not None and not _is_gone(match["host"], int(match["pid"])):
+            continue
+        if match is None and older.fullmatch(sibling.name) is None:
+            continue
+        shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+        logger.info("removed %s, left behind by an interrupted write of %s", sibling, path)
+
+
+def _is_gone(host: str, pid: int) -> bool:
+    """True when process `pid` of `host` no longer runs; False when it runs or when `host` is another machine."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it runs, as another user
+        return False
+    return False
 
 
 def write_elem(group: zarr.Group, key: str, value, **kwargs) -> None:
@@ -108,8 +167,10 @@ class StoreWriter:
 
     path: the store to create. var: DataFrame indexed by unique gene names, one row per column of the counts.
     sparse: write X as CSR (True) or dense (False). validate: check every block's counts (finite, non-negative,
-    integer-valued) and raise CountValidationError at the first bad one. zarr_format: 2 or 3. overwrite: replace an
-    existing store at `path` (only once the new one is complete). where: how errors name the source.
+    integer-valued, within float32's range) and raise CountValidationError at the first bad one. zarr_format: 3
+    (checksummed) or 2. overwrite: replace an existing store at `path` (only once the new one is complete). where:
+    how errors name the source. obs columns of strings must not hold missing values (anndata would store NaN as the
+    string 'nan', a category of its own): StoreError names the rows.
     """
 
     def __init__(
@@ -120,7 +181,7 @@ class StoreWriter:
         sparse: bool = True,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         validate: bool = True,
-        zarr_format: int = 2,
+        zarr_format: int = DEFAULT_ZARR_FORMAT,
         overwrite: bool = False,
         where: str | None = None,
     ):
@@ -157,12 +218,18 @@ class StoreWriter:
         self._appenders: dict[str, _ChunkAlignedAppender] = {}
         self._closed = False
 
-        self._partial = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:12]}"
+        self._compressors = _compressors(zarr_format)
+        remove_abandoned_siblings(self.path)
+        self._partial = scratch_sibling(self.path, "partial")
         self._root = zarr.open_group(str(self._partial), mode="w-", zarr_format=zarr_format)
         self._root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        write_elem(self._root, "var", var)
+        write_elem(self._root, "var", var, dataset_kwargs=self._dataset_kwargs())
         for name in ("layers", "obsm", "varm", "obsp", "varp"):
             write_elem(self._root, name, {})
+
+    def _dataset_kwargs(self, **kwargs) -> dict:
+        """anndata's dataset_kwargs for the arrays it writes: our compressors (checksums in format 3)."""
+        return {"compressors": self._compressors, **kwargs}
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -193,6 +260,7 @@ class StoreWriter:
             return
         obs = obs.set_axis(obs.index.astype(str))
         self._check_obs_schema(obs)
+        self._check_no_missing_strings(obs)
         if self.sparse:
             counts = sp.csr_matrix(counts)
             if not counts.has_canonical_format:  # duplicates summed, columns sorted within rows (on a copy)
@@ -226,6 +294,22 @@ class StoreWriter:
                     f"earlier rows had {dtype}; every block needs the same dtype (categoricals: same categories)"
                 )
 
+    def _check_no_missing_strings(self, obs: pd.DataFrame) -> None:
+        """A missing value in a column of strings would be written as the string 'nan': refuse it, naming the rows."""
+        for column in obs.columns:
+            if obs[column].dtype != object:
+                continue
+            missing = np.flatnonzero(obs[column].isna().to_numpy())
+            if len(missing):
+                rows = (self.n_obs + missing[:5]).tolist()
+                raise StoreError(
+                    f"{self.where}: obs column {column!r} (strings) has missing values (NaN/None) in {len(missing)} "
+                    f"row(s) of rows [{self.n_obs}, {self.n_obs + len(obs)}), e.g. rows {rows} (cells "
+                    f"{obs.index[missing[:5]].tolist()}); anndata would store them as the string 'nan', which "
+                    "would become a category of its own: fill them, or make the column categorical (NaN stays "
+                    "missing there)"
+                )
+
     def _write_pending(self, final: bool) -> None:
         """Write all whole blocks of chunk_rows rows that are pending (and the remainder too when final)."""
         counts_parts, obs_parts = zip(*self._pending)
@@ -245,7 +329,7 @@ class StoreWriter:
     def _write_block(self, counts, obs: pd.DataFrame) -> None:
         if self._n_written == 0:
             self._create_x(counts)
-            write_elem(self._root, "obs", obs, dataset_kwargs={"chunks": (self.chunk_rows,)})
+            write_elem(self._root, "obs", obs, dataset_kwargs=self._dataset_kwargs(chunks=(self.chunk_rows,)))
         else:
             self._append_obs(obs)
         if self.sparse:
@@ -259,25 +343,26 @@ class StoreWriter:
 
     def _create_x(self, first_block) -> None:
         """Create X sized for the first block: CSR data/indices chunks hold a quarter of a block's non-zeros."""
-        compressor = _compressor(self.zarr_format)
         if not self.sparse:
             dense = self._root.create_array(
                 "X", shape=(0, self.n_vars), chunks=(self.chunk_rows, self.n_vars), dtype="float32",
-                compressors=compressor,
+                compressors=self._compressors, config=WRITE_EVERY_CHUNK,
             )
-            dense.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            dense.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0", EVERY_CHUNK_ATTR: True})
             self._appenders["X"] = _ChunkAlignedAppender(dense)
             return
         nnz_per_row = first_block.nnz / first_block.shape[0]
         nnz_chunk = max(MIN_NNZ_CHUNK, math.ceil(nnz_per_row * self.chunk_rows / NNZ_CHUNKS_PER_BLOCK))
         group = self._root.create_group("X")
-        group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
+        group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", EVERY_CHUNK_ATTR: True})
         for name, dtype, chunk in (
             ("data", "float32", nnz_chunk),
             ("indices", "int32", nnz_chunk),
             ("indptr", "int64", self.chunk_rows * INDPTR_CHUNK_BLOCKS),
         ):
-            array = group.create_array(name, shape=(0,), chunks=(chunk,), dtype=dtype, compressors=compressor)
+            array = group.create_array(
+                name, shape=(0,), chunks=(chunk,), dtype=dtype, compressors=self._compressors, config=WRITE_EVERY_CHUNK
+            )
             self._appenders[name] = _ChunkAlignedAppender(array)
         self._appenders["indptr"].append(np.zeros(1, dtype=np.int64))
 
@@ -309,7 +394,7 @@ class StoreWriter:
                 self._root["X"].attrs.update({"shape": shape, CHUNK_ROWS_ATTR: self.chunk_rows})
                 if self._nnz <= INT32_INDEX_LIMIT:
                     self._narrow_indptr()
-            write_elem(self._root, "uns", dict(uns or {}))
+            write_elem(self._root, "uns", dict(uns or {}), dataset_kwargs=self._dataset_kwargs())
             with warnings.catch_warnings():
                 # zarr warns that consolidated metadata is not yet in the Zarr v3 spec; anndata writes it anyway.
                 warnings.simplefilter("ignore", UserWarning)
@@ -326,7 +411,8 @@ class StoreWriter:
         group = self._root["X"]
         wide = group["indptr"]
         narrow = group.create_array(
-            "indptr_int32", shape=wide.shape, chunks=wide.chunks, dtype="int32", compressors=wide.compressors
+            "indptr_int32", shape=wide.shape, chunks=wide.chunks, dtype="int32", compressors=self._compressors,
+            config=WRITE_EVERY_CHUNK,
         )
         for start in range(0, wide.shape[0], wide.chunks[0]):
             narrow[start : start + wide.chunks[0]] = wide[start : start + wide.chunks[0]].astype(np.int32)
@@ -339,7 +425,7 @@ class StoreWriter:
         if self.path.exists():
             if not self.overwrite:
                 raise StoreError(f"{self.path} appeared while writing; pass overwrite=True to replace it")
-            replaced = self.path.parent / f".{self.path.name}.replaced-{uuid.uuid4().hex[:12]}"
+            replaced = scratch_sibling(self.path, "replaced")
             self.path.rename(replaced)
         self._partial.rename(self.path)
         if replaced is not None:
