@@ -36,7 +36,8 @@ Threads. Zarr's codecs release the GIL while decompressing, so `num_workers` rea
 the caller's compute; at most `prefetch_blocks` block reads are queued or running, and at most `prefetch_batches`
 finished minibatches wait in a queue. One producer thread turns blocks into minibatches. Closing the iterator early
 (break, an exception, generator close) stops and joins every thread before it returns; a failed block read
-surfaces in the consumer as `BlockReadError` naming the row range, with the original error as its cause.
+surfaces in the consumer as `BlockReadError` naming the row range, with the original error as its cause (a
+`StoreError` of the store's own checks, which names the chunk already, passes through as it is).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
+
+from scvi_scale.data.store import StoreError
 
 DEFAULT_TRAIN_BATCH_SIZE = 128  # scvi-tools' default
 DEFAULT_INFERENCE_BATCH_SIZE = 4096
@@ -305,6 +308,8 @@ class _MinibatchStream:
                 block = read(start, stop)
             else:
                 block = self._lazy[start:stop].compute(scheduler="sync")
+        except StoreError:
+            raise  # it names the store, the array, the chunk and its rows already
         except Exception as error:
             raise BlockReadError(
                 f"reading rows [{start}, {stop}) of {self.reader!r} failed: {type(error).__name__}: {error}"

@@ -312,3 +312,22 @@ def test_cli_train_writes_a_loadable_model(tmp_path):
     assert SCVI.load(out, store).get_latent_representation().shape == (500, 5)
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_a_model_over_a_store_never_reads_x_whole(tmp_path, monkeypatch):
+    """The out-of-core promise: training, the latent, normalized expression and DE read X in row blocks only."""
+    from scvi_scale.data import CountStore
+
+    path = synthetic_atlas(tmp_path / "blocks.zarr", n_cells=1200, n_genes=200, n_batches=2, seed=4,
+                           chunk_rows=200).path
+    reads = []
+    real_read = CountStore.read_raw
+    monkeypatch.setattr(CountStore, "read_raw", lambda self, start, stop: reads.append(stop - start)
+                        or real_read(self, start, stop))
+    SCVI.setup_zarr(path, batch_key="batch", labels_key="cell_type")
+    model = SCVI(path, n_latent=4, n_hidden=32)
+    model.train(max_epochs=1)
+    model.get_latent_representation()
+    model.get_normalized_expression(return_numpy=True)
+    model.differential_expression(groupby="cell_type", n_samples_overall=100)
+    assert reads and max(reads) <= 200

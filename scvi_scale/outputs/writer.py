@@ -52,7 +52,7 @@ import scipy.sparse as sp
 import zarr
 
 from scvi_scale.data.store import CHUNK_ROWS_ATTR, CountStore, StoreError, open_anndata_group
-from scvi_scale.data.writer import INT32_INDEX_LIMIT, write_elem
+from scvi_scale.data.writer import INT32_INDEX_LIMIT, remove_abandoned_siblings, scratch_sibling, write_elem
 
 OUTPUT_ATTR = "scvi_scale_output"
 WRITABLE_GROUPS = ("obsm", "layers", "uns")
@@ -147,7 +147,8 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
                     "the input's cells and genes in the same order (choose another path)"
                 )
         return str(path)
-    partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
+    remove_abandoned_siblings(path)  # a killed earlier attempt's folder
+    partial = scratch_sibling(path, "partial")
     try:
         root = zarr.open_group(str(partial), mode="w-", zarr_format=source.metadata.zarr_format)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
