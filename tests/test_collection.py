@@ -156,6 +156,8 @@ def test_samplers_over_a_collection_give_the_concatenated_cells(stores, join):
     codes = collection.store_index.astype(np.int64)
     sequential = list(SequentialSampler(collection, batch_size=45, obs_arrays={"store": codes}, return_csr=True))
     np.testing.assert_array_equal(np.concatenate([mb["x"] for mb in sequential]), expected)
+    through_dask = SequentialSampler(collection, batch_size=45, read_with="dask")
+    np.testing.assert_array_equal(np.concatenate([mb["x"] for mb in through_dask]), expected)
     for minibatch in sequential:
         indptr, indices, data = minibatch["x_csr"]
         rebuilt = sp.csr_matrix((data, indices, indptr), shape=minibatch["x"].shape).toarray()

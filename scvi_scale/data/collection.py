@@ -97,16 +97,6 @@ def _map_columns(block, columns: np.ndarray, n_vars: int, sorted_after: bool):
     return mapped
 
 
-def _stack(parts: list, sparse: bool):
-    """Row blocks of consecutive stores (already in the joined columns) as one block: CSR when sparse."""
-    if len(parts) == 1:
-        block = parts[0]
-        return sp.csr_matrix(block) if sparse and isinstance(block, np.ndarray) else block
-    if not sparse:
-        return np.concatenate(parts)
-    return sp.vstack([sp.csr_matrix(part) for part in parts], format="csr")
-
-
 class StoreCollection:
     """Count stores read as one store of their concatenated cells; see the module docstring.
 
@@ -138,6 +128,9 @@ class StoreCollection:
         if join not in JOINS:
             raise ValueError(f"join={join!r}: expected one of {JOINS}")
         self.stores = [store if isinstance(store, CountStore) else CountStore(store, layer=layer) for store in stores]
+        layers = {store.layer for store in self.stores}
+        if layers != {layer}:
+            raise ValueError(f"layer={layer!r}, but the CountStores given read layers {sorted(map(str, layers))}")
         self.paths = [store.path for store in self.stores]
         self.layer = layer
         self.join = join
@@ -179,6 +172,8 @@ class StoreCollection:
         self.shape = (self.n_obs, self.n_vars)
         self.is_sparse = any(store.is_sparse for store in self.stores)
         self.chunk_rows = min(store.chunk_rows for store in self.stores)
+        if label is not None and any(label in store.obs_keys() for store in self.stores):
+            raise ValueError(f"label={label!r} is already an obs column of a store; choose another name")
 
     # --- pickling and description ------------------------------------------------------------------------------
 
@@ -289,11 +284,16 @@ class StoreCollection:
             if parts and low >= high:
                 break
             local = int(low - self.offsets[index]), int(max(low, high) - self.offsets[index])
-            block = self.stores[index].read_raw(*local)
-            if not self._identity[index]:
-                block = _map_columns(block, self.store_columns[index], self.n_vars, self._sorted_after[index])
-            parts.append(block)
-        return _stack(parts, self.is_sparse)
+            parts.append(self._in_joined_genes(index, self.stores[index].read_raw(*local)))
+        if len(parts) == 1:
+            return parts[0]
+        return sp.vstack(parts, format="csr") if self.is_sparse else np.concatenate(parts)
+
+    def _in_joined_genes(self, index: int, block):
+        """A block read from store `index` with its columns in the joined genes; CSR when the collection is."""
+        if not self._identity[index]:
+            block = _map_columns(block, self.store_columns[index], self.n_vars, self._sorted_after[index])
+        return sp.csr_matrix(block) if self.is_sparse and isinstance(block, np.ndarray) else block
 
     def read_csr(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as float32 CSR, (stop - start, n_vars)."""
@@ -314,19 +314,14 @@ class StoreCollection:
         return np.concatenate(bounds + [np.array([self.n_obs], dtype=np.int64)])
 
     def to_dask(self) -> da.Array:
-        """The counts as a lazy float32 dask array (n_obs, n_vars), one chunk per block of block_bounds()."""
-        bounds = self.block_bounds()
-        read = self.read_csr if self.is_sparse else self.read_dense
+        """The counts as a lazy float32 dask array (n_obs, n_vars): the stores' own dask views (one chunk per
+        chunk_rows rows of each store, the chunks of block_bounds()) with their columns mapped, one after the other."""
         meta = sp.csr_matrix((0, 0), dtype=np.float32) if self.is_sparse else np.empty((0, 0), dtype=np.float32)
-
-        def read_block(block_info=None):
-            start, stop = block_info[None]["array-location"][0]
-            return read(start, stop)
-
-        return da.map_blocks(
-            read_block,
-            chunks=(tuple(np.diff(bounds).tolist()), (self.n_vars,)),
-            dtype=np.float32,
-            meta=meta,
-            name="store-collection-" + da.core.tokenize(self.__getstate__(), self.shape),
-        )
+        parts = []
+        for index, store in enumerate(self.stores):
+            lazy = store.to_dask()
+            parts.append(lazy.map_blocks(
+                functools.partial(self._in_joined_genes, index), chunks=(lazy.chunks[0], (self.n_vars,)),
+                dtype=np.float32, meta=meta,
+            ))
+        return da.concatenate(parts, axis=0)
