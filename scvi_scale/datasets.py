@@ -18,7 +18,8 @@ Generative model (natural logs unless a name says log2; the constants below the 
   median library size by exp(Normal(0, 0.25)), and has its own cell-type composition ~ Dirichlet(3, ..., 3).
 - Continuous covariate obs["cycling_score"] ~ Normal(0, 1) scales a programme of 40 "cycling" genes (fewer when n_genes < ~1300; disjoint
   from markers) by exp(c_g * score), c_g ~ Uniform(0.3, 0.8), recorded in var["cycling_coef"] (0 elsewhere).
-- Library size l_i ~ LogNormal(log 2000 + batch shift, 0.4). Counts: x_ig ~ NB(mean l_i * softmax_g(type
+- Library size l_i ~ LogNormal(log library_median + batch shift, 0.4), library_median 2000 by default (non-zeros
+  per cell grow slowly with it: ~200 at 2000 genes, ~235 at 3000). Counts: x_ig ~ NB(mean l_i * softmax_g(type
   profile logits + e_k + c score_i), inverse dispersion theta_g), the means in float32 (`negative_binomial_csr`:
   zero or not from one exponential draw per entry in float32, then each non-zero value in float64 by inverting
   the CDF of NB given > 0 for means up to 4, by gamma-Poisson draws repeated until positive above). About 90% of
@@ -84,7 +85,8 @@ class AtlasParameters:
 
 
 def atlas_parameters(
-    n_genes: int, n_batches: int, n_cell_types: int, markers_per_type: int | None, seed: int
+    n_genes: int, n_batches: int, n_cell_types: int, markers_per_type: int | None, seed: int,
+    library_median: float = LIBRARY_MEDIAN,
 ) -> AtlasParameters:
     """Draw the shared parameters of an atlas (see the module docstring) from SeedSequence(seed, spawn_key=(0,)).
 
@@ -124,7 +126,7 @@ def atlas_parameters(
     return AtlasParameters(
         type_log_profile=base[None, :] + marker_log2fc * np.log(2.0) + SILENCED_LOG_SHIFT * silenced,
         batch_gene_log_effect=rng.normal(0.0, BATCH_GENE_LOG_SD, (n_batches, n_genes)),
-        batch_library_log_median=np.log(LIBRARY_MEDIAN) + rng.normal(0.0, BATCH_LIBRARY_LOG_SD, n_batches),
+        batch_library_log_median=np.log(library_median) + rng.normal(0.0, BATCH_LIBRARY_LOG_SD, n_batches),
         batch_type_composition=rng.dirichlet(np.full(n_cell_types, TYPE_COMPOSITION_ALPHA), n_batches),
         cycling_coef=cycling_coef,
         theta=theta,
@@ -294,21 +296,24 @@ def synthetic_atlas(
     markers_per_type: int | None = None,
     zarr_format: int = 2,
     overwrite: bool = False,
+    library_median: float = LIBRARY_MEDIAN,
 ) -> CountStore:
     """Write a synthetic atlas of n_cells x n_genes counts (CSR) to `path` and return it opened.
 
     obs: "batch" (categorical "batch_0", ...), "cell_type" (categorical "type_0", ...), "cycling_score" (float).
     var: "marker_of", "marker_lfc" (log2), "cycling_coef", "theta". uns["synthetic_atlas"]: the arguments and
     "true_log2_scale". markers_per_type: None gives 20 (fewer when n_genes is too small to hold them: about
-    0.12 n_genes genes are candidates; the number used is in uns). See the module docstring for the model and
-    for reproducibility.
+    0.12 n_genes genes are candidates; the number used is in uns). library_median: median library size (UMIs
+    per cell) before the batches' shifts. See the module docstring for the model and for reproducibility.
     """
     if n_cells < 1 or n_genes < 1 or n_batches < 1 or n_cell_types < 2:
         raise ValueError(
             f"need n_cells, n_genes, n_batches >= 1 and n_cell_types >= 2; got {n_cells}, {n_genes}, "
             f"{n_batches}, {n_cell_types}"
         )
-    params = atlas_parameters(n_genes, n_batches, n_cell_types, markers_per_type, seed)
+    if not library_median > 0:
+        raise ValueError(f"library_median must be positive, got {library_median}")
+    params = atlas_parameters(n_genes, n_batches, n_cell_types, markers_per_type, seed, library_median)
     type_names = [f"type_{index}" for index in range(n_cell_types)]
     batch_dtype = pd.CategoricalDtype([f"batch_{index}" for index in range(n_batches)])
     type_dtype = pd.CategoricalDtype(type_names)
@@ -325,6 +330,7 @@ def synthetic_atlas(
         "synthetic_atlas": {
             "n_cells": n_cells, "n_genes": n_genes, "n_batches": n_batches, "n_cell_types": n_cell_types,
             "seed": seed, "markers_per_type": int(np.count_nonzero(params.marker_type == 0)),
+            "library_median": library_median,
             "true_log2_scale": true_log2_scale(params),
         }
     }

@@ -143,3 +143,13 @@ def test_small_gene_counts_get_fewer_markers_and_explicit_excess_is_an_error(tmp
     with pytest.raises(ValueError, match="8 cell types x 20 markers .* n_genes=200"):
         synthetic_atlas(tmp_path / "s.zarr", 100, n_genes=200, markers_per_type=20)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_library_median_scales_the_libraries(tmp_path):
+    default = ad.read_zarr(synthetic_atlas(tmp_path / "default.zarr", 3000, seed=2).path)
+    deeper = ad.read_zarr(synthetic_atlas(tmp_path / "deeper.zarr", 3000, seed=2, library_median=6000.0).path)
+    ratio = np.median(np.asarray(deeper.X.sum(axis=1))) / np.median(np.asarray(default.X.sum(axis=1)))
+    assert 2.5 < ratio < 3.5 and deeper.X.nnz > default.X.nnz
+    assert deeper.uns["synthetic_atlas"]["library_median"] == 6000.0
+    with pytest.raises(ValueError, match="library_median must be positive"):
+        synthetic_atlas(tmp_path / "bad.zarr", 10, library_median=0)
