@@ -17,7 +17,12 @@ from scvi_scale.datasets import negative_binomial_csr, synthetic_atlas
 pytestmark = pytest.mark.filterwarnings("ignore:.*zarr v2 data will no longer be the default.*")
 
 
-@pytest.mark.parametrize(("mean", "theta"), [(0.05, 0.3), (0.8, 0.3), (6.0, 0.5), (40.0, 2.0), (300.0, 0.2)])
+# Both paths for the non-zero entries: CDF inversion (mean <= INVERSION_MAX_MEAN = 4; (3.5, 0.07) walks far into
+# a heavy tail) and gamma-Poisson repeated until positive (larger means; (4.5, 0.07) has P(0) ~ 0.74).
+@pytest.mark.parametrize(
+    ("mean", "theta"),
+    [(0.05, 0.3), (0.8, 0.3), (3.5, 0.07), (4.5, 0.07), (6.0, 0.5), (40.0, 2.0), (300.0, 0.2)],
+)
 def test_negative_binomial_sampler_matches_scipy(mean, theta):
     n = 200_000
     draws = negative_binomial_csr(np.random.default_rng(11), np.full((n, 1), mean), np.array([theta]))
@@ -27,7 +32,25 @@ def test_negative_binomial_sampler_matches_scipy(mean, theta):
     support = np.arange(10)
     empirical = np.array([(values == k).mean() for k in support])
     np.testing.assert_allclose(empirical, reference.pmf(support), atol=4 * np.sqrt(0.25 / n))
+    for k in (10, 30, 100, 300):  # the tail, where a CDF walk stopping early would show
+        tail = reference.sf(k - 1)
+        assert abs((values >= k).mean() - tail) <= 5 * np.sqrt(tail * (1 - tail) / n) + 1e-5, k
     assert abs(values.mean() - mean) < 5 * reference.std() / np.sqrt(n)
+
+
+def test_negative_binomial_entries_are_independent_of_their_neighbours():
+    """Entries of many means in one matrix (so both paths at once, interleaved) each follow their own NB."""
+    rng = np.random.default_rng(5)
+    means = np.array([0.01, 0.5, 3.9, 4.1, 25.0, 150.0])
+    thetas = np.array([0.3, 0.1, 0.5, 0.07, 1.0, 0.2])
+    n = 60_000
+    values = negative_binomial_csr(rng, np.tile(means, (n, 1)).astype(np.float32), thetas).toarray()
+    for column, (mean, theta) in enumerate(zip(means, thetas)):
+        reference = stats.nbinom(theta, theta / (theta + mean))
+        for k in (0, 1, 2, 5):
+            expected = reference.pmf(k)
+            assert abs((values[:, column] == k).mean() - expected) <= 5 * np.sqrt(expected * (1 - expected) / n)
+        assert abs(values[:, column].mean() - mean) < 5 * reference.std() / np.sqrt(n)
 
 
 def x_arrays(path) -> dict[str, np.ndarray]:
@@ -120,3 +143,13 @@ def test_small_gene_counts_get_fewer_markers_and_explicit_excess_is_an_error(tmp
     with pytest.raises(ValueError, match="8 cell types x 20 markers .* n_genes=200"):
         synthetic_atlas(tmp_path / "s.zarr", 100, n_genes=200, markers_per_type=20)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_library_median_scales_the_libraries(tmp_path):
+    default = ad.read_zarr(synthetic_atlas(tmp_path / "default.zarr", 3000, seed=2).path)
+    deeper = ad.read_zarr(synthetic_atlas(tmp_path / "deeper.zarr", 3000, seed=2, library_median=6000.0).path)
+    ratio = np.median(np.asarray(deeper.X.sum(axis=1))) / np.median(np.asarray(default.X.sum(axis=1)))
+    assert 2.5 < ratio < 3.5 and deeper.X.nnz > default.X.nnz
+    assert deeper.uns["synthetic_atlas"]["library_median"] == 6000.0
+    with pytest.raises(ValueError, match="library_median must be positive"):
+        synthetic_atlas(tmp_path / "bad.zarr", 10, library_median=0)
