@@ -45,7 +45,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scvi_scale.data.store import CountStore
-from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, StoreWriter
+from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, DEFAULT_ZARR_FORMAT, StoreWriter
 
 GENERATION_BLOCK_ROWS = 1024
 BASE_LOG_SD = 3.0
@@ -294,7 +294,7 @@ def synthetic_atlas(
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     markers_per_type: int | None = None,
-    zarr_format: int = 2,
+    zarr_format: int = DEFAULT_ZARR_FORMAT,
     overwrite: bool = False,
     library_median: float = LIBRARY_MEDIAN,
 ) -> CountStore:

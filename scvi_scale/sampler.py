@@ -15,7 +15,8 @@ Both streams read ahead in background threads and yield one dict of numpy arrays
     <key>    obs_arrays[key][rows] for every per-cell array passed in ("batch", "labels", "cat_covs", ...)
 
 The reader is a `scvi_scale.data.CountStore` or any object with the same `n_obs`, `n_vars`, `chunk_rows`,
-`is_sparse`, `read_csr(start, stop)` and `read_dense(start, stop)`, plus `to_dask()` for read_with="dask".
+`is_sparse`, `read_csr(start, stop)`, `read_dense(start, stop)` and `block_bounds(block_rows)` (where
+its blocks start: a collection of stores restarts them at each store), plus `to_dask()` for read_with="dask".
 
     >>> train_rows, validation_rows = train_validation_split(store.n_obs, train_size=0.9, seed=0)
     >>> sampler = BlockShuffleSampler(store, train_rows, batch_size=128, obs_arrays={"batch": batch_codes})
@@ -166,6 +167,12 @@ def _checked_obs_arrays(obs_arrays: Mapping[str, np.ndarray] | None, n_obs: int)
     return checked
 
 
+def _block_of(rows: np.ndarray, block_bounds: np.ndarray) -> np.ndarray:
+    """The block of each (sorted) row, blocks being [block_bounds[b], block_bounds[b + 1]): the reader's own
+    bounds, so a collection's blocks restart at each of its stores and never straddle two."""
+    return np.searchsorted(block_bounds, rows, side="right") - 1
+
+
 def _concatenated_ranges(firsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Indices firsts[0]..firsts[0]+lengths[0]-1, then firsts[1].., ... as one int64 array, without a Python loop."""
     starts_in_output = np.cumsum(lengths) - lengths
@@ -216,7 +223,7 @@ class _Buffer:
         them (None when emission order is store order).
     """
 
-    def __init__(self, rows: np.ndarray, block_rows: int):
+    def __init__(self, rows: np.ndarray, block_bounds: np.ndarray):
         self.rows = rows
         if np.all(rows[1:] > rows[:-1]):
             sorted_rows, self.positions = rows, None
@@ -225,7 +232,7 @@ class _Buffer:
             sorted_rows = rows[order]
             self.positions = np.empty_like(order)
             self.positions[order] = np.arange(len(order))
-        blocks = sorted_rows // block_rows
+        blocks = _block_of(sorted_rows, block_bounds)
         self.reads = []
         for wanted in np.split(sorted_rows, np.flatnonzero(blocks[1:] != blocks[:-1]) + 1):
             start, stop = int(wanted[0]), int(wanted[-1]) + 1
@@ -282,6 +289,7 @@ class _MinibatchStream:
         self.rows = _sorted_rows(rows, self.n_obs, "rows")
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.block_rows = _positive_int(reader.chunk_rows if block_rows is None else block_rows, "block_rows")
+        self.block_bounds = reader.block_bounds(self.block_rows)
         self.obs_arrays = _checked_obs_arrays(obs_arrays, self.n_obs)
         self.return_csr = bool(return_csr)
         self.dense = bool(dense)
@@ -369,7 +377,7 @@ class _MinibatchStream:
 
         executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="scvi-scale-read")
         try:
-            buffers = (_Buffer(rows, self.block_rows) for rows in buffer_rows)
+            buffers = (_Buffer(rows, self.block_bounds) for rows in buffer_rows)
             for parts in _cut(self._load(executor, buffers), batch_sizes):
                 if not put(self._assemble(parts)):
                     return
@@ -480,7 +488,7 @@ class BlockShuffleSampler(_MinibatchStream):
         self.rank = int(rank)
 
         # The blocks that hold any of the rows: block_first[b] indexes self.rows, block_cells[b] counts them.
-        block_of_row = self.rows // self.block_rows
+        block_of_row = _block_of(self.rows, self.block_bounds)
         self._block_first = np.flatnonzero(np.r_[True, block_of_row[1:] != block_of_row[:-1]])
         self._block_cells = np.diff(np.r_[self._block_first, len(self.rows)])
 
@@ -637,7 +645,7 @@ class SequentialSampler(_MinibatchStream):
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        blocks = self.rows // self.block_rows
+        blocks = _block_of(self.rows, self.block_bounds)
         buffer_rows = np.split(self.rows, np.flatnonzero(blocks[1:] != blocks[:-1]) + 1)
         batch_sizes = np.full(len(self), self.batch_size, dtype=np.int64)
         batch_sizes[-1] = len(self.rows) - (len(self) - 1) * self.batch_size

@@ -132,18 +132,9 @@ STAGES = {
                             obs_arrays={"batch": codes}, **STREAMING)
     ),
 }
-KNOWN_GROWTH = {
-    "Registry.build": "~113 B per cell: CountStore.obs_column indexes every column by obs_names, read as Python "
-    "strings (-67 B when it does not), and Registry._codes recodes each column through an object array (-29 B "
-    "when it maps the categorical codes instead)",
-}
 
 
-@pytest.mark.parametrize(
-    "stage",
-    [pytest.param(stage, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GROWTH[stage]))
-     if stage in KNOWN_GROWTH else stage for stage in STAGES],
-)
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_peak_memory_does_not_grow_with_the_cells(sized_stores, stage):
     peaks = {}
     for n_cells, path in sized_stores.items():

@@ -48,6 +48,9 @@ class MemoryReader:
         rows = self._rows(start, stop)
         return (rows.toarray() if self.is_sparse else rows).astype(np.float32)
 
+    def block_bounds(self, block_rows):
+        return np.append(np.arange(0, self.n_obs, block_rows), self.n_obs)
+
 
 def random_counts(n_obs: int, seed: int = 0) -> sp.csr_matrix:
     """(n_obs, N_GENES) CSR counts whose row r holds r + 1 in its first column, so every row is distinct."""

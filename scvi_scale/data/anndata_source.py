@@ -89,13 +89,16 @@ class AnnDataSource(CountStore):
     def obs_names(self) -> pd.Index:
         return self.adata.obs_names
 
+    def obs_name_hashes(self) -> np.ndarray:
+        return pd.util.hash_array(self.obs_names.to_numpy(dtype=object))
+
     def obs_keys(self) -> list[str]:
         return list(self.adata.obs.columns)
 
     def obs_column(self, key: str) -> pd.Series:
         if key not in self.adata.obs.columns:
             raise StoreError(f"{self.path}: obs has no column {key!r}; its columns are {self.obs_keys()}")
-        return self.adata.obs[key]
+        return self.adata.obs[key].reset_index(drop=True)  # by row position, as CountStore.obs_column
 
     def var_frame(self) -> pd.DataFrame:
         return self.adata.var

@@ -236,18 +236,22 @@ class StoreCollection:
     def obs_names(self) -> pd.Index:
         return pd.Index(np.concatenate([store.obs_names.to_numpy() for store in self.stores]))
 
+    def obs_name_hashes(self) -> np.ndarray:
+        return np.concatenate([store.obs_name_hashes() for store in self.stores])
+
     def obs_keys(self) -> list[str]:
         """The obs columns, as anndata.concat orders them (pandas' concat of the stores' columns), then `label`."""
         columns = pd.concat([pd.DataFrame(columns=store.obs_keys()) for store in self.stores], join=self.join).columns
         return list(columns) + ([self.label] if self.label is not None else [])
 
     def obs_column(self, key: str) -> pd.Series:
-        """One obs column over all cells, indexed by obs_names, as anndata.concat would build it (see module)."""
+        """One obs column over all cells, indexed by row position (as CountStore.obs_column), its values as
+        anndata.concat would build them (see module)."""
         if key not in self.obs_keys():
             raise StoreError(f"{self.path}: obs has no column {key!r}; the collection's columns are {self.obs_keys()}")
         if key == self.label:
             values = pd.Categorical.from_codes(self.store_index, categories=self.keys)
-            return pd.Series(values, index=self.obs_names, name=key)
+            return pd.Series(values, name=key)
         parts = [
             store.obs_column(key).reset_index(drop=True).to_frame()
             if key in store.obs_keys() else pd.DataFrame(index=pd.RangeIndex(store.n_obs))  # outer join: NaN
@@ -257,9 +261,7 @@ class StoreCollection:
         dtype = _unified_dtype(dtypes, has_missing=len(dtypes) < len(parts))
         if dtype is not None:
             parts = [part.astype({key: dtype}) if key in part else part for part in parts]
-        column = pd.concat(parts, join="outer", ignore_index=True)[key]
-        column.index = self.obs_names
-        return column
+        return pd.concat(parts, join="outer", ignore_index=True)[key]
 
     def var_frame(self) -> pd.DataFrame:
         """var of the joined genes: each column from the first store that has it (anndata's merge="first")."""

@@ -18,6 +18,7 @@ it as JSON. Conventions follow scvi-tools' AnnDataManager:
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -35,6 +36,21 @@ def _describe_rows(store: CountStore, rows: np.ndarray, limit: int = 5) -> str:
     shown = rows[:limit]
     names = [store.obs_names[row] for row in shown]
     return f"{len(rows)} row(s), e.g. rows {shown.tolist()} (cells {names})"
+
+
+def _duplicated_obs_names(store) -> list:
+    """The obs names that occur more than once (empty when they are unique), from one hash per cell read block by
+    block (8 bytes a cell); only cells whose hashes collide have their names read, to tell a repeat from a
+    collision."""
+    hashes = store.obs_name_hashes()
+    hashes.sort()
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
+    if not len(repeated):
+        return []
+    colliding = np.flatnonzero(np.isin(store.obs_name_hashes(), repeated))
+    names = pd.Index([store.obs_names[row] for row in colliding])
+    return list(names[names.duplicated()])
 
 
 def _column_without_missing(store: CountStore, key: str) -> pd.Series:
@@ -64,7 +80,14 @@ def _category_list(store: CountStore, key: str) -> list:
 def _codes(store: CountStore, key: str, categories: list, what: str) -> np.ndarray:
     """int64 codes of obs[key] in `categories`; raises naming rows whose value is missing or not a category."""
     column = store.obs_column(key)
-    codes = pd.Categorical(column.to_numpy(), categories=categories).codes.astype(np.int64)
+    if isinstance(column.dtype, pd.CategoricalDtype):  # map the column's own codes: no object array of 10M values
+        raw = column.cat.codes.to_numpy()
+        codes = pd.Index(categories).get_indexer(column.cat.categories).astype(np.int64)[raw]
+        missing = raw < 0
+        if missing.any():
+            codes[missing] = -1
+    else:
+        codes = pd.Categorical(column.to_numpy(), categories=categories).codes.astype(np.int64)
     unknown = np.flatnonzero(codes < 0)
     if len(unknown):
         values = pd.unique(column.iloc[unknown].astype(object))[:10].tolist()
@@ -198,15 +221,15 @@ class Registry:
         categoricals; continuous finite; size factors finite and > 0), then makes one pass over the counts for the
         library statistics, which proves every block of the store and validates the counts unless validate=False.
         """
-        if not isinstance(store, CountStore):
+        if isinstance(store, (str, os.PathLike)) and not hasattr(store, "read_raw"):
             store = CountStore(store, layer=layer)
         if store.n_obs < 2:
             raise StoreError(
                 f"{store.path}: the store has {store.n_obs} cell; a model cannot train on it (training needs cells "
                 "for a training and a validation set, and minibatches of at least 2 cells for BatchNorm)"
             )
-        if not store.obs_names.is_unique:  # one hash of every name: about 3% of the pass at 200k cells x 2000 genes
-            duplicated = store.obs_names[store.obs_names.duplicated()]
+        duplicated = _duplicated_obs_names(store)
+        if len(duplicated):
             raise StoreError(
                 f"{store.path}: {len(duplicated)} duplicated obs names (cell names), e.g. "
                 f"{list(pd.unique(duplicated)[:5])}; make them unique (e.g. AnnData.obs_names_make_unique) and "
@@ -254,7 +277,7 @@ class Registry:
         "size_factor" (N,) float32 when a size_factor_key is registered. A value outside the registered categories
         raises StoreError naming it and its rows (for new batches, use extend_batches first).
         """
-        if not isinstance(store, CountStore):
+        if isinstance(store, (str, os.PathLike)) and not hasattr(store, "read_raw"):
             store = CountStore(store, layer=self.layer)
         self.check_var_names(store)
         n_obs = store.n_obs
@@ -285,7 +308,7 @@ class Registry:
         keep their library statistics, new ones get theirs from the query (one pass, validating unless told not
         to). Labels and categorical covariates must stay within the registered categories.
         """
-        if not isinstance(query, CountStore):
+        if isinstance(query, (str, os.PathLike)) and not hasattr(query, "read_raw"):
             query = CountStore(query, layer=self.layer)
         if self.batch_key is None:
             raise StoreError("the registry has no batch_key, so there are no batch categories to extend")

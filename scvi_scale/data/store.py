@@ -291,18 +291,31 @@ class CountStore:
         obs = self._root["obs"]
         return pd.Index(anndata.io.read_elem(obs[obs.attrs.get("_index", "_index")]))
 
+    def obs_name_hashes(self) -> np.ndarray:
+        """(n_obs,) uint64 hashes of the obs names, read block by block (8 bytes a cell, never the names whole):
+        for checking that the names are unique at atlas scale."""
+        if "obs_names" in self.__dict__:  # already read
+            names = self.obs_names
+        else:
+            obs = self._root["obs"]
+            names = obs[obs.attrs.get("_index", "_index")]
+        block = 4_096  # names hashed at once: under a MB of temporaries, whatever the store's chunking
+        return np.concatenate([pd.util.hash_array(np.asarray(names[start : start + block], dtype=object))
+                               for start in range(0, self.n_obs, block)])
+
     def obs_keys(self) -> list[str]:
         """The obs column names, in the order anndata keeps them."""
         return list(self._root["obs"].attrs.get("column-order", []))
 
     def obs_column(self, key: str) -> pd.Series:
-        """One obs column indexed by obs_names; categoricals stay categorical. Reads only that column."""
+        """One obs column, indexed by row position (obs_names, 10M strings at atlas scale, are read only when
+        asked for); categoricals stay categorical. Reads only that column."""
         if key not in self.obs_keys():
             raise StoreError(f"{self.path}: obs has no column {key!r}; its columns are {self.obs_keys()}")
         values = anndata.io.read_elem(self._root["obs"][key])
         if len(values) != self.n_obs:
             raise StoreError(f"{self.path}: obs column {key!r} has {len(values)} rows, the counts have {self.n_obs}")
-        return pd.Series(values, index=self.obs_names, name=key)
+        return pd.Series(values, name=key)
 
     def var_frame(self) -> pd.DataFrame:
         """The whole var DataFrame (small: one row per gene)."""

@@ -120,9 +120,15 @@ def compare_groups(store, groupby=None, group1=None, group2=None, idx1=None, idx
         return Comparisons(codes, ["one", "two"], [(0, None if idx2 is None else 1)], labelled=False)
     if groupby is None:
         raise ValueError("pass groupby (an obs column) or idx1 to choose the cells to compare")
-    column = pd.Categorical(store.obs_column(groupby).to_numpy())
-    categories = list(column.categories)
-    codes = column.codes.astype(np.int64)
+    column = store.obs_column(groupby)
+    if isinstance(column.dtype, pd.CategoricalDtype):  # the groups sorted, as from the values, without an object array
+        categories = sorted(column.cat.categories[np.unique(column.cat.codes[column.cat.codes >= 0])].tolist())
+        lookup = pd.Index(categories).get_indexer(column.cat.categories)
+        raw = column.cat.codes.to_numpy()
+        codes = np.where(raw < 0, -1, lookup[raw]).astype(np.int64)
+    else:
+        values = pd.Categorical(column.to_numpy())
+        categories, codes = list(values.categories), values.codes.astype(np.int64)
     sizes = np.bincount(codes[codes >= 0], minlength=len(categories))
     if group1 is None:
         group1 = [category for category, size in zip(categories, sizes) if size > 0]
