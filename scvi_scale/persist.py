@@ -25,6 +25,7 @@ import torch
 
 from scvi_scale import scvi_tools_format
 from scvi_scale.data.registry import Registry
+from scvi_scale.data.writer import scratch_sibling
 from scvi_scale.module import VAE
 from scvi_scale.version import __version__
 
@@ -92,7 +93,7 @@ def atomic_save(payload, path: str | os.PathLike) -> None:
     """torch.save(payload) to a temporary file beside `path`, renamed over it (never a torn file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    temporary = scratch_sibling(path, "partial")  # named for this process: a later run removes it once we are gone
     try:
         torch.save(payload, temporary)
         os.replace(temporary, path)

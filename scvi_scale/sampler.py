@@ -426,7 +426,8 @@ class BlockShuffleSampler(_MinibatchStream):
     by at most one cell. With drop_last=False, K = ceil((N // world_size) / batch_size): every minibatch holds
     batch_size cells except each rank's last, which holds the rest of its piece (batch_size + 1 cells in the rare
     case that N // world_size is a multiple of batch_size and the rank holds one of the N % world_size extra
-    cells). With drop_last=True, K = (N // world_size) // batch_size minibatches of exactly batch_size cells; a
+    cells); when that rest would be 1 or 2 cells, too few for BatchNorm in training (the k * batch_size + 1 cells
+    case), they join the last full minibatch instead: K is one less and the last holds up to batch_size + 3. With drop_last=True, K = (N // world_size) // batch_size minibatches of exactly batch_size cells; a
     rank's cells past K * batch_size (the tail of its block order) are skipped and never read.
 
     State: (epoch, minibatches done). Iterating runs the rest of the current epoch and then moves to the next
@@ -507,13 +508,16 @@ class BlockShuffleSampler(_MinibatchStream):
             self._n_emit = n_batches * self.batch_size
         else:
             n_batches = math.ceil(per_rank / self.batch_size)
+            tail = per_rank % self.batch_size
+            if n_batches > 1 and 0 < tail < SMALL_LAST_BATCH:
+                n_batches -= 1  # 1 or 2 leftover cells join the last full minibatch (the same on every rank)
             self._n_emit = per_rank + (self.rank < extra)
         self._batch_sizes = np.full(n_batches, self.batch_size, dtype=np.int64)
         self._batch_sizes[-1] = self._n_emit - (n_batches - 1) * self.batch_size
         if self._batch_sizes[-1] < SMALL_LAST_BATCH:
             warnings.warn(
-                f"the last minibatch of every epoch holds {self._batch_sizes[-1]} cell(s), which breaks BatchNorm "
-                f"in training; use drop_last=True or another batch_size than {self.batch_size}",
+                f"every epoch is one minibatch of {self._batch_sizes[-1]} cell(s), too few for BatchNorm in "
+                "training; train on more cells",
                 UserWarning,
                 stacklevel=2,
             )

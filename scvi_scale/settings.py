@@ -2,11 +2,18 @@
 
     >>> from scvi_scale import settings
     >>> settings.kernel_backend = "torch"     # force the PyTorch path even on a GPU
+    >>> settings.seed = 1                      # as scvi-tools' scvi.settings.seed
 
 Environment variables (read when the module is first imported):
     SCVI_SCALE_KERNELS    "auto" (default), "triton" or "torch": which implementation of the fused ops runs.
                           "auto" sends CUDA tensors to Triton and CPU tensors to the fastest PyTorch path.
     SCVI_SCALE_PROGRESS   "0" turns progress bars off (they are also off when stderr is not a terminal and CI is set).
+    SCVI_SCALE_SEED       the default seed (0).
+
+seed: the default of every seed: a model's initial weights (drawn from it when SCVI() builds the module, in a
+generator of their own, so torch's global generator is neither used nor changed), train(seed=) (the split, the
+block order, dropout and z draws) and the outputs' seed= (draws keyed by cell). Unlike scvi-tools' setting,
+assigning it seeds nothing at once: it is read when a model is built, trained or asked for outputs.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ def _env_backend() -> str:
     return value
 
 
+def _env_seed() -> int:
+    value = os.environ.get("SCVI_SCALE_SEED", "0").strip()
+    if not value.isdigit():
+        raise ValueError(f"SCVI_SCALE_SEED={value!r}: expected a non-negative integer")
+    return int(value)
+
+
 def _env_progress() -> bool:
     return os.environ.get("SCVI_SCALE_PROGRESS", "1").strip() not in ("0", "false", "no")
 
@@ -34,10 +48,13 @@ class Settings:
 
     kernel_backend: str = field(default_factory=_env_backend)
     progress_bar: bool = field(default_factory=_env_progress)
+    seed: int = field(default_factory=_env_seed)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "kernel_backend" and value not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend={value!r}: expected one of {KERNEL_BACKENDS}")
+        if name == "seed" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"seed={value!r}: expected a non-negative integer")
         super().__setattr__(name, value)
 
 

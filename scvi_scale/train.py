@@ -28,13 +28,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from scvi_scale import distributed, surgery
+from scvi_scale.data.writer import remove_abandoned_siblings
 from scvi_scale.module import to_tensors
 from scvi_scale.persist import atomic_save
 from scvi_scale.settings import settings
@@ -43,7 +46,16 @@ logger = logging.getLogger("scvi_scale.train")
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last healthy checkpoint (if one was written) is kept."""
+
+
+# A checkpoint is written only when the run is healthy: every parameter finite and the last loss within this factor
+# of the median of the recent ones, so the checkpoint kept after a divergence holds weights from before it.
+EXPLODING_LOSS_FACTOR = 10.0
+RECENT_LOSSES = 64
+TIME_CHECK_STEPS = 50  # steps between looks at the clock for time-based checkpoints (agreed across ranks)
+# Settings a resume takes from the new call rather than from the checkpoint's optimizer state.
+RESUMABLE_SETTINGS = ("lr", "weight_decay", "eps")
 
 
 VALIDATION_METRICS = ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation",
@@ -75,6 +87,7 @@ class TrainingConfig:
     lr_scheduler_metric: str = "elbo_validation"
     check_val_every_n_epoch: int | None = None
     checkpoint_every_n_steps: int | None = None
+    checkpoint_every_seconds: float | None = 600.0  # also checkpoint after this long (a kill loses at most this)
     optimizer: str = "Adam"
     gradient_clip_val: float = 0.0
     early_stopping_warmup_epochs: int = 0
@@ -220,6 +233,7 @@ def save_checkpoint(
     minibatch)."""
     atomic_save(
         {
+            "settings": {name: optimizer.param_groups[0][name] for name in RESUMABLE_SETTINGS},
             "module": module.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -249,7 +263,15 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> T
             f"not {world_size}"
         )
     module.load_state_dict(payload["module"])
+    asked = {name: optimizer.param_groups[0][name] for name in RESUMABLE_SETTINGS}
     optimizer.load_state_dict(payload["optimizer"])
+    changed = {name: (group[name], asked[name]) for group in optimizer.param_groups[:1] for name in RESUMABLE_SETTINGS
+               if group[name] != asked[name]}
+    for group in optimizer.param_groups:  # the new call's settings win (e.g. a lower lr after a divergence)
+        group.update(asked)
+    if changed and rank == 0:
+        logger.warning("resuming %s with new optimizer settings: %s", path,
+                       ", ".join(f"{name} {old:g} -> {new:g}" for name, (old, new) in changed.items()))
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
     train_stream.load_state_dict({**payload["train_stream"], "rank": rank})
@@ -290,6 +312,8 @@ def fit(
         time-boxed jobs.
     """
     loop = _Loop(module, train_stream, validation_stream, config, torch.device(device), checkpoint_path)
+    if loop.checkpoint_path is not None:
+        remove_abandoned_siblings(loop.checkpoint_path)  # the temporary file of a run killed while saving
     if resume and loop.checkpoint_path is not None and loop.checkpoint_path.exists():
         loop.state = load_checkpoint(loop.checkpoint_path, module, loop.optimizer, loop.scheduler, train_stream)
         logger.info("resumed from %s at epoch %d, step %d", loop.checkpoint_path, train_stream.epoch,
@@ -336,6 +360,8 @@ class _Loop:
             )
         self.state = TrainingState()
         self.progress = None
+        self.recent_losses: deque[float] = deque(maxlen=RECENT_LOSSES)
+        self.last_checkpoint_time = time.monotonic()
 
     def progress_bar(self):
         steps_per_epoch = len(self.train_stream)
@@ -348,9 +374,22 @@ class _Loop:
         )
         return self.progress
 
+    def healthy(self) -> bool:
+        """Finite weights and a last loss not exploding (see EXPLODING_LOSS_FACTOR), on every rank."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
+        losses = list(self.recent_losses)
+        exploding = len(losses) > 1 and losses[-1] > EXPLODING_LOSS_FACTOR * abs(float(np.median(losses[:-1])))
+        return distributed.all_reduce_sum([float(not finite or exploding)], self.device)[0] == 0
+
     def checkpoint(self) -> None:
-        """Every rank calls this at the same step: the sums and RNG states are gathered, rank 0 writes."""
+        """Every rank calls this at the same step: the sums and RNG states are gathered, rank 0 writes. A run
+        that is not healthy keeps its previous checkpoint."""
         if self.checkpoint_path is None:
+            return
+        self.last_checkpoint_time = time.monotonic()
+        if not self.healthy():
+            logger.warning("not checkpointing at step %d: the loss is exploding or weights are not finite; %s is kept",
+                           self.state.global_step, self.checkpoint_path)
             return
         state = replace(self.state, epoch_sums=self.state.epoch_sums.all_reduced(self.device))
         rng_states = distributed.all_gather(torch.get_rng_state())
@@ -371,6 +410,8 @@ class _Loop:
             self.step(minibatch, weight)
             if config.checkpoint_every_n_steps and self.state.global_step % config.checkpoint_every_n_steps == 0:
                 self.checkpoint()
+            elif self.checkpoint_due():
+                self.checkpoint()
             if max_steps is not None and self.state.global_step >= max_steps:
                 self.checkpoint()
                 return False
@@ -384,6 +425,15 @@ class _Loop:
         self.checkpoint()
         return True
 
+    def checkpoint_due(self) -> bool:
+        """Time for a checkpoint_every_seconds checkpoint; looked at every TIME_CHECK_STEPS steps, agreed by all ranks
+        (each calls checkpoint at the same step)."""
+        every = self.config.checkpoint_every_seconds
+        if self.checkpoint_path is None or not every or self.state.global_step % TIME_CHECK_STEPS:
+            return False
+        late = time.monotonic() - self.last_checkpoint_time >= every
+        return distributed.all_reduce_sum([float(late)], self.device)[0] > 0
+
     def step(self, minibatch: dict, weight: float) -> None:
         """One optimizer step on one minibatch; a loss that is not finite stops the run (on every rank)."""
         losses = self.train_loss(to_tensors(minibatch, self.device), weight)
@@ -391,11 +441,15 @@ class _Loop:
         loss_value = distributed.all_reduce_sum([float(losses["loss"].detach())], self.device)[0] / self.world_size
         if not math.isfinite(loss_value):
             rows = minibatch["rows"]
+            kept = (f"the last healthy checkpoint is kept at {self.checkpoint_path}: resume from it with a lower lr "
+                    "(train(..., resume=True, plan_kwargs={'lr': ...}))"
+                    if self.checkpoint_path is not None and self.checkpoint_path.exists()
+                    else "no checkpoint was written (pass checkpoint_dir= to keep one); try a lower lr")
             raise TrainingDivergedError(
                 f"loss is {loss_value} at epoch {self.train_stream.epoch}, step {self.train_stream.batches_done - 1} "
-                f"(store rows {int(rows.min())}..{int(rows.max())}); training stopped, "
-                f"the last good checkpoint is kept at {self.checkpoint_path}. Try a lower lr."
+                f"(store rows {int(rows.min())}..{int(rows.max())}); training stopped; {kept}"
             )
+        self.recent_losses.append(loss_value)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if self.config.gradient_clip_val:

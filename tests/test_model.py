@@ -236,7 +236,6 @@ import sys, torch
 from scvi_scale import SCVI
 SCVI.setup_zarr(sys.argv[1], batch_key="batch")
 torch.set_num_threads(1)  # as the test process (conftest), so float sums round alike
-torch.manual_seed(5)  # the initial weights, drawn when the model is built
 SCVI(sys.argv[1]).train(max_epochs=3, batch_size=64, checkpoint_dir=sys.argv[2], seed=5,
                         checkpoint_every_n_steps=4, check_val_every_n_epoch=1)
 """
@@ -246,8 +245,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     store = tmp_path / "a.zarr"
     synthetic_atlas(store, n_cells=1200, n_genes=2000, seed=1)
     SCVI.setup_zarr(store, batch_key="batch")
-    torch.manual_seed(5)
-    uninterrupted = SCVI(store)
+    uninterrupted = SCVI(store)  # the initial weights come from settings.seed (0), in the killed runs too
     uninterrupted.train(max_epochs=3, batch_size=64, seed=5, check_val_every_n_epoch=1)
 
     run_dir = tmp_path / "run"

@@ -55,7 +55,6 @@ def atlas(tmp_path_factory) -> Path:
 def model(atlas) -> SCVI:
     """A ZINB model trained briefly (enough for the planted markers to stand out)."""
     SCVI.setup_zarr(atlas, batch_key="batch")
-    torch.manual_seed(0)  # the initial weights: the same model whatever ran before in this process
     trained = SCVI(atlas, n_latent=8, n_hidden=64)
     trained.train(max_epochs=20, batch_size=128, plan_kwargs={"n_epochs_kl_warmup": 5}, seed=0)
     return trained

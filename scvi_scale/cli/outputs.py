@@ -147,7 +147,7 @@ def run_normalize(args) -> int:
 
 def run_de(args) -> int:
     if not args.groupby:
-        raise SystemExit("scvi-scale de: --groupby is required (the obs column of the groups)")
+        raise ValueError("--groupby is required (the obs column of the groups)")
     key = args.key or f"de_{args.groupby}"
 
     def write(model, options):

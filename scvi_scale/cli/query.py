@@ -43,9 +43,9 @@ def add_commands(subparsers) -> None:
 def _run_map(args) -> int:
     out = Path(args.out)
     if persist.model_path(out).exists() and not args.overwrite:
-        raise SystemExit(f"{persist.model_path(out)} exists: pass --overwrite to replace it or choose another --out")
+        raise FileExistsError(f"{persist.model_path(out)} exists: pass --overwrite to replace it or choose another --out")
     if args.labels_key and not args.reference_store:
-        raise SystemExit("--labels-key needs --reference-store (the reference cells' latent and labels)")
+        raise ValueError("--labels-key needs --reference-store (the reference cells' latent and labels)")
     query_store = SCVI.prepare_query_zarr(args.query, args.reference)
     model = SCVI.load_query_data(
         query_store,

@@ -8,8 +8,9 @@ import os
 import time
 from pathlib import Path
 
-from scvi_scale import SCVI, distributed, persist
+from scvi_scale import SCVI, distributed, persist, settings
 from scvi_scale.cli.defaults import default
+from scvi_scale.model.scvi import CHECKPOINT_FILE
 from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
 from scvi_scale.train import TrainingConfig
 
@@ -40,9 +41,13 @@ def add_commands(commands) -> None:
     p.add_argument("--lr", type=float, default=TrainingConfig.lr)
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--accelerator", default=default(SCVI.train, "accelerator"), help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=default(SCVI.train, "seed"))
+    p.add_argument("--seed", type=int, default=settings.seed,
+                   help="initial weights, split, block order and draws: the same seed gives the same model")
+    p.add_argument("--drop-last", action="store_true", help="leave out each epoch's last, incomplete minibatch")
+    p.add_argument("--checkpoint-every", type=float, default=TrainingConfig.checkpoint_every_seconds, metavar="SECONDS",
+                   help="checkpoint at least this often (and at every epoch's end), so a kill loses at most this")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out after a kill")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing the model and checkpoint in --out")
     p.add_argument(
         "--nproc", type=int, default=1,
         help="data-parallel processes on this machine (gloo on CPU, nccl on GPUs); --batch-size is per process",
@@ -51,11 +56,16 @@ def add_commands(commands) -> None:
 
 
 def run_train(args) -> int:
-    saved = persist.model_path(args.out)
-    if saved.exists() and not (args.overwrite or args.resume):
-        raise SystemExit(f"{saved} exists: pass --overwrite to replace it or choose another --out")
+    out = Path(args.out)
+    existing = [path for path in (persist.model_path(out), out / CHECKPOINT_FILE) if path.exists()]
+    if existing and not (args.overwrite or args.resume):
+        raise FileExistsError(f"{existing[0]} exists: pass --resume to continue that run, --overwrite to start over, "
+                              "or choose another --out")
+    if args.overwrite and not args.resume:
+        for path in existing:
+            path.unlink()
     if args.nproc < 1:
-        raise SystemExit(f"--nproc {args.nproc}: must be at least 1")
+        raise ValueError(f"--nproc {args.nproc}: must be at least 1")
     if args.nproc == 1:
         train_and_save(args)
     else:
@@ -68,6 +78,7 @@ def train_and_save(args) -> None:
     import torch
 
     out = Path(args.out)
+    settings.seed = args.seed  # the initial weights are drawn from it when the model is built
     SCVI.setup_zarr(args.store, **{key: getattr(args, key) for key in SETUP_KEYS})
     model = SCVI(args.store, **{key: getattr(args, key) for key in MODEL_KEYS})
     if os.environ.get("RANK", "0") == "0":  # the process group starts inside train(); torchrun and --nproc set RANK
@@ -84,6 +95,8 @@ def train_and_save(args) -> None:
         resume=args.resume,
         seed=args.seed,
         check_val_every_n_epoch=1,  # atlas jobs report the held-out ELBO of every epoch
+        checkpoint_every_seconds=args.checkpoint_every or None,
+        datasplitter_kwargs={"drop_last": args.drop_last},
     )
     seconds = time.perf_counter() - started
     distributed.on_rank_zero(lambda: model.save(out, overwrite=True))

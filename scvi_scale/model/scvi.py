@@ -114,7 +114,9 @@ class SCVI:
                     f"{flat} of {registry.batch_key!r} have log library sizes of variance 0 (one cell, or equal "
                     "library sizes): keep the observed library (the default), or merge those batches"
                 )
-        self.module = VAE.from_registry(registry, **self.init_params)
+        with torch.random.fork_rng(devices=[]):  # the initial weights come from settings.seed, reproducibly
+            torch.manual_seed(settings.seed)
+            self.module = VAE.from_registry(registry, **self.init_params)
         self.is_trained = False
         self.history_: dict[str, list[tuple[int, float]]] = {}
         self.train_indices = self.validation_indices = None
@@ -283,7 +285,7 @@ class SCVI:
         *,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         block_rows: int | None = None,
         buffer_blocks: int | None = None,
         **trainer_kwargs,
@@ -302,7 +304,8 @@ class SCVI:
         datasplitter_kwargs: drop_last; data-loader options are accepted and ignored (warned).
         checkpoint_dir: where the checkpoint is written atomically each epoch; with resume=True a killed run
             continues from it and ends where an uninterrupted run would.
-        seed: seeds the split, the sampler and torch, so two runs with the same seed are identical.
+        seed: seeds the split, the sampler and torch (default settings.seed, which also drew the initial weights),
+            so two runs with the same seed are identical on the same machine and thread count.
         block_rows, buffer_blocks: the sampler's shuffle block and buffer sizes (defaults: see sampler.py).
 
         Data-parallel: run this on every rank of a torch.distributed job (torchrun, or `distributed.launch`);
@@ -323,6 +326,7 @@ class SCVI:
             max_epochs or max_epochs_heuristic(self.store.n_obs), early_stopping,
             {**(plan_config or {}), **(plan_kwargs or {})}, {**(trainer_config or {}), **trainer_kwargs},
         )
+        seed = settings.seed if seed is None else seed
         device = distributed.setup(_resolve_device(accelerator))
         rank, world_size = distributed.world()
         torch.manual_seed(distributed.rank_seed(seed))

@@ -74,7 +74,7 @@ class OutputRequest:
     """How one output call runs and where its results go, built once per public call.
 
     indices: store rows of the cells (None: all), results in their order; batch_size: cells per forward pass;
-    seed: keys every random draw (jobs.py); chunk_rows: cells per unit and per written row chunk (None: the
+    seed: keys every random draw (jobs.py; default settings.seed); chunk_rows: cells per unit and per written row chunk (None: the
     store's chunk_rows); client: a dask.distributed Client to fan units out over; model_dir: where the workers
     load the model from (None: it is saved to a temporary folder); output_store: where written outputs go (None:
     the input store); overwrite: replace an existing output of that key; silent: no progress bar.
@@ -106,6 +106,7 @@ class OutputRequest:
         chunk_rows = options.get("chunk_rows")
         if chunk_rows is not None and int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows={chunk_rows}: must be positive")
+        options.setdefault("seed", settings.seed)
         return cls(indices=indices, batch_size=batch_size or DEFAULT_BATCH_SIZE, silent=silent, **options)
 
     def replace(self, **changes) -> OutputRequest:
@@ -188,12 +189,16 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
         )
         for name, spec in outputs.items()
     }
-    todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in chunked.values())))
-    first = next(iter(chunked.values()))
+    # A call writing several outputs (posterior samples <key>_0, <key>_1, ...) that was killed after finishing some
+    # of them resumes the others; when all are finished, prepare refuses as for one output.
+    finished = set() if request.overwrite else {name for name, out in chunked.items() if out.complete_as_recorded()}
+    active = {name: out for name, out in chunked.items() if name not in finished or len(finished) == len(chunked)}
+    todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in active.values())))
+    first = next(iter(active.values()))
     if todo:
         units = [Unit(chunk, np.arange(*first.bounds(chunk))) for chunk in todo]
-        run_units(inputs, job, units, request, outputs=chunked, description=description)
-    for output in chunked.values():
+        run_units(inputs, job, units, request, outputs=active, description=description)
+    for output in active.values():
         output.finish()
     return {name: writer.read_output(target, output.entry) for name, output in chunked.items()}
 

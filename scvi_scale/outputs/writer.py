@@ -13,6 +13,11 @@ existing key is refused unless overwrite=True, and only keys of obsm, layers and
 separate output store that `output_store` creates as a valid AnnData store: obs and var copied from the input, no
 X, empty obsm/layers/uns, so `anndata.read_zarr` opens it.
 
+Staging. An output is built outside the store, in its progress folder (below), and moved into place (one rename
+of its folder) only when every chunk is written; so `anndata.read_zarr`, scanpy and any other reader never see an
+incomplete output, and a kill at any moment, the final assembly and the move included, leaves either nothing in
+the store or the whole output.
+
 Dense outputs (obsm, layers). A float32 array with anndata's encoding attributes, created NaN-filled when the
 output starts, rows chunked by `chunk_rows` (columns cut so one Zarr chunk holds at most MAX_CHUNK_VALUES values),
 stored uncompressed: computed float32 values have noisy mantissas, and Zarr's default zstd shrank normalized
@@ -21,7 +26,8 @@ Each chunk of rows is written whole by a single task, so two tasks never share a
 twice (a lost dask worker's task recomputed) rewrites the same bytes.
 
 CSR outputs (layers; mostly-zero samples). Each chunk of rows is saved as a piece (.npz) in the progress folder;
-`finish` concatenates the pieces in row order into the layer's data / indices / indptr arrays, then deletes them.
+`finish` concatenates the pieces in row order into the layer's data / indices / indptr arrays (staged, then moved),
+then deletes them.
 
 Progress and completion. A hidden folder beside the store, `.<store name>.scvi-scale-progress/<group>/<key>/`,
 holds record.json (the output's kind, shape, chunking and the settings that produce its values) and one file per
@@ -30,8 +36,7 @@ finished chunks; a different record is refused unless overwrite=True (which star
 the Zarr hierarchy, so zarr and anndata never see it. The entry's attribute `scvi_scale_output` reads
 {"complete": false} until every chunk is written and {"complete": true} after; `read_output` refuses an incomplete
 output and says how many chunks are missing. When the store has consolidated metadata (anndata writes it), it is
-rewritten when an entry is created and when it completes, so `anndata.read_zarr` sees the entry at both times (an
-incomplete dense output reads NaN in its unwritten rows; an incomplete CSR output is not there yet).
+rewritten when an entry is moved into place. Stores on the local file system only (the move is a rename).
 """
 
 from __future__ import annotations
@@ -228,6 +233,24 @@ class _ChunkedOutput:
     def progress(self) -> Path:
         return progress_folder(self.store, self.entry)
 
+    @property
+    def staging(self) -> Path:
+        """Where the output is built before it is moved into the store (inside the progress folder)."""
+        return self.progress / "staging"
+
+    @property
+    def final(self) -> Path:
+        return Path(self.store) / self.group / self.key
+
+    def complete_as_recorded(self) -> bool:
+        """Whether the entry is in the store, complete, made with this record (a rerun of a call that finished)."""
+        group = _group(_root(self.store), self.group)
+        if self.key not in group:
+            return False
+        state = group[self.key].attrs.get(OUTPUT_ATTR) or {}
+        return bool(state.get("complete")) and _json_round_trip({k: v for k, v in state.items() if k != "complete"}) \
+            == _json_round_trip(self.record())
+
     def bounds(self, chunk: int) -> tuple[int, int]:
         """Rows [start, stop) of chunk `chunk`."""
         start = chunk * self.chunk_rows
@@ -255,6 +278,7 @@ class _ChunkedOutput:
         if overwrite:
             if self.key in group:
                 del group[self.key]
+                reconsolidate(self.store)
             _remove_progress(self.store, self.entry)
         exists = self.key in group
         if exists:
@@ -276,9 +300,8 @@ class _ChunkedOutput:
         if saved is None:
             self.progress.mkdir(parents=True, exist_ok=True)
             _atomic_write(record_path, lambda path: path.write_text(json.dumps(self.record())))
-        if not exists:
-            self._create(group)
-            reconsolidate(self.store)
+        if not exists and not self.staging.exists():
+            self._create(zarr.open_group(str(self.staging), mode="w", zarr_format=root.metadata.zarr_format))
         done = self.done_chunks()
         return [chunk for chunk in range(self.n_chunks) if chunk not in done]
 
@@ -296,8 +319,12 @@ class _ChunkedOutput:
                 f"{self.store}: {self.entry} has {missing} of {self.n_chunks} chunks still to write"
             )
         group = _group(_root(self.store), self.group)
-        node = self._complete(group)
-        node.attrs.update({OUTPUT_ATTR: {"complete": True, **self.record()}})
+        if self.key not in group:  # not moved yet (a kill may come after the move: then it is there already)
+            staged = zarr.open_group(str(self.staging), mode="r+")
+            self._assemble(staged)
+            os.replace(self.staging / self.key, self.final)
+            group = _group(_root(self.store), self.group)
+        group[self.key].attrs.update({OUTPUT_ATTR: {"complete": True, **self.record()}})
         reconsolidate(self.store)
         _remove_progress(self.store, self.entry)
 
@@ -305,13 +332,14 @@ class _ChunkedOutput:
 
     _piece_suffix = ""
 
-    def _create(self, group: zarr.Group) -> None:
+    def _create(self, staged: zarr.Group) -> None:
         raise NotImplementedError
 
     def write_chunk(self, chunk: int, values) -> None:
         raise NotImplementedError
 
-    def _complete(self, group: zarr.Group):
+    def _assemble(self, staged: zarr.Group) -> None:
+        """Make staged[key] the whole output (CSR: from its pieces), ready to be moved into the store."""
         raise NotImplementedError
 
     def _piece(self, chunk: int) -> Path:
@@ -333,9 +361,9 @@ class DenseOutput(_ChunkedOutput):
     kind = "dense"
     _piece_suffix = ".done"
 
-    def _create(self, group: zarr.Group) -> None:
+    def _create(self, staged: zarr.Group) -> None:
         column_chunk = int(max(1, min(self.n_cols, MAX_CHUNK_VALUES // self.chunk_rows)))
-        array = group.create_array(
+        array = staged.create_array(
             self.key,
             shape=(self.n_rows, self.n_cols),
             chunks=(self.chunk_rows, column_chunk),
@@ -351,12 +379,16 @@ class DenseOutput(_ChunkedOutput):
         self._check_chunk(chunk, values)
         start, stop = self.bounds(chunk)
         # write_empty_chunks: else zarr first compares every chunk with the fill value (NaN), to skip storing it
-        array = zarr.open_array(self.store, path=self.entry, mode="r+", config={"write_empty_chunks": True})
-        array[start:stop] = values
-        self._piece(chunk).touch()
+        try:
+            array = zarr.open_array(str(self.staging), path=self.key, mode="r+", config={"write_empty_chunks": True})
+            array[start:stop] = values
+            self._piece(chunk).touch()
+        except FileNotFoundError as error:
+            raise OutputError(f"{self.store}: {self.entry} was finished or removed by another writer while this one "
+                              "was writing it; run one writer of an output at a time") from error
 
-    def _complete(self, group: zarr.Group):
-        return group[self.key]
+    def _assemble(self, staged: zarr.Group) -> None:
+        """The array is whole once its chunks are written."""
 
 
 @dataclass(frozen=True)
@@ -371,8 +403,8 @@ class CsrOutput(_ChunkedOutput):
         if self.group != "layers":
             raise OutputError(f"CSR outputs go to layers, not {self.group}")
 
-    def _create(self, group: zarr.Group) -> None:
-        """Nothing yet: the layer appears when finish assembles it."""
+    def _create(self, staged: zarr.Group) -> None:
+        """Nothing yet: the layer is assembled from the pieces by finish."""
 
     def write_chunk(self, chunk: int, values) -> None:
         """Save rows bounds(chunk) as a CSR piece (may run in any process)."""
@@ -385,8 +417,9 @@ class CsrOutput(_ChunkedOutput):
 
         _atomic_write(self._piece(chunk), save)
 
-    def _complete(self, group: zarr.Group):
-        """Concatenate the pieces in row order into the layer (replacing a half-assembled one)."""
+    def _assemble(self, staged: zarr.Group) -> None:
+        """Concatenate the pieces in row order into the staged layer (replacing a half-assembled one)."""
+        group = staged
         if self.key in group:
             del group[self.key]
         pieces = [self._piece(chunk) for chunk in range(self.n_chunks)]
@@ -416,7 +449,6 @@ class CsrOutput(_ChunkedOutput):
         layer.attrs.update(
             {**_ANNDATA_ENCODINGS["csr"], "shape": [self.n_rows, self.n_cols], CHUNK_ROWS_ATTR: self.chunk_rows}
         )
-        return layer
 
 
 def _json_round_trip(value):
