@@ -120,7 +120,8 @@ def small_report(out_dir: Path) -> dict:
     n_cells = 600
     types, batches = rng.integers(0, 5, n_cells), rng.integers(0, 3, n_cells)
     latent = rng.normal(size=(n_cells, 8)) + 3 * np.eye(8)[types]
-    counts = sp.random(n_cells, 200, density=0.1, random_state=1, format="csr", data_rvs=lambda n: rng.poisson(3, n) + 1)
+    counts = sp.random(n_cells, 200, density=0.1, random_state=1, format="csr",
+                       data_rvs=lambda n: rng.poisson(3, n) + 1)
     obs = pd.DataFrame({"batch": pd.Categorical([f"donor{b}" for b in batches]),
                         "cell_type": pd.Categorical([f"type {chr(65 + t)}" for t in types]),
                         "library_size": np.asarray(counts.sum(axis=1)).ravel()})
@@ -159,7 +160,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
         browser.wait_for("Page.loadEventFired")
 
         def evaluate(expression: str):
-            return browser.call("Runtime.evaluate", session, expression=expression, returnByValue=True)["result"]["value"]
+            reply = browser.call("Runtime.evaluate", session, expression=expression, returnByValue=True)
+            return reply["result"]["value"]
 
         images = evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
         titles = evaluate("Array.from(document.querySelectorAll('section > h2')).map(h => h.textContent)")

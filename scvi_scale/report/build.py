@@ -7,8 +7,8 @@
 Work is bounded on an atlas: the UMAP and the scIB metrics run on one seeded subsample of at most `max_cells`
 cells (`subsample_rows`), and only those cells' counts are asked for. On 2 cores the slowest parts are the
 silhouettes (quadratic in the subsample: ~40 s each at 50k cells) and the UMAP layout (~50 s at 50k).
-The files are written one by one, each atomically; report.html is written last, so its presence means the
-report is whole.
+The files are written one by one, each atomically; report.html is removed first and written last, so its
+presence means the report is whole.
 """
 
 from __future__ import annotations
@@ -27,18 +27,24 @@ import pandas as pd
 from scvi_scale.report.extra import require_extra
 from scvi_scale.report.figures import UMAP_NEIGHBORS, plot_scib_scores, plot_umap, umap_coordinates
 from scvi_scale.report.files import write_atomically
-from scvi_scale.report.history import check_history, elapsed_seconds, history_frame, plot_loss_curves, \
-    write_history_table
+from scvi_scale.report.history import (
+    check_history, elapsed_seconds, history_frame, plot_loss_curves, write_history_table,
+)
 from scvi_scale.report.html import render_page
-from scvi_scale.report.metrics import AGGREGATES, BATCH_CORRECTION, BIO_CONSERVATION, EMBEDDING_TITLES, LEFT_OUT, \
-    N_NEIGHBORS, aggregate_scores, category_codes, nearest_neighbors, neighbor_search, pca_baseline, scib_scores, subsample_rows
+from scvi_scale.report.metrics import (
+    AGGREGATES, BATCH_CORRECTION, BIO_CONSERVATION, EMBEDDING_TITLES, LEFT_OUT, N_NEIGHBORS, aggregate_scores,
+    category_codes, nearest_neighbors, neighbor_search, pca_baseline, scib_scores, subsample_rows,
+)
 
 LIBRARY_SIZE = "library_size"
 REPORT_FORMAT = "scvi-scale report 1"
 
 
-def _check_inputs(latent, obs, batch_key, labels_key, history, counts_for_baseline) -> None:
+def _check_inputs(latent, obs, batch_key, labels_key, history, counts_for_baseline, max_cells) -> None:
     """Every check that needs no computation, so that bad input fails before minutes of work."""
+    if min(len(obs), max_cells) <= N_NEIGHBORS:
+        raise ValueError(f"the report needs more than {N_NEIGHBORS} cells (its neighbourhoods), not "
+                         f"{min(len(obs), max_cells)}")
     if latent.ndim != 2:
         raise ValueError(f"latent has shape {latent.shape}: expected (n_cells, n_latent)")
     if latent.shape[0] != len(obs):
@@ -102,9 +108,10 @@ def build_report(
     """
     require_extra()
     latent = np.asarray(latent)
-    _check_inputs(latent, obs, batch_key, labels_key, history, counts_for_baseline)
+    _check_inputs(latent, obs, batch_key, labels_key, history, counts_for_baseline, max_cells)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.html").unlink(missing_ok=True)  # an earlier report's page must not outlive a failed run
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -119,8 +126,6 @@ def build_report(
     lap("imports")
 
     rows = subsample_rows(len(obs), max_cells, seed)
-    if len(rows) <= N_NEIGHBORS:
-        raise ValueError(f"the report needs more than {N_NEIGHBORS} cells (its neighbourhoods), not {len(rows)}")
     embedding = latent[rows].astype(np.float32)
     sub_obs = obs.iloc[rows]
     log_counts = counts_for_baseline(rows) if callable(counts_for_baseline) else counts_for_baseline[rows]
