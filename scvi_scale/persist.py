@@ -55,6 +55,7 @@ class SavedModel:
     source: str = f"scvi-scale {__version__}"
     data_path: str | None = None  # the store the model was saved from (None: an AnnData)
     minified: tuple[str, str, str] | None = None  # (minified type, obsm key of q(z) means, of its variances)
+    run: dict = field(default_factory=dict)  # measurements of the training run (seconds, cells/s, peak RSS, ...)
 
     def build_module(self) -> VAE:
         """The saved VAE, its weights loaded, in eval mode on the CPU."""
@@ -141,6 +142,7 @@ def read_model(dir_path, prefix: str | None = None) -> SavedModel:
         source=f"scvi-scale {attrs['scvi_scale_version']}",
         data_path=attrs.get("data_path_"),
         minified=attrs.get("minified_"),
+        run=attrs.get("run_", {}),
     )
 
 
@@ -169,6 +171,7 @@ def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = Fals
                 "validation_indices_": saved.validation_indices,
                 "data_path_": saved.data_path,
                 "minified_": saved.minified,
+                "run_": saved.run,
                 "scvi_scale_version": __version__,
             },
         }

@@ -342,3 +342,23 @@ def test_cellbench_report(tmp_path):
     assert report["cells"]["subsample"] == 499
     assert report["scib"]["n_batches"] == 2 and report["scib"]["n_labels"] == 3
     assert set(report["scib"]["aggregate"]["scvi"]) == {"Batch correction", "Bio conservation", "Total"}
+
+
+@needs_extra
+def test_train_command_writes_the_history_and_the_report_of_the_run(tmp_path):
+    """`scvi-scale train --report`: history.csv and loss_curves.png beside the model, the report in report/, with
+    the run's measurements and the store's outputs; `scvi-scale report` makes the same page from a saved model."""
+    from scvi_scale.cli import main
+
+    store = synthetic_atlas(tmp_path / "atlas.zarr", n_cells=600, n_genes=300, n_batches=2, seed=2).path
+    out = tmp_path / "run"
+    assert main(["train", str(store), "--batch-key", "batch", "--labels-key", "cell_type", "--out", str(out),
+                 "--max-epochs", "3", "--report"]) == 0
+    assert (out / "history.csv").exists() and (out / "loss_curves.png").stat().st_size > 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["run"]["train_cells_per_second"] > 0 and report["run"]["cells_in_data"] == 600
+    assert len(report["history"]["train_loss"]) == 3
+    assert main(["latent", str(store), "--model", str(out)]) == 0
+    assert main(["report", str(store), "--model", str(out), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert {"obsm/X_scvi"} <= {output["entry"] for output in again["outputs"] if output["complete"]}

@@ -5,8 +5,9 @@
     torchrun --nnodes M --nproc-per-node N ... -m scvi_scale.cli train ...   # data-parallel across machines
     scvi-scale latent | normalize | de | sample STORE --model MODEL_DIR   # outputs written into the store
     scvi-scale map QUERY --reference MODEL_DIR --out MODEL_DIR [--reference-store STORE --labels-key cell_type]
+    scvi-scale report STORE --model MODEL_DIR [--labels-key cell_type] [--out report/]   # needs scvi-scale[report]
 
-One module per command group (convert.py, train.py, outputs.py, query.py), each with `add_commands(subparsers)`
+One module per command group (convert.py, train.py, outputs.py, query.py, report.py), each with `add_commands(subparsers)`
 registering its parsers, whose default `run` is the runner (args -> exit code). Defaults and choices come from
 where they are defined (SCVI's signature, module.py's option lists), not restated here.
 
@@ -21,7 +22,7 @@ import argparse
 import logging
 import sys
 
-from scvi_scale.cli import convert, outputs, query, train
+from scvi_scale.cli import convert, outputs, query, report, train
 
 # What the user can fix: exit code 2 with the message. (StoreError and OutputError are ValueErrors.)
 BAD_INPUT = (ValueError, FileExistsError, FileNotFoundError, KeyError, TypeError, NotImplementedError)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (convert, train, outputs, query):
+    for group in (convert, train, outputs, query, report):
         group.add_commands(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

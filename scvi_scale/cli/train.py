@@ -1,5 +1,6 @@
 """`scvi-scale train STORE --out MODEL_DIR`: set up a store, train scVI on it and save the model, in this process
-or as the ranks of a data-parallel job (`--nproc N`, or torchrun)."""
+or as the ranks of a data-parallel job (`--nproc N`, or torchrun). MODEL_DIR also gets the history as a table
+(history.csv) and its loss curves (loss_curves.png), and with --report the integration report."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from scvi_scale import SCVI, distributed, persist, settings
 from scvi_scale.cli.defaults import default
 from scvi_scale.model.scvi import CHECKPOINT_FILE
 from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
+from scvi_scale.report import plot_loss_curves, write_history_table
 from scvi_scale.train import TrainingConfig
 
 SETUP_KEYS = ("layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
@@ -46,6 +48,8 @@ def add_commands(commands) -> None:
     p.add_argument("--drop-last", action="store_true", help="leave out each epoch's last, incomplete minibatch")
     p.add_argument("--checkpoint-every", type=float, default=TrainingConfig.checkpoint_every_seconds, metavar="SECONDS",
                    help="checkpoint at least this often (and at every epoch's end), so a kill loses at most this")
+    p.add_argument("--report", action="store_true", help="write the integration report into --out/report/ after "
+                   "training (needs scvi-scale[report])")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out after a kill")
     p.add_argument("--overwrite", action="store_true", help="start over, replacing the model and checkpoint in --out")
     p.add_argument(
@@ -103,6 +107,10 @@ def train_and_save(args) -> None:
     rank, world_size = distributed.world()
     if rank != 0:
         return
+    write_history_table(model.history_, out)  # history.csv, and the loss curves beside it
+    plot_loss_curves(model.history_, out / "loss_curves.png")
+    if args.report:
+        model.report(out / "report")
     history = model.history_
     epochs = len(history.get("elbo_train", []))
     summary = {

@@ -31,6 +31,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,7 @@ class SCVI:
         self.is_trained = False
         self.history_: dict[str, list[tuple[int, float]]] = {}
         self.train_indices = self.validation_indices = None
+        self.run_info: dict = {}  # measurements of the last training run (report)
         self.minified_data_type: str | None = None
         self._minified_keys: tuple[str, str] | None = None
         self._obs_arrays = None
@@ -349,9 +352,22 @@ class SCVI:
                 obs_arrays=obs_arrays,
             )
         checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+        started = time.perf_counter()
         with _progress_bars(progress_bar):
             state = fit(self.module, train_stream, validation_stream, config, device=device,
                         checkpoint_path=checkpoint_path, resume=resume, max_steps=max_steps)
+        seconds = time.perf_counter() - started
+        self.run_info = {
+            "seconds": round(seconds, 2),
+            "epochs": len(state.history.get("train_loss", [])),
+            # per epoch, from its own clock: a resumed run's time before the kill is not in `seconds`
+            "train_cells_per_second": round(len(self.train_indices) / float(np.median(epoch_seconds)), 1)
+            if (epoch_seconds := [value for _, value in state.history.get("epoch_seconds", [])]) else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "processes": world_size,
+        }
         self.history_ = state.history
         self.is_trained = bool(state.history) or state.global_step > 0
         self.module.eval()
@@ -753,6 +769,34 @@ class SCVI:
             writer.write_table(result, table_path)
         return result
 
+    # --- report --------------------------------------------------------------------------------------------------
+
+    def report(self, out_dir, adata=None, labels_key: str | None = None, max_cells: int = 200_000,
+               seed: int | None = None) -> dict:
+        """The integration report (scvi_scale.report, extra `scvi-scale[report]`): training history, run
+        measurements, a UMAP and scIB metrics of the latent against an uncorrected PCA baseline on a seeded
+        subsample of at most max_cells cells (so it stays bounded on an atlas), and the outputs written into the
+        store. Writes out_dir/report.html (self-contained), its PNGs and report.json; returns the JSON.
+        labels_key: the obs column of cell labels (default the registered one); without, label-free metrics."""
+        from scvi_scale.report import build_report, log_normalize, require_extra, subsample_rows
+
+        require_extra()  # before the work
+        source = self._source(adata)
+        seed = settings.seed if seed is None else seed
+        labels_key = labels_key or self.registry.labels_key
+        rows = subsample_rows(source.n_obs, max_cells, seed)
+        counts = _rows_of(source, rows)
+        obs = pd.DataFrame({"library_size": np.asarray(counts.sum(axis=1)).ravel()})
+        for key in {self.registry.batch_key, labels_key} - {None}:
+            obs[key] = source.obs_column(key).to_numpy()[rows]
+        outputs = [] if isinstance(source, AnnDataSource) else writer.describe_outputs(source.path)
+        return build_report(
+            out_dir, latent=self.get_latent_representation(adata, indices=rows, seed=seed), obs=obs,
+            batch_key=self.registry.batch_key, labels_key=labels_key, history=self.history_,
+            run={**self.run_info, "cells_in_data": source.n_obs},
+            outputs=outputs, counts_for_baseline=log_normalize(counts), max_cells=len(rows), seed=seed,
+        )
+
     # --- minified models -----------------------------------------------------------------------------------------
 
     def minify_adata(self, minified_data_type: str = MINIFIED_TYPE, use_latent_qzm_key: str = "X_latent_qzm",
@@ -810,6 +854,7 @@ class SCVI:
             train_indices=self.train_indices,
             validation_indices=self.validation_indices,
             data_path=None if isinstance(self.store, AnnDataSource) else str(Path(self.store.path).resolve()),
+            run=self.run_info,
             minified=None if self.minified_data_type is None else (self.minified_data_type, *self._minified_keys),
         )
 
@@ -864,6 +909,7 @@ class SCVI:
         model.history_ = saved.history
         model.is_trained = saved.is_trained
         model.train_indices, model.validation_indices = saved.train_indices, saved.validation_indices
+        model.run_info = saved.run
         if saved.minified is not None:
             model.minified_data_type, *keys = saved.minified
             model._minified_keys = tuple(keys)
@@ -1021,6 +1067,19 @@ def _as_gcxs(samples: list):
         return sparse.GCXS.from_scipy_sparse(samples[0])
     stacked = sparse.stack([sparse.COO.from_scipy_sparse(draw) for draw in samples], axis=-1)
     return sparse.GCXS(stacked)
+
+
+def _rows_of(source: CountStore, rows: np.ndarray):
+    """CSR counts (len(rows), G) of the sorted `rows`, reading only the blocks that hold them."""
+    import scipy.sparse as sp
+
+    bounds = source.block_bounds()
+    parts = []
+    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        inside = rows[(rows >= start) & (rows < stop)]
+        if len(inside):
+            parts.append(source.read_csr(start, stop)[inside - start])
+    return sp.vstack(parts, format="csr")
 
 
 def _reference(reference) -> persist.SavedModel:

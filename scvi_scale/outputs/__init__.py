@@ -13,6 +13,7 @@ The public methods are `scvi_scale.SCVI`'s; these are the functions they call, a
 from scvi_scale.outputs.writer import (
     OutputError,
     OutputIncompleteError,
+    describe_outputs,
     output_store,
     read_output,
     write_obs_column,
@@ -24,6 +25,7 @@ from scvi_scale.outputs.writer import (
 __all__ = [
     "OutputError",
     "OutputIncompleteError",
+    "describe_outputs",
     "output_store",
     "read_output",
     "write_obs_column",

@@ -591,3 +591,27 @@ def write_table(frame: pd.DataFrame, path) -> Path:
         path = path.with_suffix(".parquet")
         frame.to_parquet(path)
     return path
+
+
+def describe_outputs(store: str | os.PathLike) -> list[dict]:
+    """What a store holds in obsm, layers and uns: [{"entry", "kind", "shape", "bytes", "complete"}] (bytes on
+    disk; complete: False for an output of ours still being written, None for entries we did not write)."""
+    store = os.fspath(store)
+    root = zarr.open_group(store, mode="r", use_consolidated=False)
+    described = []
+    for group_name in WRITABLE_GROUPS:
+        if group_name not in root:
+            continue
+        for key in sorted(root[group_name].keys()):
+            node = root[group_name][key]
+            folder = Path(store) / group_name / key
+            size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
+            state = node.attrs.get(OUTPUT_ATTR)
+            described.append({
+                "entry": f"{group_name}/{key}",
+                "kind": node.attrs.get("encoding-type", "array" if isinstance(node, zarr.Array) else "group"),
+                "shape": list(node.shape) if isinstance(node, zarr.Array) else node.attrs.get("shape"),
+                "bytes": size,
+                "complete": None if state is None else bool(state.get("complete")),
+            })
+    return described
