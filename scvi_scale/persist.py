@@ -53,7 +53,7 @@ class SavedModel:
     train_indices: np.ndarray | None = None
     validation_indices: np.ndarray | None = None
     source: str = f"scvi-scale {__version__}"
-    data_path: str | None = None  # the store the model was saved from (None: an AnnData)
+    data_path: str | list[str] | None = None  # the store (or stores) it was saved from (None: an AnnData)
     minified: tuple[str, str, str] | None = None  # (minified type, obsm key of q(z) means, of its variances)
     run: dict = field(default_factory=dict)  # measurements of the training run (seconds, cells/s, peak RSS, ...)
 
@@ -84,7 +84,8 @@ def saved_data(dir_path, prefix: str | None, saved: SavedModel):
 
     if anndata_path(dir_path, prefix).exists():
         return anndata.read_h5ad(anndata_path(dir_path, prefix))
-    if saved.data_path is not None and Path(saved.data_path).exists():
+    paths = [saved.data_path] if isinstance(saved.data_path, str) else saved.data_path or []
+    if paths and all(Path(path).exists() for path in paths):
         return saved.data_path
     raise ValueError(f"{dir_path} holds no {ANNDATA_FILE} and names no store that exists "
                      f"({saved.data_path}): pass adata= (an AnnData or a store path)")

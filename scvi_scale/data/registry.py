@@ -180,6 +180,7 @@ class Registry:
     library_log_means: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
     library_log_vars: np.ndarray = field(default_factory=lambda: np.ones(1, np.float32))
     n_obs: int = 0
+    collection: dict | None = None  # StoreCollection.describe() when set up over several stores
 
     @property
     def n_vars(self) -> int:
@@ -344,6 +345,7 @@ class Registry:
             "library_log_means": np.asarray(self.library_log_means, dtype=np.float32).tolist(),
             "library_log_vars": np.asarray(self.library_log_vars, dtype=np.float32).tolist(),
             "n_obs": int(self.n_obs),
+            "collection": self.collection,
         }
 
     @classmethod

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from scvi_scale import distributed, persist, surgery
-from scvi_scale.data import CountStore, Registry, StoreError
+from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.data.registry import library_log_stats
@@ -174,18 +174,33 @@ class SCVI:
         size_factor_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
+        *,
+        join: str = "inner",
+        store_key: str | None = None,
     ) -> Registry:
         """Register a store's fields for SCVI, as setup_anndata does for an AnnData, without loading X.
 
         One streaming pass over the counts validates them (finite, non-negative integers; the error names the rows)
         and computes the per-batch log-library mean and variance that the library prior needs. The store is only
         read. Returns the registry (also kept for `SCVI(path)`).
+
+        path may be a list of stores (an atlas that comes as many files), read as one without concatenating them:
+        genes joined as anndata.concat does (join "inner" or "outer", recorded in the registry), store_key names
+        an obs column holding each cell's store (to give batches per store: batch_key=store_key); the sampler
+        draws blocks across all stores and every written output goes back into the store its cells came from.
         """
-        store = CountStore(path, layer=layer)
+        if sources.is_collection(path):
+            keys = None if isinstance(path, StoreCollection) else [Path(os.fspath(p)).stem for p in path]
+            store = path if isinstance(path, StoreCollection) else StoreCollection(
+                list(path), join=join, layer=layer, label=store_key, keys=keys)
+        else:
+            store = CountStore(path, layer=layer)
         registry = Registry.build(
             store, batch_key=batch_key, labels_key=labels_key, size_factor_key=size_factor_key,
             categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
         )
+        if isinstance(store, StoreCollection):
+            registry.collection = store.describe()
         sources.remember_store_setup(store, registry)
         return registry
 
@@ -753,17 +768,18 @@ class SCVI:
         inputs = self._inputs(adata)
         request = self._request("differential_expression", inputs, None, batch_size, silent, kwargs)
         in_anndata = isinstance(inputs.store, AnnDataSource)
-        target = None
+        targets = []
         if write_to is not None and not in_anndata:
-            target = writer.output_store(inputs.store.path, request.output_store)
-            writer.check_uns_key(target, write_to, request.overwrite)  # before the work, not after
+            targets = [writer.output_store(path, request.output_store) for path in sources.data_paths(inputs.store)]
+            for target in targets:
+                writer.check_uns_key(target, write_to, request.overwrite)  # before the work, not after
         comparisons = differential.compare_groups(inputs.store, groupby, group1, group2, idx1, idx2)
         result = differential.differential_expression(
             inputs, request, comparisons, de_options, list(self.registry.batch_categories), self.var_names
         )
-        if target is not None:
+        for target in targets:  # a collection's table goes into each of its stores
             writer.write_uns(target, write_to, result, overwrite=request.overwrite)
-        elif write_to is not None:
+        if write_to is not None and in_anndata:
             inputs.store.adata.uns[write_to] = result
         if table_path is not None:
             writer.write_table(result, table_path)
@@ -789,7 +805,8 @@ class SCVI:
         obs = pd.DataFrame({"library_size": np.asarray(counts.sum(axis=1)).ravel()})
         for key in {self.registry.batch_key, labels_key} - {None}:
             obs[key] = source.obs_column(key).to_numpy()[rows]
-        outputs = [] if isinstance(source, AnnDataSource) else writer.describe_outputs(source.path)
+        outputs = [] if isinstance(source, AnnDataSource) else [
+            output for path in sources.data_paths(source) for output in writer.describe_outputs(path)]
         return build_report(
             out_dir, latent=self.get_latent_representation(adata, indices=rows, seed=seed), obs=obs,
             batch_key=self.registry.batch_key, labels_key=labels_key, history=self.history_,
@@ -824,7 +841,9 @@ class SCVI:
             self.store.adata.obs[OBSERVED_LIBRARY_KEY] = library
             self.store.adata.uns["_scvi_adata_minify_type"] = minified_data_type
         else:
-            writer.write_obs_column(self.store.path, OBSERVED_LIBRARY_KEY, pd.Series(library), overwrite=True)
+            offsets = getattr(self.store, "offsets", [0, self.store.n_obs])
+            for path, first, last in zip(sources.data_paths(self.store), offsets[:-1], offsets[1:]):
+                writer.write_obs_column(path, OBSERVED_LIBRARY_KEY, pd.Series(library[first:last]), overwrite=True)
         self.minified_data_type = minified_data_type
         self._minified_keys = (use_latent_qzm_key, use_latent_qzv_key)
         self._obs_arrays = None
@@ -835,8 +854,9 @@ class SCVI:
         if isinstance(source, AnnDataSource):
             qzm, qzv = source.adata.obsm[qzm_key], source.adata.obsm[qzv_key]
         else:
-            qzm = writer.read_output(source.path, f"obsm/{qzm_key}")
-            qzv = writer.read_output(source.path, f"obsm/{qzv_key}")
+            paths = sources.data_paths(source)
+            qzm = np.concatenate([np.asarray(writer.read_output(path, f"obsm/{qzm_key}")) for path in paths])
+            qzv = np.concatenate([np.asarray(writer.read_output(path, f"obsm/{qzv_key}")) for path in paths])
         library = source.obs_column(OBSERVED_LIBRARY_KEY).to_numpy()
         return {"qzm": np.asarray(qzm, dtype=np.float32), "qzv": np.asarray(qzv, dtype=np.float32),
                 "observed_lib_size": np.asarray(library, dtype=np.float32)}
@@ -853,7 +873,7 @@ class SCVI:
             is_trained=self.is_trained,
             train_indices=self.train_indices,
             validation_indices=self.validation_indices,
-            data_path=None if isinstance(self.store, AnnDataSource) else str(Path(self.store.path).resolve()),
+            data_path=None if isinstance(self.store, AnnDataSource) else _data_path(self.store),
             run=self.run_info,
             minified=None if self.minified_data_type is None else (self.minified_data_type, *self._minified_keys),
         )
@@ -1067,6 +1087,12 @@ def _as_gcxs(samples: list):
         return sparse.GCXS.from_scipy_sparse(samples[0])
     stacked = sparse.stack([sparse.COO.from_scipy_sparse(draw) for draw in samples], axis=-1)
     return sparse.GCXS(stacked)
+
+
+def _data_path(store) -> str | list[str]:
+    """What the model directory records of its store, to reopen it: its path, or a collection's paths."""
+    return [str(Path(path).resolve()) for path in sources.data_paths(store)] if isinstance(store, StoreCollection) \
+        else str(Path(store.path).resolve())
 
 
 def _rows_of(source: CountStore, rows: np.ndarray):

@@ -1,7 +1,8 @@
 """Where a model's cells come from, and where set-ups are kept until a model is built over them.
 
 Two kinds of data, read the same way (the CountStore interface):
-- a Zarr store (a path or a CountStore), set up with SCVI.setup_zarr: streamed, never loaded whole;
+- a Zarr store (a path or a CountStore), set up with SCVI.setup_zarr: streamed, never loaded whole; or several
+  stores (a list of paths, or a data.StoreCollection) read as one, genes joined as anndata.concat does;
 - an AnnData, in memory or backed, set up in place with SCVI.setup_anndata, as scvi-tools does: the registry
   is kept under a uuid written into adata.uns["_scvi_uuid"], the counts are read from the AnnData itself
   (data.AnnDataSource: nothing copied, nothing written to disk), and obs is read live, so columns added later
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scvi_scale.data import CountStore, Registry, StoreError
+import pandas as pd
+
+from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
 
@@ -33,8 +36,12 @@ def is_anndata(data) -> bool:
     return hasattr(data, "obs") and hasattr(data, "var") and hasattr(data, "uns") and not isinstance(data, CountStore)
 
 
-def remember_store_setup(store: CountStore, registry: Registry) -> None:
-    _store_setups[_store_key(store.path, store.layer)] = registry
+def is_collection(data) -> bool:
+    return isinstance(data, StoreCollection) or isinstance(data, (list, tuple))
+
+
+def remember_store_setup(store, registry: Registry) -> None:
+    _store_setups[_store_key(_data_key(store), store.layer)] = registry
 
 
 def remember_anndata_setup(adata, registry: Registry) -> None:
@@ -49,7 +56,7 @@ def setup_of(data) -> Registry:
         if registry is None:
             raise StoreError("this AnnData has not been set up: call SCVI.setup_anndata(adata, batch_key=...) first")
         return registry
-    path = os.fspath(data)
+    path = _data_key(data)
     registry = _store_setups.get(_store_key(path, getattr(data, "layer", None)))
     if registry is None:
         registry = next((r for (p, _), r in _store_setups.items() if p == _resolved(path)), None)
@@ -58,18 +65,27 @@ def setup_of(data) -> Registry:
     return registry
 
 
-def open_source(data, layer: str | None) -> CountStore:
-    """A reader over `data`: an AnnData (AnnDataSource), a store path, or a CountStore as it is."""
-    if isinstance(data, CountStore):
+def open_source(data, layer: str | None, collection: dict | None = None):
+    """A reader over `data`: an AnnData (AnnDataSource), a store path, a list of store paths (a StoreCollection,
+    joined as `collection`, a Registry's record of one, says), or a CountStore / StoreCollection as it is."""
+    if isinstance(data, (CountStore, StoreCollection)):
         return data
     if is_anndata(data):
         return AnnDataSource(data, layer=layer)
+    if isinstance(data, (list, tuple)):
+        record = collection or {}
+        join = record.get("join", "inner")
+        stores = record.get("stores", [])
+        return StoreCollection(
+            list(data), join="inner" if join == "given" else join, layer=layer, label=record.get("label"),
+            keys=[store["key"] for store in stores] if len(stores) == len(data) else None,
+        )
     return CountStore(data, layer=layer)
 
 
 def source_for_model(data, registry: Registry) -> CountStore:
     """`data` opened with the registry's layer and checked to have the registered genes in order."""
-    source = open_source(data, registry.layer)
+    source = open_source(data, registry.layer, registry.collection)
     registry.check_var_names(source)
     return source
 
@@ -106,10 +122,22 @@ def cell_positions(indices, n_obs: int) -> np.ndarray | None:
     return indices
 
 
-def _index(names):
-    import pandas as pd
+def data_paths(source) -> list[str]:
+    """The store folders `source` reads: one, or each store of a collection."""
+    return list(source.paths) if isinstance(source, StoreCollection) else [source.path]
 
+
+def _index(names):
     return pd.Index([str(name) for name in names])
+
+
+def _data_key(data) -> str:
+    """One string naming a store or a collection of stores (their resolved paths, joined)."""
+    if isinstance(data, StoreCollection):
+        return " + ".join(_resolved(path) for path in data.paths)
+    if isinstance(data, (list, tuple)):
+        return " + ".join(_resolved(os.fspath(path)) for path in data)
+    return os.fspath(data)
 
 
 def _resolved(path) -> str:
@@ -117,4 +145,4 @@ def _resolved(path) -> str:
 
 
 def _store_key(path, layer) -> tuple[str, str | None]:
-    return (_resolved(path), layer)
+    return (path if " + " in path else _resolved(path), layer)

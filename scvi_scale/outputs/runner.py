@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -177,15 +178,32 @@ def _in_memory(inputs: ModelInputs, job, request: OutputRequest, description: st
 
 
 def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec], arguments: dict, description):
+    """Every cell's results written into the store; a collection's cells into the store each came from (one call
+    per store, its rows offset), read back as one lazy array over the collection."""
     if request.indices is not None:
         raise writer.OutputError("outputs written to a store cover every cell: pass indices=None with write_to")
-    chunk_rows = request.unit_rows(inputs.store)
-    target = writer.output_store(inputs.store.path, request.output_store)
     record = {**arguments, "seed": request.seed, "batch_size": request.batch_size,
               "model": model_digest(inputs.module), "noise": NOISE_VERSION}  # other streams would mix two sets of draws
+    members = getattr(inputs.store, "stores", None)
+    if members is None:
+        target = writer.output_store(inputs.store.path, request.output_store)
+        return _write_into(inputs, job, request, outputs, record, description, target, inputs.store.n_obs, 0)
+    if request.output_store is not None:
+        raise writer.OutputError("the outputs of a collection of stores go into each store; output_store= names one")
+    parts = [
+        _write_into(inputs, job, request, outputs, record, description, member.path, member.n_obs, int(first))
+        for member, first in zip(members, inputs.store.offsets[:-1])
+    ]
+    return {name: da.concatenate([part[name] for part in parts]) for name in outputs}
+
+
+def _write_into(inputs, job, request, outputs: dict[str, OutputSpec], record: dict, description: str, target: str,
+                n_rows: int, first_row: int) -> dict:
+    """Write the results of inputs' rows first_row ... first_row + n_rows as outputs of the store `target`."""
+    chunk_rows = request.unit_rows(inputs.store)
     chunked = {
         name: (writer.DenseOutput if spec.kind == "dense" else writer.CsrOutput)(
-            target, spec.group, spec.key, inputs.store.n_obs, spec.n_columns, chunk_rows, record
+            target, spec.group, spec.key, n_rows, spec.n_columns, chunk_rows, record
         )
         for name, spec in outputs.items()
     }
@@ -196,7 +214,7 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
     todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in active.values())))
     first = next(iter(active.values()))
     if todo:
-        units = [Unit(chunk, np.arange(*first.bounds(chunk))) for chunk in todo]
+        units = [Unit(chunk, first_row + np.arange(*first.bounds(chunk))) for chunk in todo]
         run_units(inputs, job, units, request, outputs=active, description=description)
     for output in active.values():
         output.finish()
