@@ -565,6 +565,7 @@ class SCVI:
         data_loader_kwargs: dict | None = None,
         *,
         write_to: str | None = None,
+        dtype: str = "float32",
         **kwargs,
     ):
         """The decoded expression rho_n: px_scale scaled to library_size (library_size="latent": px_rate).
@@ -575,7 +576,10 @@ class SCVI:
         without return_mean; with n_samples_overall, (n_samples_overall, n_genes) draws over the cells of
         `indices`: picked uniformly (weights None or "uniform"), or by importance weight (weights="importance";
         importance_weighting_kwargs max_cells, truncation, n_mc_samples, n_mc_samples_per_pass in kwargs).
-        write_to: layers/<key>, dense float32 (n_obs x n_vars; needs all genes and one value per cell).
+        write_to: layers/<key>, dense (n_obs x n_vars, one value per cell); with gene_list, obsm/<key> (n_obs x
+        the listed genes, their names in the entry's attributes), for an atlas whose full layer would not fit the
+        disk (10M cells x 2,000 genes is 80 GB of float32). dtype: "float32" (default) or "float16", for written
+        and returned values (half the bytes; 3 significant digits).
         """
         compat.refuse("get_normalized_expression", dataloader=dataloader)
         importance = ImportanceOptions(**{key: kwargs.pop(key) for key in IMPORTANCE_KEYS if key in kwargs})
@@ -597,16 +601,19 @@ class SCVI:
             raise ValueError("weights='importance' weighs draws pooled over cells: pass n_samples_overall")
         job = jobs.ExpressionJob(transform_batches=transform, genes=genes, library_size=library_size,
                                  n_samples=n_samples, return_mean=return_mean)
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'float16'")
         if write_to is not None:
-            if genes is not None:
-                raise writer.OutputError("a layer holds every gene: write without gene_list (select genes when reading)")
             if n_samples > 1 and not return_mean:
                 raise writer.OutputError("a layer holds one value per cell and gene: use return_mean=True to write")
-            specs = {"expression": OutputSpec("layers", write_to, "dense", self.store.n_vars)}
+            group, n_columns = ("layers", self.store.n_vars) if genes is None else ("obsm", len(genes))
+            specs = {"expression": OutputSpec(group, write_to, "dense", n_columns, dtype)}
             record = {"method": "get_normalized_expression", "transform_batch": [None if b == jobs.OWN_BATCH else b
-                      for b in transform], "library_size": library_size, "n_samples": n_samples}
+                      for b in transform], "library_size": library_size, "n_samples": n_samples,
+                      "genes": None if genes is None else list(self.var_names[list(genes)])}
             return self._deliver(inputs, job, request, specs, record, "normalized expression")["expression"]
-        expression = run(inputs, job, request, description="normalized expression")["expression"]
+        expression = run(inputs, job, request, description="normalized expression")["expression"].astype(dtype,
+                                                                                                        copy=False)
         if n_samples > 1 and not return_mean:
             return np.moveaxis(expression, 1, 0)
         if return_numpy:

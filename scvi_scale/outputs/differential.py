@@ -30,7 +30,7 @@ from scvi_scale.outputs.importance import ImportanceOptions, importance_sample
 from scvi_scale.outputs.jobs import OWN_BATCH, LatentJob, RawStatsJob
 from scvi_scale.outputs.runner import ModelInputs, OutputRequest, Unit, cut_units, posterior_scales, run, run_units
 
-DE_SAMPLE_BYTES = 512 << 20  # posterior samples of px_scale held at once
+DE_SAMPLE_BYTES = 256 << 20  # posterior samples of px_scale held at once (peak RSS about 4x: pairs, float64 lfc)
 
 
 @dataclass(frozen=True)

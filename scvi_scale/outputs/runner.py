@@ -119,12 +119,14 @@ class OutputRequest:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """One written output: entry group/key ("obsm", "layers"), kind "dense" or "csr", and its number of columns."""
+    """One written output: entry group/key ("obsm", "layers"), kind "dense" or "csr", its number of columns and,
+    for dense outputs, its dtype ("float32", or "float16" for half the disk)."""
 
     group: str
     key: str
     kind: str
     n_columns: int
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -202,9 +204,9 @@ def _write_into(inputs, job, request, outputs: dict[str, OutputSpec], record: di
     """Write the results of inputs' rows first_row ... first_row + n_rows as outputs of the store `target`."""
     chunk_rows = request.unit_rows(inputs.store)
     chunked = {
-        name: (writer.DenseOutput if spec.kind == "dense" else writer.CsrOutput)(
-            target, spec.group, spec.key, n_rows, spec.n_columns, chunk_rows, record
-        )
+        name: writer.DenseOutput(target, spec.group, spec.key, n_rows, spec.n_columns, chunk_rows, record, spec.dtype)
+        if spec.kind == "dense" else writer.CsrOutput(target, spec.group, spec.key, n_rows, spec.n_columns, chunk_rows,
+                                                      record)
         for name, spec in outputs.items()
     }
     # A call writing several outputs (posterior samples <key>_0, <key>_1, ...) that was killed after finishing some

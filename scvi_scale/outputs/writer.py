@@ -209,6 +209,7 @@ class _ChunkedOutput:
     n_cols: int
     chunk_rows: int
     settings: dict = field(default_factory=dict)
+    dtype: str = "float32"  # dense outputs may be "float16": half the disk of a normalized-expression layer
 
     kind = ""  # "dense" or "csr"
 
@@ -259,6 +260,7 @@ class _ChunkedOutput:
     def record(self) -> dict:
         return {
             "kind": self.kind,
+            "dtype": self.dtype,
             "shape": [self.n_rows, self.n_cols],
             "chunk_rows": self.chunk_rows,
             "settings": self.settings,
@@ -356,7 +358,7 @@ class _ChunkedOutput:
 
 @dataclass(frozen=True)
 class DenseOutput(_ChunkedOutput):
-    """A float32 (n_rows, n_cols) output in obsm or layers, written in place chunk by chunk."""
+    """A float32 (or float16) (n_rows, n_cols) output in obsm or layers, written chunk by chunk."""
 
     kind = "dense"
     _piece_suffix = ".done"
@@ -367,7 +369,7 @@ class DenseOutput(_ChunkedOutput):
             self.key,
             shape=(self.n_rows, self.n_cols),
             chunks=(self.chunk_rows, column_chunk),
-            dtype="float32",
+            dtype=self.dtype,
             fill_value=np.nan,
             compressors=None,
         )
@@ -375,7 +377,7 @@ class DenseOutput(_ChunkedOutput):
 
     def write_chunk(self, chunk: int, values) -> None:
         """Write rows bounds(chunk) (may run in any process), then leave the chunk's done marker."""
-        values = np.asarray(values, dtype=np.float32)
+        values = np.asarray(values, dtype=self.dtype)
         self._check_chunk(chunk, values)
         start, stop = self.bounds(chunk)
         # write_empty_chunks: else zarr first compares every chunk with the fill value (NaN), to skip storing it
@@ -478,7 +480,8 @@ def read_output(store: str | os.PathLike, entry: str):
         record = json.loads(record_path.read_text())
         output_class = DenseOutput if record["kind"] == "dense" else CsrOutput
         n_rows, n_cols = record["shape"]
-        output = output_class(store, group_name, key, n_rows, n_cols, record["chunk_rows"], record["settings"])
+        output = output_class(store, group_name, key, n_rows, n_cols, record["chunk_rows"], record["settings"],
+                              **({"dtype": record.get("dtype", "float32")} if output_class is DenseOutput else {}))
         done = len(output.done_chunks())
         raise OutputIncompleteError(
             f"{store}: {entry} is incomplete: {done} of {output.n_chunks} chunks are written; a write is running "
