@@ -141,7 +141,7 @@ def run_stage(stage: str, args) -> dict:
         elif stage == "normalize":
             genes = list(model.var_names[:: N_GENES // GENE_LIST_SIZE][:GENE_LIST_SIZE])
             model.get_normalized_expression(gene_list=genes, write_to="scvi_normalized_200", overwrite=True)
-            outputs, note = [paths.atlas / "layers" / "scvi_normalized_200"], f"gene_list of {len(genes)} genes"
+            outputs, note = [paths.atlas / "obsm" / "scvi_normalized_200"], f"gene_list of {len(genes)} genes (obsm)"
         elif stage == "sample":
             cells = min(SAMPLE_CELLS, n_obs)
             if cells == n_obs:
