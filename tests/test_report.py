@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
 from scvi_scale import SCVI
 from scvi_scale.datasets import synthetic_atlas
@@ -162,10 +161,10 @@ def test_approximate_neighbours_above_the_exact_limit_find_the_exact_ones(monkey
 def train_and_describe(store_path: Path, batch_key: str, labels_key: str, max_epochs: int, warmup: int) -> dict:
     """Train a small SCVI as a user would and gather what build_report takes (all but out_dir)."""
     SCVI.setup_zarr(store_path, batch_key=batch_key, labels_key=labels_key)
-    torch.manual_seed(0)  # the initial weights: the same model whichever tests ran before
-    model = SCVI(store_path)
+    model = SCVI(store_path)  # settings.seed (0) draws the initial weights: the same model whichever tests ran before
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, plan_kwargs={"n_epochs_kl_warmup": warmup}, seed=1)
+    model.train(max_epochs=max_epochs, plan_kwargs={"n_epochs_kl_warmup": warmup}, seed=1,
+                check_val_every_n_epoch=1)
     seconds = time.perf_counter() - start
     latent = model.get_latent_representation()
     counts = model.store.read_csr(0, model.store.n_obs)
@@ -212,7 +211,8 @@ def assert_report_is_whole(report: dict, out_dir: Path) -> None:
 def synthetic_run(tmp_path_factory):
     store = tmp_path_factory.mktemp("atlas") / "atlas.zarr"
     synthetic_atlas(store, n_cells=1500, n_genes=1000, n_batches=3, n_cell_types=5, seed=3)
-    return train_and_describe(store, "batch", "cell_type", max_epochs=20, warmup=5)
+    # 20 epochs underfit: over initial-weight seeds 0-2, 40 epochs put scVI's iLISI at ~0.62 against PCA's 0.52
+    return train_and_describe(store, "batch", "cell_type", max_epochs=40, warmup=10)
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +238,12 @@ def test_synthetic_report_scores_the_latent_above_the_uncorrected_baseline(synth
     scvi, pca = report["scib"]["scores"]["scvi"], report["scib"]["scores"]["pca"]
     assert set(scvi) == {"iLISI", "PCR comparison", "Silhouette batch", "Graph connectivity", "cLISI",
                          "Silhouette label", "KMeans NMI", "KMeans ARI"}
-    # planted batch effects: scVI mixes the batches better than PCA of the log counts (iLISI 0.50 against 0.42
-    # here; over initial-weight seeds 0-4 the margin was 0.04-0.13, and PCR comparison 0.06-0.51)
+    # planted batch effects: scVI mixes the batches better than PCA of the log counts (over initial-weight
+    # seeds 0-2 at 40 epochs, iLISI ~0.62 against 0.52)
     assert scvi["iLISI"] > pca["iLISI"] + 0.03
     assert scvi["PCR comparison"] > 0.0
     assert scvi["KMeans ARI"] > 0.8 and scvi["cLISI"] > 0.95  # and keeps the five cell types apart
-    assert report["history_summary"]["epochs"] == 20
+    assert report["history_summary"]["epochs"] == 40
     assert report["history"]["elbo_validation"][-1][1] < report["history"]["elbo_validation"][0][1]
     assert report["run"]["peak_rss_bytes"] == 1_234_567_890 and report["outputs"][0]["entry"] == "obsm/X_scvi"
 
