@@ -448,7 +448,7 @@ def test_torch_path_falls_back_to_eager_when_compile_fails(monkeypatch, caplog, 
             out = kernels.count_log_likelihood(*as_tensors(torch.float64, x, mu, theta, zi))
             assert rel_err(out, log_prob_reference(x, mu, theta, zi, "zinb").sum(-1)) < FLOAT64_TOL
     warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
-    assert len(warnings) == 2 and all("no C++ compiler" in w for w in warnings)  # once per compiled function
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0]  # once: later calls stay eager
 
 
 @pytest.mark.parametrize(
