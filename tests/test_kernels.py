@@ -176,9 +176,14 @@ def reduce_to(shape, weights, per_entry):
     return weighted if len(shape) == 2 else weighted.sum(0)
 
 
-def check_count_log_likelihood(rng, n_cells, n_genes, likelihood, theta_per_cell, dtype, tol):
+def as_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Counts as the caller passes them: dense, or a sparse CSR tensor of the same matrix."""
+    return x.to_sparse_csr() if layout == "csr" else x
+
+
+def check_count_log_likelihood(rng, n_cells, n_genes, likelihood, theta_per_cell, dtype, tol, layout="dense"):
     x, mu, theta, zi = (rounded(a, dtype) for a in draw_count_inputs(rng, n_cells, n_genes, likelihood, theta_per_cell))
-    x_t, = as_tensors(dtype, x)
+    x_t = as_layout(as_tensors(dtype, x)[0], layout)
     mu_t, theta_t, zi_t = as_tensors(dtype, mu, theta, zi, requires_grad=True)
     out = kernels.count_log_likelihood(x_t, mu_t, theta_t, zi_t, likelihood=likelihood)
     assert out.shape == (n_cells,) and out.dtype == dtype
@@ -225,6 +230,49 @@ def test_count_log_likelihood_only_zeros(backend, rng):
     x = np.zeros_like(mu)
     out = kernels.count_log_likelihood(*as_tensors(torch.float64, x, mu, theta, zi))
     assert rel_err(out, log_prob_reference(x, mu, theta, zi, "zinb").sum(-1)) < FLOAT64_TOL
+
+
+def log_prob_gamma_reference(x, mu, theta, zi_logits, likelihood):
+    """Per-entry log p(x) in float64 from the gamma-function forms, defined for non-integer x as well (NB with
+    lgamma(x + theta) - lgamma(theta) - lgamma(x + 1); Poisson with lgamma(x + 1))."""
+    if likelihood == "poisson":
+        return sps.xlogy(x, mu) - mu - sps.gammaln(x + 1)
+    theta = np.broadcast_to(theta, x.shape)
+    log_nb = (sps.gammaln(x + theta) - sps.gammaln(theta) - sps.gammaln(x + 1)
+              + theta * np.log(theta / (theta + mu)) + sps.xlogy(x, mu / (theta + mu)))
+    if likelihood == "nb":
+        return log_nb
+    log_pi, log_one_minus_pi = -np.logaddexp(0, -zi_logits), -np.logaddexp(0, zi_logits)
+    return np.where(x == 0, np.logaddexp(log_pi, log_one_minus_pi + log_nb), log_one_minus_pi + log_nb)
+
+
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+@pytest.mark.parametrize("n_cells", [3, 64])
+def test_count_log_likelihood_non_integer_counts(backend, rng, likelihood, n_cells):
+    """Counts with fractional parts (the integer table of Stirling's remainder must not be used for them);
+    64 x 2048 entries run compiled on the PyTorch path. Moderate values, where the gamma forms are exact in float64."""
+    mu = np.exp(rng.uniform(-3, 5, size=(n_cells, 2048)))
+    x = np.where(rng.random(mu.shape) < 0.7, 0.0, rng.poisson(mu) + rng.uniform(0.05, 0.95, size=mu.shape))
+    x[0, :8] = np.arange(8) + 0.5  # below and at STIRLING_MIN
+    theta = np.exp(rng.uniform(-2, 4, size=2048)) if likelihood != "poisson" else None
+    zi = rng.uniform(-5, 5, size=mu.shape) if likelihood == "zinb" else None
+    x, mu, theta, zi = (rounded(a, torch.float32) for a in (x, mu, theta, zi))
+    out = kernels.count_log_likelihood(*as_tensors(torch.float32, x, mu, theta, zi), likelihood=likelihood)
+    want = log_prob_gamma_reference(x, mu, theta, zi, likelihood).sum(-1)
+    assert rel_err(out, want) < FLOAT32_TOL, f"rel err {rel_err(out, want):.2e}"
+
+
+def test_count_log_likelihood_stays_finite_at_extreme_logits(backend):
+    """Zero counts where both pi and NB(0) underflow float32 (z = -200, L0 = -1e4): p(0) is clamped at the smallest
+    normal number, so the log-likelihood and gradients stay finite (the true value is about max(z, L0))."""
+    x = torch.zeros(2, 4, device=DEVICE)
+    mu = torch.full((2, 4), 1e4, device=DEVICE, requires_grad=True)
+    theta = torch.full((4,), 1e3, device=DEVICE, requires_grad=True)
+    zi = torch.full((2, 4), -200.0, device=DEVICE, requires_grad=True)
+    out = kernels.count_log_likelihood(x, mu, theta, zi, likelihood="zinb")
+    out.sum().backward()
+    for tensor in (out, mu.grad, theta.grad, zi.grad):
+        assert torch.isfinite(tensor).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,13 +336,14 @@ def decoder_reference(inputs, likelihood, cell_weights):
     return out, grads
 
 
-def check_decoder_log_likelihood(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell, dtype, tol):
+def check_decoder_log_likelihood(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell, dtype, tol,
+                                 layout="dense"):
     inputs = draw_decoder_inputs(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell)
     inputs = {name: rounded(value, dtype) for name, value in inputs.items()}
     tensors = {name: None if value is None else
                torch.tensor(value, dtype=dtype, device=DEVICE, requires_grad=name != "x")
                for name, value in inputs.items()}
-    out = kernels.decoder_log_likelihood(**tensors, likelihood=likelihood)
+    out = kernels.decoder_log_likelihood(**{**tensors, "x": as_layout(tensors["x"], layout)}, likelihood=likelihood)
     assert out.shape == (n_cells,) and out.dtype == dtype
     cell_weights = rng.normal(size=n_cells)
     want, want_grads = decoder_reference(inputs, likelihood, cell_weights)
@@ -305,9 +354,19 @@ def check_decoder_log_likelihood(rng, n_cells, n_genes, n_hidden, likelihood, th
 
 
 @pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
-@pytest.mark.parametrize("n_cells,n_genes", [(1, 1), (3, 7), (128, 7), (3, 2000)])
+@pytest.mark.parametrize("n_cells,n_genes", [(1, 1), (3, 7), (128, 7), (3, 2000), (128, 2000)])
 def test_decoder_log_likelihood_float32(backend, rng, likelihood, n_cells, n_genes):
+    """(128, 2000) is a training minibatch: the PyTorch path runs compiled there (COMPILE_MIN_ENTRIES)."""
     check_decoder_log_likelihood(rng, n_cells, n_genes, 24, likelihood, False, torch.float32, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+@pytest.mark.parametrize("n_cells,n_genes", [(3, 300), (128, 2000)])
+def test_csr_counts_match_the_reference(backend, rng, likelihood, n_cells, n_genes):
+    """Counts given as a sparse CSR tensor: both ops against the float64 reference, eager and compiled sizes."""
+    check_count_log_likelihood(rng, n_cells, n_genes, likelihood, False, torch.float32, FLOAT32_TOL, layout="csr")
+    check_decoder_log_likelihood(rng, n_cells, n_genes, 24, likelihood, False, torch.float32, FLOAT32_TOL,
+                                 layout="csr")
 
 
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
