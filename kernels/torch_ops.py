@@ -250,19 +250,25 @@ def nonzero_count_terms(x, mu, theta, zi_logits, stirlerr_x, stirlerr_theta, lik
 
 
 def all_terms(rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihood: str, integer_counts: bool):
-    """zero_count_terms over every entry, and nonzero_count_terms at the non-zero counts (rows, cols, values), gathered
-    here so that torch.compile fuses the gathers into its loops. Returns zero_count_terms' four results and
-    nonzero_count_terms' four at the non-zeros. integer_counts: every value is an integer (stirlerr from a table)."""
+    """zero_count_terms over every entry, and nonzero_count_terms at the entries (rows, cols, values) that may be
+    non-zero, gathered here so that torch.compile fuses the gathers into its loops. Returns zero_count_terms' four
+    results and, at those entries, nonzero_count_terms' four (the dense ones where a value is 0, log p 0: it is in
+    the dense sum). integer_counts: every value is an integer (stirlerr from a table)."""
     flat = rows * p.shape[1] + cols
     dense = zero_count_terms(p, scale, theta, zi_logits, is_zero, likelihood)
-    stirlerr_x = stirlerr_of_counts(values) if integer_counts else stirlerr(values)
+    positive = values > 0  # a CSR tensor may store zeros: their terms stay the dense ones
+    x = torch.where(positive, values, 1.0)
+    stirlerr_x = stirlerr_of_counts(x) if integer_counts else stirlerr(x)
     theta_nz = stirlerr_theta_nz = None
     if theta is not None:
         at_nonzeros = (lambda t: t[cols]) if theta.dim() == 1 else (lambda t: t.reshape(-1)[flat])
         theta_nz, stirlerr_theta_nz = at_nonzeros(theta), at_nonzeros(stirlerr(theta))
     zi_nz = None if zi_logits is None else zi_logits.reshape(-1)[flat]
     mu_nz = p.reshape(-1)[flat] * scale.reshape(-1)[rows]
-    return dense, nonzero_count_terms(values, mu_nz, theta_nz, zi_nz, stirlerr_x, stirlerr_theta_nz, likelihood)
+    log_p, *gradients = nonzero_count_terms(x, mu_nz, theta_nz, zi_nz, stirlerr_x, stirlerr_theta_nz, likelihood)
+    gradients = [None if g is None else torch.where(positive, g, d.reshape(-1)[flat])
+                 for g, d in zip(gradients, dense[1:])]
+    return dense, (torch.where(positive, log_p, 0.0), *gradients)
 
 
 # torch.compile fuses all_terms into two loops, one over every entry and one over the non-zeros (eager PyTorch would
@@ -295,31 +301,32 @@ def _maybe_compiled(function, n_entries: int):
 
 
 def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, cols, values) of the non-zero entries of x, (B, G) dense or sparse CSR; each (nnz,). Explicit zeros
-    stored in a CSR tensor are dropped."""
+    """(rows, cols, values) of the entries of x, (B, G) dense or sparse CSR, that may be non-zero; each (nnz,): a
+    dense x's non-zeros, a CSR tensor's stored entries (explicit zeros among them are handled by count_terms, so
+    that no value is read back to the host here)."""
     if x.layout == torch.sparse_csr:
+        crow = x.crow_indices()
+        rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow[1:] - crow[:-1])
         # values() is a view whose base is the sparse tensor, which torch.compile's guards cannot describe (2.13):
         # a copy of the nnz values keeps the compiled path
-        crow, cols, values = x.crow_indices(), x.col_indices(), x.values().clone()
-        rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow[1:] - crow[:-1])
-        stored = values != 0
-        if not bool(stored.all()):
-            rows, cols, values = rows[stored], cols[stored], values[stored]
-        return rows, cols, values
+        return rows, x.col_indices(), x.values().clone()
     rows, cols = x.nonzero(as_tuple=True)
     return rows, cols, x[rows, cols]
 
 
 def count_terms(x_nonzero, p, scale, theta, zi_logits, likelihood: str):
     """The per-cell log-likelihood (B,) and the per-entry gradients d log p / d log mu, d / d theta, d / dz
-    ((B, G) each, or None), for counts given by their non-zero entries x_nonzero = (rows, cols, values) and the mean
-    mu = p * scale (p (B, G), scale (B, 1)): all_terms, then the non-zeros' terms written over the dense ones."""
+    ((B, G) each, or None), for counts given by their entries x_nonzero = (rows, cols, values) that may be non-zero
+    and the mean mu = p * scale (p (B, G), scale (B, 1)): all_terms, then the non-zeros' terms written over the
+    dense ones."""
     rows, cols, values = x_nonzero
     flat = rows * p.shape[1] + cols
     # (scatter_ measured ~3x faster than index_put_ for these 1-D writes)
     is_zero = torch.ones(p.shape, dtype=torch.bool, device=p.device)
-    is_zero.view(-1).scatter_(0, flat, False)
-    integer_counts = torch.equal(values, torch.round(values))
+    is_zero.view(-1).scatter_(0, flat, values == 0)
+    # Integer counts take stirlerr from a table. Finding out reads a value back to the host, which costs a device
+    # sync on a GPU only: there the general form runs.
+    integer_counts = values.device.type == "cpu" and torch.equal(values, torch.round(values))
     (per_cell, *dense), (log_p_nz, *sparse) = _maybe_compiled(all_terms, p.numel())(
         rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihood, integer_counts)
     for gradient, at_nonzeros in zip(dense, sparse):

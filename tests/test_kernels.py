@@ -232,6 +232,26 @@ def test_count_log_likelihood_only_zeros(backend, rng):
     assert rel_err(out, log_prob_reference(x, mu, theta, zi, "zinb").sum(-1)) < FLOAT64_TOL
 
 
+@pytest.mark.parametrize("likelihood", kernels.LIKELIHOODS)
+def test_csr_counts_with_stored_zeros(backend, rng, likelihood):
+    """A CSR tensor may store zeros: they count as zero counts, and the results and gradients are those of the dense
+    counts."""
+    x, mu, theta, zi = draw_count_inputs(rng, 6, 40, likelihood, theta_per_cell=False)
+    stored = (x > 0) | (rng.random(x.shape) < 0.3)  # every non-zero, and some zeros
+    rows, cols = np.nonzero(stored)
+    crow = np.searchsorted(rows, np.arange(x.shape[0] + 1))
+    x_t, = as_tensors(torch.float64, x)
+    csr = torch.sparse_csr_tensor(torch.tensor(crow), torch.tensor(cols), x_t[rows, cols], x.shape, device=DEVICE)
+    results = []
+    for counts in (x_t, csr):
+        params = as_tensors(torch.float64, mu, theta, zi, requires_grad=True)
+        out = kernels.count_log_likelihood(counts, *params, likelihood=likelihood)
+        out.sum().backward()
+        results.append([out] + [p.grad for p in params if p is not None])
+    for dense_result, csr_result in zip(*results):
+        torch.testing.assert_close(csr_result, dense_result, rtol=1e-12, atol=0)
+
+
 def log_prob_gamma_reference(x, mu, theta, zi_logits, likelihood):
     """Per-entry log p(x) in float64 from the gamma-function forms, defined for non-integer x as well (NB with
     lgamma(x + theta) - lgamma(theta) - lgamma(x + 1); Poisson with lgamma(x + 1))."""
@@ -550,6 +570,33 @@ def test_decoder_log_likelihood_rejects_bad_input(change, message):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the model trains through the fused ops
+
+
+@pytest.mark.parametrize("options", [dict(), dict(dispersion="gene-cell"), dict(use_observed_lib_size=False)],
+                         ids=["decoder-op", "count-op", "latent-library"])
+def test_csr_minibatch_gives_the_loss_and_gradients_of_dense_x(options):
+    """Training on x_csr alone (the likelihood reads the non-zeros, log1p(x) is made dense by a scatter) gives the
+    loss and every parameter's gradient that dense x gives, at a training minibatch's size (the compiled path)."""
+    from scvi_scale.module import VAE
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.poisson(torch.rand(128, 1024, generator=generator) * 4) * (torch.rand(128, 1024, generator=generator) < 0.1)
+    x[:, 0] += 1
+    batch = torch.randint(0, 3, (128,), generator=generator)
+    csr = x.to_sparse_csr()
+    torch.manual_seed(0)
+    module = VAE(1024, n_batch=3, library_log_means=np.full(3, 5.0), library_log_vars=np.ones(3), **options)
+    module.train()
+    gradients = []
+    for tensors in ({"x": x, "batch": batch},
+                    {"x_csr": (csr.crow_indices(), csr.col_indices(), csr.values()), "batch": batch}):
+        module.zero_grad()
+        torch.manual_seed(1)  # the same dropout mask and draws
+        loss = module.loss(tensors, kl_weight=0.5)["loss"]
+        loss.backward()
+        gradients.append([loss.detach()] + [p.grad.clone() for p in module.parameters()])
+    for dense_value, csr_value in zip(*gradients):
+        torch.testing.assert_close(csr_value, dense_value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
