@@ -17,7 +17,7 @@ profiler adds its own overhead per op, so shares are of the profiled time, scale
 
 FLOPs of one step (multiply-adds count 2), printed with the table: the encoder's first layer 2 B G H forward and
 2 B G H for its weight gradient (x needs no gradient), each decoder head (scale; dropout for ZINB) 2 B G H forward
-and 4 B G H backward; with CSR counts the first layer's two products scale by the density.
+and 4 B G H backward (the first layer stays dense in training with CSR counts too: see module.py).
 """
 
 from __future__ import annotations
@@ -117,7 +117,11 @@ def loader_seconds_per_step(module, optimizer, sampler, n_steps: int, counts: st
     iterator = iter(sampler)
     for _ in range(n_steps):
         start = time.perf_counter()
-        tensors = as_tensors(next(iterator), counts)
+        minibatch = next(iterator, None)
+        if minibatch is None:  # the epoch ended: the next one starts
+            iterator = iter(sampler)
+            minibatch = next(iterator)
+        tensors = as_tensors(minibatch, counts)
         waited += time.perf_counter() - start
         step(module, optimizer, tensors)
     return waited / n_steps
@@ -229,11 +233,11 @@ def profile_shares(module, optimizer, batches: list[dict], n_genes: int, trace: 
     return {category: totals.get(category, 0.0) / wall_us for category in CATEGORIES}
 
 
-def flops(batch_size: int, n_genes: int, n_hidden: int, density: float, counts: str, zinb: bool = True) -> dict:
+def flops(batch_size: int, n_genes: int, n_hidden: int, zinb: bool = True) -> dict:
+    """FLOPs of the G-wide products of one step (the encoder's first layer is dense in training either way)."""
     product = 2 * batch_size * n_genes * n_hidden
-    first = product * (density if counts == "csr" else 1.0)
     heads = 1 + int(zinb)
-    return {"encoder first layer (forward + weight gradient)": 2 * first,
+    return {"encoder first layer (forward + weight gradient)": 2 * product,
             "decoder heads (forward + both gradients)": 3 * heads * product}
 
 
@@ -257,7 +261,7 @@ def main() -> None:
     first = batches[0]
     nnz = first["x_csr"][2].numel() if "x_csr" in first else int((first["x"] > 0).sum())
     density = nnz / (args.batch_size * n_genes)
-    work = flops(args.batch_size, n_genes, n_hidden, density, args.counts)
+    work = flops(args.batch_size, n_genes, n_hidden)
     print(f"torch {torch.__version__}; B={args.batch_size}, G={n_genes}, H={n_hidden}, ZINB, {density:.1%} non-zero, "
           f"counts given as {args.counts}")
     print("FLOPs per step in the G-wide products: " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in work.items())

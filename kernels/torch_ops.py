@@ -327,6 +327,8 @@ def count_terms(x_nonzero, p, scale, theta, zi_logits, likelihood: str):
     # Integer counts take stirlerr from a table. Finding out reads a value back to the host, which costs a device
     # sync on a GPU only: there the general form runs.
     integer_counts = values.device.type == "cpu" and torch.equal(values, torch.round(values))
+    # Detached: torch.compile guards on requires_grad, so training and validation would compile twice.
+    p, scale, theta, zi_logits = (None if t is None else t.detach() for t in (p, scale, theta, zi_logits))
     (per_cell, *dense), (log_p_nz, *sparse) = _maybe_compiled(all_terms, p.numel())(
         rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihood, integer_counts)
     for gradient, at_nonzeros in zip(dense, sparse):
