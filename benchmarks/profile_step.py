@@ -73,8 +73,8 @@ def setup(store: Path, batch_size: int, counts: str, seed: int = 0):
     from scvi_scale.sampler import BlockShuffleSampler
 
     SCVI.setup_zarr(store, batch_key="batch")
+    torch.manual_seed(seed)  # before the module is built: its initial weights come from torch's generator
     model = SCVI(store)
-    torch.manual_seed(seed)
     sampler = BlockShuffleSampler(model.store, batch_size=batch_size, obs_arrays=model.obs_arrays, seed=seed,
                                   return_csr=counts == "csr")
     module = model.module

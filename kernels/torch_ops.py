@@ -14,7 +14,7 @@ Log-probabilities, for mean mu, inverse dispersion theta and zero-inflation logi
     NB, x = 0       L0 = -theta log1p(mu / theta)
     ZINB, x > 0     -softplus(z) + log NB(x)
     ZINB, x = 0     log(pi + (1 - pi) e^L0) = log1p(-u) with u = sigmoid(-z) (-expm1(L0)) when u <= 1/2,
-                    else logaddexp(z, L0) - softplus(z) (each form is accurate where it is used)
+                    else the log of the sum pi + (1 - pi) e^L0 (each form is accurate where it is used)
 with stirlerr(z) = lgamma(z + 1) - (z + 1/2) log z + z - log(2 pi) / 2 and bd0(a, b) = a log(a / b) + b - a >= 0.
 
 Gradients, with v = (x - mu) / (theta + mu):
@@ -24,9 +24,15 @@ Gradients, with v = (x - mu) / (theta + mu):
 where w = 1 at x > 0 and w = sigmoid(L0 - z) (the share of NB(0) in p(0)) at x = 0, h(v) = log1p(v) - v, and
 E(x, theta) = digamma(x + theta) - digamma(theta) - log1p(x / theta), which is 0 at x = 0.
 
-Sparse-aware: at x = 0 nothing but L0 and the logits is needed, so stirlerr, bd0 and E, the expensive parts, are
-evaluated at the nonzero entries only (~10% of single-cell counts), gathered with nonzero(). From COMPILE_MIN_ENTRIES
-entries on, both parts run through torch.compile (see there).
+Sparse-aware, in two passes (all_terms): zero_count_terms evaluates every entry as if its count were 0 (L0, the
+logits: four transcendentals an entry for ZINB), then nonzero_count_terms evaluates stirlerr, bd0 and E, the
+expensive parts, at the non-zero counts only (~10% of single-cell counts, read from a CSR tensor or found with
+nonzero()) and their results are written over the dense ones. From COMPILE_MIN_ENTRIES entries on, both passes run
+as one torch.compile'd call (see there). The decoder op (DecoderLogLikelihood) keeps only per-entry gradients
+(B x G each, at most three), so its backward is four products and no elementwise pass.
+
+Measured (benchmarks/profile_step.py, training step at B = 128, G = 2000, 10% non-zero, quiet 2-core machine,
+1 thread): the step went from 21-22 ms to 17.5-18.7 ms with x_csr minibatches (1.21x; 2 threads 13.3 -> 11.4 ms).
 """
 
 from __future__ import annotations
