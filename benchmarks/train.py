@@ -176,10 +176,16 @@ def main() -> None:
             args.peer_python, PEER_ELBO, train_store, test_store, args.elbo_epochs, args.threads, seed,
             threads=args.threads)["test_elbo"])
         print(f"| {seed} | {ours[-1]:.2f} | {peer[-1]:.2f} |", flush=True)
-    mean_ours, mean_peer = statistics.mean(ours), statistics.mean(peer)
-    spread = f" (sd {statistics.stdev(ours):.1f} / {statistics.stdev(peer):.1f})" if len(ours) > 1 else ""
-    print(f"| mean{spread} | {mean_ours:.2f} | {mean_peer:.2f} |")
-    print(f"\nrelative difference of the means: {(mean_ours - mean_peer) / abs(mean_peer):+.2%}")
+    def mean_and_spread(values: list[float]) -> str:
+        if any(v != v for v in values):  # no peer: NaN
+            return "-"
+        spread = f" (sd {statistics.stdev(values):.1f})" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.2f}{spread}"
+
+    print(f"| mean | {mean_and_spread(ours)} | {mean_and_spread(peer)} |")
+    if args.peer_python:
+        mean_ours, mean_peer = statistics.mean(ours), statistics.mean(peer)
+        print(f"\nrelative difference of the means: {(mean_ours - mean_peer) / abs(mean_peer):+.2%}")
 
 
 if __name__ == "__main__":
