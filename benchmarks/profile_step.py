@@ -69,12 +69,13 @@ def as_tensors(minibatch: dict, counts: str) -> dict:
 
 def setup(store: Path, batch_size: int, counts: str, seed: int = 0):
     """(module, optimizer, sampler) as SCVI.train builds them."""
-    from scvi_scale import SCVI
+    from scvi_scale import SCVI, settings
     from scvi_scale.sampler import BlockShuffleSampler
 
+    settings.seed = seed  # the initial weights
     SCVI.setup_zarr(store, batch_key="batch")
-    torch.manual_seed(seed)  # before the module is built: its initial weights come from torch's generator
     model = SCVI(store)
+    torch.manual_seed(seed)
     sampler = BlockShuffleSampler(model.store, batch_size=batch_size, obs_arrays=model.obs_arrays, seed=seed,
                                   return_csr=counts == "csr")
     module = model.module

@@ -64,12 +64,12 @@ print(json.dumps({"cells_per_s": steps * batch_size / seconds, "peak_rss_mb":
 
 OURS_ELBO = r"""
 import json, sys, torch
-from scvi_scale import SCVI
+from scvi_scale import SCVI, settings
 train_store, test_store, epochs, threads, model_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 seed = int(sys.argv[6])
 torch.set_num_threads(threads)
+settings.seed = seed  # the initial weights too, as scvi.settings.seed on the peer's side
 SCVI.setup_zarr(train_store, batch_key="batch")
-torch.manual_seed(seed)
 model = SCVI(train_store)
 model.train(max_epochs=epochs, seed=seed)
 model.save(model_dir, overwrite=True)
