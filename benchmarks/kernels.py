@@ -1,6 +1,7 @@
 """Benchmark of scvi_scale.kernels: the fused ops against the unfused PyTorch code they replace, time and memory.
 
     .venv/bin/python benchmarks/kernels.py [--cells 1024] [--genes 2000] [--hidden 128] [--memory-genes 33538]
+        [--threads 1] [--kept 0.25]
 
 Paths, each timed for forward + backward (the minimum over --repeats runs after a warm-up):
     unfused     the textbook dense PyTorch forms (count_likelihood.reference_count_log_likelihood,
@@ -44,8 +45,10 @@ PARAMETERS = {
 }
 
 
-def decoder_inputs(n_cells: int, n_genes: int, n_hidden: int, device: str, seed: int = 0) -> dict:
-    """Inputs of decoder_log_likelihood shaped like a trained scVI decoder's, ~90% zero counts."""
+def decoder_inputs(n_cells: int, n_genes: int, n_hidden: int, device: str, seed: int = 0,
+                   kept: float = 0.1) -> dict:
+    """Inputs of decoder_log_likelihood shaped like a trained scVI decoder's: Poisson counts around mu, each kept
+    with probability `kept` (0.1 gives ~4% non-zero; 0.25 ~10%, the synthetic atlas's density)."""
     generator = torch.Generator().manual_seed(seed)
 
     def normal(*shape, scale=1.0):
@@ -56,7 +59,7 @@ def decoder_inputs(n_cells: int, n_genes: int, n_hidden: int, device: str, seed:
     scale_bias = normal(n_genes)
     log_library = torch.log(n_genes * (0.5 + 2 * torch.rand(n_cells, generator=generator)))
     mu = torch.exp(log_library)[:, None] * torch.softmax(hidden @ scale_weight.T + scale_bias, dim=-1)
-    x = torch.poisson(mu, generator=generator) * (torch.rand(n_cells, n_genes, generator=generator) < 0.1)
+    x = torch.poisson(mu, generator=generator) * (torch.rand(n_cells, n_genes, generator=generator) < kept)
     inputs = dict(hidden=hidden, scale_weight=scale_weight, scale_bias=scale_bias, log_library=log_library, x=x,
                   theta=torch.exp(normal(n_genes)),
                   dropout_weight=normal(n_genes, n_hidden, scale=2 / math.sqrt(n_hidden)),
@@ -195,7 +198,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--kept", type=float, default=0.1, help="share of the Poisson counts kept (see decoder_inputs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"))
@@ -208,7 +215,7 @@ def main() -> None:
 
 
 def print_times(device: str, args) -> None:
-    decoder = decoder_inputs(args.cells, args.genes, args.hidden, device)
+    decoder = decoder_inputs(args.cells, args.genes, args.hidden, device, kept=args.kept)
     rates = device_rates(device) if device == "cuda" else None
     print(f"\n### Time, forward + backward, {device}: B={args.cells} G={args.genes} H={args.hidden} {args.likelihood}, "
           f"{int((decoder['x'] > 0).sum()) / decoder['x'].numel():.0%} nonzero")
@@ -233,7 +240,7 @@ def print_times(device: str, args) -> None:
 
 
 def print_memory(device: str, args) -> None:
-    inputs = decoder_inputs(args.cells, args.memory_genes, args.hidden, device, seed=1)
+    inputs = decoder_inputs(args.cells, args.memory_genes, args.hidden, device, seed=1, kept=args.kept)
     what = "peak CUDA memory above the inputs" if device == "cuda" else "bytes saved for backward"
     print(f"\n### Memory, decoder op, {device}: B={args.cells} G={args.memory_genes} H={args.hidden} "
           f"{args.likelihood}: {what}\n| path | MiB | vs unfused |\n|---|---|---|")

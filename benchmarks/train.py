@@ -1,15 +1,20 @@
 """Training throughput, peak memory and held-out ELBO: scvi-scale against scvi-tools' SCVI, in one run.
 
     .venv/bin/python benchmarks/train.py --peer-python /path/to/peer-venv/bin/python
-        [--sizes 100000 1000000] [--batch-sizes 128 1024] [--steps 300] [--threads 2]
-        [--elbo-cells 20000 --elbo-epochs 10] [--data-dir /tmp/scvi-scale-bench]
+        [--sizes 100000 1000000] [--batch-sizes 128 1024] [--genes 2000 15000] [--steps 300] [--threads 2]
+        [--elbo-cells 20000 --elbo-epochs 10 --elbo-seeds 5] [--data-dir /tmp/scvi-scale-bench]
 
 Both sides train the same architecture (scvi-tools' SCVI defaults: 128 hidden, 10 latent, 1 layer, ZINB, gene
-dispersion, batch as covariate) on the same synthetic store (scvi_scale.datasets.synthetic_atlas, 2000 genes).
+dispersion, batch as covariate) on the same synthetic store (scvi_scale.datasets.synthetic_atlas, --genes genes).
 scvi-scale streams the store from Zarr; scvi-tools reads it into memory (anndata.read_zarr) first, so it runs only at
 the sizes given with --peer-sizes (default: the smallest). Each case runs in its own process, so its peak RSS is its
 own (ru_maxrss). Throughput is cells per second over `--steps` optimizer steps of one epoch, timed around train(),
 after a 20-step warm-up run in the same process on both sides (torch.compile, Lightning's start-up, first reads).
+
+Held-out ELBO: each side trains on the same 90% of an atlas with seeds 0 .. --elbo-seeds - 1 and is scored on the
+other 10%. After 2 epochs on 5,000 cells the seed-to-seed spread is ~30 nats (2.5%) on either side, so one seed
+cannot tell a 1% difference: the table gives every seed and the means. Where the step's time goes:
+benchmarks/profile_step.py; training beside busy processes: benchmarks/contention.py.
 
 The peer environment (scvi-tools wants its own torch and lightning; keep it out of .venv):
     python3 -m venv peer && peer/bin/pip install torch==2.13.0 && peer/bin/pip install scvi-tools==1.4.2
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -58,12 +64,14 @@ print(json.dumps({"cells_per_s": steps * batch_size / seconds, "peak_rss_mb":
 
 OURS_ELBO = r"""
 import json, sys, torch
-from scvi_scale import SCVI
+from scvi_scale import SCVI, settings
 train_store, test_store, epochs, threads, model_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+seed = int(sys.argv[6])
 torch.set_num_threads(threads)
+settings.seed = seed  # the initial weights too, as scvi.settings.seed on the peer's side
 SCVI.setup_zarr(train_store, batch_key="batch")
 model = SCVI(train_store)
-model.train(max_epochs=epochs, seed=0)
+model.train(max_epochs=epochs, seed=seed)
 model.save(model_dir, overwrite=True)
 held_out = SCVI.load(model_dir, test_store)
 torch.manual_seed(0)
@@ -73,9 +81,9 @@ print(json.dumps({"test_elbo": held_out.get_elbo()}))
 PEER_ELBO = r"""
 import json, logging, sys, warnings, torch, anndata, scvi
 warnings.filterwarnings("ignore"); logging.getLogger("lightning").setLevel(logging.ERROR)
-train_store, test_store, epochs, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+train_store, test_store, epochs, threads, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
-scvi.settings.seed = 0
+scvi.settings.seed = seed
 train, test = anndata.read_zarr(train_store), anndata.read_zarr(test_store)
 scvi.model.SCVI.setup_anndata(train, batch_key="batch")
 model = scvi.model.SCVI(train)
@@ -85,22 +93,22 @@ print(json.dumps({"test_elbo": float(model.get_elbo(test))}))
 """
 
 
-def run_json(python: str, script: str, *args) -> dict:
-    """Run `script` with `python` in a fresh process and parse the JSON it prints last."""
-    env = {**os.environ, "SCVI_SCALE_PROGRESS": "0", "OMP_NUM_THREADS": str(args[-1] if args else 1)}
+def run_json(python: str, script: str, *args, threads: int) -> dict:
+    """Run `script` with `python` in a fresh process (OMP_NUM_THREADS=threads) and parse the JSON it prints last."""
+    env = {**os.environ, "SCVI_SCALE_PROGRESS": "0", "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{python} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def atlas(data_dir: Path, n_cells: int) -> Path:
-    """A cached synthetic store of n_cells x 2000 genes (4 batches, 8 cell types)."""
+def atlas(data_dir: Path, n_cells: int, n_genes: int = 2000) -> Path:
+    """A cached synthetic store of n_cells x n_genes (4 batches, 8 cell types)."""
     from scvi_scale.datasets import synthetic_atlas
 
-    path = data_dir / f"train-bench-{n_cells}.zarr"
+    path = data_dir / (f"train-bench-{n_cells}.zarr" if n_genes == 2000 else f"train-bench-{n_cells}x{n_genes}.zarr")
     if not path.exists():
-        synthetic_atlas(path, n_cells=n_cells, seed=0)
+        synthetic_atlas(path, n_cells=n_cells, n_genes=n_genes, seed=0)
     return path
 
 
@@ -127,39 +135,57 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--peer-sizes", type=int, nargs="+", help="sizes at which the peer runs (default: smallest)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--genes", type=int, nargs="+", default=[2000])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--elbo-cells", type=int, default=20_000)
     parser.add_argument("--elbo-epochs", type=int, default=10)
+    parser.add_argument("--elbo-seeds", type=int, default=1, help="seeds 0 .. N-1 on each side")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     peer_sizes = set(args.peer_sizes or [min(args.sizes)]) if args.peer_python else set()
 
-    print(f"## Training throughput ({args.threads} threads, {args.steps} steps, 2000 genes)\n")
-    print("| cells | batch | scvi-scale cells/s | peak RSS MB | scvi-tools cells/s | peak RSS MB | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"## Training throughput ({args.threads} threads, {args.steps} steps)\n")
+    print("| cells | genes | batch | scvi-scale cells/s | peak RSS MB | scvi-tools cells/s | peak RSS MB | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for n_cells in args.sizes:
-        store = atlas(args.data_dir, n_cells)
-        for batch_size in args.batch_sizes:
-            steps = max(20, args.steps * 128 // batch_size)
-            ours = run_json(sys.executable, OURS_THROUGHPUT, store, batch_size, steps, args.threads)
-            peer = {"cells_per_s": float("nan"), "peak_rss_mb": float("nan")}
-            if n_cells in peer_sizes:
-                peer = run_json(args.peer_python, PEER_THROUGHPUT, store, batch_size, steps, args.threads)
-            ratio = ours["cells_per_s"] / peer["cells_per_s"]
-            print(f"| {n_cells:,} | {batch_size} | {ours['cells_per_s']:,.0f} | {ours['peak_rss_mb']:,.0f} | "
-                  f"{peer['cells_per_s']:,.0f} | {peer['peak_rss_mb']:,.0f} | {ratio:.2f} |", flush=True)
+        for n_genes in args.genes:
+            store = atlas(args.data_dir, n_cells, n_genes)
+            for batch_size in args.batch_sizes:
+                steps = max(20, args.steps * 128 // batch_size)
+                ours = run_json(sys.executable, OURS_THROUGHPUT, store, batch_size, steps, args.threads,
+                                threads=args.threads)
+                peer = {"cells_per_s": float("nan"), "peak_rss_mb": float("nan")}
+                if n_cells in peer_sizes:
+                    peer = run_json(args.peer_python, PEER_THROUGHPUT, store, batch_size, steps, args.threads,
+                                    threads=args.threads)
+                ratio = ours["cells_per_s"] / peer["cells_per_s"]
+                print(f"| {n_cells:,} | {n_genes:,} | {batch_size} | {ours['cells_per_s']:,.0f} | "
+                      f"{ours['peak_rss_mb']:,.0f} | {peer['cells_per_s']:,.0f} | {peer['peak_rss_mb']:,.0f} | "
+                      f"{ratio:.2f} |", flush=True)
 
     print(f"\n## Held-out ELBO per cell after {args.elbo_epochs} epochs ({args.elbo_cells:,} cells, 10% held out)\n")
     train_store, test_store = split_atlas(args.data_dir, args.elbo_cells)
-    ours = run_json(sys.executable, OURS_ELBO, train_store, test_store, args.elbo_epochs, args.threads,
-                    args.data_dir / "elbo-model")
-    print(f"scvi-scale test ELBO per cell: {ours['test_elbo']:.2f}")
+    print("| seed | scvi-scale | scvi-tools |\n|---|---|---|")
+    ours, peer = [], []
+    for seed in range(args.elbo_seeds):
+        ours.append(run_json(sys.executable, OURS_ELBO, train_store, test_store, args.elbo_epochs, args.threads,
+                             args.data_dir / "elbo-model", seed, threads=args.threads)["test_elbo"])
+        peer.append(float("nan") if not args.peer_python else run_json(
+            args.peer_python, PEER_ELBO, train_store, test_store, args.elbo_epochs, args.threads, seed,
+            threads=args.threads)["test_elbo"])
+        print(f"| {seed} | {ours[-1]:.2f} | {peer[-1]:.2f} |", flush=True)
+    def mean_and_spread(values: list[float]) -> str:
+        if any(v != v for v in values):  # no peer: NaN
+            return "-"
+        spread = f" (sd {statistics.stdev(values):.1f})" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.2f}{spread}"
+
+    print(f"| mean | {mean_and_spread(ours)} | {mean_and_spread(peer)} |")
     if args.peer_python:
-        peer = run_json(args.peer_python, PEER_ELBO, train_store, test_store, args.elbo_epochs, args.threads)
-        difference = (ours["test_elbo"] - peer["test_elbo"]) / abs(peer["test_elbo"])
-        print(f"scvi-tools test ELBO per cell: {peer['test_elbo']:.2f}  (relative difference {difference:+.2%})")
+        mean_ours, mean_peer = statistics.mean(ours), statistics.mean(peer)
+        print(f"\nrelative difference of the means: {(mean_ours - mean_peer) / abs(mean_peer):+.2%}")
 
 
 if __name__ == "__main__":

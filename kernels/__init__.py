@@ -79,6 +79,11 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x as a dense tensor: the Triton kernels read counts dense."""
+    return x.to_dense() if x.layout == torch.sparse_csr else x
+
+
 def _check_2d(name: str, tensor: torch.Tensor, shape: tuple[int, int]) -> None:
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -120,7 +125,8 @@ def count_log_likelihood(
 ) -> torch.Tensor:
     """Per-cell log-likelihood of counts, summed over genes.
 
-    x: (B, G) counts (float, >= 0); mu: (B, G) means (> 0); theta: inverse dispersion (> 0), (G,) or (B, G),
+    x: (B, G) counts (float, >= 0), dense or a sparse CSR tensor (the PyTorch path reads only its non-zeros);
+    mu: (B, G) means (> 0); theta: inverse dispersion (> 0), (G,) or (B, G),
     for "zinb" and "nb" only; zi_logits: (B, G) logits of the zero-inflation probability, "zinb" only;
     likelihood: "zinb", "nb" or "poisson". Returns (B,), the sum over genes of log p(x); differentiable in mu,
     theta and zi_logits. Values are not checked (that would cost a device sync per call): negative counts or
@@ -137,7 +143,7 @@ def count_log_likelihood(
     dtype = _compute_dtype(x, mu, theta, zi_logits)
     x, mu, theta, zi_logits = (None if t is None else t.to(dtype) for t in (x, mu, theta, zi_logits))
     if _choose_backend(device) == "triton" and x.numel() > 0:  # (an empty grid is no launch: PyTorch answers)
-        return _triton_module("count_likelihood").count_log_likelihood(x, mu, theta, zi_logits, likelihood)
+        return _triton_module("count_likelihood").count_log_likelihood(_dense(x), mu, theta, zi_logits, likelihood)
     return torch_ops.count_log_likelihood(x, mu, theta, zi_logits, likelihood)
 
 
@@ -156,7 +162,8 @@ def decoder_log_likelihood(
 
     hidden: (B, H); scale_weight: (G, H), scale_bias: (G,) (nn.Linear layout) give
         px_scale = softmax(hidden @ scale_weight.T + scale_bias) over genes,  px_rate = exp(log_library) * px_scale;
-    log_library: (B,) or (B, 1), natural log of the library size; x: (B, G) counts; theta: (G,) or (B, G),
+    log_library: (B,) or (B, 1), natural log of the library size; x: (B, G) counts, dense or sparse CSR;
+    theta: (G,) or (B, G),
     "zinb"/"nb" only; dropout_weight: (G, H), dropout_bias: (G,) give the zero-inflation logits
     hidden @ dropout_weight.T + dropout_bias, "zinb" only. Returns (B,), the sum over genes of log p(x);
     differentiable in hidden, the weights and biases, theta and log_library. On CUDA no B x G tensor is made.
@@ -196,6 +203,7 @@ def decoder_log_likelihood(
     dtype = _compute_dtype(*inputs.values())
     inputs = {name: None if t is None else t.to(dtype) for name, t in inputs.items()}
     if _choose_backend(device) == "triton" and x.numel() > 0:
+        inputs["x"] = _dense(inputs["x"])
         return _triton_module("decoder_likelihood").decoder_log_likelihood(**inputs, likelihood=likelihood)
     return torch_ops.decoder_log_likelihood(**inputs, likelihood=likelihood)
 

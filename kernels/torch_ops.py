@@ -14,7 +14,7 @@ Log-probabilities, for mean mu, inverse dispersion theta and zero-inflation logi
     NB, x = 0       L0 = -theta log1p(mu / theta)
     ZINB, x > 0     -softplus(z) + log NB(x)
     ZINB, x = 0     log(pi + (1 - pi) e^L0) = log1p(-u) with u = sigmoid(-z) (-expm1(L0)) when u <= 1/2,
-                    else logaddexp(z, L0) - softplus(z) (each form is accurate where it is used)
+                    else the log of the sum pi + (1 - pi) e^L0 (each form is accurate where it is used)
 with stirlerr(z) = lgamma(z + 1) - (z + 1/2) log z + z - log(2 pi) / 2 and bd0(a, b) = a log(a / b) + b - a >= 0.
 
 Gradients, with v = (x - mu) / (theta + mu):
@@ -24,9 +24,15 @@ Gradients, with v = (x - mu) / (theta + mu):
 where w = 1 at x > 0 and w = sigmoid(L0 - z) (the share of NB(0) in p(0)) at x = 0, h(v) = log1p(v) - v, and
 E(x, theta) = digamma(x + theta) - digamma(theta) - log1p(x / theta), which is 0 at x = 0.
 
-Sparse-aware: at x = 0 nothing but L0 and the logits is needed, so stirlerr, bd0 and E, the expensive parts, are
-evaluated at the nonzero entries only (~10% of single-cell counts), gathered with nonzero(). From COMPILE_MIN_ENTRIES
-entries on, both parts run through torch.compile (see there).
+Sparse-aware, in two passes (all_terms): zero_count_terms evaluates every entry as if its count were 0 (L0, the
+logits: four transcendentals an entry for ZINB), then nonzero_count_terms evaluates stirlerr, bd0 and E, the
+expensive parts, at the non-zero counts only (~10% of single-cell counts, read from a CSR tensor or found with
+nonzero()) and their results are written over the dense ones. From COMPILE_MIN_ENTRIES entries on, both passes run
+as one torch.compile'd call (see there). The decoder op (DecoderLogLikelihood) keeps only per-entry gradients
+(B x G each, at most three), so its backward is four products and no elementwise pass.
+
+Measured (benchmarks/profile_step.py, training step at B = 128, G = 2000, 10% non-zero, quiet 2-core machine,
+1 thread): the step went from 21-22 ms to 17.5-18.7 ms with x_csr minibatches (1.21x; 2 threads 13.3 -> 11.4 ms).
 """
 
 from __future__ import annotations
@@ -85,6 +91,20 @@ def stirlerr(z: torch.Tensor) -> torch.Tensor:
     return torch.where(z >= STIRLING_MIN, large, small)
 
 
+# stirlerr(n) for the counts n = 1 .. 7, in float64 from math.lgamma; from 8 on stirling_correction is exact to 3e-13.
+STIRLERR_SMALL_COUNTS = tuple(math.lgamma(n + 1) - (n + 0.5) * math.log(n) + n - 0.5 * math.log(2 * math.pi)
+                              for n in range(1, int(STIRLING_MIN)))
+
+
+def stirlerr_of_counts(n: torch.Tensor) -> torch.Tensor:
+    """stirlerr(n) for integer-valued n >= 1 (counts): a table below STIRLING_MIN, the series from there on; no
+    lgamma."""
+    out = stirling_correction(n.clamp(min=STIRLING_MIN))
+    for count, value in enumerate(STIRLERR_SMALL_COUNTS, start=1):
+        out = torch.where(n == count, value, out)
+    return out
+
+
 def bd0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a log(a / b) + b - a >= 0 for a, b > 0, without cancellation when a is close to b (Loader 2000).
 
@@ -95,20 +115,6 @@ def bd0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     v_near = torch.where(near, v, 0.0)  # the series is only evaluated (and differentiated) where it converges
     series = (a - b) * v_near + 2 * a * v_near**3 * odd_series(v_near * v_near)
     return torch.where(near, series, a * torch.log(a / b) + b - a)
-
-
-def log1p_minus_identity(v: torch.Tensor, one_plus_v: torch.Tensor) -> torch.Tensor:
-    """h(v) = log1p(v) - v for v > -1, given v and 1 + v each computed without cancellation.
-
-    Near 0, where h ~ -v^2/2: with w = v / (2 + v), log1p(v) = 2 (w + w^3/3 + ...) and 2 w - v = -v w, so
-    h = -v w + 2 w^3 (1/3 + w^2/5 + ...). Elsewhere log(one_plus_v) - v: for v = (x - mu) / (theta + mu) close to -1
-    (theta << mu, x = 0), 1 + v = (theta + x) / (theta + mu) keeps digits that 1 + v rounded from v has lost.
-    """
-    near = v.abs() < H_SERIES_MAX
-    v_near = torch.where(near, v, 0.0)
-    w = v_near / (2 + v_near)
-    series = -v_near * w + 2 * w**3 * odd_series(w * w)
-    return torch.where(near, series, torch.log(one_plus_v) - v)
 
 
 def digamma_difference_remainder(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -133,18 +139,19 @@ def digamma_difference_remainder(x: torch.Tensor, theta: torch.Tensor) -> torch.
     return torch.where(large_theta, remainder, remainder + shift + log_one_minus_q)
 
 
-def log_poisson_positive(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """log Poisson(x; mu) for x > 0."""
-    return -stirlerr(x) - bd0(x, mu) - 0.5 * torch.log(2 * math.pi * x)
+def log_poisson_positive(x: torch.Tensor, mu: torch.Tensor, stirlerr_x: torch.Tensor) -> torch.Tensor:
+    """log Poisson(x; mu) for x > 0, given stirlerr(x)."""
+    return -stirlerr_x - bd0(x, mu) - 0.5 * torch.log(2 * math.pi * x)
 
 
-def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """log NB(x; mu, theta) for x > 0."""
+def log_nb_positive(x, mu, theta, stirlerr_x, stirlerr_theta) -> torch.Tensor:
+    """log NB(x; mu, theta) for x > 0, given stirlerr(x) and stirlerr(theta) (for counts a table lookup, and theta's
+    is made once per gene: only stirlerr(x + theta) is evaluated per entry)."""
     trials = x + theta
     return (
         stirlerr(trials)
-        - stirlerr(theta)
-        - stirlerr(x)
+        - stirlerr_theta
+        - stirlerr_x
         - bd0(theta, theta * trials / (theta + mu))
         - bd0(x, mu * trials / (theta + mu))
         - 0.5 * torch.log(2 * math.pi * x)
@@ -152,52 +159,128 @@ def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> t
     )
 
 
-def log_zinb_zero(log_nb_zero: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
-    """log(pi + (1 - pi) e^L0) for L0 = log NB(0) <= 0 and pi = sigmoid(zi_logits)."""
-    u = torch.sigmoid(-zi_logits) * -torch.expm1(log_nb_zero)
-    small_u = u <= 0.5
-    return torch.where(
-        small_u,
-        torch.log1p(-torch.where(small_u, u, 0.0)),
-        torch.logaddexp(zi_logits, log_nb_zero) - F.softplus(zi_logits),
-    )
+def h_series(v: torch.Tensor) -> torch.Tensor:
+    """h(v) = log1p(v) - v for |v| < H_SERIES_MAX, where its direct form cancels: with w = v / (2 + v),
+    log1p(v) = 2 (w + w^3/3 + ...) and 2 w - v = -v w, so h = -v w + 2 w^3 (1/3 + w^2/5 + ...)."""
+    w = v / (2 + v)
+    return -v * w + 2 * w**3 * odd_series(w * w)
 
 
-def dense_terms(x, mu, theta, zi_logits, likelihood: str):
-    """The parts of the likelihood every entry needs, x: (B, G). Returns
-    (sum over genes of log p at the zeros and of -softplus(z) at the nonzeros, (B,);
-     d log p / d log mu, (B, G); d log p / d theta but for E(x, theta), (B, G) or None; d log p / dz, (B, G) or None).
+def log1p_minus_identity(v: torch.Tensor, one_plus_v: torch.Tensor) -> torch.Tensor:
+    """h(v) = log1p(v) - v for v > -1, given v and 1 + v each computed without cancellation.
+
+    The series (h_series) where |v| < H_SERIES_MAX, elsewhere log(one_plus_v) - v: for v = (x - mu) / (theta + mu)
+    close to -1 (theta << mu), 1 + v = (theta + x) / (theta + mu) keeps digits that 1 + v rounded from v has lost.
     """
-    is_zero = x == 0
+    near = v.abs() < H_SERIES_MAX
+    return torch.where(near, h_series(torch.where(near, v, 0.0)), torch.log(one_plus_v) - v)
+
+
+def one_minus_exp(y: torch.Tensor, exp_y: torch.Tensor) -> torch.Tensor:
+    """1 - e^y = -expm1(y) for y <= 0, given e^y: -y (1 + y/2! + y^2/3! + ...) for y > -1/2, else 1 - e^y.
+
+    Written out because inductor's vectorized CPU expm1 is exp(y) - 1, which loses all digits near 0. The series
+    terms are below 2^-53 of the sum from y^16/17! on at |y| = 1/2 (float32: y^9/10!, < 2^-24)."""
+    near = y > -0.5
+    y_near = torch.where(near, y, 0.0)
+    n_terms = 16 if y.dtype == torch.float64 else 9
+    acc = torch.full_like(y_near, 1 / math.factorial(n_terms + 1))
+    for k in range(n_terms, 0, -1):
+        acc = acc * y_near + 1 / math.factorial(k)
+    return torch.where(near, -y_near * acc, 1 - exp_y)
+
+
+def zero_count_terms(p, scale, theta, zi_logits, is_zero, likelihood: str):
+    """Every entry's likelihood terms as if its count were 0, for mean mu = p * scale (p (B, G), scale (B, 1)).
+    Returns (sum over the genes where is_zero of log p(0), (B,); d log p(0) / d log mu, (B, G); d / d theta,
+    (B, G) or None; d / d zi_logits, (B, G) or None). The non-zero entries are overwritten afterwards.
+
+    With m = mu / theta, L0 = log NB(0) = -theta log1p(m), v = -m / (1 + m), q = e^L0 and pi = sigmoid(z):
+        NB    d/d log mu = theta v = -mu / (1 + m);  d/d theta = h(v), log1p(v) = -log1p(m) exactly
+        ZINB  p(0) = P0 = pi + (1 - pi) q = 1 - u with u = (1 - pi)(1 - q); log P0 = log1p(-u) for u <= 1/2 (as
+              log(1 - u) u / (1 - (1 - u)), Kahan's form of log1p, exact because 1 - u rounds to [1/2, 1]), else
+              log P0 of the sum of two non-negative terms, clamped at the smallest normal number (both terms
+              underflow only for z < -87 and L0 < -87 in float32); the NB gradients scale by r = (1 - pi) q / P0,
+              the share of NB(0) in p(0), and d/dz = (1 - q) (1 - r) (1 - pi), with 1 - r = pi / P0.
+    Transcendentals per entry: log1p(m); ZINB adds e^L0, e^-|z| and one log. sigmoid(z) and 1 - sigmoid(z) both come
+    from t = e^-|z| (1 / (1 + t) and t / (1 + t)), so neither is a difference of numbers near 1.
+    """
+    mu = p * scale
     if likelihood == "poisson":
-        return -torch.where(is_zero, mu, 0.0).sum(-1), x - mu, None, None
-    theta_plus_mu = theta + mu
-    log_nb_zero = -theta * torch.log1p(mu / theta)
-    v = (x - mu) / theta_plus_mu
-    d_log_mu = theta * v
-    d_theta = log1p_minus_identity(v, (theta + x) / theta_plus_mu)
+        return torch.where(is_zero, -mu, 0.0).sum(-1), -mu, None, None
+    m = mu / theta
+    log1p_m = torch.log1p(m)
+    inv_one_plus_m = 1 / (1 + m)
+    v = -m * inv_one_plus_m
+    d_log_mu = -mu * inv_one_plus_m
+    near = m < 1  # |v| < H_SERIES_MAX = 1/2
+    d_theta = torch.where(near, h_series(torch.where(near, v, 0.0)), -log1p_m - v)
+    log_nb_zero = -theta * log1p_m
     if likelihood == "nb":
         return torch.where(is_zero, log_nb_zero, 0.0).sum(-1), d_log_mu, d_theta, None
-    log_p_rest = torch.where(is_zero, log_zinb_zero(log_nb_zero, zi_logits), -F.softplus(zi_logits))
-    nb_share = torch.where(is_zero, torch.sigmoid(log_nb_zero - zi_logits), 1.0)
-    d_zi_zero = -torch.expm1(log_nb_zero) * torch.sigmoid(zi_logits - log_nb_zero) * torch.sigmoid(-zi_logits)
-    d_zi = torch.where(is_zero, d_zi_zero, -torch.sigmoid(zi_logits))
-    return log_p_rest.sum(-1), d_log_mu * nb_share, d_theta * nb_share, d_zi
+    q = torch.exp(log_nb_zero)
+    one_minus_q = one_minus_exp(log_nb_zero, q)
+    t = torch.exp(-zi_logits.abs())
+    sigmoid_abs = 1 / (1 + t)
+    positive = zi_logits >= 0
+    pi = torch.where(positive, sigmoid_abs, t * sigmoid_abs)
+    one_minus_pi = torch.where(positive, t * sigmoid_abs, sigmoid_abs)
+    u = one_minus_pi * one_minus_q
+    p_zero = (pi + one_minus_pi * q).clamp(min=torch.finfo(p.dtype).tiny)
+    inv_p_zero = 1 / p_zero
+    small_u = u <= 0.5
+    w = torch.where(small_u, 1 - u, p_zero)
+    log_w = torch.log(w)
+    log_p_zero = torch.where(small_u, torch.where(w == 1, -u, log_w * (u / (1 - w))), log_w)
+    nb_share = one_minus_pi * q * inv_p_zero
+    d_zi = one_minus_q * pi * inv_p_zero * one_minus_pi
+    return torch.where(is_zero, log_p_zero, 0.0).sum(-1), nb_share * d_log_mu, nb_share * d_theta, d_zi
 
 
-def nonzero_terms(x, mu, theta, likelihood: str):
-    """The parts only the nonzero counts need, on 1-D gathers of them: (log NB(x) or log Poisson(x), E(x, theta) or
-    None). ZINB's -softplus(z) at x > 0 is in dense_terms."""
+def nonzero_count_terms(x, mu, theta, zi_logits, stirlerr_x, stirlerr_theta, likelihood: str):
+    """The likelihood terms of the non-zero counts, on 1-D gathers of them: x, mu, theta and zi_logits (or None), with
+    stirlerr(x) and stirlerr(theta). Returns (log p(x), d log p / d log mu, d / d theta or None, d / d zi_logits or
+    None).
+
+    NB: d/d log mu = theta v with v = (x - mu) / (theta + mu), d/d theta = h(v) + E(x, theta) (module docstring);
+    ZINB adds log(1 - pi) = -softplus(z) to log p and has d/dz = -sigmoid(z)."""
     if likelihood == "poisson":
-        return log_poisson_positive(x, mu), None
-    return log_nb_positive(x, mu, theta), digamma_difference_remainder(x, theta)
+        return log_poisson_positive(x, mu, stirlerr_x), x - mu, None, None
+    theta_plus_mu = theta + mu
+    v = (x - mu) / theta_plus_mu
+    d_theta = log1p_minus_identity(v, (theta + x) / theta_plus_mu) + digamma_difference_remainder(x, theta)
+    log_p = log_nb_positive(x, mu, theta, stirlerr_x, stirlerr_theta)
+    if likelihood == "nb":
+        return log_p, theta * v, d_theta, None
+    return log_p - F.softplus(zi_logits), theta * v, d_theta, -torch.sigmoid(zi_logits)
 
 
-# torch.compile fuses dense_terms' ~60 elementwise ops into one loop: at 1024 x 2000 on 2 CPU cores that is ~15x faster
-# than eager (benchmarks/kernels.py), and a whole training step at batch 128 x 2000 genes runs 1.9x faster (34 ms
-# against 67 ms, 1 thread). It pays for its compile time (~10-30 s, then cached on disk) only on inputs of a
-# training minibatch's size or more, and needs a C++ toolchain, so it is used from COMPILE_MIN_ENTRIES entries on
-# (batch 128 x 1024 genes) and dropped for eager if it fails.
+def all_terms(rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihood: str, integer_counts: bool):
+    """zero_count_terms over every entry, and nonzero_count_terms at the entries (rows, cols, values) that may be
+    non-zero, gathered here so that torch.compile fuses the gathers into its loops. Returns zero_count_terms' four
+    results and, at those entries, nonzero_count_terms' four (the dense ones where a value is 0, log p 0: it is in
+    the dense sum). integer_counts: every value is an integer (stirlerr from a table)."""
+    flat = rows * p.shape[1] + cols
+    dense = zero_count_terms(p, scale, theta, zi_logits, is_zero, likelihood)
+    positive = values > 0  # a CSR tensor may store zeros: their terms stay the dense ones
+    x = torch.where(positive, values, 1.0)
+    stirlerr_x = stirlerr_of_counts(x) if integer_counts else stirlerr(x)
+    theta_nz = stirlerr_theta_nz = None
+    if theta is not None:
+        at_nonzeros = (lambda t: t[cols]) if theta.dim() == 1 else (lambda t: t.reshape(-1)[flat])
+        theta_nz, stirlerr_theta_nz = at_nonzeros(theta), at_nonzeros(stirlerr(theta))
+    zi_nz = None if zi_logits is None else zi_logits.reshape(-1)[flat]
+    mu_nz = p.reshape(-1)[flat] * scale.reshape(-1)[rows]
+    log_p, *gradients = nonzero_count_terms(x, mu_nz, theta_nz, zi_nz, stirlerr_x, stirlerr_theta_nz, likelihood)
+    gradients = [None if g is None else torch.where(positive, g, d.reshape(-1)[flat])
+                 for g, d in zip(gradients, dense[1:])]
+    return dense, (torch.where(positive, log_p, 0.0), *gradients)
+
+
+# torch.compile fuses all_terms into two loops, one over every entry and one over the non-zeros (eager PyTorch would
+# make a B x G temporary per operation); see benchmarks/kernels.py for the gain. It pays for its compile time (~10-30 s, then
+# cached on disk) only on inputs of a training minibatch's size or more, and needs a C++ toolchain, so it is used
+# from COMPILE_MIN_ENTRIES entries on (batch 128 x 1024 genes) and dropped for eager if it fails.
 COMPILE_MIN_ENTRIES = 1 << 17
 _compiled: dict = {}
 
@@ -223,56 +306,137 @@ def _maybe_compiled(function, n_entries: int):
     return run
 
 
-class CountLogLikelihood(torch.autograd.Function):
-    """Per-cell sum of log p(x) with the gradients of the module docstring, computed in the forward pass.
+def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, values) of the entries of x, (B, G) dense or sparse CSR, that may be non-zero; each (nnz,): a
+    dense x's non-zeros, a CSR tensor's stored entries (explicit zeros among them are handled by count_terms, so
+    that no value is read back to the host here)."""
+    if x.layout == torch.sparse_csr:
+        crow = x.crow_indices()
+        rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow[1:] - crow[:-1])
+        # values() is a view whose base is the sparse tensor, which torch.compile's guards cannot describe (2.13):
+        # a copy of the nnz values keeps the compiled path
+        return rows, x.col_indices(), x.values().clone()
+    rows, cols = x.nonzero(as_tuple=True)
+    return rows, cols, x[rows, cols]
 
-    The forward keeps d log p / d(log mu), d/d theta and d/dz per entry (B x G each, only those needed) and the
-    backward scales them by the incoming per-cell gradient; this costs memory but no second pass over the data.
-    Takes the mean as `mean` (mu, or log mu when `mean_is_log`: the decoder has log mu exactly), returns (B,).
-    """
+
+def count_terms(x_nonzero, p, scale, theta, zi_logits, likelihood: str):
+    """The per-cell log-likelihood (B,) and the per-entry gradients d log p / d log mu, d / d theta, d / dz
+    ((B, G) each, or None), for counts given by their entries x_nonzero = (rows, cols, values) that may be non-zero
+    and the mean mu = p * scale (p (B, G), scale (B, 1)): all_terms, then the non-zeros' terms written over the
+    dense ones."""
+    rows, cols, values = x_nonzero
+    flat = rows * p.shape[1] + cols
+    # (scatter_ measured ~3x faster than index_put_ for these 1-D writes)
+    is_zero = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+    is_zero.view(-1).scatter_(0, flat, values == 0)
+    # Integer counts take stirlerr from a table. Finding out reads a value back to the host, which costs a device
+    # sync on a GPU only: there the general form runs.
+    integer_counts = values.device.type == "cpu" and torch.equal(values, torch.round(values))
+    # Detached: torch.compile guards on requires_grad, so training and validation would compile twice.
+    p, scale, theta, zi_logits = (None if t is None else t.detach() for t in (p, scale, theta, zi_logits))
+    (per_cell, *dense), (log_p_nz, *sparse) = _maybe_compiled(all_terms, p.numel())(
+        rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihood, integer_counts)
+    for gradient, at_nonzeros in zip(dense, sparse):
+        if gradient is not None:
+            gradient.view(-1).scatter_(0, flat, at_nonzeros)
+    return (per_cell.index_add(0, rows, log_p_nz), *dense)
+
+
+def _per_gene_or_cell(grad_per_cell: torch.Tensor, per_entry: torch.Tensor, per_gene: bool) -> torch.Tensor:
+    """sum over cells of grad_per_cell[:, None] * per_entry (G,) for a per-gene input, else the product (B, G)."""
+    return grad_per_cell @ per_entry if per_gene else per_entry * grad_per_cell[:, None]
+
+
+class CountLogLikelihood(torch.autograd.Function):
+    """Per-cell sum of log p(x) (B,), with the gradients of the module docstring computed in the forward pass and
+    kept (B x G each, only those needed); the backward scales them by the incoming per-cell gradient."""
 
     @staticmethod
-    def forward(ctx, x, mean, theta, zi_logits, likelihood: str, mean_is_log: bool):
-        mu = torch.exp(mean) if mean_is_log else mean
-        per_cell, d_log_mu, d_theta, d_zi = _maybe_compiled(dense_terms, x.numel())(
-            x, mu, theta, zi_logits, likelihood)
-        nonzero = (x > 0).nonzero(as_tuple=True)
-        theta_nz = None if theta is None else theta.expand_as(x)[nonzero]
-        log_p_nz, e_nz = _maybe_compiled(nonzero_terms, x.numel())(x[nonzero], mu[nonzero], theta_nz, likelihood)
-        per_cell = per_cell.index_add(0, nonzero[0], log_p_nz)
-        if d_theta is not None:
-            d_theta.index_put_(nonzero, e_nz, accumulate=True)  # the nonzeros' NB share is 1: E adds unscaled
-
+    def forward(ctx, x, mu, theta, zi_logits, likelihood: str):
+        scale = torch.ones(mu.shape[0], 1, dtype=mu.dtype, device=mu.device)
+        per_cell, d_log_mu, d_theta, d_zi = count_terms(nonzero_entries(x), mu, scale, theta, zi_logits, likelihood)
         ctx.theta_per_gene = theta is not None and theta.dim() == 1
-        d_mean = d_log_mu if mean_is_log else d_log_mu / mu
-        ctx.save_for_backward(*(g if need else None for g, need in zip(
-            (d_mean, d_theta, d_zi), ctx.needs_input_grad[1:4])))
+        d_mu = d_log_mu / mu if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(d_mu, d_theta if ctx.needs_input_grad[2] else None,
+                              d_zi if ctx.needs_input_grad[3] else None)
         return per_cell
 
     @staticmethod
     def backward(ctx, grad_per_cell):
-        d_mean, d_theta, d_zi = ctx.saved_tensors
+        d_mu, d_theta, d_zi = ctx.saved_tensors
         scale = grad_per_cell[:, None]
-        grad_mean = None if d_mean is None else d_mean * scale
+        grad_mu = None if d_mu is None else d_mu * scale
         grad_zi = None if d_zi is None else d_zi * scale
-        grad_theta = None
-        if d_theta is not None:
-            grad_theta = grad_per_cell @ d_theta if ctx.theta_per_gene else d_theta * scale
-        return None, grad_mean, grad_theta, grad_zi, None, None
+        grad_theta = None if d_theta is None else _per_gene_or_cell(grad_per_cell, d_theta, ctx.theta_per_gene)
+        return None, grad_mu, grad_theta, grad_zi, None
 
 
 def count_log_likelihood(x, mu, theta, zi_logits, likelihood: str) -> torch.Tensor:
     """PyTorch path of `scvi_scale.kernels.count_log_likelihood` (see there). Returns (B,)."""
-    return CountLogLikelihood.apply(x, mu, theta, zi_logits, likelihood, False)
+    return CountLogLikelihood.apply(x, mu, theta, zi_logits, likelihood)
+
+
+class DecoderLogLikelihood(torch.autograd.Function):
+    """Per-cell log p(x) (B,) from the decoder's last hidden layer, its heads and the log library, with one B x G
+    product per head forward and two backward, and no B x G elementwise work in the backward.
+
+    Forward: s = hidden W^T + b, p = softmax(s), mu = exp(l) p, z = hidden Wd^T + bd; count_terms gives
+    a = d log p / d log mu, d / d theta and dZ = d / dz per entry; with A = sum_genes a, the gradient of a cell's
+    log-likelihood in s is dS = a - p A (the softmax's Jacobian) and in l it is A. dS, dZ and d / d theta are kept.
+    Backward, for incoming per-cell gradients g: d hidden = g (dS W + dZ Wd), dW = dS^T (g hidden), db = g dS (a
+    (B,) @ (B, G) product), likewise for the dropout head; dl = g A; d theta = g @ d/d theta (per gene).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias,
+                likelihood: str):
+        p = torch.softmax(F.linear(hidden, scale_weight, scale_bias), dim=-1)
+        zi_logits = F.linear(hidden, dropout_weight, dropout_bias) if likelihood == "zinb" else None
+        scale = torch.exp(log_library)[:, None]
+        per_cell, d_s, d_theta, d_zi = count_terms(nonzero_entries(x), p, scale, theta, zi_logits, likelihood)
+        per_cell_a = d_s.sum(-1)
+        d_s.addcmul_(p, per_cell_a[:, None], value=-1)  # a - p A, in place
+        ctx.likelihood = likelihood
+        ctx.theta_per_gene = theta is not None and theta.dim() == 1
+        ctx.save_for_backward(hidden, scale_weight, dropout_weight, d_s, d_zi, per_cell_a,
+                              d_theta if ctx.needs_input_grad[5] else None)
+        return per_cell
+
+    @staticmethod
+    def backward(ctx, grad_per_cell):
+        hidden, scale_weight, dropout_weight, d_s, d_zi, per_cell_a, d_theta = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g = grad_per_cell[:, None]
+        grad_hidden = grad_w = grad_b = grad_l = grad_theta = grad_wd = grad_bd = None
+        if needs[0]:
+            grad_hidden = d_s @ scale_weight
+            if d_zi is not None:
+                grad_hidden = grad_hidden.addmm_(d_zi, dropout_weight)
+            grad_hidden = grad_hidden.mul_(g)
+        weighted_hidden = hidden * g if needs[1] or needs[6] else None
+        if needs[1]:
+            grad_w = d_s.t() @ weighted_hidden
+        if needs[2]:
+            grad_b = grad_per_cell @ d_s
+        if needs[3]:
+            grad_l = grad_per_cell * per_cell_a
+        if d_theta is not None:
+            grad_theta = _per_gene_or_cell(grad_per_cell, d_theta, ctx.theta_per_gene)
+        if d_zi is not None:
+            if needs[6]:
+                grad_wd = d_zi.t() @ weighted_hidden
+            if needs[7]:
+                grad_bd = grad_per_cell @ d_zi
+        return grad_hidden, grad_w, grad_b, grad_l, None, grad_theta, grad_wd, grad_bd, None
 
 
 def decoder_log_likelihood(
     hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, likelihood: str
 ) -> torch.Tensor:
     """PyTorch path of `scvi_scale.kernels.decoder_log_likelihood` (see there). Returns (B,)."""
-    log_mu = log_library[:, None] + torch.log_softmax(F.linear(hidden, scale_weight, scale_bias), dim=-1)
-    zi_logits = F.linear(hidden, dropout_weight, dropout_bias) if likelihood == "zinb" else None
-    return CountLogLikelihood.apply(x, log_mu, theta, zi_logits, likelihood, True)
+    return DecoderLogLikelihood.apply(hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight,
+                                      dropout_bias, likelihood)
 
 
 @torch.no_grad()
