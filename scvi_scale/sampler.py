@@ -457,11 +457,12 @@ class BlockShuffleSampler(_MinibatchStream):
         num_workers: int = DEFAULT_NUM_WORKERS,
         prefetch_blocks: int | None = None,
         prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+        dense: bool = True,
     ):
         """Arguments beyond those in the class docstring: prefetch_blocks (block reads queued or running; default
         max(buffer_blocks, 2 * num_workers), i.e. the next buffer is read while the current one is consumed),
-        prefetch_batches (finished minibatches waiting), num_workers (reader threads), read_with (see the module
-        docstring)."""
+        prefetch_batches (finished minibatches waiting), num_workers (reader threads), read_with and dense (see
+        the module docstring)."""
         if block_rows is None:
             block_rows = min(reader.chunk_rows, DEFAULT_CSR_BLOCK_ROWS) if reader.is_sparse else reader.chunk_rows
         block_rows = _positive_int(block_rows, "block_rows")
@@ -480,6 +481,7 @@ class BlockShuffleSampler(_MinibatchStream):
             prefetch_blocks=prefetch_blocks,
             prefetch_batches=prefetch_batches,
             minimum_prefetch_blocks=self.buffer_blocks,
+            dense=dense,
         )
         self.seed = _seed(seed)
         self.drop_last = bool(drop_last)

@@ -354,17 +354,20 @@ class SCVI:
             seed=seed, shuffle=shuffle_set_split,
         )
         obs_arrays = self.obs_arrays
+        # a CSR store's minibatches stay CSR: the module reads the non-zeros (its likelihood and log1p), and
+        # building the dense counts would cost the training thread more than the first layer's densifying scatter
+        csr_only = {"return_csr": self.store.is_sparse, "dense": not self.store.is_sparse}
         train_stream = BlockShuffleSampler(
             self.store, self.train_indices, batch_size=batch_size, obs_arrays=obs_arrays, seed=seed, rank=rank,
             world_size=world_size, block_rows=block_rows, buffer_blocks=buffer_blocks,
-            drop_last=bool(splitter.get("drop_last", False)),
+            drop_last=bool(splitter.get("drop_last", False)), **csr_only,
         )
         validation_share = np.array_split(self.validation_indices, world_size)[rank]
         validation_stream = None
         if len(self.validation_indices) >= world_size and config.validation_every is not None:
             validation_stream = SequentialSampler(
                 self.store, validation_share, batch_size=max(batch_size, DEFAULT_INFERENCE_BATCH_SIZE),
-                obs_arrays=obs_arrays,
+                obs_arrays=obs_arrays, **csr_only,
             )
         checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
         started = time.perf_counter()
