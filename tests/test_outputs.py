@@ -3,8 +3,11 @@ predictive moments, resume after a crash, dask workers, the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import anndata
@@ -21,7 +24,7 @@ from scvi_scale.datasets import synthetic_atlas
 from scvi_scale.outputs import OutputError, OutputIncompleteError, output_store, read_output, write_obsm, write_uns
 from scvi_scale.outputs import runner
 from scvi_scale.outputs.noise import LONG_NORMAL_SEQUENCE, CellNoise, invert_counts
-from scvi_scale.outputs.writer import CsrOutput, DenseOutput
+from scvi_scale.outputs.writer import CsrOutput, DenseOutput, progress_folder
 
 N_CELLS, N_GENES, CHUNK_ROWS = 1200, 600, 256
 
@@ -78,8 +81,7 @@ def test_dense_output_resumes_refuses_and_completes(scratch_store):
     output.write_chunk(1, values[128:256])
     with pytest.raises(OutputIncompleteError, match="1 of 3 chunks"):
         read_output(scratch_store, "obsm/X_test")
-    seen = anndata.read_zarr(scratch_store).obsm["X_test"]  # anndata opens it while incomplete: NaN where unwritten
-    assert np.isnan(seen[:128]).all() and np.array_equal(seen[128:256], values[128:256])
+    assert "X_test" not in anndata.read_zarr(scratch_store).obsm  # staged outside the store until complete
     assert output.prepare() == [0, 2]  # the same settings resume
     with pytest.raises(OutputError, match="other settings"):
         DenseOutput(str(scratch_store), "obsm", "X_test", 300, 7, 128, {"method": "other"}).prepare()
@@ -423,6 +425,79 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
     else:
         np.testing.assert_array_equal(resumed.toarray(), model.posterior_predictive_sample(seed=8).todense())
     assert store_files(atlas, "X") == x_before
+
+
+FILE_SYSTEM_CHANGES = ("replace", "rename", "unlink", "remove", "rmdir", "mkdir")
+
+
+class Killed(BaseException):
+    """A simulated SIGKILL. Not an Exception, so `except Exception` cleanups do not run; and once raised, every later
+    change to the file system raises it too (`finally` blocks included), as a killed process changes nothing more."""
+
+
+@contextlib.contextmanager
+def killed_before_change(monkeypatch, number: int):
+    """Raise Killed instead of the number-th change to the file system (os.replace, rename, unlink, remove, rmdir,
+    mkdir: every publishing rename, every deletion) and of every change after it. Yields [changes made]."""
+    made = [0]
+    with monkeypatch.context() as patched:
+        for name in FILE_SYSTEM_CHANGES:
+            def change(*args, _real=getattr(os, name), **kwargs):
+                if made[0] + 1 >= number:
+                    raise Killed(f"killed before file-system change {number}")
+                made[0] += 1
+                return _real(*args, **kwargs)
+
+            patched.setattr(os, name, change)
+        yield made
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_a_kill_before_any_file_system_change_leaves_nothing_or_the_whole_output(tmp_path, monkeypatch, kind):
+    """Every change that prepare, write_chunk and finish make, in turn: a kill just before it leaves a store whose
+    anndata view (consolidated metadata, as anndata reads it) holds no such entry or the whole of it, and a rerun
+    (refused as "already exists" when the kill came after the output was in place) leaves the whole output, listed,
+    readable by read_output, and no progress folder."""
+    pristine = tmp_path / "pristine.zarr"
+    synthetic_atlas(pristine, n_cells=300, n_genes=20, n_batches=2, n_cell_types=3, chunk_rows=128, seed=5)
+    dense = np.random.default_rng(0).random((300, 20)).astype(np.float32)
+    values = dense if kind == "dense" else sp.csr_matrix(np.where(dense > 0.8, dense, 0))
+    output_class = DenseOutput if kind == "dense" else CsrOutput
+
+    def write(store: Path) -> None:
+        output = output_class(str(store), "layers", "killed", 300, 20, 128, {"test": kind})
+        for chunk in output.prepare():
+            output.write_chunk(chunk, values[slice(*output.bounds(chunk))])
+        output.finish()
+
+    def as_dense(layer) -> np.ndarray:
+        return layer.toarray() if sp.issparse(layer) else np.asarray(layer)
+
+    number = 0
+    while True:
+        number += 1
+        store = tmp_path / f"before{number}" / "s.zarr"
+        shutil.copytree(pristine, store)
+        with killed_before_change(monkeypatch, number) as made:
+            try:
+                write(store)
+            except Killed:
+                pass
+            else:
+                break
+        layers = anndata.read_zarr(store).layers
+        assert "killed" not in layers or np.array_equal(as_dense(layers["killed"]), as_dense(values)), number
+        try:
+            write(store)
+        except OutputError as error:
+            assert "already exists" in str(error), f"killed before change {number}: {error}"
+        layer = anndata.read_zarr(store).layers.get("killed")
+        assert layer is not None, f"killed before change {number}: the rerun's output is not listed"
+        assert sp.issparse(layer) == (kind == "csr") and np.array_equal(as_dense(layer), as_dense(values)), number
+        written = read_output(store, "layers/killed").compute()
+        assert np.array_equal(as_dense(written), as_dense(values)), number
+        assert not progress_folder(store, "").exists(), f"killed before change {number}: progress left behind"
+    assert number > 10 and made[0] == number - 1  # the uninterrupted write made every change the kills came before
 
 
 # --- command line --------------------------------------------------------------------------------------------------
