@@ -300,8 +300,11 @@ class _ChunkedOutput:
         if saved is None:
             self.progress.mkdir(parents=True, exist_ok=True)
             _atomic_write(record_path, lambda path: path.write_text(json.dumps(self.record())))
-        if not exists and not self.staging.exists():
-            self._create(zarr.open_group(str(self.staging), mode="w", zarr_format=root.metadata.zarr_format))
+        if not exists and not self.staging.exists():  # created under a scratch name: a kill leaves none half made
+            remove_abandoned_siblings(self.staging)
+            scratch = scratch_sibling(self.staging, "partial")
+            self._create(zarr.open_group(str(scratch), mode="w", zarr_format=root.metadata.zarr_format))
+            os.replace(scratch, self.staging)
         done = self.done_chunks()
         return [chunk for chunk in range(self.n_chunks) if chunk not in done]
 
