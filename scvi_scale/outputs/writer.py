@@ -177,7 +177,9 @@ def _remove_progress(store: str, entry: str) -> None:
     for parent in (folder.parent, top):
         try:
             parent.rmdir()
-        except OSError:  # not empty (other outputs in progress) or already gone
+        except FileNotFoundError:  # removed already, by a run killed before it removed the folder above
+            continue
+        except OSError:  # not empty: other outputs in progress
             break
 
 
