@@ -192,6 +192,8 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
     # A call writing several outputs (posterior samples <key>_0, <key>_1, ...) that was killed after finishing some
     # of them resumes the others; when all are finished, prepare refuses as for one output.
     finished = set() if request.overwrite else {name for name, out in chunked.items() if out.complete_as_recorded()}
+    for name in finished:
+        chunked[name].tidy()  # its last steps, in case a kill came after it was in place
     active = {name: out for name, out in chunked.items() if name not in finished or len(finished) == len(chunked)}
     todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in active.values())))
     first = next(iter(active.values()))

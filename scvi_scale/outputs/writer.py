@@ -34,9 +34,9 @@ holds record.json (the output's kind, shape, chunking and the settings that prod
 finished chunk: an empty marker for dense outputs, the piece for CSR ones. A rerun with the same record skips the
 finished chunks; a different record is refused unless overwrite=True (which starts over). The folder lies outside
 the Zarr hierarchy, so zarr and anndata never see it. The entry's attribute `scvi_scale_output` reads
-{"complete": false} until every chunk is written and {"complete": true} after; `read_output` refuses an incomplete
-output and says how many chunks are missing. When the store has consolidated metadata (anndata writes it), it is
-rewritten when an entry is moved into place. Stores on the local file system only (the move is a rename).
+{"complete": false} while it is staged and {"complete": true, <its record>} from before its move into the store;
+`read_output` refuses an incomplete output and says how many chunks are missing. When the store has consolidated
+metadata (anndata writes it), it is rewritten when an entry is moved into place. Stores on the local file system only (the move is a rename).
 """
 
 from __future__ import annotations
@@ -286,6 +286,8 @@ class _ChunkedOutput:
         if exists:
             state = group[self.key].attrs.get(OUTPUT_ATTR)
             if state is None or state.get("complete"):
+                if state is not None:  # ours: finish its last steps, in case a kill came after its move
+                    self.tidy()
                 raise OutputError(f"{self.store}: {self.entry} already exists; pass overwrite=True to replace it")
         saved = json.loads(record_path.read_text()) if record_path.exists() else None
         if saved is None and exists:
@@ -317,19 +319,23 @@ class _ChunkedOutput:
         return {int(name.removesuffix(suffix)) for name in os.listdir(self.progress) if name.endswith(suffix)}
 
     def finish(self) -> None:
-        """Mark the output complete (after assembling a CSR output); raises OutputIncompleteError if chunks miss."""
-        missing = self.n_chunks - len(self.done_chunks())
-        if missing:
-            raise OutputIncompleteError(
-                f"{self.store}: {self.entry} has {missing} of {self.n_chunks} chunks still to write"
-            )
-        group = _group(_root(self.store), self.group)
-        if self.key not in group:  # not moved yet (a kill may come after the move: then it is there already)
+        """Assemble the output (a CSR one from its pieces), mark it complete and move it into the store, then `tidy`;
+        raises OutputIncompleteError if chunks miss. Marked before the move, so what is in the store is complete."""
+        if self.key not in _group(_root(self.store), self.group):  # else moved already, by a run killed after it
+            missing = self.n_chunks - len(self.done_chunks())
+            if missing:
+                raise OutputIncompleteError(
+                    f"{self.store}: {self.entry} has {missing} of {self.n_chunks} chunks still to write"
+                )
             staged = zarr.open_group(str(self.staging), mode="r+")
             self._assemble(staged)
+            staged[self.key].attrs.update({OUTPUT_ATTR: {"complete": True, **self.record()}})
             os.replace(self.staging / self.key, self.final)
-            group = _group(_root(self.store), self.group)
-        group[self.key].attrs.update({OUTPUT_ATTR: {"complete": True, **self.record()}})
+        self.tidy()
+
+    def tidy(self) -> None:
+        """Finish's last steps once the output is in the store: list it in the consolidated metadata (which anndata
+        reads) and delete its progress folder. Reruns repeat them, in case a kill came in between."""
         reconsolidate(self.store)
         _remove_progress(self.store, self.entry)
 
