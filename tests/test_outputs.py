@@ -23,6 +23,7 @@ from scvi_scale.data import write_store
 from scvi_scale.datasets import synthetic_atlas
 from scvi_scale.outputs import OutputError, OutputIncompleteError, output_store, read_output, write_obsm, write_uns
 from scvi_scale.outputs import runner
+from scvi_scale.outputs import writer as writer_module
 from scvi_scale.outputs.noise import LONG_NORMAL_SEQUENCE, CellNoise, invert_counts
 from scvi_scale.outputs.writer import CsrOutput, DenseOutput, progress_folder
 
@@ -109,6 +110,22 @@ def test_csr_output_is_assembled_in_row_order(scratch_store):
     assert sp.issparse(layer) and (layer != values).nnz == 0
     assert layer.indptr.dtype == layer.indices.dtype == np.int32  # as anndata writes (see test_data)
     assert (read_output(scratch_store, "layers/sampled").compute() != values).nnz == 0
+
+
+def test_csr_assembly_across_many_zarr_chunks_is_exact(scratch_store, monkeypatch):
+    """Zarr chunks far smaller than a piece and not aligned with pieces (the assembly writes whole chunks only)."""
+    monkeypatch.setattr(writer_module, "CSR_VALUES_CHUNK", 7)
+    monkeypatch.setattr(writer_module, "INDPTR_CHUNK_BLOCKS", 1)
+    values = sp.random(300, 600, density=0.05, format="csr", dtype=np.float32, random_state=2)
+    values[100:140] = 0  # empty rows, and a piece with few values
+    values.eliminate_zeros()
+    output = CsrOutput(str(scratch_store), "layers", "many_chunks", 300, 600, 128, {})
+    for chunk in output.prepare():
+        output.write_chunk(chunk, values[slice(*output.bounds(chunk))])
+    output.finish()
+    layer = anndata.read_zarr(scratch_store).layers["many_chunks"]
+    assert np.array_equal(layer.indptr, values.indptr) and np.array_equal(layer.indices, values.indices)
+    assert np.array_equal(layer.data, values.data)
 
 
 def test_writer_never_touches_x_or_existing_entries(scratch_store):

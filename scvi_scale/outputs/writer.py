@@ -448,18 +448,45 @@ class CsrOutput(_ChunkedOutput):
                 dtype=indptr_dtype,
             ),
         }
-        arrays["indptr"][0:1] = np.zeros(1, dtype=indptr_dtype)
+        filled = {name: _ChunkFiller(array) for name, array in arrays.items()}
+        filled["indptr"].append(np.zeros(1, dtype=indptr_dtype))
         for chunk, piece in enumerate(pieces):
             values = sp.load_npz(piece)
-            first, last = offsets[chunk], offsets[chunk + 1]
-            start, stop = self.bounds(chunk)
-            if last > first:
-                arrays["data"][first:last] = values.data.astype(np.float32, copy=False)
-                arrays["indices"][first:last] = values.indices.astype(np.int32, copy=False)
-            arrays["indptr"][start + 1 : stop + 1] = (values.indptr[1:] + first).astype(indptr_dtype)  # first: int64
+            filled["data"].append(values.data.astype(np.float32, copy=False))
+            filled["indices"].append(values.indices.astype(np.int32, copy=False))
+            filled["indptr"].append((values.indptr[1:] + offsets[chunk]).astype(indptr_dtype))  # offsets: int64
+        for filler in filled.values():
+            filler.close()
         layer.attrs.update(
             {**_ANNDATA_ENCODINGS["csr"], "shape": [self.n_rows, self.n_cols], CHUNK_ROWS_ATTR: self.chunk_rows}
         )
+
+
+class _ChunkFiller:
+    """Fills a 1-D Zarr array from its start, in order, writing whole chunks only: a write to part of a chunk reads
+    and rewrites all of it, so writing each CSR piece where it goes rewrote a chunk once per piece in it (finish of a
+    1000 x 50 layer in 32-row pieces: 1.24 s that way, 0.22 s this way, interleaved A/B at one torch thread). Holds
+    under a chunk plus the last values appended."""
+
+    def __init__(self, array: zarr.Array):
+        self.array, self.written, self.held, self.n_held = array, 0, [], 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.held.append(values)
+        self.n_held += len(values)
+        chunk = self.array.chunks[0]
+        self._write((self.written + self.n_held) // chunk * chunk - self.written)
+
+    def close(self) -> None:
+        self._write(self.n_held)
+
+    def _write(self, count: int) -> None:
+        if count <= 0:
+            return
+        values = np.concatenate(self.held)
+        self.array[self.written : self.written + count] = values[:count]
+        self.written += count
+        self.held, self.n_held = [values[count:]], len(values) - count
 
 
 def _json_round_trip(value):
