@@ -8,7 +8,8 @@ the same model, two with different seeds do not.
 
 How the kills are made. A CLI process starts in ~7 s on a loaded 2-core machine, mostly imports; forty of them would
 take minutes. So a fork server (SERVER, a subprocess) imports the package once, then forks one child per run, which
-calls `scvi_scale.cli.main(argv)` (what `python -m scvi_scale.cli` calls) with stdout and stderr in a log file.
+calls `scvi_scale.cli.main(argv)` (what `python -m scvi_scale.cli` calls) with stdout and stderr in a log file
+(the server also imports what the commands import on first use, matplotlib and torch._dynamo).
 Before forking, the server checks that it runs no thread but its main one, so a child inherits no lock held by a
 thread. The server is the children's parent: it kills them itself (no pid can be reused under it). A run's plan
 (drawn by the test from a seeded numpy Generator and printed, so a failure replays) is one of
@@ -22,7 +23,7 @@ thread. The server is the children's parent: it kills them itself (no pid can be
 The second kind needs no hook in the package: the child wraps those os functions (and the two landmarks, to start
 counting) before calling main. Kills at a change hit the moments that matter for crash consistency (between a
 write and its rename, between parts, inside the assembly) far more often than kills at random times would.
-The uninterrupted reference for training is a real `python -m scvi_scale.cli` process.
+A fresh `python -m scvi_scale.cli` process trains the same model as a forked child (the --seed test).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from scvi_scale.datasets import synthetic_atlas
 pytestmark = pytest.mark.filterwarnings("ignore:.*zarr v2 data will no longer be the default.*")
 
 N_CELLS, N_GENES, CHUNK_ROWS = 800, 40, 32  # 25 row chunks
-TRAIN = ["--batch-key", "batch", "--max-epochs", "3", "--batch-size", "16", "--n-hidden", "16", "--n-latent", "4",
-         "--checkpoint-every", "0.01"]  # 720 training cells: 45 steps an epoch, checkpoints at steps 50, 100 too
+TRAIN = ["--batch-key", "batch", "--max-epochs", "2", "--batch-size", "16", "--n-hidden", "16", "--n-latent", "4",
+         "--checkpoint-every", "0.01"]  # 720 training cells: 45 steps an epoch; checkpoints at step 50 too
 SEED = 3
 KILLS_PER_CASE = 10
 MAX_RUNS_PER_CASE = 60
@@ -59,9 +60,12 @@ import json, os, signal, sys, threading, time, traceback
 import torch
 
 torch.set_num_threads(1)
+import matplotlib.figure  # the loss curves' (imported on first use: 1 s a run)
 import scvi_scale.cli
 from scvi_scale import persist
 from scvi_scale.outputs import writer
+
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first construction imports torch._dynamo: 2 s a run
 
 CHANGES = ("replace", "rename", "unlink", "remove", "rmdir", "mkdir")
 LANDMARKS = {"finish": (writer._ChunkedOutput, "finish"), "save": (persist, "write_model")}
@@ -154,7 +158,7 @@ class ForkServer:
     def __init__(self, folder: Path):
         self.folder, self.runs = folder, 0
         self.process = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env={**os.environ, **CHILD_ENV})
+                                        text=True, env={**os.environ, **CHILD_ENV, "PYTHONHASHSEED": "1"})
         assert json.loads(self.process.stdout.readline()) == {"ready": True}
 
     def run(self, argv: list[str], plan: dict) -> dict:
@@ -215,19 +219,26 @@ def assert_same_model(out: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_model(store, tmp_path_factory):
-    """An uninterrupted training run, in a real CLI process."""
+def reference_run(store, server, tmp_path_factory) -> dict:
+    """An uninterrupted training run (a forked child): what the server says of it, and its model directory "out"."""
     out = tmp_path_factory.mktemp("reference") / "model"
-    done = cli("train", store, "--out", out, "--seed", SEED, *TRAIN, hash_seed="1")
-    assert done.returncode == 0, done.stderr
-    assert '"threads": 1' in done.stdout
-    return out
+    run = server.run(["train", store, "--out", out, "--seed", SEED, *TRAIN], {})
+    assert run["rc"] == 0, run["log"]
+    assert '"threads": 1' in run["log"]
+    return {**run, "out": out}
+
+
+@pytest.fixture(scope="module")
+def reference_model(reference_run) -> Path:
+    return reference_run["out"]
 
 
 # --- seeds ------------------------------------------------------------------------------------------------------
 
 
 def test_same_seed_same_model_other_seed_other_model(store, reference_model, server, tmp_path):
+    """The twin is a fresh `python -m scvi_scale.cli` process with another hash seed than the server's: so a forked
+    child also trains as a fresh process does."""
     twin = cli("train", store, "--out", tmp_path / "twin", "--seed", SEED, *TRAIN, hash_seed="2")
     assert twin.returncode == 0, twin.stderr
     assert_same_model(tmp_path / "twin", reference_model)
@@ -277,12 +288,9 @@ def kill_and_rerun(server, rng, reference: dict, kinds, fresh, argv_of, check_af
 
 
 def test_cli_training_killed_at_random_moments_resumes_to_the_uninterrupted_model(
-    store, reference_model, server, tmp_path
+    store, reference_run, reference_model, server, tmp_path
 ):
     rng = np.random.default_rng(14)
-    reference = server.run(["train", store, "--out", tmp_path / "timed", "--seed", SEED, *TRAIN], {})
-    assert reference["rc"] == 0, reference["log"]
-    assert_same_model(tmp_path / "timed", reference_model)  # a forked child trains as a fresh process does
     sequences = iter(range(1000))
 
     def fresh() -> Path:
@@ -304,7 +312,7 @@ def test_cli_training_killed_at_random_moments_resumes_to_the_uninterrupted_mode
         assert sorted(left) == ["checkpoint.pt", "history.csv", "loss_curves.png", "model.pt"]  # no temporary file
         # (the report's temporary files: see test_training_removes_the_temporary_files_of_killed_runs)
 
-    kill_and_rerun(server, rng, reference, ("time", "all", "save"), fresh, argv_of, check_after_kill, check_done)
+    kill_and_rerun(server, rng, reference_run, ("time", "all", "save"), fresh, argv_of, check_after_kill, check_done)
 
 
 LEFTOVERS = {  # what a run killed while writing each file leaves, named as its writer names it ({pid}: a dead one)
