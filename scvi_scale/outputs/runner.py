@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scvi_scale import persist
-from scvi_scale.data.store import CountStore
+from scvi_scale.data.store import CountStore, StoreError
 from scvi_scale.outputs import writer
 from scvi_scale.outputs.jobs import ScaleSampleJob
 from scvi_scale.outputs.noise import NOISE_VERSION
@@ -180,6 +180,7 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
     if request.indices is not None:
         raise writer.OutputError("outputs written to a store cover every cell: pass indices=None with write_to")
     chunk_rows = request.unit_rows(inputs.store)
+    new_store = request.output_store is not None and not Path(request.output_store).exists()
     target = writer.output_store(inputs.store.path, request.output_store)
     record = {**arguments, "seed": request.seed, "batch_size": request.batch_size,
               "model": model_digest(inputs.module), "noise": NOISE_VERSION}  # other streams would mix two sets of draws
@@ -195,11 +196,20 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
     for name in finished:
         chunked[name].tidy()  # its last steps, in case a kill came after it was in place
     active = {name: out for name, out in chunked.items() if name not in finished or len(finished) == len(chunked)}
-    todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in active.values())))
-    first = next(iter(active.values()))
-    if todo:
-        units = [Unit(chunk, np.arange(*first.bounds(chunk))) for chunk in todo]
-        run_units(inputs, job, units, request, outputs=active, description=description)
+    started = [output for output in active.values() if request.overwrite or not output.progress.exists()]
+    try:
+        todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in active.values())))
+        first = next(iter(active.values()))
+        if todo:
+            units = [Unit(chunk, np.arange(*first.bounds(chunk))) for chunk in todo]
+            run_units(inputs, job, units, request, outputs=active, description=description)
+    except StoreError as error:
+        if not isinstance(error, writer.OutputError):  # a damaged input block: leave nothing this call started
+            for output in started:
+                output.abandon()
+            if new_store:
+                shutil.rmtree(target, ignore_errors=True)
+        raise
     for output in active.values():
         output.finish()
     return {name: writer.read_output(target, output.entry) for name, output in chunked.items()}

@@ -333,6 +333,10 @@ class _ChunkedOutput:
             os.replace(self.staging / self.key, self.final)
         self.tidy()
 
+    def abandon(self) -> None:
+        """Delete an unfinished output's progress folder (record, pieces, staging): its call stops and leaves nothing."""
+        _remove_progress(self.store, self.entry)
+
     def tidy(self) -> None:
         """Finish's last steps once the output is in the store: list it in the consolidated metadata (which anndata
         reads) and delete its progress folder. Reruns repeat them, in case a kill came in between."""
