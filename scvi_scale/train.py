@@ -49,8 +49,8 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last healthy checkpoint (if one was written) is kept."""
 
 
-# A checkpoint is written only when the run is healthy: every parameter finite and the last loss within this factor
-# of the median of the recent ones, so the checkpoint kept after a divergence holds weights from before it.
+# A checkpoint is written only when the run is healthy: every parameter finite and the loss at those weights within
+# this factor of the median of the recent ones, so the checkpoint kept after a divergence holds weights from before it.
 EXPLODING_LOSS_FACTOR = 10.0
 RECENT_LOSSES = 64
 TIME_CHECK_STEPS = 50  # steps between looks at the clock for time-based checkpoints (agreed across ranks)
@@ -361,6 +361,7 @@ class _Loop:
         self.state = TrainingState()
         self.progress = None
         self.recent_losses: deque[float] = deque(maxlen=RECENT_LOSSES)
+        self.last_step: tuple[dict, float] | None = None  # (minibatch, KL weight) of the last step, for healthy()
         self.last_checkpoint_time = time.monotonic()
 
     def progress_bar(self):
@@ -375,11 +376,27 @@ class _Loop:
         return self.progress
 
     def healthy(self) -> bool:
-        """Finite weights and a last loss not exploding (see EXPLODING_LOSS_FACTOR), on every rank."""
+        """Finite weights whose loss is finite and not exploding (see EXPLODING_LOSS_FACTOR), on every rank. A step's
+        own loss was computed before its update, so the loss of its minibatch is computed again at the weights it
+        made: a diverging update (one step at a far too high lr) shows there, not in the step's loss."""
         finite = all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
-        losses = list(self.recent_losses)
-        exploding = len(losses) > 1 and losses[-1] > EXPLODING_LOSS_FACTOR * abs(float(np.median(losses[:-1])))
+        exploding = False
+        if finite and self.last_step is not None:
+            loss = self._loss_at_these_weights(*self.last_step)
+            typical = abs(float(np.median(self.recent_losses)))
+            exploding = not math.isfinite(loss) or loss > EXPLODING_LOSS_FACTOR * typical
         return distributed.all_reduce_sum([float(not finite or exploding)], self.device)[0] == 0
+
+    @torch.no_grad()
+    def _loss_at_these_weights(self, minibatch: dict, weight: float) -> float:
+        """The loss of `minibatch` at the current weights, leaving no trace: in eval mode (BatchNorm statistics are
+        read, not updated) and with the RNG states put back, so a checkpoint never changes what the run computes."""
+        self.module.eval()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                return float(self.module.loss(to_tensors(minibatch, self.device), weight)["loss"])
+        finally:
+            self.module.train()
 
     def checkpoint(self) -> None:
         """Every rank calls this at the same step: the sums and RNG states are gathered, rank 0 writes. A run
@@ -441,15 +458,19 @@ class _Loop:
         loss_value = distributed.all_reduce_sum([float(losses["loss"].detach())], self.device)[0] / self.world_size
         if not math.isfinite(loss_value):
             rows = minibatch["rows"]
-            kept = (f"the last healthy checkpoint is kept at {self.checkpoint_path}: resume from it with a lower lr "
-                    "(train(..., resume=True, plan_kwargs={'lr': ...}))"
-                    if self.checkpoint_path is not None and self.checkpoint_path.exists()
-                    else "no checkpoint was written (pass checkpoint_dir= to keep one); try a lower lr")
+            if self.checkpoint_path is None:
+                kept = "no checkpoint was written (pass checkpoint_dir= to keep one); try a lower lr"
+            elif self.checkpoint_path.exists():
+                kept = (f"the last healthy checkpoint is kept at {self.checkpoint_path}: resume from it with a lower "
+                        "lr (train(..., resume=True, plan_kwargs={'lr': ...}))")
+            else:
+                kept = f"no healthy checkpoint was reached, so {self.checkpoint_path.parent} holds none; try a lower lr"
             raise TrainingDivergedError(
                 f"loss is {loss_value} at epoch {self.train_stream.epoch}, step {self.train_stream.batches_done - 1} "
                 f"(store rows {int(rows.min())}..{int(rows.max())}); training stopped; {kept}"
             )
         self.recent_losses.append(loss_value)
+        self.last_step = (minibatch, weight)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if self.config.gradient_clip_val:

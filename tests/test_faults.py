@@ -3,7 +3,8 @@
 Each damage is done to a store our writer made (format 3, crc32c per chunk) and to one anndata wrote itself
 (format 2, no checksums), both a few hundred cells in many small chunks. For every damage, `Registry.build` (what
 SCVI.setup_zarr runs), a CountStore reading every block and `write_store` must raise StoreError naming the store,
-the array and the chunk key, and `write_store` must leave nothing behind.
+the array and the chunk key, and `write_store` must leave nothing behind; and every command (train, latent,
+normalize, de, sample, convert) must stop with exit code 2 and one line naming them, having written nothing.
 
 `damaged_store(folder, writer, damage)` builds one such store, for other test files (train, output commands) to
 reuse: it returns the store's path and what the error must name.
@@ -11,7 +12,10 @@ reuse: it returns the store's path and what the error must name.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -228,3 +232,77 @@ def test_write_store_leaves_nothing_when_the_damage_is_found_late(tmp_path):
     with pytest.raises(StoreError, match=rf"chunk {_chunk_key(path, 'data', last)} of X/data is missing"):
         write_store(path, out / "copy.zarr", chunk_rows=CHUNK_ROWS)
     assert list(out.iterdir()) == []
+
+
+# --- the commands -----------------------------------------------------------------------------------------------
+# Every command a damaged store can be given: run in-process through scvi_scale.cli.main (what `scvi-scale` runs),
+# each must end with exit code 2 and one line on stderr naming the store, the array and the chunk, having written
+# nothing: no model or checkpoint in --out, no obsm/layers/uns entry or progress folder, no output or converted store.
+
+
+def command_lines(store: Path, model: Path, scratch: Path) -> dict[str, list[str]]:
+    """The argv of each command over `store`; everything they could write goes below `scratch`."""
+    output_options = ["--model", str(model), "--chunk-rows", str(CHUNK_ROWS)]
+    return {
+        "train": ["train", str(store), "--batch-key", "batch", "--out", str(scratch / "model"), "--max-epochs", "1"],
+        "latent": ["latent", str(store), *output_options, "--return-dist"],
+        "normalize": ["normalize", str(store), *output_options],
+        "de": ["de", str(store), *output_options, "--groupby", "batch", "--table", str(scratch / "de.csv")],
+        "sample": ["sample", str(store), *output_options, "--n-samples", "2"],
+        "sample to another store": ["sample", str(store), *output_options, "--output-store",
+                                    str(scratch / "outputs.zarr")],
+        "convert": ["convert", str(store), str(scratch / "converted.zarr")],
+    }
+
+
+def files_below(folder: Path) -> dict[str, bytes]:
+    """Every file and folder below `folder`, with its bytes (None for a folder)."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
+            for path in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory) -> Path:
+    """A model trained (briefly) on an intact store of counts_adata(), through the command line."""
+    from scvi_scale.cli import main
+
+    folder = tmp_path_factory.mktemp("intact")
+    store = write_intact(folder / "ours.zarr", "ours")
+    assert main(["train", str(store), "--batch-key", "batch", "--out", str(folder / "model"), "--max-epochs", "1",
+                 "--n-hidden", "16", "--n-latent", "4"]) == 0
+    return folder / "model"
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_command_refuses_a_damaged_store_in_one_line_and_writes_nothing(
+    tmp_path, writer, damage, trained_model, capsys
+):
+    from scvi_scale.cli import main
+
+    damaged = damaged_store(tmp_path / "store", writer, damage)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    before = files_below(tmp_path)
+    capsys.readouterr()
+    for name, argv in command_lines(damaged.path, trained_model, scratch).items():
+        code = main(argv)
+        said = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(said) == 1, f"{name}: exit code {code}, stderr {said}"
+        assert said[0].startswith(f"scvi-scale {argv[0]}: error: "), f"{name}: {said[0]}"
+        message = said[0]
+        assert str(damaged.path) in message and damaged.array in message, f"{name}: {message}"
+        if damaged.chunk_key is not None:
+            assert damaged.chunk_key in message, f"{name}: {message}"
+        assert files_below(tmp_path) == before, f"{name} wrote or changed files"
+
+
+def test_the_installed_command_exits_with_code_2_and_one_line(tmp_path):
+    """The real `python -m scvi_scale.cli` process, once: sys.exit carries main's code, stderr holds one line."""
+    damaged = damaged_store(tmp_path, "ours", "garbage indices")
+    done = subprocess.run([sys.executable, "-m", "scvi_scale.cli", "convert", str(damaged.path),
+                           str(tmp_path / "converted.zarr")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SCVI_SCALE_PROGRESS": "0"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and damaged.chunk_key in done.stderr
+    assert not (tmp_path / "converted.zarr").exists()

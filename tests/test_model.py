@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -10,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 from scvi_scale import SCVI
@@ -295,6 +298,113 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     kept = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert kept["train_stream"]["epoch"] == 1 and kept["state"]["global_step"] == 5  # the stream owns the position
     assert all(torch.isfinite(value).all() for value in kept["module"].values() if value.is_floating_point())
+
+
+# --- divergence ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_store(tmp_path) -> Path:
+    path = synthetic_atlas(tmp_path / "small.zarr", n_cells=600, n_genes=50, n_batches=2, n_cell_types=3, seed=2,
+                           chunk_rows=64).path
+    SCVI.setup_zarr(path, batch_key="batch")
+    return path
+
+
+def finite_elbo_at(store: Path, weights: dict) -> float:
+    """The negative ELBO per cell of the model `weights` over `store` (a model with the weights loaded)."""
+    model = SCVI(store, n_hidden=16, n_latent=4)
+    model.module.load_state_dict(weights)
+    return -model.get_elbo()
+
+
+def test_a_diverging_run_keeps_its_last_healthy_checkpoint_and_resumes_with_a_lower_lr(small_store, tmp_path,
+                                                                                       caplog):
+    """Five healthy steps at lr 1e-3 (checkpoint after each), then a resume at lr 1e3: its first update throws the
+    weights far off (the next loss is NaN). The checkpoint kept holds step 5's weights, and the error names it; a
+    resume at lr 1e-4 continues from it, says the lr changed, and finishes."""
+    run = tmp_path / "run"
+    options = dict(max_epochs=3, checkpoint_dir=run, checkpoint_every_n_steps=1)
+    model = SCVI(small_store, n_hidden=16, n_latent=4)
+    model.train(**options, max_steps=5)
+    healthy = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert healthy["state"]["global_step"] == 5
+    with caplog.at_level("WARNING", logger="scvi_scale.train"):
+        # 540 training cells: 5 steps an epoch; step 6 (epoch 1, step 0) diverges, the next loss is NaN
+        with pytest.raises(TrainingDivergedError, match=rf"epoch 1, step 1 .*healthy checkpoint is kept at "
+                                                         rf"{run / 'checkpoint.pt'}"):
+            model.train(**options, resume=True, plan_kwargs={"lr": 1e3})
+    assert "lr 0.001 -> 1000" in caplog.text
+    diverged = model.module.state_dict()
+    assert not all(torch.isfinite(value).all() and value.abs().max() < 100 for value in diverged.values()
+                   if value.is_floating_point())  # the run did diverge
+    kept = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert kept["state"]["global_step"] == 5
+    for name, value in healthy["module"].items():
+        assert torch.equal(kept["module"][name], value), name
+    assert math.isfinite(finite_elbo_at(small_store, kept["module"]))
+
+    caplog.clear()
+    resumed = SCVI(small_store, n_hidden=16, n_latent=4)
+    with caplog.at_level("WARNING", logger="scvi_scale.train"):
+        resumed.train(**options, resume=True, plan_kwargs={"lr": 1e-4})
+    assert "lr 1000 -> 0.0001" in caplog.text  # the checkpoint at epoch 0's end was written by the lr 1e3 run
+    assert [epoch for epoch, _ in resumed.history_["train_loss"]] == [0, 1, 2]
+    assert all(torch.isfinite(value).all() for value in resumed.module.state_dict().values()
+               if value.is_floating_point())
+
+
+def test_a_run_diverging_before_any_healthy_checkpoint_keeps_none_and_says_so(small_store, tmp_path):
+    """lr 1e3 from the start: the first update already diverges, so no checkpoint is healthy, none is written, and
+    the error names no file (checkpoint_every_n_steps=1: the step-1 checkpoint would hold the diverged weights)."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError) as raised:
+        SCVI(small_store, n_hidden=16, n_latent=4).train(max_epochs=2, checkpoint_dir=run, checkpoint_every_n_steps=1,
+                                                          plan_kwargs={"lr": 1e3})
+    assert not (run / "checkpoint.pt").exists()
+    message = str(raised.value)
+    assert "no healthy checkpoint" in message and "checkpoint.pt" not in message and "pass checkpoint_dir" not in message
+
+
+def test_checkpointing_does_not_change_the_trained_model(small_store, tmp_path):
+    """A checkpoint after every step (with its health check) leaves the weights an unchecked run reaches."""
+    plain = SCVI(small_store, n_hidden=16, n_latent=4)
+    plain.train(max_epochs=2, seed=4)
+    checked = SCVI(small_store, n_hidden=16, n_latent=4)
+    checked.train(max_epochs=2, seed=4, checkpoint_dir=tmp_path / "run", checkpoint_every_n_steps=1)
+    for name, value in plain.module.state_dict().items():
+        assert torch.equal(checked.module.state_dict()[name], value), name
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+
+def test_cli_trains_k_times_128_plus_1_cells_to_the_end(tmp_path, capsys):
+    """285 cells: 257 = 2 * 128 + 1 train (ceil(0.9 * 285)); the leftover cell joins the last minibatch (two steps an
+    epoch), where a 1-cell minibatch would break BatchNorm."""
+    from scvi_scale.cli import main
+
+    store = synthetic_atlas(tmp_path / "a.zarr", n_cells=285, n_genes=50, n_batches=2, n_cell_types=3, seed=6).path
+    out = tmp_path / "model"
+    assert main(["train", str(store), "--batch-key", "batch", "--out", str(out), "--max-epochs", "2"]) == 0
+    saved = torch.load(out / "model.pt", weights_only=False)["attr_dict"]
+    assert len(saved["train_indices_"]) == 2 * 128 + 1
+    assert [epoch for epoch, _ in saved["history_"]["train_loss"]] == [0, 1]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["state"]["global_step"] == 2 * 2
+
+
+def test_an_object_batch_column_with_nan_is_refused_naming_the_rows(tmp_path):
+    """NaN in a column of strings would become a batch named 'nan' (anndata writes it as that string)."""
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"sample": np.array(["s1", "s2"] * 100, dtype=object)}, index=[f"c{i}" for i in range(200)])
+    obs.loc[["c3", "c17"], "sample"] = np.nan
+    adata = anndata.AnnData(sp.csr_matrix(rng.poisson(1.0, (200, 30)).astype(np.float32)), obs=obs,
+                            var=pd.DataFrame(index=[f"g{i}" for i in range(30)]))
+    with pytest.raises(StoreError, match=r"'sample' has missing values .* rows \[3, 17\] \(cells \['c3', 'c17'\]\)"):
+        SCVI.setup_anndata(adata, batch_key="sample")
+    with pytest.raises(StoreError, match=r"'sample' \(strings\) has missing values .* rows \[3, 17\]"):
+        write_store(adata, tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_cli_train_writes_a_loadable_model(tmp_path):

@@ -3,8 +3,11 @@ predictive moments, resume after a crash, dask workers, the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import anndata
@@ -20,8 +23,9 @@ from scvi_scale.data import write_store
 from scvi_scale.datasets import synthetic_atlas
 from scvi_scale.outputs import OutputError, OutputIncompleteError, output_store, read_output, write_obsm, write_uns
 from scvi_scale.outputs import runner
+from scvi_scale.outputs import writer as writer_module
 from scvi_scale.outputs.noise import LONG_NORMAL_SEQUENCE, CellNoise, invert_counts
-from scvi_scale.outputs.writer import CsrOutput, DenseOutput
+from scvi_scale.outputs.writer import CsrOutput, DenseOutput, progress_folder
 
 N_CELLS, N_GENES, CHUNK_ROWS = 1200, 600, 256
 
@@ -106,6 +110,23 @@ def test_csr_output_is_assembled_in_row_order(scratch_store):
     assert sp.issparse(layer) and (layer != values).nnz == 0
     assert layer.indptr.dtype == layer.indices.dtype == np.int32  # as anndata writes (see test_data)
     assert (read_output(scratch_store, "layers/sampled").compute() != values).nnz == 0
+
+
+def test_csr_assembly_across_many_zarr_chunks_is_exact(scratch_store, monkeypatch):
+    """Zarr chunks far smaller than a piece and not aligned with pieces (the assembly writes whole chunks only)."""
+    monkeypatch.setattr(writer_module, "CSR_VALUES_CHUNK", 7)
+    monkeypatch.setattr(writer_module, "INDPTR_CHUNK_BLOCKS", 1)
+    rows_kept = np.ones(300, dtype=np.float32)
+    rows_kept[100:140] = 0  # empty rows, and a piece with few values
+    values = sp.csr_matrix(sp.diags(rows_kept) @ sp.random(300, 600, density=0.05, dtype=np.float32, random_state=2))
+    values.eliminate_zeros()
+    output = CsrOutput(str(scratch_store), "layers", "many_chunks", 300, 600, 128, {})
+    for chunk in output.prepare():
+        output.write_chunk(chunk, values[slice(*output.bounds(chunk))])
+    output.finish()
+    layer = anndata.read_zarr(scratch_store).layers["many_chunks"]
+    assert np.array_equal(layer.indptr, values.indptr) and np.array_equal(layer.indices, values.indices)
+    assert np.array_equal(layer.data, values.data)
 
 
 def test_writer_never_touches_x_or_existing_entries(scratch_store):
@@ -422,6 +443,80 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
     else:
         np.testing.assert_array_equal(resumed.toarray(), model.posterior_predictive_sample(seed=8).todense())
     assert store_files(atlas, "X") == x_before
+
+
+FILE_SYSTEM_CHANGES = ("replace", "rename", "unlink", "remove", "rmdir", "mkdir")
+
+
+class Killed(BaseException):
+    """A simulated SIGKILL. Not an Exception, so `except Exception` cleanups do not run; and once raised, every later
+    change to the file system raises it too (`finally` blocks included), as a killed process changes nothing more."""
+
+
+@contextlib.contextmanager
+def killed_before_change(monkeypatch, number: int):
+    """Raise Killed instead of the number-th change to the file system (os.replace, rename, unlink, remove, rmdir,
+    mkdir: every publishing rename, every deletion) and of every change after it. Yields [changes made]."""
+    made = [0]
+    with monkeypatch.context() as patched:
+        for name in FILE_SYSTEM_CHANGES:
+            def change(*args, _real=getattr(os, name), **kwargs):
+                if made[0] + 1 >= number:
+                    raise Killed(f"killed before file-system change {number}")
+                made[0] += 1
+                return _real(*args, **kwargs)
+
+            patched.setattr(os, name, change)
+        yield made
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_a_kill_before_any_file_system_change_leaves_nothing_or_the_whole_output(tmp_path, monkeypatch, kind):
+    """Every change that prepare, write_chunk and finish make, in turn: a kill just before it leaves a store whose
+    anndata view (through the consolidated metadata, as anndata reads it) holds no such entry or the whole of it,
+    and a rerun (refused as "already exists" when the kill came after the output was in place) leaves the whole
+    output, listed, and no progress folder."""
+    rng = np.random.default_rng(0)
+    pristine = tmp_path / "pristine.zarr"  # a store with few files: it is copied for every kill
+    write_store(anndata.AnnData(sp.csr_matrix(rng.poisson(1.0, (200, 20)).astype(np.float32))), pristine,
+                chunk_rows=128)
+    dense = rng.random((200, 20)).astype(np.float32)
+    values = dense if kind == "dense" else sp.csr_matrix(np.where(dense > 0.8, dense, 0))
+    output_class = DenseOutput if kind == "dense" else CsrOutput
+
+    def write(store: Path) -> None:
+        output = output_class(str(store), "layers", "killed", 200, 20, 128, {"test": kind})
+        for chunk in output.prepare():
+            output.write_chunk(chunk, values[slice(*output.bounds(chunk))])
+        output.finish()
+
+    def as_dense(layer) -> np.ndarray:
+        return layer.toarray() if sp.issparse(layer) else np.asarray(layer)
+
+    number = 0
+    while True:
+        number += 1
+        store = tmp_path / f"before{number}" / "s.zarr"
+        shutil.copytree(pristine, store)
+        with killed_before_change(monkeypatch, number) as made:
+            try:
+                write(store)
+            except Killed:
+                pass
+            else:
+                break
+        layers = anndata.read_zarr(store).layers
+        assert "killed" not in layers or np.array_equal(as_dense(layers["killed"]), as_dense(values)), number
+        try:
+            write(store)
+        except OutputError as error:
+            assert "already exists" in str(error), f"killed before change {number}: {error}"
+        layer = anndata.read_zarr(store).layers.get("killed")
+        assert layer is not None, f"killed before change {number}: the rerun's output is not listed"
+        assert sp.issparse(layer) == (kind == "csr") and np.array_equal(as_dense(layer), as_dense(values)), number
+        assert not progress_folder(store, "").exists(), f"killed before change {number}: progress left behind"
+    assert number > 10 and made[0] == number - 1  # the uninterrupted write made every change the kills came before
+    assert np.array_equal(as_dense(read_output(store, "layers/killed").compute()), as_dense(values))
 
 
 # --- command line --------------------------------------------------------------------------------------------------

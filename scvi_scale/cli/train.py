@@ -11,6 +11,7 @@ from pathlib import Path
 
 from scvi_scale import SCVI, distributed, persist, settings
 from scvi_scale.cli.defaults import default
+from scvi_scale.data.writer import remove_abandoned_siblings
 from scvi_scale.model.scvi import CHECKPOINT_FILE
 from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
 from scvi_scale.report import plot_loss_curves, write_history_table
@@ -68,6 +69,7 @@ def run_train(args) -> int:
     if args.overwrite and not args.resume:
         for path in existing:
             path.unlink()
+    remove_abandoned_siblings(persist.model_path(out))  # the temporary file of a run killed while saving the model
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be at least 1")
     if args.nproc == 1:

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scvi_scale import persist
-from scvi_scale.data.store import CountStore
+from scvi_scale.data.store import CountStore, StoreError
 from scvi_scale.outputs import writer
 from scvi_scale.outputs.jobs import ScaleSampleJob
 from scvi_scale.outputs.noise import NOISE_VERSION
@@ -188,20 +188,23 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
               "model": model_digest(inputs.module), "noise": NOISE_VERSION}  # other streams would mix two sets of draws
     members = getattr(inputs.store, "stores", None)
     if members is None:
+        new_store = request.output_store is not None and not Path(request.output_store).exists()
         target = writer.output_store(inputs.store.path, request.output_store)
-        return _write_into(inputs, job, request, outputs, record, description, target, inputs.store.n_obs, 0)
+        return _write_into(inputs, job, request, outputs, record, description, target, inputs.store.n_obs, 0,
+                           new_store)
     if request.output_store is not None:
         raise writer.OutputError("the outputs of a collection of stores go into each store; output_store= names one")
     parts = [
-        _write_into(inputs, job, request, outputs, record, description, member.path, member.n_obs, int(first))
+        _write_into(inputs, job, request, outputs, record, description, member.path, member.n_obs, int(first), False)
         for member, first in zip(members, inputs.store.offsets[:-1])
     ]
     return {name: da.concatenate([part[name] for part in parts]) for name in outputs}
 
 
 def _write_into(inputs, job, request, outputs: dict[str, OutputSpec], record: dict, description: str, target: str,
-                n_rows: int, first_row: int) -> dict:
-    """Write the results of inputs' rows first_row ... first_row + n_rows as outputs of the store `target`."""
+                n_rows: int, first_row: int, new_store: bool) -> dict:
+    """Write the results of inputs' rows first_row ... first_row + n_rows as outputs of the store `target`
+    (`new_store`: this call created it, so a failure removes it)."""
     chunk_rows = request.unit_rows(inputs.store)
     chunked = {
         name: writer.DenseOutput(target, spec.group, spec.key, n_rows, spec.n_columns, chunk_rows, record, spec.dtype)
@@ -212,12 +215,23 @@ def _write_into(inputs, job, request, outputs: dict[str, OutputSpec], record: di
     # A call writing several outputs (posterior samples <key>_0, <key>_1, ...) that was killed after finishing some
     # of them resumes the others; when all are finished, prepare refuses as for one output.
     finished = set() if request.overwrite else {name for name, out in chunked.items() if out.complete_as_recorded()}
+    for name in finished:
+        chunked[name].tidy()  # its last steps, in case a kill came after it was in place
     active = {name: out for name, out in chunked.items() if name not in finished or len(finished) == len(chunked)}
-    todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in active.values())))
-    first = next(iter(active.values()))
-    if todo:
-        units = [Unit(chunk, first_row + np.arange(*first.bounds(chunk))) for chunk in todo]
-        run_units(inputs, job, units, request, outputs=active, description=description)
+    started = [output for output in active.values() if request.overwrite or not output.progress.exists()]
+    try:
+        todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in active.values())))
+        first = next(iter(active.values()))
+        if todo:
+            units = [Unit(chunk, first_row + np.arange(*first.bounds(chunk))) for chunk in todo]
+            run_units(inputs, job, units, request, outputs=active, description=description)
+    except StoreError as error:
+        if not isinstance(error, writer.OutputError):  # a damaged input block: leave nothing this call started
+            for output in started:
+                output.abandon()
+            if new_store:
+                shutil.rmtree(target, ignore_errors=True)
+        raise
     for output in active.values():
         output.finish()
     return {name: writer.read_output(target, output.entry) for name, output in chunked.items()}

@@ -34,9 +34,9 @@ holds record.json (the output's kind, shape, chunking and the settings that prod
 finished chunk: an empty marker for dense outputs, the piece for CSR ones. A rerun with the same record skips the
 finished chunks; a different record is refused unless overwrite=True (which starts over). The folder lies outside
 the Zarr hierarchy, so zarr and anndata never see it. The entry's attribute `scvi_scale_output` reads
-{"complete": false} until every chunk is written and {"complete": true} after; `read_output` refuses an incomplete
-output and says how many chunks are missing. When the store has consolidated metadata (anndata writes it), it is
-rewritten when an entry is moved into place. Stores on the local file system only (the move is a rename).
+{"complete": false} while it is staged and {"complete": true, <its record>} from before its move into the store;
+`read_output` refuses an incomplete output and says how many chunks are missing. When the store has consolidated
+metadata (anndata writes it), it is rewritten when an entry is moved into place. Stores on the local file system only (the move is a rename).
 """
 
 from __future__ import annotations
@@ -177,7 +177,9 @@ def _remove_progress(store: str, entry: str) -> None:
     for parent in (folder.parent, top):
         try:
             parent.rmdir()
-        except OSError:  # not empty (other outputs in progress) or already gone
+        except FileNotFoundError:  # removed already, by a run killed before it removed the folder above
+            continue
+        except OSError:  # not empty: other outputs in progress
             break
 
 
@@ -286,6 +288,8 @@ class _ChunkedOutput:
         if exists:
             state = group[self.key].attrs.get(OUTPUT_ATTR)
             if state is None or state.get("complete"):
+                if state is not None:  # ours: finish its last steps, in case a kill came after its move
+                    self.tidy()
                 raise OutputError(f"{self.store}: {self.entry} already exists; pass overwrite=True to replace it")
         saved = json.loads(record_path.read_text()) if record_path.exists() else None
         if saved is None and exists:
@@ -302,8 +306,11 @@ class _ChunkedOutput:
         if saved is None:
             self.progress.mkdir(parents=True, exist_ok=True)
             _atomic_write(record_path, lambda path: path.write_text(json.dumps(self.record())))
-        if not exists and not self.staging.exists():
-            self._create(zarr.open_group(str(self.staging), mode="w", zarr_format=root.metadata.zarr_format))
+        if not exists and not self.staging.exists():  # created under a scratch name: a kill leaves none half made
+            remove_abandoned_siblings(self.staging)
+            scratch = scratch_sibling(self.staging, "partial")
+            self._create(zarr.open_group(str(scratch), mode="w", zarr_format=root.metadata.zarr_format))
+            os.replace(scratch, self.staging)
         done = self.done_chunks()
         return [chunk for chunk in range(self.n_chunks) if chunk not in done]
 
@@ -314,19 +321,27 @@ class _ChunkedOutput:
         return {int(name.removesuffix(suffix)) for name in os.listdir(self.progress) if name.endswith(suffix)}
 
     def finish(self) -> None:
-        """Mark the output complete (after assembling a CSR output); raises OutputIncompleteError if chunks miss."""
-        missing = self.n_chunks - len(self.done_chunks())
-        if missing:
-            raise OutputIncompleteError(
-                f"{self.store}: {self.entry} has {missing} of {self.n_chunks} chunks still to write"
-            )
-        group = _group(_root(self.store), self.group)
-        if self.key not in group:  # not moved yet (a kill may come after the move: then it is there already)
+        """Assemble the output (a CSR one from its pieces), mark it complete and move it into the store, then `tidy`;
+        raises OutputIncompleteError if chunks miss. Marked before the move, so what is in the store is complete."""
+        if self.key not in _group(_root(self.store), self.group):  # else moved already, by a run killed after it
+            missing = self.n_chunks - len(self.done_chunks())
+            if missing:
+                raise OutputIncompleteError(
+                    f"{self.store}: {self.entry} has {missing} of {self.n_chunks} chunks still to write"
+                )
             staged = zarr.open_group(str(self.staging), mode="r+")
             self._assemble(staged)
+            staged[self.key].attrs.update({OUTPUT_ATTR: {"complete": True, **self.record()}})
             os.replace(self.staging / self.key, self.final)
-            group = _group(_root(self.store), self.group)
-        group[self.key].attrs.update({OUTPUT_ATTR: {"complete": True, **self.record()}})
+        self.tidy()
+
+    def abandon(self) -> None:
+        """Delete an unfinished output's progress folder (record, pieces, staging): its call stops and leaves nothing."""
+        _remove_progress(self.store, self.entry)
+
+    def tidy(self) -> None:
+        """Finish's last steps once the output is in the store: list it in the consolidated metadata (which anndata
+        reads) and delete its progress folder. Reruns repeat them, in case a kill came in between."""
         reconsolidate(self.store)
         _remove_progress(self.store, self.entry)
 
@@ -439,18 +454,45 @@ class CsrOutput(_ChunkedOutput):
                 dtype=indptr_dtype,
             ),
         }
-        arrays["indptr"][0:1] = np.zeros(1, dtype=indptr_dtype)
+        filled = {name: _ChunkFiller(array) for name, array in arrays.items()}
+        filled["indptr"].append(np.zeros(1, dtype=indptr_dtype))
         for chunk, piece in enumerate(pieces):
             values = sp.load_npz(piece)
-            first, last = offsets[chunk], offsets[chunk + 1]
-            start, stop = self.bounds(chunk)
-            if last > first:
-                arrays["data"][first:last] = values.data.astype(np.float32, copy=False)
-                arrays["indices"][first:last] = values.indices.astype(np.int32, copy=False)
-            arrays["indptr"][start + 1 : stop + 1] = (values.indptr[1:] + first).astype(indptr_dtype)  # first: int64
+            filled["data"].append(values.data.astype(np.float32, copy=False))
+            filled["indices"].append(values.indices.astype(np.int32, copy=False))
+            filled["indptr"].append((values.indptr[1:] + offsets[chunk]).astype(indptr_dtype))  # offsets: int64
+        for filler in filled.values():
+            filler.close()
         layer.attrs.update(
             {**_ANNDATA_ENCODINGS["csr"], "shape": [self.n_rows, self.n_cols], CHUNK_ROWS_ATTR: self.chunk_rows}
         )
+
+
+class _ChunkFiller:
+    """Fills a 1-D Zarr array from its start, in order, writing whole chunks only: a write to part of a chunk reads
+    and rewrites all of it, so writing each CSR piece where it goes rewrote a chunk once per piece in it (finish of a
+    1000 x 50 layer in 32-row pieces: 1.24 s that way, 0.22 s this way, interleaved A/B at one torch thread). Holds
+    under a chunk plus the last values appended."""
+
+    def __init__(self, array: zarr.Array):
+        self.array, self.written, self.held, self.n_held = array, 0, [], 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.held.append(values)
+        self.n_held += len(values)
+        chunk = self.array.chunks[0]
+        self._write((self.written + self.n_held) // chunk * chunk - self.written)
+
+    def close(self) -> None:
+        self._write(self.n_held)
+
+    def _write(self, count: int) -> None:
+        if count <= 0:
+            return
+        values = np.concatenate(self.held)
+        self.array[self.written : self.written + count] = values[:count]
+        self.written += count
+        self.held, self.n_held = [values[count:]], len(values) - count
 
 
 def _json_round_trip(value):
