@@ -2,7 +2,6 @@
 
     >>> saved = read_model("model_dir/")               # a SavedModel, whichever format wrote the directory
     >>> write_model("copy/", saved)                    # ours; format="scvi-tools" for scvi-tools' SCVI.load
-    >>> atomic_save(payload, path)                     # torch.save to a temporary file, renamed over path
 
 A directory holds `{prefix}model.pt` (MODEL_FILE), a torch pickle of {"model_state_dict", "var_names",
 "attr_dict"}: scvi-tools' layout, which ours follows, and, when saved with the data, `{prefix}adata.h5ad`. Ours has
@@ -15,7 +14,6 @@ so a kill never leaves a torn model.pt.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 
 from scvi_scale import scvi_tools_format
 from scvi_scale.data.registry import Registry
-from scvi_scale.data.writer import scratch_sibling
+from scvi_scale.data.writer import write_atomically
 from scvi_scale.module import VAE
 from scvi_scale.version import __version__
 
@@ -89,18 +87,6 @@ def saved_data(dir_path, prefix: str | None, saved: SavedModel):
         return saved.data_path
     raise ValueError(f"{dir_path} holds no {ANNDATA_FILE} and names no store that exists "
                      f"({saved.data_path}): pass adata= (an AnnData or a store path)")
-
-
-def atomic_save(payload, path: str | os.PathLike) -> None:
-    """torch.save(payload) to a temporary file beside `path`, renamed over it (never a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = scratch_sibling(path, "partial")  # named for this process: a later run removes it once we are gone
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def history_frames(history: dict[str, list[tuple[int, float]]]) -> dict[str, pd.DataFrame]:
@@ -176,5 +162,5 @@ def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = Fals
                 "scvi_scale_version": __version__,
             },
         }
-    atomic_save(payload, path)
+    write_atomically(path, lambda temporary: torch.save(payload, temporary))
     return path

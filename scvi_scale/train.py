@@ -37,9 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from scvi_scale import distributed, surgery
-from scvi_scale.data.writer import remove_abandoned_siblings
+from scvi_scale.data.writer import remove_abandoned_siblings, write_atomically
 from scvi_scale.module import to_tensors
-from scvi_scale.persist import atomic_save
 from scvi_scale.settings import settings
 
 logger = logging.getLogger("scvi_scale.train")
@@ -226,30 +225,28 @@ def evaluate(module: torch.nn.Module, stream, device: torch.device, kl_weight: f
 def save_checkpoint(
     path: Path, module, optimizer, scheduler, train_stream, state: TrainingState, torch_rng_states: list
 ) -> None:
-    """Write the checkpoint atomically (persist.atomic_save), so a kill never leaves a torn file.
+    """Write the checkpoint atomically (write_atomically), so a kill never leaves a torn file.
 
     With several ranks, rank 0 calls this with the epoch sums of all ranks in `state` and every rank's torch RNG
     state in `torch_rng_states` (one entry per rank); the stream state is rank 0's (all ranks are at the same
     minibatch)."""
-    atomic_save(
-        {
-            "settings": {name: optimizer.param_groups[0][name] for name in RESUMABLE_SETTINGS},
-            "module": module.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "train_stream": train_stream.state_dict(),
-            "torch_rng": torch_rng_states,
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "state": {
-                "global_step": state.global_step,
-                "history": state.history,
-                "epoch_sums": state.epoch_sums.as_floats(),
-                "early_stopping": asdict(state.early_stopping) if state.early_stopping else None,
-                "stopped_early": state.stopped_early,
-            },
+    payload = {
+        "settings": {name: optimizer.param_groups[0][name] for name in RESUMABLE_SETTINGS},
+        "module": module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "train_stream": train_stream.state_dict(),
+        "torch_rng": torch_rng_states,
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "state": {
+            "global_step": state.global_step,
+            "history": state.history,
+            "epoch_sums": state.epoch_sums.as_floats(),
+            "early_stopping": asdict(state.early_stopping) if state.early_stopping else None,
+            "stopped_early": state.stopped_early,
         },
-        path,
-    )
+    }
+    write_atomically(path, lambda temporary: torch.save(payload, temporary))
 
 
 def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> TrainingState:

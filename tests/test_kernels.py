@@ -99,22 +99,22 @@ def log_prob_gradients_reference(x, mu, theta, zi_logits, likelihood):
                  d/dmu = -r theta / (theta + mu),  d/dtheta = r h,  d/dz = sigmoid(z - L0) - sigmoid(z).
     """
     if likelihood == "poisson":
-        d_mu = x / mu - 1
-        return (d_mu, np.abs(d_mu)), None, None
+        return (x / mu - 1, x / mu + 1), None, None
     theta = np.broadcast_to(theta, x.shape)
     v = (x - mu) / (theta + mu)
     h = np.log1p(v) - v
     e = np.where(x > 0, sps.digamma(x + theta) - sps.digamma(theta) - np.log1p(x / theta), 0.0)
     d_mu = theta * (x - mu) / (mu * (theta + mu))
+    d_mu_magnitude = theta * (x + mu) / (mu * (theta + mu))  # x - mu cancels where the counts meet their mean
     d_theta, theta_magnitude = h + e, np.abs(h) + np.abs(e)
     if likelihood == "nb":
-        return (d_mu, np.abs(d_mu)), (d_theta, theta_magnitude), None
+        return (d_mu, d_mu_magnitude), (d_theta, theta_magnitude), None
     log_nb_zero = -theta * np.log1p(mu / theta)
     r = np.where(x == 0, sps.expit(log_nb_zero - zi_logits), 1.0)
     # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) - sigmoid(b) sigmoid(-a): no cancellation of two values near 1
     a, b = zi_logits - log_nb_zero, zi_logits
     d_z = np.where(x == 0, sps.expit(a) * sps.expit(-b) - sps.expit(b) * sps.expit(-a), -sps.expit(zi_logits))
-    return (r * d_mu, np.abs(r * d_mu)), (r * d_theta, r * theta_magnitude), (d_z, np.abs(d_z))
+    return (r * d_mu, r * d_mu_magnitude), (r * d_theta, r * theta_magnitude), (d_z, np.abs(d_z))
 
 
 def assert_gradient_close(name, got, want, magnitude, tol):
@@ -332,16 +332,17 @@ def decoder_reference(inputs, likelihood, cell_weights):
     mu = np.exp(l)[:, None] * p
     zi = None if likelihood != "zinb" else h @ inputs["dropout_weight"].T + inputs["dropout_bias"]
     out = log_prob_reference(inputs["x"], mu, inputs["theta"], zi, likelihood).sum(-1)
-    (d_mu, _), d_theta, d_z = log_prob_gradients_reference(inputs["x"], mu, inputs["theta"], zi, likelihood)
+    (d_mu, d_mu_magnitude), d_theta, d_z = log_prob_gradients_reference(inputs["x"], mu, inputs["theta"], zi,
+                                                                        likelihood)
     w, abs_w = cell_weights[:, None], np.abs(cell_weights)[:, None]
-    a = w * mu * d_mu
+    a, a_magnitude = w * mu * d_mu, abs_w * mu * d_mu_magnitude
     d_s = a - p * a.sum(-1, keepdims=True)
-    d_s_magnitude = np.abs(a) + p * np.abs(a).sum(-1, keepdims=True)
+    d_s_magnitude = a_magnitude + p * a_magnitude.sum(-1, keepdims=True)
     grads = dict(
         hidden=(d_s @ w_scale, d_s_magnitude @ np.abs(w_scale)),
         scale_weight=(d_s.T @ h, d_s_magnitude.T @ np.abs(h)),
         scale_bias=(d_s.sum(0), d_s_magnitude.sum(0)),
-        log_library=(a.sum(-1), np.abs(a).sum(-1)),
+        log_library=(a.sum(-1), a_magnitude.sum(-1)),
     )
     if d_theta is not None:
         grads["theta"] = tuple(reduce_to(inputs["theta"].shape, weights, r)

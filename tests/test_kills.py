@@ -318,11 +318,9 @@ def test_cli_training_killed_at_random_moments_resumes_to_the_uninterrupted_mode
 LEFTOVERS = {  # what a run killed while writing each file leaves, named as its writer names it ({pid}: a dead one)
     "checkpoint.pt": ".checkpoint.pt.partial-{host}-{pid}-0123456789ab",
     "model.pt": ".model.pt.partial-{host}-{pid}-0123456789ab",
-    "history.csv": ".history.csv.tmp{pid}",
-    "loss_curves.png": ".loss_curves.png.tmp{pid}",
+    "history.csv": ".history.csv.partial-{host}-{pid}-0123456789ab",
+    "loss_curves.png": ".loss_curves.png.partial-{host}-{pid}-0123456789ab",
 }
-REPORT_TEMPORARY = pytest.mark.xfail(strict=True, reason="report/files.py write_atomically names its temporary file "
-                                     ".<name>.tmp<pid>, which data.writer.remove_abandoned_siblings does not know")
 
 
 @pytest.fixture(scope="module")
@@ -339,8 +337,7 @@ def run_over_leftovers(store, server, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("written", [*LEFTOVERS][:2] + [pytest.param(name, marks=REPORT_TEMPORARY)
-                                                        for name in [*LEFTOVERS][2:]])
+@pytest.mark.parametrize("written", [*LEFTOVERS])
 def test_training_removes_the_temporary_files_of_killed_runs(run_over_leftovers, written):
     assert (run_over_leftovers / written).exists()
     assert not [path.name for path in run_over_leftovers.glob(f".{written}*")]

@@ -15,6 +15,7 @@ from scvi_scale.data.writer import remove_abandoned_siblings
 from scvi_scale.model.scvi import CHECKPOINT_FILE
 from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
 from scvi_scale.report import plot_loss_curves, write_history_table
+from scvi_scale.report.history import HISTORY_TABLE, LOSS_CURVES
 from scvi_scale.train import TrainingConfig
 
 SETUP_KEYS = ("layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
@@ -69,7 +70,8 @@ def run_train(args) -> int:
     if args.overwrite and not args.resume:
         for path in existing:
             path.unlink()
-    remove_abandoned_siblings(persist.model_path(out))  # the temporary file of a run killed while saving the model
+    for written in (persist.model_path(out), out / HISTORY_TABLE, out / LOSS_CURVES):
+        remove_abandoned_siblings(written)  # the temporary file of a run killed while writing it
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be at least 1")
     if args.nproc == 1:
@@ -110,7 +112,7 @@ def train_and_save(args) -> None:
     if rank != 0:
         return
     write_history_table(model.history_, out)  # history.csv, and the loss curves beside it
-    plot_loss_curves(model.history_, out / "loss_curves.png")
+    plot_loss_curves(model.history_, out / LOSS_CURVES)
     if args.report:
         model.report(out / "report")
     history = model.history_

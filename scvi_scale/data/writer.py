@@ -91,6 +91,21 @@ def scratch_sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
+def write_atomically(path: str | os.PathLike, write) -> Path:
+    """Call `write(temporary_path)`, then rename the temporary file over `path`, so a reader never sees a torn file.
+    The temporary file is a scratch_sibling: removed on an error here, and by remove_abandoned_siblings(path) when a
+    kill left it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = scratch_sibling(path, "partial")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
 def remove_abandoned_siblings(path: Path) -> None:
     """Delete the scratch siblings of `path` (see scratch_sibling) whose process, on this host, is gone.
 

@@ -57,7 +57,13 @@ import scipy.sparse as sp
 import zarr
 
 from scvi_scale.data.store import CHUNK_ROWS_ATTR, CountStore, StoreError, open_anndata_group
-from scvi_scale.data.writer import INT32_INDEX_LIMIT, remove_abandoned_siblings, scratch_sibling, write_elem
+from scvi_scale.data.writer import (
+    INT32_INDEX_LIMIT,
+    remove_abandoned_siblings,
+    scratch_sibling,
+    write_atomically,
+    write_elem,
+)
 
 OUTPUT_ATTR = "scvi_scale_output"
 WRITABLE_GROUPS = ("obsm", "layers", "uns")
@@ -183,16 +189,6 @@ def _remove_progress(store: str, entry: str) -> None:
             break
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(temporary path) and rename the result onto `path`, so a reader never sees a torn file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 # --- chunked outputs -------------------------------------------------------------------------------------------
 
 
@@ -305,7 +301,7 @@ class _ChunkedOutput:
             )
         if saved is None:
             self.progress.mkdir(parents=True, exist_ok=True)
-            _atomic_write(record_path, lambda path: path.write_text(json.dumps(self.record())))
+            write_atomically(record_path, lambda path: path.write_text(json.dumps(self.record())))
         if not exists and not self.staging.exists():  # created under a scratch name: a kill leaves none half made
             remove_abandoned_siblings(self.staging)
             scratch = scratch_sibling(self.staging, "partial")
@@ -432,7 +428,7 @@ class CsrOutput(_ChunkedOutput):
             with path.open("wb") as file:  # a file object: given a name, numpy would append ".npz" to it
                 sp.save_npz(file, values, compressed=False)
 
-        _atomic_write(self._piece(chunk), save)
+        write_atomically(self._piece(chunk), save)
 
     def _assemble(self, staged: zarr.Group) -> None:
         """Concatenate the pieces in row order into the staged layer (replacing a half-assembled one)."""

@@ -6,7 +6,7 @@ metrics beside an uncorrected PCA baseline, and what was written into the store,
     plot_loss_curves(history, path)                  the loss-curve PNG (matplotlib)
     missing_extra()                                  None, or which packages of `scvi-scale[report]` are missing
 
-Files: extra (dependency check), files (atomic writes), history, metrics (scIB), figures, html, build.
+Files: extra (dependency check), history, metrics (scIB), figures, html, build.
 Nothing heavy is imported here: matplotlib, umap-learn and scib-metrics (jax) load when a function needs them.
 """
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from scvi_scale.report.extra import require_extra
 from scvi_scale.report.figures import UMAP_NEIGHBORS, plot_scib_scores, plot_umap, umap_coordinates
-from scvi_scale.report.files import write_atomically
+from scvi_scale.data.writer import write_atomically
 from scvi_scale.report.history import (
     check_history, elapsed_seconds, history_frame, plot_loss_curves, write_history_table,
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scvi_scale.report.files import write_atomically
+from scvi_scale.data.writer import write_atomically
 
 UMAP_NEIGHBORS = 15  # umap-learn's default
 MAX_LEGEND_ENTRIES = 30

@@ -17,11 +17,12 @@ from pathlib import Path
 import pandas as pd
 
 from scvi_scale.report.extra import require_extra
-from scvi_scale.report.files import write_atomically
+from scvi_scale.data.writer import write_atomically
 
 History = dict[str, list[tuple[int, float]]]
 
 HISTORY_TABLE = "history.csv"
+LOSS_CURVES = "loss_curves.png"  # the train command's loss-curve PNG, beside the model
 WALL_TIME_KEY = "epoch_seconds"
 FAMILY_TITLES = {
     "elbo": "ELBO (negative, per cell)",
