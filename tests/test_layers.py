@@ -142,28 +142,3 @@ def test_each_module_imports_alone_loading_only_its_layer_and_below_and_no_globa
         assert not above, f"importing {module} loads higher layers: {above}"
         assert result["optimizer_hooks"] == 0, f"importing {module} registers global optimizer hooks"
 
-
-WAIT_POLICY_CHILD = """
-import os, sys
-import scvi_scale.cli
-loaded_before_main = "torch" in sys.modules
-try:
-    scvi_scale.cli.main(["train", "--help"])
-except SystemExit:
-    pass
-import torch  # loaded by main's command groups; imported here to be sure it is
-print(loaded_before_main, "torch" in sys.modules, os.environ.get("OMP_WAIT_POLICY"))
-"""
-
-
-def test_the_command_line_makes_idle_threads_sleep_before_torch_loads_unless_told_otherwise():
-    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the CLI must set it before anything imports torch."""
-    import os
-
-    environment = {name: value for name, value in os.environ.items() if name != "OMP_WAIT_POLICY"}
-    printed = subprocess.run([sys.executable, "-c", WAIT_POLICY_CHILD], capture_output=True, text=True, check=True,
-                             cwd=ROOT, env=environment).stdout.split()[-3:]
-    assert printed == ["False", "True", "PASSIVE"]
-    printed = subprocess.run([sys.executable, "-c", WAIT_POLICY_CHILD], capture_output=True, text=True, check=True,
-                             cwd=ROOT, env={**environment, "OMP_WAIT_POLICY": "ACTIVE"}).stdout.split()[-3:]
-    assert printed == ["False", "True", "ACTIVE"]

@@ -11,10 +11,6 @@ One module per command group (convert.py, train.py, outputs.py, query.py, report
 registering its parsers, whose default `run` is the runner (args -> exit code). Defaults and choices come from
 where they are defined (SCVI's signature, module.py's option lists), not restated here.
 
-Threads: main() sets OMP_WAIT_POLICY=PASSIVE (unless the environment sets it) before torch loads, so torch's idle
-threads sleep instead of spinning: with another busy process on the machine, spinning threads slowed a 2-thread
-training step 9.5x (benchmarks/contention.py). The command groups are imported inside main() for that reason.
-
 Errors: bad input (a damaged store, a missing column, a refused argument, an existing output) ends the command
 with one line saying what is wrong, and exit code 2; anything else with one line and exit code 1. --debug shows
 the traceback instead.
@@ -23,25 +19,22 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
 import sys
 
-COMMAND_GROUPS = ("convert", "train", "outputs", "query", "report")  # modules of this package
+from scvi_scale.cli import convert, outputs, query, report, train
 
 # What the user can fix: exit code 2 with the message. (StoreError and OutputError are ValueErrors.)
 BAD_INPUT = (ValueError, FileExistsError, FileNotFoundError, KeyError, TypeError, NotImplementedError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch's OpenMP runtime loads
     parser = argparse.ArgumentParser(prog="scvi-scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in COMMAND_GROUPS:
-        importlib.import_module(f"scvi_scale.cli.{group}").add_commands(commands)
+    for group in (convert, train, outputs, query, report):
+        group.add_commands(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.debug:
