@@ -251,9 +251,11 @@ class Registry:
             continuous_covariate_keys=continuous_covariate_keys,
             n_obs=store.n_obs,
         )
-        encoded = registry.encode(store)  # checks the continuous columns and size factors too
+        # encode checks every column (the continuous ones and size factors too); only the batch codes are kept for
+        # the pass, so the other per-cell arrays (8 bytes a cell each) are not held through it
+        batch_codes = registry.encode(store)["batch"]
         registry.library_log_means, registry.library_log_vars = library_log_stats(
-            store, encoded["batch"], registry.n_batch, validate=validate, block_rows=block_rows
+            store, batch_codes, registry.n_batch, validate=validate, block_rows=block_rows
         )
         return registry
 
