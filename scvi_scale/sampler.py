@@ -12,7 +12,8 @@ Both streams read ahead in background threads and yield one dict of numpy arrays
     library  (B,) float32       observed library size: the row sum of x
     x_csr    (indptr (B+1,) int64, indices (nnz,) int64, data (nnz,) float32): the same rows in CSR (return_csr=True;
              with dense=False, x is left out and x_csr is the only form of the counts)
-    <key>    obs_arrays[key][rows] for every per-cell array passed in ("batch", "labels", "cat_covs", ...)
+    <key>    obs_arrays[key][rows] for every per-cell array passed in ("batch", "labels", "cat_covs", ...); integer
+             codes as int64, whatever their width in obs_arrays
 
 The reader is a `scvi_scale.data.CountStore` or any object with the same `n_obs`, `n_vars`, `chunk_rows`,
 `is_sparse`, `read_csr(start, stop)`, `read_dense(start, stop)` and `block_bounds(block_rows)` (where
@@ -132,7 +133,8 @@ def _seed(seed) -> int:
 
 
 def _sorted_rows(rows, n_obs: int, name: str) -> np.ndarray:
-    """`rows` as a sorted int64 array after checking it is 1-D, integer, non-empty, unique and within [0, n_obs)."""
+    """`rows` as a sorted int64 array after checking it is 1-D, integer, non-empty, unique and within [0, n_obs).
+    Rows already increasing and int64 are kept as given (read-only), not copied: an atlas' row index is large."""
     if rows is None:
         return np.arange(n_obs, dtype=np.int64)
     rows = np.asarray(rows)
@@ -140,13 +142,17 @@ def _sorted_rows(rows, n_obs: int, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 1-D array of integer row indices, got shape {rows.shape} {rows.dtype}")
     if rows.size == 0:
         raise ValueError(f"{name} is empty: there are no cells to read")
-    rows = np.sort(rows).astype(np.int64, copy=False)
+    if np.all(rows[1:] > rows[:-1]):
+        rows = rows.astype(np.int64, copy=False).view()
+        rows.flags.writeable = False
+    else:
+        rows = np.sort(rows).astype(np.int64, copy=False)
+        repeated = rows[1:][rows[1:] == rows[:-1]]
+        if repeated.size:
+            raise ValueError(f"{name} holds row {repeated[0]} more than once ({repeated.size} repeats in all)")
     if rows[0] < 0 or rows[-1] >= n_obs:
         bad = rows[0] if rows[0] < 0 else rows[-1]
         raise ValueError(f"{name} holds row {bad}, outside the store's rows [0, {n_obs})")
-    repeated = rows[1:][rows[1:] == rows[:-1]]
-    if repeated.size:
-        raise ValueError(f"{name} holds row {repeated[0]} more than once ({repeated.size} repeats in all)")
     return rows
 
 
@@ -167,10 +173,12 @@ def _checked_obs_arrays(obs_arrays: Mapping[str, np.ndarray] | None, n_obs: int)
     return checked
 
 
-def _block_of(rows: np.ndarray, block_bounds: np.ndarray) -> np.ndarray:
-    """The block of each (sorted) row, blocks being [block_bounds[b], block_bounds[b + 1]): the reader's own
-    bounds, so a collection's blocks restart at each of its stores and never straddle two."""
-    return np.searchsorted(block_bounds, rows, side="right") - 1
+def _block_runs(rows: np.ndarray, block_bounds: np.ndarray) -> np.ndarray:
+    """Where each block's rows begin in `rows` (sorted), for the blocks holding any, then len(rows): rows
+    [runs[b], runs[b + 1]) lie in one block, blocks being [block_bounds[k], block_bounds[k + 1]): the reader's own
+    bounds, so a collection's blocks restart at each of its stores and never straddle two. No per-row array."""
+    edges = np.searchsorted(rows, block_bounds)
+    return np.unique(edges)
 
 
 def _concatenated_ranges(firsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -232,9 +240,9 @@ class _Buffer:
             sorted_rows = rows[order]
             self.positions = np.empty_like(order)
             self.positions[order] = np.arange(len(order))
-        blocks = _block_of(sorted_rows, block_bounds)
+        runs = _block_runs(sorted_rows, block_bounds)
         self.reads = []
-        for wanted in np.split(sorted_rows, np.flatnonzero(blocks[1:] != blocks[:-1]) + 1):
+        for wanted in np.split(sorted_rows, runs[1:-1]):
             start, stop = int(wanted[0]), int(wanted[-1]) + 1
             self.reads.append((start, stop, None if len(wanted) == stop - start else wanted - start))
         self.counts = None
@@ -360,7 +368,8 @@ class _MinibatchStream:
         # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
         minibatch["library"] = x.sum(axis=1) if self.dense else np.asarray(csr.sum(axis=1), np.float32).ravel()
         for key, values in self.obs_arrays.items():
-            minibatch[key] = values[rows]
+            taken = values[rows]  # codes kept narrow per cell (Registry.encode) are int64 in a minibatch
+            minibatch[key] = taken.astype(np.int64) if taken.dtype.kind in "iu" else taken
         return minibatch
 
     def _produce(self, buffer_rows: Iterator[np.ndarray], batch_sizes: np.ndarray, out: queue.Queue, stop):
@@ -491,9 +500,8 @@ class BlockShuffleSampler(_MinibatchStream):
         self.rank = int(rank)
 
         # The blocks that hold any of the rows: block_first[b] indexes self.rows, block_cells[b] counts them.
-        block_of_row = _block_of(self.rows, self.block_bounds)
-        self._block_first = np.flatnonzero(np.r_[True, block_of_row[1:] != block_of_row[:-1]])
-        self._block_cells = np.diff(np.r_[self._block_first, len(self.rows)])
+        runs = _block_runs(self.rows, self.block_bounds)
+        self._block_first, self._block_cells = runs[:-1], np.diff(runs)
 
         n_cells = len(self.rows)
         per_rank, extra = divmod(n_cells, self.world_size)
@@ -651,8 +659,7 @@ class SequentialSampler(_MinibatchStream):
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        blocks = _block_of(self.rows, self.block_bounds)
-        buffer_rows = np.split(self.rows, np.flatnonzero(blocks[1:] != blocks[:-1]) + 1)
+        buffer_rows = np.split(self.rows, _block_runs(self.rows, self.block_bounds)[1:-1])
         batch_sizes = np.full(len(self), self.batch_size, dtype=np.int64)
         batch_sizes[-1] = len(self.rows) - (len(self) - 1) * self.batch_size
         return self._stream(iter(buffer_rows), batch_sizes)

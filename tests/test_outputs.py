@@ -385,6 +385,23 @@ def test_de_raw_statistics_equal_a_direct_computation(model, atlas, tmp_path):
         model.differential_expression(groupby="cell_type", silent=True, write_to="de_type_2")
 
 
+def test_de_draw_file_gives_back_each_side_as_written_in_any_unit_order():
+    """The pass's temporary file of posterior draws: written unit by unit in any order (each unit a scatter of
+    numbers), read back by side (consecutive numbers, repeats allowed as importance picks have them)."""
+    from scvi_scale.outputs.differential import _DrawFile
+
+    rng = np.random.default_rng(0)
+    numbers = np.concatenate([np.arange(0, 300), np.arange(1000, 1250), np.arange(5000, 5007)])
+    draws = rng.standard_normal((len(numbers), 33)).astype(np.float32)
+    with _DrawFile(rng.permutation(np.repeat(numbers, 2)), 33) as spilled:
+        for unit in np.array_split(rng.permutation(len(numbers)), 9):
+            spilled.put(numbers[unit], draws[unit])
+        for side in (slice(0, 300), slice(300, 550), slice(550, 557)):
+            picks = rng.choice(np.arange(len(numbers))[side], size=400)
+            np.testing.assert_array_equal(spilled.get(numbers[picks]), draws[picks])
+    assert spilled.file.closed
+
+
 def test_de_result_does_not_depend_on_passes_or_workers(model):
     options = dict(groupby="cell_type", mode="change", silent=True, n_samples_overall=300, seed=2)
     one_pass = model.differential_expression(**options)

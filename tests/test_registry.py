@@ -92,8 +92,8 @@ def test_encode_matches_pandas_and_stats_do_not_depend_on_blocks(store):
     np.testing.assert_array_equal(encoded["cont_covs"], obs[["percent_mito", "size_factor"]].to_numpy(np.float32))
     np.testing.assert_array_equal(encoded["size_factor"], obs["size_factor"].to_numpy(np.float32))
     assert {key: value.dtype for key, value in encoded.items()} == {
-        "batch": np.int64, "labels": np.int64, "cat_covs": np.int64, "cont_covs": np.float32, "size_factor": np.float32
-    }
+        "batch": np.int8, "labels": np.int8, "cat_covs": np.int8, "cont_covs": np.float32, "size_factor": np.float32
+    }  # codes as narrow as their categories allow (-1 ... n - 1): an atlas holds them per cell
     means, variances = direct_library_stats(adata.X, encoded["batch"], 3)
     np.testing.assert_allclose(registry.library_log_means, means, rtol=1e-6)
     np.testing.assert_allclose(registry.library_log_vars, variances, rtol=1e-5)
@@ -113,6 +113,25 @@ def test_no_keys_give_single_categories_and_global_stats(store):
     means, variances = direct_library_stats(adata.X, np.zeros(400, dtype=int), 1)
     np.testing.assert_allclose(registry.library_log_means, means, rtol=1e-6)
     np.testing.assert_allclose(registry.library_log_vars, variances, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_batches", [128, 129, 40_000])
+def test_codes_are_as_narrow_as_their_categories_and_minibatches_widen_them(tmp_path, n_batches):
+    """128 batches fit int8 (codes -1 ... 127), 129 need int16, 40,000 int32; every code survives, and a
+    minibatch hands the module int64 codes."""
+    from scvi_scale.sampler import SequentialSampler
+
+    names = [f"b{i:05d}" for i in range(n_batches)]
+    adata = make_adata(n_obs=max(400, n_batches), batches=names)
+    adata.obs["study"] = pd.Categorical(adata.obs["study"], categories=names)
+    store = write_store(adata, tmp_path / "s.zarr", chunk_rows=4096)
+    registry = Registry.build(store, batch_key="study")
+    codes = registry.encode(store)["batch"]
+    assert codes.dtype == {128: np.int8, 129: np.int16, 40_000: np.int32}[n_batches]
+    np.testing.assert_array_equal(codes, adata.obs["study"].cat.codes)
+    minibatch = next(iter(SequentialSampler(store, batch_size=len(codes), obs_arrays={"batch": codes})))
+    assert minibatch["batch"].dtype == np.int64
+    np.testing.assert_array_equal(minibatch["batch"], adata.obs["study"].cat.codes)
 
 
 def test_empty_cells_and_empty_batches_follow_scvi_tools(tmp_path):

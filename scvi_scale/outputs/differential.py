@@ -8,15 +8,21 @@ Per comparison, side and batch condition (the cells' observed batch, or with bat
 batchid2, default all batches), n_samples_overall / n_conditions cells are drawn at random with replacement and
 decoded once each (px_scale); with weights="importance" the draws are picked by importance weight instead
 (importance.py); with filter_outlier_cells, each side's outliers in the latent space are left out first
-(scikit-learn's EllipticEnvelope, as scvi-tools). Comparisons are grouped into passes whose samples fit in max_sample_bytes; cells are
-picked and (with use_permutation) paired by generators of their own, and the draws are keyed by request number,
-so how the comparisons fall into passes does not change the result. The raw-count columns come from one
-streaming pass over all cells, whatever the number of groups.
+(scikit-learn's EllipticEnvelope, as scvi-tools). The draws of all comparisons are decoded in one pass over the
+store (requested cells touch nearly every chunk of an atlas, so a pass per comparison would read it once each)
+and kept in a temporary file, read back one comparison at a time: memory holds one comparison's samples, disk
+n_comparisons x n_samples_overall x 2 sides x G x 4 bytes (1.6 GB for 20 groups of 2,000 genes); past
+max_sample_bytes the comparisons are split into passes. Cells are picked and (with use_permutation) paired by
+generators of their own, and the draws are keyed by request number, so how the comparisons fall into passes does
+not change the result. The raw-count columns come from one streaming pass over all cells, whatever the number
+of groups.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,15 +34,16 @@ from scvi_scale.outputs import de
 from scvi_scale.outputs.arguments import batch_codes, cell_mask
 from scvi_scale.outputs.importance import ImportanceOptions, importance_sample
 from scvi_scale.outputs.jobs import OWN_BATCH, LatentJob, RawStatsJob
-from scvi_scale.outputs.runner import ModelInputs, OutputRequest, Unit, cut_units, posterior_scales, run, run_units
+from scvi_scale.outputs.runner import ModelInputs, OutputRequest, Unit, cut_units, run, run_units, scale_draws
 
-DE_SAMPLE_BYTES = 256 << 20  # posterior samples of px_scale held at once (peak RSS about 4x: pairs, float64 lfc)
+DE_SAMPLE_BYTES = 8 << 30  # posterior samples a pass gathers in its temporary file (one read of the store a pass)
 
 
 @dataclass(frozen=True)
 class DEOptions:
     """scvi-tools' differential_expression / get_bayes_factors options, with its defaults (see de.bayes_factors),
-    and max_sample_bytes: posterior samples held at once."""
+    and max_sample_bytes: the posterior samples one pass over the store gathers (on disk; memory holds one
+    comparison's)."""
 
     mode: str = "vanilla"
     delta: float | None = 0.25
@@ -166,13 +173,13 @@ def differential_expression(
     for first in range(0, len(comparisons.pairs), per_pass):
         passed = comparisons.pairs[first : first + per_pass]
         rows, batches, numbers, blocks = _pick_cells(comparisons, passed, conditions, per_condition, picker)
-        samples = posterior_scales(
-            inputs, request, rows, batches, genes=None, library_size=1.0, numbers=numbers,
-            description="DE posterior samples",
-        )
-        for pair, own_blocks in zip(passed, blocks):
-            sides = {side: _side_samples(samples, own_blocks, side) for side in (1, 2)}
-            frames.append(_frame(sides, pair, comparisons, statistics, options, var_names, pair_rng))
+        with _DrawFile(numbers, inputs.store.n_vars) as draws:
+            for drawn, values in scale_draws(inputs, request, rows, batches, numbers, genes=None, library_size=1.0,
+                                             description="DE posterior samples"):
+                draws.put(drawn, values)
+            for pair, own_blocks in zip(passed, blocks):
+                sides = {side: _side_samples(draws, numbers, own_blocks, side) for side in (1, 2)}
+                frames.append(_frame(sides, pair, comparisons, statistics, options, var_names, pair_rng))
     return pd.concat(frames, axis=0)
 
 
@@ -248,10 +255,51 @@ def _pick_cells(comparisons: Comparisons, pairs, conditions, per_condition, pick
     return np.concatenate(rows), np.concatenate(batches), np.concatenate(numbers), blocks
 
 
-def _side_samples(samples: np.ndarray, blocks, side: int) -> tuple[np.ndarray, np.ndarray]:
+class _DrawFile:
+    """The posterior draws of one pass (n_draws x G float32, row i the draw numbered numbers[i] in increasing
+    order) in a temporary file, unlinked from the start, so that a pass holds in memory one comparison's
+    samples, not all of them, and a crash leaves nothing behind. Its folder is tempfile's (TMPDIR)."""
+
+    def __init__(self, numbers: np.ndarray, n_genes: int):
+        self.numbers = np.unique(numbers)
+        self.row_bytes = n_genes * 4
+        self.n_genes = n_genes
+        self.file = tempfile.TemporaryFile(prefix="scvi-scale-de-")
+
+    def __enter__(self) -> _DrawFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
+
+    def put(self, numbers: np.ndarray, draws: np.ndarray) -> None:
+        """Store draws (k, G) of the given numbers, one write per run of consecutive rows."""
+        positions = np.searchsorted(self.numbers, numbers)
+        order = np.argsort(positions, kind="stable")
+        positions, draws = positions[order], np.ascontiguousarray(draws[order], dtype=np.float32)
+        starts = np.flatnonzero(np.diff(positions, prepend=-2) != 1)
+        for start, stop in zip(starts, [*starts[1:], len(positions)]):
+            data = memoryview(draws[start:stop]).cast("B")
+            offset = int(positions[start]) * self.row_bytes
+            while data:  # pwrite may write less than asked
+                written = os.pwrite(self.file.fileno(), data, offset)
+                data, offset = data[written:], offset + written
+
+    def get(self, numbers: np.ndarray) -> np.ndarray:
+        """The draws (len(numbers), G) of the given numbers, read as one span of rows: a side's draws are
+        numbered consecutively (_Picker), so the span is its own."""
+        positions = np.searchsorted(self.numbers, numbers)
+        low, high = int(positions.min()), int(positions.max()) + 1
+        span = os.pread(self.file.fileno(), (high - low) * self.row_bytes, low * self.row_bytes)
+        if len(span) != (high - low) * self.row_bytes:
+            raise OSError(f"DE posterior samples: short read of the temporary file {self.file.name}")
+        return np.frombuffer(span, dtype=np.float32).reshape(high - low, self.n_genes)[positions - low]
+
+
+def _side_samples(draws: _DrawFile, numbers: np.ndarray, blocks, side: int) -> tuple[np.ndarray, np.ndarray]:
     """(posterior samples (n, G), the batch each was decoded in (n,)) of one side of a comparison."""
     own = [(batch, start, stop) for block_side, batch, start, stop in blocks if block_side == side]
-    scales = np.concatenate([samples[start:stop] for _, start, stop in own])
+    scales = draws.get(np.concatenate([numbers[start:stop] for _, start, stop in own]))
     batches = np.concatenate([np.full(stop - start, batch) for batch, start, stop in own])
     return scales, batches
 

@@ -131,10 +131,11 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class Unit:
-    """One chunk of cells: its index, its store rows (increasing) and what its job needs besides the counts."""
+    """One chunk of cells: its index, its store rows (increasing: an array, or a range for a written chunk, so that
+    the units of an atlas hold no row array) and what its job needs besides the counts."""
 
     index: int
-    rows: np.ndarray
+    rows: np.ndarray | range
     payload: object = None
 
 
@@ -223,7 +224,7 @@ def _write_into(inputs, job, request, outputs: dict[str, OutputSpec], record: di
         todo = sorted(set().union(*(output.prepare(overwrite=request.overwrite) for output in active.values())))
         first = next(iter(active.values()))
         if todo:
-            units = [Unit(chunk, first_row + np.arange(*first.bounds(chunk))) for chunk in todo]
+            units = [Unit(chunk, range(*(first_row + bound for bound in first.bounds(chunk)))) for chunk in todo]
             run_units(inputs, job, units, request, outputs=active, description=description)
     except StoreError as error:
         if not isinstance(error, writer.OutputError):  # a damaged input block: leave nothing this call started
@@ -257,25 +258,36 @@ def request_units(inputs: ModelInputs, request: OutputRequest, rows: np.ndarray,
     return units
 
 
+def scale_draws(
+    inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray, numbers: np.ndarray, *,
+    genes, library_size, description: str = "posterior samples",
+):
+    """Posterior draws of px_scale * library_size, request i being cell rows[i] decoded in batches[i] and keyed by
+    numbers[i] (a number asked for twice is one draw: each is decoded once). Yields (numbers (k,), draws (k, G')
+    float32) unit by unit, every number once, in one pass over the requested cells' chunks."""
+    # a number asked for twice is one draw (keyed by it): decode each once
+    numbers, first = np.unique(np.asarray(numbers, dtype=np.int64), return_index=True)
+    rows, batches = np.asarray(rows)[first], np.asarray(batches)[first]
+    job = ScaleSampleJob(genes=genes, library_size=library_size)
+    units = request_units(inputs, request, rows, batches, numbers)
+    for _, result in iter_results(inputs, job, units, request, description=description):
+        yield result["requests"], result["scales"]
+
+
 def posterior_scales(
     inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray, *, genes, library_size,
     first_request: int = 0, numbers: np.ndarray | None = None, description: str = "posterior samples",
 ) -> np.ndarray:
-    """One posterior draw of px_scale * library_size per request (rows[i] decoded in batches[i]), keyed by its
-    number (numbers[i], default first_request + i); returns (len(rows), G') float32 in request order. One pass
-    over the requested cells' chunks."""
+    """scale_draws in request order, request i keyed by numbers[i] (default first_request + i): (len(rows), G')
+    float32."""
     if numbers is None:
         numbers = first_request + np.arange(len(rows), dtype=np.int64)
-    # a number asked for twice is one draw (keyed by it): decode each once
-    numbers, first, repeat = np.unique(np.asarray(numbers, dtype=np.int64), return_index=True, return_inverse=True)
-    rows, batches = np.asarray(rows)[first], np.asarray(batches)[first]
-    job = ScaleSampleJob(genes=genes, library_size=library_size)
-    results = run_units(inputs, job, request_units(inputs, request, rows, batches, numbers), request,
-                        description=description)
+    unique, repeat = np.unique(np.asarray(numbers, dtype=np.int64), return_inverse=True)
     n_genes = inputs.store.n_vars if genes is None else len(genes)
-    scales = np.empty((len(rows), n_genes), dtype=np.float32)
-    for result in results:
-        scales[np.searchsorted(numbers, result["requests"])] = result["scales"]
+    scales = np.empty((len(unique), n_genes), dtype=np.float32)
+    for drawn, values in scale_draws(inputs, request, rows, batches, numbers, genes=genes,
+                                     library_size=library_size, description=description):
+        scales[np.searchsorted(unique, drawn)] = values
     return scales if np.array_equal(repeat, np.arange(len(repeat))) else scales[repeat]
 
 
@@ -289,21 +301,25 @@ def run_units(
     """Run `job` on every unit. With `outputs` ({result name: DenseOutput | CsrOutput}), unit k's results are
     written as chunk k where they are computed and None is returned; else the results come back in unit order.
     Units may differ in size only in the last one."""
+    results = dict(iter_results(inputs, job, units, request, outputs, description))
+    return None if outputs is not None else [results[unit.index] for unit in units]
+
+
+def iter_results(inputs: ModelInputs, job, units: list[Unit], request: OutputRequest, outputs: dict | None = None,
+                 description: str = ""):
+    """Yield (unit index, result, or None where `outputs` were written) as units finish, with a progress bar:
+    run_units for a caller that keeps only a share of each result."""
     with contextlib.ExitStack() as stack:
         if request.client is None:
             finished = _run_here(inputs, job, units, request, outputs)
         else:
             reference = stack.enter_context(_worker_reference(inputs, request))
             finished = _run_on_workers(request.client, reference, job, units, request, outputs)
-        results: dict[int, dict] = {}
-        progress = tqdm(total=len(units), desc=description, unit="chunk",
-                        disable=request.silent or not settings.progress_bar)
-        with progress:
-            for index, result in finished:
-                if outputs is None:
-                    results[index] = result
-                progress.update(1)
-    return None if outputs is not None else [results[unit.index] for unit in units]
+        progress = stack.enter_context(tqdm(total=len(units), desc=description, unit="chunk",
+                                            disable=request.silent or not settings.progress_bar))
+        for index, result in finished:
+            progress.update(1)
+            yield index, result
 
 
 @torch.no_grad()
