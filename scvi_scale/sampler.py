@@ -114,7 +114,7 @@ def train_validation_split(
     permutation = np.random.default_rng(_seed(seed)).permutation(n_obs) if shuffle else np.arange(n_obs)
     validation_rows = np.sort(permutation[:n_validation])
     train_rows = np.sort(permutation[n_validation : n_validation + n_train])
-    return train_rows.astype(np.int64), validation_rows.astype(np.int64)
+    return train_rows.astype(np.int64, copy=False), validation_rows.astype(np.int64, copy=False)
 
 
 # --- argument checks -------------------------------------------------------------------------------------------
