@@ -132,11 +132,17 @@ def _seed(seed) -> int:
     return int(seed)
 
 
-def _sorted_rows(rows, n_obs: int, name: str) -> np.ndarray:
+def _sorted_rows(rows, n_obs: int, name: str, keep_range: bool = False) -> np.ndarray | range:
     """`rows` as a sorted int64 array after checking it is 1-D, integer, non-empty, unique and within [0, n_obs).
-    Rows already increasing and int64 are kept as given (read-only), not copied: an atlas' row index is large."""
+    Rows already increasing and int64 are kept as given (read-only), not copied: an atlas' row index is large.
+    None means every row; with keep_range, None and consecutive ranges stay ranges (no row array at all)."""
     if rows is None:
-        return np.arange(n_obs, dtype=np.int64)
+        rows = range(n_obs)
+    if isinstance(rows, range) and rows.step == 1 and len(rows):
+        if rows.start < 0 or rows.stop > n_obs:
+            bad = rows.start if rows.start < 0 else rows.stop - 1
+            raise ValueError(f"{name} holds row {bad}, outside the store's rows [0, {n_obs})")
+        return rows if keep_range else np.arange(rows.start, rows.stop, dtype=np.int64)
     rows = np.asarray(rows)
     if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
         raise ValueError(f"{name} must be a 1-D array of integer row indices, got shape {rows.shape} {rows.dtype}")
@@ -276,6 +282,8 @@ def _cut(pieces: Iterable[tuple[object, int]], batch_sizes: np.ndarray) -> Itera
 class _MinibatchStream:
     """What both streams share: argument checks, block reading in threads, minibatch assembly."""
 
+    _keeps_ranges = False  # whether self.rows may be a range (rows=None or consecutive rows) instead of an array
+
     def __init__(
         self,
         reader,
@@ -294,7 +302,7 @@ class _MinibatchStream:
     ):
         self.reader = reader
         self.n_obs = int(reader.n_obs)
-        self.rows = _sorted_rows(rows, self.n_obs, "rows")
+        self.rows = _sorted_rows(rows, self.n_obs, "rows", keep_range=self._keeps_ranges)
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.block_rows = _positive_int(reader.chunk_rows if block_rows is None else block_rows, "block_rows")
         self.block_bounds = reader.block_bounds(self.block_rows)
@@ -623,7 +631,10 @@ class BlockShuffleSampler(_MinibatchStream):
 class SequentialSampler(_MinibatchStream):
     """Every cell of `rows` (default: all) once, in store order, in minibatches of batch_size (the last may be
     smaller), read ahead in blocks of `block_rows` rows (default: the store's chunk_rows). Stateless: every
-    iteration starts from the first cell. len(sampler) = ceil(len(rows) / batch_size)."""
+    iteration starts from the first cell. len(sampler) = ceil(len(rows) / batch_size). Consecutive rows (None,
+    or a range) are never made an array: a written output of an atlas holds no row index."""
+
+    _keeps_ranges = True
 
     def __init__(
         self,
@@ -659,7 +670,11 @@ class SequentialSampler(_MinibatchStream):
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        buffer_rows = np.split(self.rows, _block_runs(self.rows, self.block_bounds)[1:-1])
+        if isinstance(self.rows, range):
+            edges = np.unique(np.clip(self.block_bounds, self.rows.start, self.rows.stop))
+            buffer_rows = (np.arange(start, stop, dtype=np.int64) for start, stop in zip(edges[:-1], edges[1:]))
+        else:
+            buffer_rows = iter(np.split(self.rows, _block_runs(self.rows, self.block_bounds)[1:-1]))
         batch_sizes = np.full(len(self), self.batch_size, dtype=np.int64)
         batch_sizes[-1] = len(self.rows) - (len(self) - 1) * self.batch_size
-        return self._stream(iter(buffer_rows), batch_sizes)
+        return self._stream(buffer_rows, batch_sizes)

@@ -174,7 +174,7 @@ def test_a_written_output_keeps_memory_flat_in_cells(sized_stores, tmp_path):
     """write_latent_representation, computed in chunks and written into the store (the model and its registry
     made before the trace; the per-cell obs codes inside it). Units of 256 cells: the few units in flight are
     then small against the stores' difference (with 1,024 they alone move the peak by ~3 MiB, 50 B per cell).
-    Measured 13-15 B per cell (2026-12-01; 45 before the codes were narrowed and the unit rows made ranges)."""
+    Measured 8 B per cell (2026-12-01; 45 before the codes were narrowed and consecutive rows kept as ranges)."""
     peaks = {}
     for n_cells, path in sized_stores.items():
         copy = shutil.copytree(path, tmp_path / f"{n_cells}.zarr")

@@ -281,6 +281,9 @@ def test_values_of_a_cell_do_not_depend_on_its_company(model):
     np.testing.assert_allclose(both, (each[0] + each[1]) / 2, rtol=1e-5)  # averaged over batches, as scvi-tools
     draws = model.get_normalized_expression(indices=cells, n_samples=3, return_mean=False)
     assert draws.shape == (3, 3, N_GENES)
+    all_samples = model.posterior_predictive_sample(seed=4).to_scipy_sparse()  # CSR parts stacked in place
+    some_samples = model.posterior_predictive_sample(indices=cells, seed=4).to_scipy_sparse()
+    assert some_samples.nnz > 0 and (some_samples != all_samples[cells]).nnz == 0
     with pytest.raises(ValueError, match="not a valid batch category"):
         model.get_normalized_expression(indices=cells, transform_batch="batch_9")
     with pytest.raises(ValueError, match="not in the model"):

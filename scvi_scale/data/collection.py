@@ -237,7 +237,10 @@ class StoreCollection:
         return pd.Index(np.concatenate([store.obs_names.to_numpy() for store in self.stores]))
 
     def obs_name_hashes(self) -> np.ndarray:
-        return np.concatenate([store.obs_name_hashes() for store in self.stores])
+        hashes = np.empty(self.n_obs, dtype=np.uint64)
+        for store, first in zip(self.stores, self.offsets):
+            hashes[first : first + store.n_obs] = store.obs_name_hashes()
+        return hashes
 
     def obs_keys(self) -> list[str]:
         """The obs columns, as anndata.concat orders them (pandas' concat of the stores' columns), then `label`."""

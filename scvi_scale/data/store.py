@@ -300,8 +300,10 @@ class CountStore:
             obs = self._root["obs"]
             names = obs[obs.attrs.get("_index", "_index")]
         block = 4_096  # names hashed at once: under a MB of temporaries, whatever the store's chunking
-        return np.concatenate([pd.util.hash_array(np.asarray(names[start : start + block], dtype=object))
-                               for start in range(0, self.n_obs, block)])
+        hashes = np.empty(self.n_obs, dtype=np.uint64)  # filled in place: a list of parts would double the peak
+        for start in range(0, self.n_obs, block):
+            hashes[start : start + block] = pd.util.hash_array(np.asarray(names[start : start + block], dtype=object))
+        return hashes
 
     def obs_keys(self) -> list[str]:
         """The obs column names, in the order anndata keeps them."""

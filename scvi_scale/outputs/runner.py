@@ -131,16 +131,16 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class Unit:
-    """One chunk of cells: its index, its store rows (increasing: an array, or a range for a written chunk, so that
-    the units of an atlas hold no row array) and what its job needs besides the counts."""
+    """One chunk of cells: its index, its store rows (increasing: an array, or a range for consecutive rows, so
+    that the units over all cells of an atlas hold no row array) and what its job needs besides the counts."""
 
     index: int
     rows: np.ndarray | range
     payload: object = None
 
 
-def cut_units(rows: np.ndarray, chunk_rows: int) -> list[Unit]:
-    """Runs of chunk_rows consecutive entries of `rows` (sorted store rows), numbered from 0."""
+def cut_units(rows: np.ndarray | range, chunk_rows: int) -> list[Unit]:
+    """Runs of chunk_rows consecutive entries of `rows` (sorted store rows, or a range), numbered from 0."""
     starts = range(0, len(rows), chunk_rows)
     return [Unit(index, rows[start : start + chunk_rows]) for index, start in enumerate(starts)]
 
@@ -166,18 +166,44 @@ def run(
 
 
 def _in_memory(inputs: ModelInputs, job, request: OutputRequest, description: str) -> dict:
-    if request.indices is None:
-        rows, restore = np.arange(inputs.store.n_obs), None
-    else:
-        order = np.argsort(request.indices, kind="stable")
-        rows, restore = request.indices[order].astype(np.int64), np.argsort(order)
+    rows, restore = range(inputs.store.n_obs), None
+    if request.indices is not None:
+        rows = request.indices.astype(np.int64)
+        if not np.all(rows[1:] > rows[:-1]):  # results come in store order: put them back in the caller's
+            order = np.argsort(rows, kind="stable")
+            rows, restore = rows[order], np.argsort(order)
     results = run_units(inputs, job, cut_units(rows, request.unit_rows(inputs.store)), request, description=description)
     joined = {}
-    for name in results[0]:
-        parts = [result[name] for result in results]
-        values = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
+    for name in list(results[0]):
+        values = _stacked([result.pop(name) for result in results])
         joined[name] = values if restore is None else values[restore]
     return joined
+
+
+def _stacked(parts: list):
+    """The parts (numpy arrays, or CSR matrices) stacked row-wise, each part let go once it is copied: the peak
+    is the result and one part, not twice the result (1M cells' posterior samples are ~2 GB)."""
+    n_rows = sum(part.shape[0] for part in parts)
+    if not sp.issparse(parts[0]):
+        stacked = np.empty((n_rows, *parts[0].shape[1:]), dtype=parts[0].dtype)
+        row = 0
+        for k, part in enumerate(parts):
+            stacked[row : row + len(part)] = part
+            row, parts[k] = row + len(part), None
+        return stacked
+    nnz, n_columns = sum(part.nnz for part in parts), parts[0].shape[1]
+    index_dtype = np.int32 if max(nnz, n_columns) < 2**31 else np.int64
+    data = np.empty(nnz, dtype=parts[0].dtype)
+    indices = np.empty(nnz, dtype=index_dtype)
+    indptr = np.zeros(n_rows + 1, dtype=index_dtype)
+    row = entry = 0
+    for k, part in enumerate(parts):
+        part = part.tocsr()
+        data[entry : entry + part.nnz] = part.data[: part.nnz]
+        indices[entry : entry + part.nnz] = part.indices[: part.nnz]
+        indptr[row + 1 : row + part.shape[0] + 1] = part.indptr[1:] + entry
+        row, entry, parts[k] = row + part.shape[0], entry + part.nnz, None
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
 
 
 def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec], arguments: dict, description):
@@ -372,10 +398,19 @@ def _compute_threads(device, unit_bytes: int):
         torch.set_num_threads(threads)
 
 
+def _joined_rows(units: list[Unit]) -> np.ndarray | range:
+    """The units' rows as one index: a range when they are consecutive ranges (every chunk of a written output),
+    so that the sampler needs no row array; else one array."""
+    ranges = all(isinstance(unit.rows, range) for unit in units)
+    if ranges and all(before.rows.stop == after.rows.start for before, after in zip(units, units[1:])):
+        return range(units[0].rows.start, units[-1].rows.stop)
+    return np.concatenate([np.asarray(unit.rows, dtype=np.int64) for unit in units])
+
+
 def _run_here(inputs: ModelInputs, job, units: list[Unit], request: OutputRequest, outputs: dict | None):
     """Yield (unit index, result or None when written) in unit order (see the module docstring)."""
     inputs.module.eval()
-    rows = np.concatenate([unit.rows for unit in units])
+    rows = _joined_rows(units)
     # an upper bound of what one unit holds: its counts made dense, and an output as wide, float32
     unit_bytes = 2 * len(units[0].rows) * inputs.store.n_vars * 4
     with contextlib.ExitStack() as stack:
