@@ -59,6 +59,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_INFERENCE_BATCH_SIZE = 1024
 MINIFIED_TYPE = "latent_posterior_parameters"
 OBSERVED_LIBRARY_KEY = "observed_lib_size"  # scvi-tools' obs column of a minified AnnData
+CHECKED_CELLS = 1 << 20  # cells whose obs codes are range-checked at once (int64 while checked: 8 MB a field)
 IGNORED_LOADER = "scvi-scale reads the data itself, in threads (the method's batch_size sets the forward pass)"
 IGNORED_TRAINER = "scvi-scale trains in its own loop, not Lightning's"
 IMPORTANCE_KEYS = tuple(field.name for field in dataclasses.fields(ImportanceOptions))
@@ -238,7 +239,8 @@ class SCVI:
         if source is self.store and self._obs_arrays is not None and not isinstance(source, AnnDataSource):
             return self._obs_arrays
         encoded = self.registry.encode(source)
-        self.module.check_inputs(to_tensors(encoded, "cpu"))
+        for first in range(0, source.n_obs, CHECKED_CELLS):  # in parts: the check widens the codes to int64
+            self.module.check_inputs(to_tensors(encoded, "cpu", slice(first, first + CHECKED_CELLS)))
         if self.minified_data_type is not None:
             encoded.update(self._cached_posterior(source))
         if source is self.store:
