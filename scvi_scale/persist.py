@@ -55,6 +55,15 @@ class SavedModel:
     minified: tuple[str, str, str] | None = None  # (minified type, obsm key of q(z) means, of its variances)
     run: dict = field(default_factory=dict)  # measurements of the training run (seconds, cells/s, peak RSS, ...)
 
+    def __post_init__(self):
+        # int32 where the rows fit: a loaded model of a 10M-cell atlas keeps 40 MB of row index, not 80
+        for name in ("train_indices", "validation_indices"):
+            rows = getattr(self, name)
+            if rows is not None:
+                rows = np.asarray(rows)
+                fits = rows.size == 0 or (rows.min() >= 0 and rows.max() < 2**31)
+                setattr(self, name, rows.astype(np.int32, copy=False) if fits else rows)
+
     def build_module(self) -> VAE:
         """The saved VAE, its weights loaded, in eval mode on the CPU."""
         module = VAE.from_registry(self.registry, **self.init_params)
