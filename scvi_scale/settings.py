@@ -9,11 +9,18 @@ Environment variables (read when the module is first imported):
                           "auto" sends CUDA tensors to Triton and CPU tensors to the fastest PyTorch path.
     SCVI_SCALE_PROGRESS   "0" turns progress bars off (they are also off when stderr is not a terminal and CI is set).
     SCVI_SCALE_SEED       the default seed (0).
+    SCVI_SCALE_ADAPTIVE_THREADS  "0" keeps training at torch's thread count throughout (see adaptive_threads).
 
 seed: the default of every seed: a model's initial weights (drawn from it when SCVI() builds the module, in a
 generator of their own, so torch's global generator is neither used nor changed), train(seed=) (the split, the
 block order, dropout and z draws) and the outputs' seed= (draws keyed by cell). Unlike scvi-tools' setting,
 assigning it seeds nothing at once: it is read when a model is built, trained or asked for outputs.
+
+adaptive_threads: training on the CPU with more than one torch thread times its steps, at a few fixed steps
+compares them with one thread, and keeps the faster (`train.ThreadTuner`): beside other busy processes, torch's
+spinning OpenMP threads make a step up to 8x slower, one thread about 1.1x. On a quiet machine the choice stays
+torch's thread count, and the same seed gives the same model; under changing load it may not, since one and two
+threads round sums differently. False keeps torch's thread count for the whole run.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ def _env_seed() -> int:
     return int(value)
 
 
-def _env_progress() -> bool:
-    return os.environ.get("SCVI_SCALE_PROGRESS", "1").strip() not in ("0", "false", "no")
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no")
 
 
 @dataclass
@@ -47,8 +54,9 @@ class Settings:
     """Mutable settings shared by the whole process; see the module docstring."""
 
     kernel_backend: str = field(default_factory=_env_backend)
-    progress_bar: bool = field(default_factory=_env_progress)
+    progress_bar: bool = field(default_factory=lambda: _env_flag("SCVI_SCALE_PROGRESS"))
     seed: int = field(default_factory=_env_seed)
+    adaptive_threads: bool = field(default_factory=lambda: _env_flag("SCVI_SCALE_ADAPTIVE_THREADS"))
 
     def __setattr__(self, name: str, value) -> None:
         if name == "kernel_backend" and value not in KERNEL_BACKENDS:

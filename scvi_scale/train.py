@@ -112,6 +112,83 @@ class TrainingConfig:
         return 1 if self.early_stopping or self.reduce_lr_on_plateau else None
 
 
+PROBE_CUT_STEPS, PROBE_CUT_FACTOR = 3, 2.0
+
+
+class ThreadTuner:
+    """Keeps CPU training at the faster of `threads` torch threads and one, as measured on its own steps.
+
+    Why: with two threads on two cores and one other busy process, torch's OpenMP threads spin while they wait for
+    each other and for the sampler's reader threads, and whole training runs ~8x slower (one thread: ~1.1x slower;
+    benchmarks/contention.py --training, RESULTS.md). From step `lead` on (after the first steps' compilation),
+    every `period` steps the tuner times `window` steps at the thread count in use, then `window` steps at the
+    other one, and keeps the faster by median step time (the wall time from one step's start to the next's, the
+    wait for the minibatch included), switching only when the other is faster by more than `margin` (so that a
+    small model, as fast at either count, keeps torch's). On a quiet machine that costs `window` slower steps a
+    period (~1%), and once per process the first steps at one thread (~1 s: torch sets up for it); a probe whose
+    first steps are each over twice as slow stops there. The
+    schedule is by global step, so a resumed run probes at the same steps as an uninterrupted one.
+    `step_started(global_step)` is called before every step, `restore()` at the end of training.
+    """
+
+    def __init__(self, threads: int, period: int = 500, window: int = 16, lead: int = 32, margin: float = 1.15,
+                 clock=time.perf_counter):
+        if period <= 2 * window:
+            raise ValueError(f"period={period} must exceed two windows of {window} steps")
+        self.threads, self.period, self.window, self.lead, self.clock = threads, period, window, lead, clock
+        self.margin = margin
+        self.in_use = threads
+        self.durations: dict[int, list[float]] = {}  # threads -> step times in this period's two windows
+        self.previous: tuple[int, float] | None = None  # (global step, start time) of the last step
+        self.probe_cut_in: int | None = None  # the period whose probe was stopped early (it was far slower)
+
+    def _position(self, global_step: int) -> int | None:
+        return None if global_step < self.lead else (global_step - self.lead) % self.period
+
+    def _timed_at(self, global_step: int) -> int | None:
+        """The thread count a step runs at inside the windows (the probe: the other count); None outside them."""
+        position = self._position(global_step)
+        if position is None or position >= 2 * self.window:
+            return None
+        if position < self.window or self.probe_cut_in == (global_step - self.lead) // self.period:
+            return self.in_use
+        return 1 if self.in_use == self.threads else self.threads
+
+    def step_started(self, global_step: int) -> None:
+        now = self.clock()
+        if self.previous is not None and self.previous[0] == global_step - 1:
+            timed_at = self._timed_at(global_step - 1)
+            if timed_at is not None:
+                self.durations.setdefault(timed_at, []).append(now - self.previous[1])
+                self._cut_a_hopeless_probe(global_step - 1, timed_at)
+        self.previous = (global_step, now)
+        if self._position(global_step) == 2 * self.window:
+            if len(self.durations) == 2:
+                other = 1 if self.in_use == self.threads else self.threads
+                in_use_ms, other_ms = (1e3 * float(np.median(self.durations[count])) for count in (self.in_use, other))
+                if other_ms * self.margin < in_use_ms:
+                    logger.info("training at %d torch thread(s) from step %d: median step %.1f ms against %.1f ms",
+                                other, global_step, other_ms, in_use_ms)
+                    self.in_use = other
+            self.durations = {}
+        wanted = self._timed_at(global_step) or self.in_use
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
+    def _cut_a_hopeless_probe(self, global_step: int, timed_at: int) -> None:
+        """Stop the probe after PROBE_CUT_STEPS steps each over PROBE_CUT_FACTOR times the median in use (probing
+        two threads beside a busy process costs ~8x a step: the rest of the window is not worth it)."""
+        probe, in_use = self.durations.get(timed_at), self.durations.get(self.in_use)
+        if timed_at == self.in_use or in_use is None or len(probe) < PROBE_CUT_STEPS:
+            return
+        if min(probe[-PROBE_CUT_STEPS:]) > PROBE_CUT_FACTOR * float(np.median(in_use)):
+            self.probe_cut_in = (global_step - self.lead) // self.period
+            self.durations = {}
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.threads)
+
+
 def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20_000) -> int:
     """scvi-tools' default number of epochs: 400 up to 20k cells, then shrinking as 20k/n_obs * 400, at least 1."""
     return max(1, int(min(round(decay_at_n_obs / n_obs * epochs_cap), epochs_cap)))
@@ -320,10 +397,14 @@ def fit(
     if config.early_stopping and loop.state.early_stopping is None:
         loop.state.early_stopping = _EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
     module.train()
-    with loop.progress_bar():
-        while train_stream.epoch < config.max_epochs and not loop.state.stopped_early:
-            if not loop.run_epoch(max_steps):
-                break
+    try:
+        with loop.progress_bar():
+            while train_stream.epoch < config.max_epochs and not loop.state.stopped_early:
+                if not loop.run_epoch(max_steps):
+                    break
+    finally:
+        if loop.thread_tuner is not None:
+            loop.thread_tuner.restore()
     distributed.broadcast_buffers(module)  # every rank ends with the same model: rank 0's BatchNorm statistics
     return loop.state
 
@@ -360,6 +441,9 @@ class _Loop:
         self.recent_losses: deque[float] = deque(maxlen=RECENT_LOSSES)
         self.last_step: tuple[dict, float] | None = None  # (minibatch, KL weight) of the last step, for healthy()
         self.last_checkpoint_time = time.monotonic()
+        threads = torch.get_num_threads()
+        self.thread_tuner = (ThreadTuner(threads) if settings.adaptive_threads and device.type == "cpu"
+                             and threads > 1 else None)
 
     def progress_bar(self):
         steps_per_epoch = len(self.train_stream)
@@ -419,6 +503,8 @@ class _Loop:
         weight = kl_weight(config, epoch, self.state.global_step)
         started = time.perf_counter()
         for minibatch in self.train_stream:
+            if self.thread_tuner is not None:
+                self.thread_tuner.step_started(self.state.global_step)
             if config.n_epochs_kl_warmup is None and config.n_steps_kl_warmup:
                 weight = kl_weight(config, epoch, self.state.global_step)
             self.step(minibatch, weight)

@@ -1,0 +1,90 @@
+"""The training loop's thread tuner (train.ThreadTuner): it keeps the faster of torch's thread count and one thread,
+measured on the steps themselves, on a schedule fixed by the global step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scvi_scale import SCVI, settings
+from scvi_scale.datasets import synthetic_atlas
+from scvi_scale.train import ThreadTuner
+
+
+@pytest.fixture
+def threads_restored():
+    yield
+    torch.set_num_threads(1)  # the suite's setting (conftest)
+
+
+def simulate(tuner: ThreadTuner, steps: range, step_ms) -> list[int]:
+    """Run the tuner over `steps` with a clock that advances by step_ms(threads, step) per step; the thread count
+    each step ran at."""
+    now, used = [0.0], []
+    tuner.clock = lambda: now[0]
+    for step in steps:
+        tuner.step_started(step)
+        used.append(torch.get_num_threads())
+        now[0] += step_ms(torch.get_num_threads(), step) / 1e3
+    return used
+
+
+def test_a_contended_run_moves_to_one_thread_and_back_when_the_contention_ends(threads_restored):
+    torch.set_num_threads(2)
+    tuner = ThreadTuner(2, period=100, window=8, lead=10)
+    # steps 0-299: two threads are 8x slower (a busy neighbour); from 300 on, two threads are 1.5x faster
+    used = simulate(tuner, range(600), lambda threads, step: (80.0 if threads == 2 else 10.0) if step < 300
+                    else (10.0 if threads == 2 else 15.0))
+    # the first windows: steps 10-17 at two threads, 18-25 probing one; the decision at step 26
+    assert used[10:18] == [2] * 8 and used[18:26] == [1] * 8
+    assert set(used[26:118]) == {1}  # kept one thread until the next period's probe of two threads
+    # that probe is stopped after 3 steps, each over twice as slow as the steps in use; so is the next
+    assert used[118:126] == [2, 2, 2, 1, 1, 1, 1, 1] and used[218:226] == [2, 2, 2, 1, 1, 1, 1, 1]
+    assert used[318:326] == [2] * 8  # the contention has ended: the whole probe runs, two threads are faster
+    assert set(used[326:418]) == {2}
+    tuner.restore()
+    assert torch.get_num_threads() == 2
+
+
+def test_a_quiet_run_keeps_its_threads_and_a_small_difference_changes_nothing(threads_restored):
+    torch.set_num_threads(2)
+    for one_thread_ms in (14.0, 10.5):  # one thread slower; one thread 5% faster: inside the margin
+        tuner = ThreadTuner(2, period=100, window=8, lead=10)
+        used = simulate(tuner, range(300), lambda threads, step: 11.0 if threads == 2 else one_thread_ms)
+        probes = [step for step in range(10, 300) if 8 <= (step - 10) % 100 < 16]  # 18-25, 118-125, 218-225
+        assert all(used[step] == 1 for step in probes)
+        assert all(used[step] == 2 for step in range(300) if step not in probes)
+
+
+def test_the_schedule_follows_the_global_step_so_a_resumed_run_probes_at_the_same_steps(threads_restored):
+    torch.set_num_threads(2)
+
+    def cost(threads, step):
+        return 50.0 if threads == 2 else 10.0
+
+    whole = simulate(ThreadTuner(2, period=100, window=8, lead=10), range(400), cost)
+    torch.set_num_threads(2)
+    resumed = simulate(ThreadTuner(2, period=100, window=8, lead=10), range(150, 400), cost)
+    # the resumed tuner starts at two threads; from its first decision (step 226) on it runs as the whole run did
+    assert resumed[226 - 150:] == whole[226:]
+
+
+def test_training_restores_the_thread_count_and_the_setting_turns_the_tuner_off(tmp_path, threads_restored,
+                                                                               monkeypatch):
+    store = tmp_path / "a.zarr"
+    synthetic_atlas(store, n_cells=600, n_genes=200, seed=0)
+    SCVI.setup_zarr(store, batch_key="batch")
+    seen = []
+    original = ThreadTuner.step_started
+    monkeypatch.setattr(ThreadTuner, "step_started", lambda self, step: (seen.append(step), original(self, step)))
+    torch.set_num_threads(2)
+    SCVI(store).train(max_epochs=10, batch_size=64)  # 9 steps an epoch: the first windows (steps 32-63) inside
+    assert seen == list(range(90)) and torch.get_num_threads() == 2
+    seen.clear()
+    monkeypatch.setattr(settings, "adaptive_threads", False)
+    SCVI(store).train(max_epochs=1, batch_size=64)
+    assert seen == [] and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    monkeypatch.setattr(settings, "adaptive_threads", True)
+    SCVI(store).train(max_epochs=1, batch_size=64)
+    assert seen == []  # one thread: nothing to choose between
