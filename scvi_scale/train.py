@@ -125,9 +125,9 @@ class ThreadTuner:
     other one, and keeps the faster by median step time (the wall time from one step's start to the next's, the
     wait for the minibatch included), switching only when the other is faster by more than `margin` (so that a
     small model, as fast at either count, keeps torch's). On a quiet machine that costs `window` slower steps a
-    period (~1%), and once per process the first steps at one thread (~1 s: torch sets up for it); a probe whose
-    first steps are each over twice as slow stops there. The
-    schedule is by global step, so a resumed run probes at the same steps as an uninterrupted one.
+    period (~1%), and once per process the first steps at one thread (~1 s: torch sets up for it). A probe of more
+    threads whose first steps are each over twice as slow stops there. The schedule is by global step, so a
+    resumed run probes at the same steps as an uninterrupted one.
     `step_started(global_step)` is called before every step, `restore()` at the end of training.
     """
 
@@ -176,10 +176,11 @@ class ThreadTuner:
             torch.set_num_threads(wanted)
 
     def _cut_a_hopeless_probe(self, global_step: int, timed_at: int) -> None:
-        """Stop the probe after PROBE_CUT_STEPS steps each over PROBE_CUT_FACTOR times the median in use (probing
-        two threads beside a busy process costs ~8x a step: the rest of the window is not worth it)."""
+        """Stop a probe of more threads after PROBE_CUT_STEPS steps each over PROBE_CUT_FACTOR times the median in
+        use (two threads beside a busy process cost ~8x a step: the rest of the window is not worth it). A probe of
+        one thread is never cut: its first steps in a process are slow for a reason of their own (setup)."""
         probe, in_use = self.durations.get(timed_at), self.durations.get(self.in_use)
-        if timed_at == self.in_use or in_use is None or len(probe) < PROBE_CUT_STEPS:
+        if timed_at <= self.in_use or in_use is None or len(probe) < PROBE_CUT_STEPS:
             return
         if min(probe[-PROBE_CUT_STEPS:]) > PROBE_CUT_FACTOR * float(np.median(in_use)):
             self.probe_cut_in = (global_step - self.lead) // self.period

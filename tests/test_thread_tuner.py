@@ -88,3 +88,14 @@ def test_training_restores_the_thread_count_and_the_setting_turns_the_tuner_off(
     monkeypatch.setattr(settings, "adaptive_threads", True)
     SCVI(store).train(max_epochs=1, batch_size=64)
     assert seen == []  # one thread: nothing to choose between
+
+
+def test_the_first_slow_steps_at_one_thread_do_not_stop_its_probe(threads_restored):
+    torch.set_num_threads(2)
+    tuner = ThreadTuner(2, period=100, window=8, lead=10)
+
+    def cost(threads, step):  # contended two threads; one thread's first 3 steps pay a setup of 300 ms each
+        return 80.0 if threads == 2 else (300.0 if step < 21 else 10.0)
+
+    used = simulate(tuner, range(120), cost)
+    assert used[18:26] == [1] * 8 and set(used[26:118]) == {1}  # median 10 ms of 8 against 80: switched
