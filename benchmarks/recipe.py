@@ -41,14 +41,14 @@ SHARED_CELLBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data
 OURS = r"""
 import json, sys, numpy as np, torch
 from scvi_scale import SCVI, settings
-store, test_store, batch_key, batch_size, lr, epochs, seed, rows_path, latent_path = sys.argv[1:10]
-batch_size, lr, epochs, seed = int(batch_size), float(lr), int(epochs), int(seed)
-torch.set_num_threads(int(sys.argv[10]))
+store, test_store, batch_key, batch_size, lr, epochs, seed, rows_path, latent_path, plan = sys.argv[1:11]
+batch_size, lr, epochs, seed, plan = int(batch_size), float(lr), int(epochs), int(seed), json.loads(plan)
+torch.set_num_threads(int(sys.argv[11]))
 SCVI.setup_zarr(store, batch_key=batch_key)
 SCVI(store).train(max_epochs=1, batch_size=batch_size, max_steps=20)  # warm-up: torch.compile, first reads
 settings.seed = seed
 model = SCVI(store)
-model.train(max_epochs=epochs, batch_size=batch_size, plan_kwargs={"lr": lr}, train_size=0.9,
+model.train(max_epochs=epochs, batch_size=batch_size, plan_kwargs={"lr": lr, **plan}, train_size=0.9,
             check_val_every_n_epoch=1, seed=seed)
 np.save(latent_path, model.get_latent_representation(indices=np.load(rows_path)))
 seconds = np.cumsum([s for _, s in model.history_["epoch_seconds"]]).tolist()
@@ -63,9 +63,9 @@ PEER = r"""
 import json, logging, sys, time, warnings, numpy as np, torch, anndata, scvi
 from lightning.pytorch import Callback
 warnings.filterwarnings("ignore"); logging.getLogger("lightning").setLevel(logging.ERROR)
-store, test_store, batch_key, batch_size, lr, epochs, seed, rows_path, latent_path = sys.argv[1:10]
-batch_size, lr, epochs, seed = int(batch_size), float(lr), int(epochs), int(seed)
-torch.set_num_threads(int(sys.argv[10]))
+store, test_store, batch_key, batch_size, lr, epochs, seed, rows_path, latent_path, plan = sys.argv[1:11]
+batch_size, lr, epochs, seed, plan = int(batch_size), float(lr), int(epochs), int(seed), json.loads(plan)
+torch.set_num_threads(int(sys.argv[11]))
 
 class Clock(Callback):
     def on_train_start(self, trainer, module):
@@ -79,7 +79,7 @@ scvi.model.SCVI(adata).train(max_epochs=1, batch_size=batch_size, max_steps=20, 
                              enable_progress_bar=False)  # warm-up, as for scvi-scale
 scvi.settings.seed = seed
 model, clock = scvi.model.SCVI(adata), Clock()
-model.train(max_epochs=epochs, batch_size=batch_size, plan_kwargs={"lr": lr}, train_size=0.9,
+model.train(max_epochs=epochs, batch_size=batch_size, plan_kwargs={"lr": lr, **plan}, train_size=0.9,
             check_val_every_n_epoch=1, accelerator="cpu", enable_progress_bar=False, callbacks=[clock])
 np.save(latent_path, model.get_latent_representation(indices=np.load(rows_path)))
 elbo = model.history["elbo_validation"]["elbo_validation"].tolist()
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fast-batch-size", type=int, default=256)
     parser.add_argument("--fast-lr", type=float, default=6e-3)
+    parser.add_argument("--fast-kl-warmup", type=int, help="the fast recipe's n_epochs_kl_warmup (default 400)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
     parser.add_argument("--plot", type=Path, help="PNG of held-out ELBO against wall time")
@@ -167,20 +168,22 @@ def main() -> None:
     scored = np.sort(np.random.default_rng(0).permutation(opened.n_obs)[:SCORED_CELLS])
     batches = metrics.category_codes(opened.obs_column(batch_key).to_numpy()[scored])
     labels = metrics.category_codes(opened.obs_column(labels_key).to_numpy()[scored])
+    fast_plan = {} if args.fast_kl_warmup is None else {"n_epochs_kl_warmup": args.fast_kl_warmup}
+    fast_name = f"scvi-scale (fast: batch {args.fast_batch_size}, lr {args.fast_lr:g}" + (
+        f", KL warm-up {args.fast_kl_warmup} epochs)" if fast_plan else ")")
     sides = {
-        "scvi-tools (default: batch 128, lr 1e-3)": (args.peer_python, PEER, 128, 1e-3),
-        "scvi-scale (default: batch 128, lr 1e-3)": (sys.executable, OURS, 128, 1e-3),
-        f"scvi-scale (fast: batch {args.fast_batch_size}, lr {args.fast_lr:g})":
-            (sys.executable, OURS, args.fast_batch_size, args.fast_lr),
+        "scvi-tools (default: batch 128, lr 1e-3)": (args.peer_python, PEER, 128, 1e-3, {}),
+        "scvi-scale (default: batch 128, lr 1e-3)": (sys.executable, OURS, 128, 1e-3, {}),
+        fast_name: (sys.executable, OURS, args.fast_batch_size, args.fast_lr, fast_plan),
     }
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as scratch:
         rows_path, latent_path = Path(scratch) / "rows.npy", Path(scratch) / "latent.npy"
         np.save(rows_path, scored)
         for seed in args.seeds:  # sides interleaved, so that a slower spell of the host touches each alike
-            for name, (python, script, batch_size, lr) in sides.items():
-                run = run_json(python, script, store, test_store, batch_key, batch_size, lr, args.epochs, seed, rows_path,
-                               latent_path, threads=args.threads)
+            for name, (python, script, batch_size, lr, plan) in sides.items():
+                run = run_json(python, script, store, test_store, batch_key, batch_size, lr, args.epochs, seed,
+                               rows_path, latent_path, json.dumps(plan), threads=args.threads)
                 run["scores"] = knn_scores(np.load(latent_path), batches, labels)
                 runs[name].append(run)
                 print(f"seed {seed} {name}: {run['seconds'][-1]:.1f} s, validation ELBO {run['elbo'][-1]:.2f}, "

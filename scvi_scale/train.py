@@ -125,7 +125,7 @@ class ThreadTuner:
     other one, and keeps the faster by median step time (the wall time from one step's start to the next's, the
     wait for the minibatch included), switching only when the other is faster by more than `margin` (so that a
     small model, as fast at either count, keeps torch's). On a quiet machine that costs `window` slower steps a
-    period (~1%), and once per process the first steps at one thread (~1 s: torch sets up for it). A probe of more
+    period (~1%), and once per process the first steps at one thread (1-1.5 s: torch sets up for it). A probe of more
     threads whose first steps are each over twice as slow stops there. The schedule is by global step, so a
     resumed run probes at the same steps as an uninterrupted one.
     `step_started(global_step)` is called before every step, `restore()` at the end of training.
