@@ -41,6 +41,9 @@ print(json.dumps({"ms": 1e3 * statistics.median(P.step_times(module, optimizer, 
 """
 
 
+BATCH_SIZE = 128  # --training's minibatch, as profile_step's setup (the step-alone worker) uses
+
+
 def parse_variant(text: str) -> tuple[int, dict[str, str]]:
     """'2:passive' -> (2, {"OMP_WAIT_POLICY": "PASSIVE"}); '2:spin1000' -> (2, {"GOMP_SPINCOUNT": "1000"});
     '2:fixed' -> (2, {"SCVI_SCALE_ADAPTIVE_THREADS": "0"}): training without the thread tuner."""
@@ -62,7 +65,7 @@ def measure(variant: str, store: Path, steps: int, n_busy: int, training: bool) 
     if training:
         from train import OURS_THROUGHPUT
 
-        command = [sys.executable, "-c", OURS_THROUGHPUT, str(store), "128", str(steps), str(threads)]
+        command = [sys.executable, "-c", OURS_THROUGHPUT, str(store), str(BATCH_SIZE), str(steps), str(threads)]
     else:
         command = [sys.executable, "-c", WORKER, str(Path(__file__).parent), str(threads), str(steps), str(store)]
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n_busy)]
@@ -76,7 +79,7 @@ def measure(variant: str, store: Path, steps: int, n_busy: int, training: bool) 
     if result.returncode != 0:
         raise RuntimeError(f"variant {variant} failed:\n{result.stderr[-3000:]}")
     reply = json.loads(result.stdout.strip().splitlines()[-1])
-    return reply["ms"] if not training else 1e3 * 128 / reply["cells_per_s"]
+    return reply["ms"] if not training else 1e3 * BATCH_SIZE / reply["cells_per_s"]
 
 
 def main() -> None:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -89,24 +87,6 @@ print(json.dumps({"seconds": clock.seconds, "elbo": elbo, "test_elbo": test_elbo
 """
 
 
-def run_json(python: str, script: str, *args, threads: int) -> dict:
-    env = {**os.environ, "SCVI_SCALE_PROGRESS": "0", "OMP_NUM_THREADS": str(threads)}
-    result = subprocess.run([python, "-c", script, *map(str, args), str(threads)], capture_output=True, text=True,
-                            env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{python} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def synthetic_store(data_dir: Path, n_cells: int) -> tuple[Path, str, str]:
-    from scvi_scale.datasets import synthetic_atlas
-
-    path = data_dir / f"recipe-{n_cells}.zarr"
-    if not path.exists():
-        synthetic_atlas(path, n_cells=n_cells, seed=0)
-    return path, "batch", "cell_type"
-
-
 def cellbench_store(data_dir: Path) -> tuple[Path, str, str]:
     """The cellbench counts on their 2,000 genes most variable within each platform, as a store."""
     import anndata
@@ -159,10 +139,10 @@ def main() -> None:
     from scvi_scale.report import metrics
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train import split_store
+    from train import atlas, run_json, split_store
 
     whole, batch_key, labels_key = (cellbench_store(args.data_dir) if args.store == "cellbench"
-                                    else synthetic_store(args.data_dir, args.cells))
+                                    else (atlas(args.data_dir, args.cells), "batch", "cell_type"))
     store, test_store = split_store(whole)
     opened = CountStore(store)
     scored = np.sort(np.random.default_rng(0).permutation(opened.n_obs)[:SCORED_CELLS])
@@ -183,7 +163,7 @@ def main() -> None:
         for seed in args.seeds:  # sides interleaved, so that a slower spell of the host touches each alike
             for name, (python, script, batch_size, lr, plan) in sides.items():
                 run = run_json(python, script, store, test_store, batch_key, batch_size, lr, args.epochs, seed,
-                               rows_path, latent_path, json.dumps(plan), threads=args.threads)
+                               rows_path, latent_path, json.dumps(plan), args.threads, threads=args.threads)
                 run["scores"] = knn_scores(np.load(latent_path), batches, labels)
                 runs[name].append(run)
                 print(f"seed {seed} {name}: {run['seconds'][-1]:.1f} s, validation ELBO {run['elbo'][-1]:.2f}, "
