@@ -8,13 +8,14 @@ and scvi-scale's (the same recipe, and a faster one: larger batches at a larger 
 The store is split once, 90% / 10% (benchmarks/train.py's split_store). Every run trains on the 90% with
 train_size=0.9 and validation every epoch (check_val_every_n_epoch=1), so the 10% of it that it never trains on
 give an ELBO per epoch (`elbo_validation`, a negative ELBO per cell: lower is better); each side draws its own
-validation cells. The quality at the end is the negative ELBO of the test 10%, the same cells for every run. Wall time per epoch: scvi-scale's `epoch_seconds` from its history, scvi-tools'
-from a Lightning callback at each train epoch's end; both include the epoch's validation. Each run is a fresh
+validation cells. The quality at the end is the negative ELBO of the test 10%, the same cells for every run.
+Wall time per epoch: scvi-scale's `epoch_seconds` from its history, scvi-tools' from a Lightning callback at each
+train epoch's end; both include the epoch's validation. Each run is a fresh
 process that first trains 20 steps (torch.compile, Lightning's start-up, first reads), as benchmarks/train.py does.
 
 Integration at the end of a run, on the latent of one fixed subsample of the training store (at most 10,000
-cells, the same cells for every run), with scvi_scale.report.metrics (scib-metrics, k = 90 exact neighbours): iLISI (batch mixing), cLISI (label
-purity) and graph connectivity, each in [0, 1], higher is better.
+cells, the same cells for every run), with scvi_scale.report.metrics (scib-metrics, k = 90 exact neighbours):
+iLISI (batch mixing), cLISI (label purity) and graph connectivity, each in [0, 1], higher is better.
 
 "time to peer" = the wall time at which a run's validation ELBO first reaches the peer's final one (mean over seeds
 of each), and "ratio" = the peer's total time over it. --store cellbench: ../shared/data/cellbench_3cl.h5ad, its
