@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -113,6 +114,23 @@ class TrainingConfig:
 
 
 PROBE_CUT_STEPS, PROBE_CUT_FACTOR = 3, 2.0
+# CPU in use by other processes, in cores, from which the tuner probes one thread. One busy process is ~1 core; a
+# quiet machine's daemons use ~0.01. Below it a probe would only cost: torch.compile's graphs guard on the thread
+# count, so the first steps at one thread recompile them (~1 s once per process, benchmarks/RESULTS.md).
+OTHERS_BUSY_CORES = 0.25
+
+
+def others_cpu_seconds() -> float | None:
+    """CPU seconds that every process but this one has used on this machine so far (all cores, steal time
+    included: a busy VM host takes cores as a neighbour does), from /proc/stat less os.times(); None where the
+    machine has no /proc/stat. Only differences of two readings mean anything."""
+    try:
+        with open("/proc/stat") as stat:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    ours = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK") - ours.user - ours.system
 
 
 class ThreadTuner:
@@ -123,24 +141,27 @@ class ThreadTuner:
     benchmarks/contention.py --training, RESULTS.md). From step `lead` on (after the first steps' compilation),
     every `period` steps the tuner times `window` steps at the thread count in use, then `window` steps at the
     other one, and keeps the faster by median step time (the wall time from one step's start to the next's, the
-    wait for the minibatch included), switching only when the other is faster by more than `margin` (so that a
-    small model, as fast at either count, keeps torch's). On a quiet machine that costs `window` slower steps a
-    period (~1%), and once per process the first steps at one thread (1-1.5 s: torch sets up for it). A probe of more
-    threads whose first steps are each over twice as slow stops there. The schedule is by global step, so a
-    resumed run probes at the same steps as an uninterrupted one.
+    wait for the minibatch included), switching only when the other is faster by more than `margin`. One thread is
+    probed only while other processes use at least OTHERS_BUSY_CORES of CPU (`others_cpu`, measured since the last
+    probe's start): on a quiet machine the tuner never leaves torch's count, since the first steps at one thread
+    cost ~1 s once per process (torch.compile's graphs recompile for it); under load a probe costs `window`
+    slower steps a period (~1%). A probe of more threads always runs (the load may be gone), and stops after its
+    first steps if each is over twice as slow. The schedule is by global step, so a resumed run probes at the same
+    steps as an uninterrupted one.
     `step_started(global_step)` is called before every step, `restore()` at the end of training.
     """
 
     def __init__(self, threads: int, period: int = 500, window: int = 16, lead: int = 32, margin: float = 1.15,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, others_cpu=others_cpu_seconds):
         if period <= 2 * window:
             raise ValueError(f"period={period} must exceed two windows of {window} steps")
         self.threads, self.period, self.window, self.lead, self.clock = threads, period, window, lead, clock
-        self.margin = margin
+        self.margin, self.others_cpu = margin, others_cpu
+        self.others_since: tuple[float, float | None] | None = None  # (clock, others_cpu()) at the last probe's start
         self.in_use = threads
         self.durations: dict[int, list[float]] = {}  # threads -> step times in this period's two windows
         self.previous: tuple[int, float] | None = None  # (global step, start time) of the last step
-        self.probe_cut_in: int | None = None  # the period whose probe was stopped early (it was far slower)
+        self.probe_cut_in: int | None = None  # the period whose probe was skipped or stopped early
 
     def _position(self, global_step: int) -> int | None:
         return None if global_step < self.lead else (global_step - self.lead) % self.period
@@ -162,6 +183,8 @@ class ThreadTuner:
                 self.durations.setdefault(timed_at, []).append(now - self.previous[1])
                 self._cut_a_hopeless_probe(global_step - 1, timed_at)
         self.previous = (global_step, now)
+        if self.others_since is None or self._position(global_step) == self.window:
+            self._skip_a_needless_probe(global_step, now)
         if self._position(global_step) == 2 * self.window:
             if len(self.durations) == 2:
                 other = 1 if self.in_use == self.threads else self.threads
@@ -174,6 +197,17 @@ class ThreadTuner:
         wanted = self._timed_at(global_step) or self.in_use
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
+
+    def _skip_a_needless_probe(self, global_step: int, now: float) -> None:
+        """At a probe's start: skip a probe of one thread when other processes used under OTHERS_BUSY_CORES since
+        the last probe's start (or the first step). Where that cannot be measured, probe."""
+        others = self.others_cpu()
+        if self.others_since is not None and self.in_use == self.threads and others is not None:
+            since_clock, since_others = self.others_since
+            if since_others is not None and now > since_clock and (
+                    (others - since_others) / (now - since_clock) < OTHERS_BUSY_CORES):
+                self.probe_cut_in = (global_step - self.lead) // self.period
+        self.others_since = (now, others)
 
     def _cut_a_hopeless_probe(self, global_step: int, timed_at: int) -> None:
         """Stop a probe of more threads after PROBE_CUT_STEPS steps each over PROBE_CUT_FACTOR times the median in
