@@ -3,7 +3,12 @@ and scvi-scale's (the same recipe, and a faster one: larger batches at a larger 
 
     .venv/bin/python benchmarks/recipe.py --peer-python /path/to/peer-venv/bin/python
         [--store synthetic --cells 50000 | --store cellbench] [--epochs 10] [--seeds 0 1 2]
-        [--fast-batch-size 256 --fast-lr 6e-3] [--plot benchmarks/recipe.png]   # the PNG, and its runs as .json
+        [--fast-batch-size 256 --fast-lr 6e-3] [--also 256:6e-3:5:10 ...]
+        [--plot benchmarks/recipe.png]   # the PNG, and its runs as .json
+
+--also adds scvi-scale recipes as BATCH:LR:KL_WARMUP_EPOCHS:EPOCHS (a KL warm-up over that many epochs instead of
+scvi-tools' 400, trained for EPOCHS epochs, which may be fewer than --epochs: how soon such a recipe reaches the
+peer's quality is read from its own end, test ELBO and k-NN scores included).
 
 The store is split once, 90% / 10% (benchmarks/train.py's split_store). Every run trains on the 90% with
 train_size=0.9 and validation every epoch (check_val_every_n_epoch=1), so the 10% of it that it never trains on
@@ -129,7 +134,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fast-batch-size", type=int, default=256)
     parser.add_argument("--fast-lr", type=float, default=6e-3)
-    parser.add_argument("--fast-kl-warmup", type=int, help="the fast recipe's n_epochs_kl_warmup (default 400)")
+    parser.add_argument("--also", nargs="*", default=[], metavar="BATCH:LR:KL_WARMUP_EPOCHS:EPOCHS",
+                        help="more scvi-scale recipes, e.g. 256:6e-3:5:10")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
     parser.add_argument("--plot", type=Path, help="PNG of held-out ELBO against wall time")
@@ -149,21 +155,24 @@ def main() -> None:
     scored = np.sort(np.random.default_rng(0).permutation(opened.n_obs)[:SCORED_CELLS])
     batches = metrics.category_codes(opened.obs_column(batch_key).to_numpy()[scored])
     labels = metrics.category_codes(opened.obs_column(labels_key).to_numpy()[scored])
-    fast_plan = {} if args.fast_kl_warmup is None else {"n_epochs_kl_warmup": args.fast_kl_warmup}
-    fast_name = f"scvi-scale (fast: batch {args.fast_batch_size}, lr {args.fast_lr:g}" + (
-        f", KL warm-up {args.fast_kl_warmup} epochs)" if fast_plan else ")")
-    sides = {
-        "scvi-tools (default: batch 128, lr 1e-3)": (args.peer_python, PEER, 128, 1e-3, {}),
-        "scvi-scale (default: batch 128, lr 1e-3)": (sys.executable, OURS, 128, 1e-3, {}),
-        fast_name: (sys.executable, OURS, args.fast_batch_size, args.fast_lr, fast_plan),
+    sides = {  # name: (python, script, batch size, learning rate, plan_kwargs beyond lr, epochs)
+        "scvi-tools (default: batch 128, lr 1e-3)": (args.peer_python, PEER, 128, 1e-3, {}, args.epochs),
+        "scvi-scale (default: batch 128, lr 1e-3)": (sys.executable, OURS, 128, 1e-3, {}, args.epochs),
+        f"scvi-scale (fast: batch {args.fast_batch_size}, lr {args.fast_lr:g})":
+            (sys.executable, OURS, args.fast_batch_size, args.fast_lr, {}, args.epochs),
     }
+    for recipe in args.also:
+        batch_size, lr, kl_warmup, epochs = recipe.split(":")
+        sides[f"scvi-scale (also: batch {batch_size}, lr {float(lr):g}, KL warm-up {kl_warmup} epochs, {epochs} "
+              f"epochs)"] = (sys.executable, OURS, int(batch_size), float(lr), {"n_epochs_kl_warmup": int(kl_warmup)},
+                             int(epochs))
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as scratch:
         rows_path, latent_path = Path(scratch) / "rows.npy", Path(scratch) / "latent.npy"
         np.save(rows_path, scored)
         for seed in args.seeds:  # sides interleaved, so that a slower spell of the host touches each alike
-            for name, (python, script, batch_size, lr, plan) in sides.items():
-                run = run_json(python, script, store, test_store, batch_key, batch_size, lr, args.epochs, seed,
+            for name, (python, script, batch_size, lr, plan, epochs) in sides.items():
+                run = run_json(python, script, store, test_store, batch_key, batch_size, lr, epochs, seed,
                                rows_path, latent_path, json.dumps(plan), args.threads, threads=args.threads)
                 run["scores"] = knn_scores(np.load(latent_path), batches, labels)
                 runs[name].append(run)
@@ -190,8 +199,7 @@ def main() -> None:
               f"{'-' if reached is None else f'{reached:.1f}'} | "
               f"{'-' if reached is None else f'{peer_seconds / reached:.2f}x'} |")
     print("\nper seed, test ELBO: " + "; ".join(
-        f"{name.split(' (')[0]} {name.split('(')[1].split(':')[0]}: "
-        + ", ".join(f"{r['test_elbo']:.2f}" for r in name_runs) for name, name_runs in runs.items()))
+        f"{name}: " + ", ".join(f"{r['test_elbo']:.2f}" for r in name_runs) for name, name_runs in runs.items()))
 
     if args.plot:
         import matplotlib
