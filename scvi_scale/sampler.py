@@ -70,6 +70,9 @@ DEFAULT_CSR_BLOCK_ROWS = 1024
 DEFAULT_BUFFER_CELLS = 65_536  # buffer_blocks defaults to DEFAULT_BUFFER_CELLS // block_rows
 DEFAULT_NUM_WORKERS = 2
 DEFAULT_PREFETCH_BATCHES = 8
+# A stream over at most KEPT_ROWS cells keeps its decoded blocks (up to KEPT_BYTES) from its second pass on: scvi-tools
+# trains such small sets for 400 epochs, and reading a 450-cell store's one block cost 4.4 ms of each epoch's ~90.
+KEPT_ROWS, KEPT_BYTES = 20_000, 128 << 20
 READ_PATHS = ("direct", "dask")
 RESERVED_KEYS = frozenset({"x", "x_csr", "rows", "library"})
 # A last minibatch smaller than this breaks BatchNorm in training mode (scvi-tools warns below 3 as well).
@@ -336,11 +339,32 @@ class _MinibatchStream:
         self.prefetch_blocks = _positive_int(prefetch_blocks, "prefetch_blocks")
         self.prefetch_batches = _positive_int(prefetch_batches, "prefetch_batches")
         self._is_sparse = bool(reader.is_sparse)
+        self._passes = 0  # iterations started: blocks are kept from the second on (see KEPT_ROWS)
+        self._kept: dict | None = {} if len(self.rows) <= KEPT_ROWS else None  # (start, stop, local) -> block
+        self._kept_bytes = 0
+        self._kept_lock = threading.Lock()
 
     # --- worker threads: one block read each
 
     def _read(self, start: int, stop: int, local: np.ndarray | None):
-        """Rows [start, stop) of the store (float32 CSR or dense), narrowed to `local` when given."""
+        """Rows [start, stop) of the store (float32 CSR or dense), narrowed to `local` when given; a kept block is
+        copied (the minibatches may share memory with what this returns)."""
+        key = (start, stop, None if local is None else local.tobytes())
+        if self._kept is not None:
+            with self._kept_lock:
+                kept = self._kept.get(key)
+            if kept is not None:
+                return kept.copy()
+        block = self._read_from_store(start, stop, local)
+        if self._kept is not None and self._passes >= 2:
+            size = block.data.nbytes + block.indices.nbytes + block.indptr.nbytes if self._is_sparse else block.nbytes
+            with self._kept_lock:
+                if self._kept_bytes + size <= KEPT_BYTES:
+                    self._kept[key], self._kept_bytes = block, self._kept_bytes + size
+                    block = block.copy()
+        return block
+
+    def _read_from_store(self, start: int, stop: int, local: np.ndarray | None):
         try:
             if self._lazy is None:
                 read = self.reader.read_csr if self._is_sparse else self.reader.read_dense
@@ -421,6 +445,7 @@ class _MinibatchStream:
 
     def _stream(self, buffer_rows: Iterator[np.ndarray], batch_sizes: np.ndarray) -> Iterator[dict]:
         """Minibatches of the given sizes over the buffers' cells, prepared by a producer thread."""
+        self._passes += 1
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
         producer = threading.Thread(

@@ -31,6 +31,7 @@ from scvi_scale.data import (
     write_store,
 )
 from scvi_scale.data import writer as store_writer
+from scvi_scale.data import store as store_module
 from scvi_scale.data.store import CHUNK_ROWS_ATTR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -272,6 +273,22 @@ def test_read_csr_from_threads_matches_serial(tmp_path):
         blocks = list(pool.map(lambda start: store.read_csr(start, start + 100), starts))
     for start, block in zip(starts, blocks):
         np.testing.assert_array_equal(block.toarray(), adata.X[start : start + 100].toarray())
+
+
+def test_indptr_chunks_kept_in_memory_stay_within_their_cap_and_reads_stay_exact(tmp_path, monkeypatch):
+    adata = make_adata(n_obs=2000, n_vars=50)
+    store = write_store(adata, tmp_path / "s.zarr", chunk_rows=50)  # indptr chunks of 800 entries: 3 of them
+    entries_per_chunk = store._indptr.chunks[0]
+    assert -(-(store.n_obs + 1) // entries_per_chunk) == 3
+    monkeypatch.setattr(store_module, "INDPTR_CACHE_BYTES", 2 * entries_per_chunk * 8)  # room for two
+    rng = np.random.default_rng(2)
+    starts = rng.integers(0, 1990, 200)
+    stops = np.minimum(starts + rng.integers(1, 900, 200), store.n_obs)  # some blocks span all three chunks
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        blocks = list(pool.map(lambda bounds: store.read_csr(*map(int, bounds)), zip(starts, stops)))
+    for start, stop, block in zip(starts, stops, blocks):
+        np.testing.assert_array_equal(block.toarray(), adata.X[start:stop].toarray())
+    assert 1 <= len(store._indptr_chunks) <= 2  # the least recently used dropped
 
 
 # --- crash safety -----------------------------------------------------------------------------------------------

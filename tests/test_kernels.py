@@ -206,6 +206,28 @@ def test_count_log_likelihood_float32(backend, rng, likelihood, n_cells, n_genes
     check_count_log_likelihood(rng, n_cells, n_genes, likelihood, False, torch.float32, FLOAT32_TOL)
 
 
+def test_a_compiled_graph_serves_smaller_inputs_of_its_kind_and_sizes_of_one_stay_eager(rng, monkeypatch):
+    """Once a training minibatch has compiled the likelihood, a 50-cell validation minibatch of the same kind runs
+    the same graph (no new compilation) and gives the float64 reference; a single cell (a size torch.compile would
+    specialise) and another kind (float64) stay eager."""
+    from scvi_scale.kernels import torch_ops
+
+    monkeypatch.setattr(settings, "kernel_backend", "torch")
+    monkeypatch.setattr(torch_ops, "_compiled_kinds", set())
+    check_count_log_likelihood(rng, 128, 1100, "zinb", False, torch.float32, FLOAT32_TOL)  # compiles (or reuses)
+    compiled_calls = []
+    compiled = torch_ops._compiled[torch_ops.all_terms]
+    monkeypatch.setitem(torch_ops._compiled, torch_ops.all_terms,
+                        lambda *args: (compiled_calls.append(args[3].shape), compiled(*args))[1])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    check_count_log_likelihood(rng, 50, 1100, "zinb", False, torch.float32, FLOAT32_TOL)
+    assert compiled_calls == [(50, 1100)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no new graph was compiled
+    check_count_log_likelihood(rng, 1, 1100, "zinb", False, torch.float32, FLOAT32_TOL)
+    check_count_log_likelihood(rng, 50, 1100, "zinb", False, torch.float64, FLOAT64_TOL)
+    assert compiled_calls == [(50, 1100)]
+
+
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
 def test_count_log_likelihood_theta_per_cell(backend, rng, likelihood):
     check_count_log_likelihood(rng, 3, 300, likelihood, True, torch.float32, FLOAT32_TOL)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from helpers import label_mixing, planned_minibatch_rows
 from scvi_scale.data import write_store
+from scvi_scale import sampler as sampler_module
 from scvi_scale.sampler import BlockReadError, BlockShuffleSampler, SequentialSampler, train_validation_split
 
 N_GENES = 12
@@ -234,6 +235,40 @@ def test_minibatch_contents_equal_direct_reads_of_the_store(store_name, request)
     rows, xs = np.concatenate(rows), np.concatenate(xs)
     whole = store.read_dense(0, store.n_obs)  # small store: one direct read of everything
     np.testing.assert_array_equal(xs[np.argsort(rows)], whole[train])
+
+
+@pytest.mark.parametrize("kept_blocks", [7, 2])  # room for every block; for two of the seven (KEPT_BYTES)
+def test_a_small_set_is_read_twice_then_kept_and_its_minibatches_stay_those_of_reading(monkeypatch, kept_blocks):
+    counts = random_counts(700)
+    kinds = {"reading": MemoryReader(counts, chunk_rows=100), "kept": MemoryReader(counts, chunk_rows=100)}
+    monkeypatch.setattr(sampler_module, "KEPT_ROWS", 0)  # the reference reads every block every epoch
+    reading = BlockShuffleSampler(kinds["reading"], batch_size=64, block_rows=100, return_csr=True, seed=3)
+    monkeypatch.setattr(sampler_module, "KEPT_ROWS", 700)
+    block_bytes = max(c.data.nbytes + c.indices.nbytes + c.indptr.nbytes
+                      for c in (sp.csr_matrix(counts[k : k + 100], dtype=np.float32) for k in range(0, 700, 100)))
+    monkeypatch.setattr(sampler_module, "KEPT_BYTES", kept_blocks * block_bytes)
+    kept = BlockShuffleSampler(kinds["kept"], batch_size=64, block_rows=100, return_csr=True, seed=3)
+    reads_per_epoch = []
+    for epoch in range(4):
+        reads_before = len(kinds["kept"].reads)
+        for got, want in zip(kept, reading, strict=True):
+            np.testing.assert_array_equal(got["rows"], want["rows"])
+            np.testing.assert_array_equal(got["x"], want["x"])
+            for got_part, want_part in zip(got["x_csr"], want["x_csr"]):
+                np.testing.assert_array_equal(got_part, want_part)
+            got["x"][:] = -1  # a consumer writing into its minibatch changes no later epoch
+            got["x_csr"][2][:] = -1
+        reads_per_epoch.append(len(kinds["kept"].reads) - reads_before)
+    assert reads_per_epoch == [7, 7, 7 - kept_blocks, 7 - kept_blocks]
+    # in store order the minibatches are slices of the blocks: writing into one must not reach the kept block
+    sequential_reader = MemoryReader(counts, chunk_rows=100)
+    sequential = SequentialSampler(sequential_reader, batch_size=50, block_rows=100, return_csr=True)
+    for _ in range(4):
+        got = np.concatenate([minibatch["x"] for minibatch in sequential])
+        np.testing.assert_array_equal(got, counts.toarray())
+        for minibatch in sequential:
+            minibatch["x_csr"][2][:] = -1
+    assert len(sequential_reader.reads) == 8 * 7 - 6 * kept_blocks  # 8 passes; from the third on, kept blocks
 
 
 def test_dask_reading_gives_the_same_minibatches_as_direct_reading(csr_store):

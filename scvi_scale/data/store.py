@@ -36,6 +36,8 @@ import functools
 import itertools
 import logging
 import os
+import threading
+from collections import OrderedDict
 
 import anndata
 import dask.array as da
@@ -59,6 +61,7 @@ DEFAULT_CSR_CHUNK_ROWS = 10_000
 # Bounds on a row block derived from a foreign store's data chunk length (see CountStore._foreign_csr_chunk_rows).
 MIN_DERIVED_CHUNK_ROWS = 1_000
 MAX_DERIVED_CHUNK_ROWS = 100_000
+INDPTR_CACHE_BYTES = 64 << 20  # decoded indptr kept per open CSR store: all of it up to ~8M rows (int64 entries)
 # Keys zarr looks up that are metadata, not chunks: their absence is an answer, not damage.
 _METADATA_KEYS = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
 
@@ -232,6 +235,8 @@ class CountStore:
         if 0 in self.shape:
             raise StoreError(f"{where} is empty: shape {self.shape}")
         self._data, self._indices, self._indptr = group["data"], group["indices"], group["indptr"]
+        self._indptr_chunks: OrderedDict[int, np.ndarray] = OrderedDict()  # decoded, by chunk index (see below)
+        self._indptr_chunks_lock = threading.Lock()
         for array in (self._data, self._indices, self._indptr):
             if array.ndim != 1:
                 raise StoreError(f"{where}: {array.path} is {array.ndim}-D; the arrays of a CSR matrix are 1-D")
@@ -335,7 +340,7 @@ class CountStore:
             raise IndexError(f"row range [{start}, {stop}) is outside [0, {self.n_obs}) of {self.path}")
         if not self.is_sparse:
             return self._read(self._counts, start, stop)
-        indptr = self._read(self._indptr, start, stop + 1).astype(np.int64, copy=False)
+        indptr = self._indptr_entries(start, stop + 1)
         if not (indptr[0] >= 0 and indptr[-1] <= self.nnz and np.all(indptr[1:] >= indptr[:-1])):
             raise self._indptr_error(indptr, start)
         first, last = int(indptr[0]), int(indptr[-1])
@@ -354,6 +359,28 @@ class CountStore:
             )
             block.sum_duplicates()
         return block
+
+    def _indptr_entries(self, start: int, stop: int) -> np.ndarray:
+        """indptr[start:stop] as int64, from decoded indptr chunks kept in memory (at most INDPTR_CACHE_BYTES of
+        them, the least recently used dropped first). Why: a training block of 1,024 rows reads ~1,025 entries of a
+        65,536-entry chunk, so without the cache every block decodes that chunk again, one of its three zarr reads
+        (~15% of a block's read time, benchmarks/RESULTS.md). A chunk is proven (present, checksum) when decoded."""
+        size = self._indptr.chunks[0]
+        pieces = []
+        for chunk in range(start // size, (stop - 1) // size + 1):
+            with self._indptr_chunks_lock:
+                decoded = self._indptr_chunks.get(chunk)
+                if decoded is not None:
+                    self._indptr_chunks.move_to_end(chunk)
+            if decoded is None:  # decoded outside the lock: two threads may both decode a chunk, never wrongly
+                decoded = self._read(self._indptr, chunk * size, (chunk + 1) * size).astype(np.int64, copy=False)
+                decoded.flags.writeable = False  # callers get views of it
+                with self._indptr_chunks_lock:
+                    self._indptr_chunks[chunk] = decoded
+                    while len(self._indptr_chunks) * size * 8 > INDPTR_CACHE_BYTES and len(self._indptr_chunks) > 1:
+                        self._indptr_chunks.popitem(last=False)
+            pieces.append(decoded[max(start - chunk * size, 0) : stop - chunk * size])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     # --- proving reads -------------------------------------------------------------------------------------------
 
