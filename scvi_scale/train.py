@@ -137,7 +137,7 @@ class ThreadTuner:
     """Keeps CPU training at the faster of `threads` torch threads and one, as measured on its own steps.
 
     Why: with two threads on two cores and one other busy process, torch's OpenMP threads spin while they wait for
-    each other and for the sampler's reader threads, and whole training ran 8-13x slower (one thread: ~1.1x slower;
+    each other and for the sampler's reader threads, and whole training ran 8-14x slower (one thread: ~1.1x slower;
     benchmarks/contention.py --training, RESULTS.md). From step `lead` on (after the first steps' compilation),
     every `period` steps the tuner times `window` steps at the thread count in use, then `window` steps at the
     other one, and keeps the faster by median step time (the wall time from one step's start to the next's, the
