@@ -20,7 +20,8 @@ adaptive_threads: training on the CPU with more than one torch thread, while oth
 steps at a few fixed steps, compares them with one thread, and keeps the faster (`train.ThreadTuner`): beside
 other busy processes, torch's spinning OpenMP threads made whole training 8-14x slower here, one thread about
 1.1x. On a quiet machine the tuner does nothing: the choice stays torch's thread count, and the same seed gives
-the same model; under changing load it may not, since one and two threads round sums differently. False keeps torch's thread count for the whole run.
+the same model; under changing load it may not, since one and two threads round sums differently. False keeps
+torch's thread count for the whole run.
 """
 
 from __future__ import annotations
