@@ -278,25 +278,20 @@ def all_terms(rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihoo
 
 
 # torch.compile fuses all_terms into two loops, one over every entry and one over the non-zeros (eager PyTorch would
-# make a B x G temporary per operation); see benchmarks/kernels.py for the gain. It pays for its compile time (~10-30 s,
-# then cached on disk) only on inputs of a training minibatch's size or more, and needs a C++ toolchain, so it is
-# first compiled from COMPILE_MIN_ENTRIES entries on (batch 128 x 1024 genes) and dropped for eager if it fails. Once
-# compiled, smaller inputs of the same kind use it too (a 50-cell validation minibatch: ~5 ms eager, each epoch of a
-# small store's 400), where that reuses a graph already compiled: the same `kind` (likelihood, dtype, ... which
-# torch.compile guards on) and no size 0 or 1 (it specialises those).
-COMPILE_MIN_ENTRIES = 1 << 17
+# make a B x G temporary per operation); see benchmarks/kernels.py for the gain. It needs a C++ toolchain (dropped
+# for eager if it fails) and costs ~10-30 s once (then cached on disk), so it runs from COMPILE_MIN_ENTRIES entries
+# on: 16 cells x 2,048 genes, so that a small store's 50-cell validation minibatch runs compiled too (5-6 ms eager,
+# each of scvi-tools' 400 epochs), and never where a size is 0 or 1 (torch.compile specialises those and would
+# compile again). The choice depends on the input's sizes alone, never on what ran before in the process: the same
+# seed gives the same model in a fresh process and after other work.
+COMPILE_MIN_ENTRIES = 1 << 15
 _compiled: dict = {}
-_compiled_kinds: set = set()  # (function, kind) pairs run compiled at COMPILE_MIN_ENTRIES entries or more
 
 
-def _maybe_compiled(function, n_entries: int, smallest_size: int, kind: tuple):
-    """`function` compiled by torch.compile (shapes dynamic) for inputs of n_entries >= COMPILE_MIN_ENTRIES, and for
-    smaller ones of a `kind` already run compiled whose sizes (smallest_size) are all 2 or more; else `function`."""
-    if _compiled.get(function, True) is None:
-        return function
-    if n_entries >= COMPILE_MIN_ENTRIES:
-        _compiled_kinds.add((function, kind))
-    elif smallest_size < 2 or (function, kind) not in _compiled_kinds:
+def _maybe_compiled(function, n_entries: int, smallest_size: int):
+    """`function` compiled by torch.compile (shapes dynamic) for inputs of n_entries >= COMPILE_MIN_ENTRIES whose
+    sizes are all 2 or more (smallest_size); else `function` itself."""
+    if n_entries < COMPILE_MIN_ENTRIES or smallest_size < 2 or _compiled.get(function, True) is None:
         return function
     if function not in _compiled:
         _compiled[function] = torch.compile(function, dynamic=True)
@@ -343,10 +338,7 @@ def count_terms(x_nonzero, p, scale, theta, zi_logits, likelihood: str):
     integer_counts = values.device.type == "cpu" and torch.equal(values, torch.round(values))
     # Detached: torch.compile guards on requires_grad, so training and validation would compile twice.
     p, scale, theta, zi_logits = (None if t is None else t.detach() for t in (p, scale, theta, zi_logits))
-    (per_cell, *dense), (log_p_nz, *sparse) = _maybe_compiled(
-        all_terms, p.numel(), min(*p.shape, values.numel()),
-        (likelihood, integer_counts, p.dtype, p.device.type, None if theta is None else theta.dim(), zi_logits is None),
-    )(
+    (per_cell, *dense), (log_p_nz, *sparse) = _maybe_compiled(all_terms, p.numel(), min(*p.shape, values.numel()))(
         rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihood, integer_counts)
     for gradient, at_nonzeros in zip(dense, sparse):
         if gradient is not None:
