@@ -78,7 +78,8 @@ def count_inputs(decoder: dict) -> dict:
 
 @contextmanager
 def compile_threshold(entries: int):
-    """Sets torch_ops.COMPILE_MIN_ENTRIES: 0 compiles every call, a huge number keeps the path eager."""
+    """Sets torch_ops.COMPILE_MIN_ENTRIES: 0 compiles every call without a size below 2, a huge number keeps the
+    path eager."""
     saved = torch_ops.COMPILE_MIN_ENTRIES
     torch_ops.COMPILE_MIN_ENTRIES = entries
     try:
