@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from profile_step import atlas
+    from train import atlas
 
     args.data_dir.mkdir(parents=True, exist_ok=True)
     store = atlas(args.data_dir, args.cells)

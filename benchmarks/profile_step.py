@@ -46,16 +46,6 @@ CATEGORIES = (
 )
 
 
-def atlas(data_dir: Path, n_cells: int) -> Path:
-    """The cached synthetic store benchmarks/train.py also uses."""
-    from scvi_scale.datasets import synthetic_atlas
-
-    path = data_dir / f"train-bench-{n_cells}.zarr"
-    if not path.exists():
-        synthetic_atlas(path, n_cells=n_cells, seed=0)
-    return path
-
-
 def as_tensors(minibatch: dict, counts: str) -> dict:
     """The module's inputs from a sampler minibatch: dense x, or the CSR arrays alone."""
     tensors = {key: torch.from_numpy(np.ascontiguousarray(minibatch[key])) for key in ("batch", "labels")
@@ -253,6 +243,8 @@ def main() -> None:
     parser.add_argument("--trace", help="write a Chrome trace of the profiled steps (last thread count) here")
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
+    from train import atlas  # the cached synthetic store benchmarks/train.py uses
+
     store = atlas(args.data_dir, args.cells)
 
     module, optimizer, sampler = setup(store, args.batch_size, args.counts)

@@ -23,15 +23,18 @@ def threads_restored():
 
 def simulate(tuner: ThreadTuner, steps: range, step_ms, others_cores=lambda step: 1.0) -> list[int]:
     """Run the tuner over `steps` with a clock that advances by step_ms(threads, step) per step while other
-    processes use others_cores(step) cores (one busy neighbour unless said); the thread count each step ran at."""
+    processes use others_cores(step) cores (one busy neighbour unless said; None: a machine where that cannot be
+    measured); the thread count each step ran at."""
     now, others, used = [0.0], [0.0], []
-    tuner.clock, tuner.others_cpu = (lambda: now[0]), (lambda: others[0])
+    tuner.clock = lambda: now[0]
+    tuner.others_cpu = (lambda: None) if others_cores is None else (lambda: others[0])
     for step in steps:
         tuner.step_started(step)
         used.append(torch.get_num_threads())
         seconds = step_ms(torch.get_num_threads(), step) / 1e3
         now[0] += seconds
-        others[0] += seconds * others_cores(step)
+        if others_cores is not None:
+            others[0] += seconds * others_cores(step)
     return used
 
 
@@ -71,14 +74,8 @@ def test_a_quiet_machine_is_not_probed_and_an_unmeasured_one_is(threads_restored
                      others_cores=lambda step: 0.9 * OTHERS_BUSY_CORES)
     assert set(quiet) == {2}  # no probe, so no recompilation for one thread
     torch.set_num_threads(2)
-    tuner = ThreadTuner(2, period=100, window=8, lead=10)
-    now = [0.0]
-    tuner.clock, tuner.others_cpu = (lambda: now[0]), (lambda: None)  # no /proc/stat: probe as if loaded
-    used = []
-    for step in range(100):
-        tuner.step_started(step)
-        used.append(torch.get_num_threads())
-        now[0] += cost(torch.get_num_threads(), step) / 1e3
+    # no /proc/stat: probe as if loaded
+    used = simulate(ThreadTuner(2, period=100, window=8, lead=10), range(100), cost, others_cores=None)
     assert used[18:26] == [1] * 8 and set(used[26:100]) == {1}
 
 
