@@ -7,10 +7,13 @@
 
 Backend (`scvi_scale.settings.kernel_backend`, environment variable SCVI_SCALE_KERNELS):
     "auto"    CUDA tensors run the fused Triton kernels (count_likelihood.py, decoder_likelihood.py);
-              CPU tensors run the PyTorch path (torch_ops.py).
+              CPU tensors run the PyTorch path (torch_ops.py) with the likelihood's terms from the C kernel
+              (native.py, built on first use) where it builds, else torch_ops' own (torch.compile'd).
     "triton"  always Triton; on CPU tensors this works only under TRITON_INTERPRET=1 (how the tests run it),
               which must be set before the kernel modules are first imported.
-    "torch"   always the PyTorch path.
+    "native"  the PyTorch path with the C kernel's terms; an error where it cannot be built. float64 inputs run
+              torch_ops' own terms (the C kernel is float32).
+    "torch"   always the PyTorch path with torch_ops' own terms.
 The Triton modules are imported on first use, so CPU-only use never imports Triton. The backend chosen is logged
 once per backend on the "scvi_scale.kernels" logger.
 
@@ -27,7 +30,7 @@ import os
 
 import torch
 
-from scvi_scale.kernels import torch_ops
+from scvi_scale.kernels import native, torch_ops
 from scvi_scale.kernels.torch_ops import LIKELIHOODS
 from scvi_scale.settings import settings
 
@@ -45,11 +48,19 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _choose_backend(device: torch.device) -> str:
-    """"triton" or "torch" for tensors on `device`, following settings.kernel_backend; logs each choice once."""
+def _choose_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """"triton", "native" or "torch" for tensors of `dtype` on `device`, following settings.kernel_backend; logs
+    each choice once."""
     requested = settings.kernel_backend
     if requested == "torch":
         backend = "torch"
+    elif requested == "native":
+        if device.type != "cpu":
+            raise RuntimeError(f"kernel_backend='native' got {device.type} tensors: the C kernel runs on the CPU")
+        if native.kernel() is None:
+            raise RuntimeError("kernel_backend='native' but the C kernel could not be built (see the "
+                               "'scvi_scale.kernels' log for why)")
+        backend = "native" if dtype == torch.float32 else "torch"
     elif requested == "triton":
         if device.type != "cuda" and not _interpreting():
             raise RuntimeError(
@@ -61,6 +72,8 @@ def _choose_backend(device: torch.device) -> str:
         backend = "triton"
     elif device.type == "cuda" and _triton_importable():
         backend = "triton"
+    elif device.type == "cpu" and dtype == torch.float32 and native.kernel() is not None:
+        backend = "native"
     else:
         backend = "torch"
     if backend not in _backends_logged:
@@ -142,9 +155,10 @@ def count_log_likelihood(
     device = _check_devices(x=x, mu=mu, theta=theta, zi_logits=zi_logits)
     dtype = _compute_dtype(x, mu, theta, zi_logits)
     x, mu, theta, zi_logits = (None if t is None else t.to(dtype) for t in (x, mu, theta, zi_logits))
-    if _choose_backend(device) == "triton" and x.numel() > 0:  # (an empty grid is no launch: PyTorch answers)
+    backend = _choose_backend(device, dtype)
+    if backend == "triton" and x.numel() > 0:  # (an empty grid is no launch: PyTorch answers)
         return _triton_module("count_likelihood").count_log_likelihood(_dense(x), mu, theta, zi_logits, likelihood)
-    return torch_ops.count_log_likelihood(x, mu, theta, zi_logits, likelihood)
+    return torch_ops.count_log_likelihood(x, mu, theta, zi_logits, likelihood, native=backend == "native")
 
 
 def decoder_log_likelihood(
@@ -202,10 +216,11 @@ def decoder_log_likelihood(
     device = _check_devices(**inputs)
     dtype = _compute_dtype(*inputs.values())
     inputs = {name: None if t is None else t.to(dtype) for name, t in inputs.items()}
-    if _choose_backend(device) == "triton" and x.numel() > 0:
+    backend = _choose_backend(device, dtype)
+    if backend == "triton" and x.numel() > 0:
         inputs["x"] = _dense(inputs["x"])
         return _triton_module("decoder_likelihood").decoder_log_likelihood(**inputs, likelihood=likelihood)
-    return torch_ops.decoder_log_likelihood(**inputs, likelihood=likelihood)
+    return torch_ops.decoder_log_likelihood(**inputs, likelihood=likelihood, native=backend == "native")
 
 
 def decoder_px_scale(
@@ -227,6 +242,6 @@ def decoder_px_scale(
     if gene_chunk is not None and gene_chunk < 1:
         raise ValueError(f"gene_chunk={gene_chunk}: expected a positive number of genes or None")
     device = _check_devices(hidden=hidden, scale_weight=scale_weight, scale_bias=scale_bias)
-    if _choose_backend(device) == "triton" and hidden.shape[0] * n_genes > 0:
+    if _choose_backend(device, hidden.dtype) == "triton" and hidden.shape[0] * n_genes > 0:
         return _triton_module("decoder_likelihood").decoder_px_scale(hidden, scale_weight, scale_bias)
     return torch_ops.decoder_px_scale(hidden, scale_weight, scale_bias, gene_chunk)

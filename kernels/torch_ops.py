@@ -28,7 +28,8 @@ Sparse-aware, in two passes (all_terms): zero_count_terms evaluates every entry 
 logits: four transcendentals an entry for ZINB), then nonzero_count_terms evaluates stirlerr, bd0 and E, the
 expensive parts, at the non-zero counts only (~10% of single-cell counts, read from a CSR tensor or found with
 nonzero()) and their results are written over the dense ones. From COMPILE_MIN_ENTRIES entries on, both passes run
-as one torch.compile'd call (see there). The decoder op (DecoderLogLikelihood) keeps only per-entry gradients
+as one torch.compile'd call (see there). Where the C kernel builds (native.py), it computes the same terms instead
+(count_terms(native=True)) and nothing is compiled by torch. The decoder op (DecoderLogLikelihood) keeps only per-entry gradients
 (B x G each, at most three), so its backward is four products and no elementwise pass.
 
 Measured (benchmarks/profile_step.py, training step at B = 128, G = 2000, 10% non-zero, quiet 2-core machine,
@@ -42,6 +43,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from scvi_scale.kernels import native as native_kernel
 
 LIKELIHOODS = ("zinb", "nb", "poisson")
 logger = logging.getLogger("scvi_scale.kernels")
@@ -323,12 +326,17 @@ def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return rows, cols, x[rows, cols]
 
 
-def count_terms(x_nonzero, p, scale, theta, zi_logits, likelihood: str):
+def count_terms(x_nonzero, p, scale, theta, zi_logits, likelihood: str, native: bool):
     """The per-cell log-likelihood (B,) and the per-entry gradients d log p / d log mu, d / d theta, d / dz
     ((B, G) each, or None), for counts given by their entries x_nonzero = (rows, cols, values) that may be non-zero
-    and the mean mu = p * scale (p (B, G), scale (B, 1)): all_terms, then the non-zeros' terms written over the
-    dense ones."""
+    (rows sorted, as nonzero_entries gives them) and the mean mu = p * scale (p (B, G), scale (B, 1)).
+    native: the C kernel computes them (native.py; float32 CPU tensors); else all_terms, then the non-zeros' terms
+    written over the dense ones."""
     rows, cols, values = x_nonzero
+    if native:
+        crow = torch.zeros(p.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(rows, minlength=p.shape[0]), 0, out=crow[1:])
+        return native_kernel.count_terms(crow, cols, values, p, scale, theta, zi_logits, likelihood)
     flat = rows * p.shape[1] + cols
     # (scatter_ measured ~3x faster than index_put_ for these 1-D writes)
     is_zero = torch.ones(p.shape, dtype=torch.bool, device=p.device)
@@ -356,9 +364,10 @@ class CountLogLikelihood(torch.autograd.Function):
     kept (B x G each, only those needed); the backward scales them by the incoming per-cell gradient."""
 
     @staticmethod
-    def forward(ctx, x, mu, theta, zi_logits, likelihood: str):
+    def forward(ctx, x, mu, theta, zi_logits, likelihood: str, native: bool):
         scale = torch.ones(mu.shape[0], 1, dtype=mu.dtype, device=mu.device)
-        per_cell, d_log_mu, d_theta, d_zi = count_terms(nonzero_entries(x), mu, scale, theta, zi_logits, likelihood)
+        per_cell, d_log_mu, d_theta, d_zi = count_terms(nonzero_entries(x), mu, scale, theta, zi_logits, likelihood,
+                                                        native)
         ctx.theta_per_gene = theta is not None and theta.dim() == 1
         d_mu = d_log_mu / mu if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(d_mu, d_theta if ctx.needs_input_grad[2] else None,
@@ -372,12 +381,13 @@ class CountLogLikelihood(torch.autograd.Function):
         grad_mu = None if d_mu is None else d_mu * scale
         grad_zi = None if d_zi is None else d_zi * scale
         grad_theta = None if d_theta is None else _per_gene_or_cell(grad_per_cell, d_theta, ctx.theta_per_gene)
-        return None, grad_mu, grad_theta, grad_zi, None
+        return None, grad_mu, grad_theta, grad_zi, None, None
 
 
-def count_log_likelihood(x, mu, theta, zi_logits, likelihood: str) -> torch.Tensor:
-    """PyTorch path of `scvi_scale.kernels.count_log_likelihood` (see there). Returns (B,)."""
-    return CountLogLikelihood.apply(x, mu, theta, zi_logits, likelihood)
+def count_log_likelihood(x, mu, theta, zi_logits, likelihood: str, native: bool = False) -> torch.Tensor:
+    """PyTorch path of `scvi_scale.kernels.count_log_likelihood` (see there); native: its terms from the C kernel.
+    Returns (B,)."""
+    return CountLogLikelihood.apply(x, mu, theta, zi_logits, likelihood, native)
 
 
 class DecoderLogLikelihood(torch.autograd.Function):
@@ -393,11 +403,11 @@ class DecoderLogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias,
-                likelihood: str):
+                likelihood: str, native: bool):
         p = torch.softmax(F.linear(hidden, scale_weight, scale_bias), dim=-1)
         zi_logits = F.linear(hidden, dropout_weight, dropout_bias) if likelihood == "zinb" else None
         scale = torch.exp(log_library)[:, None]
-        per_cell, d_s, d_theta, d_zi = count_terms(nonzero_entries(x), p, scale, theta, zi_logits, likelihood)
+        per_cell, d_s, d_theta, d_zi = count_terms(nonzero_entries(x), p, scale, theta, zi_logits, likelihood, native)
         per_cell_a = d_s.sum(-1)
         d_s.addcmul_(p, per_cell_a[:, None], value=-1)  # a - p A, in place
         ctx.likelihood = likelihood
@@ -431,15 +441,17 @@ class DecoderLogLikelihood(torch.autograd.Function):
                 grad_wd = d_zi.t() @ weighted_hidden
             if needs[7]:
                 grad_bd = grad_per_cell @ d_zi
-        return grad_hidden, grad_w, grad_b, grad_l, None, grad_theta, grad_wd, grad_bd, None
+        return grad_hidden, grad_w, grad_b, grad_l, None, grad_theta, grad_wd, grad_bd, None, None
 
 
 def decoder_log_likelihood(
-    hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, likelihood: str
+    hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, likelihood: str,
+    native: bool = False,
 ) -> torch.Tensor:
-    """PyTorch path of `scvi_scale.kernels.decoder_log_likelihood` (see there). Returns (B,)."""
+    """PyTorch path of `scvi_scale.kernels.decoder_log_likelihood` (see there); native: its terms from the C
+    kernel. Returns (B,)."""
     return DecoderLogLikelihood.apply(hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight,
-                                      dropout_bias, likelihood)
+                                      dropout_bias, likelihood, native)
 
 
 @torch.no_grad()

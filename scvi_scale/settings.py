@@ -5,8 +5,11 @@
     >>> settings.seed = 1                      # as scvi-tools' scvi.settings.seed
 
 Environment variables (read when the module is first imported):
-    SCVI_SCALE_KERNELS    "auto" (default), "triton" or "torch": which implementation of the fused ops runs.
-                          "auto" sends CUDA tensors to Triton and CPU tensors to the fastest PyTorch path.
+    SCVI_SCALE_KERNELS    "auto" (default), "triton", "native" or "torch": which implementation of the fused ops
+                          runs. "auto" sends CUDA tensors to Triton and CPU tensors to the C kernel where it
+                          builds, else to the PyTorch path (scvi_scale.kernels' docstring).
+    SCVI_SCALE_CACHE_DIR  where the C kernel is built and kept (default $XDG_CACHE_HOME/scvi-scale, else
+                          ~/.cache/scvi-scale).
     SCVI_SCALE_PROGRESS   "0" turns progress bars off (they are also off when stderr is not a terminal and CI is set).
     SCVI_SCALE_SEED       the default seed (0).
     SCVI_SCALE_ADAPTIVE_THREADS  "0" keeps training at torch's thread count throughout (see adaptive_threads).
@@ -29,7 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+KERNEL_BACKENDS = ("auto", "triton", "native", "torch")
 
 
 def _env_backend() -> str:

@@ -1,7 +1,9 @@
 """scvi_scale.kernels against float64 references written here from the formulas (scipy for the log-pmfs).
 
-Every check runs on both backends: "torch" (the PyTorch path) and "triton" (the fused kernels; on a machine without
-a GPU under TRITON_INTERPRET=1, which is set below before any kernel module can be imported). Inputs are drawn fresh
+Every check runs on each backend: "torch" (the PyTorch path), "native" (the PyTorch path with the likelihood's terms
+from the C kernel built on this machine; float32 only, so its float64 checks run the PyTorch path) and "triton" (the
+fused kernels; on a machine without a GPU under TRITON_INTERPRET=1, which is set below before any kernel module can
+be imported). Inputs are drawn fresh
 for every check from a seed the failing test prints. Tolerances, for float32 inputs against the float64 reference on
 the same (rounded) inputs: the norm-wise relative error ||got - want|| / ||want|| of the log-likelihood under 1e-5;
 for gradients ||got - want|| under 1e-5 ||magnitude||, the magnitude being the sum of the absolute values of the terms
@@ -33,10 +35,17 @@ FLOAT32_TOL = 1e-5
 FLOAT64_TOL = 1e-9
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "native", "triton"])
 def backend(request, monkeypatch):
     """Runs the test on one backend. On the Triton one every buffer a kernel fills starts as NaN (poisoned), so an
     element a kernel fails to write shows up in the results."""
+    if request.param == "native":
+        from scvi_scale.kernels import native
+
+        if ON_GPU:
+            pytest.skip("the C kernel is the CPU's")
+        if native.kernel() is None:
+            pytest.skip("the C kernel cannot be built here (no C compiler or libmvec: see the scvi_scale.kernels log)")
     if request.param == "triton":
         if not ON_GPU and not _kernels_interpreted():
             pytest.skip("the Triton modules were imported without TRITON_INTERPRET=1 before this module")
@@ -523,9 +532,13 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
         kernels.count_log_likelihood(x, mu, theta, likelihood="nb")
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
+def test_auto_backend_on_cpu_is_native_for_float32_where_it_builds(monkeypatch):
+    from scvi_scale.kernels import native
+
     monkeypatch.setattr(settings, "kernel_backend", "auto")
-    assert kernels._choose_backend(torch.device("cpu")) == "torch"
+    cpu = torch.device("cpu")
+    assert kernels._choose_backend(cpu, torch.float32) == ("torch" if native.kernel() is None else "native")
+    assert kernels._choose_backend(cpu, torch.float64) == "torch"
 
 
 def test_torch_path_falls_back_to_eager_when_compile_fails(monkeypatch, caplog, rng):
