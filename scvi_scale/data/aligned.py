@@ -4,8 +4,8 @@
     >>> block = query.read_csr(0, 4096)                             # columns mapped onto the reference genes
 
 Reference genes the query lacks read as zeros (a warning says how many; under 80% of the reference's genes it
-leads with scvi-tools' warning of poor mapping); query genes the reference lacks are dropped. Each block is remapped as it is
-read, so a query larger than memory maps too.
+leads with scvi-tools' warning of poor mapping); query genes the reference lacks are dropped. Each block is remapped
+as it is read, so a query larger than memory maps too.
 """
 
 from __future__ import annotations

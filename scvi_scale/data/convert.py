@@ -105,8 +105,8 @@ def write_store(
         except CountValidationError as error:
             if layer is not None or not counts_source.layers:
                 raise
-            raise CountValidationError(f"{error}. X is not raw counts (log-normalized?); {_layer_hint(counts_source)}") \
-                from error
+            hint = _layer_hint(counts_source)
+            raise CountValidationError(f"{error}. X is not raw counts (log-normalized?); {hint}") from error
     return CountStore(path)
 
 
