@@ -347,6 +347,27 @@ def test_bad_counts_are_named_while_converting(tmp_path, value, problem, sparse)
         validate_counts(tmp_path / "unchecked.zarr", block_rows=40)
 
 
+def test_convert_of_log_normalized_x_points_to_the_counts_layer(tmp_path, capsys):
+    """The common .h5ad after scanpy's normalize_total + log1p: X log-normalized, the raw counts in
+    layers["counts"]. X is refused (it is not counts) and the message says where the counts are."""
+    from scvi_scale.cli import main
+
+    adata = make_adata(n_obs=50)
+    counts = adata.X.copy()
+    adata.layers["counts"] = counts
+    adata.X = sp.csr_matrix(np.log1p(counts.toarray() / counts.sum(1).A * 1e4))
+    adata.write_h5ad(tmp_path / "normalized.h5ad")
+    assert main(["convert", str(tmp_path / "normalized.h5ad"), str(tmp_path / "x.zarr")]) != 0
+    message = capsys.readouterr().err
+    assert "must be integer-valued" in message
+    assert "normalized.h5ad has a 'counts' layer: `--layer counts`" in message and "takes the counts" in message
+    assert not (tmp_path / "x.zarr").exists()
+    assert main(["convert", str(tmp_path / "normalized.h5ad"), str(tmp_path / "counts.zarr"), "--layer", "counts"]) == 0
+    np.testing.assert_array_equal(CountStore(tmp_path / "counts.zarr").read_dense(0, 50), counts.toarray())
+    with pytest.raises(CountValidationError, match="the AnnData has a 'counts' layer"):
+        write_store(adata, tmp_path / "in_memory.zarr")
+
+
 def test_valid_counts_pass_validation(cellbench_h5ad, tmp_path):
     store = write_store(cellbench_h5ad, tmp_path / "cb.zarr", chunk_rows=100, validate=False)
     validate_counts(store)

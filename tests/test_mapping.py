@@ -239,3 +239,68 @@ def test_gene_batch_dispersion_learns_for_new_batches_only(mapped, tmp_path):
     assert after.shape == (N_GENES, 4)
     assert torch.equal(after[:, :3], before) and torch.equal(initial[:, :3], before)
     assert not torch.equal(after[:, 3], initial[:, 3])
+
+
+def _another_panel(mapped, path):
+    """The query cells as a store with another gene panel: 30 reference genes missing, 5 of their own, shuffled."""
+    kept = np.random.default_rng(4).permutation(N_GENES)[: N_GENES - 30]
+    _write_subset(mapped["atlas"], mapped["query_rows"], path, columns=kept, extra_genes=5)
+    return kept
+
+
+def test_a_query_with_another_gene_panel_maps_as_the_scarches_tutorial_runs(mapped, tmp_path):
+    """prepare_query_anndata in place, then what scArches users do next; the same query as a store maps to the
+    same latent without being rewritten."""
+    folder = mapped["folder"]
+    _another_panel(mapped, tmp_path / "panel.zarr")
+    query = anndata.read_zarr(tmp_path / "panel.zarr")
+    assert SCVI.prepare_query_anndata(query, folder / "reference_model") is None
+    assert list(query.var_names) == list(mapped["atlas"].var_names)
+    vae_q = SCVI.load_query_data(query, folder / "reference_model", unfrozen=True)  # the encoder learns too
+    from_model = SCVI.load_query_data(query.copy(), mapped["reference"], unfrozen=True)
+    np.testing.assert_array_equal(from_model.get_latent_representation(), vae_q.get_latent_representation())
+    with pytest.warns(UserWarning, match=f"30 of the reference's {N_GENES} genes are missing from the query"):
+        store_query = SCVI.load_query_data(SCVI.prepare_query_zarr(tmp_path / "panel.zarr", folder / "reference_model"),
+                                           folder / "reference_model", unfrozen=True)
+    initial_latent = vae_q.get_latent_representation()
+    for model in (vae_q, store_query):  # the same shuffle blocks for both (an AnnData's default block is larger)
+        model.train(max_epochs=3, batch_size=128, seed=0, block_rows=128, plan_kwargs={"weight_decay": 0.0})
+    query_latent = vae_q.get_latent_representation()
+    assert np.abs(query_latent - initial_latent).max() > 1e-3  # training moved the encoder
+    np.testing.assert_allclose(store_query.get_latent_representation(), query_latent, rtol=1e-5, atol=1e-6)
+
+    reference = anndata.read_zarr(folder / "reference.zarr")
+    joint = anndata.concat([reference, query])
+    joint_latent = vae_q.get_latent_representation(joint)
+    np.testing.assert_allclose(joint_latent[reference.n_obs:], query_latent, rtol=1e-5, atol=1e-6)
+    _, neighbours = nearest_neighbours(joint_latent[: reference.n_obs], query_latent, k=15)
+    reference_types = reference.obs["cell_type"].astype(str).to_numpy()
+    votes = [pd.Series(reference_types[row]).mode()[0] for row in neighbours]
+    assert np.mean(np.asarray(votes) == query.obs["cell_type"].astype(str).to_numpy()) > 0.8
+
+    vae_q.save(tmp_path / "query_model")
+    again = SCVI.load(tmp_path / "query_model", adata=query)
+    np.testing.assert_array_equal(again.get_latent_representation(), query_latent)
+
+
+def test_map_command_maps_a_store_with_another_gene_panel_without_rewriting_it(mapped, tmp_path):
+    import argparse
+
+    from scvi_scale.cli.query import add_commands
+
+    store = tmp_path / "panel.zarr"
+    _another_panel(mapped, store)
+    counts_before = CountStore(store).read_dense(0, len(mapped["query_rows"]))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["map", str(store), "--reference", str(mapped["folder"] / "reference_model"),
+                              "--out", str(tmp_path / "out"), "--max-epochs", "2", "--accelerator", "cpu"])
+    with pytest.warns(UserWarning, match=f"30 of the reference's {N_GENES} genes are missing from the query"):
+        assert args.run(args) == 0
+    written = anndata.read_zarr(store)
+    assert written.n_vars == N_GENES - 30 + 5  # the store keeps its own panel; only obsm was added
+    np.testing.assert_array_equal(CountStore(store).read_dense(0, written.n_obs), counts_before)
+    query = written.copy()
+    SCVI.prepare_query_anndata(query, mapped["folder"] / "reference_model")
+    through_anndata = SCVI.load(tmp_path / "out", adata=query).get_latent_representation()
+    np.testing.assert_allclose(through_anndata, written.obsm["X_scVI"], rtol=1e-5, atol=1e-6)

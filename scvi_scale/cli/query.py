@@ -19,7 +19,9 @@ FREEZE_OPTIONS = ("freeze_dropout", "freeze_expression", "freeze_decoder_first_l
 def add_commands(subparsers) -> None:
     """`scvi-scale map QUERY_STORE --reference MODEL_DIR --out MODEL_DIR`: map, fine-tune, save, transfer labels."""
     p = subparsers.add_parser("map", help="map a query store onto a trained reference (scArches) and save the model")
-    p.add_argument("query", help="AnnData-Zarr store of the query cells (genes are aligned to the reference's)")
+    p.add_argument("query", help="AnnData-Zarr store of the query cells; another gene panel maps as it is "
+                                  "(missing reference genes read as zeros, a warning says how many; the store is "
+                                  "not rewritten)")
     p.add_argument("--reference", required=True, help="reference model directory (scvi-scale train)")
     p.add_argument("--out", required=True, help="directory for the query model")
     p.add_argument("--reference-store", help="the reference's store: needed for --labels-key")

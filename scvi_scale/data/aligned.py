@@ -3,9 +3,9 @@
     >>> query = AlignedStore("query.zarr", reference_var_names)     # CountStore-like, n_vars = the reference's
     >>> block = query.read_csr(0, 4096)                             # columns mapped onto the reference genes
 
-Reference genes the query lacks read as zeros (a warning says how many, and that fewer than 80% shared genes may
-map poorly, as scvi-tools warns); query genes the reference lacks are dropped. Each block is remapped as it is
-read, so a query larger than memory maps too.
+Reference genes the query lacks read as zeros (a warning says how many; under 80% of the reference's genes it
+leads with scvi-tools' warning of poor mapping); query genes the reference lacks are dropped. Each block is remapped
+as it is read, so a query larger than memory maps too.
 """
 
 from __future__ import annotations
@@ -22,6 +22,28 @@ from scvi_scale.data.store import CountStore, StoreError
 logger = logging.getLogger("scvi_scale.data")
 
 MIN_SHARED_GENE_FRACTION = 0.8  # below this share of the reference genes scvi-tools warns of poor mapping
+
+
+def shared_genes(query_var_names, reference_var_names) -> int:
+    """How many of the reference's genes the query has."""
+    return len(pd.Index(query_var_names).intersection(pd.Index(reference_var_names)))
+
+
+def missing_genes_message(n_shared: int, n_reference: int, filled: str) -> tuple[str, bool]:
+    """(what to tell of a query holding n_shared of the reference's n_reference genes, the rest `filled`; whether
+    that is under 80%, where scvi-tools warns of poor mapping and its sentence leads). The text is empty when no
+    gene is missing."""
+    n_missing = n_reference - n_shared
+    if n_missing == 0:
+        return "", False
+    fraction = n_shared / n_reference
+    text = (f"{n_missing} of the reference's {n_reference} genes are missing from the query and {filled}; the "
+            f"query has {n_shared} ({fraction:.1%}) of the reference genes")
+    poor = fraction < MIN_SHARED_GENE_FRACTION
+    if poor:
+        text = (f"Query data contains less than {MIN_SHARED_GENE_FRACTION:.0%} of reference var names. This may "
+                f"result in poor performance. {text}")
+    return text, poor
 
 
 class AlignedStore(CountStore):
@@ -47,17 +69,10 @@ class AlignedStore(CountStore):
                 f"{self.path}: none of its {len(self.query_var_names)} genes is among the reference's "
                 f"{len(reference)} genes (e.g. {list(reference[:3])}); are they named the same way?"
             )
-        n_missing = len(reference) - n_shared
         n_dropped = len(self.query_var_names) - n_shared
-        if n_missing:
-            fraction = n_shared / len(reference)
-            poor = " (less than 80%: the mapping may be poor)" if fraction < MIN_SHARED_GENE_FRACTION else ""
-            warnings.warn(
-                f"{self.path}: {n_missing} of the reference's {len(reference)} genes are missing from the query "
-                f"and read as zeros; the query has {fraction:.0%} of the reference genes{poor}",
-                UserWarning,
-                stacklevel=2,
-            )
+        message, _ = missing_genes_message(n_shared, len(reference), "read as zeros")
+        if message:
+            warnings.warn(f"{self.path}: {message}", UserWarning, stacklevel=2)
         if n_dropped:
             logger.info("%s: %d query genes not in the reference are dropped", self.path, n_dropped)
         # query column -> reference column (-1: dropped), for remapping CSR column indices

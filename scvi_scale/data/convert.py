@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scvi_scale.data.store import CountStore, StoreError, open_anndata_group
+from scvi_scale.data.validate import CountValidationError
 from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, DEFAULT_ZARR_FORMAT, StoreWriter, scratch_sibling
 
 MTX_ENTRIES_PER_READ = 2_000_000  # Matrix Market entries parsed at once (~50 MB of parser memory)
@@ -46,6 +47,7 @@ class _Source:
     is_sparse: bool
     where: str
     uns: dict = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)  # the source's layers, named when X turns out not to be counts
 
 
 def write_store(
@@ -86,20 +88,33 @@ def write_store(
             raise TypeError("obs= and var= are only for a matrix source; other sources carry their own")
         source_context = _open_source(source, layer, Path(path))
     with source_context as counts_source:
-        with StoreWriter(
-            path,
-            counts_source.var,
-            sparse=counts_source.is_sparse if sparse is None else sparse,
-            chunk_rows=chunk_rows,
-            validate=validate,
-            zarr_format=zarr_format,
-            overwrite=overwrite,
-            where=counts_source.where,
-        ) as writer:
-            for counts, obs_block in counts_source.blocks(int(chunk_rows)):
-                writer.append(counts, obs_block)
-            writer.close(uns=counts_source.uns)
+        try:
+            with StoreWriter(
+                path,
+                counts_source.var,
+                sparse=counts_source.is_sparse if sparse is None else sparse,
+                chunk_rows=chunk_rows,
+                validate=validate,
+                zarr_format=zarr_format,
+                overwrite=overwrite,
+                where=counts_source.where,
+            ) as writer:
+                for counts, obs_block in counts_source.blocks(int(chunk_rows)):
+                    writer.append(counts, obs_block)
+                writer.close(uns=counts_source.uns)
+        except CountValidationError as error:
+            if layer is not None or not counts_source.layers:
+                raise
+            hint = _layer_hint(counts_source)
+            raise CountValidationError(f"{error}. X is not raw counts (log-normalized?); {hint}") from error
     return CountStore(path)
+
+
+def _layer_hint(source: _Source) -> str:
+    """Where the counts may be instead of X: the source's layers, and the option that takes one."""
+    name = "counts" if "counts" in source.layers else source.layers[0]
+    has = f"{source.where} has a {name!r} layer" if name == "counts" else f"{source.where} has layers {source.layers}"
+    return f"{has}: `--layer {name}` (write_store(..., layer={name!r})) takes the counts from it"
 
 
 @contextlib.contextmanager
@@ -228,7 +243,9 @@ def _anndata_source(adata: anndata.AnnData, layer: str | None) -> _Source:
         counts = adata.layers[layer]
     else:
         raise StoreError(f"the AnnData has no layer {layer!r}; its layers are {list(adata.layers.keys())}")
-    return _matrix_source(counts, _ObsRows.of_frame(adata.obs), adata.var, dict(adata.uns), "the AnnData")
+    source = _matrix_source(counts, _ObsRows.of_frame(adata.obs), adata.var, dict(adata.uns), "the AnnData")
+    source.layers = list(adata.layers.keys())
+    return source
 
 
 def _h5ad_source(h5ad: h5py.File, layer: str | None, where: str) -> _Source:
@@ -246,7 +263,9 @@ def _h5ad_source(h5ad: h5py.File, layer: str | None, where: str) -> _Source:
         raise StoreError(f"{where}: no layer {layer!r}; the file's layers are {layers}")
     matrix = anndata.io.sparse_dataset(element) if isinstance(element, h5py.Group) else element
     uns = anndata.io.read_elem(h5ad["uns"]) if "uns" in h5ad else {}
-    return _matrix_source(matrix, _ObsRows.of_group(h5ad["obs"]), anndata.io.read_elem(h5ad["var"]), uns, where)
+    source = _matrix_source(matrix, _ObsRows.of_group(h5ad["obs"]), anndata.io.read_elem(h5ad["var"]), uns, where)
+    source.layers = layers
+    return source
 
 
 def _zarr_source(path: str, layer: str | None) -> _Source:
@@ -261,7 +280,8 @@ def _zarr_source(path: str, layer: str | None) -> _Source:
         for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
             yield store.read_raw(start, stop), obs.read(start, stop)
 
-    return _Source(blocks, store.var_frame(), store.is_sparse, store.path, uns)
+    layers = sorted(root["layers"].keys()) if "layers" in root else []
+    return _Source(blocks, store.var_frame(), store.is_sparse, store.path, uns, layers)
 
 
 # --- 10x Matrix Market folders ----------------------------------------------------------------------------------

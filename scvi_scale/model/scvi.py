@@ -45,6 +45,7 @@ from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.data.registry import library_log_stats
 from scvi_scale.model import compat, sources
+from scvi_scale.model.query import pad_and_sort
 from scvi_scale.module import VAE, to_tensors
 from scvi_scale.outputs import arguments, differential, jobs, writer
 from scvi_scale.outputs.importance import ImportanceOptions, importance_sample
@@ -952,38 +953,23 @@ class SCVI:
     @staticmethod
     def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False,
                               inplace: bool = True):
-        """scvi-tools' prepare_query_anndata: the query AnnData with the reference's genes in the reference's
-        order, missing genes padded with zeros (a new AnnData whenever padding is needed, as in scvi-tools).
-        Returns the reference's var names with return_reference_var_names, the new AnnData when not inplace (or
-        padded), else None."""
-        import anndata
-        import scipy.sparse as sp
+        """scvi-tools' prepare_query_anndata: the query AnnData given exactly the reference's genes, in the
+        reference's order (reference_model: a model or a model directory, ours or scvi-tools').
 
+        Reference genes the query lacks become zero columns in X and in every layer (NaN in var's columns), the
+        query's own genes are dropped, obs / obsm / obsp / uns / raw are kept. inplace=True (scvi-tools' default, as
+        its scArches tutorial calls it) changes `adata` itself and returns None; inplace=False returns a new
+        AnnData and leaves `adata` as it was (scvi-tools returns `adata` itself, reordered in place, when no gene
+        is missing). return_reference_var_names=True returns the reference's var names (a pd.Index) and touches
+        nothing. Padding keeps each matrix's format and dtype (scvi-tools' makes them CSR float64) and keeps uns
+        and raw (scvi-tools' drops them). Raises ValueError when the query shares no gene with the reference;
+        warns, as scvi-tools does, under 80% of the reference's genes, naming how many are padded. A store gets
+        the same alignment without a rewrite: prepare_query_zarr.
+        """
         var_names = pd.Index(_reference(reference_model).var_names)
         if return_reference_var_names:
             return var_names
-        shared = adata.var_names.intersection(var_names)
-        if len(shared) == 0:
-            raise ValueError("No reference var names found in query data. Please rerun with "
-                             "return_reference_var_names=True to see reference var names.")
-        if len(shared) / len(var_names) < 0.8:
-            import warnings
-
-            warnings.warn("Query data contains less than 80% of reference var names. This may result in poor "
-                          "performance.", UserWarning, stacklevel=2)
-        missing = var_names.difference(adata.var_names)
-        result = adata
-        if len(missing):
-            zeros = sp.csr_matrix((adata.n_obs, len(missing)), dtype=np.float32)
-            padding = anndata.AnnData(X=zeros, layers={layer: zeros.copy() for layer in adata.layers})
-            padding.var_names, padding.obs_names = missing, adata.obs_names
-            result = anndata.concat([adata, padding], axis=1, join="outer", index_unique=None, merge="unique")
-        if not var_names.equals(result.var_names):
-            if inplace and result is adata:
-                adata._inplace_subset_var(var_names)
-            else:
-                result = result[:, var_names].copy()
-        return None if inplace and result is adata else result
+        return pad_and_sort(adata, var_names, inplace)
 
     @classmethod
     def prepare_query_zarr(cls, query_path, reference, layer: str | None = None) -> AlignedStore:

@@ -95,10 +95,14 @@ def query_source(data, reference_var_names: list[str], layer: str | None) -> Cou
     as in scvi-tools); a store is aligned on the fly (AlignedStore) when its genes differ."""
     if is_anndata(data):
         source = AnnDataSource(data, layer=layer)
-        if not source.var_names.equals(_index(reference_var_names)):
+        reference = _index(reference_var_names)
+        if not source.var_names.equals(reference):
+            n_shared = len(source.var_names.intersection(reference))
             raise StoreError(
-                "the query AnnData's genes are not the reference's, in the reference's order: call "
-                "SCVI.prepare_query_anndata(adata, reference) first (it pads missing genes with zeros and reorders)"
+                f"the query AnnData's genes are not the reference's, in the reference's order (it has "
+                f"{source.n_vars} genes, {n_shared} of the reference's {len(reference)}): call "
+                "SCVI.prepare_query_anndata(adata, reference) first, in place (it pads missing genes with zeros, "
+                "drops the query's own and reorders), or map the AnnData it returns with inplace=False"
             )
         return source
     if isinstance(data, AlignedStore):
