@@ -9,6 +9,7 @@ Paths, each timed for forward + backward (the minimum over --repeats runs after 
                 B x G temporaries
     torch       scvi_scale.kernels' PyTorch path (torch_ops.py): sparse-aware, analytic gradients; eager, and with
                 torch.compile as it runs from torch_ops.COMPILE_MIN_ENTRIES entries on
+    native      the same path with the likelihood's terms from the C kernel (native.py), the CPU default
     triton      the fused Triton kernels (CUDA only)
 Memory at --cells x --memory-genes, the decoder op: on CUDA the peak allocated during forward + backward above what
 the inputs hold; on the CPU the bytes of the tensors each path saves for its backward (the inputs' own storage
@@ -28,6 +29,7 @@ z = 1 for ZINB (the dropout head), 0 otherwise:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -35,7 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
-from scvi_scale.kernels import torch_ops
+from scvi_scale.kernels import native, torch_ops
 from scvi_scale.kernels.count_likelihood import reference_count_log_likelihood
 from scvi_scale.kernels.decoder_likelihood import reference_decoder_log_likelihood
 
@@ -122,6 +124,8 @@ def paths(op: str, device: str, with_triton: bool) -> dict:
     unfused = reference_count_log_likelihood if op == "count" else reference_decoder_log_likelihood
     ours = torch_ops.count_log_likelihood if op == "count" else torch_ops.decoder_log_likelihood
     found = {"unfused (textbook)": (unfused, None), "torch eager": (ours, 1 << 62), "torch compiled": (ours, 0)}
+    if device == "cpu" and native.kernel() is not None:
+        found["native (C)"] = (functools.partial(ours, native=True), None)
     if with_triton:
         from scvi_scale.kernels import count_likelihood, decoder_likelihood
 

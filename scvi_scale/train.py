@@ -115,8 +115,9 @@ class TrainingConfig:
 
 PROBE_CUT_STEPS, PROBE_CUT_FACTOR = 3, 2.0
 # CPU in use by other processes, in cores, from which the tuner probes one thread. One busy process is ~1 core; a
-# quiet machine's daemons use ~0.01. Below it a probe would only cost: torch.compile's graphs guard on the thread
-# count, so the first steps at one thread recompile them (~1 s once per process, benchmarks/RESULTS.md).
+# quiet machine's daemons use ~0.01. Below it a probe would only cost: its slower steps and, where the likelihood
+# runs torch.compile'd (no C kernel: scvi_scale.kernels), a recompile for the new thread count (~1 s once per
+# process). With the C kernel a thread change compiles nothing (tests/test_startup.py).
 OTHERS_BUSY_CORES = 0.25
 
 
@@ -144,7 +145,7 @@ class ThreadTuner:
     wait for the minibatch included), switching only when the other is faster by more than `margin`. One thread is
     probed only while other processes use at least OTHERS_BUSY_CORES of CPU (`others_cpu`, measured since the last
     probe's start): on a quiet machine the tuner never leaves torch's count, since the first steps at one thread
-    cost ~1 s once per process (torch.compile's graphs recompile for it); under load a probe costs `window`
+    cost ~1 s once per process where torch.compile'd graphs recompile for it; under load a probe costs `window`
     slower steps a period (~1%). A probe of more threads always runs (the load may be gone), and stops after its
     first steps if each is over twice as slow. The schedule is by global step, so a resumed run probes at the same
     steps as an uninterrupted one.
