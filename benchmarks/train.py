@@ -1,7 +1,7 @@
 """Training throughput, peak memory and held-out ELBO: scvi-scale against scvi-tools' SCVI, in one run.
 
     .venv/bin/python benchmarks/train.py --peer-python /path/to/peer-venv/bin/python
-        [--sizes 100000 1000000] [--batch-sizes 128 1024] [--genes 2000 15000] [--steps 300] [--threads 2]
+        [--baseline-python /path/to/other-checkout/.venv/bin/python] [--sizes 100000 1000000] [--batch-sizes 128 1024] [--genes 2000 15000] [--steps 300] [--threads 2]
         [--elbo-cells 20000 --elbo-epochs 10 --elbo-seeds 5] [--data-dir /tmp/scvi-scale-bench]
 
 Both sides train the same architecture (scvi-tools' SCVI defaults: 128 hidden, 10 latent, 1 layer, ZINB, gene
@@ -10,6 +10,9 @@ scvi-scale streams the store from Zarr; scvi-tools reads it into memory (anndata
 the sizes given with --peer-sizes (default: the smallest). Each case runs in its own process, so its peak RSS is its
 own (ru_maxrss). Throughput is cells per second over `--steps` optimizer steps of one epoch, timed around train(),
 after a 20-step warm-up run in the same process on both sides (torch.compile, Lightning's start-up, first reads).
+
+--baseline-python runs scvi-scale's side again with another checkout's environment (e.g. main before a change),
+alternating with this one, so a change's effect on throughput is measured in the same run.
 
 Held-out ELBO: each side trains on the same 90% of an atlas with seeds 0 .. --elbo-seeds - 1 and is scored on the
 other 10%. After 2 epochs on 5,000 cells the seed-to-seed spread is ~30 nats (2.5%) on either side, so one seed
@@ -134,6 +137,7 @@ def main() -> None:
     parser.add_argument("--peer-python", help="python of an environment with scvi-tools (omit to skip the peer)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--peer-sizes", type=int, nargs="+", help="sizes at which the peer runs (default: smallest)")
+    parser.add_argument("--baseline-python", help="python of another scvi-scale checkout's environment, run beside")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--genes", type=int, nargs="+", default=[2000])
     parser.add_argument("--steps", type=int, default=300)
@@ -147,8 +151,10 @@ def main() -> None:
     peer_sizes = set(args.peer_sizes or [min(args.sizes)]) if args.peer_python else set()
 
     print(f"## Training throughput ({args.threads} threads, {args.steps} steps)\n")
-    print("| cells | genes | batch | scvi-scale cells/s | peak RSS MB | scvi-tools cells/s | peak RSS MB | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    baseline_columns = " baseline cells/s | peak RSS MB |" if args.baseline_python else ""
+    print("| cells | genes | batch | scvi-scale cells/s | peak RSS MB |" + baseline_columns
+          + " scvi-tools cells/s | peak RSS MB | ratio |")
+    print("|---|---|---|---|---|---|---|---|" + "---|---|" * bool(args.baseline_python))
     for n_cells in args.sizes:
         for n_genes in args.genes:
             store = atlas(args.data_dir, n_cells, n_genes)
@@ -156,14 +162,17 @@ def main() -> None:
                 steps = max(20, args.steps * 128 // batch_size)
                 ours = run_json(sys.executable, OURS_THROUGHPUT, store, batch_size, steps, args.threads,
                                 threads=args.threads)
+                baseline = "" if not args.baseline_python else " {cells_per_s:,.0f} | {peak_rss_mb:,.0f} |".format(
+                    **run_json(args.baseline_python, OURS_THROUGHPUT, store, batch_size, steps, args.threads,
+                               threads=args.threads))
                 peer = {"cells_per_s": float("nan"), "peak_rss_mb": float("nan")}
                 if n_cells in peer_sizes:
                     peer = run_json(args.peer_python, PEER_THROUGHPUT, store, batch_size, steps, args.threads,
                                     threads=args.threads)
                 ratio = ours["cells_per_s"] / peer["cells_per_s"]
                 print(f"| {n_cells:,} | {n_genes:,} | {batch_size} | {ours['cells_per_s']:,.0f} | "
-                      f"{ours['peak_rss_mb']:,.0f} | {peer['cells_per_s']:,.0f} | {peer['peak_rss_mb']:,.0f} | "
-                      f"{ratio:.2f} |", flush=True)
+                      f"{ours['peak_rss_mb']:,.0f} |{baseline} {peer['cells_per_s']:,.0f} | "
+                      f"{peer['peak_rss_mb']:,.0f} | {ratio:.2f} |", flush=True)
 
     if args.elbo_seeds < 1:
         return
