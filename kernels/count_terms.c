@@ -243,7 +243,9 @@ int scvi_count_terms_f32(int64_t row_start, int64_t row_end, int64_t n_genes, in
     int64_t *flat = (int64_t *)(g_zi + m);
     for (int64_t b = row_start; b < row_end; b++) {
         int64_t row = b * n_genes;
-        const float *theta_row = theta_mode == THETA_PER_GENE ? theta : theta_mode == THETA_PER_ENTRY ? theta + row : NULL;
+        const float *theta_row = theta_mode == THETA_PER_GENE    ? theta
+                                 : theta_mode == THETA_PER_ENTRY ? theta + row
+                                                                 : NULL;
         zero_count_row(n_genes, likelihood, p + row, scale[b], theta_row, zi ? zi + row : NULL, log_p_zero,
                        d_log_mu + row, d_theta ? d_theta + row : NULL, d_zi ? d_zi + row : NULL);
         double sum = 0.0;

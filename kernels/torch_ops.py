@@ -29,8 +29,8 @@ logits: four transcendentals an entry for ZINB), then nonzero_count_terms evalua
 expensive parts, at the non-zero counts only (~10% of single-cell counts, read from a CSR tensor or found with
 nonzero()) and their results are written over the dense ones. From COMPILE_MIN_ENTRIES entries on, both passes run
 as one torch.compile'd call (see there). Where the C kernel builds (native.py), it computes the same terms instead
-(count_terms(native=True)) and nothing is compiled by torch. The decoder op (DecoderLogLikelihood) keeps only per-entry gradients
-(B x G each, at most three), so its backward is four products and no elementwise pass.
+(count_terms(native=True)) and nothing is compiled by torch. The decoder op (DecoderLogLikelihood) keeps only
+per-entry gradients (B x G each, at most three), so its backward is four products and no elementwise pass.
 
 Measured (benchmarks/profile_step.py, training step at B = 128, G = 2000, 10% non-zero, quiet 2-core machine,
 1 thread): the step went from 21-22 ms to 17.5-18.7 ms with x_csr minibatches (1.21x; 2 threads 13.3 -> 11.4 ms).
