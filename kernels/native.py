@@ -197,9 +197,13 @@ def count_terms(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, p:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    pool = _state.get("pool")
-    if pool is None or pool._max_workers < workers:
-        _state["pool"] = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scvi-scale-terms")
+    """The process's pool for rows beyond the calling thread's, with at least `workers` threads (calls from several
+    threads at once share it: the C function keeps no state between calls)."""
+    with _lock:
+        pool, size = _state.get("pool"), _state.get("pool_size", 0)
+        if pool is None or size < workers:
+            _state["pool"] = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scvi-scale-terms")
+            _state["pool_size"] = workers
     return pool
 
 
