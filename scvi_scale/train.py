@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scvi_scale import distributed, surgery
+from scvi_scale import distributed, persist, surgery
 from scvi_scale.data.writer import remove_abandoned_siblings, write_atomically
 from scvi_scale.module import to_tensors
 from scvi_scale.settings import settings
@@ -365,7 +365,9 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> T
     """Restore module, optimizer, scheduler, stream position and RNG states from `path`, on every rank: each takes
     its own RNG state; rank 0 carries on the epoch's (all-rank) sums, the other ranks start theirs at zero."""
     rank, world_size = distributed.world()
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    # tensors and plain values only: a checkpoint runs no code when read
+    payload = persist.load_torch_file(path, [], "Remove it and start over (--overwrite), or resume from a checkpoint "
+                                      "this version wrote")
     if len(payload["torch_rng"]) != world_size:
         raise ValueError(
             f"{path} was written by a run of {len(payload['torch_rng'])} process(es); resume it with that many, "
