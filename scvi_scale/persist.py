@@ -11,7 +11,7 @@ minified_ (type, latent mean and variance keys) and scvi_scale_version; scvi-too
 registry_ / history_ (pandas frames), translated by scvi_tools_format.py. Every write goes to a temporary file first and is renamed into place,
 so a kill never leaves a torn model.pt.
 
-Reading runs no code from the file: torch.load(weights_only=True) with only SAFE_GLOBALS allowed besides torch's
+Reading runs no code from the file: torch.load(weights_only=True) with only _safe_globals() allowed besides torch's
 own tensor types (numpy arrays, the two variance activations a model may name, and the pandas frames of
 scvi-tools' history). A file that needs any other type is refused naming it (UnsafeModelFile);
 convert_trusted_model rewrites a trusted one in the allowed types. A damaged file is refused naming it

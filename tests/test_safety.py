@@ -1,12 +1,16 @@
-"""Safe to load, safe to write: a model file or checkpoint runs no code when read, and nothing is overwritten unasked.
+"""Safe to load, safe to write: a model file or checkpoint runs no code when read, nothing is overwritten unasked,
+and the exit code says whose the error is (2: the user's input or the place they named, 1: our bug).
 
 A hostile model.pt here is a real torch.save of a payload whose unpickling would create a file (builtins.exec of an
-open()); every reader must refuse it naming the type, and the file must not exist afterwards.
+open()); every reader must refuse it naming the type, and the file must not exist afterwards. OS errors are
+injected where the writes happen (the tests run as root, whom permissions do not stop).
 """
 
 from __future__ import annotations
 
 import builtins
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ import torch
 from scvi_scale import SCVI, persist
 from scvi_scale.cli import main
 from scvi_scale.datasets import synthetic_atlas
+from scvi_scale.outputs import writer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "scvi_tools"
 
@@ -111,3 +116,112 @@ def test_a_damaged_model_file_is_one_cli_line_naming_it_exit_2(model_dir, store,
     assert main(["latent", str(store), "--model", str(model_dir)]) == 2
     error = capsys.readouterr().err
     assert f"{path} is damaged" in error and "copy it again" in error and error.count("\n") == 1
+
+
+# --- exit codes -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bug", [KeyError("registry_"), TypeError("unsupported operand")])
+def test_a_keyerror_or_typeerror_from_inside_is_our_bug_exit_1(model_dir, store, capsys, monkeypatch, bug):
+    def load_with_a_bug(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(SCVI, "load", load_with_a_bug)
+    assert main(["latent", str(store), "--model", str(model_dir)]) == 1
+    assert f"{type(bug).__name__}:" in capsys.readouterr().err
+
+
+def test_bad_input_is_exit_2(model_dir, store, capsys):
+    assert main(["sample", str(store), "--model", str(model_dir), "--n-samples", "0"]) == 2
+    assert "n_samples=0" in capsys.readouterr().err
+
+
+# --- nothing overwritten unasked ------------------------------------------------------------------------------------
+
+
+def _de(store, model_dir, *extra) -> int:
+    return main(["de", str(store), "--model", str(model_dir), "--groupby", "batch", "--n-samples-overall", "20",
+                 *extra])
+
+
+def test_de_table_is_written_to_exactly_its_path_and_never_replaced_unasked(model_dir, store, tmp_path, capsys):
+    table = tmp_path / "de.csv"
+    assert _de(store, model_dir, "--table", str(table), "--key", "first") == 0
+    written = table.read_bytes()
+    assert [path.name for path in tmp_path.glob("de*")] == ["de.csv"]
+    capsys.readouterr()
+    assert _de(store, model_dir, "--table", str(table), "--key", "second") == 2
+    error = capsys.readouterr().err
+    assert f"{table} exists" in error and "--overwrite" in error
+    assert table.read_bytes() == written
+    import anndata
+
+    assert "second" not in anndata.read_zarr(store).uns  # refused before the work
+    assert _de(store, model_dir, "--table", str(table), "--key", "second", "--overwrite") == 0
+
+
+def test_a_table_suffix_of_no_known_format_is_refused_naming_the_formats(model_dir, store, tmp_path, capsys):
+    assert _de(store, model_dir, "--table", str(tmp_path / "de.txt")) == 2
+    assert ".csv or .parquet" in capsys.readouterr().err
+    assert not list(tmp_path.glob("de*"))
+
+
+def test_a_report_is_not_replaced_unasked(model_dir, store, tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.html").write_text("an earlier report")
+    assert main(["report", str(store), "--model", str(model_dir), "--out", str(out), "--max-cells", "100"]) == 2
+    assert f"{out / 'report.html'} exists" in capsys.readouterr().err
+    assert (out / "report.html").read_text() == "an earlier report"
+
+
+# --- OS errors --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code, advice", [(errno.ENOSPC, "free space"), (errno.EACCES, "permissions"),
+                                          (errno.EROFS, "read-only")])
+def test_an_os_error_while_writing_an_output_is_one_line_naming_the_store_and_leaves_nothing(
+        model_dir, store, capsys, monkeypatch, code, advice):
+    """A disk filling up (a write that names no file) at the second of four chunks: exit 2, the store and what to
+    do in one line, no obsm/X_scvi visible; the rerun finishes with the values of an in-memory pass."""
+    original = writer.DenseOutput.write_chunk
+
+    def write_failing_at_chunk_1(self, chunk, values):
+        if chunk == 1:
+            raise OSError(code, os.strerror(code))
+        original(self, chunk, values)
+
+    monkeypatch.setattr(writer.DenseOutput, "write_chunk", write_failing_at_chunk_1)
+    arguments = ["latent", str(store), "--model", str(model_dir), "--chunk-rows", "50"]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"scvi-scale latent: error: {store}: {os.strerror(code)}; ") and advice in error
+    assert error.count("\n") == 1
+    import anndata
+
+    assert "X_scvi" not in anndata.read_zarr(store).obsm
+    monkeypatch.setattr(writer.DenseOutput, "write_chunk", original)
+    assert main(arguments) == 0
+    np.testing.assert_array_equal(anndata.read_zarr(store).obsm["X_scvi"],
+                                  SCVI.load(model_dir, store).get_latent_representation())
+
+
+def test_a_read_only_store_gives_outputs_in_memory_and_refuses_write_to_before_any_work(
+        model_dir, store, monkeypatch, capsys):
+    """Read-only simulated through os.access (the tests run as root, whom permissions do not stop)."""
+    from scvi_scale.outputs import runner
+
+    real_access = os.access
+    monkeypatch.setattr(writer.os, "access", lambda path, mode: (
+        False if Path(path).resolve() == Path(store).resolve() and mode == os.W_OK else real_access(path, mode)))
+    model = SCVI.load(model_dir, store)
+    assert model.get_latent_representation().shape == (200, 3)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("computed before refusing")
+
+    monkeypatch.setattr(runner, "run_units", no_work)
+    with pytest.raises(writer.OutputError, match="read-only.*in memory.*output_store"):
+        model.write_latent_representation("X_scvi")
+    assert main(["normalize", str(store), "--model", str(model_dir)]) == 2
+    assert "read-only" in capsys.readouterr().err

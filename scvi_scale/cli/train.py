@@ -114,7 +114,7 @@ def train_and_save(args) -> None:
     write_history_table(model.history_, out)  # history.csv, and the loss curves beside it
     plot_loss_curves(model.history_, out / LOSS_CURVES)
     if args.report:
-        model.report(out / "report")
+        model.report(out / "report", overwrite=True)  # this run's --out was checked before training
     history = model.history_
     epochs = len(history.get("elbo_train", []))
     summary = {

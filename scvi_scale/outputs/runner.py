@@ -194,6 +194,8 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
                            new_store)
     if request.output_store is not None:
         raise writer.OutputError("the outputs of a collection of stores go into each store; output_store= names one")
+    for member in members:  # all of them before any work
+        writer.check_writable(member.path)
     parts = [
         _write_into(inputs, job, request, outputs, record, description, member.path, member.n_obs, int(first), False)
         for member, first in zip(members, inputs.store.offsets[:-1])
