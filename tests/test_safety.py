@@ -9,8 +9,11 @@ injected where the writes happen (the tests run as root, whom permissions do not
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +228,54 @@ def test_a_read_only_store_gives_outputs_in_memory_and_refuses_write_to_before_a
         model.write_latent_representation("X_scvi")
     assert main(["normalize", str(store), "--model", str(model_dir)]) == 2
     assert "read-only" in capsys.readouterr().err
+
+
+# --- one writer at a time -------------------------------------------------------------------------------------------
+
+HOLD_FLOCK = """
+import fcntl, os, sys, time
+descriptor = os.open(sys.argv[1], os.O_RDONLY | (os.O_CREAT if sys.argv[2] == "file" else 0), 0o644)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def another_process_holding(path: Path, kind: str):
+    """A process holding the flock of `path` (a "file" it creates, or a "folder"), as a running writer does; it
+    is SIGKILLed on leaving, as a killed run would be."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FLOCK, str(path), kind], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_a_second_train_on_the_same_out_is_refused_and_a_killed_run_leaves_no_lock(store, tmp_path, capsys):
+    from scvi_scale.cli.train import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["train", str(store), "--batch-key", "batch", "--out", str(out), "--max-epochs", "1", "--n-hidden", "8"]
+    with another_process_holding(out / LOCK_FILE, "file"):
+        assert main(argv) == 2
+        assert f"{out} is being trained by another run" in capsys.readouterr().err
+        assert [path.name for path in out.iterdir()] == [LOCK_FILE]
+    assert main(argv) == 0
+    assert persist.model_path(out).exists()
+
+
+def test_a_second_writer_of_an_output_is_refused_and_a_killed_one_leaves_no_lock(model_dir, store, capsys):
+    import anndata
+
+    argv = ["latent", str(store), "--model", str(model_dir)]
+    with another_process_holding(store, "folder"):
+        assert main(argv) == 2
+        assert "another process is writing outputs into it" in capsys.readouterr().err
+        assert "X_scvi" not in anndata.read_zarr(store).obsm
+    assert main(argv) == 0
+    np.testing.assert_array_equal(anndata.read_zarr(store).obsm["X_scvi"],
+                                  SCVI.load(model_dir, store).get_latent_representation())

@@ -14,7 +14,8 @@ where they are defined (SCVI's signature, module.py's option lists), not restate
 Errors: bad input (a damaged store or model file, a missing column, a refused argument, an existing output) and
 an OS error of a place the user named (disk full, no permission, a read-only file system) end the command with
 one line saying what is wrong, where, and what to do, and exit code 2; anything else is our bug (a KeyError or
-TypeError from inside included): one line and exit code 1. --debug shows the traceback instead.
+TypeError from inside included): one line and exit code 1. A train stopped by SIGINT / SIGTERM (checkpointed,
+resumable) exits 130 / 143. --debug shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import sys
 
 from scvi_scale.cli import convert, outputs, query, report, train
+from scvi_scale.train import TrainingInterrupted
 
 # What the user can fix: exit code 2 with the message. (StoreError, OutputError and persist's refusals of a model
 # file are ValueErrors; NotImplementedError is an option asked for that scvi-scale does not implement.)
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_code_and_line(args, error: Exception) -> tuple[int, str]:
     """2 and what to fix for the user's input (BAD_INPUT, USER_OS_ERRORS); 1 and the error's type for our bugs."""
+    if isinstance(error, TrainingInterrupted):  # 128 + the signal, as a shell reports a process it stopped
+        return 128 + error.signal_number, str(error)
     if isinstance(error, BAD_INPUT):
         return 2, f"error: {_one_line(error)}"
     if isinstance(error, OSError) and error.errno in USER_OS_ERRORS:

@@ -41,6 +41,8 @@ metadata (anndata writes it), it is rewritten when an entry is moved into place.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -183,6 +185,26 @@ def check_writable(store: str | os.PathLike) -> None:
     if "://" not in os.fspath(store) and Path(store).exists() and not os.access(store, os.W_OK):
         raise OutputError(f"{store} is read-only for this process: get the outputs in memory (no write_to), or write "
                           "them into another store (output_store=, --output-store)")
+
+
+@contextlib.contextmanager
+def exclusive_writer(store: str | os.PathLike):
+    """Hold the claim of this process on writing outputs into the local store `store`: an flock on its folder, which
+    the OS releases when the process ends, however it ends. A second writer meanwhile is refused (OutputError) at
+    once, so two writers of one output never mix (each would otherwise pass the checks made before its work)."""
+    if "://" in os.fspath(store):  # a remote store has no folder to lock
+        yield
+        return
+    descriptor = os.open(store, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{store}: another process is writing outputs into it; run again when it has ended (an "
+                              "unfinished output with the same settings resumes)") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _remove_progress(store: str, entry: str) -> None:
@@ -584,12 +606,13 @@ def check_uns_key(store: str | os.PathLike, key: str, overwrite: bool = False) -
 def write_uns(store: str | os.PathLike, key: str, value, overwrite: bool = False) -> None:
     """Write a small value (a DataFrame, dict, array) as uns/<key> of `store` with anndata's encoder."""
     store = os.fspath(store)
-    check_uns_key(store, key, overwrite)
-    uns = _group(_root(store), "uns")
-    if key in uns:
-        del uns[key]
-    write_elem(uns, key, value)
-    reconsolidate(store)
+    with exclusive_writer(store):
+        check_uns_key(store, key, overwrite)  # again, now that no other writer can come in between
+        uns = _group(_root(store), "uns")
+        if key in uns:
+            del uns[key]
+        write_elem(uns, key, value)
+        reconsolidate(store)
 
 
 def write_obs_column(store, key: str, values: pd.Series, overwrite: bool = False) -> None:
