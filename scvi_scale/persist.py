@@ -105,6 +105,17 @@ def load_torch_file(path: Path, allowed: list, trusted_hint: str) -> dict:
         raise DamagedModelFile(f"{path} is damaged ({_first_line(error)}): {damaged}") from None
 
 
+def save_torch_file(payload, path: Path) -> Path:
+    """torch.save `payload` to `path` atomically (write_atomically), through a Python file: so a full disk is an
+    OSError (ENOSPC) naming `path`, where torch's own writer says only "unexpected pos"."""
+
+    def save(temporary: Path) -> None:
+        with open(temporary, "wb") as file:
+            torch.save(payload, file)
+
+    return write_atomically(path, save)
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
@@ -265,5 +276,4 @@ def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = Fals
                 "scvi_scale_version": __version__,
             },
         }
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
-    return path
+    return save_torch_file(payload, path)

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scvi_scale import distributed, persist, surgery
-from scvi_scale.data.writer import remove_abandoned_siblings, write_atomically
+from scvi_scale.data.writer import remove_abandoned_siblings
 from scvi_scale.module import to_tensors
 from scvi_scale.settings import settings
 
@@ -397,7 +397,7 @@ def save_checkpoint(
             "stopped_early": state.stopped_early,
         },
     }
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    persist.save_torch_file(payload, path)
 
 
 def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> TrainingState:

@@ -279,3 +279,24 @@ def test_a_second_writer_of_an_output_is_refused_and_a_killed_one_leaves_no_lock
     assert main(argv) == 0
     np.testing.assert_array_equal(anndata.read_zarr(store).obsm["X_scvi"],
                                   SCVI.load(model_dir, store).get_latent_representation())
+
+
+def test_a_full_disk_while_training_names_the_checkpoint_and_leaves_no_part_of_it(store, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """The first checkpoint's write gets part way, then the disk is full: exit 2, one line naming the checkpoint,
+    no checkpoint or temporary file left; the rerun trains."""
+    real_save = torch.save
+
+    def save_until_the_disk_is_full(payload, file):
+        file.write(b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "run"
+    argv = ["train", str(store), "--batch-key", "batch", "--out", str(out), "--max-epochs", "1", "--n-hidden", "8"]
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{out / 'checkpoint.pt'}: No space left on device; free space" in error and error.count("\n") == 1
+    assert not out.exists()  # nothing in it: the folder this run created is gone again
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(argv) == 0
