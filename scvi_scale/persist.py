@@ -44,15 +44,19 @@ FORMATS = ("scvi-scale", "scvi-tools")
 def _safe_globals() -> list:
     """What a model file may name besides torch's tensors (torch.serialization's own allow-list): each one builds a
     value from data and calls nothing the file chooses."""
-    from numpy._core import multiarray
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
     from pandas._libs.internals import _unpickle_block
     from pandas.core.indexes.base import _new_Index
     from pandas.core.internals.managers import BlockManager
 
     return [
-        # numpy arrays (var_names, split rows), also under the name numpy 1 pickled them with
-        np.ndarray, np.dtype, multiarray._reconstruct, (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-        multiarray.scalar, (multiarray.scalar, "numpy.core.multiarray.scalar"),
+        # numpy arrays (var_names, split rows), under the names numpy 2 and numpy 1 pickle them with
+        np.ndarray, np.dtype,
+        *[(getattr(multiarray, name), f"numpy.{core}.multiarray.{name}") for name in ("_reconstruct", "scalar")
+          for core in ("_core", "core")],
         *{type(np.dtype(code)) for code in "?bhilqBHILQefdOUS"},  # numpy 2 pickles each dtype's class
         # the variance activations a saved model may name (init_params' var_activation)
         torch.exp, torch.nn.functional.softplus,
