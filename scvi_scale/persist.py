@@ -10,10 +10,19 @@ attr_dict keys init_params_ (our SCVI keyword arguments), registry_ (Registry.to
 minified_ (type, latent mean and variance keys) and scvi_scale_version; scvi-tools' has its own init_params_ /
 registry_ / history_ (pandas frames), translated by scvi_tools_format.py. Every write goes to a temporary file first and is renamed into place,
 so a kill never leaves a torn model.pt.
+
+Reading runs no code from the file: torch.load(weights_only=True) with only _safe_globals() allowed besides torch's
+own tensor types (numpy arrays, the two variance activations a model may name, and the pandas frames of
+scvi-tools' history). A file that needs any other type is refused naming it (UnsafeModelFile);
+convert_trusted_model rewrites a trusted one in the allowed types. A damaged file is refused naming it
+(DamagedModelFile).
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +39,89 @@ from scvi_scale.version import __version__
 MODEL_FILE = "model.pt"
 ANNDATA_FILE = "adata.h5ad"
 FORMATS = ("scvi-scale", "scvi-tools")
+
+
+def _safe_globals() -> list:
+    """What a model file may name besides torch's tensors (torch.serialization's own allow-list): each one builds a
+    value from data and calls nothing the file chooses."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    from pandas._libs.internals import _unpickle_block
+    from pandas.core.indexes.base import _new_Index
+    from pandas.core.internals.managers import BlockManager
+
+    return [
+        # numpy arrays (var_names, split rows), under the names numpy 2 and numpy 1 pickle them with
+        np.ndarray, np.dtype,
+        *[(getattr(multiarray, name), f"numpy.{core}.multiarray.{name}") for name in ("_reconstruct", "scalar")
+          for core in ("_core", "core")],
+        *{type(np.dtype(code)) for code in "?bhilqBHILQefdOUS"},  # numpy 2 pickles each dtype's class
+        # the variance activations a saved model may name (init_params' var_activation)
+        torch.exp, torch.nn.functional.softplus,
+        # scvi-tools' history_: one DataFrame per metric, indexed by epoch
+        pd.DataFrame, pd.Index, _new_Index, BlockManager, _unpickle_block, slice, bytes,
+        # scvi-tools' registry_ holds defaultdict(dict)s, read as plain dicts (torch fills no other mapping)
+        (_plain_dict, "collections.defaultdict"), dict,
+    ]
+
+
+def _plain_dict(*_default_factory) -> dict:
+    return {}
+
+
+class DamagedModelFile(ValueError):
+    """A model file or checkpoint that is not a whole torch file (truncated, overwritten, another kind of file)."""
+
+
+class UnsafeModelFile(ValueError):
+    """A model file or checkpoint that needs a type loading does not allow (it could run code); names the types."""
+
+
+def _global_name(entry) -> str:
+    if isinstance(entry, tuple):
+        return entry[1]
+    return f"{entry.__module__}.{entry.__qualname__}"
+
+
+def load_torch_file(path: Path, allowed: list, trusted_hint: str) -> dict:
+    """torch.load(path) that runs no code from the file: weights_only=True, with `allowed` (torch.serialization
+    safe globals) besides torch's own. A damaged file raises DamagedModelFile, one that needs another type
+    UnsafeModelFile naming the types and `trusted_hint` (what to do when its source is trusted); both name `path`."""
+    path = Path(path)
+    damaged = "write it again, or copy it again from its source"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one has lost its directory
+        raise DamagedModelFile(f"{path} is damaged or not a torch file (no whole zip archive): {damaged}")
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        names = {_global_name(entry) for entry in allowed}
+        refused = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - names)
+        if not refused:
+            reason = " ".join(str(error).partition("WeightsUnpickler error:")[2].split("Check the documentation")[0]
+                              .split())
+            raise DamagedModelFile(f"{path} cannot be read ({reason or _first_line(error)}): {damaged}") from None
+        raise UnsafeModelFile(f"{path} needs {', '.join(refused)}, which a model file may not use here (loading it "
+                              f"could run code); it was not loaded. {trusted_hint}") from None
+    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise DamagedModelFile(f"{path} is damaged ({_first_line(error)}): {damaged}") from None
+
+
+def save_torch_file(payload, path: Path) -> Path:
+    """torch.save `payload` to `path` atomically (write_atomically), through a Python file: so a full disk is an
+    OSError (ENOSPC) naming `path`, where torch's own writer says only "unexpected pos"."""
+
+    def save(temporary: Path) -> None:
+        with open(temporary, "wb") as file:
+            torch.save(payload, file)
+
+    return write_atomically(path, save)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 @dataclass
@@ -121,7 +213,24 @@ def read_model(dir_path, prefix: str | None = None) -> SavedModel:
     path = model_path(dir_path, prefix)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: a model directory (SCVI.save) holds {MODEL_FILE}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    hint = (f"If you trust whoever wrote it, rewrite it in the allowed types with "
+            f"scvi_scale.persist.convert_trusted_model({str(dir_path)!r}, NEW_DIR)")
+    return _saved_model(load_torch_file(path, _safe_globals(), hint), dir_path)
+
+
+def convert_trusted_model(dir_path, new_dir_path, prefix: str | None = None) -> Path:
+    """Rewrite the model in `dir_path` (ours, of any earlier version, or scvi-tools') as our directory in
+    `new_dir_path` that read_model loads. This loads the old file with weights_only=False, which runs whatever
+    code it holds: only for a file whose source you trust. Returns the new model file's path."""
+    payload = torch.load(model_path(dir_path, prefix), map_location="cpu", weights_only=False)
+    saved = _saved_model(payload, dir_path)
+    if saved.data_path is not None:  # earlier versions may have kept Paths
+        saved.data_path = (os.fspath(saved.data_path) if isinstance(saved.data_path, (str, os.PathLike))
+                           else [os.fspath(path) for path in saved.data_path])
+    return write_model(new_dir_path, saved, prefix=prefix)
+
+
+def _saved_model(payload: dict, dir_path) -> SavedModel:
     attrs = payload.get("attr_dict", {})
     if "scvi_scale_version" not in attrs:
         fields = scvi_tools_format.to_ours(payload, dir_path)
@@ -171,5 +280,4 @@ def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = Fals
                 "scvi_scale_version": __version__,
             },
         }
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
-    return path
+    return save_torch_file(payload, path)

@@ -21,13 +21,19 @@ Metrics follow scvi-tools' (1.5) names and meaning. Per epoch, over the cells se
 and kl_weight, lr and epoch_seconds. Validation runs as scvi-tools runs it: never, unless check_val_every_n_epoch
 asks for it or early stopping or LR-on-plateau needs it (then every epoch).
 The step reads one value back to the host, the loss (to stop on NaN); the epoch's sums stay on the device.
+
+Stopping on a signal: inside `stop_on_signals()` (the CLI's train, one process), SIGINT or SIGTERM asks the
+running fit to stop after its current step: it checkpoints (a run that is not healthy keeps its previous, healthy
+checkpoint) and raises TrainingInterrupted, from which a resume continues as an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,8 +43,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scvi_scale import distributed, surgery
-from scvi_scale.data.writer import remove_abandoned_siblings, write_atomically
+from scvi_scale import distributed, persist, surgery
+from scvi_scale.data.writer import remove_abandoned_siblings
 from scvi_scale.module import to_tensors
 from scvi_scale.settings import settings
 
@@ -47,6 +53,39 @@ logger = logging.getLogger("scvi_scale.train")
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last healthy checkpoint (if one was written) is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """fit stopped at a signal (see stop_on_signals), after checkpointing; `signal_number` says which."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+_stop_signals: list[int] = []  # the signals that asked the running fit to stop (stop_on_signals)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signal_numbers=(signal.SIGINT, signal.SIGTERM)):
+    """While inside, the first of these signals asks fit to stop after its current step, checkpoint and raise
+    TrainingInterrupted; a second one acts as it would outside (the default: Ctrl-C twice still stops at once).
+    For one process, in its main thread (ranks would stop at different steps and wait on each other)."""
+    previous = {number: signal.getsignal(number) for number in signal_numbers}
+
+    def ask_to_stop(number, frame):
+        _stop_signals.append(number)
+        for each, handler in previous.items():
+            signal.signal(each, handler)
+
+    for number in signal_numbers:
+        signal.signal(number, ask_to_stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _stop_signals.clear()
 
 
 # A checkpoint is written only when the run is healthy: every parameter finite and the loss at those weights within
@@ -359,14 +398,16 @@ def save_checkpoint(
             "stopped_early": state.stopped_early,
         },
     }
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    persist.save_torch_file(payload, path)
 
 
 def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> TrainingState:
     """Restore module, optimizer, scheduler, stream position and RNG states from `path`, on every rank: each takes
     its own RNG state; rank 0 carries on the epoch's (all-rank) sums, the other ranks start theirs at zero."""
     rank, world_size = distributed.world()
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    # tensors and plain values only: a checkpoint runs no code when read
+    payload = persist.load_torch_file(path, [], "Remove it and start over (--overwrite), or resume from a checkpoint "
+                                      "this version wrote")
     if len(payload["torch_rng"]) != world_size:
         raise ValueError(
             f"{path} was written by a run of {len(payload['torch_rng'])} process(es); resume it with that many, "
@@ -548,6 +589,8 @@ class _Loop:
                 self.checkpoint()
             elif self.checkpoint_due():
                 self.checkpoint()
+            if _stop_signals:
+                self.stop_for_signal(_stop_signals[0])
             if max_steps is not None and self.state.global_step >= max_steps:
                 self.checkpoint()
                 return False
@@ -560,6 +603,17 @@ class _Loop:
         self.progress.set_postfix(postfix)
         self.checkpoint()
         return True
+
+    def stop_for_signal(self, signal_number: int) -> None:
+        """Checkpoint (when healthy) and raise TrainingInterrupted saying where the run can be resumed from."""
+        self.checkpoint()
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
+            kept = (f"{self.checkpoint_path} holds its last healthy step: continue with --resume "
+                    "(train(..., resume=True))")
+        else:
+            kept = "no checkpoint was written (no checkpoint_dir, or no healthy step yet)"
+        raise TrainingInterrupted(f"training stopped by {signal.Signals(signal_number).name} at step "
+                                  f"{self.state.global_step}; {kept}", signal_number)
 
     def checkpoint_due(self) -> bool:
         """Time for a checkpoint_every_seconds checkpoint; looked at every TIME_CHECK_STEPS steps, agreed by all ranks

@@ -19,7 +19,8 @@ thread. The server is the children's parent: it kills them itself (no pid can be
                                rename, unlink, remove, rmdir, mkdir: every rename that publishes a file, every
                                deletion), counted from its start (c "all"), from the first call of an output's
                                finish ("finish": the final assembly and the moves into the store; changes inside the
-                               staging folder not counted) or from the first model save ("save").
+                               staging folder not counted) or from the first model save ("save"). With
+                               "signal": "SIGINT" or "SIGTERM", it sends itself that signal there instead, and goes on.
 The second kind needs no hook in the package: the child wraps those os functions (and the two landmarks, to start
 counting) before calling main. Kills at a change hit the moments that matter for crash consistency (between a
 write and its rename, between parts, inside the assembly) far more often than kills at random times would.
@@ -42,6 +43,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from scvi_scale.cli.train import LOCK_FILE
 from scvi_scale.datasets import synthetic_atlas
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*zarr v2 data will no longer be the default.*")
@@ -95,7 +97,7 @@ def count_changes(plan, report):
                 report.update(counts)
                 die = die_at is not None and counts.get(counted_from) == die_at
             if die:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), getattr(signal, plan.get("signal", "SIGKILL")))
             return _real(*args, **kwargs)
 
         setattr(os, name, changed)
@@ -308,11 +310,40 @@ def test_cli_training_killed_at_random_moments_resumes_to_the_uninterrupted_mode
     def check_done(out: Path) -> None:
         assert_same_model(out, reference_model)
         left = [path.name for path in out.iterdir() if not path.name.startswith((".history.csv.tmp",
-                                                                                ".loss_curves.png.tmp"))]
+                                                                                ".loss_curves.png.tmp", LOCK_FILE))]
         assert sorted(left) == ["checkpoint.pt", "history.csv", "loss_curves.png", "model.pt"]  # no temporary file
         # (the report's temporary files: see test_training_removes_the_temporary_files_of_killed_runs)
 
     kill_and_rerun(server, rng, reference_run, ("time", "all", "save"), fresh, argv_of, check_after_kill, check_done)
+
+
+@pytest.mark.parametrize("signal_name, exit_code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_cli_training_stopped_by_a_signal_checkpoints_and_resumes_to_the_uninterrupted_model(
+    store, reference_run, reference_model, server, tmp_path, signal_name, exit_code
+):
+    """The signal comes just before a seeded one of the file-system changes the run makes before saving its model
+    (the lock, set-up, checkpoints): the run checkpoints at the end of its step, exits 128 + the signal saying how
+    to resume, and --resume ends at the uninterrupted model, bit for bit. A signal at the last checkpoint comes
+    after the last step: that run finishes (exit 0, the same model)."""
+    rng = np.random.default_rng(exit_code)
+    changes = reference_run["changes"]
+    stops = 0
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        argv = ["train", store, "--out", out, "--seed", SEED, *TRAIN]
+        plan = {"before_change": int(rng.integers(1, changes["all"] - changes["save"] + 1)), "signal": signal_name}
+        stopped = server.run(argv, plan)
+        print(f"plan {plan} -> rc {stopped['rc']}, {stopped['seconds']:.1f} s")
+        if stopped["rc"] != 0:
+            assert stopped["rc"] == exit_code, stopped["log"]
+            assert f"training stopped by {signal_name}" in stopped["log"] and "--resume" in stopped["log"]
+            assert not (out / "model.pt").exists()
+            assert torch.load(out / "checkpoint.pt", weights_only=False)["state"]["global_step"] > 0
+            stops += 1
+            resumed = server.run([*argv, "--resume"], {})
+            assert resumed["rc"] == 0, resumed["log"]
+        assert_same_model(out, reference_model)
+    assert stops >= 2  # the seeded draws do stop runs (not only signal finished ones)
 
 
 LEFTOVERS = {  # what a run killed while writing each file leaves, named as its writer names it ({pid}: a dead one)

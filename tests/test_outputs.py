@@ -371,7 +371,7 @@ def test_de_raw_statistics_equal_a_direct_computation(model, atlas, tmp_path):
     groups = anndata.read_zarr(atlas).obs["cell_type"].to_numpy()
     in_group, in_other = groups == "type_2", groups == "type_0"
     result = model.differential_expression(groupby="cell_type", group1="type_2", group2="type_0", silent=True,
-                                           n_samples_overall=200, write_to="de_type_2", table_path=tmp_path / "de")
+                                           n_samples_overall=200, write_to="de_type_2", table_path=tmp_path / "de.csv")
     result = result.loc[model.store.var_names]
     normalized = counts / counts.sum(1, keepdims=True) * 1e4
     for suffix, cells in (("1", in_group), ("2", in_other)):
@@ -383,7 +383,9 @@ def test_de_raw_statistics_equal_a_direct_computation(model, atlas, tmp_path):
     assert "comparison" not in rest.columns  # as scvi-tools: no group columns for idx1/idx2
     stored = anndata.read_zarr(atlas).uns["de_type_2"]
     np.testing.assert_allclose(stored["raw_mean1"].to_numpy(), result.loc[stored.index, "raw_mean1"].to_numpy())
-    assert len(list(tmp_path.glob("de.*"))) == 1
+    assert [path.name for path in tmp_path.glob("de*")] == ["de.csv"]  # exactly the path given
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "de.csv", index_col=0).loc[result.index, "raw_mean1"],
+                               result["raw_mean1"], rtol=1e-6)
     with pytest.raises(OutputError, match="already exists"):  # refused before any work
         model.differential_expression(groupby="cell_type", silent=True, write_to="de_type_2")
 

@@ -257,7 +257,8 @@ def test_a_failed_rerun_leaves_no_page_of_the_earlier_report(synthetic_run, synt
 
     arguments = {key: value for key, value in synthetic_run.items() if key != "counts"}
     with pytest.raises(OSError, match="went away"):
-        build_report(tmp_path / "report", **arguments, counts_for_baseline=counts_that_fail, max_cells=1200)
+        build_report(tmp_path / "report", **arguments, counts_for_baseline=counts_that_fail, max_cells=1200,
+                     overwrite=True)
     assert not (tmp_path / "report" / "report.html").exists()
 
 

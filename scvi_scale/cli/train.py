@@ -1,11 +1,18 @@
 """`scvi-scale train STORE --out MODEL_DIR`: set up a store, train scVI on it and save the model, in this process
 or as the ranks of a data-parallel job (`--nproc N`, or torchrun). MODEL_DIR also gets the history as a table
-(history.csv) and its loss curves (loss_curves.png), and with --report the integration report."""
+(history.csv) and its loss curves (loss_curves.png), and with --report the integration report.
+
+One run per MODEL_DIR at a time: a run holds an flock on MODEL_DIR/LOCK_FILE (released by the OS when the process
+ends, however it ends), and a second is refused. In one process, SIGINT and SIGTERM stop the run after its current
+step with a checkpoint, exit code 130 / 143; `--resume` continues it (train.stop_on_signals)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -16,7 +23,9 @@ from scvi_scale.model.scvi import CHECKPOINT_FILE
 from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
 from scvi_scale.report import plot_loss_curves, write_history_table
 from scvi_scale.report.history import HISTORY_TABLE, LOSS_CURVES
-from scvi_scale.train import TrainingConfig
+from scvi_scale.train import TrainingConfig, stop_on_signals
+
+LOCK_FILE = ".train.lock"
 
 SETUP_KEYS = ("layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
               "continuous_covariate_keys")
@@ -61,7 +70,39 @@ def add_commands(commands) -> None:
     p.set_defaults(run=run_train)
 
 
+@contextlib.contextmanager
+def training_lock(out: Path):
+    """Hold the lock of the model directory `out` for this process, or raise FileExistsError naming its holder.
+    A directory this call created and that ends with nothing but the lock (a refused run) is removed again."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(out / LOCK_FILE, "a+") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                raise FileExistsError(f"{out} is being trained by another run ({file.read().strip() or 'a process'})"
+                                      ": wait for it to end, or choose another --out") from None
+            file.truncate(0)
+            file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            file.flush()
+            yield
+    finally:
+        if created and [path.name for path in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()
+            out.rmdir()
+
+
 def run_train(args) -> int:
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 holds the lock
+        return _train_run(args)
+    one_process = args.nproc == 1 and os.environ.get("WORLD_SIZE", "1") == "1"
+    with training_lock(Path(args.out)), stop_on_signals() if one_process else contextlib.nullcontext():
+        return _train_run(args)
+
+
+def _train_run(args) -> int:
     out = Path(args.out)
     existing = [path for path in (persist.model_path(out), out / CHECKPOINT_FILE) if path.exists()]
     if existing and not (args.overwrite or args.resume):
@@ -114,7 +155,7 @@ def train_and_save(args) -> None:
     write_history_table(model.history_, out)  # history.csv, and the loss curves beside it
     plot_loss_curves(model.history_, out / LOSS_CURVES)
     if args.report:
-        model.report(out / "report")
+        model.report(out / "report", overwrite=True)  # this run's --out was checked before training
     history = model.history_
     epochs = len(history.get("elbo_train", []))
     summary = {

@@ -94,13 +94,18 @@ def scratch_sibling(path: Path, kind: str) -> Path:
 def write_atomically(path: str | os.PathLike, write) -> Path:
     """Call `write(temporary_path)`, then rename the temporary file over `path`, so a reader never sees a torn file.
     The temporary file is a scratch_sibling: removed on an error here, and by remove_abandoned_siblings(path) when a
-    kill left it."""
+    kill left it. An OSError that names no file or the temporary one is raised naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = scratch_sibling(path, "partial")
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        if error.filename not in (None, str(temporary)):
+            raise
+        # a full disk names no file, a refused write the temporary one: name the file the caller asked for
+        raise type(error)(error.errno, error.strerror, str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
     return path

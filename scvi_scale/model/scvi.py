@@ -683,6 +683,8 @@ class SCVI:
         else (n_cells, n_genes, n_samples). write_to: layers/<key> (n_samples=1) or layers/<key>_0 ...
         <key>_{n_samples-1}, CSR (the lazy arrays are returned)."""
         compat.refuse("posterior_predictive_sample", dataloader=dataloader)
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples={n_samples!r}: the draws per cell, at least 1")
         inputs = self._inputs(adata)
         request = self._request("posterior_predictive_sample", inputs, indices, batch_size, silent, kwargs)
         transform = arguments.batch_codes(self.registry.batch_categories, transform_batch)
@@ -762,8 +764,9 @@ class SCVI:
         use_permutation, m_permutation, pseudocounts, test_mode, ...), its columns and row order (see
         outputs/differential.py for how the cells are gathered, in bounded memory). groupby may name an obs column
         added after set-up. Results are one DataFrame (index: gene names, one block of rows per comparison);
-        write_to also writes it as uns/<key> of the store (or the AnnData), table_path as a parquet file (csv
-        when pyarrow is missing). Extra: threshold_counts, max_sample_bytes.
+        write_to also writes it as uns/<key> of the store (or the AnnData), table_path as a file of exactly that
+        path (.csv, or .parquet with pyarrow; refused before the work when it exists, unless overwrite).
+        Extra: threshold_counts, max_sample_bytes.
         """
         compat.refuse("differential_expression", dataloader=dataloader)
         de_keys = {"n_samples_overall", "use_permutation", "m_permutation", "pseudocounts", "threshold_counts",
@@ -786,6 +789,8 @@ class SCVI:
             targets = [writer.output_store(path, request.output_store) for path in sources.data_paths(inputs.store)]
             for target in targets:
                 writer.check_uns_key(target, write_to, request.overwrite)  # before the work, not after
+        if table_path is not None:
+            writer.check_table_path(table_path, request.overwrite)
         comparisons = differential.compare_groups(inputs.store, groupby, group1, group2, idx1, idx2)
         result = differential.differential_expression(
             inputs, request, comparisons, de_options, list(self.registry.batch_categories), self.var_names
@@ -795,21 +800,23 @@ class SCVI:
         if write_to is not None and in_anndata:
             inputs.store.adata.uns[write_to] = result
         if table_path is not None:
-            writer.write_table(result, table_path)
+            writer.write_table(result, table_path, overwrite=request.overwrite)
         return result
 
     # --- report --------------------------------------------------------------------------------------------------
 
     def report(self, out_dir, adata=None, labels_key: str | None = None, max_cells: int = 200_000,
-               seed: int | None = None) -> dict:
+               seed: int | None = None, overwrite: bool = False) -> dict:
         """The integration report (scvi_scale.report, extra `scvi-scale[report]`): training history, run
         measurements, a UMAP and scIB metrics of the latent against an uncorrected PCA baseline on a seeded
         subsample of at most max_cells cells (so it stays bounded on an atlas), and the outputs written into the
         store. Writes out_dir/report.html (self-contained), its PNGs and report.json; returns the JSON.
-        labels_key: the obs column of cell labels (default the registered one); without, label-free metrics."""
-        from scvi_scale.report import build_report, log_normalize, require_extra, subsample_rows
+        labels_key: the obs column of cell labels (default the registered one); without, label-free metrics.
+        overwrite: replace a report already in out_dir (else FileExistsError, before the work)."""
+        from scvi_scale.report import build_report, check_report_dir, log_normalize, require_extra, subsample_rows
 
         require_extra()  # before the work
+        check_report_dir(out_dir, overwrite)
         source = self._source(adata)
         seed = settings.seed if seed is None else seed
         labels_key = labels_key or self.registry.labels_key
@@ -825,6 +832,7 @@ class SCVI:
             batch_key=self.registry.batch_key, labels_key=labels_key, history=self.history_,
             run={**self.run_info, "cells_in_data": source.n_obs},
             outputs=outputs, counts_for_baseline=log_normalize(counts), max_cells=len(rows), seed=seed,
+            overwrite=overwrite,
         )
 
     # --- minified models -----------------------------------------------------------------------------------------

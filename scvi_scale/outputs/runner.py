@@ -190,14 +190,18 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
     if members is None:
         new_store = request.output_store is not None and not Path(request.output_store).exists()
         target = writer.output_store(inputs.store.path, request.output_store)
-        return _write_into(inputs, job, request, outputs, record, description, target, inputs.store.n_obs, 0,
-                           new_store)
+        with writer.exclusive_writer(target):
+            return _write_into(inputs, job, request, outputs, record, description, target, inputs.store.n_obs, 0,
+                               new_store)
     if request.output_store is not None:
         raise writer.OutputError("the outputs of a collection of stores go into each store; output_store= names one")
-    parts = [
-        _write_into(inputs, job, request, outputs, record, description, member.path, member.n_obs, int(first), False)
-        for member, first in zip(members, inputs.store.offsets[:-1])
-    ]
+    for member in members:  # all of them before any work
+        writer.check_writable(member.path)
+    parts = []
+    for member, first in zip(members, inputs.store.offsets[:-1]):
+        with writer.exclusive_writer(member.path):
+            parts.append(_write_into(inputs, job, request, outputs, record, description, member.path, member.n_obs,
+                                     int(first), False))
     return {name: da.concatenate([part[name] for part in parts]) for name in outputs}
 
 

@@ -41,6 +41,8 @@ metadata (anndata writes it), it is rewritten when an entry is moved into place.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -146,8 +148,10 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
     """
     input_store = os.fspath(input_store)
     if path is None or Path(path).resolve() == Path(input_store).resolve():
+        check_writable(input_store)
         return input_store
     path = Path(path)
+    check_writable(path if path.exists() else path.parent)
     source = open_anndata_group(input_store)
     if path.exists():
         target = open_anndata_group(path)
@@ -173,6 +177,34 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return str(path)
+
+
+def check_writable(store: str | os.PathLike) -> None:
+    """Raise OutputError when this process may not write into the local folder `store` (a read-only store or file
+    system): before any work, saying that its outputs can still be had in memory or written elsewhere."""
+    if "://" not in os.fspath(store) and Path(store).exists() and not os.access(store, os.W_OK):
+        raise OutputError(f"{store} is read-only for this process: get the outputs in memory (no write_to), or write "
+                          "them into another store (output_store=, --output-store)")
+
+
+@contextlib.contextmanager
+def exclusive_writer(store: str | os.PathLike):
+    """Hold the claim of this process on writing outputs into the local store `store`: an flock on its folder, which
+    the OS releases when the process ends, however it ends. A second writer meanwhile is refused (OutputError) at
+    once, so two writers of one output never mix (each would otherwise pass the checks made before its work)."""
+    if "://" in os.fspath(store):  # a remote store has no folder to lock
+        yield
+        return
+    descriptor = os.open(store, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{store}: another process is writing outputs into it; run again when it has ended (an "
+                              "unfinished output with the same settings resumes)") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _remove_progress(store: str, entry: str) -> None:
@@ -574,12 +606,13 @@ def check_uns_key(store: str | os.PathLike, key: str, overwrite: bool = False) -
 def write_uns(store: str | os.PathLike, key: str, value, overwrite: bool = False) -> None:
     """Write a small value (a DataFrame, dict, array) as uns/<key> of `store` with anndata's encoder."""
     store = os.fspath(store)
-    check_uns_key(store, key, overwrite)
-    uns = _group(_root(store), "uns")
-    if key in uns:
-        del uns[key]
-    write_elem(uns, key, value)
-    reconsolidate(store)
+    with exclusive_writer(store):
+        check_uns_key(store, key, overwrite)  # again, now that no other writer can come in between
+        uns = _group(_root(store), "uns")
+        if key in uns:
+            del uns[key]
+        write_elem(uns, key, value)
+        reconsolidate(store)
 
 
 def write_obs_column(store, key: str, values: pd.Series, overwrite: bool = False) -> None:
@@ -619,19 +652,33 @@ def write_obs_column(store, key: str, values: pd.Series, overwrite: bool = False
     reconsolidate(store)
 
 
-def write_table(frame: pd.DataFrame, path) -> Path:
-    """Write a result table as parquet when pyarrow is installed, else as csv (the suffix is set to match).
-    Returns the path written."""
+TABLE_FORMATS = (".csv", ".parquet")  # a result table's format is its path's suffix
+
+
+def check_table_path(path, overwrite: bool = False) -> Path:
+    """Raise OutputError unless a result table can be written to exactly `path`: a suffix of TABLE_FORMATS (parquet
+    needs pyarrow), and no file there unless overwrite=True. Returns the path."""
     path = Path(path)
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        path = path.with_suffix(".csv")
-        frame.to_csv(path)
-    else:
-        path = path.with_suffix(".parquet")
-        frame.to_parquet(path)
+    if path.suffix.lower() not in TABLE_FORMATS:
+        raise OutputError(f"{path}: a table is written as {' or '.join(TABLE_FORMATS)}, chosen by the path's suffix "
+                          f"(not {path.suffix or 'none'!r})")
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise OutputError(f"{path}: writing parquet needs pyarrow (pip install pyarrow), or name a .csv") from None
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass overwrite (--overwrite) to replace it, or choose another path")
     return path
+
+
+def write_table(frame: pd.DataFrame, path, overwrite: bool = False) -> Path:
+    """Write a result table to exactly `path`, atomically, as csv or parquet by its suffix (check_table_path says
+    what is refused). Returns the path."""
+    path = check_table_path(path, overwrite)
+    if path.suffix.lower() == ".csv":
+        return write_atomically(path, frame.to_csv)
+    return write_atomically(path, frame.to_parquet)
 
 
 def describe_outputs(store: str | os.PathLike) -> list[dict]:

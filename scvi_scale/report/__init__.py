@@ -10,10 +10,10 @@ Files: extra (dependency check), history, metrics (scIB), figures, html, build.
 Nothing heavy is imported here: matplotlib, umap-learn and scib-metrics (jax) load when a function needs them.
 """
 
-from scvi_scale.report.build import build_report
+from scvi_scale.report.build import build_report, check_report_dir
 from scvi_scale.report.extra import missing_extra, require_extra
 from scvi_scale.report.history import plot_loss_curves, write_history_table
 from scvi_scale.report.metrics import log_normalize, subsample_rows
 
-__all__ = ["build_report", "log_normalize", "missing_extra", "plot_loss_curves", "require_extra",
+__all__ = ["build_report", "check_report_dir", "log_normalize", "missing_extra", "plot_loss_curves", "require_extra",
            "subsample_rows", "write_history_table"]

@@ -75,6 +75,17 @@ def _json_ready(value):
     return value
 
 
+REPORT_FILES = ("report.html", "report.json")
+
+
+def check_report_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Raise FileExistsError when `out_dir` holds a report (and overwrite is False): one is never replaced unasked."""
+    existing = [Path(out_dir) / name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass overwrite (--overwrite) to replace the report, or choose "
+                              "another folder")
+
+
 def build_report(
     out_dir: str | Path,
     *,
@@ -88,6 +99,7 @@ def build_report(
     counts_for_baseline: Callable[[np.ndarray], object] | object,
     max_cells: int = 200_000,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """Write the report of a trained model into `out_dir` (created if need be) and return its JSON.
 
@@ -102,11 +114,13 @@ def build_report(
         taking the sorted int64 rows of the subsample and returning their (n_rows, n_genes) matrix (dense or
         sparse), or the (n_cells, n_genes) matrix of all cells.
     max_cells, seed: the subsample for the UMAP and the metrics (`subsample_rows`).
+    overwrite: replace a report already in `out_dir` (else FileExistsError).
 
     Raises ImportError naming `pip install 'scvi-scale[report]'` when the extra is missing, and ValueError on
     inconsistent input, both before any work.
     """
     require_extra()
+    check_report_dir(out_dir, overwrite)
     latent = np.asarray(latent)
     _check_inputs(latent, obs, batch_key, labels_key, history, counts_for_baseline, max_cells)
     out_dir = Path(out_dir)
