@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -297,6 +298,9 @@ def _maybe_compiled(function, n_entries: int, smallest_size: int):
     if n_entries < COMPILE_MIN_ENTRIES or smallest_size < 2 or _compiled.get(function, True) is None:
         return function
     if function not in _compiled:
+        # inductor's own default cache is under /tmp (per user, gone at reboot): keep its builds beside the C
+        # kernel's in the user's cache directory, unless the user chose a place
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(native_kernel.cache_dir() / "inductor"))
         _compiled[function] = torch.compile(function, dynamic=True)
     compiled = _compiled[function]
 
