@@ -1,7 +1,7 @@
 """Start-up: what a fresh process pays before and during its first job, scvi-scale against scvi-tools, in one run.
 
     .venv/bin/python benchmarks/startup.py --peer-python /path/to/peer-venv/bin/python
-        [--cells 20000] [--genes 2000] [--epochs 2] [--batch-size 128] [--threads 2] [--repeats 2]
+        [--baseline-python /path/to/other-checkout/.venv/bin/python] [--cells 20000] [--genes 2000] [--epochs 2] [--batch-size 128] [--threads 2] [--repeats 2]
 
 Each side runs in fresh processes, with every cache empty ("cold": a new HOME cache, TMPDIR and
 TORCHINDUCTOR_CACHE_DIR) and then again with the caches the cold run left ("warm"). A process reports its
@@ -10,7 +10,8 @@ epochs at --batch-size), `second train` (a new model, the same epochs, in the sa
 (latent representation and normalized expression of every cell) and `second outputs`; `job` is the whole
 process's wall time from the parent (interpreter start, imports, setup, the first train and nothing else: a
 pipeline's short training job). scvi-scale trains on the Zarr store, scvi-tools on the same counts read from it
-into memory (anndata.read_zarr, counted in its setup).
+into memory (anndata.read_zarr, counted in its setup). --baseline-python runs scvi-scale's side again with another
+checkout's environment (e.g. main before a change) in the same run.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def run(python: str, script: str, caches: Path, threads: int, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-python", help="python of an environment with scvi-tools (omit to skip the peer)")
+    parser.add_argument("--baseline-python", help="python of another scvi-scale checkout's environment, run beside")
     parser.add_argument("--cells", type=int, default=20_000)
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=2)
@@ -115,6 +117,8 @@ def main() -> None:
     args.data_dir.mkdir(parents=True, exist_ok=True)
     store = atlas(args.data_dir, args.cells, args.genes)
     sides = [("scvi-scale", sys.executable, OURS)]
+    if args.baseline_python:
+        sides.append(("baseline", args.baseline_python, OURS))
     if args.peer_python:
         sides.append(("scvi-tools", args.peer_python, PEER))
     rows = []
