@@ -215,10 +215,12 @@ def _take_rows(counts, rows: slice | np.ndarray):
     return sp.csr_matrix((counts.data[at], counts.indices[at], new_indptr), shape=(len(rows), counts.shape[1]))
 
 
-def stack_rows(parts: list):
+def stack_rows(parts: list, storage: _Storage | None = None):
     """Dense arrays or CSR matrices (all of one kind, same columns) stacked row-wise into one result allocated
     up front, each part dropped from `parts` once it is copied (the list is consumed): the peak is the result and
-    one part, not twice the result (1M cells' posterior samples are ~2 GB)."""
+    one part, not twice the result (1M cells' posterior samples are ~2 GB). With `storage`, CSR parts are
+    stacked into its arrays (grown when too small), so the result is a view of them, valid until the storage's
+    next use."""
     if len(parts) == 1:
         return parts[0]
     n_rows = sum(part.shape[0] for part in parts)
@@ -231,9 +233,13 @@ def stack_rows(parts: list):
         return stacked
     nnz, n_columns = sum(part.nnz for part in parts), parts[0].shape[1]
     index_dtype = np.int32 if max(nnz, n_columns) < 2**31 else np.int64
-    data = np.empty(nnz, dtype=parts[0].dtype)
-    indices = np.empty(nnz, dtype=index_dtype)
-    indptr = np.zeros(n_rows + 1, dtype=index_dtype)
+    if storage is None:
+        data = np.empty(nnz, dtype=parts[0].dtype)
+        indices = np.empty(nnz, dtype=index_dtype)
+        indptr = np.zeros(n_rows + 1, dtype=index_dtype)
+    else:
+        data, indices, indptr = storage.arrays(nnz, n_rows + 1, parts[0].dtype, index_dtype)
+        indptr[0] = 0
     row = entry = 0
     for k, part in enumerate(parts):
         data[entry : entry + part.nnz] = part.data[: part.nnz]
@@ -241,6 +247,58 @@ def stack_rows(parts: list):
         indptr[row + 1 : row + part.shape[0] + 1] = part.indptr[1:] + entry
         row, entry, parts[k] = row + part.shape[0], entry + part.nnz, None
     return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
+
+
+class _Storage:
+    """The arrays one shuffle buffer's CSR blocks are stacked into, kept and reused buffer after buffer. Why: a
+    buffer's arrays are ~100 MB, which the allocator maps fresh (and the kernel zero-fills page by page) on every
+    buffer; refilling kept pages costs only the copy. `owner` is the buffer whose counts they hold now."""
+
+    def __init__(self):
+        self.owner: _Buffer | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def arrays(self, nnz: int, n_indptr: int, data_dtype, index_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(data (nnz,), indices (nnz,), indptr (n_indptr,)) views of the kept arrays, grown when too small."""
+        wanted = {"data": (nnz, data_dtype), "indices": (nnz, index_dtype), "indptr": (n_indptr, index_dtype)}
+        for name, (size, dtype) in wanted.items():
+            kept = self._arrays.get(name)
+            if kept is None or kept.dtype != dtype or len(kept) < size:
+                self._arrays[name] = np.empty(size, dtype=dtype)
+        return tuple(self._arrays[name][:size] for name, (size, _) in wanted.items())
+
+
+def _gather_csr(parts: list[tuple[_Buffer, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The cells of a minibatch's (buffer, start, stop) parts, gathered from the buffers' CSR counts straight into
+    new arrays: (indptr (B+1,) int64, indices (nnz,) int64, data (nnz,) float32, library (B,) float32, the row
+    sums). One numpy gather per part and array: no Python per row, no scipy matrices."""
+    row_starts, row_lengths = [], []
+    for buffer, start, stop in parts:
+        indptr = buffer.counts.indptr
+        if buffer.positions is None:
+            row_starts.append(indptr[start:stop])
+            row_lengths.append(indptr[start + 1 : stop + 1] - indptr[start:stop])
+        else:
+            positions = buffer.positions[start:stop]
+            row_starts.append(indptr[positions])
+            row_lengths.append(indptr[positions + 1] - row_starts[-1])
+    lengths = np.concatenate(row_lengths)
+    out_indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out_indptr[1:])
+    nnz = int(out_indptr[-1])
+    indices = np.empty(nnz, dtype=np.int64)
+    data = np.empty(nnz + 1, dtype=np.float32)  # one zero past the end: reduceat below may start a row there
+    entry = 0
+    for (buffer, _, _), starts, part_lengths in zip(parts, row_starts, row_lengths):
+        at = _concatenated_ranges(starts.astype(np.int64, copy=False), part_lengths.astype(np.int64, copy=False))
+        np.take(buffer.counts.data, at, out=data[entry : entry + len(at)])
+        indices[entry : entry + len(at)] = buffer.counts.indices[at]
+        entry += len(at)
+    data[nnz] = 0
+    # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
+    library = np.add.reduceat(data, out_indptr[:-1])
+    library[lengths == 0] = 0  # reduceat gives an empty row the value at its start
+    return out_indptr, indices, data[:nnz], library
 
 
 # --- shuffle buffers and minibatch cutting ---------------------------------------------------------------------
@@ -270,6 +328,7 @@ class _Buffer:
             start, stop = int(wanted[0]), int(wanted[-1]) + 1
             self.reads.append((start, stop, None if len(wanted) == stop - start else wanted - start))
         self.counts = None
+        self.released = False  # every cell gathered into a minibatch: its counts' storage may be reused
 
     def take(self, start: int, stop: int):
         """Counts of the cells emitted at positions [start, stop) of this buffer."""
@@ -343,6 +402,7 @@ class _MinibatchStream:
         self._kept: dict | None = {} if len(self.rows) <= KEPT_ROWS else None  # (start, stop, local) -> block
         self._kept_bytes = 0
         self._kept_lock = threading.Lock()
+        self._storages: list[_Storage] = []  # kept between passes; a pass takes them all (see _produce)
 
     # --- worker threads: one block read each
 
@@ -381,8 +441,11 @@ class _MinibatchStream:
 
     # --- producer thread: blocks to buffers to minibatches
 
-    def _load(self, executor: ThreadPoolExecutor, buffers: Iterator[_Buffer]) -> Iterator[tuple[_Buffer, int]]:
-        """Yield (buffer, n_cells) with buffer.counts loaded, keeping up to prefetch_blocks block reads submitted."""
+    def _load(
+        self, executor: ThreadPoolExecutor, buffers: Iterator[_Buffer], storages: list[_Storage]
+    ) -> Iterator[tuple[_Buffer, int]]:
+        """Yield (buffer, n_cells) with buffer.counts loaded, keeping up to prefetch_blocks block reads submitted.
+        A CSR buffer of several blocks is stacked into a storage of `storages` that no unreleased buffer holds."""
         reads = ((buffer, read) for buffer in buffers for read in buffer.reads)
         in_flight: deque = deque()
 
@@ -397,23 +460,38 @@ class _MinibatchStream:
             blocks.append(future.result())
             submit_more()
             if len(blocks) == len(buffer.reads):
-                buffer.counts = stack_rows(blocks)
+                storage = None
+                if self._is_sparse and len(blocks) > 1:
+                    storage = next((kept for kept in storages if kept.owner is None or kept.owner.released), None)
+                    if storage is None:
+                        storage = _Storage()
+                        storages.append(storage)
+                    storage.owner = buffer
+                buffer.counts = stack_rows(blocks, storage)
                 blocks = []
                 yield buffer, len(buffer.rows)
 
     def _assemble(self, parts: list[tuple[_Buffer, int, int]]) -> dict:
         """One minibatch dict (see the module docstring) from its (buffer, start, stop) cell ranges."""
         rows = np.concatenate([buffer.rows[start:stop] for buffer, start, stop in parts])
-        counts = stack_rows([buffer.take(start, stop) for buffer, start, stop in parts])
         minibatch = {"rows": rows}
-        if self.dense:
-            x = counts.toarray() if self._is_sparse else np.ascontiguousarray(counts)
-            minibatch["x"] = x
-        if self.return_csr:
-            csr = counts if self._is_sparse else sp.csr_matrix(counts)
-            minibatch["x_csr"] = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
-        # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
-        minibatch["library"] = x.sum(axis=1) if self.dense else np.asarray(csr.sum(axis=1), np.float32).ravel()
+        if self._is_sparse:  # gathered into new arrays: nothing handed out shares memory with a buffer
+            indptr, indices, data, minibatch["library"] = _gather_csr(parts)
+            if self.dense:
+                shape = (len(rows), parts[0][0].counts.shape[1])
+                minibatch["x"] = sp.csr_matrix((data, indices, indptr), shape=shape).toarray()
+            if self.return_csr:
+                minibatch["x_csr"] = (indptr, indices, data)
+        else:
+            x = np.ascontiguousarray(stack_rows([buffer.take(start, stop) for buffer, start, stop in parts]))
+            if self.dense:
+                minibatch["x"] = x
+            if self.return_csr:
+                csr = sp.csr_matrix(x)
+                minibatch["x_csr"] = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
+            minibatch["library"] = x.sum(axis=1)  # exact in float32 for integer counts (see _gather_csr)
+        for buffer, _, stop in parts:
+            buffer.released = buffer.released or stop == len(buffer.rows)
         for key, values in self.obs_arrays.items():
             taken = values[rows]  # codes kept narrow per cell (Registry.encode) are int64 in a minibatch
             minibatch[key] = taken.astype(np.int64) if taken.dtype.kind in "iu" else taken
@@ -432,9 +510,14 @@ class _MinibatchStream:
             return False
 
         executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="scvi-scale-read")
+        # This pass's storages: those of the passes before (all finished: their buffers are gone), or new ones if
+        # another pass holds them; handed back at the end.
+        storages, self._storages = self._storages, []
+        for storage in storages:
+            storage.owner = None
         try:
             buffers = (_Buffer(rows, self.block_bounds) for rows in buffer_rows)
-            for parts in _cut(self._load(executor, buffers), batch_sizes):
+            for parts in _cut(self._load(executor, buffers, storages), batch_sizes):
                 if not put(self._assemble(parts)):
                     return
             put(_END)
@@ -442,6 +525,7 @@ class _MinibatchStream:
             put(error)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+            self._storages = storages
 
     def _stream(self, buffer_rows: Iterator[np.ndarray], batch_sizes: np.ndarray) -> Iterator[dict]:
         """Minibatches of the given sizes over the buffers' cells, prepared by a producer thread."""
