@@ -11,8 +11,10 @@ and one read of the matching slice of data and indices.
     >>> lazy = store.to_dask()                         # (n_obs, n_vars), one dask chunk per row block
 
 Integrity: a block is handed out only once it is proven.
-- Checksums. Stores our writer makes in Zarr format 3 end every chunk with a crc32c checksum, which zarr verifies
-  whenever it decodes the chunk. Format-2 stores and stores written by others have none (said once, in a log line).
+- Checksums. Stores our writer makes in Zarr format 3 end every chunk with a crc32c checksum, verified whenever
+  the chunk is decoded: by zarr, or by data/chunks.py, which reads such arrays of local stores from their chunk
+  files directly (zarr's per-chunk machinery costs several times the decoding) and leaves any failure to zarr.
+  Format-2 stores and stores written by others have none (said once, in a log line).
 - Absent chunks. Zarr reads a chunk that is not on disk as its fill value (zeros), so a lost chunk of X/indices
   would move counts to gene 0 unseen. X is read through a view of the store in which an absent chunk is an error.
   One exception: zarr skips writing chunks that hold only zeros, which in a dense X may be real cells, so a dense X
