@@ -199,15 +199,11 @@ def _concatenated_ranges(firsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 # --- row gathering (scipy's vstack and fancy row indexing cost several times more on these sizes) -------------
 
 
-def _take_rows(counts, rows: slice | np.ndarray):
-    """Rows of a dense array or CSR matrix, selected by a slice or an index array; CSR is gathered with numpy."""
+def _take_rows(counts, rows: np.ndarray):
+    """Rows of a dense array or CSR matrix, selected by an index array; CSR is gathered with numpy."""
     if isinstance(counts, np.ndarray):
         return counts[rows]
     indptr = counts.indptr
-    if isinstance(rows, slice):
-        first, last = indptr[rows.start], indptr[rows.stop]
-        parts = (counts.data[first:last], counts.indices[first:last], indptr[rows.start : rows.stop + 1] - first)
-        return sp.csr_matrix(parts, shape=(rows.stop - rows.start, counts.shape[1]))
     starts = indptr[rows]
     lengths = indptr[rows + 1] - starts
     at = _concatenated_ranges(starts, lengths)
@@ -330,9 +326,9 @@ class _Buffer:
         self.counts = None
         self.released = False  # every cell gathered into a minibatch: its counts' storage may be reused
 
-    def take(self, start: int, stop: int):
-        """Counts of the cells emitted at positions [start, stop) of this buffer."""
-        return _take_rows(self.counts, slice(start, stop) if self.positions is None else self.positions[start:stop])
+    def take(self, start: int, stop: int) -> np.ndarray:
+        """Dense counts of the cells emitted at positions [start, stop) of this buffer (CSR: see _gather_csr)."""
+        return self.counts[start:stop] if self.positions is None else self.counts[self.positions[start:stop]]
 
 
 def _cut(pieces: Iterable[tuple[object, int]], batch_sizes: np.ndarray) -> Iterator[list[tuple[object, int, int]]]:
