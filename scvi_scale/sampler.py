@@ -211,12 +211,10 @@ def _take_rows(counts, rows: np.ndarray):
     return sp.csr_matrix((counts.data[at], counts.indices[at], new_indptr), shape=(len(rows), counts.shape[1]))
 
 
-def stack_rows(parts: list, storage: _Storage | None = None):
+def stack_rows(parts: list):
     """Dense arrays or CSR matrices (all of one kind, same columns) stacked row-wise into one result allocated
     up front, each part dropped from `parts` once it is copied (the list is consumed): the peak is the result and
-    one part, not twice the result (1M cells' posterior samples are ~2 GB). With `storage`, CSR parts are
-    stacked into its arrays (grown when too small), so the result is a view of them, valid until the storage's
-    next use."""
+    one part, not twice the result (1M cells' posterior samples are ~2 GB)."""
     if len(parts) == 1:
         return parts[0]
     n_rows = sum(part.shape[0] for part in parts)
@@ -229,13 +227,9 @@ def stack_rows(parts: list, storage: _Storage | None = None):
         return stacked
     nnz, n_columns = sum(part.nnz for part in parts), parts[0].shape[1]
     index_dtype = np.int32 if max(nnz, n_columns) < 2**31 else np.int64
-    if storage is None:
-        data = np.empty(nnz, dtype=parts[0].dtype)
-        indices = np.empty(nnz, dtype=index_dtype)
-        indptr = np.zeros(n_rows + 1, dtype=index_dtype)
-    else:
-        data, indices, indptr = storage.arrays(nnz, n_rows + 1, parts[0].dtype, index_dtype)
-        indptr[0] = 0
+    data = np.empty(nnz, dtype=parts[0].dtype)
+    indices = np.empty(nnz, dtype=index_dtype)
+    indptr = np.zeros(n_rows + 1, dtype=index_dtype)
     row = entry = 0
     for k, part in enumerate(parts):
         data[entry : entry + part.nnz] = part.data[: part.nnz]
@@ -245,52 +239,72 @@ def stack_rows(parts: list, storage: _Storage | None = None):
     return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
 
 
+class _PairedCsr:
+    """A shuffle buffer's CSR counts with each stored value beside its column: pairs[k] holds value k's float32
+    bits in its low half and its column (int32) in its high half, so a minibatch gathers both with one take.
+
+    indptr: (n_rows + 1,) int64; pairs: (nnz,) uint64; shape: (n_rows, n_columns). Both arrays are views of kept
+    storage (see _Storage): valid until the storage is handed to another buffer.
+    """
+
+    def __init__(self, indptr: np.ndarray, pairs: np.ndarray, shape: tuple[int, int]):
+        self.indptr, self.pairs, self.shape = indptr, pairs, shape
+
+
 class _Storage:
-    """The arrays one shuffle buffer's CSR blocks are stacked into, kept and reused buffer after buffer. Why: a
+    """The arrays one shuffle buffer's CSR blocks are paired into, kept and reused buffer after buffer. Why: a
     buffer's arrays are ~100 MB, which the allocator maps fresh (and the kernel zero-fills page by page) on every
     buffer; refilling kept pages costs only the copy. `owner` is the buffer whose counts they hold now."""
 
     def __init__(self):
         self.owner: _Buffer | None = None
-        self._arrays: dict[str, np.ndarray] = {}
+        self._indptr = np.empty(0, dtype=np.int64)
+        self._pairs = np.empty(0, dtype=np.uint64)
 
-    def arrays(self, nnz: int, n_indptr: int, data_dtype, index_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(data (nnz,), indices (nnz,), indptr (n_indptr,)) views of the kept arrays, grown when too small."""
-        wanted = {"data": (nnz, data_dtype), "indices": (nnz, index_dtype), "indptr": (n_indptr, index_dtype)}
-        for name, (size, dtype) in wanted.items():
-            kept = self._arrays.get(name)
-            if kept is None or kept.dtype != dtype or len(kept) < size:
-                self._arrays[name] = np.empty(size, dtype=dtype)
-        return tuple(self._arrays[name][:size] for name, (size, _) in wanted.items())
+    def pair(self, blocks: list[sp.csr_matrix]) -> _PairedCsr:
+        """The CSR blocks (float32 values, same columns) stacked row-wise as one _PairedCsr; `blocks` is consumed."""
+        n_rows, nnz = sum(block.shape[0] for block in blocks), sum(block.nnz for block in blocks)
+        n_columns = blocks[0].shape[1]
+        if len(self._indptr) < n_rows + 1:
+            self._indptr = np.empty(n_rows + 1, dtype=np.int64)
+        if len(self._pairs) < nnz:
+            self._pairs = np.empty(nnz, dtype=np.uint64)
+        indptr, pairs = self._indptr[: n_rows + 1], self._pairs[:nnz]
+        halves = pairs.view(np.int32).reshape(nnz, 2)  # little-endian: [:, 0] the low half, [:, 1] the high
+        indptr[0] = row = entry = 0
+        for k, block in enumerate(blocks):
+            halves[entry : entry + block.nnz, 0] = np.asarray(block.data[: block.nnz], np.float32).view(np.int32)
+            halves[entry : entry + block.nnz, 1] = block.indices[: block.nnz]
+            indptr[row + 1 : row + block.shape[0] + 1] = block.indptr[1:] + entry
+            row, entry, blocks[k] = row + block.shape[0], entry + block.nnz, None
+        return _PairedCsr(indptr, pairs, (n_rows, n_columns))
 
 
 def _gather_csr(parts: list[tuple[_Buffer, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The cells of a minibatch's (buffer, start, stop) parts, gathered from the buffers' CSR counts straight into
+    """The cells of a minibatch's (buffer, start, stop) parts, gathered from the buffers' paired CSR counts into
     new arrays: (indptr (B+1,) int64, indices (nnz,) int64, data (nnz,) float32, library (B,) float32, the row
-    sums). One numpy gather per part and array: no Python per row, no scipy matrices."""
+    sums). One numpy take per part: no Python per row, no scipy matrices."""
     row_starts, row_lengths = [], []
     for buffer, start, stop in parts:
         indptr = buffer.counts.indptr
-        if buffer.positions is None:
-            row_starts.append(indptr[start:stop])
-            row_lengths.append(indptr[start + 1 : stop + 1] - indptr[start:stop])
-        else:
-            positions = buffer.positions[start:stop]
-            row_starts.append(indptr[positions])
-            row_lengths.append(indptr[positions + 1] - row_starts[-1])
+        positions = np.arange(start, stop) if buffer.positions is None else buffer.positions[start:stop]
+        row_starts.append(indptr[positions])
+        row_lengths.append(indptr[positions + 1] - row_starts[-1])
     lengths = np.concatenate(row_lengths)
     out_indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out_indptr[1:])
     nnz = int(out_indptr[-1])
-    indices = np.empty(nnz, dtype=np.int64)
-    data = np.empty(nnz + 1, dtype=np.float32)  # one zero past the end: reduceat below may start a row there
+    pairs = np.empty(nnz, dtype=np.uint64)
     entry = 0
     for (buffer, _, _), starts, part_lengths in zip(parts, row_starts, row_lengths):
-        at = _concatenated_ranges(starts.astype(np.int64, copy=False), part_lengths.astype(np.int64, copy=False))
-        np.take(buffer.counts.data, at, out=data[entry : entry + len(at)])
-        indices[entry : entry + len(at)] = buffer.counts.indices[at]
+        at = _concatenated_ranges(starts, part_lengths)
+        np.take(buffer.counts.pairs, at, out=pairs[entry : entry + len(at)])
         entry += len(at)
+    halves = pairs.view(np.int32).reshape(nnz, 2)
+    data = np.empty(nnz + 1, dtype=np.float32)  # one zero past the end: reduceat below may start a row there
+    data[:nnz] = halves[:, 0].view(np.float32)
     data[nnz] = 0
+    indices = halves[:, 1].astype(np.int64)
     # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
     library = np.add.reduceat(data, out_indptr[:-1])
     library[lengths == 0] = 0  # reduceat gives an empty row the value at its start
@@ -456,14 +470,15 @@ class _MinibatchStream:
             blocks.append(future.result())
             submit_more()
             if len(blocks) == len(buffer.reads):
-                storage = None
-                if self._is_sparse and len(blocks) > 1:
+                if self._is_sparse:
                     storage = next((kept for kept in storages if kept.owner is None or kept.owner.released), None)
                     if storage is None:
                         storage = _Storage()
                         storages.append(storage)
                     storage.owner = buffer
-                buffer.counts = stack_rows(blocks, storage)
+                    buffer.counts = storage.pair(blocks)
+                else:
+                    buffer.counts = stack_rows(blocks)
                 blocks = []
                 yield buffer, len(buffer.rows)
 
