@@ -118,7 +118,7 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"\nn_genes={args.genes}, chunk_rows={args.chunk_rows}; "
-          "Zarr: CSR, Blosc zstd-3, data/indices chunks = 1/4 block")
+          "Zarr: CSR, Blosc lz4hc-3, data/indices chunks = 1/4 block")
     header = (f"{'step':<10}{'cells':>11}{'nnz':>13}{'time s':>9}{'s / 1M':>9}{'peak RSS MB':>13}"
               f"{'above start MB':>16}{'disk MB':>9}{'raw MB':>9}")
     print(header)

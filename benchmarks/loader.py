@@ -22,18 +22,29 @@ Tables printed:
 5. What training consumes: cells/s of the scVI training step (scvi_scale.module.VAE with scvi-tools' defaults,
    128-cell minibatches of this store, Adam) with 1 and 2 torch threads, against the block-shuffled loader:
    the loader must deliver at least 3x, so the model never waits on data.
+6. CPU per cell by stage (--cpu-only runs just this table): the training stream as training uses it (CSR
+   minibatches of 128, block-shuffled defaults, one reader thread) over one epoch, on our store and on the same
+   cells written by anndata (a store by others, read through zarr; --foreign-cells), plus --extra-stores.
+   CPU time, not wall time, so the figures hold on a machine shared with other jobs: process_time of the whole
+   pass with its threads, then the same epoch's stages replayed one by one in one thread (process_time each:
+   zarr decodes in threads of its own): block reads, stacking a buffer's blocks, gathering minibatches (the
+   sampler's _assemble). The peer
+   scDataset 0.3, when installed, over the same stores (total only; see scdataset_cpu for its settings).
+   Run it with another checkout's interpreter (--baseline-python) to compare with that code in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +186,135 @@ def training_step(case: dict) -> dict:
     return {"cells_per_s": steps * TRAIN_BATCH_SIZE / (time.perf_counter() - started)}
 
 
-def in_subprocess(function: str, argument) -> dict:
+def ensure_foreign_store(data_dir: Path, source: Path, n_cells: int) -> Path:
+    """The first n_cells of `source` written by anndata.write_zarr (its own chunking and codecs, no checksums)."""
+    import anndata
+
+    from scvi_scale.data import CountStore, StoreError
+
+    path = data_dir / f"anndata_{n_cells}.zarr"
+    try:
+        CountStore(path)
+    except StoreError:
+        store = CountStore(source)
+        adata = anndata.AnnData(X=store.read_raw(0, n_cells), obs=store.obs_column("batch").iloc[:n_cells].to_frame())
+        adata.obs_names = [str(index) for index in range(n_cells)]
+        adata.var_names = store.var_names
+        adata.write_zarr(path)
+    return path
+
+
+def stage_cpu(case: dict) -> dict:
+    """CPU microseconds per cell of one epoch of the training stream, whole and by stage (see table 6)."""
+    from numcodecs import blosc
+
+    from scvi_scale.data import CountStore
+    from scvi_scale.sampler import BlockShuffleSampler, _Buffer, _cut
+
+    store = CountStore(case["store"])
+    sampler = BlockShuffleSampler(store, batch_size=TRAIN_BATCH_SIZE, return_csr=True, dense=False, num_workers=1)
+    next(iter(sampler))  # warm-up (imports, first allocations); the epoch below is the next one
+    n_cells, started = 0, time.process_time()
+    for minibatch in sampler:
+        n_cells += len(minibatch["rows"])
+    result = {"cells": n_cells, "total": (time.process_time() - started) / n_cells * 1e6}
+
+    # The same epoch's stages replayed in this thread, each timed on its own: the sampler's own loading (block
+    # reads, then stacking: the rest of loading) and assembly, with its reads run at once instead of in threads.
+    # process_time, not thread_time: zarr decodes in threads of its own. Blosc decodes in one thread, as it does
+    # in reader threads.
+    blosc.use_threads = False
+    spent = dict.fromkeys(("block reads", "loading", "gathering"), 0.0)
+    buffer_rows, batch_sizes = sampler._plan(sampler.epoch - 1, 0)
+    read = sampler._read
+
+    def timed_read(*args):
+        started = time.process_time()
+        block = read(*args)
+        spent["block reads"] += time.process_time() - started
+        return block
+
+    sampler._read = timed_read
+
+    def timed_loading():
+        buffers = (_Buffer(rows, sampler.block_bounds) for rows in buffer_rows)
+        reused = (sampler._storages,) if hasattr(sampler, "_storages") else ()  # none in a checkout before them
+        loads = sampler._load(InThisThread(), buffers, *reused)
+        while True:
+            started = time.process_time()
+            loaded = next(loads, None)
+            spent["loading"] += time.process_time() - started
+            if loaded is None:
+                return
+            yield loaded
+
+    replayed = 0
+    for parts in _cut(timed_loading(), batch_sizes):
+        started = time.process_time()
+        replayed += len(sampler._assemble(parts)["rows"])
+        spent["gathering"] += time.process_time() - started
+    spent["stacking"] = spent.pop("loading") - spent["block reads"]
+    return {**result, **{stage: seconds / replayed * 1e6 for stage, seconds in spent.items()}}
+
+
+def scdataset_cpu(case: dict) -> dict:
+    """CPU microseconds per cell of one epoch of scDataset 0.3 over the same store (see table 6), set up like our
+    stream: blocks of 1,024 consecutive cells shuffled, 65,536 cells fetched at once (fetch_factor 512) and
+    shuffled, minibatches of 128 (scipy CSR); X read through anndata's sparse dataset over zarr, as scDataset's
+    examples do."""
+    import anndata
+    import zarr
+    from scdataset import BlockShuffling, scDataset
+
+    class Rows:  # scDataset asks its collection for len() and rows by index array
+        def __init__(self, matrix):
+            self.matrix = matrix
+
+        def __len__(self):
+            return self.matrix.shape[0]
+
+        def __getitem__(self, rows):
+            return self.matrix[rows]
+
+    collection = Rows(anndata.io.sparse_dataset(zarr.open_group(case["store"], mode="r")["X"]))
+    dataset = scDataset(collection, BlockShuffling(block_size=1024), batch_size=TRAIN_BATCH_SIZE,
+                        fetch_factor=512, seed=0)
+    next(iter(dataset))  # warm-up, as for ours
+    n_cells, started = 0, time.process_time()
+    for minibatch in dataset:
+        n_cells += minibatch.shape[0]
+    return {"cells": n_cells, "total": (time.process_time() - started) / n_cells * 1e6}
+
+
+class InThisThread:
+    """The executor that _MinibatchStream._load expects, running each call at once in the calling thread."""
+
+    def submit(self, function, *args):
+        future = Future()
+        future.set_result(function(*args))
+        return future
+
+
+def cpu_table(stores: dict[str, str], interpreters: dict[str, str], repeats: int) -> None:
+    """Table 6; each (code, store) case runs `repeats` times, interleaved, one row per run."""
+    table = Table("6. Loader CPU per cell by stage (us; one epoch, batch 128, CSR, 1 reader thread)",
+                  ["code", "store", "cells", "total", "block reads", "stacking", "gathering"])
+    for _, (code, interpreter), (name, path) in itertools.product(range(repeats), interpreters.items(),
+                                                                  stores.items()):
+        result = in_subprocess("stage_cpu", {"store": path}, interpreter)
+        table.row(code, name, result["cells"], result["total"], result["block reads"], result["stacking"],
+                  result["gathering"])
+    if importlib.util.find_spec("scdataset") is None:
+        print("scDataset: not installed (pip install scdataset==0.3.0 for its row)")
+        return
+    for name, path in stores.items():  # once each: far from ours, its spread does not matter here
+        result = in_subprocess("scdataset_cpu", {"store": path})
+        table.row("scDataset 0.3", name, result["cells"], result["total"], "-", "-", "-")
+
+
+def in_subprocess(function: str, argument, interpreter: str = sys.executable) -> dict:
     completed = subprocess.run(
-        [sys.executable, __file__, "--child", function, json.dumps(argument)],
+        [interpreter, __file__, "--child", function, json.dumps(argument)],
         capture_output=True, text=True, check=False,
     )
     if completed.returncode != 0:
@@ -243,11 +380,17 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
     parser.add_argument("--sizes", default="200000,1000000", help="comma-separated store sizes in cells")
     parser.add_argument("--seconds", type=float, default=12.0, help="time cap per case")
+    parser.add_argument("--cpu-only", action="store_true", help="only table 6, CPU per cell by stage")
+    parser.add_argument("--foreign-cells", type=int, default=50_000, help="cells of the anndata-written store")
+    parser.add_argument("--extra-stores", default="", help="more stores for table 6: comma-separated name=path")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each case of table 6, interleaved")
+    parser.add_argument("--baseline-python", help="another checkout's interpreter, also run for table 6")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         function, argument = args.child
-        functions = {"run_case": run_case, "dask_overhead": dask_overhead, "training_step": training_step}
+        functions = {"run_case": run_case, "dask_overhead": dask_overhead, "training_step": training_step,
+                     "stage_cpu": stage_cpu, "scdataset_cpu": scdataset_cpu}
         result = functions[function](json.loads(argument))
         print(json.dumps(result))
         return
@@ -256,6 +399,14 @@ def main() -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
     stores = {size: str(ensure_store(args.data_dir, size)) for size in sizes}
     largest = stores[sizes[-1]]
+    foreign = ensure_foreign_store(args.data_dir, Path(stores[sizes[0]]), min(args.foreign_cells, sizes[0]))
+    extra = dict(item.split("=", 1) for item in args.extra_stores.split(",") if item)
+    cpu_stores = {**{f"ours {size}": path for size, path in stores.items()}, **extra, "anndata": str(foreign)}
+    interpreters = {"this": sys.executable, **({"baseline": args.baseline_python} if args.baseline_python else {})}
+    if args.cpu_only:
+        cpu_table(cpu_stores, interpreters, args.repeats)
+        print(annbatch_note())
+        return
 
     shuffled_cells_per_s = {}
     table = Table(f"1. Orders ({args.seconds:g} s cap per case, 2 reader threads; RSS in MiB)",
@@ -295,6 +446,8 @@ def main() -> None:
         step = in_subprocess("training_step", {"store": largest, "threads": threads, "seconds": args.seconds})
         loader = shuffled_cells_per_s[sizes[-1]]
         table.row(threads, step["cells_per_s"], loader, loader / step["cells_per_s"])
+
+    cpu_table(cpu_stores, interpreters, args.repeats)
 
 
 if __name__ == "__main__":

@@ -199,15 +199,11 @@ def _concatenated_ranges(firsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 # --- row gathering (scipy's vstack and fancy row indexing cost several times more on these sizes) -------------
 
 
-def _take_rows(counts, rows: slice | np.ndarray):
-    """Rows of a dense array or CSR matrix, selected by a slice or an index array; CSR is gathered with numpy."""
+def _take_rows(counts, rows: np.ndarray):
+    """Rows of a dense array or CSR matrix, selected by an index array; CSR is gathered with numpy."""
     if isinstance(counts, np.ndarray):
         return counts[rows]
     indptr = counts.indptr
-    if isinstance(rows, slice):
-        first, last = indptr[rows.start], indptr[rows.stop]
-        parts = (counts.data[first:last], counts.indices[first:last], indptr[rows.start : rows.stop + 1] - first)
-        return sp.csr_matrix(parts, shape=(rows.stop - rows.start, counts.shape[1]))
     starts = indptr[rows]
     lengths = indptr[rows + 1] - starts
     at = _concatenated_ranges(starts, lengths)
@@ -243,6 +239,78 @@ def stack_rows(parts: list):
     return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
 
 
+class _PairedCsr:
+    """A shuffle buffer's CSR counts with each stored value beside its column: pairs[k] holds value k's float32
+    bits in its low half and its column (int32) in its high half, so a minibatch gathers both with one take.
+
+    indptr: (n_rows + 1,) int64; pairs: (nnz,) uint64; shape: (n_rows, n_columns). Both arrays are views of kept
+    storage (see _Storage): valid until the storage is handed to another buffer.
+    """
+
+    def __init__(self, indptr: np.ndarray, pairs: np.ndarray, shape: tuple[int, int]):
+        self.indptr, self.pairs, self.shape = indptr, pairs, shape
+
+
+class _Storage:
+    """The arrays one shuffle buffer's CSR blocks are paired into, kept and reused buffer after buffer. Why: a
+    buffer's arrays are ~100 MB, which the allocator maps fresh (and the kernel zero-fills page by page) on every
+    buffer; refilling kept pages costs only the copy. `owner` is the buffer whose counts they hold now."""
+
+    def __init__(self):
+        self.owner: _Buffer | None = None
+        self._indptr = np.empty(0, dtype=np.int64)
+        self._pairs = np.empty(0, dtype=np.uint64)
+
+    def pair(self, blocks: list[sp.csr_matrix]) -> _PairedCsr:
+        """The CSR blocks (float32 values, same columns) stacked row-wise as one _PairedCsr; `blocks` is consumed."""
+        n_rows, nnz = sum(block.shape[0] for block in blocks), sum(block.nnz for block in blocks)
+        n_columns = blocks[0].shape[1]
+        if len(self._indptr) < n_rows + 1:
+            self._indptr = np.empty(n_rows + 1, dtype=np.int64)
+        if len(self._pairs) < nnz:
+            self._pairs = np.empty(nnz, dtype=np.uint64)
+        indptr, pairs = self._indptr[: n_rows + 1], self._pairs[:nnz]
+        halves = pairs.view(np.int32).reshape(nnz, 2)  # little-endian: [:, 0] the low half, [:, 1] the high
+        indptr[0] = row = entry = 0
+        for k, block in enumerate(blocks):
+            halves[entry : entry + block.nnz, 0] = np.asarray(block.data[: block.nnz], np.float32).view(np.int32)
+            halves[entry : entry + block.nnz, 1] = block.indices[: block.nnz]
+            indptr[row + 1 : row + block.shape[0] + 1] = block.indptr[1:] + entry
+            row, entry, blocks[k] = row + block.shape[0], entry + block.nnz, None
+        return _PairedCsr(indptr, pairs, (n_rows, n_columns))
+
+
+def _gather_csr(parts: list[tuple[_Buffer, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The cells of a minibatch's (buffer, start, stop) parts, gathered from the buffers' paired CSR counts into
+    new arrays: (indptr (B+1,) int64, indices (nnz,) int64, data (nnz,) float32, library (B,) float32, the row
+    sums). One numpy take per part: no Python per row, no scipy matrices."""
+    row_starts, row_lengths = [], []
+    for buffer, start, stop in parts:
+        indptr = buffer.counts.indptr
+        positions = np.arange(start, stop) if buffer.positions is None else buffer.positions[start:stop]
+        row_starts.append(indptr[positions])
+        row_lengths.append(indptr[positions + 1] - row_starts[-1])
+    lengths = np.concatenate(row_lengths)
+    out_indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out_indptr[1:])
+    nnz = int(out_indptr[-1])
+    pairs = np.empty(nnz, dtype=np.uint64)
+    entry = 0
+    for (buffer, _, _), starts, part_lengths in zip(parts, row_starts, row_lengths):
+        at = _concatenated_ranges(starts, part_lengths)
+        np.take(buffer.counts.pairs, at, out=pairs[entry : entry + len(at)])
+        entry += len(at)
+    halves = pairs.view(np.int32).reshape(nnz, 2)
+    data = np.empty(nnz + 1, dtype=np.float32)  # one zero past the end: reduceat below may start a row there
+    data[:nnz] = halves[:, 0].view(np.float32)
+    data[nnz] = 0
+    indices = halves[:, 1].astype(np.int64)
+    # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
+    library = np.add.reduceat(data, out_indptr[:-1])
+    library[lengths == 0] = 0  # reduceat gives an empty row the value at its start
+    return out_indptr, indices, data[:nnz], library
+
+
 # --- shuffle buffers and minibatch cutting ---------------------------------------------------------------------
 
 
@@ -270,10 +338,11 @@ class _Buffer:
             start, stop = int(wanted[0]), int(wanted[-1]) + 1
             self.reads.append((start, stop, None if len(wanted) == stop - start else wanted - start))
         self.counts = None
+        self.released = False  # every cell gathered into a minibatch: its counts' storage may be reused
 
-    def take(self, start: int, stop: int):
-        """Counts of the cells emitted at positions [start, stop) of this buffer."""
-        return _take_rows(self.counts, slice(start, stop) if self.positions is None else self.positions[start:stop])
+    def take(self, start: int, stop: int) -> np.ndarray:
+        """Dense counts of the cells emitted at positions [start, stop) of this buffer (CSR: see _gather_csr)."""
+        return self.counts[start:stop] if self.positions is None else self.counts[self.positions[start:stop]]
 
 
 def _cut(pieces: Iterable[tuple[object, int]], batch_sizes: np.ndarray) -> Iterator[list[tuple[object, int, int]]]:
@@ -343,6 +412,7 @@ class _MinibatchStream:
         self._kept: dict | None = {} if len(self.rows) <= KEPT_ROWS else None  # (start, stop, local) -> block
         self._kept_bytes = 0
         self._kept_lock = threading.Lock()
+        self._storages: list[_Storage] = []  # kept between passes; a pass takes them all (see _produce)
 
     # --- worker threads: one block read each
 
@@ -381,8 +451,11 @@ class _MinibatchStream:
 
     # --- producer thread: blocks to buffers to minibatches
 
-    def _load(self, executor: ThreadPoolExecutor, buffers: Iterator[_Buffer]) -> Iterator[tuple[_Buffer, int]]:
-        """Yield (buffer, n_cells) with buffer.counts loaded, keeping up to prefetch_blocks block reads submitted."""
+    def _load(
+        self, executor: ThreadPoolExecutor, buffers: Iterator[_Buffer], storages: list[_Storage]
+    ) -> Iterator[tuple[_Buffer, int]]:
+        """Yield (buffer, n_cells) with buffer.counts loaded, keeping up to prefetch_blocks block reads submitted.
+        A CSR buffer of several blocks is stacked into a storage of `storages` that no unreleased buffer holds."""
         reads = ((buffer, read) for buffer in buffers for read in buffer.reads)
         in_flight: deque = deque()
 
@@ -397,23 +470,39 @@ class _MinibatchStream:
             blocks.append(future.result())
             submit_more()
             if len(blocks) == len(buffer.reads):
-                buffer.counts = stack_rows(blocks)
+                if self._is_sparse:
+                    storage = next((kept for kept in storages if kept.owner is None or kept.owner.released), None)
+                    if storage is None:
+                        storage = _Storage()
+                        storages.append(storage)
+                    storage.owner = buffer
+                    buffer.counts = storage.pair(blocks)
+                else:
+                    buffer.counts = stack_rows(blocks)
                 blocks = []
                 yield buffer, len(buffer.rows)
 
     def _assemble(self, parts: list[tuple[_Buffer, int, int]]) -> dict:
         """One minibatch dict (see the module docstring) from its (buffer, start, stop) cell ranges."""
         rows = np.concatenate([buffer.rows[start:stop] for buffer, start, stop in parts])
-        counts = stack_rows([buffer.take(start, stop) for buffer, start, stop in parts])
         minibatch = {"rows": rows}
-        if self.dense:
-            x = counts.toarray() if self._is_sparse else np.ascontiguousarray(counts)
-            minibatch["x"] = x
-        if self.return_csr:
-            csr = counts if self._is_sparse else sp.csr_matrix(counts)
-            minibatch["x_csr"] = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
-        # Exact in float32: every partial sum of integer counts stays below 2^24 for any real cell.
-        minibatch["library"] = x.sum(axis=1) if self.dense else np.asarray(csr.sum(axis=1), np.float32).ravel()
+        if self._is_sparse:  # gathered into new arrays: nothing handed out shares memory with a buffer
+            indptr, indices, data, minibatch["library"] = _gather_csr(parts)
+            if self.dense:
+                shape = (len(rows), parts[0][0].counts.shape[1])
+                minibatch["x"] = sp.csr_matrix((data, indices, indptr), shape=shape).toarray()
+            if self.return_csr:
+                minibatch["x_csr"] = (indptr, indices, data)
+        else:
+            x = np.ascontiguousarray(stack_rows([buffer.take(start, stop) for buffer, start, stop in parts]))
+            if self.dense:
+                minibatch["x"] = x
+            if self.return_csr:
+                csr = sp.csr_matrix(x)
+                minibatch["x_csr"] = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
+            minibatch["library"] = x.sum(axis=1)  # exact in float32 for integer counts (see _gather_csr)
+        for buffer, _, stop in parts:
+            buffer.released = buffer.released or stop == len(buffer.rows)
         for key, values in self.obs_arrays.items():
             taken = values[rows]  # codes kept narrow per cell (Registry.encode) are int64 in a minibatch
             minibatch[key] = taken.astype(np.int64) if taken.dtype.kind in "iu" else taken
@@ -432,9 +521,14 @@ class _MinibatchStream:
             return False
 
         executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="scvi-scale-read")
+        # This pass's storages: those of the passes before (all finished: their buffers are gone), or new ones if
+        # another pass holds them; handed back at the end.
+        storages, self._storages = self._storages, []
+        for storage in storages:
+            storage.owner = None
         try:
             buffers = (_Buffer(rows, self.block_bounds) for rows in buffer_rows)
-            for parts in _cut(self._load(executor, buffers), batch_sizes):
+            for parts in _cut(self._load(executor, buffers, storages), batch_sizes):
                 if not put(self._assemble(parts)):
                     return
             put(_END)
@@ -442,6 +536,7 @@ class _MinibatchStream:
             put(error)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+            self._storages = storages
 
     def _stream(self, buffer_rows: Iterator[np.ndarray], batch_sizes: np.ndarray) -> Iterator[dict]:
         """Minibatches of the given sizes over the buffers' cells, prepared by a producer thread."""

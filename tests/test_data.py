@@ -275,6 +275,36 @@ def test_read_csr_from_threads_matches_serial(tmp_path):
         np.testing.assert_array_equal(block.toarray(), adata.X[start : start + 100].toarray())
 
 
+@pytest.mark.parametrize("compressor", ["lz4hc", "zstd"], ids=["today", "zstd-as-written-before"])
+def test_our_stores_are_read_from_their_chunk_files_exactly_without_zarr(tmp_path, monkeypatch, compressor):
+    monkeypatch.setattr(store_writer, "COMPRESSOR_NAME", compressor)
+    monkeypatch.setattr(store_writer, "MIN_NNZ_CHUNK", 100)
+    adata = make_adata(n_obs=700, n_vars=50)
+    store = write_store(adata, tmp_path / "s.zarr", chunk_rows=64)  # data chunks of ~240 values: a quarter block
+    data = zarr.open_array(str(tmp_path / "s.zarr" / "X" / "data"))
+    assert data.metadata.codecs[1].cname.value == compressor and data.nchunks > 30
+    assert set(store._chunk_files) == {"X/data", "X/indices", "X/indptr"}
+    rng = np.random.default_rng(3)
+    bounds = [(0, 700), (699, 700), (5, 5), *zip(*np.sort(rng.integers(0, 701, (2, 40)), axis=0))]
+    monkeypatch.setattr(zarr.Array, "__getitem__", lambda *args: pytest.fail("read through zarr"))
+    for start, stop in bounds:
+        np.testing.assert_array_equal(store.read_csr(int(start), int(stop)).toarray(), adata.X[start:stop].toarray())
+
+
+@pytest.mark.filterwarnings("ignore:.*autosharding.*", "ignore:Consolidated metadata.*")
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_stores_written_by_others_are_read_through_zarr_exactly(tmp_path, zarr_format):
+    adata = make_adata(n_obs=400, n_vars=30)
+    ad.settings.zarr_write_format = zarr_format
+    try:
+        adata.write_zarr(tmp_path / "foreign.zarr")  # anndata's own codecs (zstd, no checksums)
+    finally:
+        ad.settings.zarr_write_format = 2
+    store = CountStore(tmp_path / "foreign.zarr")
+    assert store._chunk_files == {}
+    np.testing.assert_array_equal(store.read_csr(13, 377).toarray(), adata.X[13:377].toarray())
+
+
 def test_indptr_chunks_kept_in_memory_stay_within_their_cap_and_reads_stay_exact(tmp_path, monkeypatch):
     adata = make_adata(n_obs=2000, n_vars=50)
     store = write_store(adata, tmp_path / "s.zarr", chunk_rows=50)  # indptr chunks of 800 entries: 3 of them

@@ -271,6 +271,27 @@ def test_a_small_set_is_read_twice_then_kept_and_its_minibatches_stay_those_of_r
     assert len(sequential_reader.reads) == 8 * 7 - 6 * kept_blocks  # 8 passes; from the third on, kept blocks
 
 
+@pytest.mark.parametrize(("block_rows", "buffer_blocks"), [(50, 3), (1, 8)], ids=["buffers", "minibatch-spans-8"])
+def test_reused_buffer_storage_never_changes_a_minibatch_handed_out(block_rows, buffer_blocks):
+    counts = random_counts(600)
+    sampler = BlockShuffleSampler(MemoryReader(counts, chunk_rows=50), batch_size=64, block_rows=block_rows,
+                                  buffer_blocks=buffer_blocks, return_csr=True, seed=4)
+    held, copies = [], []
+    for _ in range(3):  # epochs: buffers' storage is reused within and across them
+        for minibatch in sampler:
+            indptr, indices, data = minibatch["x_csr"]
+            got = sp.csr_matrix((data, indices, indptr), shape=(len(minibatch["rows"]), N_GENES))
+            np.testing.assert_array_equal(got.toarray(), counts[minibatch["rows"]].toarray())
+            np.testing.assert_array_equal(minibatch["library"], counts[minibatch["rows"]].sum(axis=1).A1)
+            held.append(minibatch)
+            copies.append({key: minibatch[key].copy() for key in ("x", "library")})
+    for minibatch, copy in zip(held, copies, strict=True):  # later buffers wrote nothing into earlier minibatches
+        np.testing.assert_array_equal(minibatch["x"], copy["x"])
+        np.testing.assert_array_equal(minibatch["library"], copy["library"])
+    # storages: one per buffer alive at once (two, or the eight-plus buffers one minibatch spans), not per buffer
+    assert 1 <= len(sampler._storages) <= (2 if block_rows == 50 else 64 // buffer_blocks + 2)
+
+
 def test_dask_reading_gives_the_same_minibatches_as_direct_reading(csr_store):
     rows = np.arange(0, csr_store.n_obs, 3)
     direct = list(BlockShuffleSampler(csr_store, rows, batch_size=100, buffer_blocks=2, seed=2))

@@ -11,8 +11,10 @@ and one read of the matching slice of data and indices.
     >>> lazy = store.to_dask()                         # (n_obs, n_vars), one dask chunk per row block
 
 Integrity: a block is handed out only once it is proven.
-- Checksums. Stores our writer makes in Zarr format 3 end every chunk with a crc32c checksum, which zarr verifies
-  whenever it decodes the chunk. Format-2 stores and stores written by others have none (said once, in a log line).
+- Checksums. Stores our writer makes in Zarr format 3 end every chunk with a crc32c checksum, verified whenever
+  the chunk is decoded: by zarr, or by data/chunks.py, which reads such arrays of local stores from their chunk
+  files directly (zarr's per-chunk machinery costs several times the decoding) and leaves any failure to zarr.
+  Format-2 stores and stores written by others have none (said once, in a log line).
 - Absent chunks. Zarr reads a chunk that is not on disk as its fill value (zeros), so a lost chunk of X/indices
   would move counts to gene 0 unseen. X is read through a view of the store in which an absent chunk is an error.
   One exception: zarr skips writing chunks that hold only zeros, which in a dense X may be real cells, so a dense X
@@ -48,6 +50,8 @@ import zarr
 import zarr.errors
 from zarr.codecs import Crc32cCodec
 from zarr.storage import WrapperStore
+
+from scvi_scale.data.chunks import ChunkReadFailed, chunk_file_reader
 
 logger = logging.getLogger("scvi_scale.data")
 
@@ -165,6 +169,7 @@ class CountStore:
                 f"{where} is listed in the store's consolidated metadata but is not on disk (its metadata file is "
                 "missing): the store is damaged; restore it from a copy or rewrite it from its source"
             ) from None
+        self._chunk_files: dict = {}  # none while _open_csr reads indptr's ends; filled below
         if isinstance(counts, zarr.Array):
             if counts.ndim != 2:
                 raise StoreError(f"{where} is a {counts.ndim}-D array; counts must be 2-D (cells x genes)")
@@ -183,6 +188,8 @@ class CountStore:
         else:
             self._open_csr(counts, where)
             arrays = (self._data, self._indices, self._indptr)
+        # Local arrays our writer made are read from their chunk files directly (chunks.py); others through zarr.
+        self._chunk_files = {array.path: reader for array in arrays if (reader := chunk_file_reader(array))}
         self.n_obs, self.n_vars = self.shape
         self._n_columns = self.n_vars  # columns of the stored matrix (a subclass may present other genes)
         if 0 in self.shape:
@@ -386,6 +393,12 @@ class CountStore:
 
     def _read(self, array: zarr.Array, start: int, stop: int) -> np.ndarray:
         """array[start:stop] along axis 0, or StoreError naming the chunk that is absent or does not decode."""
+        reader = self._chunk_files.get(array.path)
+        if reader is not None:
+            try:
+                return reader.read(start, stop)
+            except ChunkReadFailed:
+                pass  # zarr reads the range again and raises what is wrong (or reads an absent chunk as zeros)
         try:
             return np.asarray(array[start:stop])
         except Exception as error:
