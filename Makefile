@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test,report]'
-	$(PY) -c "from scvi_scale.kernels import native; native.kernel()"  # builds the C likelihood kernel (~1 s)
+	$(PY) -c "from scvi_scale.kernels import torch_ops; torch_ops.native_ready()"  # builds the C likelihood kernel (~1 s)
 	touch $@
 
 install: $(VENV)/.installed

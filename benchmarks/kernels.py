@@ -37,7 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
-from scvi_scale.kernels import native, torch_ops
+from scvi_scale.kernels import torch_ops
 from scvi_scale.kernels.count_likelihood import reference_count_log_likelihood
 from scvi_scale.kernels.decoder_likelihood import reference_decoder_log_likelihood
 
@@ -124,7 +124,7 @@ def paths(op: str, device: str, with_triton: bool) -> dict:
     unfused = reference_count_log_likelihood if op == "count" else reference_decoder_log_likelihood
     ours = torch_ops.count_log_likelihood if op == "count" else torch_ops.decoder_log_likelihood
     found = {"unfused (textbook)": (unfused, None), "torch eager": (ours, 1 << 62), "torch compiled": (ours, 0)}
-    if device == "cpu" and native.kernel() is not None:
+    if device == "cpu" and torch_ops.native_ready():
         found["native (C)"] = (functools.partial(ours, native=True), None)
     if with_triton:
         from scvi_scale.kernels import count_likelihood, decoder_likelihood

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from scvi_scale.kernels import native, torch_ops
+from scvi_scale.kernels import torch_ops
 from scvi_scale.kernels.torch_ops import LIKELIHOODS
 from scvi_scale.settings import settings
 
@@ -57,7 +57,7 @@ def _choose_backend(device: torch.device, dtype: torch.dtype) -> str:
     elif requested == "native":
         if device.type != "cpu":
             raise RuntimeError(f"kernel_backend='native' got {device.type} tensors: the C kernel runs on the CPU")
-        if native.kernel() is None:
+        if not torch_ops.native_ready():
             raise RuntimeError("kernel_backend='native' but the C kernel could not be built (see the "
                                "'scvi_scale.kernels' log for why)")
         backend = "native" if dtype == torch.float32 else "torch"
@@ -72,7 +72,7 @@ def _choose_backend(device: torch.device, dtype: torch.dtype) -> str:
         backend = "triton"
     elif device.type == "cuda" and _triton_importable():
         backend = "triton"
-    elif device.type == "cpu" and dtype == torch.float32 and native.kernel() is not None:
+    elif device.type == "cpu" and dtype == torch.float32 and torch_ops.native_ready():
         backend = "native"
     else:
         backend = "torch"

@@ -8,8 +8,9 @@ the user's cache directory, keyed by the source, the compiler, its flags and the
 machines of different CPUs keeps one build per CPU); processes that start at once each build into a file of their
 own and rename it into place.
 
-Where no C compiler or libmvec is found (glibc < 2.35, macOS), or the built kernel disagrees with the PyTorch path
-on a check input, `kernel()` is None and the PyTorch path (torch_ops) runs instead; the reason is logged once.
+Where no C compiler or libmvec is found (glibc < 2.35, macOS), `library()` is None, and where the built kernel
+disagrees with the PyTorch path on a check input (torch_ops.native_ready) it is dropped: the PyTorch path
+(torch_ops) runs instead, the reason logged once.
 
 Environment:
     SCVI_SCALE_CACHE_DIR   where built kernels are kept (default $XDG_CACHE_HOME/scvi-scale, else
@@ -50,7 +51,7 @@ THETA_NONE, THETA_PER_GENE, THETA_PER_ENTRY = 0, 1, 2
 # Below this many entries a call runs on one thread: handing rows to a pool costs more than it saves.
 PARALLEL_MIN_ENTRIES = 1 << 15
 
-_state: dict = {}  # "kernel": the loaded library or None once tried; "pool": the thread pool
+_state: dict = {}  # "library": the loaded library or None once tried; "checked"; "pool" and "pool_size"
 _lock = threading.Lock()
 
 
@@ -130,22 +131,23 @@ def _load(path: Path) -> ctypes.CDLL:
     return library
 
 
-def kernel() -> ctypes.CDLL | None:
-    """The built and checked kernel library, or None where it cannot be had (the reason logged once)."""
+def library() -> ctypes.CDLL | None:
+    """The built kernel library, or None where it cannot be had (the reason logged once). Callers check it against
+    the PyTorch path once (torch_ops.native_ready) before using it."""
     with _lock:
-        if "kernel" not in _state:
-            _state["kernel"] = None
+        if "library" not in _state:
+            _state["library"] = None
             try:
-                library = _load(build())
-                _state["kernel"] = library
-                mismatch = _self_check()
-                if mismatch:
-                    _state["kernel"] = None
-                    logger.warning("the native likelihood kernel disagrees with the PyTorch path (%s); using the "
-                                   "PyTorch path", mismatch)
+                _state["library"] = _load(build())
             except (RuntimeError, OSError) as error:
                 logger.info("native likelihood kernel unavailable (%s); using the PyTorch path", error)
-    return _state["kernel"]
+    return _state["library"]
+
+
+def disable(reason: str) -> None:
+    """Stops using the kernel in this process (it disagreed with the PyTorch path: `reason`)."""
+    logger.warning("the native likelihood kernel disagrees with the PyTorch path (%s); using the PyTorch path", reason)
+    _state["library"] = None
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -157,8 +159,8 @@ def count_terms(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, p:
     """torch_ops.count_terms on float32 CPU tensors: the per-cell log-likelihood (B,) and the per-entry gradients
     d log p / d log mu, d / d theta and d / d zi_logits ((B, G) each, None where the likelihood has no such input),
     for counts stored as CSR (crow (B + 1,), cols and values (nnz,), int64, int64, float32; explicit zeros allowed)
-    and the mean mu = p * scale (p (B, G), scale (B,) or (B, 1)). Needs kernel() to be a library."""
-    library = _state["kernel"]
+    and the mean mu = p * scale (p (B, G), scale (B,) or (B, 1)). Needs library() to be a library."""
+    library = _state["library"]
     n_cells, n_genes = p.shape
     p, scale = p.detach().contiguous(), scale.detach().reshape(n_cells).contiguous()
     crow, cols, values = crow.contiguous(), cols.contiguous(), values.detach().contiguous()
@@ -205,30 +207,3 @@ def _pool(workers: int) -> ThreadPoolExecutor:
             _state["pool"] = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scvi-scale-terms")
             _state["pool_size"] = workers
     return pool
-
-
-def _self_check() -> str | None:
-    """Compares the kernel with the PyTorch path on a small input with counts 0..1e4, mu 1e-3..1e4, theta
-    1e-3..1e3 and logits +-20, for each likelihood; returns what disagreed, or None."""
-    from scvi_scale.kernels import torch_ops
-
-    generator = torch.Generator().manual_seed(0)
-    n_cells, n_genes = 4, 64
-    mu = 10 ** (torch.rand(n_cells, n_genes, generator=generator) * 7 - 3)
-    x = torch.poisson(mu, generator=generator).clamp(max=1e4)
-    theta = 10 ** (torch.rand(n_genes, generator=generator) * 6 - 3)
-    zi = torch.randn(n_cells, n_genes, generator=generator) * 20
-    crow = torch.zeros(n_cells + 1, dtype=torch.int64)
-    rows, cols = x.nonzero(as_tuple=True)
-    crow[1:] = torch.bincount(rows, minlength=n_cells).cumsum(0)
-    ones = torch.ones(n_cells, 1)
-    for likelihood in LIKELIHOOD_CODES:
-        args = (mu, ones, None if likelihood == "poisson" else theta, zi if likelihood == "zinb" else None)
-        got = count_terms(crow, cols, x[rows, cols], *args, likelihood)
-        want = torch_ops.count_terms((rows, cols, x[rows, cols]), *args, likelihood, native=False)
-        for name, a, b in zip(("log p", "d log mu", "d theta", "d zi"), got, want):
-            if (a is None) != (b is None):
-                return f"{likelihood} {name}: present in one path only"
-            if a is not None and not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-4):
-                return f"{likelihood} {name}: largest difference {float((a - b).abs().max()):.3g}"
-    return None

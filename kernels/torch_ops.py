@@ -316,6 +316,41 @@ def _maybe_compiled(function, n_entries: int, smallest_size: int):
     return run
 
 
+def native_ready() -> bool:
+    """Whether the C kernel (native.py) is built, loaded and agrees with this module's terms on a check input
+    (counts 0..1e4, mu 1e-3..1e4, theta 1e-3..1e3, logits +-20, each likelihood; checked once per process)."""
+    if native_kernel.library() is None:
+        return False
+    if not native_kernel._state.get("checked"):
+        native_kernel._state["checked"] = True
+        mismatch = _native_mismatch()
+        if mismatch:
+            native_kernel.disable(mismatch)
+    return native_kernel.library() is not None
+
+
+def _native_mismatch() -> str | None:
+    """What of the C kernel's terms disagrees with count_terms' own on a small input, or None."""
+    generator = torch.Generator().manual_seed(0)
+    n_cells, n_genes = 4, 64
+    mu = 10 ** (torch.rand(n_cells, n_genes, generator=generator) * 7 - 3)
+    x = torch.poisson(mu, generator=generator).clamp(max=1e4)
+    theta = 10 ** (torch.rand(n_genes, generator=generator) * 6 - 3)
+    zi = torch.randn(n_cells, n_genes, generator=generator) * 20
+    entries = nonzero_entries(x)
+    ones = torch.ones(n_cells, 1)
+    for likelihood in LIKELIHOODS:
+        inputs = (mu, ones, None if likelihood == "poisson" else theta, zi if likelihood == "zinb" else None)
+        got = count_terms(entries, *inputs, likelihood, native=True)
+        want = count_terms(entries, *inputs, likelihood, native=False)
+        for name, a, b in zip(("log p", "d log mu", "d theta", "d zi"), got, want):
+            if (a is None) != (b is None):
+                return f"{likelihood} {name}: present in one path only"
+            if a is not None and not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-4):
+                return f"{likelihood} {name}: largest difference {float((a - b).abs().max()):.3g}"
+    return None
+
+
 def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, values) of the entries of x, (B, G) dense or sparse CSR, that may be non-zero; each (nnz,): a
     dense x's non-zeros, a CSR tensor's stored entries (explicit zeros among them are handled by count_terms, so

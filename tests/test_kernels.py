@@ -40,11 +40,11 @@ def backend(request, monkeypatch):
     """Runs the test on one backend. On the Triton one every buffer a kernel fills starts as NaN (poisoned), so an
     element a kernel fails to write shows up in the results."""
     if request.param == "native":
-        from scvi_scale.kernels import native
+        from scvi_scale.kernels import torch_ops
 
         if ON_GPU:
             pytest.skip("the C kernel is the CPU's")
-        if native.kernel() is None:
+        if not torch_ops.native_ready():
             pytest.skip("the C kernel cannot be built here (no C compiler or libmvec: see the scvi_scale.kernels log)")
     if request.param == "triton":
         if not ON_GPU and not _kernels_interpreted():
@@ -533,11 +533,11 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_auto_backend_on_cpu_is_native_for_float32_where_it_builds(monkeypatch):
-    from scvi_scale.kernels import native
+    from scvi_scale.kernels import torch_ops
 
     monkeypatch.setattr(settings, "kernel_backend", "auto")
     cpu = torch.device("cpu")
-    assert kernels._choose_backend(cpu, torch.float32) == ("torch" if native.kernel() is None else "native")
+    assert kernels._choose_backend(cpu, torch.float32) == ("native" if torch_ops.native_ready() else "torch")
     assert kernels._choose_backend(cpu, torch.float64) == "torch"
 
 
