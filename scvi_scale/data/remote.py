@@ -87,9 +87,13 @@ def _bucket_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _options_with_defaults(url: str, storage_options: dict | None) -> dict:
-    options = options_for(url, storage_options)
-    return {**_S3_DEFAULTS, **options} if url.lower().startswith("s3://") else options
+def _options_with_defaults(url: str, storage_options: dict | None, retried_by_us: bool) -> dict:
+    """options_for(url) over our defaults: listings never cached (a store being written changes under them), and
+    for zarr_store's S3 requests botocore's retries off (ours instead)."""
+    defaults = {"use_listings_cache": False}
+    if retried_by_us and url.lower().startswith("s3://"):
+        defaults.update(_S3_DEFAULTS)
+    return {**defaults, **options_for(url, storage_options)}
 
 
 def zarr_store(path, storage_options: dict | None = None, read_only: bool = True):
@@ -102,7 +106,7 @@ def zarr_store(path, storage_options: dict | None = None, read_only: bool = True
     if scheme in READ_ONLY_SCHEMES and not read_only:
         raise RemoteStoreError(f"{path}: http(s) stores are read-only; write outputs to a local, s3:// or gs:// store")
     try:
-        store = FsspecStore.from_url(path, storage_options=_options_with_defaults(path, storage_options),
+        store = FsspecStore.from_url(path, storage_options=_options_with_defaults(path, storage_options, True),
                                      read_only=read_only)
     except ImportError as error:
         raise RemoteStoreError(f"{path}: reading {scheme}:// needs {error.name or 'its fsspec package'}: "
@@ -114,10 +118,10 @@ def zarr_store(path, storage_options: dict | None = None, read_only: bool = True
 
 def filesystem(url: str, storage_options: dict | None = None):
     """The (synchronous) fsspec file system of `url` and the path within it, for listing, copying and deleting
-    objects; with the same options as `zarr_store`, but no retry layer of ours."""
+    objects; with the same options as `zarr_store`, retried by s3fs / gcsfs themselves (not by ours)."""
     import fsspec
 
-    options = _options_with_defaults(url, storage_options)
+    options = _options_with_defaults(url, storage_options, False)
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as error:
@@ -132,7 +136,6 @@ def diagnose(url: str, storage_options: dict | None = None) -> str | None:
         return None
     try:
         fs, _ = filesystem(url, storage_options)
-        fs.invalidate_cache()
         fs.ls(bucket, detail=False)
     except FileNotFoundError:
         return f"{url}: there is no bucket {bucket!r} (or it is not visible to these credentials)"
