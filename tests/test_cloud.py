@@ -8,13 +8,14 @@ credentials never reach a model directory.
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import logging
 import os
 import socket
-import socketserver
 import threading
-import urllib.request
+import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -85,10 +86,99 @@ def upload(local: Path, url: str) -> str:
     return url
 
 
+class FaultyProxy:
+    """A loopback HTTP proxy in front of the S3 server that counts requests and injects faults and latency.
+
+    rules: [(method, key substring, action, times)], action "503" (answer 503 Service Unavailable) or a float
+    (seconds to wait before forwarding: beyond the client's read timeout it is a timeout); `times` requests that
+    match are hit (None: all). latency_s: added to every request. requests: (method, path) of each request seen.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.rules: list[list] = []
+        self.latency_s = 0.0
+        self.requests: list[tuple[str, str]] = []
+        self.response_bytes = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append((self.command, self.path))
+                time.sleep(proxy.latency_s)
+                for rule in proxy.rules:
+                    method, part, action, times = rule
+                    if method == self.command and part in self.path and (times is None or times > 0):
+                        rule[3] = None if times is None else times - 1
+                        if action == "503":
+                            message = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
+                            self.send_response(503)
+                            self.send_header("Content-Length", str(len(message)))
+                            self.end_headers()
+                            self.wfile.write(message)
+                            return
+                        time.sleep(action)
+                        break
+                connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                try:
+                    connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                    answer = connection.getresponse()
+                    payload = answer.read()
+                except ConnectionError:  # a request delayed past its test: the server is gone, and its client
+                    return
+                proxy.response_bytes += len(payload)
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(bucket, s3_endpoint, monkeypatch):
+    """The proxy, made the AWS endpoint: every request of the test goes through it."""
+    faulty = FaultyProxy(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty.url)
+    clear_filesystem_cache()
+    yield faulty
+    faulty.close()
+    clear_filesystem_cache()
+
+
 @pytest.fixture(scope="module")
 def local_atlas(tmp_path_factory) -> Path:
+    """300 cells x 100 genes in chunks of 64 rows; data and indices in chunks of 1,024 values (the writer's floor,
+    16,384, would hold them whole), so reads span many objects."""
+    from scvi_scale.data import writer
+
     path = tmp_path_factory.mktemp("cloud") / "atlas.zarr"
-    synthetic_atlas(path, n_cells=300, n_genes=100, n_batches=2, n_cell_types=3, markers_per_type=2, chunk_rows=64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer, "MIN_NNZ_CHUNK", 1024)
+        synthetic_atlas(path, n_cells=300, n_genes=100, n_batches=2, n_cell_types=3, markers_per_type=2,
+                        chunk_rows=64)
+    assert len(list((path / "X" / "data" / "c").iterdir())) > 4
     return path
 
 
@@ -268,3 +358,68 @@ def test_a_writer_killed_at_random_moments_leaves_no_partial_output_and_its_reru
         assert view is None or np.array_equal(view, values)
     for view in entry_seen(s3_atlas, "obsm", "X_killed"):
         np.testing.assert_array_equal(view, values)
+
+
+# --- failures: retried, then one line naming the object, the bucket or the credentials --------------------------
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_FIRST_DELAY_S", 0.01)
+    monkeypatch.setattr(remote, "RETRY_MAX_DELAY_S", 0.05)
+
+
+def test_transient_server_errors_and_timeouts_are_retried(s3_atlas, proxy, quick_retries, local_atlas):
+    """Two 503s on a chunk of X/data and a timeout on one of X/indices: the reads retry and return the counts, with
+    as many requests more for those objects as there were faults."""
+    here = CountStore(local_atlas)
+    there = CountStore(s3_atlas, storage_options={"config_kwargs": {"read_timeout": 0.5}})
+
+    def read_all_and_count() -> dict[str, int]:
+        proxy.requests.clear()
+        for start, stop in zip(here.block_bounds()[:-1], here.block_bounds()[1:]):
+            assert (there.read_raw(start, stop) != here.read_raw(start, stop)).nnz == 0
+        asked = [path for method, path in proxy.requests if method == "GET"]
+        return {key: sum(path.endswith(key) for path in asked) for key in ("/X/data/c/1", "/X/indices/c/2")}
+
+    baseline = read_all_and_count()
+    proxy.rules = [["GET", "/X/data/c/1", "503", 2], ["GET", "/X/indices/c/2", 1.0, 1]]
+    faulty = read_all_and_count()
+    assert faulty["/X/data/c/1"] == baseline["/X/data/c/1"] + 2
+    assert faulty["/X/indices/c/2"] == baseline["/X/indices/c/2"] + 1
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    from scvi_scale.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_a_chunk_that_keeps_failing_ends_the_cli_in_one_line_naming_it(s3_atlas, proxy, quick_retries, capsys,
+                                                                       tmp_path):
+    proxy.rules = [["GET", "/X/data/c/2", "503", None]]
+    code, err = run_cli(["train", s3_atlas, "--batch-key", "batch", "--out", str(tmp_path / "model"),
+                         "--max-epochs", "1"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{s3_atlas}/X/data/c/2" in err and "GET failed" in err and "503" in err
+    asked = sum(path.endswith("/X/data/c/2") for _, path in proxy.requests)  # each read that needs it tries in full
+    assert asked >= remote.RETRY_ATTEMPTS and asked % remote.RETRY_ATTEMPTS == 0, asked
+
+
+def test_missing_credentials_end_in_one_line_saying_so(s3_atlas, monkeypatch, capsys, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # else botocore asks the instance metadata service
+    clear_filesystem_cache()
+    code, err = run_cli(["train", s3_atlas, "--out", str(tmp_path / "model")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "no AWS credentials found" in err and "AWS_ACCESS_KEY_ID" in err and s3_atlas in err
+    assert SECRET not in err
+
+
+def test_a_bucket_that_does_not_exist_ends_in_one_line_naming_it(bucket, capsys, tmp_path):
+    missing = f"{bucket}-missing"
+    code, err = run_cli(["train", f"s3://{missing}/atlas.zarr", "--out", str(tmp_path / "model")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"there is no bucket {missing!r}" in err
