@@ -423,3 +423,34 @@ def test_a_bucket_that_does_not_exist_ends_in_one_line_naming_it(bucket, capsys,
     code, err = run_cli(["train", f"s3://{missing}/atlas.zarr", "--out", str(tmp_path / "model")], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"there is no bucket {missing!r}" in err
+
+
+# --- stores written into buckets, and collections of them ------------------------------------------------------
+
+
+def test_write_store_converts_into_a_bucket_and_from_one_bucket_store_to_another(bucket, local_atlas):
+    from scvi_scale.data import write_store
+
+    here = anndata.read_zarr(local_atlas)
+    first = write_store(here, f"s3://{bucket}/converted.zarr", chunk_rows=64)
+    second = write_store(first.path, f"s3://{bucket}/copied.zarr", chunk_rows=32)
+    for store in (first, second):
+        assert store.checksummed and store.shape == here.shape
+        assert (store.read_raw(0, store.n_obs) != here.X).nnz == 0
+        assert store.obs_names.equals(here.obs_names)
+    assert second.chunk_rows == 32
+    with pytest.raises(Exception, match="already exists"):
+        write_store(here, first.path)
+    assert not remote.staging_folder(first.path).exists() and not remote.staging_folder(second.path).exists()
+
+
+def test_a_collection_of_bucket_stores_trains_as_one(bucket, local_atlas):
+    from scvi_scale.data import write_store
+
+    here = anndata.read_zarr(local_atlas)
+    halves = [write_store(here[rows].copy(), f"s3://{bucket}/part{index}.zarr", chunk_rows=64).path
+              for index, rows in enumerate((slice(0, 150), slice(150, 300)))]
+    registry = SCVI.setup_zarr(halves, batch_key="batch")
+    model = SCVI(halves, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, seed=0)
+    assert model.get_latent_representation().shape == (300, 4) and registry.n_vars == here.n_vars

@@ -26,9 +26,11 @@ exist raise RemoteStoreError saying which (see `diagnose`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,6 +51,10 @@ _TIMEOUT_NAMES = frozenset({"TimeoutError", "ReadTimeoutError", "ConnectTimeoutE
 _NO_CREDENTIALS_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"})
 # Given to s3fs unless the caller's storage_options say otherwise: botocore's retries off, ours instead.
 _S3_DEFAULTS = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+
+# Metadata files of a Zarr node, in the order upload_node puts them last (format 2: the attributes before the file
+# that makes the node exist).
+NODE_METADATA = (".zattrs", ".zarray", ".zgroup", "zarr.json")
 
 _options: dict[str, dict] = {}  # storage options by store URL (no trailing '/'), for this process only
 
@@ -127,6 +133,49 @@ def filesystem(url: str, storage_options: dict | None = None):
     except ImportError as error:
         raise RemoteStoreError(f"{url}: needs {error.name or 'its fsspec package'}: pip install 'scvi-scale[cloud]'") \
             from None
+
+
+def group_exists(url: str) -> bool:
+    """Whether a Zarr group's metadata is at `url`."""
+    fs, root = filesystem(url)
+    return any(fs.exists(f"{root}/{name}") for name in (".zgroup", "zarr.json"))
+
+
+def upload_node(node: Path, url: str) -> None:
+    """Upload the local Zarr node `node` (a folder: a group or an array, with all below it) to `url`, its own
+    metadata files last: they are the completion marker, since a prefix without them is no member of its parent
+    to zarr nor to anndata, so no reader sees the node before they land, and the whole node after. What is at
+    `url` already is deleted first: the caller has checked it is no complete node (a killed upload's objects)."""
+    fs, target = filesystem(url)
+    if fs.exists(target):
+        remove_node(url)
+    markers = [name for name in NODE_METADATA if (node / name).is_file()]
+    files = [path for path in sorted(node.rglob("*"))
+             if path.is_file() and path.relative_to(node).as_posix() not in markers]
+    if files:
+        fs.put([str(path) for path in files], [f"{target}/{path.relative_to(node).as_posix()}" for path in files])
+    for name in markers:
+        fs.put_file(str(node / name), f"{target}/{name}")
+
+
+def remove_node(url: str) -> None:
+    """Delete the Zarr node at `url`, its own metadata first (so no reader sees a node losing its parts)."""
+    fs, target = filesystem(url)
+    for name in reversed(NODE_METADATA):
+        if fs.exists(f"{target}/{name}"):
+            fs.rm_file(f"{target}/{name}")
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
+
+
+def staging_folder(url: str) -> Path:
+    """A local folder, under TMPDIR, for what is built before it is uploaded to `url` (named for the URL; its parent
+    is created, the folder itself not)."""
+    name = resolved(url)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    parent = Path(tempfile.gettempdir()) / "scvi-scale-staging"
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent / f"{name.rsplit('/', 1)[-1]}-{digest}"
 
 
 def diagnose(url: str, storage_options: dict | None = None) -> str | None:

@@ -40,21 +40,19 @@ metadata (anndata writes it), it is rewritten when an entry is moved into place.
 
 Stores in buckets (s3://, gs://; data.remote). There is no rename, so the progress folder and the staging are kept
 on the local disk (under TMPDIR, in a folder named for the store's URL: as large as the output while it is
-written), and the move is an upload (`publish`) whose last object is the entry's own metadata file (zarr.json; in
-Zarr format 2 .zattrs then .zarray / .zgroup), the completion marker: a prefix without it is no member of its
-group to zarr nor to anndata, so no reader sees the entry before the marker, and after it the whole entry. A
-killed upload leaves only such an invisible prefix, which the rerun deletes before uploading again. A rerun
+written), and the move is an upload (`publish`, remote.upload_node) whose last object is the entry's own metadata
+file (zarr.json; in Zarr format 2 .zattrs then .zarray / .zgroup), the completion marker: a prefix without it is no
+member of its group to zarr nor to anndata, so no reader sees the entry before the marker, and after it the whole
+entry. A killed upload leaves only such an invisible prefix, which the rerun deletes before uploading again. A rerun
 resumes on the machine that holds the progress folder; elsewhere it starts over. Obs columns (write_obs_column)
 are written into local stores only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -119,11 +117,9 @@ def check_key(group: str, key: str) -> None:
 def progress_folder(store: str | os.PathLike, entry: str) -> Path:
     """Where the progress of output `entry` ('group/key') of `store` is kept (outside the Zarr hierarchy): beside a
     local store; on the local disk, under TMPDIR, for a store in a bucket."""
-    name = remote.resolved(store)
-    if remote.is_url(name):
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "scvi-scale-progress" / f"{name.rsplit('/', 1)[-1]}-{digest}" / entry
-    store = Path(name)
+    if remote.is_url(os.fspath(store)):
+        return remote.staging_folder(os.fspath(store)) / PROGRESS_SUFFIX.lstrip(".") / entry
+    store = Path(store).resolve()
     return store.parent / f".{store.name}{PROGRESS_SUFFIX}" / entry
 
 
@@ -150,58 +146,26 @@ def reconsolidate(store: str, always: bool = False) -> None:
         zarr.consolidate_metadata(remote.zarr_store(store, read_only=False))
 
 
-# Metadata files of a Zarr node, in the order publish uploads them last (format 2: attributes before the file that
-# makes the node exist).
-_NODE_METADATA = (".zattrs", ".zarray", ".zgroup", "zarr.json")
-
-
 def store_exists(path) -> bool:
     """Whether a Zarr group is at `path` (a local path or a URL)."""
     path = os.fspath(path)
-    if not remote.is_url(path):
-        return Path(path).exists()
-    fs, root = remote.filesystem(path)
-    return any(fs.exists(f"{root}/{name}") for name in (".zgroup", "zarr.json"))
+    return remote.group_exists(path) if remote.is_url(path) else Path(path).exists()
 
 
 def remove_store(path) -> None:
-    """Delete the store at `path` (an output store this call created): in a bucket, its root metadata first, so
-    what remains for a moment is no store."""
+    """Delete the store at `path` (an output store this call created)."""
     path = os.fspath(path)
-    if not remote.is_url(path):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    fs, root = remote.filesystem(path)
-    for name in reversed(_NODE_METADATA):
-        if fs.exists(f"{root}/{name}"):
-            fs.rm_file(f"{root}/{name}")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    remote.remove_node(path) if remote.is_url(path) else shutil.rmtree(path, ignore_errors=True)
 
 
 def publish(node: Path, store: str, entry: str) -> None:
     """Move the finished local Zarr node `node` (a folder) to `entry` ('' for the root) of `store`: a rename for a
-    local store; for a store in a bucket, an upload with the node's own metadata last (the completion marker, see
-    the module docstring), after deleting what a killed upload left there."""
-    if not remote.is_url(store):
+    local store; into a bucket, an upload whose last object is the node's metadata (remote.upload_node)."""
+    if remote.is_url(store):
+        remote.upload_node(node, f"{store}/{entry}".rstrip("/"))
+        shutil.rmtree(node)
+    else:
         os.replace(node, Path(store) / entry)
-        return
-    fs, root = remote.filesystem(store)
-    target = f"{root}/{entry}".rstrip("/")
-    if entry and fs.exists(target):  # no marker (the caller checked): a killed upload's objects, seen by no reader
-        fs.rm(target, recursive=True)
-    markers = [name for name in _NODE_METADATA if (node / name).is_file()]
-    files = [path for path in sorted(node.rglob("*")) if path.is_file() and path.relative_to(node).as_posix()
-             not in markers]
-    if files:
-        fs.put([str(path) for path in files], [f"{target}/{path.relative_to(node).as_posix()}" for path in files])
-    for name in markers:
-        fs.put_file(str(node / name), f"{target}/{name}")
-    shutil.rmtree(node)
-
-
-def _index(group: zarr.Group) -> pd.Index:
-    return pd.Index(anndata.io.read_elem(group[group.attrs.get("_index", "_index")]))
 
 
 def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None = None) -> str:
@@ -228,7 +192,7 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
                 )
         return path
     # built beside a local store, under TMPDIR for one in a bucket, then published
-    staged_at = Path(path) if not remote.is_url(path) else progress_folder(path, "") / "store"
+    staged_at = Path(path) if not remote.is_url(path) else remote.staging_folder(path) / "store"
     staged_at.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_siblings(staged_at)  # a killed earlier attempt's folder
     partial = scratch_sibling(staged_at, "partial")
