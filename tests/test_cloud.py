@@ -8,14 +8,9 @@ credentials never reach a model directory.
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import logging
 import os
 import socket
-import threading
-import time
-import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -32,6 +27,8 @@ from scvi_scale import SCVI  # noqa: E402
 from scvi_scale.data import CountStore  # noqa: E402
 from scvi_scale.data import remote  # noqa: E402
 from scvi_scale.datasets import synthetic_atlas  # noqa: E402
+
+from helpers import FaultyProxy  # noqa: E402
 
 SECRET = "cloud-test-secret-" + uuid.uuid4().hex  # the fake secret key: searched for where it must not be
 
@@ -84,76 +81,6 @@ def upload(local: Path, url: str) -> str:
     fs.put(str(local), path, recursive=True)
     fs.invalidate_cache()
     return url
-
-
-class FaultyProxy:
-    """A loopback HTTP proxy in front of the S3 server that counts requests and injects faults and latency.
-
-    rules: [(method, key substring, action, times)], action "503" (answer 503 Service Unavailable) or a float
-    (seconds to wait before forwarding: beyond the client's read timeout it is a timeout); `times` requests that
-    match are hit (None: all). latency_s: added to every request. requests: (method, path) of each request seen.
-    """
-
-    def __init__(self, upstream: str):
-        self.upstream = urllib.parse.urlsplit(upstream)
-        self.rules: list[list] = []
-        self.latency_s = 0.0
-        self.requests: list[tuple[str, str]] = []
-        self.response_bytes = 0
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                proxy.requests.append((self.command, self.path))
-                time.sleep(proxy.latency_s)
-                for rule in proxy.rules:
-                    method, part, action, times = rule
-                    if method == self.command and part in self.path and (times is None or times > 0):
-                        rule[3] = None if times is None else times - 1
-                        if action == "503":
-                            message = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
-                            self.send_response(503)
-                            self.send_header("Content-Length", str(len(message)))
-                            self.end_headers()
-                            self.wfile.write(message)
-                            return
-                        time.sleep(action)
-                        break
-                connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                try:
-                    connection.request(self.command, self.path, body=body, headers=dict(self.headers))
-                    answer = connection.getresponse()
-                    payload = answer.read()
-                except ConnectionError:  # a request delayed past its test: the server is gone, and its client
-                    return
-                proxy.response_bytes += len(payload)
-                self.send_response(answer.status)
-                for name, value in answer.getheaders():
-                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-                connection.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
