@@ -381,3 +381,19 @@ def test_a_collection_of_bucket_stores_trains_as_one(bucket, local_atlas):
     model = SCVI(halves, n_latent=4, n_hidden=16)
     model.train(max_epochs=1, batch_size=64, seed=0)
     assert model.get_latent_representation().shape == (300, 4) and registry.n_vars == here.n_vars
+
+
+def test_the_cli_trains_on_a_bucket_store_and_writes_its_outputs_back(s3_atlas, capsys, tmp_path):
+    import fsspec
+
+    model_dir = str(tmp_path / "model")
+    code, err = run_cli(["train", s3_atlas, "--batch-key", "batch", "--out", model_dir, "--max-epochs", "1",
+                         "--n-latent", "4", "--n-hidden", "16"], capsys)
+    assert code == 0, err
+    output_url = s3_atlas.replace("atlas.zarr", "cli-outputs.zarr")
+    code, err = run_cli(["latent", s3_atlas, "--model", model_dir, "--output-store", output_url], capsys)
+    assert code == 0, err
+    clear_filesystem_cache()
+    written = anndata.read_zarr(fsspec.get_mapper(output_url)).obsm["X_scvi"]
+    expected = SCVI.load(model_dir, s3_atlas).get_latent_representation()
+    np.testing.assert_array_equal(written, expected)
