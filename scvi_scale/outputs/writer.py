@@ -168,6 +168,10 @@ def publish(node: Path, store: str, entry: str) -> None:
         os.replace(node, Path(store) / entry)
 
 
+def _index(group: zarr.Group) -> pd.Index:
+    return pd.Index(anndata.io.read_elem(group[group.attrs.get("_index", "_index")]))
+
+
 def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None = None) -> str:
     """The store that outputs are written to: `input_store` itself when path is None, else `path`.
 
