@@ -7,20 +7,21 @@ The reader is zarr's FsspecStore over s3fs / gcsfs / fsspec's HTTP file system (
 Why fsspec and not obstore: one path for S3, GCS and HTTPS; the AWS and Google credential chains as botocore and
 google-auth implement them (environment, config files and profiles, AWS_ENDPOINT_URL for S3-compatible servers,
 application default credentials); the `storage_options` that anndata, dask and pandas users already pass; and
-anndata.read_zarr opens the same URLs. obstore spent less CPU per chunk GET on a loopback S3 server (tried once
-on a shared machine, so not recorded as a result); a chunk of counts is ~64k values, so that difference is small
-beside the model step that uses the chunk.
+anndata.read_zarr opens the same URLs. obstore spent about half the time per chunk GET on a loopback S3 server
+(tried once on a shared machine, so not recorded as a result): a few milliseconds a chunk, small beside training
+on the ~10^5 counts a chunk of our stores holds (a quarter of a row block).
 
 Credentials: `storage_options` (a dict, as fsspec takes it) are kept in memory for the URL they were given with
 (`remember_options`), so a store opened again in this process (SCVI(url), the outputs, a reopened CountStore)
 finds them; they are never logged, printed, pickled into files nor saved into a model directory. Without them the
 standard chains apply.
 
-Retries: every request through `zarr_store` is retried on throttling, 5xx answers and timeouts, RETRY_ATTEMPTS
-times with exponential backoff and jitter (RETRY_FIRST_DELAY_S doubling up to RETRY_MAX_DELAY_S), then raises
-RemoteStoreError naming the object. s3fs's and botocore's own retries are turned off by default (one retry
-layer, the same for every scheme; gcsfs keeps its own, below ours). Missing credentials and a bucket that does not
-exist raise RemoteStoreError saying which (see `diagnose`).
+Retries: every GET, HEAD, PUT and DELETE through `zarr_store` (listings are not) is retried on throttling, 5xx
+answers and timeouts, RETRY_ATTEMPTS times with exponential backoff and jitter (RETRY_FIRST_DELAY_S doubling up to
+RETRY_MAX_DELAY_S), then raises RemoteStoreError naming the object. s3fs's and botocore's own retries are turned
+off there (one retry layer, the same for every scheme; gcsfs keeps its own, below ours); the uploads of
+`upload_node` go through `filesystem`, retried by s3fs / gcsfs alone. Missing credentials and a bucket that does
+not exist raise RemoteStoreError saying which (see `diagnose`).
 """
 
 from __future__ import annotations

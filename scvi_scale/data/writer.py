@@ -36,7 +36,10 @@ about 4% more than of a format-2 one in zarr-python 3.1, and its checksum about 
 Crash safety: everything is written to a hidden sibling directory `.<name>.partial-<host>-<pid>-<random>` and
 renamed onto the final path only after the last block, obs, uns and the consolidated metadata are written; an
 interrupted write leaves no store at the final path. A killed writer cannot clean up after itself, so the next
-StoreWriter of the same path removes the siblings left by processes of this host that are gone.
+StoreWriter of the same path removes the siblings left by processes of this host that are gone. A store at a URL
+(s3://, gs://) is built the same way under TMPDIR (data.remote.staging_folder) and then uploaded with the root's
+metadata last (data.remote.upload_node), so no reader opens it before it is whole; replacing one (overwrite=True)
+deletes the old store first.
 """
 
 from __future__ import annotations

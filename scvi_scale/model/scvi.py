@@ -40,8 +40,7 @@ import pandas as pd
 import torch
 
 from scvi_scale import distributed, persist, surgery
-from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError
-from scvi_scale.data import remote
+from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError, remote
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.data.registry import library_log_stats

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
+
 import numpy as np
 
 import pandas as pd
