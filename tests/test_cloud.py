@@ -296,9 +296,10 @@ def quick_retries(monkeypatch):
     monkeypatch.setattr(remote, "RETRY_MAX_DELAY_S", 0.05)
 
 
-def test_transient_server_errors_and_timeouts_are_retried(s3_atlas, proxy, quick_retries, local_atlas):
+def test_transient_server_errors_and_timeouts_are_retried(s3_atlas, proxy, quick_retries, local_atlas, caplog):
     """Two 503s on a chunk of X/data and a timeout on one of X/indices: the reads retry and return the counts, with
-    as many requests more for those objects as there were faults."""
+    as many requests more for those objects as there were faults; the retries are logged, the secret never."""
+    caplog.set_level(logging.DEBUG)
     here = CountStore(local_atlas)
     there = CountStore(s3_atlas, storage_options={"config_kwargs": {"read_timeout": 0.5}})
 
@@ -314,6 +315,7 @@ def test_transient_server_errors_and_timeouts_are_retried(s3_atlas, proxy, quick
     faulty = read_all_and_count()
     assert faulty["/X/data/c/1"] == baseline["/X/data/c/1"] + 2
     assert faulty["/X/indices/c/2"] == baseline["/X/indices/c/2"] + 1
+    assert "X/data/c/1: GET failed" in caplog.text and SECRET not in caplog.text
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -440,3 +442,28 @@ def test_a_gcs_store_reads_as_its_local_copy_and_takes_outputs(gcs_bucket, local
     np.testing.assert_array_equal(anndata.read_zarr(fsspec.get_mapper(url, **options)).obsm["X_test"], values)
     with pytest.raises(remote.RemoteStoreError, match="there is no bucket"):
         CountStore(f"gs://{gcs_bucket}-missing/atlas.zarr", storage_options=options)
+
+
+def test_an_https_style_store_reads_as_its_local_copy_and_refuses_writes(local_atlas):
+    """http(s):// is read-only: a plain loopback HTTP server of the store's folder (no listing API) serves reads."""
+    import functools
+    import http.server
+    import threading
+
+    from scvi_scale.outputs.writer import write_obsm
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(local_atlas.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{local_atlas.name}"
+        here, there = CountStore(local_atlas), CountStore(url)
+        for start, stop in zip(here.block_bounds()[:-1], here.block_bounds()[1:]):
+            assert (there.read_raw(start, stop) != here.read_raw(start, stop)).nnz == 0
+        pd.testing.assert_series_equal(there.obs_column("cell_type"), here.obs_column("cell_type"))
+        with pytest.raises(remote.RemoteStoreError, match="read-only"):
+            write_obsm(url, "X_test", np.zeros((here.n_obs, 2), dtype=np.float32))
+    finally:
+        server.shutdown()
+        server.server_close()

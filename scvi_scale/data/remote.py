@@ -97,10 +97,10 @@ def _bucket_url(url: str) -> str:
 def _options_with_defaults(url: str, storage_options: dict | None, retried_by_us: bool) -> dict:
     """options_for(url) over our defaults: listings never cached (a store being written changes under them), and
     for zarr_store's S3 requests botocore's retries off (ours instead)."""
-    defaults = {"use_listings_cache": False}
-    if retried_by_us and url.lower().startswith("s3://"):
-        defaults.update(_S3_DEFAULTS)
-    return {**defaults, **options_for(url, storage_options)}
+    options = {"use_listings_cache": False, **options_for(url, storage_options)}
+    if retried_by_us and url.lower().startswith("s3://"):  # merged into the caller's botocore config, not replaced
+        options["config_kwargs"] = {**_S3_DEFAULTS["config_kwargs"], **options.get("config_kwargs", {})}
+    return options
 
 
 def zarr_store(path, storage_options: dict | None = None, read_only: bool = True):
