@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from scvi_scale import scvi_tools_format
+from scvi_scale.data import remote
 from scvi_scale.data.registry import Registry
 from scvi_scale.data.writer import write_atomically
 from scvi_scale.module import VAE
@@ -184,7 +185,8 @@ def saved_data(dir_path, prefix: str | None, saved: SavedModel):
     if anndata_path(dir_path, prefix).exists():
         return anndata.read_h5ad(anndata_path(dir_path, prefix))
     paths = [saved.data_path] if isinstance(saved.data_path, str) else saved.data_path or []
-    if paths and all(Path(path).exists() for path in paths):
+    # a URL is taken as it is: opening it says what is wrong, if anything (a bucket cannot be asked cheaply)
+    if paths and all(remote.is_url(path) or Path(path).exists() for path in paths):
         return saved.data_path
     raise ValueError(f"{dir_path} holds no {ANNDATA_FILE} and names no store that exists "
                      f"({saved.data_path}): pass adata= (an AnnData or a store path)")

@@ -2,10 +2,16 @@
 
     planned_minibatch_rows(sampler)   store rows of each minibatch a BlockShuffleSampler will yield, without reading
     label_mixing(labels, n_labels)    how well a label (e.g. batch) mixes within minibatches, in [0, 1]
+    FaultyProxy(upstream_url)         a loopback HTTP proxy that counts requests and injects faults and latency
 """
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import threading
+import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -37,3 +43,74 @@ def label_mixing(minibatch_labels: Iterable[np.ndarray], n_labels: int) -> float
     if not entropies:
         raise ValueError("label_mixing needs at least one minibatch")
     return float(np.mean(entropies))
+
+
+class FaultyProxy:
+    """A loopback HTTP proxy in front of the S3 server that counts requests and injects faults and latency.
+
+    rules: [(method, key substring, action, times)], action "503" (answer 503 Service Unavailable) or a float
+    (seconds to wait before forwarding: beyond the client's read timeout it is a timeout); `times` requests that
+    match are hit (None: all). latency_s: added to every request. requests: (method, path) of each request seen;
+    response_bytes: the bytes of all answers' bodies. Used by tests/test_cloud.py and benchmarks/cloud.py.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.rules: list[list] = []
+        self.latency_s = 0.0
+        self.requests: list[tuple[str, str]] = []
+        self.response_bytes = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append((self.command, self.path))
+                time.sleep(proxy.latency_s)
+                for rule in proxy.rules:
+                    method, part, action, times = rule
+                    if method == self.command and part in self.path and (times is None or times > 0):
+                        rule[3] = None if times is None else times - 1
+                        if action == "503":
+                            message = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
+                            self.send_response(503)
+                            self.send_header("Content-Length", str(len(message)))
+                            self.end_headers()
+                            self.wfile.write(message)
+                            return
+                        time.sleep(action)
+                        break
+                connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                try:
+                    connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                    answer = connection.getresponse()
+                    payload = answer.read()
+                except ConnectionError:  # a request delayed past its test: the server is gone, and its client
+                    return
+                proxy.response_bytes += len(payload)
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scvi_scale.data import remote
 from scvi_scale.data.store import CountStore, StoreError, open_anndata_group
 from scvi_scale.data.validate import CountValidationError
 from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, DEFAULT_ZARR_FORMAT, StoreWriter, scratch_sibling
@@ -86,7 +88,7 @@ def write_store(
     else:
         if obs is not None or var is not None:
             raise TypeError("obs= and var= are only for a matrix source; other sources carry their own")
-        source_context = _open_source(source, layer, Path(path))
+        source_context = _open_source(source, layer, path)
     with source_context as counts_source:
         try:
             with StoreWriter(
@@ -118,8 +120,9 @@ def _layer_hint(source: _Source) -> str:
 
 
 @contextlib.contextmanager
-def _open_source(source, layer: str | None, target: Path) -> Iterator[_Source]:
-    """Recognise the source and yield it as a _Source (closing any file it opened afterwards)."""
+def _open_source(source, layer: str | None, target) -> Iterator[_Source]:
+    """Recognise the source and yield it as a _Source (closing any file it opened afterwards). A URL is read as an
+    AnnData Zarr store (data.remote); `target`, the store to write, may be one too."""
     if isinstance(source, anndata.AnnData):
         yield _anndata_source(source, layer)
         return
@@ -131,6 +134,9 @@ def _open_source(source, layer: str | None, target: Path) -> Iterator[_Source]:
             f"cannot convert a {type(source).__name__}: expected AnnData, CountStore, scipy sparse matrix, numpy "
             "array, or a path to an .h5ad file, a 10x folder or an AnnData Zarr store"
         )
+    if remote.is_url(str(source)):
+        yield _zarr_source(str(source), layer)
+        return
     source = Path(source)
     if not source.exists():
         raise StoreError(f"{source} does not exist")
@@ -141,7 +147,7 @@ def _open_source(source, layer: str | None, target: Path) -> Iterator[_Source]:
     if source.is_dir() and any((source / name).exists() for name in ("matrix.mtx", "matrix.mtx.gz")):
         if layer is not None:
             raise StoreError(f"{source}: a 10x folder has no layers (got layer={layer!r})")
-        yield _tenx_source(source, target)
+        yield _tenx_source(source, remote.staging_folder(target) if remote.is_url(os.fspath(target)) else Path(target))
         return
     if source.is_dir() and any((source / name).exists() for name in (".zgroup", "zarr.json")):
         yield _zarr_source(str(source), layer)

@@ -51,7 +51,9 @@ import zarr.errors
 from zarr.codecs import Crc32cCodec
 from zarr.storage import WrapperStore
 
+from scvi_scale.data import remote
 from scvi_scale.data.chunks import ChunkReadFailed, chunk_file_reader
+from scvi_scale.data.remote import RemoteStoreError
 
 logger = logging.getLogger("scvi_scale.data")
 
@@ -86,11 +88,15 @@ class CountValidationError(StoreError):
     """Count values are not finite, non-negative integers; the message names the rows, the cell and the value."""
 
 
-def open_anndata_group(path) -> zarr.Group:
-    """Open `path` read-only as the root group of an AnnData Zarr store, or raise StoreError saying why not."""
+def open_anndata_group(path, storage_options: dict | None = None) -> zarr.Group:
+    """Open `path` (a local path or a URL, see data.remote) read-only as the root group of an AnnData Zarr store, or
+    raise StoreError saying why not (RemoteStoreError when the bucket or the credentials are at fault)."""
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = zarr.open_group(remote.zarr_store(path, storage_options), mode="r")
     except (OSError, zarr.errors.BaseZarrError) as error:
+        problem = remote.diagnose(str(path), storage_options) if remote.is_url(str(path)) else None
+        if problem is not None:
+            raise RemoteStoreError(problem) from None
         raise StoreError(f"{path}: not a Zarr group, so not an AnnData Zarr store ({error})") from None
     encoding = root.attrs.get("encoding-type")
     if encoding not in (None, "anndata") or "obs" not in root or "var" not in root:
@@ -146,14 +152,19 @@ class CountStore:
 
     Opening checks the layout and every read proves its block (see the module docstring); both raise StoreError naming
     what is wrong and where. Thread-safe for reading: a prefetcher may call read_csr/read_dense from several threads
-    at once. Pickles as (path, layer), so dask workers reopen the store themselves. A CountStore is path-like
+    at once. Pickles as (path, layer, storage_options), so dask workers reopen the store themselves. A CountStore is path-like
     (os.fspath gives its path), so it can be passed wherever a store's path is asked for.
+
+    path may be a URL (s3://, gs://, https://; see data.remote); storage_options (fsspec's, e.g. credentials or an
+    endpoint) are remembered for it in this process, so later opens of the same URL need not repeat them.
     """
 
-    def __init__(self, path, layer: str | None = None):
+    def __init__(self, path, layer: str | None = None, storage_options: dict | None = None):
         self.path = os.fspath(path)
         self.layer = layer
-        root = open_anndata_group(self.path)
+        self._storage_options = storage_options
+        remote.remember_options(self.path, storage_options)
+        root = open_anndata_group(self.path, storage_options)
         counts_path = _counts_path(root, layer, self.path)
         where = f"{self.path}: {'X' if layer is None else f'layer {layer!r}'}"
         listed = root[counts_path]  # as the consolidated metadata describes it, when the store has that
@@ -280,11 +291,11 @@ class CountStore:
     def __fspath__(self) -> str:
         return self.path
 
-    def __getstate__(self):
-        return {"path": self.path, "layer": self.layer}
+    def __getstate__(self):  # storage options travel to dask workers in memory, as the store object does
+        return {"path": self.path, "layer": self.layer, "storage_options": self._storage_options}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["layer"])
+        self.__init__(state["path"], state["layer"], state.get("storage_options"))
 
     def __repr__(self) -> str:
         kind = "CSR" if self.is_sparse else "dense"
@@ -401,6 +412,8 @@ class CountStore:
                 pass  # zarr reads the range again and raises what is wrong (or reads an absent chunk as zeros)
         try:
             return np.asarray(array[start:stop])
+        except RemoteStoreError:  # the server failed after retries: named already, the chunk is not at fault
+            raise
         except Exception as error:
             raise self._chunk_error(array, start, stop, error) from error
 

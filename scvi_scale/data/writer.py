@@ -39,11 +39,15 @@ about 4% more than of a format-2 one in zarr-python 3.1, and its checksum about 
 Crash safety: everything is written to a hidden sibling directory `.<name>.partial-<host>-<pid>-<random>` and
 renamed onto the final path only after the last block, obs, uns and the consolidated metadata are written; an
 interrupted write leaves no store at the final path. A killed writer cannot clean up after itself, so the next
-StoreWriter of the same path removes the siblings left by processes of this host that are gone.
+StoreWriter of the same path removes the siblings left by processes of this host that are gone. A store at a URL
+(s3://, gs://) is built the same way under TMPDIR (data.remote.staging_folder) and then uploaded with the root's
+metadata last (data.remote.upload_node), so no reader opens it before it is whole; replacing one (overwrite=True)
+deletes the old store first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -63,6 +67,7 @@ import zarr
 import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from scvi_scale.data import remote
 from scvi_scale.data.store import CHUNK_ROWS_ATTR, EVERY_CHUNK_ATTR, StoreError
 from scvi_scale.data.validate import check_counts
 
@@ -208,10 +213,12 @@ class StoreWriter:
         overwrite: bool = False,
         where: str | None = None,
     ):
-        self.path = Path(path)
+        # a URL (s3://, gs://): built under TMPDIR, then uploaded with the root's metadata last (remote.upload_node)
+        self.url = os.fspath(path) if remote.is_url(os.fspath(path)) else None
+        self.path = Path(path) if self.url is None else remote.staging_folder(self.url) / "store"
         self.where = where or str(path)
-        if self.path.exists() and not overwrite:
-            raise StoreError(f"{self.path} already exists; pass overwrite=True to replace it")
+        if self._exists() and not overwrite:
+            raise StoreError(f"{self.where} already exists; pass overwrite=True to replace it")
         if int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
         if zarr_format not in (2, 3):
@@ -242,6 +249,7 @@ class StoreWriter:
         self._closed = False
 
         self._compressors = _compressors(zarr_format)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_siblings(self.path)
         self._partial = scratch_sibling(self.path, "partial")
         self._root = zarr.open_group(str(self._partial), mode="w-", zarr_format=zarr_format)
@@ -401,10 +409,14 @@ class StoreWriter:
 
     # --- finishing ---------------------------------------------------------------------------------------------
 
-    def close(self, uns: dict | None = None) -> Path:
-        """Write what is pending, uns and the metadata, then move the store into place. Returns its path."""
+    def _exists(self) -> bool:
+        return self.path.exists() if self.url is None else remote.group_exists(self.url)
+
+    def close(self, uns: dict | None = None) -> Path | str:
+        """Write what is pending, uns and the metadata, then move the store into place. Returns its path (its URL
+        for a store in a bucket)."""
         if self._closed:
-            return self.path
+            return self.path if self.url is None else self.url
         try:
             if self._pending_rows:
                 self._write_pending(final=True)
@@ -427,7 +439,7 @@ class StoreWriter:
             self.abort()
             raise
         self._closed = True
-        return self.path
+        return self.path if self.url is None else self.url
 
     def _narrow_indptr(self) -> None:
         """Rewrite X/indptr as int32, chunk by chunk (every value is at most the non-zero count, < 2^31)."""
@@ -445,9 +457,15 @@ class StoreWriter:
 
     def _move_into_place(self) -> None:
         replaced = None
+        if self._exists() and not self.overwrite:
+            raise StoreError(f"{self.where} appeared while writing; pass overwrite=True to replace it")
+        if self.url is not None:  # an existing store is removed first: none is at the URL until the upload ends
+            if self._exists():
+                remote.remove_node(self.url)
+            remote.upload_node(self._partial, self.url)
+            self._drop_partial()
+            return
         if self.path.exists():
-            if not self.overwrite:
-                raise StoreError(f"{self.path} appeared while writing; pass overwrite=True to replace it")
             replaced = scratch_sibling(self.path, "replaced")
             self.path.rename(replaced)
         self._partial.rename(self.path)
@@ -457,7 +475,13 @@ class StoreWriter:
     def abort(self) -> None:
         """Drop the partial store; the final path is left as it was."""
         self._closed = True
+        self._drop_partial()
+
+    def _drop_partial(self) -> None:
         shutil.rmtree(self._partial, ignore_errors=True)
+        if self.url is not None:
+            with contextlib.suppress(OSError):  # not empty: another writer of the same URL on this machine
+                self.path.parent.rmdir()
 
 
 def _arrays_below(group: zarr.Group, prefix: str = ""):

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from scvi_scale import distributed, persist, surgery
-from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError
+from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError, remote
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.data.registry import library_log_stats
@@ -179,6 +179,7 @@ class SCVI:
         *,
         join: str = "inner",
         store_key: str | None = None,
+        storage_options: dict | None = None,
     ) -> Registry:
         """Register a store's fields for SCVI, as setup_anndata does for an AnnData, without loading X.
 
@@ -190,13 +191,19 @@ class SCVI:
         genes joined as anndata.concat does (join "inner" or "outer", recorded in the registry), store_key names
         an obs column holding each cell's store (to give batches per store: batch_key=store_key); the sampler
         draws blocks across all stores and every written output goes back into the store its cells came from.
+
+        path may be a URL (s3://, gs://, https://); storage_options (fsspec's: credentials, endpoint_url, ...) are
+        kept in memory for it, so SCVI(path) and the outputs reach it too; they are never saved (data.remote).
         """
+        if isinstance(path, (list, tuple)):
+            for url in path:
+                remote.remember_options(os.fspath(url), storage_options)
         if sources.is_collection(path):
             keys = None if isinstance(path, StoreCollection) else [Path(os.fspath(p)).stem for p in path]
             store = path if isinstance(path, StoreCollection) else StoreCollection(
                 list(path), join=join, layer=layer, label=store_key, keys=keys)
         else:
-            store = CountStore(path, layer=layer)
+            store = CountStore(path, layer=layer, storage_options=storage_options)
         registry = Registry.build(
             store, batch_key=batch_key, labels_key=labels_key, size_factor_key=size_factor_key,
             categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
@@ -1097,8 +1104,8 @@ def _as_gcxs(samples: list):
 
 def _data_path(store) -> str | list[str]:
     """What the model directory records of its store, to reopen it: its path, or a collection's paths."""
-    return [str(Path(path).resolve()) for path in sources.data_paths(store)] if isinstance(store, StoreCollection) \
-        else str(Path(store.path).resolve())
+    return [remote.resolved(path) for path in sources.data_paths(store)] if isinstance(store, StoreCollection) \
+        else remote.resolved(store.path)
 
 
 def _rows_of(source: CountStore, rows: np.ndarray):

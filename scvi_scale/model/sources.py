@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 
 import numpy as np
 
 import pandas as pd
 
 from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError
+from scvi_scale.data import remote
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
 
@@ -145,7 +145,7 @@ def _data_key(data) -> str:
 
 
 def _resolved(path) -> str:
-    return str(Path(path).resolve())
+    return remote.resolved(path)
 
 
 def _store_key(path, layer) -> tuple[str, str | None]:

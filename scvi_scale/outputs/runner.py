@@ -188,7 +188,7 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
               "model": model_digest(inputs.module), "noise": NOISE_VERSION}  # other streams would mix two sets of draws
     members = getattr(inputs.store, "stores", None)
     if members is None:
-        new_store = request.output_store is not None and not Path(request.output_store).exists()
+        new_store = request.output_store is not None and not writer.store_exists(request.output_store)
         target = writer.output_store(inputs.store.path, request.output_store)
         with writer.exclusive_writer(target):
             return _write_into(inputs, job, request, outputs, record, description, target, inputs.store.n_obs, 0,
@@ -234,7 +234,7 @@ def _write_into(inputs, job, request, outputs: dict[str, OutputSpec], record: di
             for output in started:
                 output.abandon()
             if new_store:
-                shutil.rmtree(target, ignore_errors=True)
+                writer.remove_store(target)
         raise
     for output in active.values():
         output.finish()

@@ -36,7 +36,16 @@ finished chunks; a different record is refused unless overwrite=True (which star
 the Zarr hierarchy, so zarr and anndata never see it. The entry's attribute `scvi_scale_output` reads
 {"complete": false} while it is staged and {"complete": true, <its record>} from before its move into the store;
 `read_output` refuses an incomplete output and says how many chunks are missing. When the store has consolidated
-metadata (anndata writes it), it is rewritten when an entry is moved into place. Stores on the local file system only (the move is a rename).
+metadata (anndata writes it), it is rewritten when an entry is moved into place.
+
+Stores in buckets (s3://, gs://; data.remote). There is no rename, so the progress folder and the staging are kept
+on the local disk (under TMPDIR, in a folder named for the store's URL: as large as the output while it is
+written), and the move is an upload (`publish`, remote.upload_node) whose last object is the entry's own metadata
+file (zarr.json; in Zarr format 2 .zattrs then .zarray / .zgroup), the completion marker: a prefix without it is no
+member of its group to zarr nor to anndata, so no reader sees the entry before the marker, and after it the whole
+entry. A killed upload leaves only such an invisible prefix, which the rerun deletes before uploading again. A rerun
+resumes on the machine that holds the progress folder; elsewhere it starts over. Obs columns (write_obs_column)
+are written into local stores only.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from scvi_scale.data import remote
 from scvi_scale.data.store import CHUNK_ROWS_ATTR, CountStore, StoreError, open_anndata_group
 from scvi_scale.data.writer import (
     INT32_INDEX_LIMIT,
@@ -107,7 +117,10 @@ def check_key(group: str, key: str) -> None:
 
 
 def progress_folder(store: str | os.PathLike, entry: str) -> Path:
-    """Where the progress of output `entry` ('group/key') of `store` is kept (outside the Zarr hierarchy)."""
+    """Where the progress of output `entry` ('group/key') of `store` is kept (outside the Zarr hierarchy): beside a
+    local store; on the local disk, under TMPDIR, for a store in a bucket."""
+    if remote.is_url(os.fspath(store)):
+        return remote.staging_folder(os.fspath(store)) / PROGRESS_SUFFIX.lstrip(".") / entry
     store = Path(store).resolve()
     return store.parent / f".{store.name}{PROGRESS_SUFFIX}" / entry
 
@@ -115,7 +128,7 @@ def progress_folder(store: str | os.PathLike, entry: str) -> Path:
 def _root(store: str, mode: str = "r+") -> zarr.Group:
     """The store's root group, read from the metadata files themselves (consolidated metadata may be stale)."""
     open_anndata_group(store)  # a clear error when it is not an AnnData store
-    return zarr.open_group(store, mode=mode, use_consolidated=False)
+    return zarr.open_group(remote.zarr_store(store, read_only=mode == "r"), mode=mode, use_consolidated=False)
 
 
 def _group(root: zarr.Group, name: str) -> zarr.Group:
@@ -128,11 +141,33 @@ def _group(root: zarr.Group, name: str) -> zarr.Group:
 def reconsolidate(store: str, always: bool = False) -> None:
     """Rewrite the consolidated metadata of a store that has it (or always), so readers that use it see new
     entries."""
-    if not always and zarr.open_group(store, mode="r").metadata.consolidated_metadata is None:
+    if not always and zarr.open_group(remote.zarr_store(store), mode="r").metadata.consolidated_metadata is None:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # zarr: consolidated metadata is not in the v3 spec yet
-        zarr.consolidate_metadata(store)
+        zarr.consolidate_metadata(remote.zarr_store(store, read_only=False))
+
+
+def store_exists(path) -> bool:
+    """Whether a Zarr group is at `path` (a local path or a URL)."""
+    path = os.fspath(path)
+    return remote.group_exists(path) if remote.is_url(path) else Path(path).exists()
+
+
+def remove_store(path) -> None:
+    """Delete the store at `path` (an output store this call created)."""
+    path = os.fspath(path)
+    remote.remove_node(path) if remote.is_url(path) else shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(node: Path, store: str, entry: str) -> None:
+    """Move the finished local Zarr node `node` (a folder) to `entry` ('' for the root) of `store`: a rename for a
+    local store; into a bucket, an upload whose last object is the node's metadata (remote.upload_node)."""
+    if remote.is_url(store):
+        remote.upload_node(node, f"{store}/{entry}".rstrip("/"))
+        shutil.rmtree(node)
+    else:
+        os.replace(node, Path(store) / entry)
 
 
 def _index(group: zarr.Group) -> pd.Index:
@@ -147,13 +182,16 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
     describe the same cells and genes, in the same order.
     """
     input_store = os.fspath(input_store)
-    if path is None or Path(path).resolve() == Path(input_store).resolve():
+    if path is None or remote.resolved(path) == remote.resolved(input_store):
         check_writable(input_store)
         return input_store
-    path = Path(path)
-    check_writable(path if path.exists() else path.parent)
+    path = os.fspath(path)
+    if remote.is_url(path):  # in the input's bucket: reached with its storage options (data.remote.options_for)
+        remote.remember_options(path, remote.options_for(input_store) or None)
+    else:
+        check_writable(path if Path(path).exists() else Path(path).parent)
     source = open_anndata_group(input_store)
-    if path.exists():
+    if store_exists(path):
         target = open_anndata_group(path)
         for axis in ("obs", "var"):
             if not _index(source[axis]).equals(_index(target[axis])):
@@ -161,9 +199,12 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
                     f"{path}: its {axis} names differ from those of {input_store}; an output store must describe "
                     "the input's cells and genes in the same order (choose another path)"
                 )
-        return str(path)
-    remove_abandoned_siblings(path)  # a killed earlier attempt's folder
-    partial = scratch_sibling(path, "partial")
+        return path
+    # built beside a local store, under TMPDIR for one in a bucket, then published
+    staged_at = Path(path) if not remote.is_url(path) else remote.staging_folder(path) / "store"
+    staged_at.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_siblings(staged_at)  # a killed earlier attempt's folder
+    partial = scratch_sibling(staged_at, "partial")
     try:
         root = zarr.open_group(str(partial), mode="w-", zarr_format=source.metadata.zarr_format)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
@@ -172,11 +213,11 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
         for name in ("layers", "obsm", "varm", "obsp", "varp", "uns"):
             write_elem(root, name, {})
         reconsolidate(str(partial), always=True)  # as anndata does for the stores it writes
-        partial.rename(path)
+        publish(partial, path, "")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return str(path)
+    return path
 
 
 def check_writable(store: str | os.PathLike) -> None:
@@ -269,10 +310,6 @@ class _ChunkedOutput:
         """Where the output is built before it is moved into the store (inside the progress folder)."""
         return self.progress / "staging"
 
-    @property
-    def final(self) -> Path:
-        return Path(self.store) / self.group / self.key
-
     def complete_as_recorded(self) -> bool:
         """Whether the entry is in the store, complete, made with this record (a rerun of a call that finished)."""
         group = _group(_root(self.store), self.group)
@@ -360,7 +397,7 @@ class _ChunkedOutput:
             staged = zarr.open_group(str(self.staging), mode="r+")
             self._assemble(staged)
             staged[self.key].attrs.update({OUTPUT_ATTR: {"complete": True, **self.record()}})
-            os.replace(self.staging / self.key, self.final)
+            publish(self.staging / self.key, self.store, self.entry)
         self.tidy()
 
     def abandon(self) -> None:
@@ -611,7 +648,14 @@ def write_uns(store: str | os.PathLike, key: str, value, overwrite: bool = False
         uns = _group(_root(store), "uns")
         if key in uns:
             del uns[key]
-        write_elem(uns, key, value)
+        if remote.is_url(store):  # encoded on the local disk, then published with its marker last (module docstring)
+            scratch = progress_folder(store, f"uns/{key}") / "staging"
+            shutil.rmtree(scratch, ignore_errors=True)
+            write_elem(zarr.open_group(str(scratch), mode="w", zarr_format=uns.metadata.zarr_format), key, value)
+            publish(scratch / key, store, f"uns/{key}")
+            _remove_progress(store, f"uns/{key}")
+        else:
+            write_elem(uns, key, value)
         reconsolidate(store)
 
 
@@ -623,11 +667,10 @@ def write_obs_column(store, key: str, values: pd.Series, overwrite: bool = False
     point leaves a store that anndata reads (with or without the new column).
     """
     store = os.fspath(store)
-    root = zarr.open_group(store, mode="r+", use_consolidated=False)
-    obs = root["obs"]
     folder = Path(store) / "obs"
-    if not folder.is_dir():
+    if remote.is_url(store) or not folder.is_dir():
         raise StoreError(f"{store}: obs columns can only be written into a store on the local file system")
+    obs = zarr.open_group(store, mode="r+", use_consolidated=False)["obs"]
     index_name = obs.attrs.get("_index", "_index")
     order = list(obs.attrs.get("column-order", []))
     n_obs = obs[index_name].shape[0]
@@ -681,19 +724,26 @@ def write_table(frame: pd.DataFrame, path, overwrite: bool = False) -> Path:
     return write_atomically(path, frame.to_parquet)
 
 
+def _stored_bytes(store: str, entry: str) -> int:
+    if remote.is_url(store):
+        fs, root = remote.filesystem(store)
+        return int(fs.du(f"{root}/{entry}"))
+    folder = Path(store) / entry
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
+
+
 def describe_outputs(store: str | os.PathLike) -> list[dict]:
     """What a store holds in obsm, layers and uns: [{"entry", "kind", "shape", "bytes", "complete"}] (bytes on
     disk; complete: False for an output of ours still being written, None for entries we did not write)."""
     store = os.fspath(store)
-    root = zarr.open_group(store, mode="r", use_consolidated=False)
+    root = _root(store, mode="r")
     described = []
     for group_name in WRITABLE_GROUPS:
         if group_name not in root:
             continue
         for key in sorted(root[group_name].keys()):
             node = root[group_name][key]
-            folder = Path(store) / group_name / key
-            size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
+            size = _stored_bytes(store, f"{group_name}/{key}")
             state = node.attrs.get(OUTPUT_ATTR)
             described.append({
                 "entry": f"{group_name}/{key}",

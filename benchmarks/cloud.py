@@ -1,0 +1,161 @@
+"""Training and latent cells/s from a loopback S3 server with latency injected per request, against the local
+store; and what an epoch costs in GET requests and bytes.
+
+    .venv/bin/python benchmarks/cloud.py                                   # 200k cells x 2000 genes, 20 ms
+    .venv/bin/python benchmarks/cloud.py --cells 3000 --genes 200 --latency-ms 20   # a check that it runs
+
+The store comes from scvi_scale.datasets.synthetic_atlas (made once into --data-dir, then reused) and is uploaded
+to a bucket of moto's S3 server (as in tests/test_cloud.py); every request of the s3:// runs goes through the
+latency proxy of tests/helpers.py (FaultyProxy), which waits --latency-ms before forwarding each one. Server and
+proxy run in a subprocess of their own (no GIL shared with training), but on a machine with few cores they still
+take CPU from it, so the s3:// figures are then a lower bound.
+
+After one untimed run on the local store (a process's first training pays one-time costs), for each store (the
+local path, then the s3:// URL), with the same seed and torch threads:
+    setup_s      seconds of setup_zarr (one validating pass over all counts)
+    train        cells/s of the training epochs (run_info["train_cells_per_second"])
+    latent       cells/s of get_latent_representation over every cell
+and for the s3:// store, counted at the proxy over the training epochs (validation passes included):
+    get_requests_per_epoch_per_million_cells, get_bytes_per_epoch_per_million_cells.
+Prints one JSON object; "ratio" holds s3 / local for train and latent (the issue's bar: at least 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # FaultyProxy, shared with the tests
+
+KEY, SECRET = "bench-key", "bench-secret"  # the fake server's credentials
+BUCKET = "atlas"
+
+
+def serve(latency_ms: float) -> None:
+    """Subprocess body: moto's server and the latency proxy in front of it; answers commands on stdin."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from helpers import FaultyProxy
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    direct = f"http://127.0.0.1:{port}"
+    proxy = FaultyProxy(direct)
+    proxy.latency_s = latency_ms / 1000
+    print(json.dumps({"direct": direct, "proxy": proxy.url}), flush=True)
+    for line in sys.stdin:  # "reset" | "stats" | "stop"
+        command = line.strip()
+        if command == "reset":
+            proxy.requests.clear()
+            proxy.response_bytes = 0
+            print("{}", flush=True)
+        elif command == "stats":
+            gets = sum(method == "GET" for method, _ in proxy.requests)
+            print(json.dumps({"get_requests": gets, "bytes": proxy.response_bytes}), flush=True)
+        else:
+            break
+    proxy.close()
+    server.stop()
+
+
+class Server:
+    """The serve() subprocess, driven over its stdin and stdout."""
+
+    def __init__(self, latency_ms: float):
+        self.process = subprocess.Popen([sys.executable, __file__, "--serve", "--latency-ms", str(latency_ms)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.urls = json.loads(self.process.stdout.readline())
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.write("stop\n")
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def measure(path, args, storage_options=None, server: Server | None = None) -> dict:
+    from scvi_scale import SCVI
+
+    started = time.perf_counter()
+    SCVI.setup_zarr(path, batch_key="batch", storage_options=storage_options)
+    setup_s = time.perf_counter() - started
+    model = SCVI(path)
+    if server is not None:
+        server.ask("reset")
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size, seed=0)
+    cost = server.ask("stats") if server is not None else None
+    started = time.perf_counter()
+    model.get_latent_representation()
+    latent_seconds = time.perf_counter() - started
+    result = {
+        "setup_s": round(setup_s, 2),
+        "train": model.run_info["train_cells_per_second"],
+        "latent": round(model.store.n_obs / latent_seconds, 1),
+    }
+    if cost is not None:
+        per = 1e6 / (args.epochs * model.store.n_obs)
+        result["get_requests_per_epoch_per_million_cells"] = round(cost["get_requests"] * per)
+        result["get_bytes_per_epoch_per_million_cells"] = round(cost["bytes"] * per)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, default=200_000)
+    parser.add_argument("--genes", type=int, default=2000)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.latency_ms)
+        return
+
+    os.environ.setdefault("SCVI_SCALE_PROGRESS", "0")
+    import torch
+
+    from scvi_scale.datasets import synthetic_atlas
+
+    local = args.data_dir / f"cloud-{args.cells}x{args.genes}.zarr"
+    if not local.exists():
+        synthetic_atlas(local, n_cells=args.cells, n_genes=args.genes, n_batches=4)
+    server = Server(args.latency_ms)
+    try:
+        import s3fs
+
+        direct = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=server.urls["direct"])
+        direct.mkdir(BUCKET)
+        direct.put(str(local), f"{BUCKET}/{local.name}", recursive=True)
+        url = f"s3://{BUCKET}/{local.name}"
+        options = {"key": KEY, "secret": SECRET, "endpoint_url": server.urls["proxy"]}
+        measure(local, args)  # warm-up
+        results = {"local": measure(local, args), "s3": measure(url, args, options, server)}
+    finally:
+        server.close()
+    results["ratio"] = {name: round(results["s3"][name] / results["local"][name], 3) for name in ("train", "latent")}
+    results["setting"] = {"cells": args.cells, "genes": args.genes, "latency_ms": args.latency_ms,
+                          "epochs": args.epochs, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
+                          "cpus": os.cpu_count()}
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
