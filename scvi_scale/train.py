@@ -482,8 +482,7 @@ class _Loop:
             if max_steps is not None and self.state.global_step >= max_steps:
                 self.checkpoint()
                 return False
-        _end_epoch(self.module, self.validation_stream, config, self.state, self.scheduler, self.device, weight,
-                   epoch, self.optimizer.param_groups[0]["lr"])
+        self.end_epoch(epoch, weight)
         self.state.history.setdefault("epoch_seconds", []).append((epoch, time.perf_counter() - started))
         postfix = {"loss": f"{self.state.history['train_loss'][-1][1]:.4g}"}
         if "elbo_validation" in self.state.history:
@@ -491,6 +490,37 @@ class _Loop:
         self.progress.set_postfix(postfix)
         self.checkpoint()
         return True
+
+    def end_epoch(self, epoch: int, weight: float) -> None:
+        """Record the epoch's metrics (at KL weight `weight`), validate, step the LR scheduler and early stopping,
+        reset the sums."""
+        config, state, validation_stream = self.config, self.state, self.validation_stream
+        record = state.epoch_sums.all_reduced(self.device).metrics("train", weight)
+        record["kl_weight"] = weight
+        record["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        every = config.validation_every
+        validate = validation_stream is not None and len(validation_stream) > 0
+        validate = validate and every is not None and (epoch + 1) % every == 0
+        if validate:
+            distributed.broadcast_buffers(self.module)  # BatchNorm running statistics: rank 0's on every rank
+            record.update(evaluate(self.module, validation_stream, self.device, weight))
+        for key, value in record.items():
+            state.history.setdefault(key, []).append((epoch, value))
+
+        if validate and self.scheduler is not None:
+            self.scheduler.step(record[config.lr_scheduler_metric])
+        warmed_up = epoch >= config.early_stopping_warmup_epochs
+        if validate and state.early_stopping is not None and warmed_up:
+            if state.early_stopping.should_stop(record[config.early_stopping_monitor]):
+                state.stopped_early = True
+                logger.info(
+                    "early stopping at epoch %d: %s did not improve for %d epochs (best %.4f)",
+                    epoch,
+                    config.early_stopping_monitor,
+                    config.early_stopping_patience,
+                    state.early_stopping.best,
+                )
+        state.epoch_sums = _EpochSums()
 
     def stop_for_signal(self, signal_number: int) -> None:
         """Checkpoint (when healthy) and raise TrainingInterrupted saying where the run can be resumed from."""
@@ -543,34 +573,3 @@ class _Loop:
         self.state.global_step += 1
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
-
-
-def _end_epoch(module, validation_stream, config, state: TrainingState, scheduler, device, weight, epoch,
-               optimizer_lr) -> None:
-    """Record the epoch's metrics, validate, step the LR scheduler and early stopping, reset the sums."""
-    record = state.epoch_sums.all_reduced(device).metrics("train", weight)
-    record["kl_weight"] = weight
-    record["lr"] = float(optimizer_lr)
-    every = config.validation_every
-    validate = validation_stream is not None and len(validation_stream) > 0
-    validate = validate and every is not None and (epoch + 1) % every == 0
-    if validate:
-        distributed.broadcast_buffers(module)  # BatchNorm running statistics: rank 0's on every rank
-        record.update(evaluate(module, validation_stream, device, weight))
-    for key, value in record.items():
-        state.history.setdefault(key, []).append((epoch, value))
-
-    if validate and scheduler is not None:
-        scheduler.step(record[config.lr_scheduler_metric])
-    warmed_up = epoch >= config.early_stopping_warmup_epochs
-    if validate and state.early_stopping is not None and warmed_up:
-        if state.early_stopping.should_stop(record[config.early_stopping_monitor]):
-            state.stopped_early = True
-            logger.info(
-                "early stopping at epoch %d: %s did not improve for %d epochs (best %.4f)",
-                epoch,
-                config.early_stopping_monitor,
-                config.early_stopping_patience,
-                state.early_stopping.best,
-            )
-    state.epoch_sums = _EpochSums()
