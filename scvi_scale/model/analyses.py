@@ -1,6 +1,6 @@
 """The outputs of `SCVI` that are more than one job over the cells: draws pooled over cells, gene correlations,
-differential expression and abundance, minifying and the report. Each takes what the method's plan decided and
-returns what the method returns; SCVI (scvi.py) checks the arguments and documents them.
+differential expression and abundance, the aggregated posterior, minified models' arrays and the report. Each
+takes what the method's plan (output_plans.py) decided; SCVI (scvi.py) documents the arguments.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import torch
 from scvi_scale.data import CountStore
 from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.model import sources
-from scvi_scale.model.plans import OutputCall, OutputPlan, execute
 from scvi_scale.outputs import differential, jobs, writer
 from scvi_scale.outputs.importance import ImportanceOptions, importance_sample
-from scvi_scale.outputs.runner import ModelInputs, OutputRequest, OutputSpec, posterior_scales, run
+from scvi_scale.outputs.runner import ModelInputs, OutputRequest, posterior_scales, run
 
 OBSERVED_LIBRARY_KEY = "observed_lib_size"  # scvi-tools' obs column of a minified AnnData
 
@@ -120,23 +119,7 @@ def aggregated_posterior(loc: np.ndarray, variance: np.ndarray, dof: float | Non
     )
 
 
-def minify(model, minified_data_type: str, qzm_key: str, qzv_key: str) -> None:
-    """SCVI.minify_adata's work: q(z | x) of every cell written as obsm/<qzm_key> and obsm/<qzv_key>, the observed
-    library sizes as obs["observed_lib_size"]; the model then reads those instead of the counts."""
-    n_latent = model.module.n_latent
-    execute(model, OutputCall("minify_adata", options={"overwrite": True}), OutputPlan(
-        "latent posterior", jobs.LatentJob(return_dist=True),
-        written={"latent": OutputSpec("obsm", qzm_key, "dense", n_latent),
-                 "variance": OutputSpec("obsm", qzv_key, "dense", n_latent)},
-        record={"method": "minify_adata", "give_mean": True, "return_dist": True},
-    ))
-    _write_observed_library(model.store, minified_data_type)
-    model.minified_data_type = minified_data_type
-    model._minified_keys = (qzm_key, qzv_key)
-    model._obs_arrays = None
-
-
-def _write_observed_library(store: CountStore, minified_data_type: str) -> None:
+def write_observed_library(store: CountStore, minified_data_type: str) -> None:
     """Every cell's observed library size as obs["observed_lib_size"] (into each store, or the AnnData, which
     also gets scvi-tools' uns["_scvi_adata_minify_type"])."""
     bounds = store.block_bounds()
@@ -199,9 +182,4 @@ def _rows_of(source: CountStore, rows: np.ndarray):
         if len(inside):
             parts.append(source.read_csr(start, stop)[inside - start])
     return sp.vstack(parts, format="csr")
-
-
-def batch_record(transform: list) -> list:
-    """The transform batches as recorded with a written output (each cell's own batch as None)."""
-    return [None if batch == jobs.OWN_BATCH else batch for batch in transform]
 

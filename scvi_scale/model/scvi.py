@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -45,12 +44,12 @@ from scvi_scale import persist
 from scvi_scale.data import CountStore, Registry
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
-from scvi_scale.model import analyses, compat, query, saving, sources, training
-from scvi_scale.model.plans import OutputCall, OutputPlan, as_gcxs, execute, per_cell, pick
+from scvi_scale.model import analyses, compat, output_plans, query, saving, sources, training
+from scvi_scale.model.plans import OutputCall, execute, per_cell
 from scvi_scale.module import VAE, to_tensors
-from scvi_scale.outputs import arguments, differential, jobs, writer
+from scvi_scale.outputs import differential
 from scvi_scale.outputs.importance import ImportanceOptions
-from scvi_scale.outputs.runner import ModelInputs, OutputSpec
+from scvi_scale.outputs.runner import ModelInputs
 from scvi_scale.settings import settings
 
 MINIFIED_TYPE = "latent_posterior_parameters"
@@ -344,17 +343,9 @@ class SCVI:
         return_dist
             Return (mean, variance) of q(z | x).
         """
-        n_latent = self.module.n_latent
-        written = None if write_to is None else {"latent": OutputSpec("obsm", write_to, "dense", n_latent)}
-        if written and return_dist:
-            written["variance"] = OutputSpec("obsm", f"{write_to}_var", "dense", n_latent)
         return execute(self, OutputCall("get_latent_representation", adata, indices, batch_size, options=kwargs,
-                                        dataloader=dataloader), OutputPlan(
-            "latent", jobs.LatentJob(give_mean=give_mean, mc_samples=mc_samples, return_dist=return_dist),
-            written=written, record={"method": "get_latent_representation", "give_mean": give_mean,
-                                     "mc_samples": mc_samples, "return_dist": return_dist},
-            shape=pick("latent", "variance") if return_dist else pick("latent"),
-        ))
+                                        dataloader=dataloader),
+                       output_plans.latent(self, give_mean, mc_samples, return_dist, write_to))
 
     def write_latent_representation(self, key: str = "X_scvi", **kwargs):
         """get_latent_representation(write_to=key, **kwargs) of every cell: obsm/<key> (and obsm/<key>_var)."""
@@ -365,17 +356,8 @@ class SCVI:
                                 **kwargs) -> np.ndarray:
         """The library size l_n, (n_cells, 1): the mean of q(l | x) (give_mean, for a model with a latent
         library), else exp of the observed or sampled log library. Parameters: shared; write_to: obsm/<key>."""
-        call = OutputCall("get_latent_library_size", adata, indices, batch_size, options=kwargs, dataloader=dataloader)
-        if give_mean and self.module.use_observed_lib_size:
-            raise RuntimeError(
-                "The module for this model does not compute the posterior distribution for the library size. Set "
-                "`give_mean` to False to use the observed library size instead."
-            )
-        return execute(self, call, OutputPlan(
-            "library size", jobs.LibraryJob(give_mean=give_mean), shape=pick("library"),
-            written=None if write_to is None else {"library": OutputSpec("obsm", write_to, "dense", 1)},
-            record={"method": "get_latent_library_size", "give_mean": give_mean},
-        ))
+        return execute(self, OutputCall("get_latent_library_size", adata, indices, batch_size, options=kwargs,
+                                        dataloader=dataloader), output_plans.library_size(self, give_mean, write_to))
 
     def get_aggregated_posterior(self, adata=None, indices=None, batch_size: int | None = None,
                                  dof: float | None = 3.0) -> torch.distributions.Distribution:
@@ -437,48 +419,9 @@ class SCVI:
         importance = ImportanceOptions(**{key: kwargs.pop(key) for key in IMPORTANCE_KEYS if key in kwargs})
         call = OutputCall("get_normalized_expression", adata, indices, batch_size, silent,
                           {**(data_loader_kwargs or {}), **kwargs}, dataloader)
-        transform = arguments.batch_codes(self.registry.batch_categories, transform_batch)
-        genes = arguments.gene_positions(self.var_names, gene_list)
-        if not (library_size == "latent" or (isinstance(library_size, (int, float)) and library_size > 0)):
-            raise ValueError(f"library_size={library_size!r}: expected a positive number or 'latent'")
-        if weights not in (None, "uniform", "importance"):
-            raise ValueError(f"weights={weights!r}: expected None, 'uniform' or 'importance'")
-        if n_samples_overall is not None:
-            if write_to is not None:
-                raise writer.OutputError("n_samples_overall draws are not per cell, so they cannot be written")
-            return execute(self, call, OutputPlan("samples overall", compute=partial(
-                analyses.samples_overall, n_samples_overall=n_samples_overall, transform=transform, genes=genes,
-                library_size=library_size, weights=weights, importance=importance), shape=lambda draws, *_: draws))
-        if weights == "importance":
-            raise ValueError("weights='importance' weighs draws pooled over cells: pass n_samples_overall")
-        if dtype not in ("float32", "float16"):
-            raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'float16'")
-        if write_to is not None and n_samples > 1 and not return_mean:
-            raise writer.OutputError("a layer holds one value per cell and gene: use return_mean=True to write")
-        columns = self.var_names if genes is None else self.var_names[list(genes)]
-
-        def shape(values, inputs, request):
-            expression = values["expression"]
-            if write_to is not None:
-                return expression
-            expression = expression.astype(dtype, copy=False)
-            if n_samples > 1 and not return_mean:
-                return np.moveaxis(expression, 1, 0)
-            if return_numpy:
-                return expression
-            names = inputs.store.obs_names if request.indices is None else inputs.store.obs_names[request.indices]
-            return pd.DataFrame(expression, index=names, columns=columns)
-
-        return execute(self, call, OutputPlan(
-            "normalized expression", jobs.ExpressionJob(transform_batches=transform, genes=genes, n_samples=n_samples,
-                                                        library_size=library_size, return_mean=return_mean),
-            written=None if write_to is None else {"expression": OutputSpec(
-                "layers" if genes is None else "obsm", write_to, "dense", len(columns), dtype)},
-            record={"method": "get_normalized_expression", "transform_batch": analyses.batch_record(transform),
-                    "library_size": library_size, "n_samples": n_samples,
-                    "genes": None if genes is None else list(columns)},
-            shape=shape,
-        ))
+        return execute(self, call, output_plans.normalized_expression(
+            self, transform_batch, gene_list, library_size, n_samples, n_samples_overall, weights, return_mean,
+            return_numpy, write_to, dtype, importance))
 
     def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
                                   batch_size: int | None = None, dataloader=None, *, write_to: str | None = None,
@@ -487,21 +430,9 @@ class SCVI:
         sigmoid(zi_logits) (ZINB)}, (n_cells, n_genes) each, or (n_samples, n_cells, n_genes) for n_samples > 1
         without give_mean (the draws' mean). Parameters: shared; write_to: layers/<key>_mean, _dispersions, _dropout.
         """
-        call = OutputCall("get_likelihood_parameters", adata, indices, batch_size, options=kwargs,
-                          dataloader=dataloader)
-        likelihood = self.module.gene_likelihood
-        names = ["mean", *["dispersions"] * (likelihood != "poisson"), *["dropout"] * (likelihood == "zinb")]
-        each_draw = n_samples > 1 and not give_mean
-        if write_to is not None and each_draw:
-            raise writer.OutputError("a layer holds one value per cell and gene: use give_mean=True to write")
-        return execute(self, call, OutputPlan(
-            "likelihood parameters", jobs.LikelihoodJob(n_samples=n_samples, give_mean=give_mean),
-            written=None if write_to is None else {
-                name: OutputSpec("layers", f"{write_to}_{name}", "dense", self.store.n_vars) for name in names},
-            record={"method": "get_likelihood_parameters", "n_samples": n_samples, "give_mean": give_mean},
-            shape=lambda values, *_: {name: np.moveaxis(value, 1, 0) for name, value in values.items()}
-            if write_to is None and each_draw else values,
-        ))
+        return execute(self, OutputCall("get_likelihood_parameters", adata, indices, batch_size, options=kwargs,
+                                        dataloader=dataloader),
+                       output_plans.likelihood_parameters(self, n_samples, give_mean, write_to))
 
     def posterior_predictive_sample(self, adata=None, indices=None, transform_batch=None, n_samples: int = 1,
                                     gene_list=None, batch_size: int | None = None, dataloader=None,
@@ -518,33 +449,9 @@ class SCVI:
         n_samples
             Draws per cell.
         """
-        call = OutputCall("posterior_predictive_sample", adata, indices, batch_size, silent, kwargs, dataloader)
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples={n_samples!r}: the draws per cell, at least 1")
-        transform = arguments.batch_codes(self.registry.batch_categories, transform_batch)
-        genes = arguments.gene_positions(self.var_names, gene_list)
-        if self.module.gene_likelihood == "normal":
-            raise NotImplementedError("posterior predictive samples are drawn for count likelihoods (zinb, nb, "
-                                      "poisson); this model's is 'normal'")
-        if write_to is not None and genes is not None:
-            raise writer.OutputError("a layer holds every gene: write without gene_list (select genes when reading)")
-        names = [f"sample_{draw}" for draw in range(n_samples)]
-        keys = [write_to] if n_samples == 1 else [f"{write_to}_{draw}" for draw in range(n_samples)]
-
-        def shape(values, inputs, request):
-            if write_to is not None and not isinstance(inputs.store, AnnDataSource):
-                return values[names[0]] if n_samples == 1 else [values[name] for name in names]
-            return as_gcxs([values[name] for name in names])
-
-        return execute(self, call, OutputPlan(
-            "posterior predictive", jobs.PosteriorPredictiveJob(transform_batches=transform, genes=genes,
-                                                                n_samples=n_samples),
-            written=None if write_to is None else {
-                name: OutputSpec("layers", key, "csr", self.store.n_vars) for name, key in zip(names, keys)},
-            record={"method": "posterior_predictive_sample", "transform_batch": analyses.batch_record(transform),
-                    "n_samples": n_samples},
-            shape=shape,
-        ))
+        return execute(self, OutputCall("posterior_predictive_sample", adata, indices, batch_size, silent, kwargs,
+                                        dataloader),
+                       output_plans.posterior_predictive(self, transform_batch, n_samples, gene_list, write_to))
 
     def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = 10, batch_size: int = 64,
                                        rna_size_factor: int = 1000, transform_batch=None,
@@ -553,15 +460,10 @@ class SCVI:
         """Gene-gene correlation (genes x genes) of scvi-tools' denoised samples (jobs.DenoisedJob: n_samples draws
         per cell, scaled to rna_size_factor), over cells and draws, per batch of transform_batch, averaged. Holds
         the draws in memory: subset cells with indices on a large store. adata, indices, batch_size: shared."""
-        if correlation_type not in ("spearman", "pearson"):
-            raise ValueError("Unknown correlation type. Choose one of 'spearman', 'pearson'.")
-        transform = arguments.batch_codes(self.registry.batch_categories, transform_batch)
         return execute(self, OutputCall("get_feature_correlation_matrix", adata, indices, batch_size, silent,
-                                        {"seed": seed}), OutputPlan(
-            "denoised samples", compute=partial(analyses.feature_correlation, transform=transform, n_samples=n_samples,
-                                                rna_size_factor=rna_size_factor, correlation_type=correlation_type),
-            shape=lambda matrix, *_: pd.DataFrame(matrix, index=self.var_names, columns=self.var_names),
-        ))
+                                        {"seed": seed}),
+                       output_plans.feature_correlation(self, n_samples, rna_size_factor, transform_batch,
+                                                        correlation_type))
 
     def differential_expression(
         self, adata=None, groupby: str | None = None, group1=None, group2=None, idx1=None, idx2=None,
@@ -600,10 +502,8 @@ class SCVI:
             importance=ImportanceOptions(**(importance_weighting_kwargs or {})), **de_kwargs,
         )
         comparison = dict(groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2)
-        return execute(self, call, OutputPlan("differential expression", compute=partial(
-            analyses.differential_expression, comparison=comparison, options=options, write_to=write_to,
-            batch_categories=list(self.registry.batch_categories), var_names=self.var_names, table_path=table_path),
-            shape=lambda table, *_: table))
+        return execute(self, call, output_plans.differential_expression(self, comparison, options, write_to,
+                                                                        table_path))
 
     # --- report and minified models ------------------------------------------------------------------------------
 
@@ -628,7 +528,12 @@ class SCVI:
         if not self.module.use_observed_lib_size:
             raise NotImplementedError("minifying needs an observed library (use_observed_lib_size=True), as in "
                                       "scvi-tools")
-        analyses.minify(self, minified_data_type, use_latent_qzm_key, use_latent_qzv_key)
+        execute(self, OutputCall("minify_adata", options={"overwrite": True}),
+                output_plans.minified(self, use_latent_qzm_key, use_latent_qzv_key))
+        analyses.write_observed_library(self.store, minified_data_type)
+        self.minified_data_type = minified_data_type
+        self._minified_keys = (use_latent_qzm_key, use_latent_qzv_key)
+        self._obs_arrays = None
 
     # --- persistence ---------------------------------------------------------------------------------------------
 
