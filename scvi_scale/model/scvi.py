@@ -191,12 +191,25 @@ class SCVI:
         )
 
     def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
-        """Print the set-up of `adata` (default the model's): the fields and, unless hide_state_registries, their
-        categories."""
+        """Print the set-up of the data: its registered fields and their categories.
+
+        Parameters
+        ----------
+        adata
+            The data (None: the model's own).
+        hide_state_registries
+            Leave out the categories.
+        """
         print(sources.describe_setup(self._source(adata), self.registry, hide_state_registries))
 
     def to_device(self, device: str | int | torch.device) -> None:
-        """Move the module to `device` ("cpu", "cuda", "cuda:1", or a CUDA device index)."""
+        """Move the module to `device`.
+
+        Parameters
+        ----------
+        device
+            "cpu", "cuda", "cuda:1", or a CUDA device index.
+        """
         self.module.to(torch.device(f"cuda:{device}" if isinstance(device, int) else device))
 
     def _source(self, adata) -> CountStore:
@@ -294,9 +307,14 @@ class SCVI:
         adata, indices, batch_size, dataloader
             Shared.
         return_mean
-            Its mean over cells; False: per cell, (n_cells,).
+            Return the mean over cells.
         data_loader_kwargs, **kwargs
             scvi-tools' data-loader arguments: ignored with a warning.
+
+        Returns
+        -------
+        float or np.ndarray
+            The mean, or the ELBO per cell (n_cells,).
         """
         def elbo_per_cell(tensors):
             losses = self.module.loss(tensors)
@@ -308,8 +326,18 @@ class SCVI:
 
     def get_reconstruction_error(self, adata=None, indices=None, batch_size: int | None = None, dataloader=None,
                                  return_mean: bool = True, data_loader_kwargs: dict | None = None, **kwargs) -> dict:
-        """{"reconstruction_loss": -log p(x | z)}, averaged over cells or per cell, as scvi-tools. Parameters are
-        get_elbo's."""
+        """-log p(x | z), as scvi-tools.
+
+        Parameters
+        ----------
+        adata, indices, batch_size, dataloader, return_mean, data_loader_kwargs, **kwargs
+            As get_elbo's.
+
+        Returns
+        -------
+        dict
+            {"reconstruction_loss": the mean over cells, or per cell (n_cells,)}.
+        """
         loss = per_cell(self, OutputCall("get_reconstruction_error", adata, indices, batch_size, options={
             **(data_loader_kwargs or {}), **kwargs}, dataloader=dataloader),
             lambda tensors: self.module.loss(tensors)["reconstruction_loss"])
@@ -318,8 +346,20 @@ class SCVI:
     def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size: int | None = None,
                         return_mean: bool = True, dataloader=None, data_loader_kwargs: dict | None = None,
                         **kwargs) -> float | np.ndarray:
-        """Importance-sampled log p(x) (higher is better), averaged over cells or per cell. Parameters are
-        get_elbo's and n_mc_samples, the samples per cell (n_mc_samples_per_pass in kwargs: decoded at once)."""
+        """Importance-sampled estimate of log p(x) (higher is better).
+
+        Parameters
+        ----------
+        n_mc_samples
+            Importance samples per cell (n_mc_samples_per_pass in kwargs: how many are decoded at once).
+        adata, indices, batch_size, return_mean, dataloader, data_loader_kwargs, **kwargs
+            As get_elbo's.
+
+        Returns
+        -------
+        float or np.ndarray
+            The mean over cells, or per cell (n_cells,).
+        """
         per_pass = int(kwargs.pop("n_mc_samples_per_pass", 1))
         ll = per_cell(self, OutputCall("get_marginal_ll", adata, indices, batch_size, options={
             **(data_loader_kwargs or {}), **kwargs}, dataloader=dataloader),
@@ -331,17 +371,22 @@ class SCVI:
     def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True, mc_samples: int = 5000,
                                   batch_size: int | None = None, return_dist: bool = False, dataloader=None, *,
                                   write_to: str | None = None, **kwargs):
-        """The posterior of z, (n_cells, n_latent) float32; draws are keyed by seed and cell (a cell gets the same
-        values whatever else is computed with it).
+        """The posterior of z per cell; draws are keyed by seed and cell (a cell gets the same values whatever else is
+        computed with it).
 
         Parameters
         ----------
         adata, indices, batch_size, dataloader, write_to, **kwargs
             Shared; write_to: obsm/<key> (and with return_dist the variance, obsm/<key>_var).
         give_mean, mc_samples
-            The mean (for latent_distribution "ln" from mc_samples draws); False: one draw per cell.
+            The mean (for latent_distribution "ln", from mc_samples draws); False: one draw per cell.
         return_dist
-            Return (mean, variance) of q(z | x).
+            Return the mean and the variance of q(z | x).
+
+        Returns
+        -------
+        np.ndarray or tuple of np.ndarray
+            (n_cells, n_latent) float32, or (mean, variance); lazy arrays when written to a store.
         """
         return execute(self, OutputCall("get_latent_representation", adata, indices, batch_size, options=kwargs,
                                         dataloader=dataloader),
@@ -354,32 +399,62 @@ class SCVI:
     def get_latent_library_size(self, adata=None, indices=None, give_mean: bool = True,
                                 batch_size: int | None = None, dataloader=None, *, write_to: str | None = None,
                                 **kwargs) -> np.ndarray:
-        """The library size l_n, (n_cells, 1): the mean of q(l | x) (give_mean, for a model with a latent
-        library), else exp of the observed or sampled log library. Parameters: shared; write_to: obsm/<key>."""
+        """The library size l_n per cell.
+
+        Parameters
+        ----------
+        adata, indices, batch_size, dataloader, write_to, **kwargs
+            Shared; write_to: obsm/<key>.
+        give_mean
+            The mean of q(l | x) (a model with a latent library); False: exp of the observed or sampled log library.
+
+        Returns
+        -------
+        np.ndarray
+            (n_cells, 1).
+        """
         return execute(self, OutputCall("get_latent_library_size", adata, indices, batch_size, options=kwargs,
                                         dataloader=dataloader), output_plans.library_size(self, give_mean, write_to))
 
     def get_aggregated_posterior(self, adata=None, indices=None, batch_size: int | None = None,
                                  dof: float | None = 3.0) -> torch.distributions.Distribution:
-        """The cells' aggregated posterior, as scvi-tools: an equal-weight mixture of their q(z | x), Student's t
-        with `dof` degrees of freedom (None: Normal). adata, indices, batch_size: shared."""
+        """The cells' aggregated posterior, as scvi-tools: an equal-weight mixture of their q(z | x).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Shared.
+        dof
+            The Student's t components' degrees of freedom (None: Normal components).
+
+        Returns
+        -------
+        torch.distributions.Distribution
+            A MixtureSameFamily over n_latent dimensions.
+        """
         loc, variance = self.get_latent_representation(adata, indices, batch_size=batch_size, return_dist=True)
         return analyses.aggregated_posterior(loc, variance, dof, self.device)
 
     def differential_abundance(self, adata=None, adata_sub=None, sample_key: str | None = None,
                                batch_size: int = 128, num_cells_posterior: int | None = None,
                                dof: float | None = None, dataloader=None, seed: int = 0) -> pd.DataFrame:
-        """Log density of each cell of adata_sub (default adata) under each sample's aggregated posterior, as
-        scvi-tools: cells x samples (also adata_sub.obsm["da_log_probs"] for an AnnData).
+        """Log density of each cell of adata_sub under each sample's aggregated posterior, as scvi-tools.
 
         Parameters
         ----------
+        adata, adata_sub
+            The cells of the posteriors, and those whose densities are computed (default: adata).
         sample_key
             The obs column of the samples (required).
         num_cells_posterior, seed
             A sample's posterior is of at most this many of its cells, picked with `seed`.
-        adata, batch_size, dof, dataloader
+        batch_size, dof, dataloader
             As get_aggregated_posterior's; dataloader is refused.
+
+        Returns
+        -------
+        pd.DataFrame
+            cells x samples, also put in adata_sub.obsm["da_log_probs"] for an AnnData.
         """
         compat.refuse("differential_abundance", dataloader=dataloader)
         if sample_key is None:
@@ -426,9 +501,20 @@ class SCVI:
     def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
                                   batch_size: int | None = None, dataloader=None, *, write_to: str | None = None,
                                   **kwargs) -> dict:
-        """The likelihood's parameters: {"mean": px_rate, "dispersions": theta (NB, ZINB), "dropout":
-        sigmoid(zi_logits) (ZINB)}, (n_cells, n_genes) each, or (n_samples, n_cells, n_genes) for n_samples > 1
-        without give_mean (the draws' mean). Parameters: shared; write_to: layers/<key>_mean, _dispersions, _dropout.
+        """The parameters of the counts' likelihood per cell and gene.
+
+        Parameters
+        ----------
+        adata, indices, batch_size, dataloader, write_to, **kwargs
+            Shared; write_to: layers/<key>_mean, <key>_dispersions, <key>_dropout.
+        n_samples, give_mean
+            Posterior draws per cell, and their mean or each.
+
+        Returns
+        -------
+        dict
+            {"mean": px_rate, "dispersions": theta (NB, ZINB), "dropout": sigmoid(zi_logits) (ZINB)}, (n_cells, n_genes)
+            each, or (n_samples, n_cells, n_genes) for n_samples > 1 without give_mean.
         """
         return execute(self, OutputCall("get_likelihood_parameters", adata, indices, batch_size, options=kwargs,
                                         dataloader=dataloader),
@@ -457,9 +543,25 @@ class SCVI:
                                        rna_size_factor: int = 1000, transform_batch=None,
                                        correlation_type: Literal["spearman", "pearson"] = "spearman",
                                        silent: bool = True, seed: int = 0) -> pd.DataFrame:
-        """Gene-gene correlation (genes x genes) of scvi-tools' denoised samples (jobs.DenoisedJob: n_samples draws
-        per cell, scaled to rna_size_factor), over cells and draws, per batch of transform_batch, averaged. Holds
-        the draws in memory: subset cells with indices on a large store. adata, indices, batch_size: shared."""
+        """Gene-gene correlation of scvi-tools' denoised samples (jobs.DenoisedJob), over cells and draws. Holds the
+        draws in memory: subset cells with indices on a large store.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Shared.
+        n_samples, rna_size_factor
+            Draws per cell, and the library they are scaled to.
+        transform_batch
+            As get_normalized_expression's: one correlation per batch, averaged.
+        correlation_type, silent, seed
+            Spearman's or Pearson's; no progress bar; the draws' seed.
+
+        Returns
+        -------
+        pd.DataFrame
+            genes x genes.
+        """
         return execute(self, OutputCall("get_feature_correlation_matrix", adata, indices, batch_size, silent,
                                         {"seed": seed}),
                        output_plans.feature_correlation(self, n_samples, rna_size_factor, transform_batch,
@@ -510,18 +612,39 @@ class SCVI:
     def report(self, out_dir, adata=None, labels_key: str | None = None, max_cells: int = 200_000,
                seed: int | None = None, overwrite: bool = False) -> dict:
         """The integration report (extra `scvi-scale[report]`): training history, run measurements, a UMAP and scIB
-        metrics of the latent against an uncorrected PCA baseline on a seeded subsample of at most max_cells cells,
-        and the outputs in the store; out_dir/report.html (self-contained), its PNGs and report.json (returned).
-        labels_key: default the registered one (without: label-free metrics). overwrite: replace a report there
-        (else FileExistsError, before the work)."""
+        metrics of the latent against an uncorrected PCA baseline on a seeded subsample, and the outputs in the store.
+
+        Parameters
+        ----------
+        out_dir
+            Gets report.html (self-contained), its PNGs and report.json.
+        adata, labels_key
+            The data (None: the model's); the obs column of labels (default the registered one; None: label-free).
+        max_cells, seed
+            The subsample's size bound (so it stays bounded on an atlas) and seed (default settings.seed).
+        overwrite
+            Replace a report in out_dir (else FileExistsError, before the work).
+
+        Returns
+        -------
+        dict
+            report.json's content.
+        """
         return analyses.report(self, out_dir, adata, labels_key, max_cells, settings.seed if seed is None else seed,
                                overwrite)
 
     def minify_adata(self, minified_data_type: Literal["latent_posterior_parameters"] = MINIFIED_TYPE,
                      use_latent_qzm_key: str = "X_latent_qzm", use_latent_qzv_key: str = "X_latent_qzv") -> None:
-        """scvi-tools' minified model: q(z | x)'s mean and variance (obsm/<use_latent_qzm_key>, <..._qzv_key>) and
-        the observed library size (obs["observed_lib_size"]) of every cell are kept, and the outputs read them, not
-        the counts. Nothing else of the data changes (a store keeps X). Training, get_elbo and the like are refused.
+        """scvi-tools' minified model: q(z | x) and the observed library size of every cell are kept, and the outputs
+        read them, not the counts. Nothing else of the data changes (a store keeps X); training, get_elbo and the like
+        are then refused.
+
+        Parameters
+        ----------
+        minified_data_type
+            What is kept (scvi-tools' one kind).
+        use_latent_qzm_key, use_latent_qzv_key
+            The obsm keys of q(z | x)'s mean and variance (the library goes to obs["observed_lib_size"]).
         """
         if minified_data_type != MINIFIED_TYPE:
             raise NotImplementedError(f"minified_data_type={minified_data_type!r}: only {MINIFIED_TYPE!r}")
@@ -540,10 +663,20 @@ class SCVI:
     def save(self, dir_path, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False,
              save_kwargs: dict | None = None, legacy_mudata_format: bool = False, datamodule=None,
              format: Literal["scvi-scale", "scvi-tools"] = "scvi-scale", **anndata_write_kwargs) -> None:
-        """Write dir_path/{prefix}model.pt: weights, init parameters, registry, var names, history and the store's
-        path (so load can reopen it); format="scvi-tools" writes what scvi-tools' SCVI.load reads. save_anndata
-        writes an AnnData beside it ({prefix}adata.h5ad, with anndata_write_kwargs); a store's counts stay where
-        they are. save_kwargs, legacy_mudata_format: ignored (warned); datamodule: refused."""
+        """Write dir_path/{prefix}model.pt: weights, init parameters, registry, var names, history and the store's path
+        (so load can reopen it).
+
+        Parameters
+        ----------
+        dir_path, prefix, overwrite
+            The folder, a prefix of its file names, and whether to replace a model there.
+        save_anndata, **anndata_write_kwargs
+            Write the AnnData beside it ({prefix}adata.h5ad, as scvi-tools); a store's counts stay where they are.
+        save_kwargs, legacy_mudata_format, datamodule
+            Ignored with a warning (torch.save; no MuData); a datamodule is refused.
+        format
+            "scvi-tools" writes what scvi-tools' SCVI.load reads.
+        """
         compat.refuse("save", datamodule=datamodule)
         compat.explain_ignored("save", [k for k, v in (("save_kwargs", save_kwargs), ("legacy_mudata_format",
                                                                                        legacy_mudata_format)) if v],
@@ -560,10 +693,24 @@ class SCVI:
     def load(cls, dir_path, adata=None, accelerator: str = "auto", device: int | str = "auto",
              prefix: str | None = None, backup_url: str | None = None, datamodule=None,
              allowed_classes_names_list: list[str] | None = None) -> SCVI:
-        """A model that `save` (or scvi-tools' SCVI.save) wrote, over `adata`: an AnnData (checked against the saved
-        set-up and set up in place), a store path or CountStore; None: the AnnData saved beside it or the store it
-        was saved from. accelerator, device: as train's ("auto" or an index). backup_url,
-        allowed_classes_names_list: ignored (warned; files are read from dir_path); datamodule: refused."""
+        """A model that `save` (or scvi-tools' SCVI.save) wrote.
+
+        Parameters
+        ----------
+        dir_path, prefix
+            The model's folder and file-name prefix.
+        adata
+            An AnnData (checked against the saved set-up, and set up in place), a store path or CountStore; None: the
+            AnnData saved beside the model, or the store it was saved from.
+        accelerator, device
+            Where the module goes ("auto", "cpu", "gpu", "cuda"; "auto" or a device index).
+        backup_url, allowed_classes_names_list, datamodule
+            Ignored with a warning (files are read from dir_path only); a datamodule is refused.
+
+        Returns
+        -------
+        SCVI
+        """
         compat.refuse("load", datamodule=datamodule)
         compat.explain_ignored("load", [k for k, v in (("backup_url", backup_url),
                                                        ("allowed_classes_names_list", allowed_classes_names_list))
@@ -578,12 +725,26 @@ class SCVI:
     @staticmethod
     def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False,
                               inplace: bool = True):
-        """scvi-tools' prepare_query_anndata: the query AnnData with exactly the reference's genes, in its order
-        (reference_model: a model or model directory, ours or scvi-tools'). Missing genes become zero columns in X
-        and every layer (format and dtype kept), the query's own are dropped; obs, obsm, obsp, uns, raw are kept.
-        inplace=True changes `adata` and returns None, False returns a new AnnData; return_reference_var_names
-        returns the reference's var names and touches nothing. ValueError when no gene is shared; a warning under
-        80% of them. A store is aligned without a rewrite: prepare_query_zarr."""
+        """scvi-tools' prepare_query_anndata: the query with exactly the reference's genes, in its order. Missing genes
+        become zero columns in X and every layer (format and dtype kept), the query's own are dropped; obs, obsm, obsp,
+        uns and raw are kept. ValueError when no gene is shared; a warning under 80% of them. For a store:
+        prepare_query_zarr.
+
+        Parameters
+        ----------
+        adata
+            The query AnnData.
+        reference_model
+            A model or a model directory, ours or scvi-tools'.
+        return_reference_var_names
+            Return the reference's var names and touch nothing.
+        inplace
+            Change `adata` itself (scvi-tools' default); False returns a new AnnData.
+
+        Returns
+        -------
+        None, anndata.AnnData or pd.Index
+        """
         var_names = pd.Index(query.reference(reference_model).var_names)
         if return_reference_var_names:
             return var_names
@@ -591,8 +752,21 @@ class SCVI:
 
     @classmethod
     def prepare_query_zarr(cls, query_path, reference, layer: str | None = None) -> AlignedStore:
-        """The query store read with the reference's genes (reference: a model or model directory): missing ones as
-        zeros (warned, with how many), extra ones dropped, in the reference's order. layer: default the reference's.
+        """The query store read with the reference's genes: missing ones as zeros (warned, with how many), extra ones
+        dropped, in the reference's order; nothing is rewritten.
+
+        Parameters
+        ----------
+        query_path
+            The query store.
+        reference
+            A model or a model directory.
+        layer
+            The counts' layer (default: the reference's).
+
+        Returns
+        -------
+        AlignedStore
         """
         return query.aligned_store(query_path, reference, layer)
 
