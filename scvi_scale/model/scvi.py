@@ -393,7 +393,15 @@ class SCVI:
                        output_plans.latent(self, give_mean, mc_samples, return_dist, write_to))
 
     def write_latent_representation(self, key: str = "X_scvi", **kwargs):
-        """get_latent_representation(write_to=key, **kwargs) of every cell: obsm/<key> (and obsm/<key>_var)."""
+        """get_latent_representation(write_to=key, **kwargs) of every cell.
+
+        Parameters
+        ----------
+        key
+            obsm/<key> (and obsm/<key>_var with return_dist).
+        **kwargs
+            get_latent_representation's.
+        """
         return self.get_latent_representation(write_to=key, **kwargs)
 
     def get_latent_library_size(self, adata=None, indices=None, give_mean: bool = True,
@@ -481,8 +489,10 @@ class SCVI:
             Shared; write_to: layers/<key> (n_obs, n_vars), or with gene_list obsm/<key> (names in its attributes).
         transform_batch
             None (each cell's own batch), a category, or a list of them (averaged, one draw per batch).
-        gene_list, n_samples, return_mean
-            The genes (None: all); posterior draws per cell, and their mean or each.
+        gene_list
+            The genes (None: all).
+        library_size, n_samples, return_mean
+            The library px_scale is scaled to ("latent": each cell's); posterior draws per cell, their mean or each.
         n_samples_overall, weights
             (n_samples_overall, n_genes) draws over the cells instead, picked uniformly or by importance weight
             (max_cells, truncation, n_mc_samples, n_mc_samples_per_pass in kwargs).
@@ -490,6 +500,11 @@ class SCVI:
             An array, not a DataFrame; no progress bar; data-loader arguments (ignored, warned).
         dtype
             Of written and returned values ("float16": half the bytes, 3 significant digits).
+
+        Returns
+        -------
+        pd.DataFrame or np.ndarray
+            See above; a lazy array when written to a store.
         """
         importance = ImportanceOptions(**{key: kwargs.pop(key) for key in IMPORTANCE_KEYS if key in kwargs})
         call = OutputCall("get_normalized_expression", adata, indices, batch_size, silent,
@@ -523,17 +538,22 @@ class SCVI:
     def posterior_predictive_sample(self, adata=None, indices=None, transform_batch=None, n_samples: int = 1,
                                     gene_list=None, batch_size: int | None = None, dataloader=None,
                                     silent: bool = True, *, write_to: str | None = None, **kwargs):
-        """Counts drawn from p(x_hat | x) (a draw of q(z, l | x), then of the fitted NB / ZINB / Poisson), as
-        scvi-tools: a sparse.GCXS (n_cells, n_genes), or (n_cells, n_genes, n_samples) for n_samples > 1.
+        """Counts drawn from p(x_hat | x): a draw of q(z, l | x), then of the fitted NB / ZINB / Poisson.
 
         Parameters
         ----------
         adata, indices, batch_size, dataloader, write_to, **kwargs
-            Shared; write_to: layers/<key> (or <key>_0 ... for n_samples > 1), CSR; a store's lazy arrays returned.
+            Shared; write_to: layers/<key> (or <key>_0 ... for n_samples > 1), CSR.
         transform_batch, gene_list, silent
             As get_normalized_expression's (gene_list: not when written).
         n_samples
             Draws per cell.
+
+        Returns
+        -------
+        sparse.GCXS or list
+            As scvi-tools, (n_cells, n_genes), or (n_cells, n_genes, n_samples) for n_samples > 1; written to a
+            store, its lazy CSR arrays (one, or a list).
         """
         return execute(self, OutputCall("posterior_predictive_sample", adata, indices, batch_size, silent, kwargs,
                                         dataloader),
@@ -591,6 +611,10 @@ class SCVI:
         write_to, table_path
             Also write the table as uns/<key> of the store (or AnnData), and as a .csv or .parquet file of exactly
             that path; refused before the work when it exists, unless overwrite.
+
+        Returns
+        -------
+        pd.DataFrame
         """
         de_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in DE_KEYS}
         compat.explain_ignored("differential_expression", [
@@ -793,6 +817,10 @@ class SCVI:
             scvi-tools' freezing (surgery.py); unfrozen=True trains everything.
         freeze_classifier, transfer_batch, registry, datamodule
             SCANVI's and SYSVI's (no use for SCVI); registry and datamodule are refused.
+
+        Returns
+        -------
+        SCVI
         """
         compat.refuse("load_query_data", datamodule=datamodule, registry=registry)
         freeze = dict(unfrozen=unfrozen, freeze_dropout=freeze_dropout, freeze_expression=freeze_expression,
