@@ -251,7 +251,8 @@ class SCVI:
               buffer_blocks: int | None = None, **trainer_kwargs) -> None:
         """Train with scvi-tools' defaults (Adam lr 1e-3, eps 0.01, weight decay 1e-6, KL warm-up over 400 epochs,
         90/10 split; no validation unless early stopping, LR on plateau or check_val_every_n_epoch asks). Under
-        torch.distributed (torchrun, `distributed.launch`) every rank trains on its share; rank 0 checkpoints.
+        torch.distributed (torchrun, `distributed.launch`) every rank trains on its share; rank 0 checkpoints (save
+        with `distributed.on_rank_zero`).
 
         Parameters
         ----------
@@ -273,7 +274,8 @@ class SCVI:
         checkpoint_dir, resume
             Checkpoint written atomically each epoch; resume=True continues a killed run to where it would have got.
         seed, block_rows, buffer_blocks
-            Seeds split, sampler and torch (default settings.seed); the sampler's shuffle block and buffer sizes.
+            Seeds split, sampler and torch (default settings.seed, which drew the initial weights: the same seed,
+            machine and thread count give the same model); the sampler's shuffle block and buffer sizes.
         """
         compat.refuse("train", datamodule=datamodule)
         if self.minified_data_type is not None:
@@ -609,8 +611,8 @@ class SCVI:
         filter_outlier_cells, importance_weighting_kwargs
             scvi-tools' (see outputs/differential.py: the cells are gathered in bounded memory).
         write_to, table_path
-            Also write the table as uns/<key> of the store (or AnnData), and as a .csv or .parquet file of exactly
-            that path; refused before the work when it exists, unless overwrite.
+            Also write the table as uns/<key> of the store (or AnnData), and as a .csv (or .parquet: pyarrow) file
+            of exactly that path; refused before the work when it exists, unless overwrite.
 
         Returns
         -------
