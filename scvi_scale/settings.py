@@ -20,7 +20,7 @@ block order, dropout and z draws) and the outputs' seed= (draws keyed by cell). 
 assigning it seeds nothing at once: it is read when a model is built, trained or asked for outputs.
 
 adaptive_threads: training on the CPU with more than one torch thread, while other processes use CPU, times its
-steps at a few fixed steps, compares them with one thread, and keeps the faster (`train.ThreadTuner`): beside
+steps at a few fixed steps, compares them with one thread, and keeps the faster (`threads.ThreadTuner`): beside
 other busy processes, torch's spinning OpenMP threads made whole training 8-14x slower here, one thread about
 1.1x. On a quiet machine the tuner does nothing: the choice stays torch's thread count, and the same seed gives
 the same model; under changing load it may not, since one and two threads round sums differently. False keeps

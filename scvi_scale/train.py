@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import signal
 import time
 from collections import deque
@@ -47,6 +46,7 @@ from scvi_scale import distributed, persist, surgery
 from scvi_scale.data.writer import remove_abandoned_siblings
 from scvi_scale.module import to_tensors
 from scvi_scale.settings import settings
+from scvi_scale.threads import ThreadTuner
 
 logger = logging.getLogger("scvi_scale.train")
 
@@ -150,118 +150,6 @@ class TrainingConfig:
         if self.check_val_every_n_epoch is not None:
             return int(self.check_val_every_n_epoch)
         return 1 if self.early_stopping or self.reduce_lr_on_plateau else None
-
-
-PROBE_CUT_STEPS, PROBE_CUT_FACTOR = 3, 2.0
-# CPU in use by other processes, in cores, from which the tuner probes one thread. One busy process is ~1 core; a
-# quiet machine's daemons use ~0.01. Below it a probe would only cost: its slower steps and, where the likelihood
-# runs torch.compile'd (no C kernel: scvi_scale.kernels), a recompile for the new thread count (~1 s once per
-# process). With the C kernel a thread change compiles nothing (tests/test_startup.py).
-OTHERS_BUSY_CORES = 0.25
-
-
-def others_cpu_seconds() -> float | None:
-    """CPU seconds that every process but this one has used on this machine so far (all cores, steal time
-    included: a busy VM host takes cores as a neighbour does), from /proc/stat less os.times(); None where the
-    machine has no /proc/stat. Only differences of two readings mean anything."""
-    try:
-        with open("/proc/stat") as stat:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
-    except (OSError, ValueError):
-        return None
-    ours = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK") - ours.user - ours.system
-
-
-class ThreadTuner:
-    """Keeps CPU training at the faster of `threads` torch threads and one, as measured on its own steps.
-
-    Why: with two threads on two cores and one other busy process, torch's OpenMP threads spin while they wait for
-    each other and for the sampler's reader threads, and whole training ran 8-14x slower (one thread: ~1.1x slower;
-    benchmarks/contention.py --training, RESULTS.md). From step `lead` on (after the first steps' compilation),
-    every `period` steps the tuner times `window` steps at the thread count in use, then `window` steps at the
-    other one, and keeps the faster by median step time (the wall time from one step's start to the next's, the
-    wait for the minibatch included), switching only when the other is faster by more than `margin`. One thread is
-    probed only while other processes use at least OTHERS_BUSY_CORES of CPU (`others_cpu`, measured since the last
-    probe's start): on a quiet machine the tuner never leaves torch's count, since the first steps at one thread
-    cost ~1 s once per process where torch.compile'd graphs recompile for it; under load a probe costs `window`
-    slower steps a period (~1%). A probe of more threads always runs (the load may be gone), and stops after its
-    first steps if each is over twice as slow. The schedule is by global step, so a resumed run probes at the same
-    steps as an uninterrupted one.
-    `step_started(global_step)` is called before every step, `restore()` at the end of training.
-    """
-
-    def __init__(self, threads: int, period: int = 500, window: int = 16, lead: int = 32, margin: float = 1.15,
-                 clock=time.perf_counter, others_cpu=others_cpu_seconds):
-        if period <= 2 * window:
-            raise ValueError(f"period={period} must exceed two windows of {window} steps")
-        self.threads, self.period, self.window, self.lead, self.clock = threads, period, window, lead, clock
-        self.margin, self.others_cpu = margin, others_cpu
-        self.others_since: tuple[float, float | None] | None = None  # (clock, others_cpu()) at the last probe's start
-        self.in_use = threads
-        self.durations: dict[int, list[float]] = {}  # threads -> step times in this period's two windows
-        self.previous: tuple[int, float] | None = None  # (global step, start time) of the last step
-        self.probe_cut_in: int | None = None  # the period whose probe was skipped or stopped early
-
-    def _position(self, global_step: int) -> int | None:
-        return None if global_step < self.lead else (global_step - self.lead) % self.period
-
-    def _timed_at(self, global_step: int) -> int | None:
-        """The thread count a step runs at inside the windows (the probe: the other count); None outside them."""
-        position = self._position(global_step)
-        if position is None or position >= 2 * self.window:
-            return None
-        if position < self.window or self.probe_cut_in == (global_step - self.lead) // self.period:
-            return self.in_use
-        return 1 if self.in_use == self.threads else self.threads
-
-    def step_started(self, global_step: int) -> None:
-        now = self.clock()
-        if self.previous is not None and self.previous[0] == global_step - 1:
-            timed_at = self._timed_at(global_step - 1)
-            if timed_at is not None:
-                self.durations.setdefault(timed_at, []).append(now - self.previous[1])
-                self._cut_a_hopeless_probe(global_step - 1, timed_at)
-        self.previous = (global_step, now)
-        if self.others_since is None or self._position(global_step) == self.window:
-            self._skip_a_needless_probe(global_step, now)
-        if self._position(global_step) == 2 * self.window:
-            if len(self.durations) == 2:
-                other = 1 if self.in_use == self.threads else self.threads
-                in_use_ms, other_ms = (1e3 * float(np.median(self.durations[count])) for count in (self.in_use, other))
-                if other_ms * self.margin < in_use_ms:
-                    logger.info("training at %d torch thread(s) from step %d: median step %.1f ms against %.1f ms",
-                                other, global_step, other_ms, in_use_ms)
-                    self.in_use = other
-            self.durations = {}
-        wanted = self._timed_at(global_step) or self.in_use
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
-
-    def _skip_a_needless_probe(self, global_step: int, now: float) -> None:
-        """At a probe's start: skip a probe of one thread when other processes used under OTHERS_BUSY_CORES since
-        the last probe's start (or the first step). Where that cannot be measured, probe."""
-        others = self.others_cpu()
-        if self.others_since is not None and self.in_use == self.threads and others is not None:
-            since_clock, since_others = self.others_since
-            if since_others is not None and now > since_clock and (
-                    (others - since_others) / (now - since_clock) < OTHERS_BUSY_CORES):
-                self.probe_cut_in = (global_step - self.lead) // self.period
-        self.others_since = (now, others)
-
-    def _cut_a_hopeless_probe(self, global_step: int, timed_at: int) -> None:
-        """Stop a probe of more threads after PROBE_CUT_STEPS steps each over PROBE_CUT_FACTOR times the median in
-        use (two threads beside a busy process cost ~8x a step: the rest of the window is not worth it). A probe of
-        one thread is never cut: its first steps in a process are slow for a reason of their own (setup)."""
-        probe, in_use = self.durations.get(timed_at), self.durations.get(self.in_use)
-        if timed_at <= self.in_use or in_use is None or len(probe) < PROBE_CUT_STEPS:
-            return
-        if min(probe[-PROBE_CUT_STEPS:]) > PROBE_CUT_FACTOR * float(np.median(in_use)):
-            self.probe_cut_in = (global_step - self.lead) // self.period
-            self.durations = {}
-
-    def restore(self) -> None:
-        torch.set_num_threads(self.threads)
 
 
 def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20_000) -> int:
@@ -594,8 +482,7 @@ class _Loop:
             if max_steps is not None and self.state.global_step >= max_steps:
                 self.checkpoint()
                 return False
-        _end_epoch(self.module, self.validation_stream, config, self.state, self.scheduler, self.device, weight,
-                   epoch, self.optimizer.param_groups[0]["lr"])
+        self.end_epoch(epoch, weight)
         self.state.history.setdefault("epoch_seconds", []).append((epoch, time.perf_counter() - started))
         postfix = {"loss": f"{self.state.history['train_loss'][-1][1]:.4g}"}
         if "elbo_validation" in self.state.history:
@@ -603,6 +490,37 @@ class _Loop:
         self.progress.set_postfix(postfix)
         self.checkpoint()
         return True
+
+    def end_epoch(self, epoch: int, weight: float) -> None:
+        """Record the epoch's metrics (at KL weight `weight`), validate, step the LR scheduler and early stopping,
+        reset the sums."""
+        config, state, validation_stream = self.config, self.state, self.validation_stream
+        record = state.epoch_sums.all_reduced(self.device).metrics("train", weight)
+        record["kl_weight"] = weight
+        record["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        every = config.validation_every
+        validate = validation_stream is not None and len(validation_stream) > 0
+        validate = validate and every is not None and (epoch + 1) % every == 0
+        if validate:
+            distributed.broadcast_buffers(self.module)  # BatchNorm running statistics: rank 0's on every rank
+            record.update(evaluate(self.module, validation_stream, self.device, weight))
+        for key, value in record.items():
+            state.history.setdefault(key, []).append((epoch, value))
+
+        if validate and self.scheduler is not None:
+            self.scheduler.step(record[config.lr_scheduler_metric])
+        warmed_up = epoch >= config.early_stopping_warmup_epochs
+        if validate and state.early_stopping is not None and warmed_up:
+            if state.early_stopping.should_stop(record[config.early_stopping_monitor]):
+                state.stopped_early = True
+                logger.info(
+                    "early stopping at epoch %d: %s did not improve for %d epochs (best %.4f)",
+                    epoch,
+                    config.early_stopping_monitor,
+                    config.early_stopping_patience,
+                    state.early_stopping.best,
+                )
+        state.epoch_sums = _EpochSums()
 
     def stop_for_signal(self, signal_number: int) -> None:
         """Checkpoint (when healthy) and raise TrainingInterrupted saying where the run can be resumed from."""
@@ -655,34 +573,3 @@ class _Loop:
         self.state.global_step += 1
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
-
-
-def _end_epoch(module, validation_stream, config, state: TrainingState, scheduler, device, weight, epoch,
-               optimizer_lr) -> None:
-    """Record the epoch's metrics, validate, step the LR scheduler and early stopping, reset the sums."""
-    record = state.epoch_sums.all_reduced(device).metrics("train", weight)
-    record["kl_weight"] = weight
-    record["lr"] = float(optimizer_lr)
-    every = config.validation_every
-    validate = validation_stream is not None and len(validation_stream) > 0
-    validate = validate and every is not None and (epoch + 1) % every == 0
-    if validate:
-        distributed.broadcast_buffers(module)  # BatchNorm running statistics: rank 0's on every rank
-        record.update(evaluate(module, validation_stream, device, weight))
-    for key, value in record.items():
-        state.history.setdefault(key, []).append((epoch, value))
-
-    if validate and scheduler is not None:
-        scheduler.step(record[config.lr_scheduler_metric])
-    warmed_up = epoch >= config.early_stopping_warmup_epochs
-    if validate and state.early_stopping is not None and warmed_up:
-        if state.early_stopping.should_stop(record[config.early_stopping_monitor]):
-            state.stopped_early = True
-            logger.info(
-                "early stopping at epoch %d: %s did not improve for %d epochs (best %.4f)",
-                epoch,
-                config.early_stopping_monitor,
-                config.early_stopping_patience,
-                state.early_stopping.best,
-            )
-    state.epoch_sums = _EpochSums()

@@ -4,7 +4,7 @@ Layers, bottom to top (README "Architecture"); a module may import its own layer
     0 settings, version
     1 data, datasets, sampler
     2 kernels, nn, module, surgery
-    3 train, distributed, persist, scvi_tools_format, outputs, report
+    3 train, threads (the training loop's thread tuner), distributed, persist, scvi_tools_format, outputs, report
     4 model
     5 cli, demo, and the package's __init__ (the public face)
 """
@@ -22,8 +22,8 @@ LAYERS = [
     ["scvi_scale.settings", "scvi_scale.version"],
     ["scvi_scale.data", "scvi_scale.datasets", "scvi_scale.sampler"],
     ["scvi_scale.kernels", "scvi_scale.nn", "scvi_scale.module", "scvi_scale.surgery"],
-    ["scvi_scale.train", "scvi_scale.distributed", "scvi_scale.persist", "scvi_scale.scvi_tools_format",
-     "scvi_scale.outputs", "scvi_scale.report"],
+    ["scvi_scale.train", "scvi_scale.threads", "scvi_scale.distributed", "scvi_scale.persist",
+     "scvi_scale.scvi_tools_format", "scvi_scale.outputs", "scvi_scale.report"],
     ["scvi_scale.model"],
     ["scvi_scale.cli", "scvi_scale.demo", "scvi_scale"],
 ]

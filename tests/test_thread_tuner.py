@@ -1,5 +1,5 @@
-"""The training loop's thread tuner (train.ThreadTuner): it keeps the faster of torch's thread count and one thread,
-measured on the steps themselves, on a schedule fixed by the global step."""
+"""The training loop's thread tuner (threads.ThreadTuner): it keeps the faster of torch's thread count and one
+thread, measured on the steps themselves, on a schedule fixed by the global step."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from scvi_scale import SCVI, settings
 from scvi_scale.datasets import synthetic_atlas
-from scvi_scale.train import OTHERS_BUSY_CORES, ThreadTuner, others_cpu_seconds
+from scvi_scale.threads import OTHERS_BUSY_CORES, ThreadTuner, others_cpu_seconds
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 from scvi_scale import SCVI, distributed, persist, settings
 from scvi_scale.cli.defaults import default
 from scvi_scale.data.writer import remove_abandoned_siblings
-from scvi_scale.model.scvi import CHECKPOINT_FILE
+from scvi_scale.model.training import CHECKPOINT_FILE
 from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
 from scvi_scale.report import plot_loss_curves, write_history_table
 from scvi_scale.report.history import HISTORY_TABLE, LOSS_CURVES

@@ -34,6 +34,9 @@ PLAN_ARGUMENTS = frozenset({
     "max_kl_weight_steps",
 })
 
+# why the data-loader arguments are ignored (named in the warning)
+IGNORED_LOADER = "scvi-scale reads the data itself, in threads (the method's batch_size sets the forward pass)"
+
 _explained: set[tuple[str, str]] = set()
 
 

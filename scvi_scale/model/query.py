@@ -1,4 +1,5 @@
-"""A query AnnData made ready for mapping onto a reference (scArches): scvi-tools' prepare_query_anndata.
+"""Query mapping (scArches): a query made ready for a reference (scvi-tools' prepare_query_anndata, or a store
+aligned on the fly) and the query model holding the reference's weights (load_query_data).
 
     >>> SCVI.prepare_query_anndata(query, "reference_model/")        # in place: the reference's genes, in order
     >>> SCVI.load_query_data(query, "reference_model/")
@@ -11,16 +12,64 @@ A query Zarr store gets the same alignment without a rewrite (data.AlignedStore,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import os
 import warnings
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scvi_scale.data.aligned import missing_genes_message, shared_genes
+from scvi_scale import persist, surgery
+from scvi_scale.data import StoreError
+from scvi_scale.data.aligned import AlignedStore, missing_genes_message, shared_genes
+from scvi_scale.model import saving, sources
 
 logger = logging.getLogger("scvi_scale.model")
+
+
+def reference(model_or_dir) -> persist.SavedModel:
+    """A reference for query mapping: a model directory (read) or a model (its saved form)."""
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        return persist.read_model(model_or_dir)
+    return saving.saved_form(model_or_dir)
+
+
+def aligned_store(query_path, reference_model, layer: str | None) -> AlignedStore:
+    """The query store read with the reference's genes in order (missing ones as zeros); layer: default the
+    reference's."""
+    saved = reference(reference_model)
+    return AlignedStore(query_path, saved.var_names, layer=saved.registry.layer if layer is None else layer)
+
+
+def query_model(cls, adata, reference_model, *, inplace_subset_query_vars: bool, device, freeze: dict):
+    """A `cls` (SCVI) over the query `adata` (an AnnData or a store) holding the reference's weights, its batch
+    encoding extended by the query's batches, frozen as `freeze` (surgery.freeze_for_query's options) says, on
+    `device`, in eval mode."""
+    if reference_model is None:
+        raise ValueError("Please provide a reference model as string or loaded model.")
+    saved = reference(reference_model)
+    reference_registry = saved.registry
+    if reference_registry.batch_key is None:
+        raise StoreError(
+            "the reference was set up without a batch_key: scArches maps query batches through the batch "
+            "covariate, so train the reference with one"
+        )
+    if inplace_subset_query_vars and sources.is_anndata(adata):
+        adata._inplace_subset_var(pd.Index(saved.var_names).intersection(adata.var_names))
+    query = sources.query_source(adata, saved.var_names, reference_registry.layer)
+    if saved.init_params.get("dispersion") != "gene-label":
+        # labels only feed the "gene-label" dispersion: the query need not have them (codes read as 0)
+        reference_registry = dataclasses.replace(reference_registry, labels_key=None)
+    query_registry = reference_registry.extend_batches(query)
+    if sources.is_anndata(adata):
+        sources.remember_anndata_setup(adata, query_registry)
+    model = cls(adata if sources.is_anndata(adata) else query, registry=query_registry, **saved.init_params)
+    surgery.transfer_reference_weights(model.module, saved.module_state, reference_registry.n_batch)
+    surgery.freeze_for_query(model.module, reference_registry.n_batch, **freeze)
+    model.module.to(device).eval()
+    return model
 
 
 def pad_and_sort(adata, reference_var_names, inplace: bool):

@@ -131,6 +131,50 @@ def data_paths(source) -> list[str]:
     return list(source.paths) if isinstance(source, StoreCollection) else [source.path]
 
 
+def setup_store(path, layer: str | None, join: str, store_key: str | None, storage_options: dict | None,
+                **fields) -> Registry:
+    """SCVI.setup_zarr's work: `path` opened (one store, or a list of stores or a StoreCollection read as one;
+    URLs reached with `storage_options`, kept in memory for them), its `fields` (Registry.build's keys) registered in
+    one streaming pass, the set-up kept for SCVI(path)."""
+    if isinstance(path, (list, tuple)):
+        for url in path:
+            remote.remember_options(os.fspath(url), storage_options)
+    if is_collection(path):
+        keys = None if isinstance(path, StoreCollection) else [_stem(p) for p in path]
+        store = path if isinstance(path, StoreCollection) else StoreCollection(
+            list(path), join=join, layer=layer, label=store_key, keys=keys)
+    else:
+        store = CountStore(path, layer=layer, storage_options=storage_options)
+    registry = Registry.build(store, **fields)
+    if isinstance(store, StoreCollection):
+        registry.collection = store.describe()
+    remember_store_setup(store, registry)
+    return registry
+
+
+def describe_setup(source, registry: Registry, hide_state_registries: bool) -> str:
+    """view_anndata_setup's lines: the data, the registered fields and, unless hide_state_registries, their
+    categories."""
+    lines = [f"Set-up of {source!r}", f"  layer: {registry.layer or 'X'}; {registry.n_vars} genes"]
+    fields = [("batch", registry.batch_key, registry.batch_categories),
+              ("labels", registry.labels_key, registry.label_categories)]
+    fields += [("categorical covariate", key, registry.categorical_covariate_categories[key])
+               for key in registry.categorical_covariate_keys]
+    for role, key, categories in fields:
+        shown = "" if hide_state_registries else f": {list(categories)[:20]}"
+        lines.append(f"  {role} {key!r}: {len(categories)} categories{shown}" if key else f"  {role}: none")
+    for key in registry.continuous_covariate_keys:
+        lines.append(f"  continuous covariate {key!r}")
+    if registry.size_factor_key:
+        lines.append(f"  size factor {registry.size_factor_key!r}")
+    return "\n".join(lines)
+
+
+def _stem(path) -> str:
+    """A store's name without its folder and suffix ("atlas/part1.zarr" -> "part1"), a collection's store key."""
+    return os.path.splitext(os.path.basename(os.fspath(path).rstrip("/")))[0]
+
+
 def _index(names):
     return pd.Index([str(name) for name in names])
 
