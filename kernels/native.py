@@ -200,10 +200,12 @@ def count_terms(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, p:
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     """The process's pool for rows beyond the calling thread's, with at least `workers` threads (calls from several
-    threads at once share it: the C function keeps no state between calls)."""
+    threads at once share it: the C function keeps no state between calls). Its threads wait idle for the life of
+    the process, as torch's own intra-op threads do; they are not the data loader's (whose threads are named
+    scvi-scale-*, and end with their stream)."""
     with _lock:
         pool, size = _state.get("pool"), _state.get("pool_size", 0)
         if pool is None or size < workers:
-            _state["pool"] = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scvi-scale-terms")
+            _state["pool"] = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="native-likelihood")
             _state["pool_size"] = workers
     return pool
