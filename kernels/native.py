@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -48,10 +47,8 @@ GCC_FLAGS = ("-fno-tree-sink", "-fno-tree-pre", "-fno-ssa-phiopt")
 LIBS = ("-lmvec", "-lm")
 LIKELIHOOD_CODES = {"poisson": 0, "nb": 1, "zinb": 2}
 THETA_NONE, THETA_PER_GENE, THETA_PER_ENTRY = 0, 1, 2
-# Below this many entries a call runs on one thread: handing rows to a pool costs more than it saves.
-PARALLEL_MIN_ENTRIES = 1 << 15
 
-_state: dict = {}  # "library": the loaded library or None once tried; "checked"; "pool" and "pool_size"
+_state: dict = {}  # "library": the loaded library or None once tried; "checked": compared with torch_ops once
 _lock = threading.Lock()
 
 
@@ -180,32 +177,8 @@ def count_terms(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, p:
                  theta_mode, _pointer(stirlerr_theta), _pointer(zi_logits), crow.data_ptr(), cols.data_ptr(),
                  values.data_ptr(), per_cell.data_ptr(), d_log_mu.data_ptr(), _pointer(d_theta), _pointer(d_zi))
 
-    def run(rows: tuple[int, int]) -> None:  # ctypes releases the GIL for the call: rows run in parallel
-        if library.scvi_count_terms_f32(*rows, *arguments) != 0:
-            raise MemoryError(f"the native likelihood kernel could not allocate scratch for {n_genes} genes")
-
-    n_threads = min(torch.get_num_threads(), n_cells)
-    if n_threads <= 1 or n_cells * n_genes < PARALLEL_MIN_ENTRIES:
-        run((0, n_cells))
-    else:
-        bounds = [n_cells * i // n_threads for i in range(n_threads + 1)]
-        parts = list(zip(bounds[:-1], bounds[1:]))
-        pool = _pool(n_threads - 1)
-        pending = [pool.submit(run, rows) for rows in parts[1:]]
-        run(parts[0])
-        for future in pending:
-            future.result()
+    # One thread, the caller's: handing rows to a pool of Python threads beside torch's spinning OpenMP threads made
+    # training ~10% slower than this (benchmarks/RESULTS.md, start-up section)
+    if library.scvi_count_terms_f32(0, n_cells, *arguments) != 0:
+        raise MemoryError(f"the native likelihood kernel could not allocate scratch for {n_genes} genes")
     return per_cell, d_log_mu, d_theta, d_zi
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The process's pool for rows beyond the calling thread's, with at least `workers` threads (calls from several
-    threads at once share it: the C function keeps no state between calls). Its threads wait idle for the life of
-    the process, as torch's own intra-op threads do; they are not the data loader's (whose threads are named
-    scvi-scale-*, and end with their stream)."""
-    with _lock:
-        pool, size = _state.get("pool"), _state.get("pool_size", 0)
-        if pool is None or size < workers:
-            _state["pool"] = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="native-likelihood")
-            _state["pool_size"] = workers
-    return pool
