@@ -337,12 +337,11 @@ def _native_mismatch() -> str | None:
     x = torch.poisson(mu, generator=generator).clamp(max=1e4)
     theta = 10 ** (torch.rand(n_genes, generator=generator) * 6 - 3)
     zi = torch.randn(n_cells, n_genes, generator=generator) * 20
-    entries = nonzero_entries(x)
     ones = torch.ones(n_cells, 1)
     for likelihood in LIKELIHOODS:
         inputs = (mu, ones, None if likelihood == "poisson" else theta, zi if likelihood == "zinb" else None)
-        got = count_terms(entries, *inputs, likelihood, native=True)
-        want = count_terms(entries, *inputs, likelihood, native=False)
+        got = count_terms(x, *inputs, likelihood, native=True)
+        want = count_terms(x, *inputs, likelihood, native=False)
         for name, a, b in zip(("log p", "d log mu", "d theta", "d zi"), got, want):
             if (a is None) != (b is None):
                 return f"{likelihood} {name}: present in one path only"
@@ -365,17 +364,21 @@ def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return rows, cols, x[rows, cols]
 
 
-def count_terms(x_nonzero, p, scale, theta, zi_logits, likelihood: str, native: bool):
+def count_terms(x, p, scale, theta, zi_logits, likelihood: str, native: bool):
     """The per-cell log-likelihood (B,) and the per-entry gradients d log p / d log mu, d / d theta, d / dz
-    ((B, G) each, or None), for counts given by their entries x_nonzero = (rows, cols, values) that may be non-zero
-    (rows sorted, as nonzero_entries gives them) and the mean mu = p * scale (p (B, G), scale (B, 1)).
-    native: the C kernel computes them (native.py; float32 CPU tensors); else all_terms, then the non-zeros' terms
-    written over the dense ones."""
-    rows, cols, values = x_nonzero
+    ((B, G) each, or None), for counts x (B, G), dense or sparse CSR, and the mean mu = p * scale (p (B, G),
+    scale (B, 1)). native: the C kernel computes them (native.py; float32 CPU tensors), reading a CSR x's own
+    row pointers; else all_terms at x's entries that may be non-zero, then their terms written over the dense
+    ones."""
     if native:
-        crow = torch.zeros(p.shape[0] + 1, dtype=torch.int64)
-        torch.cumsum(torch.bincount(rows, minlength=p.shape[0]), 0, out=crow[1:])
+        if x.layout == torch.sparse_csr:
+            crow, cols, values = x.crow_indices().long(), x.col_indices().long(), x.values()
+        else:
+            rows, cols, values = nonzero_entries(x)
+            crow = torch.zeros(p.shape[0] + 1, dtype=torch.int64)
+            torch.cumsum(torch.bincount(rows, minlength=p.shape[0]), 0, out=crow[1:])
         return native_kernel.count_terms(crow, cols, values, p, scale, theta, zi_logits, likelihood)
+    rows, cols, values = nonzero_entries(x)
     flat = rows * p.shape[1] + cols
     # (scatter_ measured ~3x faster than index_put_ for these 1-D writes)
     is_zero = torch.ones(p.shape, dtype=torch.bool, device=p.device)
@@ -405,8 +408,7 @@ class CountLogLikelihood(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, theta, zi_logits, likelihood: str, native: bool):
         scale = torch.ones(mu.shape[0], 1, dtype=mu.dtype, device=mu.device)
-        per_cell, d_log_mu, d_theta, d_zi = count_terms(nonzero_entries(x), mu, scale, theta, zi_logits, likelihood,
-                                                        native)
+        per_cell, d_log_mu, d_theta, d_zi = count_terms(x, mu, scale, theta, zi_logits, likelihood, native)
         ctx.theta_per_gene = theta is not None and theta.dim() == 1
         d_mu = d_log_mu / mu if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(d_mu, d_theta if ctx.needs_input_grad[2] else None,
@@ -446,7 +448,7 @@ class DecoderLogLikelihood(torch.autograd.Function):
         p = torch.softmax(F.linear(hidden, scale_weight, scale_bias), dim=-1)
         zi_logits = F.linear(hidden, dropout_weight, dropout_bias) if likelihood == "zinb" else None
         scale = torch.exp(log_library)[:, None]
-        per_cell, d_s, d_theta, d_zi = count_terms(nonzero_entries(x), p, scale, theta, zi_logits, likelihood, native)
+        per_cell, d_s, d_theta, d_zi = count_terms(x, p, scale, theta, zi_logits, likelihood, native)
         per_cell_a = d_s.sum(-1)
         d_s.addcmul_(p, per_cell_a[:, None], value=-1)  # a - p A, in place
         ctx.likelihood = likelihood
