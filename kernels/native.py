@@ -103,11 +103,11 @@ def build(directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".partial")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *CFLAGS, *GCC_FLAGS, str(SOURCE), "-o", partial, *LIBS],
-                                capture_output=True, text=True)
-        if result.returncode != 0:  # another compiler (clang): the portable flags alone
-            result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", partial, *LIBS], capture_output=True,
+        for flags in (CFLAGS + GCC_FLAGS, CFLAGS):  # then the portable flags alone (another compiler: clang)
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, *LIBS], capture_output=True,
                                     text=True)
+            if result.returncode == 0:
+                break
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.replace(partial, target)  # atomic: a process starting at the same time sees all of it or nothing
