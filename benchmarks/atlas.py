@@ -97,12 +97,26 @@ def run_stage(stage: str, args) -> dict:
     note, outputs, seconds = "", [], None
     started = time.perf_counter()
     if stage == "build":
-        synthetic_atlas(paths.atlas, args.cells, n_genes=N_GENES, n_batches=N_BATCHES, n_cell_types=N_CELL_TYPES,
-                        seed=args.seed, library_median=LIBRARY_MEDIAN)
+        synthetic_atlas(
+            paths.atlas,
+            args.cells,
+            n_genes=N_GENES,
+            n_batches=N_BATCHES,
+            n_cell_types=N_CELL_TYPES,
+            seed=args.seed,
+            library_median=LIBRARY_MEDIAN,
+        )
         cells, outputs = args.cells, [paths.atlas]
     elif stage == "build-query":
-        synthetic_atlas(paths.query, QUERY_CELLS, n_genes=N_GENES, n_batches=QUERY_BATCHES,
-                        n_cell_types=N_CELL_TYPES, seed=QUERY_SEED, library_median=LIBRARY_MEDIAN)
+        synthetic_atlas(
+            paths.query,
+            QUERY_CELLS,
+            n_genes=N_GENES,
+            n_batches=QUERY_BATCHES,
+            n_cell_types=N_CELL_TYPES,
+            seed=QUERY_SEED,
+            library_median=LIBRARY_MEDIAN,
+        )
         cells, outputs = QUERY_CELLS, [paths.query]
     elif stage == "setup":
         registry = SCVI.setup_zarr(paths.atlas, batch_key="batch", labels_key="cell_type")
@@ -135,8 +149,9 @@ def run_stage(stage: str, args) -> dict:
             model.write_latent_representation(overwrite=True)
             outputs = [paths.atlas / "obsm" / "X_scvi"]
         elif stage == "de":
-            table = model.differential_expression(groupby="cell_type", silent=True, write_to="de_cell_type",
-                                                  overwrite=True)
+            table = model.differential_expression(
+                groupby="cell_type", silent=True, write_to="de_cell_type", overwrite=True
+            )
             outputs, note = [paths.atlas / "uns" / "de_cell_type"], f"one-vs-rest, {len(table) // N_GENES} groups"
         elif stage == "normalize":
             genes = list(model.var_names[:: N_GENES // GENE_LIST_SIZE][:GENE_LIST_SIZE])
@@ -178,12 +193,21 @@ def child_main(args) -> None:
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
-    memory_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal"))
-    return (f"{platform.node()}: {model}, {os.cpu_count()} cores, {memory_kib / 2**20:.0f} GiB RAM, Python "
-            f"{platform.python_version()}, torch {importlib.metadata.version('torch')}")
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
+    memory_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
+    return (
+        f"{platform.node()}: {model}, {os.cpu_count()} cores, {memory_kib / 2**20:.0f} GiB RAM, Python "
+        f"{platform.python_version()}, torch {importlib.metadata.version('torch')}"
+    )
 
 
 def store_summary(path: Path) -> str:
@@ -192,21 +216,25 @@ def store_summary(path: Path) -> str:
     indptr = zarr.open_group(str(path), mode="r")["X/indptr"]
     n_cells = indptr.shape[0] - 1
     nnz = int(indptr[n_cells])
-    return (f"{n_cells:,} cells x {N_GENES} genes, {nnz:,} non-zeros ({nnz / n_cells:.0f} per cell; indptr "
-            f"{indptr.dtype}), {disk_mib(path):,.0f} MiB on disk")
+    return (
+        f"{n_cells:,} cells x {N_GENES} genes, {nnz:,} non-zeros ({nnz / n_cells:.0f} per cell; indptr "
+        f"{indptr.dtype}), {disk_mib(path):,.0f} MiB on disk"
+    )
 
 
 def format_table(rows: list[dict]) -> list[str]:
-    lines = ["| stage | cells | seconds | cells/s | peak RSS MiB | disk written MiB | CPU s | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| stage | cells | seconds | cells/s | peak RSS MiB | disk written MiB | CPU s | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         done = row["seconds"] is not None
         lines.append(
             f"| {row['stage']} | {row['cells']:,} | {row['seconds']:.1f} | {row['cells'] / row['seconds']:,.0f} | "
-            if done else f"| {row['stage']} | - | - | - | "
+            if done
+            else f"| {row['stage']} | - | - | - | "
         )
-        lines[-1] += (f"{row['peak_rss_mib']:,.0f} | {row['disk_mib']:,.1f} | {row['cpu_seconds']:.1f} | "
-                      f"{row['note']} |")
+        lines[-1] += f"{row['peak_rss_mib']:,.0f} | {row['disk_mib']:,.1f} | {row['cpu_seconds']:.1f} | {row['note']} |"
     return lines
 
 
@@ -217,10 +245,18 @@ def main() -> None:
     parser.add_argument("--data-dir", default="atlas_benchmark", help="stores, registry and model (kept, reused)")
     parser.add_argument("--max-steps", type=int, help="train a timed share of each epoch instead of all of it")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per stage")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                        help="a subset to run (build stages run only when their store is missing)")
-    parser.add_argument("--record", default=str(Path(__file__).with_name("RESULTS.md")),
-                        help="markdown file the table is appended to ('' prints it only)")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=list(STAGES),
+        help="a subset to run (build stages run only when their store is missing)",
+    )
+    parser.add_argument(
+        "--record",
+        default=str(Path(__file__).with_name("RESULTS.md")),
+        help="markdown file the table is appended to ('' prints it only)",
+    )
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage, print JSON
     args = parser.parse_args()
     if args.stage:
@@ -229,14 +265,29 @@ def main() -> None:
 
     paths = Paths(args)
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
-    stages = [stage for stage in args.stages
-              if not (stage == "build" and paths.atlas.exists()) and not (stage == "build-query" and paths.query.exists())]
+    stages = [
+        stage
+        for stage in args.stages
+        if not (stage == "build" and paths.atlas.exists()) and not (stage == "build-query" and paths.query.exists())
+    ]
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = []
     for stage in stages:
-        command = [sys.executable, __file__, "--stage", stage, "--cells", str(args.cells), "--seed", str(args.seed),
-                   "--data-dir", args.data_dir, "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            __file__,
+            "--stage",
+            stage,
+            "--cells",
+            str(args.cells),
+            "--seed",
+            str(args.seed),
+            "--data-dir",
+            args.data_dir,
+            "--threads",
+            str(args.threads),
+        ]
         if args.max_steps is not None:
             command += ["--max-steps", str(args.max_steps)]
         environment = {**os.environ, "SCVI_SCALE_PROGRESS": "0"}
@@ -244,14 +295,23 @@ def main() -> None:
         try:
             row = json.loads(completed.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):  # killed (e.g. out of memory) before it could report
-            row = {"cells": None, "seconds": None, "peak_rss_mib": float("nan"), "disk_mib": 0.0,
-                   "cpu_seconds": float("nan"), "note": f"process ended with code {completed.returncode}"}
+            row = {
+                "cells": None,
+                "seconds": None,
+                "peak_rss_mib": float("nan"),
+                "disk_mib": 0.0,
+                "cpu_seconds": float("nan"),
+                "note": f"process ended with code {completed.returncode}",
+            }
         if completed.returncode or row["seconds"] is None:
             print(completed.stderr[-3000:], file=sys.stderr)
         rows.append({"stage": stage, **row})
         shown = "failed" if row["seconds"] is None else f"{row['seconds']:.1f} s"
-        print(f"  {stage:<12} {shown:>10}, peak RSS {row['peak_rss_mib']:,.0f} MiB  {row['note']}", file=sys.stderr,
-              flush=True)
+        print(
+            f"  {stage:<12} {shown:>10}, peak RSS {row['peak_rss_mib']:,.0f} MiB  {row['note']}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     invocation = " ".join(shlex.quote(part) for part in [Path(sys.executable).name, *sys.argv])
     load_after = os.getloadavg()
@@ -272,8 +332,11 @@ def main() -> None:
             record.write("\n" + "\n".join(lines))
         print(f"appended to {args.record}", file=sys.stderr)
     free = shutil.disk_usage(args.data_dir).free / 2**30
-    print(f"{args.data_dir}: {disk_mib(Path(args.data_dir)) / 1024:.1f} GiB kept (reused by the next run), "
-          f"{free:.0f} GiB free", file=sys.stderr)
+    print(
+        f"{args.data_dir}: {disk_mib(Path(args.data_dir)) / 1024:.1f} GiB kept (reused by the next run), "
+        f"{free:.0f} GiB free",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,8 @@ def serve(latency_ms: float) -> None:
     """Subprocess body: moto's server and the latency proxy in front of it; answers commands on stdin."""
     import logging
 
-    from moto.server import ThreadedMotoServer
-
     from helpers import FaultyProxy
+    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     with socket.socket() as probe:
@@ -74,8 +73,12 @@ class Server:
     """The serve() subprocess, driven over its stdin and stdout."""
 
     def __init__(self, latency_ms: float):
-        self.process = subprocess.Popen([sys.executable, __file__, "--serve", "--latency-ms", str(latency_ms)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "--latency-ms", str(latency_ms)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.urls = json.loads(self.process.stdout.readline())
 
     def ask(self, command: str) -> dict:
@@ -151,9 +154,15 @@ def main() -> None:
     finally:
         server.close()
     results["ratio"] = {name: round(results["s3"][name] / results["local"][name], 3) for name in ("train", "latent")}
-    results["setting"] = {"cells": args.cells, "genes": args.genes, "latency_ms": args.latency_ms,
-                          "epochs": args.epochs, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
-                          "cpus": os.cpu_count()}
+    results["setting"] = {
+        "cells": args.cells,
+        "genes": args.genes,
+        "latency_ms": args.latency_ms,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
     print(json.dumps(results, indent=1))
 
 

@@ -70,8 +70,9 @@ def measure(variant: str, store: Path, steps: int, n_busy: int, training: bool) 
         command = [sys.executable, "-c", WORKER, str(Path(__file__).parent), str(threads), str(steps), str(store)]
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n_busy)]
     try:
-        result = subprocess.run(command, capture_output=True, text=True,
-                                env={**os.environ, "SCVI_SCALE_PROGRESS": "0", **env})
+        result = subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, "SCVI_SCALE_PROGRESS": "0", **env}
+        )
     finally:
         for process in busy:
             process.kill()
@@ -97,8 +98,10 @@ def main() -> None:
 
     args.data_dir.mkdir(parents=True, exist_ok=True)
     store = atlas(args.data_dir, args.cells)
-    print(f"cores this process may use: {len(os.sched_getaffinity(0))}; busy processes: {args.busy}; "
-          f"batch 128, 2000 genes, x_csr minibatches, {'whole training' if args.training else 'the step alone'}")
+    print(
+        f"cores this process may use: {len(os.sched_getaffinity(0))}; busy processes: {args.busy}; "
+        f"batch 128, 2000 genes, x_csr minibatches, {'whole training' if args.training else 'the step alone'}"
+    )
     times = {(variant, busy): [] for variant in args.variants for busy in (0, args.busy)}
     for round_index in range(args.repeats):
         order = [(v, b) for v in args.variants for b in (0, args.busy)]

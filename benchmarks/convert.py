@@ -52,8 +52,11 @@ def run_step(step: str, n_cells: int, n_genes: int, chunk_rows: int, workdir: Pa
     from scvi_scale.data import CountStore, write_store
     from scvi_scale.datasets import synthetic_atlas
 
-    atlas, h5ad, converted = (workdir / f"atlas_{n_cells}.zarr", workdir / f"atlas_{n_cells}.h5ad",
-                              workdir / f"converted_{n_cells}.zarr")
+    atlas, h5ad, converted = (
+        workdir / f"atlas_{n_cells}.zarr",
+        workdir / f"atlas_{n_cells}.h5ad",
+        workdir / f"converted_{n_cells}.zarr",
+    )
     start_rss = current_rss_mb()
     started = time.perf_counter()
     if step == "generate":
@@ -80,9 +83,14 @@ def run_step(step: str, n_cells: int, n_genes: int, chunk_rows: int, workdir: Pa
     seconds = time.perf_counter() - started
     nnz = int(zarr.open_group(str(atlas), mode="r")["X/indptr"][n_cells])
     return {
-        "step": step, "n_cells": n_cells, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-        "above_start_mb": peak_rss_mb() - start_rss, "disk_mb": disk_mb(output),
-        "raw_mb": (nnz * 8 + (n_cells + 1) * 8) / 2**20, "nnz": nnz,
+        "step": step,
+        "n_cells": n_cells,
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "above_start_mb": peak_rss_mb() - start_rss,
+        "disk_mb": disk_mb(output),
+        "raw_mb": (nnz * 8 + (n_cells + 1) * 8) / 2**20,
+        "nnz": nnz,
     }
 
 
@@ -106,27 +114,48 @@ def main() -> None:
     try:
         for n_cells in args.sizes:
             for step in STEPS:
-                command = [sys.executable, __file__, "--step", step, "--n-cells", str(n_cells),
-                           "--genes", str(args.genes), "--chunk-rows", str(args.chunk_rows), "--workdir", str(workdir)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--step",
+                    step,
+                    "--n-cells",
+                    str(n_cells),
+                    "--genes",
+                    str(args.genes),
+                    "--chunk-rows",
+                    str(args.chunk_rows),
+                    "--workdir",
+                    str(workdir),
+                ]
                 result = subprocess.run(command, check=True, capture_output=True, text=True)
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
                 row = rows[-1]
-                print(f"  {step:<9} {n_cells:>9,} cells: {row['seconds']:6.1f} s, "
-                      f"peak RSS {row['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
+                print(
+                    f"  {step:<9} {n_cells:>9,} cells: {row['seconds']:6.1f} s, peak RSS {row['peak_rss_mb']:6.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\nn_genes={args.genes}, chunk_rows={args.chunk_rows}; "
-          "Zarr: CSR, Blosc lz4hc-3, data/indices chunks = 1/4 block")
-    header = (f"{'step':<10}{'cells':>11}{'nnz':>13}{'time s':>9}{'s / 1M':>9}{'peak RSS MB':>13}"
-              f"{'above start MB':>16}{'disk MB':>9}{'raw MB':>9}")
+    print(
+        f"\nn_genes={args.genes}, chunk_rows={args.chunk_rows}; "
+        "Zarr: CSR, Blosc lz4hc-3, data/indices chunks = 1/4 block"
+    )
+    header = (
+        f"{'step':<10}{'cells':>11}{'nnz':>13}{'time s':>9}{'s / 1M':>9}{'peak RSS MB':>13}"
+        f"{'above start MB':>16}{'disk MB':>9}{'raw MB':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['step']:<10}{row['n_cells']:>11,}{row['nnz']:>13,}{row['seconds']:>9.1f}"
-              f"{row['seconds'] / row['n_cells'] * 1e6:>9.1f}{row['peak_rss_mb']:>13.0f}{row['above_start_mb']:>16.0f}"
-              f"{row['disk_mb']:>9.0f}{row['raw_mb']:>9.0f}")
+        print(
+            f"{row['step']:<10}{row['n_cells']:>11,}{row['nnz']:>13,}{row['seconds']:>9.1f}"
+            f"{row['seconds'] / row['n_cells'] * 1e6:>9.1f}{row['peak_rss_mb']:>13.0f}{row['above_start_mb']:>16.0f}"
+            f"{row['disk_mb']:>9.0f}{row['raw_mb']:>9.0f}"
+        )
 
 
 if __name__ == "__main__":

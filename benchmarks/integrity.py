@@ -66,7 +66,10 @@ def make_stores(data_dir: Path, n_cells: int) -> dict[str, Path]:
         for name in ("data", "indices", "indptr"):
             array = source[name]
             copy = target.create_array(
-                name, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
+                name,
+                shape=array.shape,
+                chunks=array.chunks,
+                dtype=array.dtype,
                 compressors=[BloscCodec(cname=COMPRESSOR_NAME, clevel=COMPRESSION_LEVEL, shuffle="shuffle")],
             )
             for start in range(0, array.shape[0], array.chunks[0] * 16):
@@ -103,7 +106,7 @@ def time_block_reads(paths: dict[str, Path], repeats: int, seed: int, clock) -> 
     keys = list(readers)
     for turn, block_index in enumerate(order):
         start, stop = blocks[block_index]
-        for key in keys[turn % len(keys):] + keys[: turn % len(keys)]:
+        for key in keys[turn % len(keys) :] + keys[: turn % len(keys)]:
             began = clock()
             block = readers[key](start, stop)
             seconds[key].append(clock() - began)
@@ -153,8 +156,10 @@ def main() -> None:
     reads = time_block_reads(paths, args.repeats, args.seed, clock)
     n_reads = len(reads["validation"]["find_bad_count"])
     validation_ms = 1e3 * float(np.median(reads["validation"]["find_bad_count"]))
-    print(f"\n1. Per block read: {args.cells:,} cells, 4096-row blocks, {n_reads} reads per variant, "
-          f"{args.threads} thread(s); median {args.clock} ms per block")
+    print(
+        f"\n1. Per block read: {args.cells:,} cells, 4096-row blocks, {n_reads} reads per variant, "
+        f"{args.threads} thread(s); median {args.clock} ms per block"
+    )
     header = f"{'store':<28} | {'unchecked':>9} | {'read_raw':>9} | {'overhead':>8} | {'full validation':>15}"
     print(header + "\n" + "-" * len(header))
     for label in paths:
@@ -168,16 +173,20 @@ def main() -> None:
         print(row + f"{validation_ms:15.2f}")
     unchecked = {label: reads[label]["unchecked"] for label in paths}
     crc, plain = unchecked["format 3 (blosc + crc32c)"], unchecked["format 3 (blosc, no crc32c)"]
-    print(f"checksum (crc32c) cost: {paired_overhead(crc, plain):+.1%} of an unchecked format-3 read; format 3 + "
-          f"crc32c vs format 2, unchecked: {paired_overhead(crc, unchecked['format 2 (blosc)']):+.1%}")
+    print(
+        f"checksum (crc32c) cost: {paired_overhead(crc, plain):+.1%} of an unchecked format-3 read; format 3 + "
+        f"crc32c vs format 2, unchecked: {paired_overhead(crc, unchecked['format 2 (blosc)']):+.1%}"
+    )
 
     print(f"\n2. setup_zarr pass (Registry.build, batch_key='batch'), {args.repeats} pairs; {args.clock} seconds")
     header = f"{'store':<28} | {'unchecked':>9} | {'proving':>9} | {'overhead':>8}"
     print(header + "\n" + "-" * len(header))
     for label in ("format 2 (blosc)", "format 3 (blosc + crc32c)"):
         checked, unchecked = time_setup_pass(paths[label], args.repeats, clock)
-        print(f"{label:<28} | {np.median(unchecked):9.2f} | {np.median(checked):9.2f} | "
-              f"{paired_overhead(checked, unchecked):+8.1%}")
+        print(
+            f"{label:<28} | {np.median(unchecked):9.2f} | {np.median(checked):9.2f} | "
+            f"{paired_overhead(checked, unchecked):+8.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import time
 from contextlib import contextmanager
 
 import torch
-
 from scvi_scale.kernels import torch_ops
 from scvi_scale.kernels.count_likelihood import reference_count_log_likelihood
 from scvi_scale.kernels.decoder_likelihood import reference_decoder_log_likelihood
@@ -47,8 +46,7 @@ PARAMETERS = {
 }
 
 
-def decoder_inputs(n_cells: int, n_genes: int, n_hidden: int, device: str, seed: int = 0,
-                   kept: float = 0.1) -> dict:
+def decoder_inputs(n_cells: int, n_genes: int, n_hidden: int, device: str, seed: int = 0, kept: float = 0.1) -> dict:
     """Inputs of decoder_log_likelihood shaped like a trained scVI decoder's: Poisson counts around mu, each kept
     with probability `kept` (0.1 gives ~4% non-zero; 0.25 ~10%, the synthetic atlas's density)."""
     generator = torch.Generator().manual_seed(seed)
@@ -62,10 +60,16 @@ def decoder_inputs(n_cells: int, n_genes: int, n_hidden: int, device: str, seed:
     log_library = torch.log(n_genes * (0.5 + 2 * torch.rand(n_cells, generator=generator)))
     mu = torch.exp(log_library)[:, None] * torch.softmax(hidden @ scale_weight.T + scale_bias, dim=-1)
     x = torch.poisson(mu, generator=generator) * (torch.rand(n_cells, n_genes, generator=generator) < kept)
-    inputs = dict(hidden=hidden, scale_weight=scale_weight, scale_bias=scale_bias, log_library=log_library, x=x,
-                  theta=torch.exp(normal(n_genes)),
-                  dropout_weight=normal(n_genes, n_hidden, scale=2 / math.sqrt(n_hidden)),
-                  dropout_bias=normal(n_genes, scale=3))
+    inputs = dict(
+        hidden=hidden,
+        scale_weight=scale_weight,
+        scale_bias=scale_bias,
+        log_library=log_library,
+        x=x,
+        theta=torch.exp(normal(n_genes)),
+        dropout_weight=normal(n_genes, n_hidden, scale=2 / math.sqrt(n_hidden)),
+        dropout_bias=normal(n_genes, scale=3),
+    )
     return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
@@ -74,8 +78,9 @@ def count_inputs(decoder: dict) -> dict:
     with torch.no_grad():
         log_px = torch.log_softmax(decoder["hidden"] @ decoder["scale_weight"].T + decoder["scale_bias"], dim=-1)
         zi = decoder["hidden"] @ decoder["dropout_weight"].T + decoder["dropout_bias"]
-    return dict(x=decoder["x"], mu=torch.exp(decoder["log_library"][:, None] + log_px), theta=decoder["theta"],
-                zi_logits=zi)
+    return dict(
+        x=decoder["x"], mu=torch.exp(decoder["log_library"][:, None] + log_px), theta=decoder["theta"], zi_logits=zi
+    )
 
 
 @contextmanager
@@ -96,8 +101,10 @@ def leaves(inputs: dict, op: str, likelihood: str) -> dict:
     unused = {"zi_logits", "dropout_weight", "dropout_bias"} if likelihood != "zinb" else set()
     if likelihood == "poisson":
         unused.add("theta")
-    return {name: None if name in unused else t.detach().requires_grad_(name in PARAMETERS[op])
-            for name, t in inputs.items()}
+    return {
+        name: None if name in unused else t.detach().requires_grad_(name in PARAMETERS[op])
+        for name, t in inputs.items()
+    }
 
 
 def forward_backward(function, inputs: dict, op: str, likelihood: str):
@@ -209,8 +216,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU")
+    )
 
     for device in devices:
         if not args.skip_time:
@@ -222,8 +231,10 @@ def main() -> None:
 def print_times(device: str, args) -> None:
     decoder = decoder_inputs(args.cells, args.genes, args.hidden, device, kept=args.kept)
     rates = device_rates(device) if device == "cuda" else None
-    print(f"\n### Time, forward + backward, {device}: B={args.cells} G={args.genes} H={args.hidden} {args.likelihood}, "
-          f"{int((decoder['x'] > 0).sum()) / decoder['x'].numel():.0%} nonzero")
+    print(
+        f"\n### Time, forward + backward, {device}: B={args.cells} G={args.genes} H={args.hidden} {args.likelihood}, "
+        f"{int((decoder['x'] > 0).sum()) / decoder['x'].numel():.0%} nonzero"
+    )
     header = "| op | path | time (ms) | vs unfused |"
     if rates:
         header += " achieved (GB/s) | bytes floor (ms) | FLOP floor (ms) |"
@@ -237,8 +248,10 @@ def print_times(device: str, args) -> None:
             row = f"| {op} | {name} | {1e3 * elapsed:.1f} | {unfused_time / elapsed:.2f}x |"
             if rates:
                 bytes_floor, flop_floor = floors(op, args.likelihood, args.cells, args.genes, args.hidden)
-                row += (f" {bytes_floor / elapsed / 1e9:.0f} | {1e3 * bytes_floor / rates[0]:.2f} |"
-                        f" {1e3 * flop_floor / rates[1]:.2f} |")
+                row += (
+                    f" {bytes_floor / elapsed / 1e9:.0f} | {1e3 * bytes_floor / rates[0]:.2f} |"
+                    f" {1e3 * flop_floor / rates[1]:.2f} |"
+                )
             print(row)
     if rates:
         print(f"\nmeasured: copy bandwidth {rates[0] / 1e9:.0f} GB/s, fp32 matmul {rates[1] / 1e12:.1f} TFLOP/s")
@@ -247,8 +260,10 @@ def print_times(device: str, args) -> None:
 def print_memory(device: str, args) -> None:
     inputs = decoder_inputs(args.cells, args.memory_genes, args.hidden, device, seed=1, kept=args.kept)
     what = "peak CUDA memory above the inputs" if device == "cuda" else "bytes saved for backward"
-    print(f"\n### Memory, decoder op, {device}: B={args.cells} G={args.memory_genes} H={args.hidden} "
-          f"{args.likelihood}: {what}\n| path | MiB | vs unfused |\n|---|---|---|")
+    print(
+        f"\n### Memory, decoder op, {device}: B={args.cells} G={args.memory_genes} H={args.hidden} "
+        f"{args.likelihood}: {what}\n| path | MiB | vs unfused |\n|---|---|---|"
+    )
     # The interpreter runs the Triton kernels on the CPU (far too slowly to time), which is enough to see what they
     # keep for the backward. Eager and compiled PyTorch keep the same tensors: only the compiled path is measured.
     with_triton = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -261,6 +276,7 @@ def print_memory(device: str, args) -> None:
             used = measure(function, inputs, "decoder", args.likelihood)
         unfused_bytes = unfused_bytes or used
         print(f"| {name} | {used / 2**20:.3f} | {used / unfused_bytes:.3%} |")
+
 
 if __name__ == "__main__":
     main()

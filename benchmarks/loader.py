@@ -98,10 +98,15 @@ def make_sampler(store, case: dict):
         return SequentialSampler(store, batch_size=INFERENCE_BATCH_SIZE, read_with=read_with)
     if case["order"] == "random":
         # Blocks of one row, as many per buffer as a minibatch holds: a uniform random order, each row read alone.
-        return BlockShuffleSampler(store, batch_size=TRAIN_BATCH_SIZE, block_rows=1, buffer_blocks=TRAIN_BATCH_SIZE,
-                                   read_with=read_with)
-    return BlockShuffleSampler(store, batch_size=TRAIN_BATCH_SIZE, read_with=read_with,
-                               **{key: case[key] for key in ("block_rows", "buffer_blocks") if key in case})
+        return BlockShuffleSampler(
+            store, batch_size=TRAIN_BATCH_SIZE, block_rows=1, buffer_blocks=TRAIN_BATCH_SIZE, read_with=read_with
+        )
+    return BlockShuffleSampler(
+        store,
+        batch_size=TRAIN_BATCH_SIZE,
+        read_with=read_with,
+        **{key: case[key] for key in ("block_rows", "buffer_blocks") if key in case},
+    )
 
 
 def run_case(case: dict) -> dict:
@@ -137,8 +142,9 @@ def dask_overhead(store_path: str) -> dict:
     store = CountStore(store_path)
     lazy = store.to_dask()
     bounds = store.block_bounds()
-    picks = np.random.default_rng(0).choice(len(bounds) - 1, size=min(DASK_OVERHEAD_BLOCKS, len(bounds) - 1),
-                                            replace=False)
+    picks = np.random.default_rng(0).choice(
+        len(bounds) - 1, size=min(DASK_OVERHEAD_BLOCKS, len(bounds) - 1), replace=False
+    )
     timings = {}
     for name, read in [
         ("direct", lambda start, stop: store.read_csr(start, stop)),
@@ -277,8 +283,9 @@ def scdataset_cpu(case: dict) -> dict:
             return self.matrix[rows]
 
     collection = Rows(anndata.io.sparse_dataset(zarr.open_group(case["store"], mode="r")["X"]))
-    dataset = scDataset(collection, BlockShuffling(block_size=1024), batch_size=TRAIN_BATCH_SIZE,
-                        fetch_factor=512, seed=0)
+    dataset = scDataset(
+        collection, BlockShuffling(block_size=1024), batch_size=TRAIN_BATCH_SIZE, fetch_factor=512, seed=0
+    )
     next(iter(dataset))  # warm-up, as for ours
     n_cells, started = 0, time.process_time()
     for minibatch in dataset:
@@ -297,13 +304,15 @@ class InThisThread:
 
 def cpu_table(stores: dict[str, str], interpreters: dict[str, str], repeats: int) -> None:
     """Table 6; each (code, store) case runs `repeats` times, interleaved, one row per run."""
-    table = Table("6. Loader CPU per cell by stage (us; one epoch, batch 128, CSR, 1 reader thread)",
-                  ["code", "store", "cells", "total", "block reads", "stacking", "gathering"])
-    for _, (code, interpreter), (name, path) in itertools.product(range(repeats), interpreters.items(),
-                                                                  stores.items()):
+    table = Table(
+        "6. Loader CPU per cell by stage (us; one epoch, batch 128, CSR, 1 reader thread)",
+        ["code", "store", "cells", "total", "block reads", "stacking", "gathering"],
+    )
+    for _, (code, interpreter), (name, path) in itertools.product(range(repeats), interpreters.items(), stores.items()):
         result = in_subprocess("stage_cpu", {"store": path}, interpreter)
-        table.row(code, name, result["cells"], result["total"], result["block reads"], result["stacking"],
-                  result["gathering"])
+        table.row(
+            code, name, result["cells"], result["total"], result["block reads"], result["stacking"], result["gathering"]
+        )
     if importlib.util.find_spec("scdataset") is None:
         print("scDataset: not installed (pip install scdataset==0.3.0 for its row)")
         return
@@ -315,7 +324,9 @@ def cpu_table(stores: dict[str, str], interpreters: dict[str, str], repeats: int
 def in_subprocess(function: str, argument, interpreter: str = sys.executable) -> dict:
     completed = subprocess.run(
         [interpreter, __file__, "--child", function, json.dumps(argument)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"benchmark case {argument} failed:\n{completed.stderr[-3000:]}")
@@ -326,15 +337,17 @@ def in_subprocess(function: str, argument, interpreter: str = sys.executable) ->
 
 
 def relative_mixing(store_path: str, block_rows: int, buffer_blocks: int, seed: int = 0) -> float:
-    from scvi_scale.data import CountStore
     from helpers import label_mixing, planned_minibatch_rows  # tests/helpers.py, on the path below
+
+    from scvi_scale.data import CountStore
     from scvi_scale.sampler import BlockShuffleSampler
 
     store = CountStore(store_path)
     labels = store.obs_column("batch").cat.codes.to_numpy()
     n_labels = int(labels.max()) + 1
-    shuffled = BlockShuffleSampler(store, batch_size=TRAIN_BATCH_SIZE, block_rows=block_rows,
-                                   buffer_blocks=buffer_blocks, seed=seed)
+    shuffled = BlockShuffleSampler(
+        store, batch_size=TRAIN_BATCH_SIZE, block_rows=block_rows, buffer_blocks=buffer_blocks, seed=seed
+    )
     mixing = label_mixing((labels[rows] for rows in planned_minibatch_rows(shuffled)), n_labels)
     order = np.random.default_rng(seed).permutation(len(labels))
     uniform = label_mixing(
@@ -370,8 +383,14 @@ class Table:
         return " | ".join(str(value).rjust(width) for value, width in zip(values, self.widths))
 
     def row(self, *values) -> None:
-        shown = [f"{value:,.0f}" if isinstance(value, float) and abs(value) >= 100 else
-                 f"{value:.3g}" if isinstance(value, float) else value for value in values]
+        shown = [
+            f"{value:,.0f}"
+            if isinstance(value, float) and abs(value) >= 100
+            else f"{value:.3g}"
+            if isinstance(value, float)
+            else value
+            for value in values
+        ]
         print(self._line(shown), flush=True)
 
 
@@ -389,8 +408,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         function, argument = args.child
-        functions = {"run_case": run_case, "dask_overhead": dask_overhead, "training_step": training_step,
-                     "stage_cpu": stage_cpu, "scdataset_cpu": scdataset_cpu}
+        functions = {
+            "run_case": run_case,
+            "dask_overhead": dask_overhead,
+            "training_step": training_step,
+            "stage_cpu": stage_cpu,
+            "scdataset_cpu": scdataset_cpu,
+        }
         result = functions[function](json.loads(argument))
         print(json.dumps(result))
         return
@@ -409,8 +433,10 @@ def main() -> None:
         return
 
     shuffled_cells_per_s = {}
-    table = Table(f"1. Orders ({args.seconds:g} s cap per case, 2 reader threads; RSS in MiB)",
-                  ["cells", "order", "read", "cells/s", "first s", "cells read", "RSS open", "peak RSS"])
+    table = Table(
+        f"1. Orders ({args.seconds:g} s cap per case, 2 reader threads; RSS in MiB)",
+        ["cells", "order", "read", "cells/s", "first s", "cells read", "RSS open", "peak RSS"],
+    )
     for size in sizes:
         for order in ("sequential", "block-shuffled", "random"):
             for read_with in ("direct", "dask"):
@@ -418,30 +444,55 @@ def main() -> None:
                 result = in_subprocess("run_case", case)
                 if order == "block-shuffled" and read_with == "direct":
                     shuffled_cells_per_s[size] = result["cells_per_s"]
-                table.row(size, order, read_with, result["cells_per_s"], result["first_batch_s"], result["cells"],
-                          result["rss_open_mib"], result["peak_rss_mib"])
+                table.row(
+                    size,
+                    order,
+                    read_with,
+                    result["cells_per_s"],
+                    result["first_batch_s"],
+                    result["cells"],
+                    result["rss_open_mib"],
+                    result["peak_rss_mib"],
+                )
 
     overhead = in_subprocess("dask_overhead", largest)
-    table = Table(f"2. Per-block read cost, {overhead['block_rows']}-row blocks of the {sizes[-1]}-cell store, "
-                  "one thread", ["path", "ms/block"])
+    table = Table(
+        f"2. Per-block read cost, {overhead['block_rows']}-row blocks of the {sizes[-1]}-cell store, one thread",
+        ["path", "ms/block"],
+    )
     for name, milliseconds in overhead["ms_per_block"].items():
         table.row(name, milliseconds)
 
-    table = Table(f"3. Randomness vs speed, {sizes[-1]}-cell store (mixing relative to a fully random order)",
-                  ["block", "blocks/buffer", "buffer cells", "mixing", "cells/s", "first s", "peak RSS"])
+    table = Table(
+        f"3. Randomness vs speed, {sizes[-1]}-cell store (mixing relative to a fully random order)",
+        ["block", "blocks/buffer", "buffer cells", "mixing", "cells/s", "first s", "peak RSS"],
+    )
     for block_rows, buffer_blocks in SWEEP:
-        case = {"store": largest, "order": "block-shuffled", "block_rows": block_rows,
-                "buffer_blocks": buffer_blocks, "seconds": args.seconds}
+        case = {
+            "store": largest,
+            "order": "block-shuffled",
+            "block_rows": block_rows,
+            "buffer_blocks": buffer_blocks,
+            "seconds": args.seconds,
+        }
         result = in_subprocess("run_case", case)
-        table.row(block_rows, buffer_blocks, block_rows * buffer_blocks,
-                  relative_mixing(largest, block_rows, buffer_blocks), result["cells_per_s"],
-                  result["first_batch_s"], result["peak_rss_mib"])
+        table.row(
+            block_rows,
+            buffer_blocks,
+            block_rows * buffer_blocks,
+            relative_mixing(largest, block_rows, buffer_blocks),
+            result["cells_per_s"],
+            result["first_batch_s"],
+            result["peak_rss_mib"],
+        )
 
     print("\n4. Peer")
     print(annbatch_note())
 
-    table = Table(f"5. Training step vs loader, {sizes[-1]}-cell store", ["torch threads", "step cells/s",
-                                                                         "loader cells/s", "loader / step"])
+    table = Table(
+        f"5. Training step vs loader, {sizes[-1]}-cell store",
+        ["torch threads", "step cells/s", "loader cells/s", "loader / step"],
+    )
     for threads in (1, 2):
         step = in_subprocess("training_step", {"store": largest, "threads": threads, "seconds": args.seconds})
         loader = shuffled_cells_per_s[sizes[-1]]

@@ -99,8 +99,9 @@ def record_call(case: str, mode: str, reference_kind: str, build, reference, arr
             record["error"] = [type(error).__name__, str(error)]
             returned = None
     record["warnings"] = [[w.category.__name__, str(w.message)] for w in caught if w.category is UserWarning]
-    record["returned"] = "error" if "error" in record else (
-        "none" if returned is None else ("same" if returned is adata else "new"))
+    record["returned"] = (
+        "error" if "error" in record else ("none" if returned is None else ("same" if returned is adata else "new"))
+    )
     record["caller_changed"] = list(adata.var_names) != before_names or not np.array_equal(dense(adata.X), before_x)
     record["caller"] = describe(adata, f"{key}.caller", arrays)
     if record["returned"] in ("same", "new"):
@@ -120,11 +121,16 @@ def main() -> None:
     directory = str(FIXTURE / "model")
     model = scvi.model.SCVI.load(directory, adata=anndata.read_h5ad(FIXTURE / "data.h5ad"), accelerator="cpu")
     references = {"directory": directory, "model": model}
-    recorded = {"scvi_tools_version": scvi.__version__, "anndata_version": anndata.__version__,
-                "reference_var_names": {}, "cases": {}}
+    recorded = {
+        "scvi_tools_version": scvi.__version__,
+        "anndata_version": anndata.__version__,
+        "reference_var_names": {},
+        "cases": {},
+    }
     for kind, reference in references.items():
-        var_names = scvi.model.SCVI.prepare_query_anndata(inputs["lacks_many"].copy(), reference,
-                                                          return_reference_var_names=True)
+        var_names = scvi.model.SCVI.prepare_query_anndata(
+            inputs["lacks_many"].copy(), reference, return_reference_var_names=True
+        )
         recorded["reference_var_names"][kind] = {"type": type(var_names).__name__, "values": list(var_names)}
     for case, (names, is_dense) in cases.items():
         calls = {}
@@ -138,9 +144,11 @@ def main() -> None:
     for case, entry in recorded["cases"].items():
         call = entry["calls"]["inplace.directory"]
         copy = entry["calls"]["copy.directory"]
-        print(f"{case:24s} in place: {call['returned']:5s} changed={call['caller_changed']!s:5s} "
-              f"{call['caller']['shape']} | inplace=False: {copy['returned']:5s} changed={copy['caller_changed']!s:5s}"
-              f" warnings={len(call['warnings'])} {call.get('error', [''])[0]}")
+        print(
+            f"{case:24s} in place: {call['returned']:5s} changed={call['caller_changed']!s:5s} "
+            f"{call['caller']['shape']} | inplace=False: {copy['returned']:5s} changed={copy['caller_changed']!s:5s}"
+            f" warnings={len(call['warnings'])} {call.get('error', [''])[0]}"
+        )
     print(f"written to {OUT}")
 
 

@@ -137,18 +137,24 @@ def importance_weights_case(model, adata, group, n_samples: int = 10) -> dict:
     loader = model._make_data_loader(adata=adata, indices=group, batch_size=len(group))
     tensors = next(iter(loader))
     with torch.no_grad():
-        inference, generative = model.module.forward(tensors, inference_kwargs={"n_samples": n_samples},
-                                                     compute_loss=False)
+        inference, generative = model.module.forward(
+            tensors, inference_kwargs={"n_samples": n_samples}, compute_loss=False
+        )
     qz, px, zs = inference["qz"], generative["px"], inference["z"]
     scvi.settings.seed = SEED
     probabilities = model.get_importance_weights(adata, group, qz=qz, px=px, zs=zs)
     scvi.settings.seed = SEED
-    log_px = model.get_marginal_ll(adata, indices=group, return_mean=False, n_mc_samples=500,
-                                   n_mc_samples_per_pass=250)
+    log_px = model.get_marginal_ll(adata, indices=group, return_mean=False, n_mc_samples=500, n_mc_samples_per_pass=250)
     return {
-        "importance_zs": zs.numpy(), "importance_scale": px.scale.numpy(), "importance_zi_logits": px.zi_logits.numpy(),
-        "importance_theta": px.theta.numpy(), "importance_qz_loc": qz.loc.numpy(), "importance_qz_scale": qz.scale.numpy(),
-        "importance_x": tensors["X"].numpy(), "importance_log_px": log_px.numpy(), "importance_probabilities": probabilities,
+        "importance_zs": zs.numpy(),
+        "importance_scale": px.scale.numpy(),
+        "importance_zi_logits": px.zi_logits.numpy(),
+        "importance_theta": px.theta.numpy(),
+        "importance_qz_loc": qz.loc.numpy(),
+        "importance_qz_scale": qz.scale.numpy(),
+        "importance_x": tensors["X"].numpy(),
+        "importance_log_px": log_px.numpy(),
+        "importance_probabilities": probabilities,
     }
 
 
@@ -161,10 +167,12 @@ def record_outputs() -> None:
     recorded = {
         "normalized_mean": model.get_normalized_expression(n_samples=400, return_numpy=True),
         "group": group,
-        "importance_mean": model.get_normalized_expression(indices=group, n_samples_overall=4000,
-                                                           weights="importance", return_numpy=True).mean(0),
-        "uniform_group_mean": model.get_normalized_expression(indices=group, n_samples_overall=4000,
-                                                              return_numpy=True).mean(0),
+        "importance_mean": model.get_normalized_expression(
+            indices=group, n_samples_overall=4000, weights="importance", return_numpy=True
+        ).mean(0),
+        "uniform_group_mean": model.get_normalized_expression(
+            indices=group, n_samples_overall=4000, return_numpy=True
+        ).mean(0),
         "library_mean": model.get_latent_library_size(give_mean=True),
     }
     recorded.update(importance_weights_case(model, adata, group))
@@ -172,15 +180,29 @@ def record_outputs() -> None:
         recorded[f"likelihood_{name}"] = values
     vanilla = model.differential_expression(groupby="cell_type", group1="type_0", n_samples_overall=20000)
     vanilla = vanilla.loc[adata.var_names]  # gene order, so the arrays line up with var
-    for column in ("proba_m1", "bayes_factor", "scale1", "scale2", "raw_mean1", "raw_mean2", "non_zeros_proportion1",
-                   "non_zeros_proportion2", "raw_normalized_mean1", "raw_normalized_mean2"):
+    for column in (
+        "proba_m1",
+        "bayes_factor",
+        "scale1",
+        "scale2",
+        "raw_mean1",
+        "raw_mean2",
+        "non_zeros_proportion1",
+        "non_zeros_proportion2",
+        "raw_normalized_mean1",
+        "raw_normalized_mean2",
+    ):
         recorded[f"de_{column}"] = vanilla[column].to_numpy()
-    change = model.differential_expression(groupby="cell_type", group1="type_0", mode="change",
-                                           n_samples_overall=20000).loc[adata.var_names]
+    change = model.differential_expression(
+        groupby="cell_type", group1="type_0", mode="change", n_samples_overall=20000
+    ).loc[adata.var_names]
     for column in ("proba_de", "lfc_mean", "lfc_median"):
         recorded[f"de_change_{column}"] = change[column].to_numpy()
-    np.savez_compressed(FIXTURE / "outputs.npz", scvi_tools_version=np.array(scvi.__version__),
-                        **{k: np.asarray(v, dtype=np.float32 if k != "group" else np.int64) for k, v in recorded.items()})
+    np.savez_compressed(
+        FIXTURE / "outputs.npz",
+        scvi_tools_version=np.array(scvi.__version__),
+        **{k: np.asarray(v, dtype=np.float32 if k != "group" else np.int64) for k, v in recorded.items()},
+    )
     for name, options in OPTION_MODELS.items():
         scvi.settings.seed = SEED
         data = anndata.read_h5ad(FIXTURE / "data.h5ad")
@@ -197,10 +219,14 @@ def record_outputs() -> None:
         tensors = next(iter(option_model._make_data_loader(data, batch_size=data.n_obs)))
         with torch.no_grad():
             inference = module.inference(tensors["X"], tensors["batch"])
-            generative = module.generative(inference["qz"].loc, inference["library"], tensors["batch"],
-                                           y=tensors["labels"])
-        np.savez_compressed(folder / "expected.npz", latent=option_model.get_latent_representation(),
-                            px_rate=generative["px"].mu.numpy() if name != "normal" else generative["px"].loc.numpy())
+            generative = module.generative(
+                inference["qz"].loc, inference["library"], tensors["batch"], y=tensors["labels"]
+            )
+        np.savez_compressed(
+            folder / "expected.npz",
+            latent=option_model.get_latent_representation(),
+            px_rate=generative["px"].mu.numpy() if name != "normal" else generative["px"].loc.numpy(),
+        )
     print(f"outputs of scvi-tools {scvi.__version__} recorded in {FIXTURE}")
 
 

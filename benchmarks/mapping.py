@@ -33,8 +33,9 @@ CELLBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cellbench
 N_GENES = 2000
 N_OWN_GENES = 100
 K = 15
-MODEL_SETTINGS = dict(n_layers=2, encode_covariates=True, deeply_inject_covariates=False, use_layer_norm="both",
-                      use_batch_norm="none")  # scvi-tools' scArches tutorial
+MODEL_SETTINGS = dict(
+    n_layers=2, encode_covariates=True, deeply_inject_covariates=False, use_layer_norm="both", use_batch_norm="none"
+)  # scvi-tools' scArches tutorial
 
 
 def reference_and_query(removed: float, seed: int = 0) -> tuple[anndata.AnnData, anndata.AnnData, int]:
@@ -88,16 +89,26 @@ def run_side(side: str, seed: int, reference_epochs: int, query_epochs: int, rem
         vae_ref.train(max_epochs=reference_epochs, accelerator="cpu", enable_progress_bar=False, **train_seed)
         SCVI.prepare_query_anndata(query, vae_ref)
         vae_q = SCVI.load_query_data(query, vae_ref)
-        vae_q.train(max_epochs=query_epochs, plan_kwargs={"weight_decay": 0.0}, accelerator="cpu",
-                    enable_progress_bar=False, **train_seed)
+        vae_q.train(
+            max_epochs=query_epochs,
+            plan_kwargs={"weight_decay": 0.0},
+            accelerator="cpu",
+            enable_progress_bar=False,
+            **train_seed,
+        )
         joint = anndata.concat([reference, query])
         joint_latent = vae_q.get_latent_representation(joint)
     panel_warnings = [str(w.message) for w in caught if "reference var names" in str(w.message)]
     return {
-        "side": side, "seed": seed, "n_missing": n_missing, "query_shape": list(query.shape),
-        "accuracy": transfer_accuracy(joint_latent, reference.obs["cell_line"].to_numpy(),
-                                      query.obs["cell_line"].to_numpy()),
-        "seconds": time.perf_counter() - started, "panel_warning": panel_warnings[0] if panel_warnings else "",
+        "side": side,
+        "seed": seed,
+        "n_missing": n_missing,
+        "query_shape": list(query.shape),
+        "accuracy": transfer_accuracy(
+            joint_latent, reference.obs["cell_line"].to_numpy(), query.obs["cell_line"].to_numpy()
+        ),
+        "seconds": time.perf_counter() - started,
+        "panel_warning": panel_warnings[0] if panel_warnings else "",
     }
 
 
@@ -119,23 +130,39 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for side, python in (("scvi-scale", sys.executable), ("scvi-tools", args.peer_python)):
-            command = [python, __file__, "--side", side, "--seeds", str(seed), "--reference-epochs",
-                       str(args.reference_epochs), "--query-epochs", str(args.query_epochs), "--removed",
-                       str(args.removed)]
+            command = [
+                python,
+                __file__,
+                "--side",
+                side,
+                "--seeds",
+                str(seed),
+                "--reference-epochs",
+                str(args.reference_epochs),
+                "--query-epochs",
+                str(args.query_epochs),
+                "--removed",
+                str(args.removed),
+            ]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             row = rows[-1]
             print(f"seed {seed}  {side:10s}  accuracy {row['accuracy']:.3f}  ({row['seconds']:.0f} s)", flush=True)
     first = rows[0]
-    print(f"\nreference celseq2 {N_GENES} genes; query dropseq {first['query_shape']} lacking {first['n_missing']} "
-          f"reference genes, {N_OWN_GENES} of its own; epochs {args.reference_epochs} + {args.query_epochs}, "
-          f"k = {K}")
+    print(
+        f"\nreference celseq2 {N_GENES} genes; query dropseq {first['query_shape']} lacking {first['n_missing']} "
+        f"reference genes, {N_OWN_GENES} of its own; epochs {args.reference_epochs} + {args.query_epochs}, "
+        f"k = {K}"
+    )
     print("| side | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | spread (max - min) |")
     print("| --- |" + " --- |" * (len(args.seeds) + 2))
     for side in ("scvi-scale", "scvi-tools"):
         values = [row["accuracy"] for row in rows if row["side"] == side]
-        print(f"| {side} | " + " | ".join(f"{v:.3f}" for v in values)
-              + f" | {np.mean(values):.3f} | {max(values) - min(values):.3f} |")
+        print(
+            f"| {side} | "
+            + " | ".join(f"{v:.3f}" for v in values)
+            + f" | {np.mean(values):.3f} | {max(values) - min(values):.3f} |"
+        )
     for side in ("scvi-scale", "scvi-tools"):
         warning = next(row["panel_warning"] for row in rows if row["side"] == side)
         print(f"{side} warned: {warning or '(nothing)'}")

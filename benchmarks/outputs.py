@@ -121,8 +121,12 @@ def run_case(case: dict) -> dict:
     if case["workers"]:
         from distributed import Client, LocalCluster
 
-        with LocalCluster(n_workers=case["workers"], threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=case["workers"], threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             cpu_before = sum(client.run(time.process_time).values())
             started, cpu_started = time.perf_counter(), time.process_time()
             call(client)
@@ -134,8 +138,12 @@ def run_case(case: dict) -> dict:
         call(None)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     shutil.rmtree(target, ignore_errors=True)
-    return {"seconds": seconds, "cpu_seconds": cpu + worker_cpu, "peak_rss_mib": peak_rss_mib(),
-            "worker_peak_rss_mib": worker_peak}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu + worker_cpu,
+        "peak_rss_mib": peak_rss_mib(),
+        "worker_peak_rss_mib": worker_peak,
+    }
 
 
 def in_subprocess(command: list[str]) -> dict:
@@ -173,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     stores = {n_cells: ensure_store(data_dir, n_cells) for n_cells in args.sizes}
     peer_sizes = set(args.peer_sizes or [min(args.sizes)]) if args.peer_python else set()
 
-    header = (f"{'output':<10} {'cells':>9} {'runner':<17} {'seconds':>8} {'cells/s':>9} {'CPU s':>8} "
-              f"{'cells/CPU-s':>11} {'peak RSS MiB':>13} {'worker peak':>12} {'vs peer':>8}")
+    header = (
+        f"{'output':<10} {'cells':>9} {'runner':<17} {'seconds':>8} {'cells/s':>9} {'CPU s':>8} "
+        f"{'cells/CPU-s':>11} {'peak RSS MiB':>13} {'worker peak':>12} {'vs peer':>8}"
+    )
     print(header)
     print("-" * len(header))
     rows = []
@@ -184,22 +194,43 @@ def main(argv: list[str] | None = None) -> int:
             if n_cells in peer_sizes:  # first, so that our rows can show the ratio
                 for batch_size in ("default", PEER_BATCH_SIZE) if output != "de" else ("default",):
                     runner = "scvi-tools" if batch_size == "default" else f"scvi-tools b{batch_size}"
-                    command = [args.peer_python, "-c", PEER, str(store), str(data_dir / "outputs_model_scvi_tools"),
-                               output, str(batch_size), str(args.threads)]
+                    command = [
+                        args.peer_python,
+                        "-c",
+                        PEER,
+                        str(store),
+                        str(data_dir / "outputs_model_scvi_tools"),
+                        output,
+                        str(batch_size),
+                        str(args.threads),
+                    ]
                     runs.append((runner, command))
             for workers in args.workers:
-                case = {"output": output, "store": str(store), "model_dir": str(model_dir), "workers": workers,
-                        "work_dir": str(work_dir), "threads": args.threads}
-                runs.append((f"{workers} workers" if workers else "in-process",
-                             [sys.executable, __file__, "--child", json.dumps(case)]))
+                case = {
+                    "output": output,
+                    "store": str(store),
+                    "model_dir": str(model_dir),
+                    "workers": workers,
+                    "work_dir": str(work_dir),
+                    "threads": args.threads,
+                }
+                runs.append(
+                    (
+                        f"{workers} workers" if workers else "in-process",
+                        [sys.executable, __file__, "--child", json.dumps(case)],
+                    )
+                )
             peer_seconds = None
             for runner, command in runs:
                 result = in_subprocess(command)
                 if runner == "scvi-tools":
                     peer_seconds = result["seconds"]
                 worker_peak = result["worker_peak_rss_mib"]
-                ratio = "" if peer_seconds is None or runner.startswith("scvi-tools") else \
-                    f"{peer_seconds / result['seconds']:.2f}x"
+                ratio = (
+                    ""
+                    if peer_seconds is None or runner.startswith("scvi-tools")
+                    else f"{peer_seconds / result['seconds']:.2f}x"
+                )
                 print(
                     f"{output:<10} {n_cells:>9} {runner:<17} {result['seconds']:>8.1f} "
                     f"{n_cells / result['seconds']:>9.0f} {result['cpu_seconds']:>8.1f} "
@@ -208,12 +239,16 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 rows.append({"output": output, "cells": n_cells, "runner": runner, **result})
-    print(f"\nload average at the end: {' '.join(f'{value:.1f}' for value in os.getloadavg())} "
-          f"({os.cpu_count()} cores; other processes share them, so compare cells/CPU-s across runs)")
+    print(
+        f"\nload average at the end: {' '.join(f'{value:.1f}' for value in os.getloadavg())} "
+        f"({os.cpu_count()} cores; other processes share them, so compare cells/CPU-s across runs)"
+    )
     versions = {row["version"] for row in rows if "version" in row}
     if versions:
-        print(f"peer: scvi-tools {', '.join(sorted(versions))}; its seconds exclude reading the store into memory "
-              f"(load_seconds in the JSON)")
+        print(
+            f"peer: scvi-tools {', '.join(sorted(versions))}; its seconds exclude reading the store into memory "
+            f"(load_seconds in the JSON)"
+        )
     print("\n" + json.dumps(rows))
     return 0
 

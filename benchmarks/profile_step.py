@@ -48,8 +48,9 @@ CATEGORIES = (
 
 def as_tensors(minibatch: dict, counts: str) -> dict:
     """The module's inputs from a sampler minibatch: dense x, or the CSR arrays alone."""
-    tensors = {key: torch.from_numpy(np.ascontiguousarray(minibatch[key])) for key in ("batch", "labels")
-               if key in minibatch}
+    tensors = {
+        key: torch.from_numpy(np.ascontiguousarray(minibatch[key])) for key in ("batch", "labels") if key in minibatch
+    }
     if counts == "csr":
         tensors["x_csr"] = tuple(torch.from_numpy(a) for a in minibatch["x_csr"])
     else:
@@ -66,8 +67,9 @@ def setup(store: Path, batch_size: int, counts: str, seed: int = 0):
     SCVI.setup_zarr(store, batch_key="batch")
     model = SCVI(store)
     torch.manual_seed(seed)
-    sampler = BlockShuffleSampler(model.store, batch_size=batch_size, obs_arrays=model.obs_arrays, seed=seed,
-                                  return_csr=counts == "csr")
+    sampler = BlockShuffleSampler(
+        model.store, batch_size=batch_size, obs_arrays=model.obs_arrays, seed=seed, return_csr=counts == "csr"
+    )
     module = model.module
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, weight_decay=1e-6, fused=True)
     module.train()
@@ -156,8 +158,14 @@ def _product_category(shapes: list[tuple], n_genes: int, backward: bool) -> str 
     return "decoder heads, forward products" if b1 in wide else None
 
 
-PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_sparse_mm", "aten::_sparse_addmm",
-            "aten::_sparse_csr_mm")
+PRODUCTS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::addmm_",
+    "aten::_sparse_mm",
+    "aten::_sparse_addmm",
+    "aten::_sparse_csr_mm",
+)
 # The likelihood's autograd Functions hold the heads' products and the softmax: their children are split out.
 LIKELIHOOD_FUNCTIONS = ("DecoderLogLikelihood", "CountLogLikelihood")
 
@@ -228,8 +236,10 @@ def flops(batch_size: int, n_genes: int, n_hidden: int, zinb: bool = True) -> di
     """FLOPs of the G-wide products of one step (the encoder's first layer is dense in training either way)."""
     product = 2 * batch_size * n_genes * n_hidden
     heads = 1 + int(zinb)
-    return {"encoder first layer (forward + weight gradient)": 2 * product,
-            "decoder heads (forward + both gradients)": 3 * heads * product}
+    return {
+        "encoder first layer (forward + weight gradient)": 2 * product,
+        "decoder heads (forward + both gradients)": 3 * heads * product,
+    }
 
 
 def main() -> None:
@@ -255,10 +265,15 @@ def main() -> None:
     nnz = first["x_csr"][2].numel() if "x_csr" in first else int((first["x"] > 0).sum())
     density = nnz / (args.batch_size * n_genes)
     work = flops(args.batch_size, n_genes, n_hidden)
-    print(f"torch {torch.__version__}; B={args.batch_size}, G={n_genes}, H={n_hidden}, ZINB, {density:.1%} non-zero, "
-          f"counts given as {args.counts}")
-    print("FLOPs per step in the G-wide products: " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in work.items())
-          + f"; total {sum(work.values()) / 1e6:.0f} MFLOP")
+    print(
+        f"torch {torch.__version__}; B={args.batch_size}, G={n_genes}, H={n_hidden}, ZINB, {density:.1%} non-zero, "
+        f"counts given as {args.counts}"
+    )
+    print(
+        "FLOPs per step in the G-wide products: "
+        + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in work.items())
+        + f"; total {sum(work.values()) / 1e6:.0f} MFLOP"
+    )
 
     results = {}
     for threads in args.threads:
@@ -272,17 +287,31 @@ def main() -> None:
     header = " | ".join(f"{t} thread{'s' * (t > 1)}: ms (share)" for t in args.threads)
     print(f"\n| part of the step | {header} |\n|---|" + "---|" * len(args.threads))
     for category in CATEGORIES:
-        cells = " | ".join(f"{1e3 * median * shares[category]:.2f} ({shares[category]:.0%})"
-                           for median, shares, _ in results.values())
+        cells = " | ".join(
+            f"{1e3 * median * shares[category]:.2f} ({shares[category]:.0%})" for median, shares, _ in results.values()
+        )
         print(f"| {category} | {cells} |")
-    print("| **step (median, unprofiled)** | " + " | ".join(f"**{1e3 * m:.2f}**" for m, _, _ in results.values()) + " |")
-    print("| loader, on the training thread (beside the step) | "
-          + " | ".join(f"{1e3 * loader:.2f}" for _, _, loader in results.values()) + " |")
-    print("| cells/s of the step alone | "
-          + " | ".join(f"{args.batch_size / m:,.0f}" for m, _, _ in results.values()) + " |")
-    print("| G-wide product rate, GFLOP/s (products' FLOPs / their time) | " + " | ".join(
-        f"{sum(work.values()) / (m * sum(s[c] for c in CATEGORIES if 'product' in c or 'first layer,' in c)) / 1e9:.0f}"
-        for m, s, _ in results.values()) + " |")
+    print(
+        "| **step (median, unprofiled)** | " + " | ".join(f"**{1e3 * m:.2f}**" for m, _, _ in results.values()) + " |"
+    )
+    print(
+        "| loader, on the training thread (beside the step) | "
+        + " | ".join(f"{1e3 * loader:.2f}" for _, _, loader in results.values())
+        + " |"
+    )
+    print(
+        "| cells/s of the step alone | "
+        + " | ".join(f"{args.batch_size / m:,.0f}" for m, _, _ in results.values())
+        + " |"
+    )
+    print(
+        "| G-wide product rate, GFLOP/s (products' FLOPs / their time) | "
+        + " | ".join(
+            f"{sum(work.values()) / (m * sum(s[c] for c in CATEGORIES if 'product' in c or 'first layer,' in c)) / 1e9:.0f}"
+            for m, s, _ in results.values()
+        )
+        + " |"
+    )
 
 
 if __name__ == "__main__":

@@ -134,8 +134,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fast-batch-size", type=int, default=256)
     parser.add_argument("--fast-lr", type=float, default=6e-3)
-    parser.add_argument("--also", nargs="*", default=[], metavar="BATCH:LR:KL_WARMUP_EPOCHS:EPOCHS",
-                        help="more scvi-scale recipes, e.g. 256:6e-3:5:10")
+    parser.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        metavar="BATCH:LR:KL_WARMUP_EPOCHS:EPOCHS",
+        help="more scvi-scale recipes, e.g. 256:6e-3:5:10",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
     parser.add_argument("--plot", type=Path, help="PNG of held-out ELBO against wall time")
@@ -148,8 +153,11 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from train import atlas, run_json, split_store
 
-    whole, batch_key, labels_key = (cellbench_store(args.data_dir) if args.store == "cellbench"
-                                    else (atlas(args.data_dir, args.cells), "batch", "cell_type"))
+    whole, batch_key, labels_key = (
+        cellbench_store(args.data_dir)
+        if args.store == "cellbench"
+        else (atlas(args.data_dir, args.cells), "batch", "cell_type")
+    )
     store, test_store = split_store(whole)
     opened = CountStore(store)
     scored = np.sort(np.random.default_rng(0).permutation(opened.n_obs)[:SCORED_CELLS])
@@ -158,48 +166,84 @@ def main() -> None:
     sides = {  # name: (python, script, batch size, learning rate, plan_kwargs beyond lr, epochs)
         "scvi-tools (default: batch 128, lr 1e-3)": (args.peer_python, PEER, 128, 1e-3, {}, args.epochs),
         "scvi-scale (default: batch 128, lr 1e-3)": (sys.executable, OURS, 128, 1e-3, {}, args.epochs),
-        f"scvi-scale (fast: batch {args.fast_batch_size}, lr {args.fast_lr:g})":
-            (sys.executable, OURS, args.fast_batch_size, args.fast_lr, {}, args.epochs),
+        f"scvi-scale (fast: batch {args.fast_batch_size}, lr {args.fast_lr:g})": (
+            sys.executable,
+            OURS,
+            args.fast_batch_size,
+            args.fast_lr,
+            {},
+            args.epochs,
+        ),
     }
     for recipe in args.also:
         batch_size, lr, kl_warmup, epochs = recipe.split(":")
-        sides[f"scvi-scale (also: batch {batch_size}, lr {float(lr):g}, KL warm-up {kl_warmup} epochs, {epochs} "
-              f"epochs)"] = (sys.executable, OURS, int(batch_size), float(lr), {"n_epochs_kl_warmup": int(kl_warmup)},
-                             int(epochs))
+        sides[
+            f"scvi-scale (also: batch {batch_size}, lr {float(lr):g}, KL warm-up {kl_warmup} epochs, {epochs} epochs)"
+        ] = (sys.executable, OURS, int(batch_size), float(lr), {"n_epochs_kl_warmup": int(kl_warmup)}, int(epochs))
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as scratch:
         rows_path, latent_path = Path(scratch) / "rows.npy", Path(scratch) / "latent.npy"
         np.save(rows_path, scored)
         for seed in args.seeds:  # sides interleaved, so that a slower spell of the host touches each alike
             for name, (python, script, batch_size, lr, plan, epochs) in sides.items():
-                run = run_json(python, script, store, test_store, batch_key, batch_size, lr, epochs, seed,
-                               rows_path, latent_path, json.dumps(plan), args.threads, threads=args.threads)
+                run = run_json(
+                    python,
+                    script,
+                    store,
+                    test_store,
+                    batch_key,
+                    batch_size,
+                    lr,
+                    epochs,
+                    seed,
+                    rows_path,
+                    latent_path,
+                    json.dumps(plan),
+                    args.threads,
+                    threads=args.threads,
+                )
                 run["scores"] = knn_scores(np.load(latent_path), batches, labels)
                 runs[name].append(run)
-                print(f"seed {seed} {name}: {run['seconds'][-1]:.1f} s, validation ELBO {run['elbo'][-1]:.2f}, "
-                      f"test ELBO {run['test_elbo']:.2f}, "
-                      f"{run['scores']}", file=sys.stderr, flush=True)
+                print(
+                    f"seed {seed} {name}: {run['seconds'][-1]:.1f} s, validation ELBO {run['elbo'][-1]:.2f}, "
+                    f"test ELBO {run['test_elbo']:.2f}, "
+                    f"{run['scores']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     peer_name = next(iter(sides))
     peer_final = statistics.mean(run["elbo"][-1] for run in runs[peer_name])
     peer_seconds = statistics.mean(run["seconds"][-1] for run in runs[peer_name])
-    print(f"## Time to quality: {whole.name}, {opened.n_obs:,} training cells, {args.epochs} epochs, seeds "
-          f"{args.seeds}, {args.threads} threads\n")
-    print("| recipe | wall s | validation ELBO | test ELBO | iLISI | cLISI | graph conn. | time to peer's "
-          "validation ELBO, s | ratio |")
+    print(
+        f"## Time to quality: {whole.name}, {opened.n_obs:,} training cells, {args.epochs} epochs, seeds "
+        f"{args.seeds}, {args.threads} threads\n"
+    )
+    print(
+        "| recipe | wall s | validation ELBO | test ELBO | iLISI | cLISI | graph conn. | time to peer's "
+        "validation ELBO, s | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, name_runs in runs.items():
-        mean_curve = {"seconds": np.mean([r["seconds"] for r in name_runs], axis=0).tolist(),
-                      "elbo": np.mean([r["elbo"] for r in name_runs], axis=0).tolist()}
+        mean_curve = {
+            "seconds": np.mean([r["seconds"] for r in name_runs], axis=0).tolist(),
+            "elbo": np.mean([r["elbo"] for r in name_runs], axis=0).tolist(),
+        }
         reached = first_time_reaching(mean_curve, peer_final)
         scores = {key: statistics.mean(r["scores"][key] for r in name_runs) for key in name_runs[0]["scores"]}
         test_elbo = statistics.mean(r["test_elbo"] for r in name_runs)
-        print(f"| {name} | {mean_curve['seconds'][-1]:.1f} | {mean_curve['elbo'][-1]:.2f} | {test_elbo:.2f} | "
-              f"{scores['iLISI']:.3f} | {scores['cLISI']:.3f} | {scores['Graph connectivity']:.3f} | "
-              f"{'-' if reached is None else f'{reached:.1f}'} | "
-              f"{'-' if reached is None else f'{peer_seconds / reached:.2f}x'} |")
-    print("\nper seed, test ELBO: " + "; ".join(
-        f"{name}: " + ", ".join(f"{r['test_elbo']:.2f}" for r in name_runs) for name, name_runs in runs.items()))
+        print(
+            f"| {name} | {mean_curve['seconds'][-1]:.1f} | {mean_curve['elbo'][-1]:.2f} | {test_elbo:.2f} | "
+            f"{scores['iLISI']:.3f} | {scores['cLISI']:.3f} | {scores['Graph connectivity']:.3f} | "
+            f"{'-' if reached is None else f'{reached:.1f}'} | "
+            f"{'-' if reached is None else f'{peer_seconds / reached:.2f}x'} |"
+        )
+    print(
+        "\nper seed, test ELBO: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{r['test_elbo']:.2f}" for r in name_runs) for name, name_runs in runs.items()
+        )
+    )
 
     if args.plot:
         import matplotlib
@@ -211,8 +255,15 @@ def main() -> None:
         marker = "o" if args.epochs <= 50 else None
         for name, name_runs in runs.items():
             for index, run in enumerate(name_runs):
-                axis.plot(run["seconds"], run["elbo"], marker=marker, markersize=3, alpha=0.8,
-                          color=f"C{list(runs).index(name)}", label=name if index == 0 else None)
+                axis.plot(
+                    run["seconds"],
+                    run["elbo"],
+                    marker=marker,
+                    markersize=3,
+                    alpha=0.8,
+                    color=f"C{list(runs).index(name)}",
+                    label=name if index == 0 else None,
+                )
         axis.axhline(peer_final, color="grey", linestyle=":", label="scvi-tools' final (mean over seeds)")
         # a large learning rate's first epochs can be far above the rest: the axis stops above the peer's first
         lowest = min(min(run["elbo"]) for name_runs in runs.values() for run in name_runs)

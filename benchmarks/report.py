@@ -52,16 +52,35 @@ def one_case(store_path: Path, epochs: int, out_dir: Path) -> dict:
                 parts.append(store.read_csr(int(start), int(stop))[inside - start])
         return log_normalize(sp.vstack(parts, format="csr"))
 
-    library_size = np.concatenate([np.asarray(store.read_csr(int(a), int(b)).sum(axis=1)).ravel()
-                                   for a, b in zip(bounds[:-1], bounds[1:])])
-    obs = pd.DataFrame({"batch": store.obs_column("batch").to_numpy(),
-                        "cell_type": store.obs_column("cell_type").to_numpy(), "library_size": library_size})
-    report = build_report(out_dir, latent=model.get_latent_representation(), obs=obs, batch_key="batch",
-                          labels_key="cell_type", history=model.history_, run={}, outputs=[],
-                          counts_for_baseline=log_counts, max_cells=store.n_obs, seed=0)
+    library_size = np.concatenate(
+        [np.asarray(store.read_csr(int(a), int(b)).sum(axis=1)).ravel() for a, b in zip(bounds[:-1], bounds[1:])]
+    )
+    obs = pd.DataFrame(
+        {
+            "batch": store.obs_column("batch").to_numpy(),
+            "cell_type": store.obs_column("cell_type").to_numpy(),
+            "library_size": library_size,
+        }
+    )
+    report = build_report(
+        out_dir,
+        latent=model.get_latent_representation(),
+        obs=obs,
+        batch_key="batch",
+        labels_key="cell_type",
+        history=model.history_,
+        run={},
+        outputs=[],
+        counts_for_baseline=log_counts,
+        max_cells=store.n_obs,
+        seed=0,
+    )
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": report["seconds"], "peak_rss_bytes": peak_rss,
-            "neighbor_search": report["scib"]["neighbor_search"]}
+    return {
+        "seconds": report["seconds"],
+        "peak_rss_bytes": peak_rss,
+        "neighbor_search": report["scib"]["neighbor_search"],
+    }
 
 
 def main() -> None:
@@ -83,9 +102,12 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", str(store_path), "--epochs", str(args.epochs)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         seconds = result["seconds"]
-        print(f"{n_cells:>8} " + " ".join(f"{seconds[stage]:>12.1f}" for stage in STAGES)
-              + f" {sum(seconds.values()):>8.1f} {result['peak_rss_bytes'] / 2**20:>9.0f}  {result['neighbor_search']}",
-              flush=True)
+        print(
+            f"{n_cells:>8} "
+            + " ".join(f"{seconds[stage]:>12.1f}" for stage in STAGES)
+            + f" {sum(seconds.values()):>8.1f} {result['peak_rss_bytes'] / 2**20:>9.0f}  {result['neighbor_search']}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ def inference_case(model: SCVI, output: str, workers: int, work_dir: Path, model
     else:
         from distributed import Client, LocalCluster
 
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             write(client)
             seconds = write(client)
     shutil.rmtree(target, ignore_errors=True)
@@ -112,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             rate = args.cells / case["epoch_seconds"]
             base = base or rate
             rows.append({"case": f"train, {nproc} process(es)", **case, "cells_per_second": rate})
-            print(f"{f'train, {nproc} process(es), per epoch':<34}{case['epoch_seconds']:>10.2f}{rate:>12.0f}"
-                  f"{rate / base:>9.2f}x", flush=True)
+            print(
+                f"{f'train, {nproc} process(es), per epoch':<34}{case['epoch_seconds']:>10.2f}{rate:>12.0f}"
+                f"{rate / base:>9.2f}x",
+                flush=True,
+            )
         SCVI.setup_zarr(store, batch_key="batch")
         model_dir = work_dir / "model_1"
         model = SCVI.load(model_dir, store)

@@ -90,9 +90,16 @@ def run(python: str, script: str, caches: Path, threads: int, *args) -> dict:
     caches.mkdir(parents=True, exist_ok=True)
     for name in ("xdg", "tmp", "inductor", "home"):
         (caches / name).mkdir(exist_ok=True)
-    env = {**os.environ, "XDG_CACHE_HOME": str(caches / "xdg"), "TMPDIR": str(caches / "tmp"),
-           "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "HOME": str(caches / "home"),
-           "SCVI_SCALE_PROGRESS": "0", "OMP_NUM_THREADS": str(threads), "MPLCONFIGDIR": str(caches / "tmp")}
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(caches / "xdg"),
+        "TMPDIR": str(caches / "tmp"),
+        "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+        "HOME": str(caches / "home"),
+        "SCVI_SCALE_PROGRESS": "0",
+        "OMP_NUM_THREADS": str(threads),
+        "MPLCONFIGDIR": str(caches / "tmp"),
+    }
     env.pop("SCVI_SCALE_CACHE_DIR", None)
     started = time.perf_counter()
     result = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True, env=env)
@@ -130,14 +137,28 @@ def main() -> None:
                     timeline = run(python, script, caches, args.threads, store, args.epochs, args.batch_size, 1)
                     rows.append((side, state, repeat, timeline))
                     print(json.dumps({"side": side, "caches": state, "repeat": repeat, **timeline}), flush=True)
-                    job = run(python, script, Path(scratch) / f"{side}-{repeat}-job-{state}", args.threads, store,
-                              args.epochs, args.batch_size, 0) if state == "cold" else None
+                    job = (
+                        run(
+                            python,
+                            script,
+                            Path(scratch) / f"{side}-{repeat}-job-{state}",
+                            args.threads,
+                            store,
+                            args.epochs,
+                            args.batch_size,
+                            0,
+                        )
+                        if state == "cold"
+                        else None
+                    )
                     if job is not None:
                         rows.append((side, "cold job", repeat, job))
                         print(json.dumps({"side": side, "caches": "cold job", "repeat": repeat, **job}), flush=True)
-    print(f"\n{args.cells} cells x {args.genes} genes, {args.epochs} epochs at batch {args.batch_size}, "
-          f"{args.threads} threads; seconds (min over {args.repeats} repeats; 'cold job': a process that sets up "
-          "and trains once, nothing else)\n")
+    print(
+        f"\n{args.cells} cells x {args.genes} genes, {args.epochs} epochs at batch {args.batch_size}, "
+        f"{args.threads} threads; seconds (min over {args.repeats} repeats; 'cold job': a process that sets up "
+        "and trains once, nothing else)\n"
+    )
     print("| side | caches | " + " | ".join(COLUMNS) + " |")
     print("| --- | --- |" + " --- |" * len(COLUMNS))
     for side, _, _ in sides:

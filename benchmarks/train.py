@@ -152,27 +152,47 @@ def main() -> None:
 
     print(f"## Training throughput ({args.threads} threads, {args.steps} steps)\n")
     baseline_columns = " baseline cells/s | peak RSS MB |" if args.baseline_python else ""
-    print("| cells | genes | batch | scvi-scale cells/s | peak RSS MB |" + baseline_columns
-          + " scvi-tools cells/s | peak RSS MB | ratio |")
+    print(
+        "| cells | genes | batch | scvi-scale cells/s | peak RSS MB |"
+        + baseline_columns
+        + " scvi-tools cells/s | peak RSS MB | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|" + "---|---|" * bool(args.baseline_python))
     for n_cells in args.sizes:
         for n_genes in args.genes:
             store = atlas(args.data_dir, n_cells, n_genes)
             for batch_size in args.batch_sizes:
                 steps = max(20, args.steps * 128 // batch_size)
-                ours = run_json(sys.executable, OURS_THROUGHPUT, store, batch_size, steps, args.threads,
-                                threads=args.threads)
-                baseline = "" if not args.baseline_python else " {cells_per_s:,.0f} | {peak_rss_mb:,.0f} |".format(
-                    **run_json(args.baseline_python, OURS_THROUGHPUT, store, batch_size, steps, args.threads,
-                               threads=args.threads))
+                ours = run_json(
+                    sys.executable, OURS_THROUGHPUT, store, batch_size, steps, args.threads, threads=args.threads
+                )
+                baseline = (
+                    ""
+                    if not args.baseline_python
+                    else " {cells_per_s:,.0f} | {peak_rss_mb:,.0f} |".format(
+                        **run_json(
+                            args.baseline_python,
+                            OURS_THROUGHPUT,
+                            store,
+                            batch_size,
+                            steps,
+                            args.threads,
+                            threads=args.threads,
+                        )
+                    )
+                )
                 peer = {"cells_per_s": float("nan"), "peak_rss_mb": float("nan")}
                 if n_cells in peer_sizes:
-                    peer = run_json(args.peer_python, PEER_THROUGHPUT, store, batch_size, steps, args.threads,
-                                    threads=args.threads)
+                    peer = run_json(
+                        args.peer_python, PEER_THROUGHPUT, store, batch_size, steps, args.threads, threads=args.threads
+                    )
                 ratio = ours["cells_per_s"] / peer["cells_per_s"]
-                print(f"| {n_cells:,} | {n_genes:,} | {batch_size} | {ours['cells_per_s']:,.0f} | "
-                      f"{ours['peak_rss_mb']:,.0f} |{baseline} {peer['cells_per_s']:,.0f} | "
-                      f"{peer['peak_rss_mb']:,.0f} | {ratio:.2f} |", flush=True)
+                print(
+                    f"| {n_cells:,} | {n_genes:,} | {batch_size} | {ours['cells_per_s']:,.0f} | "
+                    f"{ours['peak_rss_mb']:,.0f} |{baseline} {peer['cells_per_s']:,.0f} | "
+                    f"{peer['peak_rss_mb']:,.0f} | {ratio:.2f} |",
+                    flush=True,
+                )
 
     if args.elbo_seeds < 1:
         return
@@ -181,11 +201,33 @@ def main() -> None:
     print("| seed | scvi-scale | scvi-tools |\n|---|---|---|")
     ours, peer = [], []
     for seed in range(args.elbo_seeds):
-        ours.append(run_json(sys.executable, OURS_ELBO, train_store, test_store, args.elbo_epochs, args.threads,
-                             args.data_dir / "elbo-model", seed, threads=args.threads)["test_elbo"])
-        peer.append(float("nan") if not args.peer_python else run_json(
-            args.peer_python, PEER_ELBO, train_store, test_store, args.elbo_epochs, args.threads, seed,
-            threads=args.threads)["test_elbo"])
+        ours.append(
+            run_json(
+                sys.executable,
+                OURS_ELBO,
+                train_store,
+                test_store,
+                args.elbo_epochs,
+                args.threads,
+                args.data_dir / "elbo-model",
+                seed,
+                threads=args.threads,
+            )["test_elbo"]
+        )
+        peer.append(
+            float("nan")
+            if not args.peer_python
+            else run_json(
+                args.peer_python,
+                PEER_ELBO,
+                train_store,
+                test_store,
+                args.elbo_epochs,
+                args.threads,
+                seed,
+                threads=args.threads,
+            )["test_elbo"]
+        )
         print(f"| {seed} | {ours[-1]:.2f} | {peer[-1]:.2f} |", flush=True)
 
     def mean_and_spread(values: list[float]) -> str:

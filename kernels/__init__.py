@@ -29,9 +29,9 @@ import logging
 import os
 
 import torch
-
 from scvi_scale.kernels import torch_ops
 from scvi_scale.kernels.torch_ops import LIKELIHOODS
+
 from scvi_scale.settings import settings
 
 __all__ = ["LIKELIHOODS", "count_log_likelihood", "decoder_log_likelihood", "decoder_px_scale"]
@@ -49,7 +49,7 @@ def _triton_importable() -> bool:
 
 
 def _choose_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """"triton", "native" or "torch" for tensors of `dtype` on `device`, following settings.kernel_backend; logs
+    """ "triton", "native" or "torch" for tensors of `dtype` on `device`, following settings.kernel_backend; logs
     each choice once."""
     requested = settings.kernel_backend
     if requested == "torch":
@@ -58,8 +58,9 @@ def _choose_backend(device: torch.device, dtype: torch.dtype) -> str:
         if device.type != "cpu":
             raise RuntimeError(f"kernel_backend='native' got {device.type} tensors: the C kernel runs on the CPU")
         if not torch_ops.native_ready():
-            raise RuntimeError("kernel_backend='native' but the C kernel could not be built (see the "
-                               "'scvi_scale.kernels' log for why)")
+            raise RuntimeError(
+                "kernel_backend='native' but the C kernel could not be built (see the 'scvi_scale.kernels' log for why)"
+            )
         backend = "native" if dtype == torch.float32 else "torch"
     elif requested == "triton":
         if device.type != "cuda" and not _interpreting():

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from scvi_scale.kernels import launch
 from scvi_scale.kernels.tl_math import LIKELIHOOD_CODES, POISSON, ZINB, count_log_prob, count_log_prob_grads
 
@@ -25,8 +24,9 @@ NUM_WARPS = 8  # 8 entries per thread: the special functions keep many temporari
 
 
 @triton.jit
-def _load_count_tile(x_ptr, mu_ptr, theta_ptr, zi_ptr, cells, genes, n_genes, theta_cell_stride, mask,
-                     LIKELIHOOD: tl.constexpr):
+def _load_count_tile(
+    x_ptr, mu_ptr, theta_ptr, zi_ptr, cells, genes, n_genes, theta_cell_stride, mask, LIKELIHOOD: tl.constexpr
+):
     """x, mu, theta, zi_logits of a (cells, genes) tile; masked entries get values that keep the math finite."""
     offsets = cells[:, None].to(tl.int64) * n_genes + genes[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
@@ -43,9 +43,18 @@ def _load_count_tile(x_ptr, mu_ptr, theta_ptr, zi_ptr, cells, genes, n_genes, th
 
 @triton.jit
 def _count_log_likelihood_fwd_kernel(
-    x_ptr, mu_ptr, theta_ptr, zi_ptr, partial_ptr,  # partial: (n_splits, B)
-    n_cells, n_genes, theta_cell_stride, n_splits,
-    LIKELIHOOD: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_GENES: tl.constexpr,
+    x_ptr,
+    mu_ptr,
+    theta_ptr,
+    zi_ptr,
+    partial_ptr,  # partial: (n_splits, B)
+    n_cells,
+    n_genes,
+    theta_cell_stride,
+    n_splits,
+    LIKELIHOOD: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr,
+    BLOCK_GENES: tl.constexpr,
 ):
     split = tl.program_id(1)
     cells = tl.program_id(0) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
@@ -55,7 +64,8 @@ def _count_log_likelihood_fwd_kernel(
         genes = gene_tile * BLOCK_GENES + tl.arange(0, BLOCK_GENES)
         mask = cell_mask[:, None] & (genes < n_genes)[None, :]
         _, x, mu, theta, zi_logits = _load_count_tile(
-            x_ptr, mu_ptr, theta_ptr, zi_ptr, cells, genes, n_genes, theta_cell_stride, mask, LIKELIHOOD)
+            x_ptr, mu_ptr, theta_ptr, zi_ptr, cells, genes, n_genes, theta_cell_stride, mask, LIKELIHOOD
+        )
         log_p = count_log_prob(x, mu, theta, zi_logits, LIKELIHOOD)
         per_cell += tl.sum(tl.where(mask, log_p, 0.0), axis=1)
     tl.store(partial_ptr + split * n_cells + cells, per_cell, mask=cell_mask)
@@ -63,10 +73,22 @@ def _count_log_likelihood_fwd_kernel(
 
 @triton.jit
 def _count_log_likelihood_bwd_kernel(
-    x_ptr, mu_ptr, theta_ptr, zi_ptr, grad_out_ptr,
-    grad_mu_ptr, grad_theta_ptr, grad_zi_ptr,  # grad_theta: (B, G), or (n_splits, G) partial sums if THETA_PER_GENE
-    n_cells, n_genes, theta_cell_stride, n_splits,
-    LIKELIHOOD: tl.constexpr, THETA_PER_GENE: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_GENES: tl.constexpr,
+    x_ptr,
+    mu_ptr,
+    theta_ptr,
+    zi_ptr,
+    grad_out_ptr,
+    grad_mu_ptr,
+    grad_theta_ptr,
+    grad_zi_ptr,  # grad_theta: (B, G), or (n_splits, G) partial sums if THETA_PER_GENE
+    n_cells,
+    n_genes,
+    theta_cell_stride,
+    n_splits,
+    LIKELIHOOD: tl.constexpr,
+    THETA_PER_GENE: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr,
+    BLOCK_GENES: tl.constexpr,
 ):
     split = tl.program_id(1)
     genes = tl.program_id(0) * BLOCK_GENES + tl.arange(0, BLOCK_GENES)
@@ -77,7 +99,8 @@ def _count_log_likelihood_bwd_kernel(
         cell_mask = cells < n_cells
         mask = cell_mask[:, None] & gene_mask[None, :]
         offsets, x, mu, theta, zi_logits = _load_count_tile(
-            x_ptr, mu_ptr, theta_ptr, zi_ptr, cells, genes, n_genes, theta_cell_stride, mask, LIKELIHOOD)
+            x_ptr, mu_ptr, theta_ptr, zi_ptr, cells, genes, n_genes, theta_cell_stride, mask, LIKELIHOOD
+        )
         grad_out = tl.load(grad_out_ptr + cells, mask=cell_mask, other=0.0)[:, None]
         d_log_mu, d_theta, d_zi = count_log_prob_grads(x, mu, theta, zi_logits, LIKELIHOOD)
         tl.store(grad_mu_ptr + offsets, grad_out * d_log_mu / mu, mask=mask)
@@ -106,9 +129,18 @@ def count_log_likelihood_forward(x, mu, theta, zi_logits, likelihood: str) -> to
     n_splits = launch.loop_splits(n_cell_blocks, triton.cdiv(n_genes, block_genes), x.device)
     partial = launch.new_buffer((n_splits, n_cells), like=mu)
     _count_log_likelihood_fwd_kernel[(n_cell_blocks, n_splits)](
-        x, mu, mu if theta is None else theta, mu if zi_logits is None else zi_logits, partial,
-        n_cells, n_genes, _theta_cell_stride(theta), n_splits,
-        LIKELIHOOD=LIKELIHOOD_CODES[likelihood], BLOCK_CELLS=block_cells, BLOCK_GENES=block_genes,
+        x,
+        mu,
+        mu if theta is None else theta,
+        mu if zi_logits is None else zi_logits,
+        partial,
+        n_cells,
+        n_genes,
+        _theta_cell_stride(theta),
+        n_splits,
+        LIKELIHOOD=LIKELIHOOD_CODES[likelihood],
+        BLOCK_CELLS=block_cells,
+        BLOCK_GENES=block_genes,
         num_warps=NUM_WARPS,
     )
     return partial.sum(0)
@@ -127,11 +159,23 @@ def count_log_likelihood_backward(x, mu, theta, zi_logits, likelihood: str, grad
     if theta is not None:
         grad_theta = launch.new_buffer((n_splits, n_genes) if theta_per_gene else (n_cells, n_genes), like=mu)
     _count_log_likelihood_bwd_kernel[(n_gene_blocks, n_splits)](
-        x, mu, mu if theta is None else theta, mu if zi_logits is None else zi_logits, grad_out.contiguous(),
-        grad_mu, mu if grad_theta is None else grad_theta, mu if grad_zi is None else grad_zi,
-        n_cells, n_genes, _theta_cell_stride(theta), n_splits,
-        LIKELIHOOD=LIKELIHOOD_CODES[likelihood], THETA_PER_GENE=theta_per_gene,
-        BLOCK_CELLS=block_cells, BLOCK_GENES=block_genes, num_warps=NUM_WARPS,
+        x,
+        mu,
+        mu if theta is None else theta,
+        mu if zi_logits is None else zi_logits,
+        grad_out.contiguous(),
+        grad_mu,
+        mu if grad_theta is None else grad_theta,
+        mu if grad_zi is None else grad_zi,
+        n_cells,
+        n_genes,
+        _theta_cell_stride(theta),
+        n_splits,
+        LIKELIHOOD=LIKELIHOOD_CODES[likelihood],
+        THETA_PER_GENE=theta_per_gene,
+        BLOCK_CELLS=block_cells,
+        BLOCK_GENES=block_genes,
+        num_warps=NUM_WARPS,
     )
     if theta_per_gene:
         grad_theta = grad_theta.sum(0)

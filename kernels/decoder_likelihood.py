@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from scvi_scale.kernels import launch
 from scvi_scale.kernels.count_likelihood import reference_count_log_likelihood
 from scvi_scale.kernels.tl_math import LIKELIHOOD_CODES, POISSON, ZINB, count_log_prob, count_log_prob_grads
@@ -50,22 +49,38 @@ def _gene_logits(hidden, weight_ptr, bias_ptr, genes, hidden_units, n_genes, n_h
     """(hidden @ weight[genes].T + bias[genes], weight[genes]): logits (cells, genes) and the weight tile used."""
     gene_mask = genes < n_genes
     weight_mask = gene_mask[:, None] & (hidden_units < n_hidden)[None, :]
-    weight = tl.load(weight_ptr + genes[:, None].to(tl.int64) * n_hidden + hidden_units[None, :],
-                     mask=weight_mask, other=0.0)
+    weight = tl.load(
+        weight_ptr + genes[:, None].to(tl.int64) * n_hidden + hidden_units[None, :], mask=weight_mask, other=0.0
+    )
     bias = tl.load(bias_ptr + genes, mask=gene_mask, other=0.0)
     return tl.dot(hidden, tl.trans(weight), input_precision="ieee") + bias[None, :], weight
 
 
 @triton.jit
 def _likelihood_tile(
-    hidden, cells, genes, hidden_units, mask, log_library, lse,
-    scale_weight_ptr, scale_bias_ptr, dropout_weight_ptr, dropout_bias_ptr, x_ptr, theta_ptr,
-    n_genes, n_hidden, theta_cell_stride, LIKELIHOOD: tl.constexpr,
+    hidden,
+    cells,
+    genes,
+    hidden_units,
+    mask,
+    log_library,
+    lse,
+    scale_weight_ptr,
+    scale_bias_ptr,
+    dropout_weight_ptr,
+    dropout_bias_ptr,
+    x_ptr,
+    theta_ptr,
+    n_genes,
+    n_hidden,
+    theta_cell_stride,
+    LIKELIHOOD: tl.constexpr,
 ):
     """Everything a pass needs about one (cells, genes) tile: logits s, mu, x, theta, dropout logits z, and the
     weight tiles of both heads. Entries outside the matrix get values that keep the math finite."""
-    logits, scale_weight = _gene_logits(hidden, scale_weight_ptr, scale_bias_ptr, genes, hidden_units, n_genes,
-                                        n_hidden)
+    logits, scale_weight = _gene_logits(
+        hidden, scale_weight_ptr, scale_bias_ptr, genes, hidden_units, n_genes, n_hidden
+    )
     mu = tl.exp(tl.where(mask, log_library[:, None] + logits - lse[:, None], 0.0))
     offsets = cells[:, None].to(tl.int64) * n_genes + genes[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
@@ -73,20 +88,31 @@ def _likelihood_tile(
     zi_logits = mu
     dropout_weight = scale_weight
     if LIKELIHOOD != POISSON:
-        theta = tl.load(theta_ptr + cells[:, None].to(tl.int64) * theta_cell_stride + genes[None, :],
-                        mask=mask, other=1.0)
+        theta = tl.load(
+            theta_ptr + cells[:, None].to(tl.int64) * theta_cell_stride + genes[None, :], mask=mask, other=1.0
+        )
     if LIKELIHOOD == ZINB:
-        zi_logits, dropout_weight = _gene_logits(hidden, dropout_weight_ptr, dropout_bias_ptr, genes, hidden_units,
-                                                 n_genes, n_hidden)
+        zi_logits, dropout_weight = _gene_logits(
+            hidden, dropout_weight_ptr, dropout_bias_ptr, genes, hidden_units, n_genes, n_hidden
+        )
         zi_logits = tl.where(mask, zi_logits, 0.0)
     return logits, mu, x, theta, zi_logits, offsets, scale_weight, dropout_weight
 
 
 @triton.jit
 def _lse_kernel(
-    hidden_ptr, scale_weight_ptr, scale_bias_ptr, partial_max_ptr, partial_sum_ptr,  # partials: (n_splits, B)
-    n_cells, n_genes, n_hidden, n_splits,
-    BLOCK_CELLS: tl.constexpr, BLOCK_GENES: tl.constexpr, BLOCK_HIDDEN: tl.constexpr,
+    hidden_ptr,
+    scale_weight_ptr,
+    scale_bias_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,  # partials: (n_splits, B)
+    n_cells,
+    n_genes,
+    n_hidden,
+    n_splits,
+    BLOCK_CELLS: tl.constexpr,
+    BLOCK_GENES: tl.constexpr,
+    BLOCK_HIDDEN: tl.constexpr,
 ):
     split = tl.program_id(1)
     cells = tl.program_id(0) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
@@ -108,11 +134,27 @@ def _lse_kernel(
 
 @triton.jit
 def _forward_kernel(
-    hidden_ptr, scale_weight_ptr, scale_bias_ptr, dropout_weight_ptr, dropout_bias_ptr, log_library_ptr, lse_ptr,
-    x_ptr, theta_ptr, partial_log_p_ptr, partial_a_ptr,  # partials: (n_splits, B)
-    n_cells, n_genes, n_hidden, theta_cell_stride, n_splits,
-    LIKELIHOOD: tl.constexpr, NEED_A: tl.constexpr,
-    BLOCK_CELLS: tl.constexpr, BLOCK_GENES: tl.constexpr, BLOCK_HIDDEN: tl.constexpr,
+    hidden_ptr,
+    scale_weight_ptr,
+    scale_bias_ptr,
+    dropout_weight_ptr,
+    dropout_bias_ptr,
+    log_library_ptr,
+    lse_ptr,
+    x_ptr,
+    theta_ptr,
+    partial_log_p_ptr,
+    partial_a_ptr,  # partials: (n_splits, B)
+    n_cells,
+    n_genes,
+    n_hidden,
+    theta_cell_stride,
+    n_splits,
+    LIKELIHOOD: tl.constexpr,
+    NEED_A: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr,
+    BLOCK_GENES: tl.constexpr,
+    BLOCK_HIDDEN: tl.constexpr,
 ):
     split = tl.program_id(1)
     cells = tl.program_id(0) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
@@ -127,8 +169,24 @@ def _forward_kernel(
         genes = gene_tile * BLOCK_GENES + tl.arange(0, BLOCK_GENES)
         mask = cell_mask[:, None] & (genes < n_genes)[None, :]
         _, mu, x, theta, zi_logits, _, _, _ = _likelihood_tile(
-            hidden, cells, genes, hidden_units, mask, log_library, lse, scale_weight_ptr, scale_bias_ptr,
-            dropout_weight_ptr, dropout_bias_ptr, x_ptr, theta_ptr, n_genes, n_hidden, theta_cell_stride, LIKELIHOOD)
+            hidden,
+            cells,
+            genes,
+            hidden_units,
+            mask,
+            log_library,
+            lse,
+            scale_weight_ptr,
+            scale_bias_ptr,
+            dropout_weight_ptr,
+            dropout_bias_ptr,
+            x_ptr,
+            theta_ptr,
+            n_genes,
+            n_hidden,
+            theta_cell_stride,
+            LIKELIHOOD,
+        )
         log_p = count_log_prob(x, mu, theta, zi_logits, LIKELIHOOD)
         log_p_sum += tl.sum(tl.where(mask, log_p, 0.0), axis=1)
         if NEED_A:
@@ -141,15 +199,47 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_logits_tile(
-    hidden, cells, genes, hidden_units, mask, log_library, lse, a_sum, grad_out,
-    scale_weight_ptr, scale_bias_ptr, dropout_weight_ptr, dropout_bias_ptr, x_ptr, theta_ptr,
-    n_genes, n_hidden, theta_cell_stride, LIKELIHOOD: tl.constexpr,
+    hidden,
+    cells,
+    genes,
+    hidden_units,
+    mask,
+    log_library,
+    lse,
+    a_sum,
+    grad_out,
+    scale_weight_ptr,
+    scale_bias_ptr,
+    dropout_weight_ptr,
+    dropout_bias_ptr,
+    x_ptr,
+    theta_ptr,
+    n_genes,
+    n_hidden,
+    theta_cell_stride,
+    LIKELIHOOD: tl.constexpr,
 ):
     """For one tile: dS = g (a - p A) (gradient w.r.t. the scale logits), dZ = g dlogp/dz, g dlogp/dtheta, all zero
     outside the matrix; and the two weight tiles, for the backward's matmuls."""
     logits, mu, x, theta, zi_logits, offsets, scale_weight, dropout_weight = _likelihood_tile(
-        hidden, cells, genes, hidden_units, mask, log_library, lse, scale_weight_ptr, scale_bias_ptr,
-        dropout_weight_ptr, dropout_bias_ptr, x_ptr, theta_ptr, n_genes, n_hidden, theta_cell_stride, LIKELIHOOD)
+        hidden,
+        cells,
+        genes,
+        hidden_units,
+        mask,
+        log_library,
+        lse,
+        scale_weight_ptr,
+        scale_bias_ptr,
+        dropout_weight_ptr,
+        dropout_bias_ptr,
+        x_ptr,
+        theta_ptr,
+        n_genes,
+        n_hidden,
+        theta_cell_stride,
+        LIKELIHOOD,
+    )
     a, d_theta, d_zi = count_log_prob_grads(x, mu, theta, zi_logits, LIKELIHOOD)
     px_scale = tl.exp(tl.where(mask, logits - lse[:, None], 0.0))
     grad_logits = tl.where(mask, grad_out[:, None] * (a - px_scale * a_sum[:, None]), 0.0)
@@ -160,10 +250,27 @@ def _grad_logits_tile(
 
 @triton.jit
 def _grad_hidden_kernel(
-    hidden_ptr, scale_weight_ptr, scale_bias_ptr, dropout_weight_ptr, dropout_bias_ptr, log_library_ptr, lse_ptr,
-    a_sum_ptr, grad_out_ptr, x_ptr, theta_ptr, partial_grad_hidden_ptr,  # partial: (n_splits, B, H)
-    n_cells, n_genes, n_hidden, theta_cell_stride, n_splits,
-    LIKELIHOOD: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_GENES: tl.constexpr, BLOCK_HIDDEN: tl.constexpr,
+    hidden_ptr,
+    scale_weight_ptr,
+    scale_bias_ptr,
+    dropout_weight_ptr,
+    dropout_bias_ptr,
+    log_library_ptr,
+    lse_ptr,
+    a_sum_ptr,
+    grad_out_ptr,
+    x_ptr,
+    theta_ptr,
+    partial_grad_hidden_ptr,  # partial: (n_splits, B, H)
+    n_cells,
+    n_genes,
+    n_hidden,
+    theta_cell_stride,
+    n_splits,
+    LIKELIHOOD: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr,
+    BLOCK_GENES: tl.constexpr,
+    BLOCK_HIDDEN: tl.constexpr,
 ):
     split = tl.program_id(1)
     cells = tl.program_id(0) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
@@ -179,28 +286,65 @@ def _grad_hidden_kernel(
         genes = gene_tile * BLOCK_GENES + tl.arange(0, BLOCK_GENES)
         mask = cell_mask[:, None] & (genes < n_genes)[None, :]
         grad_logits, grad_zi, _, _, scale_weight, dropout_weight = _grad_logits_tile(
-            hidden, cells, genes, hidden_units, mask, log_library, lse, a_sum, grad_out, scale_weight_ptr,
-            scale_bias_ptr, dropout_weight_ptr, dropout_bias_ptr, x_ptr, theta_ptr, n_genes, n_hidden,
-            theta_cell_stride, LIKELIHOOD)
+            hidden,
+            cells,
+            genes,
+            hidden_units,
+            mask,
+            log_library,
+            lse,
+            a_sum,
+            grad_out,
+            scale_weight_ptr,
+            scale_bias_ptr,
+            dropout_weight_ptr,
+            dropout_bias_ptr,
+            x_ptr,
+            theta_ptr,
+            n_genes,
+            n_hidden,
+            theta_cell_stride,
+            LIKELIHOOD,
+        )
         grad_hidden += tl.dot(grad_logits, scale_weight, input_precision="ieee")
         if LIKELIHOOD == ZINB:
             grad_hidden += tl.dot(grad_zi, dropout_weight, input_precision="ieee")
     offsets = (split * n_cells + cells[:, None]).to(tl.int64) * n_hidden + hidden_units[None, :]
-    tl.store(partial_grad_hidden_ptr + offsets, grad_hidden,
-             mask=cell_mask[:, None] & (hidden_units < n_hidden)[None, :])
+    tl.store(
+        partial_grad_hidden_ptr + offsets, grad_hidden, mask=cell_mask[:, None] & (hidden_units < n_hidden)[None, :]
+    )
 
 
 @triton.jit
 def _grad_weights_kernel(
-    hidden_ptr, scale_weight_ptr, scale_bias_ptr, dropout_weight_ptr, dropout_bias_ptr, log_library_ptr, lse_ptr,
-    a_sum_ptr, grad_out_ptr, x_ptr, theta_ptr,
+    hidden_ptr,
+    scale_weight_ptr,
+    scale_bias_ptr,
+    dropout_weight_ptr,
+    dropout_bias_ptr,
+    log_library_ptr,
+    lse_ptr,
+    a_sum_ptr,
+    grad_out_ptr,
+    x_ptr,
+    theta_ptr,
     # partials (n_splits, G, H) for the weights, (n_splits, G) for the biases and theta per gene; theta per cell
     # gets its (B, G) gradient written directly
-    partial_grad_scale_weight_ptr, partial_grad_scale_bias_ptr, partial_grad_dropout_weight_ptr,
-    partial_grad_dropout_bias_ptr, grad_theta_ptr,
-    n_cells, n_genes, n_hidden, theta_cell_stride, n_splits,
-    LIKELIHOOD: tl.constexpr, THETA_PER_GENE: tl.constexpr,
-    BLOCK_CELLS: tl.constexpr, BLOCK_GENES: tl.constexpr, BLOCK_HIDDEN: tl.constexpr,
+    partial_grad_scale_weight_ptr,
+    partial_grad_scale_bias_ptr,
+    partial_grad_dropout_weight_ptr,
+    partial_grad_dropout_bias_ptr,
+    grad_theta_ptr,
+    n_cells,
+    n_genes,
+    n_hidden,
+    theta_cell_stride,
+    n_splits,
+    LIKELIHOOD: tl.constexpr,
+    THETA_PER_GENE: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr,
+    BLOCK_GENES: tl.constexpr,
+    BLOCK_HIDDEN: tl.constexpr,
 ):
     split = tl.program_id(1)
     genes = tl.program_id(0) * BLOCK_GENES + tl.arange(0, BLOCK_GENES)
@@ -222,9 +366,26 @@ def _grad_weights_kernel(
         a_sum = tl.load(a_sum_ptr + cells, mask=cell_mask, other=0.0)
         grad_out = tl.load(grad_out_ptr + cells, mask=cell_mask, other=0.0)
         grad_logits, grad_zi, grad_theta, offsets, _, _ = _grad_logits_tile(
-            hidden, cells, genes, hidden_units, mask, log_library, lse, a_sum, grad_out, scale_weight_ptr,
-            scale_bias_ptr, dropout_weight_ptr, dropout_bias_ptr, x_ptr, theta_ptr, n_genes, n_hidden,
-            theta_cell_stride, LIKELIHOOD)
+            hidden,
+            cells,
+            genes,
+            hidden_units,
+            mask,
+            log_library,
+            lse,
+            a_sum,
+            grad_out,
+            scale_weight_ptr,
+            scale_bias_ptr,
+            dropout_weight_ptr,
+            dropout_bias_ptr,
+            x_ptr,
+            theta_ptr,
+            n_genes,
+            n_hidden,
+            theta_cell_stride,
+            LIKELIHOOD,
+        )
         grad_scale_weight += tl.dot(tl.trans(grad_logits), hidden, input_precision="ieee")
         grad_scale_bias += tl.sum(grad_logits, axis=0)
         if LIKELIHOOD == ZINB:
@@ -249,9 +410,18 @@ def _grad_weights_kernel(
 
 @triton.jit
 def _px_scale_kernel(
-    hidden_ptr, scale_weight_ptr, scale_bias_ptr, lse_ptr, px_scale_ptr,  # px_scale: (B, G)
-    n_cells, n_genes, n_hidden, n_splits,
-    BLOCK_CELLS: tl.constexpr, BLOCK_GENES: tl.constexpr, BLOCK_HIDDEN: tl.constexpr,
+    hidden_ptr,
+    scale_weight_ptr,
+    scale_bias_ptr,
+    lse_ptr,
+    px_scale_ptr,  # px_scale: (B, G)
+    n_cells,
+    n_genes,
+    n_hidden,
+    n_splits,
+    BLOCK_CELLS: tl.constexpr,
+    BLOCK_GENES: tl.constexpr,
+    BLOCK_HIDDEN: tl.constexpr,
 ):
     split = tl.program_id(1)
     cells = tl.program_id(0) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
@@ -263,8 +433,11 @@ def _px_scale_kernel(
         genes = gene_tile * BLOCK_GENES + tl.arange(0, BLOCK_GENES)
         logits, _ = _gene_logits(hidden, scale_weight_ptr, scale_bias_ptr, genes, hidden_units, n_genes, n_hidden)
         mask = cell_mask[:, None] & (genes < n_genes)[None, :]
-        tl.store(px_scale_ptr + cells[:, None].to(tl.int64) * n_genes + genes[None, :],
-                 tl.exp(logits - lse[:, None]), mask=mask)
+        tl.store(
+            px_scale_ptr + cells[:, None].to(tl.int64) * n_genes + genes[None, :],
+            tl.exp(logits - lse[:, None]),
+            mask=mask,
+        )
 
 
 class _Launch:
@@ -275,7 +448,8 @@ class _Launch:
         self.block_hidden = max(16, triton.next_power_of_2(n_hidden))
         gpu_block_genes = max(16, min(GPU_TILE[1], GPU_TILE_ELEMENTS // self.block_hidden))
         self.block_cells, self.block_genes = launch.tile(
-            n_cells, n_genes, device, (GPU_TILE[0], gpu_block_genes), minimum=16)
+            n_cells, n_genes, device, (GPU_TILE[0], gpu_block_genes), minimum=16
+        )
         self.n_cell_blocks = triton.cdiv(n_cells, self.block_cells)
         self.n_gene_blocks = triton.cdiv(n_genes, self.block_genes)
         self.gene_splits = launch.loop_splits(self.n_cell_blocks, self.n_gene_blocks, device)
@@ -293,8 +467,12 @@ class _Launch:
 
     def options(self) -> dict:
         """Block sizes and warps, the launch arguments every decoder kernel takes."""
-        return dict(BLOCK_CELLS=self.block_cells, BLOCK_GENES=self.block_genes, BLOCK_HIDDEN=self.block_hidden,
-                    num_warps=NUM_WARPS)
+        return dict(
+            BLOCK_CELLS=self.block_cells,
+            BLOCK_GENES=self.block_genes,
+            BLOCK_HIDDEN=self.block_hidden,
+            num_warps=NUM_WARPS,
+        )
 
 
 def _log_sum_exp(hidden, scale_weight, scale_bias, grid: _Launch) -> torch.Tensor:
@@ -302,8 +480,16 @@ def _log_sum_exp(hidden, scale_weight, scale_bias, grid: _Launch) -> torch.Tenso
     partial_max = launch.new_buffer((grid.gene_splits, grid.n_cells), like=hidden)
     partial_sum = launch.new_buffer((grid.gene_splits, grid.n_cells), like=hidden)
     _lse_kernel[grid.over_genes](
-        hidden, scale_weight, scale_bias, partial_max, partial_sum,
-        grid.n_cells, grid.n_genes, grid.n_hidden, grid.gene_splits, **grid.options(),
+        hidden,
+        scale_weight,
+        scale_bias,
+        partial_max,
+        partial_sum,
+        grid.n_cells,
+        grid.n_genes,
+        grid.n_hidden,
+        grid.gene_splits,
+        **grid.options(),
     )
     overall_max = partial_max.max(0).values
     # A split that got no gene tile reports (-inf, 0): exp(-inf - max) * 0 = 0 adds nothing.
@@ -318,10 +504,13 @@ class DecoderLogLikelihood(torch.autograd.Function):
     """Per-cell log-likelihood from the decoder's last hidden layer; see the module docstring for the passes."""
 
     @staticmethod
-    def forward(ctx, hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias,
-                likelihood: str):
-        tensors = [None if t is None else t.contiguous() for t in
-                   (hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias)]
+    def forward(
+        ctx, hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, likelihood: str
+    ):
+        tensors = [
+            None if t is None else t.contiguous()
+            for t in (hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias)
+        ]
         hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias = tensors
         grid = _Launch(x.shape[0], x.shape[1], hidden.shape[1], x.device)
         lse = _log_sum_exp(hidden, scale_weight, scale_bias, grid)
@@ -329,10 +518,25 @@ class DecoderLogLikelihood(torch.autograd.Function):
         partial_log_p = launch.new_buffer((grid.gene_splits, grid.n_cells), like=hidden)
         partial_a = launch.new_buffer((grid.gene_splits, grid.n_cells), like=hidden) if need_a else partial_log_p
         _forward_kernel[grid.over_genes](
-            hidden, scale_weight, scale_bias, _or(dropout_weight, scale_weight), _or(dropout_bias, scale_bias),
-            log_library, lse, x, _or(theta, x), partial_log_p, partial_a,
-            grid.n_cells, grid.n_genes, grid.n_hidden, _theta_cell_stride(theta), grid.gene_splits,
-            LIKELIHOOD=LIKELIHOOD_CODES[likelihood], NEED_A=need_a, **grid.options(),
+            hidden,
+            scale_weight,
+            scale_bias,
+            _or(dropout_weight, scale_weight),
+            _or(dropout_bias, scale_bias),
+            log_library,
+            lse,
+            x,
+            _or(theta, x),
+            partial_log_p,
+            partial_a,
+            grid.n_cells,
+            grid.n_genes,
+            grid.n_hidden,
+            _theta_cell_stride(theta),
+            grid.gene_splits,
+            LIKELIHOOD=LIKELIHOOD_CODES[likelihood],
+            NEED_A=need_a,
+            **grid.options(),
         )
         a_sum = partial_a.sum(0) if need_a else None
         ctx.likelihood, ctx.grid = likelihood, grid
@@ -342,26 +546,48 @@ class DecoderLogLikelihood(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, lse, a_sum = (
-            ctx.saved_tensors)
+            ctx.saved_tensors
+        )
         grid, likelihood = ctx.grid, ctx.likelihood
         grad_out = grad_out.contiguous()
-        shared = (hidden, scale_weight, scale_bias, _or(dropout_weight, scale_weight), _or(dropout_bias, scale_bias),
-                  log_library, lse, a_sum, grad_out, x, _or(theta, x))
+        shared = (
+            hidden,
+            scale_weight,
+            scale_bias,
+            _or(dropout_weight, scale_weight),
+            _or(dropout_bias, scale_bias),
+            log_library,
+            lse,
+            a_sum,
+            grad_out,
+            x,
+            _or(theta, x),
+        )
         sizes = (grid.n_cells, grid.n_genes, grid.n_hidden, _theta_cell_stride(theta))
         code = LIKELIHOOD_CODES[likelihood]
         grad_hidden = None
         if ctx.needs_input_grad[0]:
             partial = launch.new_buffer((grid.gene_splits, grid.n_cells, grid.n_hidden), like=hidden)
             _grad_hidden_kernel[grid.over_genes](
-                *shared, partial, *sizes, grid.gene_splits, LIKELIHOOD=code, **grid.options())
+                *shared, partial, *sizes, grid.gene_splits, LIKELIHOOD=code, **grid.options()
+            )
             grad_hidden = partial.sum(0)
         grads_weights = (None,) * 5
         if any(ctx.needs_input_grad[i] for i in (1, 2, 5, 6, 7)):
             grads_weights = _grad_weights(shared, sizes, theta, likelihood, grid)
         grad_scale_weight, grad_scale_bias, grad_theta, grad_dropout_weight, grad_dropout_bias = grads_weights
         grad_log_library = grad_out * a_sum
-        return (grad_hidden, grad_scale_weight, grad_scale_bias, grad_log_library, None, grad_theta,
-                grad_dropout_weight, grad_dropout_bias, None)
+        return (
+            grad_hidden,
+            grad_scale_weight,
+            grad_scale_bias,
+            grad_log_library,
+            None,
+            grad_theta,
+            grad_dropout_weight,
+            grad_dropout_bias,
+            None,
+        )
 
 
 def _grad_weights(shared, sizes, theta, likelihood: str, grid: _Launch):
@@ -378,8 +604,17 @@ def _grad_weights(shared, sizes, theta, likelihood: str, grid: _Launch):
     theta_shape = (splits, n_genes) if theta_per_gene else (grid.n_cells, n_genes)
     grad_theta = launch.new_buffer(theta_shape, like=hidden) if has_theta else scale_bias
     _grad_weights_kernel[grid.over_cells](
-        *shared, scale_weight, scale_bias, dropout_weight, dropout_bias, grad_theta, *sizes, splits,
-        LIKELIHOOD=LIKELIHOOD_CODES[likelihood], THETA_PER_GENE=theta_per_gene, **grid.options(),
+        *shared,
+        scale_weight,
+        scale_bias,
+        dropout_weight,
+        dropout_bias,
+        grad_theta,
+        *sizes,
+        splits,
+        LIKELIHOOD=LIKELIHOOD_CODES[likelihood],
+        THETA_PER_GENE=theta_per_gene,
+        **grid.options(),
     )
     grad_theta = (grad_theta.sum(0) if theta_per_gene else grad_theta) if has_theta else None
     if not zinb:
@@ -397,7 +632,8 @@ def decoder_log_likelihood(
 ) -> torch.Tensor:
     """Triton path of `scvi_scale.kernels.decoder_log_likelihood` (see there). Returns (B,)."""
     return DecoderLogLikelihood.apply(
-        hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, likelihood)
+        hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, likelihood
+    )
 
 
 @torch.no_grad()
@@ -408,8 +644,16 @@ def decoder_px_scale(hidden, scale_weight, scale_bias) -> torch.Tensor:
     lse = _log_sum_exp(hidden, scale_weight, scale_bias, grid)
     px_scale = launch.new_buffer((grid.n_cells, grid.n_genes), like=hidden)
     _px_scale_kernel[grid.over_genes](
-        hidden, scale_weight, scale_bias, lse, px_scale,
-        grid.n_cells, grid.n_genes, grid.n_hidden, grid.gene_splits, **grid.options(),
+        hidden,
+        scale_weight,
+        scale_bias,
+        lse,
+        px_scale,
+        grid.n_cells,
+        grid.n_genes,
+        grid.n_hidden,
+        grid.gene_splits,
+        **grid.options(),
     )
     return px_scale
 

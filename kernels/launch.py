@@ -40,7 +40,7 @@ def loop_splits(n_programs_across: int, n_tiles: int, device: torch.device) -> i
     return max(1, min(n_tiles, triton.cdiv(PROGRAMS_PER_SM * _sm_count(device.index), n_programs_across)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -39,8 +39,16 @@ SOURCE = Path(__file__).with_name("count_terms.c")
 # -ffp-contract=off: no fused multiply-adds, so the same CPU always rounds the formulas as they are written; no
 # -ffast-math: the formulas' accuracy depends on IEEE arithmetic. -Wl,-z,defs refuses a library with unresolved
 # symbols at build time (a libmvec without log1pf) instead of at the first call.
-CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared",
-          "-Wl,-z,defs")
+CFLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-fPIC",
+    "-shared",
+    "-Wl,-z,defs",
+)
 # GCC only: without these passes GCC keeps each vector logarithm unconditional instead of moving it into the
 # branch of a select, where it was evaluated on masked lanes (the non-zero counts' loop ran 2x faster here).
 GCC_FLAGS = ("-fno-tree-sink", "-fno-tree-pre", "-fno-ssa-phiopt")
@@ -78,8 +86,13 @@ def _cpu_signature() -> str:
 def build_key(compiler: str) -> str:
     """A digest of everything the built library depends on: the source, the compiler and flags, the CPU."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (compiler, os.path.realpath(shutil.which(compiler) or compiler), " ".join(CFLAGS + GCC_FLAGS + LIBS),
-                 platform.machine(), _cpu_signature()):
+    for part in (
+        compiler,
+        os.path.realpath(shutil.which(compiler) or compiler),
+        " ".join(CFLAGS + GCC_FLAGS + LIBS),
+        platform.machine(),
+        _cpu_signature(),
+    ):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:20]
 
@@ -104,8 +117,9 @@ def build(directory: Path | None = None) -> Path:
     os.close(fd)
     try:
         for flags in (CFLAGS + GCC_FLAGS, CFLAGS):  # then the portable flags alone (another compiler: clang)
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, *LIBS], capture_output=True,
-                                    text=True)
+            result = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", partial, *LIBS], capture_output=True, text=True
+            )
             if result.returncode == 0:
                 break
         if result.returncode != 0:
@@ -121,8 +135,25 @@ def _load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.scvi_count_terms_f32.restype = ctypes.c_int
-    library.scvi_count_terms_f32.argtypes = [i64, i64, i64, i32, pointer, pointer, pointer, i32, pointer, pointer,
-                                             pointer, pointer, pointer, pointer, pointer, pointer, pointer]
+    library.scvi_count_terms_f32.argtypes = [
+        i64,
+        i64,
+        i64,
+        i32,
+        pointer,
+        pointer,
+        pointer,
+        i32,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+    ]
     library.scvi_stirlerr_f32.restype = None
     library.scvi_stirlerr_f32.argtypes = [i64, pointer, pointer]
     return library
@@ -151,8 +182,16 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def count_terms(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, p: torch.Tensor,
-                scale: torch.Tensor, theta: torch.Tensor | None, zi_logits: torch.Tensor | None, likelihood: str):
+def count_terms(
+    crow: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    p: torch.Tensor,
+    scale: torch.Tensor,
+    theta: torch.Tensor | None,
+    zi_logits: torch.Tensor | None,
+    likelihood: str,
+):
     """torch_ops.count_terms on float32 CPU tensors: the per-cell log-likelihood (B,) and the per-entry gradients
     d log p / d log mu, d / d theta and d / d zi_logits ((B, G) each, None where the likelihood has no such input),
     for counts stored as CSR (crow (B + 1,), cols and values (nnz,), int64, int64, float32; explicit zeros allowed)
@@ -173,9 +212,23 @@ def count_terms(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, p:
     d_log_mu = torch.empty(n_cells, n_genes, dtype=torch.float32)
     d_theta = None if theta is None else torch.empty(n_cells, n_genes, dtype=torch.float32)
     d_zi = None if zi_logits is None else torch.empty(n_cells, n_genes, dtype=torch.float32)
-    arguments = (n_genes, LIKELIHOOD_CODES[likelihood], p.data_ptr(), scale.data_ptr(), _pointer(theta),
-                 theta_mode, _pointer(stirlerr_theta), _pointer(zi_logits), crow.data_ptr(), cols.data_ptr(),
-                 values.data_ptr(), per_cell.data_ptr(), d_log_mu.data_ptr(), _pointer(d_theta), _pointer(d_zi))
+    arguments = (
+        n_genes,
+        LIKELIHOOD_CODES[likelihood],
+        p.data_ptr(),
+        scale.data_ptr(),
+        _pointer(theta),
+        theta_mode,
+        _pointer(stirlerr_theta),
+        _pointer(zi_logits),
+        crow.data_ptr(),
+        cols.data_ptr(),
+        values.data_ptr(),
+        per_cell.data_ptr(),
+        d_log_mu.data_ptr(),
+        _pointer(d_theta),
+        _pointer(d_zi),
+    )
 
     # One thread, the caller's: handing rows to a pool of Python threads beside torch's spinning OpenMP threads made
     # training ~10% slower than this (benchmarks/RESULTS.md, start-up section)

@@ -44,7 +44,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-
 from scvi_scale.kernels import native as native_kernel
 
 LIKELIHOODS = ("zinb", "nb", "poisson")
@@ -96,8 +95,9 @@ def stirlerr(z: torch.Tensor) -> torch.Tensor:
 
 
 # stirlerr(n) for the counts n = 1 .. 7, in float64 from math.lgamma; from 8 on stirling_correction is exact to 3e-13.
-STIRLERR_SMALL_COUNTS = tuple(math.lgamma(n + 1) - (n + 0.5) * math.log(n) + n - 0.5 * math.log(2 * math.pi)
-                              for n in range(1, int(STIRLING_MIN)))
+STIRLERR_SMALL_COUNTS = tuple(
+    math.lgamma(n + 1) - (n + 0.5) * math.log(n) + n - 0.5 * math.log(2 * math.pi) for n in range(1, int(STIRLING_MIN))
+)
 
 
 def stirlerr_of_counts(n: torch.Tensor) -> torch.Tensor:
@@ -276,8 +276,9 @@ def all_terms(rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihoo
     zi_nz = None if zi_logits is None else zi_logits.reshape(-1)[flat]
     mu_nz = p.reshape(-1)[flat] * scale.reshape(-1)[rows]
     log_p, *gradients = nonzero_count_terms(x, mu_nz, theta_nz, zi_nz, stirlerr_x, stirlerr_theta_nz, likelihood)
-    gradients = [None if g is None else torch.where(positive, g, d.reshape(-1)[flat])
-                 for g, d in zip(gradients, dense[1:])]
+    gradients = [
+        None if g is None else torch.where(positive, g, d.reshape(-1)[flat]) for g, d in zip(gradients, dense[1:])
+    ]
     return dense, (torch.where(positive, log_p, 0.0), *gradients)
 
 
@@ -308,8 +309,12 @@ def _maybe_compiled(function, n_entries: int, smallest_size: int):
         try:
             return compiled(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure: the eager function computes the same
-            logger.warning("torch.compile of %s failed (%s: %s); running it eagerly from now on",
-                           function.__name__, type(error).__name__, error)
+            logger.warning(
+                "torch.compile of %s failed (%s: %s); running it eagerly from now on",
+                function.__name__,
+                type(error).__name__,
+                error,
+            )
             _compiled[function] = None
             return function(*args)
 
@@ -389,7 +394,8 @@ def count_terms(x, p, scale, theta, zi_logits, likelihood: str, native: bool):
     # Detached: torch.compile guards on requires_grad, so training and validation would compile twice.
     p, scale, theta, zi_logits = (None if t is None else t.detach() for t in (p, scale, theta, zi_logits))
     (per_cell, *dense), (log_p_nz, *sparse) = _maybe_compiled(all_terms, p.numel(), min(*p.shape, values.numel()))(
-        rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihood, integer_counts)
+        rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihood, integer_counts
+    )
     for gradient, at_nonzeros in zip(dense, sparse):
         if gradient is not None:
             gradient.view(-1).scatter_(0, flat, at_nonzeros)
@@ -411,8 +417,9 @@ class CountLogLikelihood(torch.autograd.Function):
         per_cell, d_log_mu, d_theta, d_zi = count_terms(x, mu, scale, theta, zi_logits, likelihood, native)
         ctx.theta_per_gene = theta is not None and theta.dim() == 1
         d_mu = d_log_mu / mu if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(d_mu, d_theta if ctx.needs_input_grad[2] else None,
-                              d_zi if ctx.needs_input_grad[3] else None)
+        ctx.save_for_backward(
+            d_mu, d_theta if ctx.needs_input_grad[2] else None, d_zi if ctx.needs_input_grad[3] else None
+        )
         return per_cell
 
     @staticmethod
@@ -443,8 +450,19 @@ class DecoderLogLikelihood(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias,
-                likelihood: str, native: bool):
+    def forward(
+        ctx,
+        hidden,
+        scale_weight,
+        scale_bias,
+        log_library,
+        x,
+        theta,
+        dropout_weight,
+        dropout_bias,
+        likelihood: str,
+        native: bool,
+    ):
         p = torch.softmax(F.linear(hidden, scale_weight, scale_bias), dim=-1)
         zi_logits = F.linear(hidden, dropout_weight, dropout_bias) if likelihood == "zinb" else None
         scale = torch.exp(log_library)[:, None]
@@ -453,8 +471,9 @@ class DecoderLogLikelihood(torch.autograd.Function):
         d_s.addcmul_(p, per_cell_a[:, None], value=-1)  # a - p A, in place
         ctx.likelihood = likelihood
         ctx.theta_per_gene = theta is not None and theta.dim() == 1
-        ctx.save_for_backward(hidden, scale_weight, dropout_weight, d_s, d_zi, per_cell_a,
-                              d_theta if ctx.needs_input_grad[5] else None)
+        ctx.save_for_backward(
+            hidden, scale_weight, dropout_weight, d_s, d_zi, per_cell_a, d_theta if ctx.needs_input_grad[5] else None
+        )
         return per_cell
 
     @staticmethod
@@ -486,13 +505,22 @@ class DecoderLogLikelihood(torch.autograd.Function):
 
 
 def decoder_log_likelihood(
-    hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, likelihood: str,
+    hidden,
+    scale_weight,
+    scale_bias,
+    log_library,
+    x,
+    theta,
+    dropout_weight,
+    dropout_bias,
+    likelihood: str,
     native: bool = False,
 ) -> torch.Tensor:
     """PyTorch path of `scvi_scale.kernels.decoder_log_likelihood` (see there); native: its terms from the C
     kernel. Returns (B,)."""
-    return DecoderLogLikelihood.apply(hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight,
-                                      dropout_bias, likelihood, native)
+    return DecoderLogLikelihood.apply(
+        hidden, scale_weight, scale_bias, log_library, x, theta, dropout_weight, dropout_bias, likelihood, native
+    )
 
 
 @torch.no_grad()

@@ -64,7 +64,9 @@ DEFAULT_MARKERS_PER_TYPE = 20
 CYCLING_COEF_RANGE = (0.3, 0.8)
 LIBRARY_MEDIAN = 2000.0
 LIBRARY_LOG_SD = 0.4
-INVERSION_MAX_MEAN = 4.0  # non-zero entries with larger means are drawn by gamma-Poisson (see positive_negative_binomial)
+INVERSION_MAX_MEAN = (
+    4.0  # non-zero entries with larger means are drawn by gamma-Poisson (see positive_negative_binomial)
+)
 INVERSION_FIRST_STEPS = 4  # CDF steps taken by every entry at once before the walk narrows to those left
 INVERSION_WINDOW_ENTRIES = 1 << 22  # bound on (entries x k values) held by one window of the CDF walk (32 MB)
 GENERATION_THREADS = 2  # blocks drawn at once in threads while the writer compresses and writes earlier ones
@@ -85,7 +87,11 @@ class AtlasParameters:
 
 
 def atlas_parameters(
-    n_genes: int, n_batches: int, n_cell_types: int, markers_per_type: int | None, seed: int,
+    n_genes: int,
+    n_batches: int,
+    n_cell_types: int,
+    markers_per_type: int | None,
+    seed: int,
     library_median: float = LIBRARY_MEDIAN,
 ) -> AtlasParameters:
     """Draw the shared parameters of an atlas (see the module docstring) from SeedSequence(seed, spawn_key=(0,)).
@@ -328,8 +334,12 @@ def synthetic_atlas(
     )
     uns = {
         "synthetic_atlas": {
-            "n_cells": n_cells, "n_genes": n_genes, "n_batches": n_batches, "n_cell_types": n_cell_types,
-            "seed": seed, "markers_per_type": int(np.count_nonzero(params.marker_type == 0)),
+            "n_cells": n_cells,
+            "n_genes": n_genes,
+            "n_batches": n_batches,
+            "n_cell_types": n_cell_types,
+            "seed": seed,
+            "markers_per_type": int(np.count_nonzero(params.marker_type == 0)),
             "library_median": library_median,
             "true_log2_scale": true_log2_scale(params),
         }
@@ -344,8 +354,10 @@ def synthetic_atlas(
         with StoreWriter(
             path, var, chunk_rows=chunk_rows, zarr_format=zarr_format, overwrite=overwrite, validate=False
         ) as writer:
-            in_flight = deque(pool.submit(generate_block, params, seed, block, n_cells)
-                              for block in itertools.islice(blocks, 2 * GENERATION_THREADS))
+            in_flight = deque(
+                pool.submit(generate_block, params, seed, block, n_cells)
+                for block in itertools.islice(blocks, 2 * GENERATION_THREADS)
+            )
             while in_flight:
                 counts, batch, cell_type, score = in_flight.popleft().result()
                 for block in itertools.islice(blocks, 1):

@@ -198,8 +198,10 @@ class VAE(nn.Module):
             raise ValueError("dispersion='gene-batch' needs n_batch >= 1")
         if dispersion == "gene-label" and n_labels < 1:
             raise ValueError("dispersion='gene-label' needs n_labels >= 1")
-        for name, given, allowed in (("extra_encoder_kwargs", extra_encoder_kwargs, ENCODER_EXTRA_KEYS),
-                                     ("extra_decoder_kwargs", extra_decoder_kwargs, DECODER_EXTRA_KEYS)):
+        for name, given, allowed in (
+            ("extra_encoder_kwargs", extra_encoder_kwargs, ENCODER_EXTRA_KEYS),
+            ("extra_decoder_kwargs", extra_decoder_kwargs, DECODER_EXTRA_KEYS),
+        ):
             unknown = sorted(set(given or {}) - set(allowed))
             if unknown:
                 raise ValueError(f"{name} {unknown}: the options these networks take are {list(allowed)}")
@@ -417,7 +419,10 @@ class VAE(nn.Module):
                 with warnings.catch_warnings():  # torch calls its CSR tensors beta; the operations used are tested
                     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
                     torch.sparse_csr_tensor(
-                        crow_indices, col_indices, values, (crow_indices.shape[0] - 1, self.n_input),
+                        crow_indices,
+                        col_indices,
+                        values,
+                        (crow_indices.shape[0] - 1, self.n_input),
                         check_invariants=True,
                     )
             except RuntimeError as error:
@@ -426,8 +431,10 @@ class VAE(nn.Module):
     @staticmethod
     def _cells_like(tensors: dict) -> torch.Tensor | None:
         """A per-cell tensor of `tensors` that tells the number of cells when there are no counts."""
-        return next((tensors[key] for key in ("batch", "labels", "cat_covs", "cont_covs", "size_factor")
-                     if key in tensors), None)
+        return next(
+            (tensors[key] for key in ("batch", "labels", "cat_covs", "cont_covs", "size_factor") if key in tensors),
+            None,
+        )
 
     # -------------------------------------------------------------------------------------------- inference
 
@@ -506,8 +513,12 @@ class VAE(nn.Module):
             qz = Normal(qzm, qzv.sqrt(), validate_args=False)
             z = self.z_encoder.draw(qz, self._draw_noise(noise.get("z"), qz, n_samples))
             library = torch.log(observed_library.reshape(-1, 1))
-            return {"qz": qz, "z": z, "library": library.expand(n_samples, -1, -1) if n_samples > 1 else library,
-                    "ql": None}
+            return {
+                "qz": qz,
+                "z": z,
+                "library": library.expand(n_samples, -1, -1) if n_samples > 1 else library,
+                "ql": None,
+            }
         encoder_input = self._encoder_input(minibatch)
         encoder_codes = self._covariate_codes(minibatch) if self.encode_covariates else ()
         qz = self.z_encoder(encoder_input, *encoder_codes)
@@ -629,7 +640,10 @@ class VAE(nn.Module):
             # gene-wise outputs are formed here and only the likelihood is fused.
             outputs = self._generative(z, library, minibatch)
             return kernels.count_log_likelihood(
-                self._likelihood_counts(minibatch), outputs["px_rate"], outputs["theta"], outputs["zi_logits"],
+                self._likelihood_counts(minibatch),
+                outputs["px_rate"],
+                outputs["theta"],
+                outputs["zi_logits"],
                 self.gene_likelihood,
             )
         hidden = self._decoder_hidden(z, minibatch)
@@ -689,9 +703,15 @@ class VAE(nn.Module):
         def tile(tensor):
             return None if tensor is None else tensor.repeat(k, *([1] * (tensor.dim() - 1)))
 
-        return Minibatch(tile(self._dense_counts(minibatch)), tile(minibatch.batch), tile(minibatch.labels),
-                         [tile(codes) for codes in minibatch.cat_covs], tile(minibatch.cont_covs),
-                         tile(minibatch.log_size_factor), None)
+        return Minibatch(
+            tile(self._dense_counts(minibatch)),
+            tile(minibatch.batch),
+            tile(minibatch.labels),
+            [tile(codes) for codes in minibatch.cat_covs],
+            tile(minibatch.cont_covs),
+            tile(minibatch.log_size_factor),
+            None,
+        )
 
     @torch.no_grad()
     def marginal_ll(self, tensors: dict, n_mc_samples: int, n_mc_samples_per_pass: int = 1) -> torch.Tensor:
@@ -715,8 +735,9 @@ class VAE(nn.Module):
             z_draw = qz.sample((k,))  # (k, B, L)
             library = inference["library"].expand(k, -1, -1) if ql is None else ql.sample((k,))
             log_weight = (
-                self._log_likelihood(self.z_encoder.transform(z_draw).flatten(0, 1), library.flatten(0, 1),
-                                     self._repeated(minibatch, k)).reshape(k, -1)
+                self._log_likelihood(
+                    self.z_encoder.transform(z_draw).flatten(0, 1), library.flatten(0, 1), self._repeated(minibatch, k)
+                ).reshape(k, -1)
                 + standard_normal.log_prob(z_draw).sum(dim=-1)
                 - qz.log_prob(z_draw).sum(dim=-1)
             )
@@ -724,4 +745,3 @@ class VAE(nn.Module):
                 log_weight = log_weight + (library_prior.log_prob(library) - ql.log_prob(library)).sum(dim=-1)
             log_weights.append(log_weight)
         return torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(n_mc_samples)
-

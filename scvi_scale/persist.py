@@ -55,16 +55,28 @@ def _safe_globals() -> list:
 
     return [
         # numpy arrays (var_names, split rows), under the names numpy 2 and numpy 1 pickle them with
-        np.ndarray, np.dtype,
-        *[(getattr(multiarray, name), f"numpy.{core}.multiarray.{name}") for name in ("_reconstruct", "scalar")
-          for core in ("_core", "core")],
+        np.ndarray,
+        np.dtype,
+        *[
+            (getattr(multiarray, name), f"numpy.{core}.multiarray.{name}")
+            for name in ("_reconstruct", "scalar")
+            for core in ("_core", "core")
+        ],
         *{type(np.dtype(code)) for code in "?bhilqBHILQefdOUS"},  # numpy 2 pickles each dtype's class
         # the variance activations a saved model may name (init_params' var_activation)
-        torch.exp, torch.nn.functional.softplus,
+        torch.exp,
+        torch.nn.functional.softplus,
         # scvi-tools' history_: one DataFrame per metric, indexed by epoch
-        pd.DataFrame, pd.Index, _new_Index, BlockManager, _unpickle_block, slice, bytes,
+        pd.DataFrame,
+        pd.Index,
+        _new_Index,
+        BlockManager,
+        _unpickle_block,
+        slice,
+        bytes,
         # scvi-tools' registry_ holds defaultdict(dict)s, read as plain dicts (torch fills no other mapping)
-        (_plain_dict, "collections.defaultdict"), dict,
+        (_plain_dict, "collections.defaultdict"),
+        dict,
     ]
 
 
@@ -101,11 +113,14 @@ def load_torch_file(path: Path, allowed: list, trusted_hint: str) -> dict:
         names = {_global_name(entry) for entry in allowed}
         refused = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - names)
         if not refused:
-            reason = " ".join(str(error).partition("WeightsUnpickler error:")[2].split("Check the documentation")[0]
-                              .split())
+            reason = " ".join(
+                str(error).partition("WeightsUnpickler error:")[2].split("Check the documentation")[0].split()
+            )
             raise DamagedModelFile(f"{path} cannot be read ({reason or _first_line(error)}): {damaged}") from None
-        raise UnsafeModelFile(f"{path} needs {', '.join(refused)}, which a model file may not use here (loading it "
-                              f"could run code); it was not loaded. {trusted_hint}") from None
+        raise UnsafeModelFile(
+            f"{path} needs {', '.join(refused)}, which a model file may not use here (loading it "
+            f"could run code); it was not loaded. {trusted_hint}"
+        ) from None
     except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise DamagedModelFile(f"{path} is damaged ({_first_line(error)}): {damaged}") from None
 
@@ -188,8 +203,10 @@ def saved_data(dir_path, prefix: str | None, saved: SavedModel):
     # a URL is taken as it is: opening it says what is wrong, if anything (a bucket cannot be asked cheaply)
     if paths and all(remote.is_url(path) or Path(path).exists() for path in paths):
         return saved.data_path
-    raise ValueError(f"{dir_path} holds no {ANNDATA_FILE} and names no store that exists "
-                     f"({saved.data_path}): pass adata= (an AnnData or a store path)")
+    raise ValueError(
+        f"{dir_path} holds no {ANNDATA_FILE} and names no store that exists "
+        f"({saved.data_path}): pass adata= (an AnnData or a store path)"
+    )
 
 
 def history_frames(history: dict[str, list[tuple[int, float]]]) -> dict[str, pd.DataFrame]:
@@ -215,8 +232,10 @@ def read_model(dir_path, prefix: str | None = None) -> SavedModel:
     path = model_path(dir_path, prefix)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: a model directory (SCVI.save) holds {MODEL_FILE}")
-    hint = (f"If you trust whoever wrote it, rewrite it in the allowed types with "
-            f"scvi_scale.persist.convert_trusted_model({str(dir_path)!r}, NEW_DIR)")
+    hint = (
+        f"If you trust whoever wrote it, rewrite it in the allowed types with "
+        f"scvi_scale.persist.convert_trusted_model({str(dir_path)!r}, NEW_DIR)"
+    )
     return _saved_model(load_torch_file(path, _safe_globals(), hint), dir_path)
 
 
@@ -227,8 +246,11 @@ def convert_trusted_model(dir_path, new_dir_path, prefix: str | None = None) -> 
     payload = torch.load(model_path(dir_path, prefix), map_location="cpu", weights_only=False)
     saved = _saved_model(payload, dir_path)
     if saved.data_path is not None:  # earlier versions may have kept Paths
-        saved.data_path = (os.fspath(saved.data_path) if isinstance(saved.data_path, (str, os.PathLike))
-                           else [os.fspath(path) for path in saved.data_path])
+        saved.data_path = (
+            os.fspath(saved.data_path)
+            if isinstance(saved.data_path, (str, os.PathLike))
+            else [os.fspath(path) for path in saved.data_path]
+        )
     return write_model(new_dir_path, saved, prefix=prefix)
 
 
@@ -253,8 +275,14 @@ def _saved_model(payload: dict, dir_path) -> SavedModel:
     )
 
 
-def write_model(dir_path, saved: SavedModel, module=None, overwrite: bool = False, format: str = "scvi-scale",
-                prefix: str | None = None) -> Path:
+def write_model(
+    dir_path,
+    saved: SavedModel,
+    module=None,
+    overwrite: bool = False,
+    format: str = "scvi-scale",
+    prefix: str | None = None,
+) -> Path:
     """Write `saved` as `dir_path/{prefix}model.pt`, atomically; returns its path. format="scvi-tools" writes the
     directory scvi-tools' SCVI.load reads, and needs the `module` itself (scvi-tools builds parts ours leaves
     out)."""

@@ -40,13 +40,28 @@ from scvi_scale.nn import Encoder
 SCVI_TOOLS_VERSION = "1.4.2"  # the scvi-tools version whose format this writes (and the fixture was made with)
 # SCVI's named arguments, as scvi-tools keeps them in init_params_["non_kwargs"]
 NAMED_ARGUMENTS = (
-    "n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion", "gene_likelihood", "use_observed_lib_size",
+    "n_hidden",
+    "n_latent",
+    "n_layers",
+    "dropout_rate",
+    "dispersion",
+    "gene_likelihood",
+    "use_observed_lib_size",
     "latent_distribution",
 )
 # scvi-tools module keywords that our VAE takes as they are
-MAPPED_KEYWORDS = ("encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm",
-                   "log_variational", "batch_representation", "batch_embedding_kwargs", "var_activation",
-                   "extra_encoder_kwargs", "extra_decoder_kwargs")
+MAPPED_KEYWORDS = (
+    "encode_covariates",
+    "deeply_inject_covariates",
+    "use_batch_norm",
+    "use_layer_norm",
+    "log_variational",
+    "batch_representation",
+    "batch_embedding_kwargs",
+    "var_activation",
+    "extra_encoder_kwargs",
+    "extra_decoder_kwargs",
+)
 # scvi-tools module keywords accepted at their default only: name -> the default
 DEFAULT_ONLY_KEYWORDS = {
     "extra_payload_autotune": False,
@@ -235,7 +250,9 @@ def _scvi_tools_registry(registry: Registry) -> dict:
                 },
                 "field_keys": list(categorical),
                 "n_cats_per_key": list(registry.n_cats_per_cov),
-            } if categorical else {},
+            }
+            if categorical
+            else {},
             "summary_stats": {"n_extra_categorical_covs": len(categorical)},
         },
         "extra_continuous_covs": {

@@ -56,8 +56,16 @@ class ThreadTuner:
     `step_started(global_step)` is called before every step, `restore()` at the end of training.
     """
 
-    def __init__(self, threads: int, period: int = 500, window: int = 16, lead: int = 32, margin: float = 1.15,
-                 clock=time.perf_counter, others_cpu=others_cpu_seconds):
+    def __init__(
+        self,
+        threads: int,
+        period: int = 500,
+        window: int = 16,
+        lead: int = 32,
+        margin: float = 1.15,
+        clock=time.perf_counter,
+        others_cpu=others_cpu_seconds,
+    ):
         if period <= 2 * window:
             raise ValueError(f"period={period} must exceed two windows of {window} steps")
         self.threads, self.period, self.window, self.lead, self.clock = threads, period, window, lead, clock
@@ -95,8 +103,13 @@ class ThreadTuner:
                 other = 1 if self.in_use == self.threads else self.threads
                 in_use_ms, other_ms = (1e3 * float(np.median(self.durations[count])) for count in (self.in_use, other))
                 if other_ms * self.margin < in_use_ms:
-                    logger.info("training at %d torch thread(s) from step %d: median step %.1f ms against %.1f ms",
-                                other, global_step, other_ms, in_use_ms)
+                    logger.info(
+                        "training at %d torch thread(s) from step %d: median step %.1f ms against %.1f ms",
+                        other,
+                        global_step,
+                        other_ms,
+                        in_use_ms,
+                    )
                     self.in_use = other
             self.durations = {}
         wanted = self._timed_at(global_step) or self.in_use
@@ -109,8 +122,11 @@ class ThreadTuner:
         others = self.others_cpu()
         if self.others_since is not None and self.in_use == self.threads and others is not None:
             since_clock, since_others = self.others_since
-            if since_others is not None and now > since_clock and (
-                    (others - since_others) / (now - since_clock) < OTHERS_BUSY_CORES):
+            if (
+                since_others is not None
+                and now > since_clock
+                and ((others - since_others) / (now - since_clock) < OTHERS_BUSY_CORES)
+            ):
                 self.probe_cut_in = (global_step - self.lead) // self.period
         self.others_since = (now, others)
 

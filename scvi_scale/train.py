@@ -97,8 +97,13 @@ TIME_CHECK_STEPS = 50  # steps between looks at the clock for time-based checkpo
 RESUMABLE_SETTINGS = ("lr", "weight_decay", "eps")
 
 
-VALIDATION_METRICS = ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation",
-                      "kl_global_validation", "validation_loss")
+VALIDATION_METRICS = (
+    "elbo_validation",
+    "reconstruction_loss_validation",
+    "kl_local_validation",
+    "kl_global_validation",
+    "validation_loss",
+)
 OPTIMIZERS = ("Adam", "AdamW")
 
 
@@ -191,7 +196,7 @@ class _EpochSums:
     def as_floats(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
 
-    def all_reduced(self, device: torch.device) -> "_EpochSums":
+    def all_reduced(self, device: torch.device) -> _EpochSums:
         """These sums added up over all ranks (themselves when there is one), as floats."""
         values = self.as_floats()
         totals = distributed.all_reduce_sum(list(values.values()), device)
@@ -294,8 +299,9 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> T
     its own RNG state; rank 0 carries on the epoch's (all-rank) sums, the other ranks start theirs at zero."""
     rank, world_size = distributed.world()
     # tensors and plain values only: a checkpoint runs no code when read
-    payload = persist.load_torch_file(path, [], "Remove it and start over (--overwrite), or resume from a checkpoint "
-                                      "this version wrote")
+    payload = persist.load_torch_file(
+        path, [], "Remove it and start over (--overwrite), or resume from a checkpoint this version wrote"
+    )
     if len(payload["torch_rng"]) != world_size:
         raise ValueError(
             f"{path} was written by a run of {len(payload['torch_rng'])} process(es); resume it with that many, "
@@ -304,13 +310,20 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> T
     module.load_state_dict(payload["module"])
     asked = {name: optimizer.param_groups[0][name] for name in RESUMABLE_SETTINGS}
     optimizer.load_state_dict(payload["optimizer"])
-    changed = {name: (group[name], asked[name]) for group in optimizer.param_groups[:1] for name in RESUMABLE_SETTINGS
-               if group[name] != asked[name]}
+    changed = {
+        name: (group[name], asked[name])
+        for group in optimizer.param_groups[:1]
+        for name in RESUMABLE_SETTINGS
+        if group[name] != asked[name]
+    }
     for group in optimizer.param_groups:  # the new call's settings win (e.g. a lower lr after a divergence)
         group.update(asked)
     if changed and rank == 0:
-        logger.warning("resuming %s with new optimizer settings: %s", path,
-                       ", ".join(f"{name} {old:g} -> {new:g}" for name, (old, new) in changed.items()))
+        logger.warning(
+            "resuming %s with new optimizer settings: %s",
+            path,
+            ", ".join(f"{name} {old:g} -> {new:g}" for name, (old, new) in changed.items()),
+        )
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
     train_stream.load_state_dict({**payload["train_stream"], "rank": rank})
@@ -355,8 +368,9 @@ def fit(
         remove_abandoned_siblings(loop.checkpoint_path)  # the temporary file of a run killed while saving
     if resume and loop.checkpoint_path is not None and loop.checkpoint_path.exists():
         loop.state = load_checkpoint(loop.checkpoint_path, module, loop.optimizer, loop.scheduler, train_stream)
-        logger.info("resumed from %s at epoch %d, step %d", loop.checkpoint_path, train_stream.epoch,
-                    train_stream.batches_done)
+        logger.info(
+            "resumed from %s at epoch %d, step %d", loop.checkpoint_path, train_stream.epoch, train_stream.batches_done
+        )
     else:
         train_stream.set_epoch(0)
     if config.early_stopping and loop.state.early_stopping is None:
@@ -387,7 +401,10 @@ class _Loop:
         # fused: one kernel over all parameters (0.41 ms a step against 1.27 for the per-tensor loop on 2 CPU cores)
         optimizer = torch.optim.AdamW if config.optimizer == "AdamW" else torch.optim.Adam
         self.optimizer = optimizer(
-            self.trainable, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
+            self.trainable,
+            lr=config.lr,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
             fused=device.type in ("cpu", "cuda"),
         )
         self.frozen = surgery.partly_frozen(module)  # query models: entries restored after each step
@@ -407,8 +424,9 @@ class _Loop:
         self.last_step: tuple[dict, float] | None = None  # (minibatch, KL weight) of the last step, for healthy()
         self.last_checkpoint_time = time.monotonic()
         threads = torch.get_num_threads()
-        self.thread_tuner = (ThreadTuner(threads) if settings.adaptive_threads and device.type == "cpu"
-                             and threads > 1 else None)
+        self.thread_tuner = (
+            ThreadTuner(threads) if settings.adaptive_threads and device.type == "cpu" and threads > 1 else None
+        )
 
     def progress_bar(self):
         steps_per_epoch = len(self.train_stream)
@@ -451,13 +469,23 @@ class _Loop:
             return
         self.last_checkpoint_time = time.monotonic()
         if not self.healthy():
-            logger.warning("not checkpointing at step %d: the loss is exploding or weights are not finite; %s is kept",
-                           self.state.global_step, self.checkpoint_path)
+            logger.warning(
+                "not checkpointing at step %d: the loss is exploding or weights are not finite; %s is kept",
+                self.state.global_step,
+                self.checkpoint_path,
+            )
             return
         state = replace(self.state, epoch_sums=self.state.epoch_sums.all_reduced(self.device))
         rng_states = distributed.all_gather(torch.get_rng_state())
-        arguments = (self.checkpoint_path, self.module, self.optimizer, self.scheduler, self.train_stream, state,
-                     rng_states)
+        arguments = (
+            self.checkpoint_path,
+            self.module,
+            self.optimizer,
+            self.scheduler,
+            self.train_stream,
+            state,
+            rng_states,
+        )
         distributed.on_rank_zero(lambda: save_checkpoint(*arguments))
 
     def run_epoch(self, max_steps: int | None) -> bool:
@@ -526,12 +554,15 @@ class _Loop:
         """Checkpoint (when healthy) and raise TrainingInterrupted saying where the run can be resumed from."""
         self.checkpoint()
         if self.checkpoint_path is not None and self.checkpoint_path.exists():
-            kept = (f"{self.checkpoint_path} holds its last healthy step: continue with --resume "
-                    "(train(..., resume=True))")
+            kept = (
+                f"{self.checkpoint_path} holds its last healthy step: continue with --resume (train(..., resume=True))"
+            )
         else:
             kept = "no checkpoint was written (no checkpoint_dir, or no healthy step yet)"
-        raise TrainingInterrupted(f"training stopped by {signal.Signals(signal_number).name} at step "
-                                  f"{self.state.global_step}; {kept}", signal_number)
+        raise TrainingInterrupted(
+            f"training stopped by {signal.Signals(signal_number).name} at step {self.state.global_step}; {kept}",
+            signal_number,
+        )
 
     def checkpoint_due(self) -> bool:
         """Time for a checkpoint_every_seconds checkpoint; looked at every TIME_CHECK_STEPS steps, agreed by all ranks
@@ -552,8 +583,10 @@ class _Loop:
             if self.checkpoint_path is None:
                 kept = "no checkpoint was written (pass checkpoint_dir= to keep one); try a lower lr"
             elif self.checkpoint_path.exists():
-                kept = (f"the last healthy checkpoint is kept at {self.checkpoint_path}: resume from it with a lower "
-                        "lr (train(..., resume=True, plan_kwargs={'lr': ...}))")
+                kept = (
+                    f"the last healthy checkpoint is kept at {self.checkpoint_path}: resume from it with a lower "
+                    "lr (train(..., resume=True, plan_kwargs={'lr': ...}))"
+                )
             else:
                 kept = f"no healthy checkpoint was reached, so {self.checkpoint_path.parent} holds none; try a lower lr"
             raise TrainingDivergedError(

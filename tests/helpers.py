@@ -1,8 +1,8 @@
 """Measures the tests (and benchmarks/loader.py) use that the package itself does not need.
 
-    planned_minibatch_rows(sampler)   store rows of each minibatch a BlockShuffleSampler will yield, without reading
-    label_mixing(labels, n_labels)    how well a label (e.g. batch) mixes within minibatches, in [0, 1]
-    FaultyProxy(upstream_url)         a loopback HTTP proxy that counts requests and injects faults and latency
+planned_minibatch_rows(sampler)   store rows of each minibatch a BlockShuffleSampler will yield, without reading
+label_mixing(labels, n_labels)    how well a label (e.g. batch) mixes within minibatches, in [0, 1]
+FaultyProxy(upstream_url)         a loopback HTTP proxy that counts requests and injects faults and latency
 """
 
 from __future__ import annotations

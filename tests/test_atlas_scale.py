@@ -44,8 +44,10 @@ def index_width_stores(tmp_path_factory):
     rng = np.random.default_rng(0)
     counts = sp.random(1500, 40, density=0.2, format="csr", random_state=1, dtype=np.float32)
     counts.data = rng.integers(1, 30, counts.nnz).astype(np.float32)
-    obs = pd.DataFrame({"batch": pd.Categorical(rng.choice(["b0", "b1", "b2"], 1500))},
-                       index=[f"cell_{index}" for index in range(1500)])
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical(rng.choice(["b0", "b1", "b2"], 1500))},
+        index=[f"cell_{index}" for index in range(1500)],
+    )
     narrow = _write(folder / "int32.zarr", counts, obs, chunk_rows=128)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(writer_module, "INT32_INDEX_LIMIT", counts.nnz - 1)
@@ -83,8 +85,9 @@ def test_int64_store_streams_the_same_minibatches_as_the_int32_store(index_width
     codes = narrow.obs_column("batch").cat.codes.to_numpy().astype(np.int64)
     for make in (
         lambda store: SequentialSampler(store, batch_size=200, obs_arrays={"batch": codes}, return_csr=True),
-        lambda store: BlockShuffleSampler(store, batch_size=64, block_rows=64, buffer_blocks=3, seed=4,
-                                          obs_arrays={"batch": codes}, return_csr=True),
+        lambda store: BlockShuffleSampler(
+            store, batch_size=64, block_rows=64, buffer_blocks=3, seed=4, obs_arrays={"batch": codes}, return_csr=True
+        ),
     ):
         from_narrow, from_wide = list(make(narrow)), list(make(wide))
         _assert_same_minibatches(from_narrow, from_wide)
@@ -127,8 +130,10 @@ MAX_BYTES_PER_CELL = 20
 @pytest.fixture(scope="module")
 def sized_stores(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sizes")
-    return {n: synthetic_atlas(folder / f"atlas_{n}.zarr", n, n_genes=N_GENES, chunk_rows=1024, seed=1).path
-            for n in (SMALL, LARGE)}
+    return {
+        n: synthetic_atlas(folder / f"atlas_{n}.zarr", n, n_genes=N_GENES, chunk_rows=1024, seed=1).path
+        for n in (SMALL, LARGE)
+    }
 
 
 def _traced_peak(run) -> int:
@@ -154,8 +159,9 @@ STAGES = {
         SequentialSampler(CountStore(path), batch_size=256, obs_arrays={"batch": codes}, **STREAMING)
     ),
     "BlockShuffleSampler": lambda path, codes: _drain(
-        BlockShuffleSampler(CountStore(path), batch_size=256, block_rows=256, buffer_blocks=8,
-                            obs_arrays={"batch": codes}, **STREAMING)
+        BlockShuffleSampler(
+            CountStore(path), batch_size=256, block_rows=256, buffer_blocks=8, obs_arrays={"batch": codes}, **STREAMING
+        )
     ),
 }
 

@@ -23,12 +23,14 @@ import torch
 pytest.importorskip("s3fs", reason="needs the cloud extra: pip install 'scvi-scale[cloud]'")
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
 
-from scvi_scale import SCVI  # noqa: E402
-from scvi_scale.data import CountStore  # noqa: E402
-from scvi_scale.data import remote  # noqa: E402
-from scvi_scale.datasets import synthetic_atlas  # noqa: E402
-
 from helpers import FaultyProxy  # noqa: E402
+
+from scvi_scale import SCVI  # noqa: E402
+from scvi_scale.data import (
+    CountStore,  # noqa: E402
+    remote,  # noqa: E402
+)
+from scvi_scale.datasets import synthetic_atlas  # noqa: E402
 
 SECRET = "cloud-test-secret-" + uuid.uuid4().hex  # the fake secret key: searched for where it must not be
 
@@ -103,8 +105,7 @@ def local_atlas(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cloud") / "atlas.zarr"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(writer, "MIN_NNZ_CHUNK", 1024)
-        synthetic_atlas(path, n_cells=300, n_genes=100, n_batches=2, n_cell_types=3, markers_per_type=2,
-                        chunk_rows=64)
+        synthetic_atlas(path, n_cells=300, n_genes=100, n_batches=2, n_cell_types=3, markers_per_type=2, chunk_rows=64)
     assert len(list((path / "X" / "data" / "c").iterdir())) > 4
     return path
 
@@ -206,8 +207,10 @@ def entry_seen(url: str, group: str, key: str) -> list:
     clear_filesystem_cache()
     listed = zarr.open_group(remote.zarr_store(url), mode="r", use_consolidated=False)[group]
     opened = getattr(anndata.read_zarr(fsspec.get_mapper(url)), group)
-    return [np.asarray(listed[key]) if key in listed.keys() else None,
-            np.asarray(opened[key]) if key in opened else None]
+    return [
+        np.asarray(listed[key]) if key in listed.keys() else None,
+        np.asarray(opened[key]) if key in opened else None,
+    ]
 
 
 # zarr warns of a prefix without metadata (an upload before its marker) and skips it: the invisibility we rely on
@@ -325,11 +328,13 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def test_a_chunk_that_keeps_failing_ends_the_cli_in_one_line_naming_it(s3_atlas, proxy, quick_retries, capsys,
-                                                                       tmp_path):
+def test_a_chunk_that_keeps_failing_ends_the_cli_in_one_line_naming_it(
+    s3_atlas, proxy, quick_retries, capsys, tmp_path
+):
     proxy.rules = [["GET", "/X/data/c/2", "503", None]]
-    code, err = run_cli(["train", s3_atlas, "--batch-key", "batch", "--out", str(tmp_path / "model"),
-                         "--max-epochs", "1"], capsys)
+    code, err = run_cli(
+        ["train", s3_atlas, "--batch-key", "batch", "--out", str(tmp_path / "model"), "--max-epochs", "1"], capsys
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"{s3_atlas}/X/data/c/2" in err and "GET failed" in err and "503" in err
     asked = sum(path.endswith("/X/data/c/2") for _, path in proxy.requests)  # each read that needs it tries in full
@@ -377,8 +382,10 @@ def test_a_collection_of_bucket_stores_trains_as_one(bucket, local_atlas):
     from scvi_scale.data import write_store
 
     here = anndata.read_zarr(local_atlas)
-    halves = [write_store(here[rows].copy(), f"s3://{bucket}/part{index}.zarr", chunk_rows=64).path
-              for index, rows in enumerate((slice(0, 150), slice(150, 300)))]
+    halves = [
+        write_store(here[rows].copy(), f"s3://{bucket}/part{index}.zarr", chunk_rows=64).path
+        for index, rows in enumerate((slice(0, 150), slice(150, 300)))
+    ]
     registry = SCVI.setup_zarr(halves, batch_key="batch")
     model = SCVI(halves, n_latent=4, n_hidden=16)
     model.train(max_epochs=1, batch_size=64, seed=0)
@@ -389,8 +396,23 @@ def test_the_cli_trains_on_a_bucket_store_and_writes_its_outputs_back(s3_atlas, 
     import fsspec
 
     model_dir = str(tmp_path / "model")
-    code, err = run_cli(["train", s3_atlas, "--batch-key", "batch", "--out", model_dir, "--max-epochs", "1",
-                         "--n-latent", "4", "--n-hidden", "16"], capsys)
+    code, err = run_cli(
+        [
+            "train",
+            s3_atlas,
+            "--batch-key",
+            "batch",
+            "--out",
+            model_dir,
+            "--max-epochs",
+            "1",
+            "--n-latent",
+            "4",
+            "--n-hidden",
+            "16",
+        ],
+        capsys,
+    )
     assert code == 0, err
     output_url = s3_atlas.replace("atlas.zarr", "cli-outputs.zarr")
     code, err = run_cli(["latent", s3_atlas, "--model", model_dir, "--output-store", output_url], capsys)

@@ -76,7 +76,9 @@ def test_counts_match_anndata_concat_cell_by_cell(stores, join):
     collection = StoreCollection(stores, join=join)
     reference = _concat(stores, join=join)
     assert list(collection.var_names) == list(reference.var_names)
-    assert ("g5" in collection.var_names) == (join == "outer") and ("extra" in collection.var_names) == (join == "outer")
+    assert ("g5" in collection.var_names) == (join == "outer") and ("extra" in collection.var_names) == (
+        join == "outer"
+    )
     assert collection.shape == reference.shape and collection.is_sparse
     expected = reference.X.toarray()
     np.testing.assert_array_equal(collection.read_dense(0, collection.n_obs), expected)
@@ -88,7 +90,9 @@ def test_counts_match_anndata_concat_cell_by_cell(stores, join):
         tuple(sorted(rng.integers(0, collection.n_obs + 1, 2))) for _ in range(30)
     ]:
         block = collection.read_csr(start, stop)
-        assert block.dtype == np.float32 and block.has_sorted_indices and block.shape == (stop - start, collection.n_vars)
+        assert (
+            block.dtype == np.float32 and block.has_sorted_indices and block.shape == (stop - start, collection.n_vars)
+        )
         np.testing.assert_array_equal(block.toarray(), expected[start:stop])
         np.testing.assert_array_equal(collection.read_dense(start, stop), expected[start:stop])
         raw = collection.read_raw(start, stop)
@@ -107,7 +111,9 @@ def test_obs_and_var_match_anndata_concat(stores, join):
     assert ("only_in_b" in collection.obs_keys()) == (join == "outer")
     assert collection.obs_names.equals(reference.obs_names)
     for key in reference.obs.columns:
-        pd.testing.assert_series_equal(collection.obs_column(key), reference.obs[key].reset_index(drop=True))  # by position
+        pd.testing.assert_series_equal(
+            collection.obs_column(key), reference.obs[key].reset_index(drop=True)
+        )  # by position
     assert list(collection.obs_column("cell_type").cat.categories) == ["T1", "T2", "T3", "T10"]  # natural order
     pd.testing.assert_frame_equal(collection.var_frame(), reference.var)
     with pytest.raises(StoreError, match="no column 'nope'"):
@@ -162,8 +168,9 @@ def test_samplers_over_a_collection_give_the_concatenated_cells(stores, join):
         indptr, indices, data = minibatch["x_csr"]
         rebuilt = sp.csr_matrix((data, indices, indptr), shape=minibatch["x"].shape).toarray()
         np.testing.assert_array_equal(rebuilt, minibatch["x"])
-    sampler = BlockShuffleSampler(collection, batch_size=32, block_rows=16, buffer_blocks=4, seed=1,
-                                  obs_arrays={"store": codes})
+    sampler = BlockShuffleSampler(
+        collection, batch_size=32, block_rows=16, buffer_blocks=4, seed=1, obs_arrays={"store": codes}
+    )
     for _ in range(2):  # two epochs
         seen = []
         for minibatch in sampler:
@@ -202,7 +209,9 @@ def test_library_statistics_match_the_concatenated_store(stores, tmp_path):
     concatenated = write_store(_concat(stores), tmp_path / "concatenated.zarr", chunk_rows=40)
     codes = pd.Categorical(collection.obs_column("batch")).codes.astype(np.int64)
     n_batch = int(codes.max()) + 1
-    for ours, theirs in zip(library_log_stats(collection, codes, n_batch), library_log_stats(concatenated, codes, n_batch)):
+    for ours, theirs in zip(
+        library_log_stats(collection, codes, n_batch), library_log_stats(concatenated, codes, n_batch)
+    ):
         np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
@@ -215,7 +224,9 @@ def test_given_genes_read_as_the_query_alignment_does(stores):
     collection = StoreCollection([stores[1]], var_names=reference_genes)
     assert list(collection.var_names) == reference_genes and collection.describe()["join"] == "given"
     for start, stop in [(0, 101), (17, 60)]:
-        np.testing.assert_array_equal(collection.read_csr(start, stop).toarray(), aligned.read_csr(start, stop).toarray())
+        np.testing.assert_array_equal(
+            collection.read_csr(start, stop).toarray(), aligned.read_csr(start, stop).toarray()
+        )
 
 
 def test_pickles_describes_and_refuses_what_it_cannot_join(stores, tmp_path):
@@ -227,8 +238,9 @@ def test_pickles_describes_and_refuses_what_it_cannot_join(stores, tmp_path):
     assert description["join"] == "outer" and description["n_obs"] == 501 and description["n_vars"] == 26
     assert [store["n_genes_missing"] for store in description["stores"]] == [1, 2, 0]
     assert [store["first_row"] for store in description["stores"]] == [0, 230, 331]
-    other = write_store(sp.csr_matrix(np.ones((3, 2), np.float32)), tmp_path / "other.zarr",
-                        var=pd.DataFrame(index=["x1", "x2"]))
+    other = write_store(
+        sp.csr_matrix(np.ones((3, 2), np.float32)), tmp_path / "other.zarr", var=pd.DataFrame(index=["x1", "x2"])
+    )
     with pytest.raises(StoreError, match="share no gene"):
         StoreCollection([stores[0], other])
     with pytest.raises(StoreError, match="none of its 2 genes"):

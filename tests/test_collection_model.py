@@ -20,8 +20,9 @@ def stores(tmp_path_factory):
     """Three stores of one atlas's cells: the second with its genes in another order, the third without gene_7;
     and one store of all cells in the genes every store has (what anndata.concat(join="inner") makes)."""
     folder = tmp_path_factory.mktemp("collection")
-    atlas = anndata.read_zarr(synthetic_atlas(folder / "atlas.zarr", N_CELLS, n_genes=N_GENES, n_batches=3,
-                                              seed=5, chunk_rows=256).path)
+    atlas = anndata.read_zarr(
+        synthetic_atlas(folder / "atlas.zarr", N_CELLS, n_genes=N_GENES, n_batches=3, seed=5, chunk_rows=256).path
+    )
     parts = [atlas[:800].copy(), atlas[800:1700].copy(), atlas[1700:].copy()]
     parts[1] = parts[1][:, list(reversed(parts[1].var_names))].copy()
     parts[2] = parts[2][:, [name for name in parts[2].var_names if name != "gene_7"]].copy()
@@ -55,8 +56,8 @@ def test_a_collection_trains_as_the_concatenated_store_and_writes_into_each_stor
     first = 0
     for path in paths:  # each store holds its own cells' rows, and anndata reads them
         n_obs = anndata.read_zarr(path).n_obs
-        np.testing.assert_array_equal(np.asarray(read_output(path, "obsm/X_scvi")), latent[first:first + n_obs])
-        np.testing.assert_array_equal(anndata.read_zarr(path).obsm["X_scvi"], latent[first:first + n_obs])
+        np.testing.assert_array_equal(np.asarray(read_output(path, "obsm/X_scvi")), latent[first : first + n_obs])
+        np.testing.assert_array_equal(anndata.read_zarr(path).obsm["X_scvi"], latent[first : first + n_obs])
         first += n_obs
     de = many.differential_expression(groupby="cell_type", n_samples_overall=200, write_to="de_cell_type")
     assert all("de_cell_type" in anndata.read_zarr(path).uns for path in paths) and len(de)

@@ -30,8 +30,8 @@ from scvi_scale.data import (
     validate_counts,
     write_store,
 )
-from scvi_scale.data import writer as store_writer
 from scvi_scale.data import store as store_module
+from scvi_scale.data import writer as store_writer
 from scvi_scale.data.store import CHUNK_ROWS_ATTR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -124,8 +124,9 @@ def test_csr_indptr_is_int32_below_2_to_the_31_non_zeros_and_int64_beyond(tmp_pa
         x = ad.read_zarr(tmp_path / f"{name}.zarr").X
         assert x.indptr.dtype == dtype and x.indices.dtype == np.int32
         assert (x != adata.X).nnz == 0
-        np.testing.assert_array_equal(CountStore(tmp_path / f"{name}.zarr").read_csr(900, 2100).toarray(),
-                                      adata.X[900:2100].toarray())
+        np.testing.assert_array_equal(
+            CountStore(tmp_path / f"{name}.zarr").read_csr(900, 2100).toarray(), adata.X[900:2100].toarray()
+        )
 
 
 def test_csr_layout_has_row_aligned_chunks(tmp_path):
@@ -466,8 +467,11 @@ def test_counts_beyond_float32_are_refused_not_stored_as_inf(tmp_path):
     adata = make_adata(n_obs=300)
     dense = adata.X.toarray().astype(np.float64)
     dense[212, 5] = 1e39  # a finite float64 integer, inf in float32
-    with pytest.raises(CountValidationError, match=r"at most 3.4028235e\+38 .* row 212 \(cell 'cell_212'\) has "
-                                                   r"value 1e\+39 at gene 'gene_5'"):
+    with pytest.raises(
+        CountValidationError,
+        match=r"at most 3.4028235e\+38 .* row 212 \(cell 'cell_212'\) has "
+        r"value 1e\+39 at gene 'gene_5'",
+    ):
         write_store(sp.csr_matrix(dense), tmp_path / "s.zarr", obs=adata.obs, var=adata.var, chunk_rows=100)
     assert list(tmp_path.iterdir()) == []
 
@@ -477,8 +481,11 @@ def test_missing_strings_in_obs_are_refused_naming_the_rows(tmp_path):
     donor = adata.obs["donor"].to_numpy().copy()
     donor[[120, 260]] = [np.nan, None]
     adata.obs["donor"] = donor
-    with pytest.raises(StoreError, match=r"'donor' \(strings\) has missing values .* in 1 row\(s\) of rows "
-                                         r"\[100, 200\), e.g. rows \[120\] \(cells \['cell_120'\]\)"):
+    with pytest.raises(
+        StoreError,
+        match=r"'donor' \(strings\) has missing values .* in 1 row\(s\) of rows "
+        r"\[100, 200\), e.g. rows \[120\] \(cells \['cell_120'\]\)",
+    ):
         write_store(adata, tmp_path / "s.zarr", chunk_rows=100)
     assert list(tmp_path.iterdir()) == []
 
@@ -489,10 +496,16 @@ def test_chunk_checksums_in_format_3_and_none_said_once_in_format_2(tmp_path, za
         store = write_store(make_adata(), tmp_path / "s.zarr", chunk_rows=64, zarr_format=zarr_format)
         CountStore(tmp_path / "s.zarr")
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
-    arrays = [group["X"][name] for name in ("data", "indices", "indptr")] + [group["obs/batch/codes"],
-                                                                             group["obs/donor"], group["var/symbol"]]
-    with_crc = [any(type(codec).__name__ == "Crc32cCodec" for codec in array.metadata.codecs)
-                for array in arrays if array.metadata.zarr_format == 3]
+    arrays = [group["X"][name] for name in ("data", "indices", "indptr")] + [
+        group["obs/batch/codes"],
+        group["obs/donor"],
+        group["var/symbol"],
+    ]
+    with_crc = [
+        any(type(codec).__name__ == "Crc32cCodec" for codec in array.metadata.codecs)
+        for array in arrays
+        if array.metadata.zarr_format == 3
+    ]
     assert with_crc == ([True] * 6 if zarr_format == 3 else [])
     assert store.checksummed == (zarr_format == 3)
     assert caplog.text.count("carries no chunk checksums") == (0 if zarr_format == 3 else 1)

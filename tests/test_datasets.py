@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-
 from scipy import stats
 
 from scvi_scale.datasets import negative_binomial_csr, synthetic_atlas
@@ -108,8 +107,9 @@ def test_markers_have_the_recorded_fold_changes_and_separate_types(atlas):
         genes = marker_of == cell_type
         assert genes.sum() == 20
         inside = normalized[cell_types == cell_type][:, genes].mean(axis=0)
-        others = np.mean([normalized[cell_types == other][:, genes].mean(axis=0)
-                          for other in range(8) if other != cell_type], axis=0)
+        others = np.mean(
+            [normalized[cell_types == other][:, genes].mean(axis=0) for other in range(8) if other != cell_type], axis=0
+        )
         estimated.append(np.log2(inside / others))
         recorded.append(atlas.var["marker_lfc"].to_numpy()[genes])
     estimated, recorded = np.concatenate(estimated), np.concatenate(recorded)
@@ -126,7 +126,7 @@ def test_markers_have_the_recorded_fold_changes_and_separate_types(atlas):
 def test_ground_truth_scale_and_covariate_programme(atlas):
     truth = atlas.uns["synthetic_atlas"]["true_log2_scale"]
     assert truth.shape == (8, 2000)
-    np.testing.assert_allclose((2.0 ** truth).sum(axis=1), 1.0, rtol=1e-10)
+    np.testing.assert_allclose((2.0**truth).sum(axis=1), 1.0, rtol=1e-10)
     cycling = atlas.var["cycling_coef"].to_numpy() > 0
     assert cycling.sum() == 40 and not np.any(cycling & atlas.var["marker_of"].notna().to_numpy())
     counts = atlas.X.toarray()

@@ -80,8 +80,15 @@ def train_model(path, seed: int, batch_size: int, max_epochs: int = EPOCHS, **op
         model = SCVI(path, **MODEL)
     finally:
         settings.seed = previous
-    model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, plan_kwargs={"n_epochs_kl_warmup": KL_WARMUP},
-                check_val_every_n_epoch=1, **SPLIT, **options)
+    model.train(
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        seed=seed,
+        plan_kwargs={"n_epochs_kl_warmup": KL_WARMUP},
+        check_val_every_n_epoch=1,
+        **SPLIT,
+        **options,
+    )
     return model
 
 
@@ -106,8 +113,9 @@ def _rank_job(path: str, out: str) -> None:
     BlockShuffleSampler.__iter__ = recording_iter
     hook = register_optimizer_step_post_hook(
         lambda optimizer, args, kwargs: step_digests.append(
-            hashlib.sha256(b"".join(p.detach().numpy().tobytes() for g in optimizer.param_groups for p in g["params"]))
-            .hexdigest()
+            hashlib.sha256(
+                b"".join(p.detach().numpy().tobytes() for g in optimizer.param_groups for p in g["params"])
+            ).hexdigest()
         )
     )
     record = {"rank": rank, "world_size": world_size}
@@ -163,8 +171,9 @@ def test_every_training_cell_is_seen_once_per_epoch_across_ranks(atlas, two_rank
             assert len({sum(1 for name, e, _ in r["seen"] if name == run and e == epoch) for r in records}) == 1
     # an interrupted and resumed epoch still covers every cell exactly once
     for epoch in range(3):
-        rows = [rows for r in records for name, e, rows in r["seen"]
-                if name in ("interrupted", "resumed") and e == epoch]
+        rows = [
+            rows for r in records for name, e, rows in r["seen"] if name in ("interrupted", "resumed") and e == epoch
+        ]
         np.testing.assert_array_equal(np.sort(np.concatenate(rows)), train_rows)
 
 
@@ -203,12 +212,28 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(atlas, two_ranks
 
 def test_cli_nproc_trains_and_rank_zero_saves(atlas, tmp_path):
     out = tmp_path / "model"
-    command = [sys.executable, "-m", "scvi_scale.cli", "train", str(atlas), "--batch-key", "batch", "--out", str(out),
-               "--max-epochs", "2", "--n-hidden", "32", "--nproc", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "SCVI_SCALE_PROGRESS": "0"},
-                          timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "scvi_scale.cli",
+        "train",
+        str(atlas),
+        "--batch-key",
+        "batch",
+        "--out",
+        str(out),
+        "--max-epochs",
+        "2",
+        "--n-hidden",
+        "32",
+        "--nproc",
+        "2",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "SCVI_SCALE_PROGRESS": "0"}, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    summary = json.loads(done.stdout[done.stdout.index("{") :])
     assert summary["processes"] == 2 and summary["epochs"] == 2
     files = sorted(p.name for p in out.iterdir())
     assert files == [".train.lock", "checkpoint.pt", "history.csv", "loss_curves.png", "model.pt"]  # no temporary
@@ -254,12 +279,13 @@ def test_output_on_cluster_survives_a_killed_worker(atlas, tmp_path):
                 return
             time.sleep(0.01)
 
-    with distributed_.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                   dashboard_address=None) as cluster, distributed_.Client(cluster) as client:
+    with (
+        distributed_.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed_.Client(cluster) as client,
+    ):
         killer = threading.Thread(target=kill_a_busy_worker, args=(client,))
         killer.start()
-        written = model.get_normalized_expression(write_to="lost_worker", client=client, model_dir=model_dir,
-                                                  **options)
+        written = model.get_normalized_expression(write_to="lost_worker", client=client, model_dir=model_dir, **options)
         killer.join()
         surviving = set(client.run(os.getpid).values())
     assert killed and killed["written_before"] < n_chunks, killed  # the worker died mid-job

@@ -10,8 +10,11 @@ import pytest
 
 from scvi_scale import SCVI
 
-METHODS = sorted(name for name, member in vars(SCVI).items()
-                 if not name.startswith("_") and isinstance(member, (staticmethod, classmethod, type(lambda: 0))))
+METHODS = sorted(
+    name
+    for name, member in vars(SCVI).items()
+    if not name.startswith("_") and isinstance(member, (staticmethod, classmethod, type(lambda: 0)))
+)
 
 
 def documented_parameters(doc: str) -> set[str]:
@@ -40,11 +43,21 @@ def test_each_parameter_is_documented(name):
 
 
 def test_scvi_tools_choices_are_literal_annotations():
-    hints = {name: typing.get_type_hints(getattr(SCVI, name))
-             for name in ("__init__", "get_normalized_expression", "differential_expression",
-                          "get_feature_correlation_matrix")}
-    choices = {name: set(typing.get_args(hint)) for method in hints.values() for name, hint in method.items()
-               if typing.get_origin(hint) is typing.Literal}
+    hints = {
+        name: typing.get_type_hints(getattr(SCVI, name))
+        for name in (
+            "__init__",
+            "get_normalized_expression",
+            "differential_expression",
+            "get_feature_correlation_matrix",
+        )
+    }
+    choices = {
+        name: set(typing.get_args(hint))
+        for method in hints.values()
+        for name, hint in method.items()
+        if typing.get_origin(hint) is typing.Literal
+    }
     assert choices["gene_likelihood"] == {"zinb", "nb", "poisson", "normal"}
     assert choices["dispersion"] == {"gene", "gene-batch", "gene-label", "gene-cell"}
     assert choices["latent_distribution"] == {"normal", "ln"}

@@ -65,8 +65,9 @@ def write_intact(path: Path, writer: str) -> Path:
     adata = counts_adata()
     if writer == "ours":
         # Small chunks, so each array has several: the floors that keep real stores from tiny chunk files, lowered.
-        with mock.patch.object(store_writer, "MIN_NNZ_CHUNK", 1), mock.patch.object(
-            store_writer, "INDPTR_CHUNK_BLOCKS", 1
+        with (
+            mock.patch.object(store_writer, "MIN_NNZ_CHUNK", 1),
+            mock.patch.object(store_writer, "INDPTR_CHUNK_BLOCKS", 1),
         ):
             write_store(adata, path, chunk_rows=CHUNK_ROWS)
     else:
@@ -249,16 +250,23 @@ def command_lines(store: Path, model: Path, scratch: Path) -> dict[str, list[str
         "normalize": ["normalize", str(store), *output_options],
         "de": ["de", str(store), *output_options, "--groupby", "batch", "--table", str(scratch / "de.csv")],
         "sample": ["sample", str(store), *output_options, "--n-samples", "2"],
-        "sample to another store": ["sample", str(store), *output_options, "--output-store",
-                                    str(scratch / "outputs.zarr")],
+        "sample to another store": [
+            "sample",
+            str(store),
+            *output_options,
+            "--output-store",
+            str(scratch / "outputs.zarr"),
+        ],
         "convert": ["convert", str(store), str(scratch / "converted.zarr")],
     }
 
 
 def files_below(folder: Path) -> dict[str, bytes]:
     """Every file and folder below `folder`, with its bytes (None for a folder)."""
-    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
-            for path in sorted(folder.rglob("*"))}
+    return {
+        str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
+        for path in sorted(folder.rglob("*"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +276,25 @@ def trained_model(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("intact")
     store = write_intact(folder / "ours.zarr", "ours")
-    assert main(["train", str(store), "--batch-key", "batch", "--out", str(folder / "model"), "--max-epochs", "1",
-                 "--n-hidden", "16", "--n-latent", "4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(store),
+                "--batch-key",
+                "batch",
+                "--out",
+                str(folder / "model"),
+                "--max-epochs",
+                "1",
+                "--n-hidden",
+                "16",
+                "--n-latent",
+                "4",
+            ]
+        )
+        == 0
+    )
     return folder / "model"
 
 
@@ -300,9 +325,13 @@ def test_every_command_refuses_a_damaged_store_in_one_line_and_writes_nothing(
 def test_the_installed_command_exits_with_code_2_and_one_line(tmp_path):
     """The real `python -m scvi_scale.cli` process, once: sys.exit carries main's code, stderr holds one line."""
     damaged = damaged_store(tmp_path, "ours", "garbage indices")
-    done = subprocess.run([sys.executable, "-m", "scvi_scale.cli", "convert", str(damaged.path),
-                           str(tmp_path / "converted.zarr")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "SCVI_SCALE_PROGRESS": "0"})
+    done = subprocess.run(
+        [sys.executable, "-m", "scvi_scale.cli", "convert", str(damaged.path), str(tmp_path / "converted.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SCVI_SCALE_PROGRESS": "0"},
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and damaged.chunk_key in done.stderr
     assert not (tmp_path / "converted.zarr").exists()

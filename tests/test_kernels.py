@@ -58,9 +58,8 @@ def backend(request, monkeypatch):
 
 def _kernels_interpreted() -> bool:
     """Whether the Triton kernels were defined for the interpreter (TRITON_INTERPRET=1 when first imported)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     from scvi_scale.kernels import count_likelihood
+    from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(count_likelihood._count_log_likelihood_fwd_kernel, InterpretedFunction)
 
@@ -165,8 +164,7 @@ def draw_count_inputs(rng, n_cells, n_genes, likelihood, theta_per_cell):
 
 def as_tensors(dtype, *arrays, requires_grad=False):
     return [
-        None if a is None else torch.tensor(a, dtype=dtype, device=DEVICE, requires_grad=requires_grad)
-        for a in arrays
+        None if a is None else torch.tensor(a, dtype=dtype, device=DEVICE, requires_grad=requires_grad) for a in arrays
     ]
 
 
@@ -204,8 +202,9 @@ def check_count_log_likelihood(rng, n_cells, n_genes, likelihood, theta_per_cell
     gradients = log_prob_gradients_reference(x, mu, theta, zi, likelihood)
     for name, tensor, reference in zip(("mu", "theta", "zi_logits"), (mu_t, theta_t, zi_t), gradients):
         if reference is not None:
-            want_grad, magnitude = (reduce_to(tensor.shape, w, r) for w, r in
-                                    zip((cell_weights, np.abs(cell_weights)), reference))
+            want_grad, magnitude = (
+                reduce_to(tensor.shape, w, r) for w, r in zip((cell_weights, np.abs(cell_weights)), reference)
+            )
             assert_gradient_close(name, tensor.grad, want_grad, magnitude, tol)
 
 
@@ -226,8 +225,11 @@ def test_the_compiled_path_is_chosen_by_size_alone_and_sizes_of_one_stay_eager(r
     check_count_log_likelihood(rng, 50, 1100, "zinb", False, torch.float32, FLOAT32_TOL)  # compiles (or reuses)
     compiled_calls = []
     compiled = torch_ops._compiled[torch_ops.all_terms]
-    monkeypatch.setitem(torch_ops._compiled, torch_ops.all_terms,
-                        lambda *args: (compiled_calls.append(tuple(args[3].shape)), compiled(*args))[1])
+    monkeypatch.setitem(
+        torch_ops._compiled,
+        torch_ops.all_terms,
+        lambda *args: (compiled_calls.append(tuple(args[3].shape)), compiled(*args))[1],
+    )
     for n_cells, n_genes in ((50, 1100), (1, 40_000), (15, 2000)):
         check_count_log_likelihood(rng, n_cells, n_genes, "zinb", False, torch.float32, FLOAT32_TOL)
     assert compiled_calls == [(50, 1100)]
@@ -267,7 +269,7 @@ def test_csr_counts_with_stored_zeros(backend, rng, likelihood):
     stored = (x > 0) | (rng.random(x.shape) < 0.3)  # every non-zero, and some zeros
     rows, cols = np.nonzero(stored)
     crow = np.searchsorted(rows, np.arange(x.shape[0] + 1))
-    x_t, = as_tensors(torch.float64, x)
+    (x_t,) = as_tensors(torch.float64, x)
     csr = torch.sparse_csr_tensor(torch.tensor(crow), torch.tensor(cols), x_t[rows, cols], x.shape, device=DEVICE)
     results = []
     for counts in (x_t, csr):
@@ -285,8 +287,13 @@ def log_prob_gamma_reference(x, mu, theta, zi_logits, likelihood):
     if likelihood == "poisson":
         return sps.xlogy(x, mu) - mu - sps.gammaln(x + 1)
     theta = np.broadcast_to(theta, x.shape)
-    log_nb = (sps.gammaln(x + theta) - sps.gammaln(theta) - sps.gammaln(x + 1)
-              + theta * np.log(theta / (theta + mu)) + sps.xlogy(x, mu / (theta + mu)))
+    log_nb = (
+        sps.gammaln(x + theta)
+        - sps.gammaln(theta)
+        - sps.gammaln(x + 1)
+        + theta * np.log(theta / (theta + mu))
+        + sps.xlogy(x, mu / (theta + mu))
+    )
     if likelihood == "nb":
         return log_nb
     log_pi, log_one_minus_pi = -np.logaddexp(0, -zi_logits), -np.logaddexp(0, zi_logits)
@@ -343,8 +350,16 @@ def draw_decoder_inputs(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_c
         dropout_bias = rng.uniform(-6, 6, size=n_genes)
     else:
         dropout_weight = dropout_bias = None
-    return dict(hidden=hidden, scale_weight=scale_weight, scale_bias=scale_bias, log_library=log_library, x=x,
-                theta=theta, dropout_weight=dropout_weight, dropout_bias=dropout_bias)
+    return dict(
+        hidden=hidden,
+        scale_weight=scale_weight,
+        scale_bias=scale_bias,
+        log_library=log_library,
+        x=x,
+        theta=theta,
+        dropout_weight=dropout_weight,
+        dropout_bias=dropout_bias,
+    )
 
 
 def decoder_reference(inputs, likelihood, cell_weights):
@@ -359,8 +374,9 @@ def decoder_reference(inputs, likelihood, cell_weights):
     mu = np.exp(l)[:, None] * p
     zi = None if likelihood != "zinb" else h @ inputs["dropout_weight"].T + inputs["dropout_bias"]
     out = log_prob_reference(inputs["x"], mu, inputs["theta"], zi, likelihood).sum(-1)
-    (d_mu, d_mu_magnitude), d_theta, d_z = log_prob_gradients_reference(inputs["x"], mu, inputs["theta"], zi,
-                                                                        likelihood)
+    (d_mu, d_mu_magnitude), d_theta, d_z = log_prob_gradients_reference(
+        inputs["x"], mu, inputs["theta"], zi, likelihood
+    )
     w, abs_w = cell_weights[:, None], np.abs(cell_weights)[:, None]
     a, a_magnitude = w * mu * d_mu, abs_w * mu * d_mu_magnitude
     d_s = a - p * a.sum(-1, keepdims=True)
@@ -372,25 +388,27 @@ def decoder_reference(inputs, likelihood, cell_weights):
         log_library=(a.sum(-1), a_magnitude.sum(-1)),
     )
     if d_theta is not None:
-        grads["theta"] = tuple(reduce_to(inputs["theta"].shape, weights, r)
-                               for weights, r in zip((cell_weights, abs_w[:, 0]), d_theta))
+        grads["theta"] = tuple(
+            reduce_to(inputs["theta"].shape, weights, r) for weights, r in zip((cell_weights, abs_w[:, 0]), d_theta)
+        )
     if d_z is not None:
         d_z, d_z_magnitude = w * d_z[0], abs_w * d_z[1]
         w_dropout = inputs["dropout_weight"]
-        grads["hidden"] = (grads["hidden"][0] + d_z @ w_dropout,
-                           grads["hidden"][1] + d_z_magnitude @ np.abs(w_dropout))
+        grads["hidden"] = (grads["hidden"][0] + d_z @ w_dropout, grads["hidden"][1] + d_z_magnitude @ np.abs(w_dropout))
         grads["dropout_weight"] = (d_z.T @ h, d_z_magnitude.T @ np.abs(h))
         grads["dropout_bias"] = (d_z.sum(0), d_z_magnitude.sum(0))
     return out, grads
 
 
-def check_decoder_log_likelihood(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell, dtype, tol,
-                                 layout="dense"):
+def check_decoder_log_likelihood(
+    rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell, dtype, tol, layout="dense"
+):
     inputs = draw_decoder_inputs(rng, n_cells, n_genes, n_hidden, likelihood, theta_per_cell)
     inputs = {name: rounded(value, dtype) for name, value in inputs.items()}
-    tensors = {name: None if value is None else
-               torch.tensor(value, dtype=dtype, device=DEVICE, requires_grad=name != "x")
-               for name, value in inputs.items()}
+    tensors = {
+        name: None if value is None else torch.tensor(value, dtype=dtype, device=DEVICE, requires_grad=name != "x")
+        for name, value in inputs.items()
+    }
     out = kernels.decoder_log_likelihood(**{**tensors, "x": as_layout(tensors["x"], layout)}, likelihood=likelihood)
     assert out.shape == (n_cells,) and out.dtype == dtype
     cell_weights = rng.normal(size=n_cells)
@@ -413,8 +431,7 @@ def test_decoder_log_likelihood_float32(backend, rng, likelihood, n_cells, n_gen
 def test_csr_counts_match_the_reference(backend, rng, likelihood, n_cells, n_genes):
     """Counts given as a sparse CSR tensor: both ops against the float64 reference, eager and compiled sizes."""
     check_count_log_likelihood(rng, n_cells, n_genes, likelihood, False, torch.float32, FLOAT32_TOL, layout="csr")
-    check_decoder_log_likelihood(rng, n_cells, n_genes, 24, likelihood, False, torch.float32, FLOAT32_TOL,
-                                 layout="csr")
+    check_decoder_log_likelihood(rng, n_cells, n_genes, 24, likelihood, False, torch.float32, FLOAT32_TOL, layout="csr")
 
 
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
@@ -442,7 +459,7 @@ def test_gradcheck_count_log_likelihood(backend, rng, likelihood):
     x = np.where(rng.random((3, 5)) < 0.5, 0.0, rng.poisson(mu))
     theta = np.exp(rng.uniform(-2, 4, size=5)) if likelihood != "poisson" else None
     zi = rng.uniform(-3, 3, size=(3, 5)) if likelihood == "zinb" else None
-    x_t, = as_tensors(torch.float64, x)
+    (x_t,) = as_tensors(torch.float64, x)
     params = as_tensors(torch.float64, mu, theta, zi, requires_grad=True)
 
     def per_cell(mu, theta, zi):
@@ -502,8 +519,9 @@ def test_reference_forms_match_scipy(rng, likelihood):
 
     inputs = draw_decoder_inputs(rng, 4, 50, 8, likelihood, theta_per_cell=False)
     inputs["x"] = np.minimum(inputs["x"], 1000)
-    got = reference_decoder_log_likelihood(**dict(zip(inputs, as_tensors(torch.float64, *inputs.values()))),
-                                           likelihood=likelihood)
+    got = reference_decoder_log_likelihood(
+        **dict(zip(inputs, as_tensors(torch.float64, *inputs.values()))), likelihood=likelihood
+    )
     assert rel_err(got, decoder_reference(inputs, likelihood, np.ones(4))[0]) < 1e-9
 
 
@@ -577,8 +595,9 @@ def test_torch_path_falls_back_to_eager_when_compile_fails(monkeypatch, caplog, 
     ],
 )
 def test_count_log_likelihood_rejects_bad_input(change, message):
-    args = dict(x=torch.ones(2, 3), mu=torch.ones(2, 3), theta=torch.ones(3), zi_logits=torch.zeros(2, 3),
-                likelihood="zinb")
+    args = dict(
+        x=torch.ones(2, 3), mu=torch.ones(2, 3), theta=torch.ones(3), zi_logits=torch.zeros(2, 3), likelihood="zinb"
+    )
     with pytest.raises(ValueError, match=message):
         kernels.count_log_likelihood(**{**args, **change})
 
@@ -595,9 +614,17 @@ def test_count_log_likelihood_rejects_bad_input(change, message):
     ],
 )
 def test_decoder_log_likelihood_rejects_bad_input(change, message):
-    args = dict(hidden=torch.ones(2, 4), scale_weight=torch.ones(3, 4), scale_bias=torch.ones(3),
-                log_library=torch.ones(2), x=torch.ones(2, 3), theta=torch.ones(3),
-                dropout_weight=torch.ones(3, 4), dropout_bias=torch.ones(3), likelihood="zinb")
+    args = dict(
+        hidden=torch.ones(2, 4),
+        scale_weight=torch.ones(3, 4),
+        scale_bias=torch.ones(3),
+        log_library=torch.ones(2),
+        x=torch.ones(2, 3),
+        theta=torch.ones(3),
+        dropout_weight=torch.ones(3, 4),
+        dropout_bias=torch.ones(3),
+        likelihood="zinb",
+    )
     with pytest.raises(ValueError, match=message):
         kernels.decoder_log_likelihood(**{**args, **change})
 
@@ -606,15 +633,20 @@ def test_decoder_log_likelihood_rejects_bad_input(change, message):
 # the model trains through the fused ops
 
 
-@pytest.mark.parametrize("options", [dict(), dict(dispersion="gene-cell"), dict(use_observed_lib_size=False)],
-                         ids=["decoder-op", "count-op", "latent-library"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(dispersion="gene-cell"), dict(use_observed_lib_size=False)],
+    ids=["decoder-op", "count-op", "latent-library"],
+)
 def test_csr_minibatch_gives_the_loss_and_gradients_of_dense_x(options):
     """Training on x_csr alone (the likelihood reads the non-zeros, log1p(x) is made dense by a scatter) gives the
     loss and every parameter's gradient that dense x gives, at a training minibatch's size (the compiled path)."""
     from scvi_scale.module import VAE
 
     generator = torch.Generator().manual_seed(3)
-    x = torch.poisson(torch.rand(128, 1024, generator=generator) * 4) * (torch.rand(128, 1024, generator=generator) < 0.1)
+    x = torch.poisson(torch.rand(128, 1024, generator=generator) * 4) * (
+        torch.rand(128, 1024, generator=generator) < 0.1
+    )
     x[:, 0] += 1
     batch = torch.randint(0, 3, (128,), generator=generator)
     csr = x.to_sparse_csr()
@@ -622,8 +654,10 @@ def test_csr_minibatch_gives_the_loss_and_gradients_of_dense_x(options):
     module = VAE(1024, n_batch=3, library_log_means=np.full(3, 5.0), library_log_vars=np.ones(3), **options)
     module.train()
     gradients = []
-    for tensors in ({"x": x, "batch": batch},
-                    {"x_csr": (csr.crow_indices(), csr.col_indices(), csr.values()), "batch": batch}):
+    for tensors in (
+        {"x": x, "batch": batch},
+        {"x_csr": (csr.crow_indices(), csr.col_indices(), csr.values()), "batch": batch},
+    ):
         module.zero_grad()
         torch.manual_seed(1)  # the same dropout mask and draws
         loss = module.loss(tensors, kl_weight=0.5)["loss"]

@@ -49,8 +49,20 @@ from scvi_scale.datasets import synthetic_atlas
 pytestmark = pytest.mark.filterwarnings("ignore:.*zarr v2 data will no longer be the default.*")
 
 N_CELLS, N_GENES, CHUNK_ROWS = 800, 40, 32  # 25 row chunks
-TRAIN = ["--batch-key", "batch", "--max-epochs", "2", "--batch-size", "16", "--n-hidden", "16", "--n-latent", "4",
-         "--checkpoint-every", "0.01"]  # 720 training cells: 45 steps an epoch; checkpoints at step 50 too
+TRAIN = [
+    "--batch-key",
+    "batch",
+    "--max-epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--n-hidden",
+    "16",
+    "--n-latent",
+    "4",
+    "--checkpoint-every",
+    "0.01",
+]  # 720 training cells: 45 steps an epoch; checkpoints at step 50 too
 SEED = 3
 KILLS_PER_CASE = 10
 MAX_RUNS_PER_CASE = 60
@@ -159,8 +171,13 @@ class ForkServer:
 
     def __init__(self, folder: Path):
         self.folder, self.runs = folder, 0
-        self.process = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env={**os.environ, **CHILD_ENV, "PYTHONHASHSEED": "1"})
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **CHILD_ENV, "PYTHONHASHSEED": "1"},
+        )
         assert json.loads(self.process.stdout.readline()) == {"ready": True}
 
     def run(self, argv: list[str], plan: dict) -> dict:
@@ -191,16 +208,16 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("pristine") / "s.zarr"
-    synthetic_atlas(path, n_cells=N_CELLS, n_genes=N_GENES, n_batches=2, n_cell_types=3, seed=1,
-                    chunk_rows=CHUNK_ROWS)
+    synthetic_atlas(path, n_cells=N_CELLS, n_genes=N_GENES, n_batches=2, n_cell_types=3, seed=1, chunk_rows=CHUNK_ROWS)
     return path
 
 
 def cli(*argv: str, hash_seed: str = "0") -> subprocess.CompletedProcess:
     """A real `python -m scvi_scale.cli` process, one torch thread."""
     env = {**os.environ, **CHILD_ENV, "PYTHONHASHSEED": hash_seed}
-    return subprocess.run([sys.executable, "-m", "scvi_scale.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "scvi_scale.cli", *map(str, argv)], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def model_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -208,8 +225,10 @@ def model_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_model(out: Path, reference: Path) -> None:
-    ours, theirs = torch.load(out / "model.pt", weights_only=False), torch.load(reference / "model.pt",
-                                                                              weights_only=False)
+    ours, theirs = (
+        torch.load(out / "model.pt", weights_only=False),
+        torch.load(reference / "model.pt", weights_only=False),
+    )
     assert ours["model_state_dict"].keys() == theirs["model_state_dict"].keys()
     for name, tensor in theirs["model_state_dict"].items():
         assert torch.equal(ours["model_state_dict"][name], tensor), name
@@ -263,8 +282,9 @@ def draw_plan(rng: np.random.Generator, reference: dict, kinds: tuple[str, ...])
     return {"before_change": int(rng.integers(1, reference["changes"][kind] + 1)), "counted_from": kind}
 
 
-def kill_and_rerun(server, rng, reference: dict, kinds, fresh, argv_of, check_after_kill, check_done,
-                   finished_already=None) -> None:
+def kill_and_rerun(
+    server, rng, reference: dict, kinds, fresh, argv_of, check_after_kill, check_done, finished_already=None
+) -> None:
     """Runs of argv_of(attempt, first) under seeded kill plans, rerun after each kill until one finishes; then
     check_done(). Repeated on fresh() targets until KILLS_PER_CASE runs were killed. check_after_kill() runs after
     every kill. finished_already(run) says whether a rerun's refusal means the killed run had finished its work."""
@@ -276,8 +296,10 @@ def kill_and_rerun(server, rng, reference: dict, kinds, fresh, argv_of, check_af
             assert runs <= MAX_RUNS_PER_CASE, f"{kills} kills in {runs} runs"
             plan = draw_plan(rng, reference, kinds)
             run = server.run(argv_of(target, first), plan)
-            print(f"run {runs} on {target.relative_to(target.parents[1])}: plan {plan} -> killed {run['killed']}, "
-                  f"rc {run['rc']}, {run['seconds']:.1f} s")
+            print(
+                f"run {runs} on {target.relative_to(target.parents[1])}: plan {plan} -> killed {run['killed']}, "
+                f"rc {run['rc']}, {run['seconds']:.1f} s"
+            )
             if run["killed"]:
                 kills += 1
                 first = False
@@ -309,8 +331,11 @@ def test_cli_training_killed_at_random_moments_resumes_to_the_uninterrupted_mode
 
     def check_done(out: Path) -> None:
         assert_same_model(out, reference_model)
-        left = [path.name for path in out.iterdir() if not path.name.startswith((".history.csv.tmp",
-                                                                                ".loss_curves.png.tmp", LOCK_FILE))]
+        left = [
+            path.name
+            for path in out.iterdir()
+            if not path.name.startswith((".history.csv.tmp", ".loss_curves.png.tmp", LOCK_FILE))
+        ]
         assert sorted(left) == ["checkpoint.pt", "history.csv", "loss_curves.png", "model.pt"]  # no temporary file
         # (the report's temporary files: see test_training_removes_the_temporary_files_of_killed_runs)
 
@@ -383,8 +408,10 @@ OUTPUT_CASES = {
 
 def entries_of(adata: anndata.AnnData) -> dict:
     """obsm and layers of `adata`, by entry name."""
-    return {**{f"obsm/{key}": value for key, value in adata.obsm.items()},
-            **{f"layers/{key}": value for key, value in adata.layers.items()}}
+    return {
+        **{f"obsm/{key}": value for key, value in adata.obsm.items()},
+        **{f"layers/{key}": value for key, value in adata.layers.items()},
+    }
 
 
 def assert_equal_entry(value, expected, entry: str) -> None:
@@ -438,5 +465,14 @@ def test_output_command_killed_at_random_moments_resumes_to_the_uninterrupted_ou
     def finished_already(run: dict) -> bool:  # the kill came after the last part was complete: the rerun refuses
         return run["rc"] == 2 and "already exists" in run["log"]
 
-    kill_and_rerun(server, rng, reference, ("time", "all", "finish"), fresh, argv_of, check_after_kill,
-                   check_done, finished_already)
+    kill_and_rerun(
+        server,
+        rng,
+        reference,
+        ("time", "all", "finish"),
+        fresh,
+        argv_of,
+        check_after_kill,
+        check_done,
+        finished_already,
+    )

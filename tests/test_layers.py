@@ -22,8 +22,15 @@ LAYERS = [
     ["scvi_scale.settings", "scvi_scale.version"],
     ["scvi_scale.data", "scvi_scale.datasets", "scvi_scale.sampler"],
     ["scvi_scale.kernels", "scvi_scale.nn", "scvi_scale.module", "scvi_scale.surgery"],
-    ["scvi_scale.train", "scvi_scale.threads", "scvi_scale.distributed", "scvi_scale.persist",
-     "scvi_scale.scvi_tools_format", "scvi_scale.outputs", "scvi_scale.report"],
+    [
+        "scvi_scale.train",
+        "scvi_scale.threads",
+        "scvi_scale.distributed",
+        "scvi_scale.persist",
+        "scvi_scale.scvi_tools_format",
+        "scvi_scale.outputs",
+        "scvi_scale.report",
+    ],
     ["scvi_scale.model"],
     ["scvi_scale.cli", "scvi_scale.demo", "scvi_scale"],
 ]
@@ -42,8 +49,9 @@ def package_modules() -> dict[str, Path]:
 
 def layer_of(module: str) -> int:
     """The layer of the longest prefix of `module` named in LAYERS."""
-    best = max((prefix for layer in LAYERS for prefix in layer if module == prefix or module.startswith(prefix + ".")),
-               key=len)
+    best = max(
+        (prefix for layer in LAYERS for prefix in layer if module == prefix or module.startswith(prefix + ".")), key=len
+    )
     return next(index for index, layer in enumerate(LAYERS) if best in layer)
 
 
@@ -77,8 +85,12 @@ def test_every_module_has_a_layer():
 def test_imports_go_down_the_layers_and_never_in_a_circle():
     modules = package_modules()
     graph = {module: imports_of(module, path, set(modules)) for module, path in modules.items()}
-    upward = [(module, target) for module, targets in graph.items() for target in targets
-              if layer_of(target) > layer_of(module)]
+    upward = [
+        (module, target)
+        for module, targets in graph.items()
+        for target in targets
+        if layer_of(target) > layer_of(module)
+    ]
     assert not upward, f"imports from a lower layer into a higher one: {upward}"
     # depth-first search for a cycle
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -131,14 +143,15 @@ print(json.dumps(results))
 
 def test_each_module_imports_alone_loading_only_its_layer_and_below_and_no_global_hooks():
     modules = sorted(package_modules())
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(modules)], capture_output=True, text=True,
-                          check=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(modules)], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     results = json.loads(done.stdout.strip().splitlines()[-1])
     failed = {module: result["error"] for module, result in results.items() if "error" in result}
     assert not failed, f"modules that do not import on their own: {failed}"
     for module, result in results.items():
-        above = [loaded for loaded in result["loaded"] if loaded != "scvi_scale"
-                 and layer_of(loaded) > layer_of(module)]
+        above = [
+            loaded for loaded in result["loaded"] if loaded != "scvi_scale" and layer_of(loaded) > layer_of(module)
+        ]
         assert not above, f"importing {module} loads higher layers: {above}"
         assert result["optimizer_hooks"] == 0, f"importing {module} registers global optimizer hooks"
-

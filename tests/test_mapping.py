@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from scvi_scale.data import CountStore, StoreError, write_store
-from scvi_scale.datasets import synthetic_atlas
 from scvi_scale.data.aligned import AlignedStore
+from scvi_scale.datasets import synthetic_atlas
+from scvi_scale.model import SCVI
 from scvi_scale.outputs.labels import nearest_neighbours, transfer_labels, weighted_votes
 from scvi_scale.outputs.writer import write_obs_column
-from scvi_scale.model import SCVI
 from scvi_scale.settings import settings
 
 N_GENES = 200
@@ -36,8 +36,10 @@ def _write_subset(atlas: CountStore, rows, path, columns=None, extra_genes: int 
         counts = np.hstack([counts.toarray(), extra])
         names = names.append(pd.Index([f"novel_{i}" for i in range(extra_genes)]))
     obs = pd.DataFrame(
-        {"batch": atlas.obs_column("batch").astype(str).to_numpy()[rows],
-         "cell_type": atlas.obs_column("cell_type").to_numpy()[rows]},
+        {
+            "batch": atlas.obs_column("batch").astype(str).to_numpy()[rows],
+            "cell_type": atlas.obs_column("cell_type").to_numpy()[rows],
+        },
         index=atlas.obs_names[rows],
     )
     return write_store(counts, path, obs=obs, var=pd.DataFrame(index=names), sparse=sparse, chunk_rows=128)
@@ -61,8 +63,15 @@ def mapped(tmp_path_factory):
     query = SCVI.load_query_data(folder / "query.zarr", folder / "reference_model")
     initial_query_state = {key: value.clone() for key, value in query.module.state_dict().items()}
     query.train(max_epochs=10, batch_size=128, seed=0)  # default plan: Adam with weight_decay 1e-6
-    return {"folder": folder, "atlas": atlas, "query_rows": query_rows, "reference": reference,
-            "reference_state": reference_state, "initial_query_state": initial_query_state, "query": query}
+    return {
+        "folder": folder,
+        "atlas": atlas,
+        "query_rows": query_rows,
+        "reference": reference,
+        "reference_state": reference_state,
+        "initial_query_state": initial_query_state,
+        "query": query,
+    }
 
 
 def test_query_cells_get_their_cell_types_by_label_transfer(mapped):
@@ -83,8 +92,10 @@ def test_frozen_reference_weights_stay_bit_identical(mapped):
     which would move frozen entries of a partly trainable weight without the step hook."""
     reference_state, query_module = mapped["reference_state"], mapped["query"].module
     query_state = query_module.state_dict()
-    learned = {"decoder.px_decoder.fc_layers.Layer 0.1." + name for name in ("weight", "bias", "running_mean",
-                                                                              "running_var", "num_batches_tracked")}
+    learned = {
+        "decoder.px_decoder.fc_layers.Layer 0.1." + name
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    }
     for key, before in reference_state.items():
         after = query_state[key]
         if key in learned or key.endswith("num_batches_tracked"):
@@ -110,8 +121,11 @@ def test_freeze_options_follow_scvi_tools(mapped):
         store, directory, freeze_expression=False, freeze_dropout=True, freeze_batchnorm_encoder=False
     ).module
     names = {name for name, p in opened.named_parameters() if p.requires_grad}
-    assert {"z_encoder.encoder.fc_layers.Layer 0.0.weight", "z_encoder.encoder.fc_layers.Layer 0.0.bias",
-            "z_encoder.encoder.fc_layers.Layer 0.1.weight"} <= names
+    assert {
+        "z_encoder.encoder.fc_layers.Layer 0.0.weight",
+        "z_encoder.encoder.fc_layers.Layer 0.0.bias",
+        "z_encoder.encoder.fc_layers.Layer 0.1.weight",
+    } <= names
     assert "z_encoder.mean_encoder.weight" not in names and "decoder.px_scale_decoder.weight" not in names
     assert all(m.p == 0 for m in opened.modules() if isinstance(m, torch.nn.Dropout))
     frozen_norm = SCVI.load_query_data(store, directory).module.z_encoder.encoder.fc_layers[0][1]
@@ -190,8 +204,9 @@ def test_predictions_are_written_to_obs_and_x_is_untouched(mapped, tmp_path, mon
     result = transfer_labels(mapped["reference"], query, write_to=store)
     adata = anndata.read_zarr(store)
     pd.testing.assert_series_equal(adata.obs["predicted_cell_type"], result["predicted_cell_type"], check_names=False)
-    np.testing.assert_array_equal(adata.obs["predicted_cell_type_uncertainty"].to_numpy(),
-                                  result["predicted_cell_type_uncertainty"].to_numpy())
+    np.testing.assert_array_equal(
+        adata.obs["predicted_cell_type_uncertainty"].to_numpy(), result["predicted_cell_type_uncertainty"].to_numpy()
+    )
     np.testing.assert_array_equal(np.asarray(adata.X.toarray()), counts_before)
     with pytest.raises(FileExistsError):
         write_obs_column(store, "predicted_cell_type", result["predicted_cell_type"])
@@ -215,11 +230,24 @@ def test_map_command_fine_tunes_saves_and_transfers_labels(mapped, tmp_path, mon
     _write_subset(mapped["atlas"], mapped["query_rows"], store)
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
-        "map", str(store), "--reference", str(mapped["folder"] / "reference_model"), "--out", str(tmp_path / "out"),
-        "--reference-store", str(mapped["folder"] / "reference.zarr"), "--labels-key", "cell_type",
-        "--max-epochs", "2", "--accelerator", "cpu",
-    ])
+    args = parser.parse_args(
+        [
+            "map",
+            str(store),
+            "--reference",
+            str(mapped["folder"] / "reference_model"),
+            "--out",
+            str(tmp_path / "out"),
+            "--reference-store",
+            str(mapped["folder"] / "reference.zarr"),
+            "--labels-key",
+            "cell_type",
+            "--max-epochs",
+            "2",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     assert args.run(args) == 0
     adata = anndata.read_zarr(store)
     assert adata.obsm["X_scVI"].shape == (len(mapped["query_rows"]), 6)
@@ -260,8 +288,11 @@ def test_a_query_with_another_gene_panel_maps_as_the_scarches_tutorial_runs(mapp
     from_model = SCVI.load_query_data(query.copy(), mapped["reference"], unfrozen=True)
     np.testing.assert_array_equal(from_model.get_latent_representation(), vae_q.get_latent_representation())
     with pytest.warns(UserWarning, match=f"30 of the reference's {N_GENES} genes are missing from the query"):
-        store_query = SCVI.load_query_data(SCVI.prepare_query_zarr(tmp_path / "panel.zarr", folder / "reference_model"),
-                                           folder / "reference_model", unfrozen=True)
+        store_query = SCVI.load_query_data(
+            SCVI.prepare_query_zarr(tmp_path / "panel.zarr", folder / "reference_model"),
+            folder / "reference_model",
+            unfrozen=True,
+        )
     initial_latent = vae_q.get_latent_representation()
     for model in (vae_q, store_query):  # the same shuffle blocks for both (an AnnData's default block is larger)
         model.train(max_epochs=3, batch_size=128, seed=0, block_rows=128, plan_kwargs={"weight_decay": 0.0})
@@ -272,7 +303,7 @@ def test_a_query_with_another_gene_panel_maps_as_the_scarches_tutorial_runs(mapp
     reference = anndata.read_zarr(folder / "reference.zarr")
     joint = anndata.concat([reference, query])
     joint_latent = vae_q.get_latent_representation(joint)
-    np.testing.assert_allclose(joint_latent[reference.n_obs:], query_latent, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(joint_latent[reference.n_obs :], query_latent, rtol=1e-5, atol=1e-6)
     _, neighbours = nearest_neighbours(joint_latent[: reference.n_obs], query_latent, k=15)
     reference_types = reference.obs["cell_type"].astype(str).to_numpy()
     votes = [pd.Series(reference_types[row]).mode()[0] for row in neighbours]
@@ -293,8 +324,20 @@ def test_map_command_maps_a_store_with_another_gene_panel_without_rewriting_it(m
     counts_before = CountStore(store).read_dense(0, len(mapped["query_rows"]))
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["map", str(store), "--reference", str(mapped["folder"] / "reference_model"),
-                              "--out", str(tmp_path / "out"), "--max-epochs", "2", "--accelerator", "cpu"])
+    args = parser.parse_args(
+        [
+            "map",
+            str(store),
+            "--reference",
+            str(mapped["folder"] / "reference_model"),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-epochs",
+            "2",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     with pytest.warns(UserWarning, match=f"30 of the reference's {N_GENES} genes are missing from the query"):
         assert args.run(args) == 0
     written = anndata.read_zarr(store)

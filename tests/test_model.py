@@ -21,7 +21,7 @@ import torch
 from scvi_scale import SCVI
 from scvi_scale.data import StoreError, write_store
 from scvi_scale.datasets import synthetic_atlas
-from scvi_scale.train import TrainingDivergedError, kl_weight, max_epochs_heuristic, TrainingConfig
+from scvi_scale.train import TrainingConfig, TrainingDivergedError, kl_weight, max_epochs_heuristic
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -167,8 +167,14 @@ def test_latent_separates_cell_types_and_mixes_batches(trained):
 
 def test_history_and_held_out_elbo_improves(trained):
     history = trained.history
-    for key in ("elbo_train", "elbo_validation", "reconstruction_loss_train", "reconstruction_loss_validation",
-                "kl_local_train", "kl_local_validation"):
+    for key in (
+        "elbo_train",
+        "elbo_validation",
+        "reconstruction_loss_train",
+        "reconstruction_loss_validation",
+        "kl_local_train",
+        "kl_local_validation",
+    ):
         assert len(history[key]) == 25, key
     validation = history["elbo_validation"]["elbo_validation"].to_numpy()
     assert validation[-1] < validation[0] * 0.8
@@ -305,8 +311,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
 
 @pytest.fixture
 def small_store(tmp_path) -> Path:
-    path = synthetic_atlas(tmp_path / "small.zarr", n_cells=600, n_genes=50, n_batches=2, n_cell_types=3, seed=2,
-                           chunk_rows=64).path
+    path = synthetic_atlas(
+        tmp_path / "small.zarr", n_cells=600, n_genes=50, n_batches=2, n_cell_types=3, seed=2, chunk_rows=64
+    ).path
     SCVI.setup_zarr(path, batch_key="batch")
     return path
 
@@ -318,8 +325,7 @@ def finite_elbo_at(store: Path, weights: dict) -> float:
     return -model.get_elbo()
 
 
-def test_a_diverging_run_keeps_its_last_healthy_checkpoint_and_resumes_with_a_lower_lr(small_store, tmp_path,
-                                                                                       caplog):
+def test_a_diverging_run_keeps_its_last_healthy_checkpoint_and_resumes_with_a_lower_lr(small_store, tmp_path, caplog):
     """Five healthy steps at lr 1e-3 (checkpoint after each), then a resume at lr 1e3: its first update throws the
     weights far off (the next loss is NaN). The checkpoint kept holds step 5's weights, and the error names it; a
     resume at lr 1e-4 continues from it, says the lr changed, and finishes."""
@@ -331,13 +337,19 @@ def test_a_diverging_run_keeps_its_last_healthy_checkpoint_and_resumes_with_a_lo
     assert healthy["state"]["global_step"] == 5
     with caplog.at_level("WARNING", logger="scvi_scale.train"):
         # 540 training cells: 5 steps an epoch; step 6 (epoch 1, step 0) diverges, the next loss is NaN
-        with pytest.raises(TrainingDivergedError, match=rf"epoch 1, step 1 .*healthy checkpoint is kept at "
-                                                         rf"{run / 'checkpoint.pt'}"):
+        with pytest.raises(
+            TrainingDivergedError,
+            match=rf"epoch 1, step 1 .*healthy checkpoint is kept at "
+            rf"{run / 'checkpoint.pt'}",
+        ):
             model.train(**options, resume=True, plan_kwargs={"lr": 1e3})
     assert "lr 0.001 -> 1000" in caplog.text
     diverged = model.module.state_dict()
-    assert not all(torch.isfinite(value).all() and value.abs().max() < 100 for value in diverged.values()
-                   if value.is_floating_point())  # the run did diverge
+    assert not all(
+        torch.isfinite(value).all() and value.abs().max() < 100
+        for value in diverged.values()
+        if value.is_floating_point()
+    )  # the run did diverge
     kept = torch.load(run / "checkpoint.pt", weights_only=False)
     assert kept["state"]["global_step"] == 5
     for name, value in healthy["module"].items():
@@ -350,8 +362,9 @@ def test_a_diverging_run_keeps_its_last_healthy_checkpoint_and_resumes_with_a_lo
         resumed.train(**options, resume=True, plan_kwargs={"lr": 1e-4})
     assert "lr 1000 -> 0.0001" in caplog.text  # the checkpoint at epoch 0's end was written by the lr 1e3 run
     assert [epoch for epoch, _ in resumed.history_["train_loss"]] == [0, 1, 2]
-    assert all(torch.isfinite(value).all() for value in resumed.module.state_dict().values()
-               if value.is_floating_point())
+    assert all(
+        torch.isfinite(value).all() for value in resumed.module.state_dict().values() if value.is_floating_point()
+    )
 
 
 def test_a_run_diverging_before_any_healthy_checkpoint_keeps_none_and_says_so(small_store, tmp_path):
@@ -359,11 +372,14 @@ def test_a_run_diverging_before_any_healthy_checkpoint_keeps_none_and_says_so(sm
     the error names no file (checkpoint_every_n_steps=1: the step-1 checkpoint would hold the diverged weights)."""
     run = tmp_path / "run"
     with pytest.raises(TrainingDivergedError) as raised:
-        SCVI(small_store, n_hidden=16, n_latent=4).train(max_epochs=2, checkpoint_dir=run, checkpoint_every_n_steps=1,
-                                                          plan_kwargs={"lr": 1e3})
+        SCVI(small_store, n_hidden=16, n_latent=4).train(
+            max_epochs=2, checkpoint_dir=run, checkpoint_every_n_steps=1, plan_kwargs={"lr": 1e3}
+        )
     assert not (run / "checkpoint.pt").exists()
     message = str(raised.value)
-    assert "no healthy checkpoint" in message and "checkpoint.pt" not in message and "pass checkpoint_dir" not in message
+    assert (
+        "no healthy checkpoint" in message and "checkpoint.pt" not in message and "pass checkpoint_dir" not in message
+    )
 
 
 def test_checkpointing_does_not_change_the_trained_model(small_store, tmp_path):
@@ -398,8 +414,11 @@ def test_an_object_batch_column_with_nan_is_refused_naming_the_rows(tmp_path):
     rng = np.random.default_rng(0)
     obs = pd.DataFrame({"sample": np.array(["s1", "s2"] * 100, dtype=object)}, index=[f"c{i}" for i in range(200)])
     obs.loc[["c3", "c17"], "sample"] = np.nan
-    adata = anndata.AnnData(sp.csr_matrix(rng.poisson(1.0, (200, 30)).astype(np.float32)), obs=obs,
-                            var=pd.DataFrame(index=[f"g{i}" for i in range(30)]))
+    adata = anndata.AnnData(
+        sp.csr_matrix(rng.poisson(1.0, (200, 30)).astype(np.float32)),
+        obs=obs,
+        var=pd.DataFrame(index=[f"g{i}" for i in range(30)]),
+    )
     with pytest.raises(StoreError, match=r"'sample' has missing values .* rows \[3, 17\] \(cells \['c3', 'c17'\]\)"):
         SCVI.setup_anndata(adata, batch_key="sample")
     with pytest.raises(StoreError, match=r"'sample' \(strings\) has missing values .* rows \[3, 17\]"):
@@ -411,8 +430,21 @@ def test_cli_train_writes_a_loadable_model(tmp_path):
     store = tmp_path / "a.zarr"
     synthetic_atlas(store, n_cells=500, n_genes=2000, seed=4)
     out = tmp_path / "model"
-    command = [sys.executable, "-m", "scvi_scale.cli", "train", str(store), "--batch-key", "batch",
-               "--out", str(out), "--max-epochs", "2", "--n-latent", "5"]
+    command = [
+        sys.executable,
+        "-m",
+        "scvi_scale.cli",
+        "train",
+        str(store),
+        "--batch-key",
+        "batch",
+        "--out",
+        str(out),
+        "--max-epochs",
+        "2",
+        "--n-latent",
+        "5",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "SCVI_SCALE_PROGRESS": "0"})
     assert result.returncode == 0, result.stderr
     assert '"epochs": 2' in result.stdout
@@ -426,12 +458,14 @@ def test_a_model_over_a_store_never_reads_x_whole(tmp_path, monkeypatch):
     """The out-of-core promise: training, the latent, normalized expression and DE read X in row blocks only."""
     from scvi_scale.data import CountStore
 
-    path = synthetic_atlas(tmp_path / "blocks.zarr", n_cells=1200, n_genes=200, n_batches=2, seed=4,
-                           chunk_rows=200).path
+    path = synthetic_atlas(
+        tmp_path / "blocks.zarr", n_cells=1200, n_genes=200, n_batches=2, seed=4, chunk_rows=200
+    ).path
     reads = []
     real_read = CountStore.read_raw
-    monkeypatch.setattr(CountStore, "read_raw", lambda self, start, stop: reads.append(stop - start)
-                        or real_read(self, start, stop))
+    monkeypatch.setattr(
+        CountStore, "read_raw", lambda self, start, stop: reads.append(stop - start) or real_read(self, start, stop)
+    )
     SCVI.setup_zarr(path, batch_key="batch", labels_key="cell_type")
     model = SCVI(path, n_latent=4, n_hidden=32)
     model.train(max_epochs=1)

@@ -108,8 +108,9 @@ def log_likelihood_reference(x, mu, theta, zi_logits, likelihood):
 def test_kl_terms_match_the_closed_form():
     n_batch = 3
     means, variances = library_prior(n_batch)
-    module = VAE(N_GENES, n_batch=n_batch, use_observed_lib_size=False, library_log_means=means,
-                 library_log_vars=variances).eval()
+    module = VAE(
+        N_GENES, n_batch=n_batch, use_observed_lib_size=False, library_log_means=means, library_log_vars=variances
+    ).eval()
     tensors = make_tensors(n_batch=n_batch)
     inference = seeded(lambda: module.inference(tensors))
     losses = seeded(lambda: module.loss(tensors, kl_weight=0.3))
@@ -154,8 +155,7 @@ def test_encoder_reads_log1p_counts_and_floors_the_variance():
 @pytest.mark.parametrize("dispersion", DISPERSIONS)
 def test_reconstruction_loss_matches_the_likelihood_formula(dispersion, likelihood):
     n_batch, n_labels = 2, 3
-    module = VAE(N_GENES, n_batch=n_batch, n_labels=n_labels, dispersion=dispersion,
-                 gene_likelihood=likelihood).eval()
+    module = VAE(N_GENES, n_batch=n_batch, n_labels=n_labels, dispersion=dispersion, gene_likelihood=likelihood).eval()
     tensors = make_tensors(n_batch=n_batch, n_labels=n_labels, seed=1)
     inference = seeded(lambda: module.inference(tensors))
     generative = module.generative(inference["z"], inference["library"], tensors)
@@ -260,8 +260,9 @@ def test_covariates_are_injected_one_hot_in_order():
 
 @pytest.mark.parametrize("deeply_inject", [True, False])
 def test_deep_injection_reaches_later_layers(deeply_inject):
-    module = VAE(N_GENES, n_batch=3, n_cats_per_cov=[2], n_continuous_cov=2, n_layers=2,
-                 deeply_inject_covariates=deeply_inject)
+    module = VAE(
+        N_GENES, n_batch=3, n_cats_per_cov=[2], n_continuous_cov=2, n_layers=2, deeply_inject_covariates=deeply_inject
+    )
     decoder_blocks = module.decoder.px_decoder.fc_layers
     # The continuous covariates join z at the decoder input; the one-hot codes (3 + 2) are injected.
     assert decoder_blocks[0][0].in_features == module.n_latent + 2 + 3 + 2
@@ -273,8 +274,9 @@ def test_deep_injection_reaches_later_layers(deeply_inject):
 
 def test_encode_covariates():
     n_batch, cats, n_cont = 3, [2, 4], 2
-    encoded = VAE(N_GENES, n_batch=n_batch, n_cats_per_cov=cats, n_continuous_cov=n_cont,
-                  encode_covariates=True, n_layers=2).eval()
+    encoded = VAE(
+        N_GENES, n_batch=n_batch, n_cats_per_cov=cats, n_continuous_cov=n_cont, encode_covariates=True, n_layers=2
+    ).eval()
     plain = VAE(N_GENES, n_batch=n_batch, n_cats_per_cov=cats, n_continuous_cov=n_cont).eval()
     first = encoded.z_encoder.encoder.fc_layers
     assert first[0][0].in_features == N_GENES + n_cont + n_batch + sum(cats)
@@ -307,10 +309,17 @@ CONFIGS = {
     "default": dict(),
     "latent-library": dict(use_observed_lib_size=False, n_batch=2),
     "gene-cell-nb": dict(dispersion="gene-cell", gene_likelihood="nb"),
-    "gene-batch-covariates": dict(dispersion="gene-batch", n_batch=2, n_cats_per_cov=[3], n_continuous_cov=2,
-                                  encode_covariates=True, n_layers=2),
-    "gene-label-poisson-ln": dict(dispersion="gene-label", n_labels=2, gene_likelihood="poisson",
-                                  latent_distribution="ln", use_layer_norm="both", use_batch_norm="none"),
+    "gene-batch-covariates": dict(
+        dispersion="gene-batch", n_batch=2, n_cats_per_cov=[3], n_continuous_cov=2, encode_covariates=True, n_layers=2
+    ),
+    "gene-label-poisson-ln": dict(
+        dispersion="gene-label",
+        n_labels=2,
+        gene_likelihood="poisson",
+        latent_distribution="ln",
+        use_layer_norm="both",
+        use_batch_norm="none",
+    ),
 }
 
 
@@ -321,8 +330,10 @@ def build(config):
         options.update(library_log_means=means, library_log_vars=variances)
     module = VAE(N_GENES, **options)
     tensors = make_tensors(
-        n_batch=options.get("n_batch", 0), n_labels=options.get("n_labels", 0),
-        n_cats_per_cov=options.get("n_cats_per_cov", ()), n_cont=options.get("n_continuous_cov", 0),
+        n_batch=options.get("n_batch", 0),
+        n_labels=options.get("n_labels", 0),
+        n_cats_per_cov=options.get("n_cats_per_cov", ()),
+        n_cont=options.get("n_continuous_cov", 0),
     )
     return module, tensors
 
@@ -379,8 +390,11 @@ def with_csr(tensors):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(n_batch=3, n_cats_per_cov=[2], encode_covariates=True, n_layers=2, use_observed_lib_size=False),
-     dict(n_batch=3, n_continuous_cov=2, encode_covariates=True)],
+    [
+        dict(),
+        dict(n_batch=3, n_cats_per_cov=[2], encode_covariates=True, n_layers=2, use_observed_lib_size=False),
+        dict(n_batch=3, n_continuous_cov=2, encode_covariates=True),
+    ],
     ids=["default", "encoded-categorical", "encoded-continuous"],
 )
 def test_sparse_first_product_gives_the_dense_result(options):
@@ -464,9 +478,9 @@ def cell_type_blind_nb_baseline(counts):
     the best on a grid: a model fitted to these very counts that ignores cell identity."""
     x = counts.double().t()  # (G, cells): the reference then sums over cells
     mu = x.sum(0, keepdim=True) * (x.sum(1, keepdim=True) / x.sum())
-    per_gene = torch.stack([
-        log_likelihood_reference(x, mu, torch.full_like(mu, theta), None, "nb") for theta in np.logspace(-2, 3, 100)
-    ])
+    per_gene = torch.stack(
+        [log_likelihood_reference(x, mu, torch.full_like(mu, theta), None, "nb") for theta in np.logspace(-2, 3, 100)]
+    )
     return -per_gene.max(dim=0).values.sum().item() / counts.shape[0]
 
 

@@ -21,8 +21,15 @@ from scipy import stats
 from scvi_scale import SCVI
 from scvi_scale.data import write_store
 from scvi_scale.datasets import synthetic_atlas
-from scvi_scale.outputs import OutputError, OutputIncompleteError, output_store, read_output, write_obsm, write_uns
-from scvi_scale.outputs import runner
+from scvi_scale.outputs import (
+    OutputError,
+    OutputIncompleteError,
+    output_store,
+    read_output,
+    runner,
+    write_obsm,
+    write_uns,
+)
 from scvi_scale.outputs import writer as writer_module
 from scvi_scale.outputs.noise import LONG_NORMAL_SEQUENCE, CellNoise, invert_counts
 from scvi_scale.outputs.writer import CsrOutput, DenseOutput, progress_folder
@@ -50,8 +57,16 @@ def dense_counts(path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def atlas(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("outputs") / "atlas.zarr"
-    synthetic_atlas(path, n_cells=N_CELLS, n_genes=N_GENES, n_batches=2, n_cell_types=3, markers_per_type=6,
-                    chunk_rows=CHUNK_ROWS, seed=11)
+    synthetic_atlas(
+        path,
+        n_cells=N_CELLS,
+        n_genes=N_GENES,
+        n_batches=2,
+        n_cell_types=3,
+        markers_per_type=6,
+        chunk_rows=CHUNK_ROWS,
+        seed=11,
+    )
     return path
 
 
@@ -67,8 +82,9 @@ def model(atlas) -> SCVI:
 @pytest.fixture
 def scratch_store(tmp_path) -> Path:
     path = tmp_path / "small.zarr"
-    synthetic_atlas(path, n_cells=300, n_genes=600, n_batches=2, n_cell_types=3, markers_per_type=6, chunk_rows=128,
-                    seed=5)
+    synthetic_atlas(
+        path, n_cells=300, n_genes=600, n_batches=2, n_cell_types=3, markers_per_type=6, chunk_rows=128, seed=5
+    )
     return path
 
 
@@ -167,7 +183,9 @@ def test_inverted_counts_follow_the_zinb_nb_and_poisson(theta, dropout):
     uniform = CellNoise(3, np.arange(n_draws)).uniform(0, len(mean))
     shape = (n_draws, len(mean))
     counts = invert_counts(
-        uniform, np.broadcast_to(mean, shape).copy(), None if theta is None else np.full(len(mean), theta, np.float32),
+        uniform,
+        np.broadcast_to(mean, shape).copy(),
+        None if theta is None else np.full(len(mean), theta, np.float32),
         None if dropout is None else np.full(shape, dropout, np.float32),
     ).toarray()
     for gene, mu in enumerate(mean.astype(np.float64)):
@@ -225,8 +243,9 @@ def test_written_outputs_equal_outputs_computed_at_once(model, atlas):
     in_memory = model.posterior_predictive_sample(seed=5, **at_once)  # scvi-tools' sparse.GCXS (cells, genes)
     np.testing.assert_array_equal(sampled.compute().toarray(), in_memory.todense())
 
-    library = model.get_latent_library_size(give_mean=False, write_to="library", batch_size=128, overwrite=True,
-                                            output_store=atlas.parent / "library.zarr")
+    library = model.get_latent_library_size(
+        give_mean=False, write_to="library", batch_size=128, overwrite=True, output_store=atlas.parent / "library.zarr"
+    )
     np.testing.assert_allclose(library.compute()[:, 0], observed_library, rtol=1e-5)
     assert "library" in anndata.read_zarr(atlas.parent / "library.zarr").obsm
     with pytest.raises(RuntimeError, match="does not compute the posterior distribution"):
@@ -249,7 +268,8 @@ def test_dense_and_csr_stores_give_the_same_outputs(model, atlas, tmp_path):
     np.testing.assert_allclose(
         on_dense.get_normalized_expression(return_numpy=True, seed=2),
         model.get_normalized_expression(return_numpy=True, seed=2),
-        rtol=1e-4, atol=1e-7,
+        rtol=1e-4,
+        atol=1e-7,
     )
 
 
@@ -271,13 +291,16 @@ def test_in_process_units_share_the_torch_threads_within_the_memory_budget(monke
 def test_values_of_a_cell_do_not_depend_on_its_company(model):
     full = model.get_normalized_expression(return_numpy=True, n_samples=2, seed=9)
     cells = [1100, 7, 300]
-    some = model.get_normalized_expression(indices=cells, gene_list=["gene_3", "gene_500"], n_samples=2, seed=9,
-                                           batch_size=2)
+    some = model.get_normalized_expression(
+        indices=cells, gene_list=["gene_3", "gene_500"], n_samples=2, seed=9, batch_size=2
+    )
     np.testing.assert_allclose(some.to_numpy(), full[cells][:, [3, 500]], rtol=1e-5)
     assert list(some.index) == [f"cell_{cell}" for cell in cells]
     both = model.get_normalized_expression(indices=cells, transform_batch=["batch_0", "batch_1"], return_numpy=True)
-    each = [model.get_normalized_expression(indices=cells, transform_batch=b, return_numpy=True)
-            for b in ("batch_0", "batch_1")]
+    each = [
+        model.get_normalized_expression(indices=cells, transform_batch=b, return_numpy=True)
+        for b in ("batch_0", "batch_1")
+    ]
     np.testing.assert_allclose(both, (each[0] + each[1]) / 2, rtol=1e-5)  # averaged over batches, as scvi-tools
     draws = model.get_normalized_expression(indices=cells, n_samples=3, return_mean=False)
     assert draws.shape == (3, 3, N_GENES)
@@ -344,8 +367,16 @@ def test_de_ranks_planted_markers_above_null_genes_with_the_right_sign(model, at
 
 def test_de_change_mode_follows_delta_and_fdr(model):
     def run(**options):
-        return model.differential_expression(groupby="cell_type", group1="type_0", group2="type_1", mode="change",
-                                             silent=True, n_samples_overall=1000, seed=4, **options)
+        return model.differential_expression(
+            groupby="cell_type",
+            group1="type_0",
+            group2="type_1",
+            mode="change",
+            silent=True,
+            n_samples_overall=1000,
+            seed=4,
+            **options,
+        )
 
     narrow, wide = run(delta=0.25), run(delta=1.0)
     wide = wide.loc[narrow.index]
@@ -370,8 +401,15 @@ def test_de_raw_statistics_equal_a_direct_computation(model, atlas, tmp_path):
     counts = dense_counts(atlas)
     groups = anndata.read_zarr(atlas).obs["cell_type"].to_numpy()
     in_group, in_other = groups == "type_2", groups == "type_0"
-    result = model.differential_expression(groupby="cell_type", group1="type_2", group2="type_0", silent=True,
-                                           n_samples_overall=200, write_to="de_type_2", table_path=tmp_path / "de.csv")
+    result = model.differential_expression(
+        groupby="cell_type",
+        group1="type_2",
+        group2="type_0",
+        silent=True,
+        n_samples_overall=200,
+        write_to="de_type_2",
+        table_path=tmp_path / "de.csv",
+    )
     result = result.loc[model.store.var_names]
     normalized = counts / counts.sum(1, keepdims=True) * 1e4
     for suffix, cells in (("1", in_group), ("2", in_other)):
@@ -384,8 +422,9 @@ def test_de_raw_statistics_equal_a_direct_computation(model, atlas, tmp_path):
     stored = anndata.read_zarr(atlas).uns["de_type_2"]
     np.testing.assert_allclose(stored["raw_mean1"].to_numpy(), result.loc[stored.index, "raw_mean1"].to_numpy())
     assert [path.name for path in tmp_path.glob("de*")] == ["de.csv"]  # exactly the path given
-    np.testing.assert_allclose(pd.read_csv(tmp_path / "de.csv", index_col=0).loc[result.index, "raw_mean1"],
-                               result["raw_mean1"], rtol=1e-6)
+    np.testing.assert_allclose(
+        pd.read_csv(tmp_path / "de.csv", index_col=0).loc[result.index, "raw_mean1"], result["raw_mean1"], rtol=1e-6
+    )
     with pytest.raises(OutputError, match="already exists"):  # refused before any work
         model.differential_expression(groupby="cell_type", silent=True, write_to="de_type_2")
 
@@ -415,8 +454,12 @@ def test_de_result_does_not_depend_on_passes_or_workers(model):
     distributed = pytest.importorskip("distributed")
     threads = torch.get_num_threads()
     try:
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
             on_workers = model.differential_expression(**options, client=client)
             written = model.get_normalized_expression(write_to="on_workers", client=client, seed=3, overwrite=True)
     finally:
@@ -433,7 +476,8 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
     x_before = store_files(atlas, "X")
     key = f"crash_{kind}"
     write = (
-        (lambda **o: model.get_normalized_expression(write_to=key, seed=8, **o)) if kind == "dense"
+        (lambda **o: model.get_normalized_expression(write_to=key, seed=8, **o))
+        if kind == "dense"
         else (lambda **o: model.posterior_predictive_sample(write_to=key, seed=8, **o))
     )
     real_write, written = runner._write, []
@@ -451,8 +495,9 @@ def test_write_killed_half_way_resumes_to_the_uninterrupted_result(model, atlas,
         read_output(atlas, f"layers/{key}")
     anndata.read_zarr(atlas)  # still opens
     with pytest.raises(OutputError, match="other settings"):
-        model.get_normalized_expression(write_to=key, seed=9) if kind == "dense" else \
-            model.posterior_predictive_sample(write_to=key, seed=9)
+        model.get_normalized_expression(write_to=key, seed=9) if kind == "dense" else model.posterior_predictive_sample(
+            write_to=key, seed=9
+        )
 
     monkeypatch.setattr(runner, "_write", real_write)
     computed = []
@@ -482,6 +527,7 @@ def killed_before_change(monkeypatch, number: int):
     made = [0]
     with monkeypatch.context() as patched:
         for name in FILE_SYSTEM_CHANGES:
+
             def change(*args, _real=getattr(os, name), **kwargs):
                 if made[0] + 1 >= number:
                     raise Killed(f"killed before file-system change {number}")
@@ -500,8 +546,9 @@ def test_a_kill_before_any_file_system_change_leaves_nothing_or_the_whole_output
     output, listed, and no progress folder."""
     rng = np.random.default_rng(0)
     pristine = tmp_path / "pristine.zarr"  # a store with few files: it is copied for every kill
-    write_store(anndata.AnnData(sp.csr_matrix(rng.poisson(1.0, (200, 20)).astype(np.float32))), pristine,
-                chunk_rows=128)
+    write_store(
+        anndata.AnnData(sp.csr_matrix(rng.poisson(1.0, (200, 20)).astype(np.float32))), pristine, chunk_rows=128
+    )
     dense = rng.random((200, 20)).astype(np.float32)
     values = dense if kind == "dense" else sp.csr_matrix(np.where(dense > 0.8, dense, 0))
     output_class = DenseOutput if kind == "dense" else CsrOutput
@@ -556,8 +603,18 @@ def test_command_line_writes_outputs(model, atlas, tmp_path, capsys):
     for command in (
         ["latent", str(atlas), "--model", str(tmp_path / "model"), "--output-store", str(output)],
         ["normalize", str(atlas), "--model", str(tmp_path / "model"), "--output-store", str(output)],
-        ["de", str(atlas), "--model", str(tmp_path / "model"), "--groupby", "cell_type", "--output-store",
-         str(output), "--n-samples-overall", "200"],
+        [
+            "de",
+            str(atlas),
+            "--model",
+            str(tmp_path / "model"),
+            "--groupby",
+            "cell_type",
+            "--output-store",
+            str(output),
+            "--n-samples-overall",
+            "200",
+        ],
         ["sample", str(atlas), "--model", str(tmp_path / "model"), "--output-store", str(output)],
     ):
         args = parser.parse_args(command)
@@ -572,8 +629,9 @@ def test_normalized_expression_of_a_gene_subset_in_float16_is_written_to_obsm(mo
     """An atlas-sized layer may not fit the disk: a gene subset goes to obsm/<key> (its genes recorded), in float16
     if asked (half the bytes), equal to the in-memory values rounded to float16."""
     genes = list(model.var_names[::7])
-    written = model.get_normalized_expression(gene_list=genes, write_to="norm_subset", dtype="float16", seed=4,
-                                              overwrite=True)
+    written = model.get_normalized_expression(
+        gene_list=genes, write_to="norm_subset", dtype="float16", seed=4, overwrite=True
+    )
     in_memory = model.get_normalized_expression(gene_list=genes, return_numpy=True, seed=4)
     values = np.asarray(written)
     assert values.dtype == np.float16 and values.shape == (model.store.n_obs, len(genes))

@@ -23,14 +23,17 @@ FIXTURE = Path(__file__).parent / "fixtures" / "scvi_tools"
 RECORDED = json.loads((FIXTURE / "query" / "cases.json").read_text())
 ARRAYS = dict(np.load(FIXTURE / "query" / "arrays.npz"))
 CALLS = [(case, call) for case, entry in RECORDED["cases"].items() for call in entry["calls"]]
-PADDED = [case for case, entry in RECORDED["cases"].items()
-          if entry["calls"]["inplace.directory"]["returned"] != "error"]
+PADDED = [
+    case for case, entry in RECORDED["cases"].items() if entry["calls"]["inplace.directory"]["returned"] != "error"
+]
 
 
 @pytest.fixture(scope="module")
 def references():
-    return {"directory": FIXTURE / "model",
-            "model": SCVI.load(FIXTURE / "model", anndata.read_h5ad(FIXTURE / "data.h5ad"), accelerator="cpu")}
+    return {
+        "directory": FIXTURE / "model",
+        "model": SCVI.load(FIXTURE / "model", anndata.read_h5ad(FIXTURE / "data.h5ad"), accelerator="cpu"),
+    }
 
 
 def recorded_input(case: str) -> anndata.AnnData:
@@ -41,10 +44,12 @@ def recorded_input(case: str) -> anndata.AnnData:
     x = counts if entry["dense"] else sp.csr_matrix(counts)
     n_cells = counts.shape[0]
     return anndata.AnnData(
-        X=x.copy(), layers={"counts": x.copy()},
+        X=x.copy(),
+        layers={"counts": x.copy()},
         obs=pd.DataFrame({"batch": ["query_lab"] * n_cells}, index=[f"q{i}" for i in range(n_cells)]),
         var=pd.DataFrame({"symbol": [name.upper() for name in names]}, index=names),
-        obsm={"X_pca": ARRAYS[f"{case}.input.obsm"]}, uns={"lab": "another"},
+        obsm={"X_pca": ARRAYS[f"{case}.input.obsm"]},
+        uns={"lab": "another"},
     )
 
 
@@ -82,8 +87,11 @@ def test_prepare_query_anndata_does_what_scvi_tools_does(references, case, call)
     assert len(ours) == len(record["warnings"])
     for (_, message), text in zip(record["warnings"], ours):
         assert text.startswith(message)
-        n_missing = record["caller"]["var_symbol"].count(None) if mode == "inplace" else \
-            record["result"]["var_symbol"].count(None)
+        n_missing = (
+            record["caller"]["var_symbol"].count(None)
+            if mode == "inplace"
+            else record["result"]["var_symbol"].count(None)
+        )
         assert f"{n_missing} of the reference's 100 genes are missing" in text  # the numbers scvi-tools leaves out
     key = f"{case}.{call}"
     if "error" in record or mode == "inplace":
@@ -144,10 +152,15 @@ def test_a_query_store_reads_as_scvi_tools_pads_the_anndata(tmp_path, case):
     n_missing = record["caller"]["var_symbol"].count(None)
     messages = [str(w.message) for w in caught if w.category is UserWarning]
     if n_missing:
-        assert any(f"{n_missing} of the reference's 100 genes are missing from the query and read as zeros" in m
-                   for m in messages)
-    assert all(m.split(": ", 1)[1].startswith(record["warnings"][0][1]) for m in messages) if record["warnings"] \
+        assert any(
+            f"{n_missing} of the reference's 100 genes are missing from the query and read as zeros" in m
+            for m in messages
+        )
+    assert (
+        all(m.split(": ", 1)[1].startswith(record["warnings"][0][1]) for m in messages)
+        if record["warnings"]
         else not any("less than 80%" in m for m in messages)
+    )
     assert list(aligned.var_names) == record["caller"]["var_names"]
     np.testing.assert_array_equal(aligned.read_dense(0, aligned.n_obs), ARRAYS[f"{case}.inplace.directory.caller.X"])
     assert _tree_digest(tmp_path / "query.zarr") == before
@@ -162,6 +175,9 @@ def test_a_query_store_sharing_no_gene_is_refused(tmp_path):
 def test_load_query_data_says_what_is_wrong_with_an_unprepared_query(references):
     adata = recorded_input("lacks_few_own_shuffled")
     adata.obs["batch"] = "batch_0"
-    with pytest.raises(ValueError, match=r"it has 93 genes, 90 of the reference's 100\): call "
-                                         r"SCVI.prepare_query_anndata"):
+    with pytest.raises(
+        ValueError,
+        match=r"it has 93 genes, 90 of the reference's 100\): call "
+        r"SCVI.prepare_query_anndata",
+    ):
         SCVI.load_query_data(adata, references["directory"])

@@ -75,8 +75,12 @@ def test_real_data_batches_labels_and_library_stats(tmp_path):
 def test_encode_matches_pandas_and_stats_do_not_depend_on_blocks(store):
     store, adata = store
     registry = Registry.build(
-        store, batch_key="study", labels_key="cell_type", size_factor_key="size_factor",
-        categorical_covariate_keys=["donor", "study"], continuous_covariate_keys=["percent_mito", "size_factor"],
+        store,
+        batch_key="study",
+        labels_key="cell_type",
+        size_factor_key="size_factor",
+        categorical_covariate_keys=["donor", "study"],
+        continuous_covariate_keys=["percent_mito", "size_factor"],
         block_rows=64,
     )
     assert registry.batch_categories == ["s1", "s2", "s3"]  # a plain column: pandas' sorted categories
@@ -92,7 +96,11 @@ def test_encode_matches_pandas_and_stats_do_not_depend_on_blocks(store):
     np.testing.assert_array_equal(encoded["cont_covs"], obs[["percent_mito", "size_factor"]].to_numpy(np.float32))
     np.testing.assert_array_equal(encoded["size_factor"], obs["size_factor"].to_numpy(np.float32))
     assert {key: value.dtype for key, value in encoded.items()} == {
-        "batch": np.int8, "labels": np.int8, "cat_covs": np.int8, "cont_covs": np.float32, "size_factor": np.float32
+        "batch": np.int8,
+        "labels": np.int8,
+        "cat_covs": np.int8,
+        "cont_covs": np.float32,
+        "size_factor": np.float32,
     }  # codes as narrow as their categories allow (-1 ... n - 1): an atlas holds them per cell
     means, variances = direct_library_stats(adata.X, encoded["batch"], 3)
     np.testing.assert_allclose(registry.library_log_means, means, rtol=1e-6)
@@ -152,8 +160,12 @@ def test_empty_cells_and_empty_batches_follow_scvi_tools(tmp_path):
 def test_json_round_trip(store):
     store, _ = store
     registry = Registry.build(
-        store, batch_key="study", labels_key="cell_type", categorical_covariate_keys=["donor"],
-        continuous_covariate_keys=["percent_mito"], size_factor_key="size_factor",
+        store,
+        batch_key="study",
+        labels_key="cell_type",
+        categorical_covariate_keys=["donor"],
+        continuous_covariate_keys=["percent_mito"],
+        size_factor_key="size_factor",
     )
     restored = Registry.from_dict(json.loads(json.dumps(registry.to_dict())))
     assert restored.to_dict() == registry.to_dict()
@@ -173,9 +185,7 @@ def test_query_with_new_batches(tmp_path):
     assert extended.batch_categories == ["s1", "s2", "a0", "z9"]
     assert registry.batch_categories == ["s1", "s2"]  # the reference registry is left as it was
     codes = extended.encode(query)["batch"]
-    np.testing.assert_array_equal(
-        codes, query_adata.obs["study"].map({"s1": 0, "s2": 1, "a0": 2, "z9": 3}).to_numpy()
-    )
+    np.testing.assert_array_equal(codes, query_adata.obs["study"].map({"s1": 0, "s2": 1, "a0": 2, "z9": 3}).to_numpy())
     means, variances = direct_library_stats(query_adata.X, codes, 4)
     np.testing.assert_allclose(extended.library_log_means[:2], registry.library_log_means)
     np.testing.assert_allclose(extended.library_log_means[2:], means[2:], rtol=1e-6)
@@ -189,8 +199,11 @@ def test_bad_columns_name_their_rows(tmp_path):
     adata.obs.loc["c0_7", "percent_mito"] = np.nan
     adata.obs.loc["c0_8", "size_factor"] = 0.0
     store = write_store(adata, tmp_path / "s.zarr")
-    with pytest.raises(StoreError, match=r"'study' has missing values \(NaN\) in 2 row\(s\), e.g. rows \[5, 9\] "
-                                         r"\(cells \['c0_5', 'c0_9'\]\)"):
+    with pytest.raises(
+        StoreError,
+        match=r"'study' has missing values \(NaN\) in 2 row\(s\), e.g. rows \[5, 9\] "
+        r"\(cells \['c0_5', 'c0_9'\]\)",
+    ):
         Registry.build(store, batch_key="study")
     with pytest.raises(StoreError, match=r"'percent_mito' must be finite .* rows \[7\] \(cells \['c0_7'\]\)"):
         Registry.build(store, continuous_covariate_keys=["percent_mito"])
@@ -248,6 +261,9 @@ def test_nan_written_as_a_string_is_refused_naming_the_rows(tmp_path, role):
     adata.write_zarr(tmp_path / "a.zarr", convert_strings_to_categoricals=False)
     assert list(ad.read_zarr(tmp_path / "a.zarr").obs["study"].iloc[[12, 301]]) == ["nan", "nan"]
     key = ["study"] if role == "categorical_covariate_keys" else "study"
-    with pytest.raises(StoreError, match=r"'study' has missing values \(NaN\) in 2 row\(s\), e.g. rows \[12, 301\] "
-                                         r"\(cells \['c0_12', 'c0_301'\]\); the string 'nan' counts as missing"):
+    with pytest.raises(
+        StoreError,
+        match=r"'study' has missing values \(NaN\) in 2 row\(s\), e.g. rows \[12, 301\] "
+        r"\(cells \['c0_12', 'c0_301'\]\); the string 'nan' counts as missing",
+    ):
         Registry.build(tmp_path / "a.zarr", **{role: key})

@@ -71,9 +71,13 @@ def test_loss_curves_draw_a_row_per_metric_family_against_epochs_and_wall_time(t
 
     history = a_history()
     families = metric_families(history)
-    assert families == [("elbo", ["elbo_train", "elbo_validation"]), ("reconstruction_loss",
-                        ["reconstruction_loss_train"]), ("kl_local", ["kl_local_train"]), ("kl_weight", ["kl_weight"]),
-                        ("lr", ["lr"])]
+    assert families == [
+        ("elbo", ["elbo_train", "elbo_validation"]),
+        ("reconstruction_loss", ["reconstruction_loss_train"]),
+        ("kl_local", ["kl_local_train"]),
+        ("kl_weight", ["kl_weight"]),
+        ("lr", ["lr"]),
+    ]
     image = imread(plot_loss_curves(history, tmp_path / "curves.png"))
     # two columns of 5.6 in and a row of 2.3 in per family (+0.6 in), at 100 dpi
     assert image.shape[:2] == (round(100 * (0.6 + 2.3 * len(families))), 2 * 560)
@@ -91,23 +95,40 @@ def test_missing_extra_names_the_install_command_and_stops_the_report_before_wor
     assert "umap-learn" in message and "pip install 'scvi-scale[report]'" in message
     assert "scib-metrics" not in message or real_find_spec("scib_metrics") is None
     with pytest.raises(ImportError, match=r"umap-learn.*scvi-scale\[report\]"):
-        build_report(tmp_path / "out", latent=np.zeros((5, 2)), obs=pd.DataFrame(index=range(5)), batch_key=None,
-                     labels_key=None, history=a_history(), run={}, outputs=[], counts_for_baseline=np.zeros((5, 3)))
+        build_report(
+            tmp_path / "out",
+            latent=np.zeros((5, 2)),
+            obs=pd.DataFrame(index=range(5)),
+            batch_key=None,
+            labels_key=None,
+            history=a_history(),
+            run={},
+            outputs=[],
+            counts_for_baseline=np.zeros((5, 3)),
+        )
     assert not (tmp_path / "out").exists()
 
 
 @needs_extra
 def test_bad_input_is_refused_before_any_work(tmp_path):
     obs = pd.DataFrame({"batch": pd.Categorical(["a", "b"] * 100), "library_size": np.ones(200)})
-    arguments = dict(obs=obs, batch_key="batch", labels_key=None, history=a_history(), run={}, outputs=[],
-                     counts_for_baseline=np.ones((200, 3)))
+    arguments = dict(
+        obs=obs,
+        batch_key="batch",
+        labels_key=None,
+        history=a_history(),
+        run={},
+        outputs=[],
+        counts_for_baseline=np.ones((200, 3)),
+    )
     with pytest.raises(ValueError, match="latent has 199 rows but obs has 200"):
         build_report(tmp_path / "out", latent=np.zeros((199, 4)), **arguments)
     with pytest.raises(ValueError, match=r"no column 'cell_type' \(labels_key\)"):
         build_report(tmp_path / "out", latent=np.zeros((200, 4)), **{**arguments, "labels_key": "cell_type"})
     with pytest.raises(ValueError, match="counts_for_baseline has 100 rows but there are 200 cells"):
-        build_report(tmp_path / "out", latent=np.zeros((200, 4)),
-                     **{**arguments, "counts_for_baseline": np.ones((100, 3))})
+        build_report(
+            tmp_path / "out", latent=np.zeros((200, 4)), **{**arguments, "counts_for_baseline": np.ones((100, 3))}
+        )
     latent = np.zeros((200, 4))
     latent[[7, 150]] = np.nan
     with pytest.raises(ValueError, match=r"latent is not finite in 2 cells, first rows \[7, 150\]"):
@@ -163,20 +184,37 @@ def train_and_describe(store_path: Path, batch_key: str, labels_key: str, max_ep
     SCVI.setup_zarr(store_path, batch_key=batch_key, labels_key=labels_key)
     model = SCVI(store_path)  # settings.seed (0) draws the initial weights: the same model whichever tests ran before
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, plan_kwargs={"n_epochs_kl_warmup": warmup}, seed=1,
-                check_val_every_n_epoch=1)
+    model.train(max_epochs=max_epochs, plan_kwargs={"n_epochs_kl_warmup": warmup}, seed=1, check_val_every_n_epoch=1)
     seconds = time.perf_counter() - start
     latent = model.get_latent_representation()
     counts = model.store.read_csr(0, model.store.n_obs)
-    obs = pd.DataFrame({batch_key: model.store.obs_column(batch_key).to_numpy(),
-                        labels_key: model.store.obs_column(labels_key).to_numpy(),
-                        "library_size": np.asarray(counts.sum(axis=1)).ravel()})
-    run = {"cells_per_second": model.store.n_obs * max_epochs / seconds, "seconds": seconds, "device": "cpu",
-           "threads": 1, "peak_rss_bytes": 1_234_567_890}
-    outputs = [{"entry": "obsm/X_scvi", "kind": "obsm", "shape": list(latent.shape), "bytes": latent.nbytes,
-                "complete": True}]
-    return dict(latent=latent, obs=obs, batch_key=batch_key, labels_key=labels_key, history=model.history_, run=run,
-                outputs=outputs, counts=counts)
+    obs = pd.DataFrame(
+        {
+            batch_key: model.store.obs_column(batch_key).to_numpy(),
+            labels_key: model.store.obs_column(labels_key).to_numpy(),
+            "library_size": np.asarray(counts.sum(axis=1)).ravel(),
+        }
+    )
+    run = {
+        "cells_per_second": model.store.n_obs * max_epochs / seconds,
+        "seconds": seconds,
+        "device": "cpu",
+        "threads": 1,
+        "peak_rss_bytes": 1_234_567_890,
+    }
+    outputs = [
+        {"entry": "obsm/X_scvi", "kind": "obsm", "shape": list(latent.shape), "bytes": latent.nbytes, "complete": True}
+    ]
+    return dict(
+        latent=latent,
+        obs=obs,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        history=model.history_,
+        run=run,
+        outputs=outputs,
+        counts=counts,
+    )
 
 
 def assert_report_is_whole(report: dict, out_dir: Path) -> None:
@@ -222,8 +260,9 @@ def synthetic_report(synthetic_run, tmp_path_factory):
     counts = synthetic_run["counts"]
     arguments = {key: value for key, value in synthetic_run.items() if key != "counts"}
     # the callable form: only the subsampled rows are normalised
-    report = build_report(out_dir, **arguments, counts_for_baseline=lambda rows: log_normalize(counts[rows]),
-                          max_cells=1200, seed=0)
+    report = build_report(
+        out_dir, **arguments, counts_for_baseline=lambda rows: log_normalize(counts[rows]), max_cells=1200, seed=0
+    )
     return report, out_dir
 
 
@@ -236,8 +275,16 @@ def test_synthetic_report_scores_the_latent_above_the_uncorrected_baseline(synth
 
     assert imread(out_dir / "umap.png").shape[1] == 3 * 540  # batch, label and library size
     scvi, pca = report["scib"]["scores"]["scvi"], report["scib"]["scores"]["pca"]
-    assert set(scvi) == {"iLISI", "PCR comparison", "Silhouette batch", "Graph connectivity", "cLISI",
-                         "Silhouette label", "KMeans NMI", "KMeans ARI"}
+    assert set(scvi) == {
+        "iLISI",
+        "PCR comparison",
+        "Silhouette batch",
+        "Graph connectivity",
+        "cLISI",
+        "Silhouette label",
+        "KMeans NMI",
+        "KMeans ARI",
+    }
     # planted batch effects: scVI mixes the batches better than PCA of the log counts (over initial-weight
     # seeds 0-2 at 40 epochs, iLISI ~0.62 against 0.52)
     assert scvi["iLISI"] > pca["iLISI"] + 0.03
@@ -257,8 +304,9 @@ def test_a_failed_rerun_leaves_no_page_of_the_earlier_report(synthetic_run, synt
 
     arguments = {key: value for key, value in synthetic_run.items() if key != "counts"}
     with pytest.raises(OSError, match="went away"):
-        build_report(tmp_path / "report", **arguments, counts_for_baseline=counts_that_fail, max_cells=1200,
-                     overwrite=True)
+        build_report(
+            tmp_path / "report", **arguments, counts_for_baseline=counts_that_fail, max_cells=1200, overwrite=True
+        )
     assert not (tmp_path / "report" / "report.html").exists()
 
 
@@ -280,7 +328,12 @@ def test_metrics_equal_scib_metrics_benchmarker_on_the_same_cells(synthetic_run,
     obs.index = obs.index.astype(str)
     adata = anndata.AnnData(baseline, obs=obs, obsm={"scvi": latent, "pca": baseline})
     benchmarker = Benchmarker(
-        adata, "batch", "cell_type", ["scvi", "pca"], pre_integrated_embedding_obsm_key="pca", progress_bar=False,
+        adata,
+        "batch",
+        "cell_type",
+        ["scvi", "pca"],
+        pre_integrated_embedding_obsm_key="pca",
+        progress_bar=False,
         bio_conservation_metrics=BioConservation(isolated_labels=False),
         batch_correction_metrics=BatchCorrection(bras=False, kbet_per_label=False),
     )
@@ -289,16 +342,26 @@ def test_metrics_equal_scib_metrics_benchmarker_on_the_same_cells(synthetic_run,
     theirs = benchmarker.get_results(min_max_scale=False).drop("Metric Type")
     for embedding in ("scvi", "pca"):
         ours = report["scib"]["scores"][embedding]
-        for name in ("iLISI", "cLISI", "Graph connectivity", "PCR comparison", "Silhouette label", "KMeans NMI",
-                     "KMeans ARI", "Bio conservation"):
+        for name in (
+            "iLISI",
+            "cLISI",
+            "Graph connectivity",
+            "PCR comparison",
+            "Silhouette label",
+            "KMeans NMI",
+            "KMeans ARI",
+            "Bio conservation",
+        ):
             value = ours.get(name, report["scib"]["aggregate"][embedding].get(name))
             assert value == pytest.approx(float(theirs.loc[embedding, name]), rel=1e-5, abs=1e-6), (embedding, name)
 
         points = latent if embedding == "scvi" else baseline
         types, batches = obs["cell_type"].to_numpy(), obs["batch"].to_numpy()
-        per_type = [np.mean(1 - np.abs(silhouette_samples(points[types == t].astype(np.float64),
-                                                          batches[types == t])))
-                    for t in np.unique(types) if len(np.unique(batches[types == t])) > 1]
+        per_type = [
+            np.mean(1 - np.abs(silhouette_samples(points[types == t].astype(np.float64), batches[types == t])))
+            for t in np.unique(types)
+            if len(np.unique(batches[types == t])) > 1
+        ]
         assert ours["Silhouette batch"] == pytest.approx(np.mean(per_type), abs=1e-4)
 
 
@@ -306,8 +369,13 @@ def test_metrics_equal_scib_metrics_benchmarker_on_the_same_cells(synthetic_run,
 def test_without_labels_only_the_label_free_metrics_are_computed(synthetic_run, synthetic_report, tmp_path):
     counts = synthetic_run["counts"]
     arguments = {key: value for key, value in synthetic_run.items() if key != "counts"}
-    report = build_report(tmp_path, **{**arguments, "labels_key": None}, max_cells=1200, seed=0,
-                          counts_for_baseline=lambda rows: log_normalize(counts[rows]))
+    report = build_report(
+        tmp_path,
+        **{**arguments, "labels_key": None},
+        max_cells=1200,
+        seed=0,
+        counts_for_baseline=lambda rows: log_normalize(counts[rows]),
+    )
     assert_report_is_whole(report, tmp_path)
     for embedding in ("scvi", "pca"):
         assert set(report["scib"]["scores"][embedding]) == {"iLISI", "kBET", "PCR comparison"}
@@ -353,8 +421,24 @@ def test_train_command_writes_the_history_and_the_report_of_the_run(tmp_path):
 
     store = synthetic_atlas(tmp_path / "atlas.zarr", n_cells=600, n_genes=300, n_batches=2, seed=2).path
     out = tmp_path / "run"
-    assert main(["train", str(store), "--batch-key", "batch", "--labels-key", "cell_type", "--out", str(out),
-                 "--max-epochs", "3", "--report"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(store),
+                "--batch-key",
+                "batch",
+                "--labels-key",
+                "cell_type",
+                "--out",
+                str(out),
+                "--max-epochs",
+                "3",
+                "--report",
+            ]
+        )
+        == 0
+    )
     assert (out / "history.csv").exists() and (out / "loss_curves.png").stat().st_size > 0
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["run"]["train_cells_per_second"] > 0 and report["run"]["cells_in_data"] == 600

@@ -34,9 +34,18 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium on the PATH (Debian: apt-get install -y chromium)"),
     pytest.mark.skipif(missing_extra() is not None, reason=str(missing_extra())),
 ]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--remote-debugging-pipe"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--remote-debugging-pipe",
+]
 
 
 def _above_nine(fd: int) -> int:
@@ -57,7 +66,9 @@ class DevTools:
         place = f'exec "$0" "$@" 3<&{commands_read} 4>&{replies_write}'
         self.process = subprocess.Popen(
             ["bash", "-c", place, CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
-            pass_fds=(commands_read, replies_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(commands_read, replies_write),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         os.close(commands_read)
         os.close(replies_write)
@@ -120,27 +131,56 @@ def small_report(out_dir: Path) -> dict:
     n_cells = 600
     types, batches = rng.integers(0, 5, n_cells), rng.integers(0, 3, n_cells)
     latent = rng.normal(size=(n_cells, 8)) + 3 * np.eye(8)[types]
-    counts = sp.random(n_cells, 200, density=0.1, random_state=1, format="csr",
-                       data_rvs=lambda n: rng.poisson(3, n) + 1)
-    obs = pd.DataFrame({"batch": pd.Categorical([f"donor{b}" for b in batches]),
-                        "cell_type": pd.Categorical([f"type {chr(65 + t)}" for t in types]),
-                        "library_size": np.asarray(counts.sum(axis=1)).ravel()})
+    counts = sp.random(
+        n_cells, 200, density=0.1, random_state=1, format="csr", data_rvs=lambda n: rng.poisson(3, n) + 1
+    )
+    obs = pd.DataFrame(
+        {
+            "batch": pd.Categorical([f"donor{b}" for b in batches]),
+            "cell_type": pd.Categorical([f"type {chr(65 + t)}" for t in types]),
+            "library_size": np.asarray(counts.sum(axis=1)).ravel(),
+        }
+    )
     epochs = range(40)
-    history = {"elbo_train": [(e, 2000 / (e + 1) + 500) for e in epochs],
-               "elbo_validation": [(e, 2100 / (e + 1) + 520) for e in epochs],
-               "reconstruction_loss_train": [(e, 1900 / (e + 1) + 480) for e in epochs],
-               "reconstruction_loss_validation": [(e, 2000 / (e + 1) + 500) for e in epochs],
-               "kl_local_train": [(e, 15 + 0.2 * e) for e in epochs],
-               "kl_local_validation": [(e, 16 + 0.2 * e) for e in epochs],
-               "kl_weight": [(e, min(1.0, e / 20)) for e in epochs], "lr": [(e, 1e-3) for e in epochs],
-               "epoch_seconds": [(e, 2.0) for e in epochs]}
-    run = {"cells_per_second": 41_250.5, "peak_rss_bytes": 3_221_225_472, "device": "cpu", "threads": 2,
-           "seconds": 80.0}
-    outputs = [{"entry": "obsm/X_scvi", "kind": "obsm", "shape": [n_cells, 8], "bytes": n_cells * 32, "complete": True},
-               {"entry": "layers/scvi_normalized", "kind": "layer", "shape": [n_cells, 200], "bytes": n_cells * 800,
-                "complete": False}]
-    return build_report(out_dir, latent=latent, obs=obs, batch_key="batch", labels_key="cell_type", history=history,
-                        run=run, outputs=outputs, counts_for_baseline=log_normalize(counts))
+    history = {
+        "elbo_train": [(e, 2000 / (e + 1) + 500) for e in epochs],
+        "elbo_validation": [(e, 2100 / (e + 1) + 520) for e in epochs],
+        "reconstruction_loss_train": [(e, 1900 / (e + 1) + 480) for e in epochs],
+        "reconstruction_loss_validation": [(e, 2000 / (e + 1) + 500) for e in epochs],
+        "kl_local_train": [(e, 15 + 0.2 * e) for e in epochs],
+        "kl_local_validation": [(e, 16 + 0.2 * e) for e in epochs],
+        "kl_weight": [(e, min(1.0, e / 20)) for e in epochs],
+        "lr": [(e, 1e-3) for e in epochs],
+        "epoch_seconds": [(e, 2.0) for e in epochs],
+    }
+    run = {
+        "cells_per_second": 41_250.5,
+        "peak_rss_bytes": 3_221_225_472,
+        "device": "cpu",
+        "threads": 2,
+        "seconds": 80.0,
+    }
+    outputs = [
+        {"entry": "obsm/X_scvi", "kind": "obsm", "shape": [n_cells, 8], "bytes": n_cells * 32, "complete": True},
+        {
+            "entry": "layers/scvi_normalized",
+            "kind": "layer",
+            "shape": [n_cells, 200],
+            "bytes": n_cells * 800,
+            "complete": False,
+        },
+    ]
+    return build_report(
+        out_dir,
+        latent=latent,
+        obs=obs,
+        batch_key="batch",
+        labels_key="cell_type",
+        history=history,
+        run=run,
+        outputs=outputs,
+        counts_for_baseline=log_normalize(counts),
+    )
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
@@ -154,8 +194,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
         session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.call(f"{domain}.enable", session)
-        browser.call("Emulation.setDeviceMetricsOverride", session, width=WIDTH, height=900, deviceScaleFactor=1,
-                     mobile=False)
+        browser.call(
+            "Emulation.setDeviceMetricsOverride", session, width=WIDTH, height=900, deviceScaleFactor=1, mobile=False
+        )
         browser.call("Page.navigate", session, url=page.as_uri())
         browser.wait_for("Page.loadEventFired")
 
@@ -166,17 +207,28 @@ def test_report_renders_in_headless_chromium(tmp_path):
         images = evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
         titles = evaluate("Array.from(document.querySelectorAll('section > h2')).map(h => h.textContent)")
         height = evaluate("document.documentElement.scrollHeight")
-        shot = browser.call("Page.captureScreenshot", session, format="png", captureBeyondViewport=True,
-                            clip={"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1})
+        shot = browser.call(
+            "Page.captureScreenshot",
+            session,
+            format="png",
+            captureBeyondViewport=True,
+            clip={"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1},
+        )
         events = list(browser.events)
     finally:
         browser.close()
 
     problems = [e["params"] for e in events if e.get("method") == "Runtime.exceptionThrown"]
-    problems += [e["params"] for e in events
-                 if e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "warning")]
-    problems += [e["params"]["entry"] for e in events
-                 if e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] in ("error", "warning")]
+    problems += [
+        e["params"]
+        for e in events
+        if e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "warning")
+    ]
+    problems += [
+        e["params"]["entry"]
+        for e in events
+        if e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] in ("error", "warning")
+    ]
     assert problems == []
     requested = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
     assert requested and all(url == page.as_uri() or url.startswith("data:") for url in requested), requested

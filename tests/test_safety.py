@@ -40,8 +40,9 @@ class _CreatesAFile:
 
 @pytest.fixture
 def store(tmp_path) -> Path:
-    path = synthetic_atlas(tmp_path / "cells.zarr", n_cells=200, n_genes=50, n_batches=2, n_cell_types=3, seed=2,
-                           chunk_rows=64).path
+    path = synthetic_atlas(
+        tmp_path / "cells.zarr", n_cells=200, n_genes=50, n_batches=2, n_cell_types=3, seed=2, chunk_rows=64
+    ).path
     SCVI.setup_zarr(path, batch_key="batch")
     return path
 
@@ -143,8 +144,9 @@ def test_bad_input_is_exit_2(model_dir, store, capsys):
 
 
 def _de(store, model_dir, *extra) -> int:
-    return main(["de", str(store), "--model", str(model_dir), "--groupby", "batch", "--n-samples-overall", "20",
-                 *extra])
+    return main(
+        ["de", str(store), "--model", str(model_dir), "--groupby", "batch", "--n-samples-overall", "20", *extra]
+    )
 
 
 def test_de_table_is_written_to_exactly_its_path_and_never_replaced_unasked(model_dir, store, tmp_path, capsys):
@@ -181,10 +183,12 @@ def test_a_report_is_not_replaced_unasked(model_dir, store, tmp_path, capsys):
 # --- OS errors --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code, advice", [(errno.ENOSPC, "free space"), (errno.EACCES, "permissions"),
-                                          (errno.EROFS, "read-only")])
+@pytest.mark.parametrize(
+    "code, advice", [(errno.ENOSPC, "free space"), (errno.EACCES, "permissions"), (errno.EROFS, "read-only")]
+)
 def test_an_os_error_while_writing_an_output_is_one_line_naming_the_store_and_leaves_nothing(
-        model_dir, store, capsys, monkeypatch, code, advice):
+    model_dir, store, capsys, monkeypatch, code, advice
+):
     """A disk filling up (a write that names no file) at the second of four chunks: exit 2, the store and what to
     do in one line, no obsm/X_scvi visible; the rerun finishes with the values of an in-memory pass."""
     original = writer.DenseOutput.write_chunk
@@ -205,18 +209,25 @@ def test_an_os_error_while_writing_an_output_is_one_line_naming_the_store_and_le
     assert "X_scvi" not in anndata.read_zarr(store).obsm
     monkeypatch.setattr(writer.DenseOutput, "write_chunk", original)
     assert main(arguments) == 0
-    np.testing.assert_array_equal(anndata.read_zarr(store).obsm["X_scvi"],
-                                  SCVI.load(model_dir, store).get_latent_representation())
+    np.testing.assert_array_equal(
+        anndata.read_zarr(store).obsm["X_scvi"], SCVI.load(model_dir, store).get_latent_representation()
+    )
 
 
 def test_a_read_only_store_gives_outputs_in_memory_and_refuses_write_to_before_any_work(
-        model_dir, store, monkeypatch, capsys):
+    model_dir, store, monkeypatch, capsys
+):
     """Read-only simulated through os.access (the tests run as root, whom permissions do not stop)."""
     from scvi_scale.outputs import runner
 
     real_access = os.access
-    monkeypatch.setattr(writer.os, "access", lambda path, mode: (
-        False if Path(path).resolve() == Path(store).resolve() and mode == os.W_OK else real_access(path, mode)))
+    monkeypatch.setattr(
+        writer.os,
+        "access",
+        lambda path, mode: (
+            False if Path(path).resolve() == Path(store).resolve() and mode == os.W_OK else real_access(path, mode)
+        ),
+    )
     model = SCVI.load(model_dir, store)
     assert model.get_latent_representation().shape == (200, 3)
 
@@ -277,12 +288,12 @@ def test_a_second_writer_of_an_output_is_refused_and_a_killed_one_leaves_no_lock
         assert "another process is writing outputs into it" in capsys.readouterr().err
         assert "X_scvi" not in anndata.read_zarr(store).obsm
     assert main(argv) == 0
-    np.testing.assert_array_equal(anndata.read_zarr(store).obsm["X_scvi"],
-                                  SCVI.load(model_dir, store).get_latent_representation())
+    np.testing.assert_array_equal(
+        anndata.read_zarr(store).obsm["X_scvi"], SCVI.load(model_dir, store).get_latent_representation()
+    )
 
 
-def test_a_full_disk_while_training_names_the_checkpoint_and_leaves_no_part_of_it(store, tmp_path, capsys,
-                                                                                  monkeypatch):
+def test_a_full_disk_while_training_names_the_checkpoint_and_leaves_no_part_of_it(store, tmp_path, capsys, monkeypatch):
     """The first checkpoint's write gets part way, then the disk is full: exit 2, one line naming the checkpoint,
     no checkpoint or temporary file left; the rerun trains."""
     real_save = torch.save

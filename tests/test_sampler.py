@@ -14,12 +14,12 @@ import time
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import label_mixing, planned_minibatch_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import label_mixing, planned_minibatch_rows
-from scvi_scale.data import write_store
 from scvi_scale import sampler as sampler_module
+from scvi_scale.data import write_store
 from scvi_scale.sampler import BlockReadError, BlockShuffleSampler, SequentialSampler, train_validation_split
 
 N_GENES = 12
@@ -145,15 +145,27 @@ def test_every_row_once_per_epoch_across_ranks_with_equal_batch_counts(
     per_rank = len(rows) // world_size
     if per_rank == 0 or (drop_last and per_rank < batch_size):
         with pytest.raises(ValueError):
-            BlockShuffleSampler(MemoryReader(sp.csr_matrix((n_obs, 1)), 64), rows, batch_size=batch_size,
-                                world_size=world_size, drop_last=drop_last)
+            BlockShuffleSampler(
+                MemoryReader(sp.csr_matrix((n_obs, 1)), 64),
+                rows,
+                batch_size=batch_size,
+                world_size=world_size,
+                drop_last=drop_last,
+            )
         return
     reader = MemoryReader(sp.csr_matrix((n_obs, 1)), chunk_rows=64)
     per_rank_batches = []
     for rank in range(world_size):
         sampler = BlockShuffleSampler(
-            reader, rows, batch_size=batch_size, block_rows=block_rows, buffer_blocks=buffer_blocks,
-            world_size=world_size, rank=rank, drop_last=drop_last, seed=7,
+            reader,
+            rows,
+            batch_size=batch_size,
+            block_rows=block_rows,
+            buffer_blocks=buffer_blocks,
+            world_size=world_size,
+            rank=rank,
+            drop_last=drop_last,
+            seed=7,
         )
         sampler.set_epoch(epoch)
         batches = list(planned_minibatch_rows(sampler))
@@ -186,9 +198,13 @@ def test_iteration_reads_every_training_row_once_and_no_validation_row(world_siz
         )
         batches = [minibatch["rows"] for minibatch in sampler]
         assert len(batches) == len(sampler)
-        expected = list(planned_minibatch_rows(BlockShuffleSampler(
-            reader, train, batch_size=50, buffer_blocks=3, rank=rank, world_size=world_size, seed=11
-        )))
+        expected = list(
+            planned_minibatch_rows(
+                BlockShuffleSampler(
+                    reader, train, batch_size=50, buffer_blocks=3, rank=rank, world_size=world_size, seed=11
+                )
+            )
+        )
         for got, planned in zip(batches, expected, strict=True):
             np.testing.assert_array_equal(got, planned)
         assert not np.isin(np.concatenate(batches), validation).any()
@@ -216,7 +232,11 @@ def test_minibatch_contents_equal_direct_reads_of_the_store(store_name, request)
     covariates = np.random.default_rng(0).normal(size=(store.n_obs, 2))
     train, _ = train_validation_split(store.n_obs, seed=0)
     sampler = BlockShuffleSampler(
-        store, train, batch_size=64, buffer_blocks=2, return_csr=True,
+        store,
+        train,
+        batch_size=64,
+        buffer_blocks=2,
+        return_csr=True,
         obs_arrays={"labels": labels, "cont_covs": covariates},
     )
     rows, xs = [], []
@@ -244,8 +264,10 @@ def test_a_small_set_is_read_twice_then_kept_and_its_minibatches_stay_those_of_r
     monkeypatch.setattr(sampler_module, "KEPT_ROWS", 0)  # the reference reads every block every epoch
     reading = BlockShuffleSampler(kinds["reading"], batch_size=64, block_rows=100, return_csr=True, seed=3)
     monkeypatch.setattr(sampler_module, "KEPT_ROWS", 700)
-    block_bytes = max(c.data.nbytes + c.indices.nbytes + c.indptr.nbytes
-                      for c in (sp.csr_matrix(counts[k : k + 100], dtype=np.float32) for k in range(0, 700, 100)))
+    block_bytes = max(
+        c.data.nbytes + c.indices.nbytes + c.indptr.nbytes
+        for c in (sp.csr_matrix(counts[k : k + 100], dtype=np.float32) for k in range(0, 700, 100))
+    )
     monkeypatch.setattr(sampler_module, "KEPT_BYTES", kept_blocks * block_bytes)
     kept = BlockShuffleSampler(kinds["kept"], batch_size=64, block_rows=100, return_csr=True, seed=3)
     reads_per_epoch = []
@@ -274,8 +296,14 @@ def test_a_small_set_is_read_twice_then_kept_and_its_minibatches_stay_those_of_r
 @pytest.mark.parametrize(("block_rows", "buffer_blocks"), [(50, 3), (1, 8)], ids=["buffers", "minibatch-spans-8"])
 def test_reused_buffer_storage_never_changes_a_minibatch_handed_out(block_rows, buffer_blocks):
     counts = random_counts(600)
-    sampler = BlockShuffleSampler(MemoryReader(counts, chunk_rows=50), batch_size=64, block_rows=block_rows,
-                                  buffer_blocks=buffer_blocks, return_csr=True, seed=4)
+    sampler = BlockShuffleSampler(
+        MemoryReader(counts, chunk_rows=50),
+        batch_size=64,
+        block_rows=block_rows,
+        buffer_blocks=buffer_blocks,
+        return_csr=True,
+        seed=4,
+    )
     held, copies = [], []
     for _ in range(3):  # epochs: buffers' storage is reused within and across them
         for minibatch in sampler:

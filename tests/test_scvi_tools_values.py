@@ -57,11 +57,18 @@ def test_importance_weights_are_scvi_tools_weights_on_the_same_draws(model, reco
         return value.reshape(n_draws * n_cells, *value.shape[2:])
 
     x = torch.as_tensor(recorded["importance_x"])
-    anchors = {"x": x, "library": x.sum(-1), "qz_loc": torch.as_tensor(recorded["importance_qz_loc"]),
-               "qz_scale": torch.as_tensor(recorded["importance_qz_scale"]),
-               "log_px": torch.as_tensor(recorded["importance_log_px"])}
-    outputs = {"px_scale": flat("importance_scale")[None], "theta": flat("importance_theta")[None],
-               "zi_logits": flat("importance_zi_logits")[None]}
+    anchors = {
+        "x": x,
+        "library": x.sum(-1),
+        "qz_loc": torch.as_tensor(recorded["importance_qz_loc"]),
+        "qz_scale": torch.as_tensor(recorded["importance_qz_scale"]),
+        "log_px": torch.as_tensor(recorded["importance_log_px"]),
+    }
+    outputs = {
+        "px_scale": flat("importance_scale")[None],
+        "theta": flat("importance_theta")[None],
+        "zi_logits": flat("importance_zi_logits")[None],
+    }
     log_weights = jobs.ImportanceJob._log_weights(model.module, flat("importance_zs"), outputs, anchors)
     probabilities = torch.softmax(log_weights.double(), 0).numpy()
     np.testing.assert_allclose(probabilities, recorded["importance_probabilities"], atol=1e-5)
@@ -72,26 +79,34 @@ def test_importance_weighted_expression_moves_as_scvi_tools_does(model, recorded
     an effective sample size near 16 of 4,000 here, and log p(x) of the anchors varies by tens of nats between
     runs of 500 draws), so only its direction is compared: the shift from the uniform mean."""
     group = recorded["group"]
-    weighted = model.get_normalized_expression(indices=group, n_samples_overall=4000, weights="importance",
-                                               return_numpy=True, seed=2).mean(0)
-    uniform = model.get_normalized_expression(indices=group, n_samples_overall=4000, return_numpy=True,
-                                              seed=2).mean(0)
+    weighted = model.get_normalized_expression(
+        indices=group, n_samples_overall=4000, weights="importance", return_numpy=True, seed=2
+    ).mean(0)
+    uniform = model.get_normalized_expression(indices=group, n_samples_overall=4000, return_numpy=True, seed=2).mean(0)
     theirs, theirs_uniform = recorded["importance_mean"], recorded["uniform_group_mean"]
     np.testing.assert_allclose(uniform, theirs_uniform, rtol=0.05)
     assert np.corrcoef(weighted - uniform, theirs - theirs_uniform)[0, 1] > 0.7
 
 
 def test_differential_expression_statistics_match(model, recorded):
-    vanilla = model.differential_expression(groupby="cell_type", group1="type_0", n_samples_overall=20000,
-                                            seed=3).loc[model.var_names]
-    for column in ("raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2",
-                   "raw_normalized_mean1", "raw_normalized_mean2"):
+    vanilla = model.differential_expression(groupby="cell_type", group1="type_0", n_samples_overall=20000, seed=3).loc[
+        model.var_names
+    ]
+    for column in (
+        "raw_mean1",
+        "raw_mean2",
+        "non_zeros_proportion1",
+        "non_zeros_proportion2",
+        "raw_normalized_mean1",
+        "raw_normalized_mean2",
+    ):
         np.testing.assert_allclose(vanilla[column].to_numpy(), recorded[f"de_{column}"], rtol=1e-5, err_msg=column)
     for column in ("scale1", "scale2"):
         np.testing.assert_allclose(vanilla[column].to_numpy(), recorded[f"de_{column}"], rtol=0.03, err_msg=column)
     np.testing.assert_allclose(vanilla["proba_m1"].to_numpy(), recorded["de_proba_m1"], atol=0.03)
-    change = model.differential_expression(groupby="cell_type", group1="type_0", mode="change",
-                                           n_samples_overall=20000, seed=3).loc[model.var_names]
+    change = model.differential_expression(
+        groupby="cell_type", group1="type_0", mode="change", n_samples_overall=20000, seed=3
+    ).loc[model.var_names]
     np.testing.assert_allclose(change["lfc_mean"].to_numpy(), recorded["de_change_lfc_mean"], atol=0.05)
     np.testing.assert_allclose(change["lfc_median"].to_numpy(), recorded["de_change_lfc_median"], atol=0.05)
     np.testing.assert_allclose(change["proba_de"].to_numpy(), recorded["de_change_proba_de"], atol=0.05)

@@ -15,11 +15,11 @@ import sys
 import textwrap
 
 import pytest
-
 from scvi_scale.kernels import torch_ops
 
-pytestmark = pytest.mark.skipif(not torch_ops.native_ready(),
-                                reason="the C kernel cannot be built here (no C compiler or libmvec)")
+pytestmark = pytest.mark.skipif(
+    not torch_ops.native_ready(), reason="the C kernel cannot be built here (no C compiler or libmvec)"
+)
 
 FRESH_PROCESS = textwrap.dedent("""
     import json, sys
@@ -60,13 +60,22 @@ def test_a_fresh_process_compiles_no_graph_and_builds_the_kernel_once(tmp_path):
     environment.pop("SCVI_SCALE_KERNELS", None)
     runs = []
     for run in range(2):
-        result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / f"atlas{run}.zarr")],
-                                env=environment, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", FRESH_PROCESS, str(tmp_path / f"atlas{run}.zarr")],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
     for counts in runs:
-        assert counts["graphs"] == {"train (store, CSR)": 0, "outputs": 0, "train at one thread": 0,
-                                    "train (AnnData, dense)": 0}
+        assert counts["graphs"] == {
+            "train (store, CSR)": 0,
+            "outputs": 0,
+            "train at one thread": 0,
+            "train (AnnData, dense)": 0,
+        }
     built = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(built) == 1 and built[0].startswith("count_terms-") and built[0].endswith(".so")  # no partial left
     assert runs[0]["library"] == runs[1]["library"] == str(tmp_path / "cache" / built[0])  # the second reused it
@@ -74,12 +83,18 @@ def test_a_fresh_process_compiles_no_graph_and_builds_the_kernel_once(tmp_path):
 
 def test_processes_starting_at_once_share_one_build(tmp_path):
     """Four processes build into an empty cache at the same time: each loads a whole library, one file remains."""
-    script = ("from scvi_scale.kernels import native, torch_ops\n"
-              "assert torch_ops.native_ready()\n"
-              "print(native.library()._name)")
+    script = (
+        "from scvi_scale.kernels import native, torch_ops\n"
+        "assert torch_ops.native_ready()\n"
+        "print(native.library()._name)"
+    )
     environment = dict(os.environ, SCVI_SCALE_CACHE_DIR=str(tmp_path / "cache"))
-    processes = [subprocess.Popen([sys.executable, "-c", script], env=environment, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
     outputs = [process.communicate(timeout=300) for process in processes]
     assert all(process.returncode == 0 for process in processes), [err[-2000:] for _, err in outputs]
     assert len({out.strip() for out, _ in outputs}) == 1
@@ -98,8 +113,9 @@ def test_an_unbuildable_kernel_falls_back_to_the_pytorch_path(tmp_path):
         print(float(kernels.count_log_likelihood(x, mu, theta, likelihood="nb")))
     """)
     environment = dict(os.environ, SCVI_SCALE_CACHE_DIR=str(tmp_path / "cache"), CC=str(tmp_path / "no-such-cc"))
-    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "native likelihood kernel unavailable" in result.stderr
     import scipy.stats

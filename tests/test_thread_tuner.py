@@ -42,8 +42,12 @@ def test_a_contended_run_moves_to_one_thread_and_back_when_the_contention_ends(t
     torch.set_num_threads(2)
     tuner = ThreadTuner(2, period=100, window=8, lead=10)
     # steps 0-299: two threads are 8x slower (a busy neighbour); from 300 on, two threads are 1.5x faster
-    used = simulate(tuner, range(600), lambda threads, step: (80.0 if threads == 2 else 10.0) if step < 300
-                    else (10.0 if threads == 2 else 15.0), others_cores=lambda step: 1.0 if step < 300 else 0.0)
+    used = simulate(
+        tuner,
+        range(600),
+        lambda threads, step: (80.0 if threads == 2 else 10.0) if step < 300 else (10.0 if threads == 2 else 15.0),
+        others_cores=lambda step: 1.0 if step < 300 else 0.0,
+    )
     # the first windows: steps 10-17 at two threads, 18-25 probing one; the decision at step 26
     assert used[10:18] == [2] * 8 and used[18:26] == [1] * 8
     assert set(used[26:118]) == {1}  # kept one thread until the next period's probe of two threads
@@ -70,8 +74,12 @@ def test_a_quiet_machine_is_not_probed_and_an_unmeasured_one_is(threads_restored
         return 11.0 if threads == 2 else 5.0
 
     torch.set_num_threads(2)
-    quiet = simulate(ThreadTuner(2, period=100, window=8, lead=10), range(300), cost,
-                     others_cores=lambda step: 0.9 * OTHERS_BUSY_CORES)
+    quiet = simulate(
+        ThreadTuner(2, period=100, window=8, lead=10),
+        range(300),
+        cost,
+        others_cores=lambda step: 0.9 * OTHERS_BUSY_CORES,
+    )
     assert set(quiet) == {2}  # no probe, so no recompilation for one thread
     torch.set_num_threads(2)
     # no /proc/stat: probe as if loaded
@@ -111,11 +119,12 @@ def test_the_schedule_follows_the_global_step_so_a_resumed_run_probes_at_the_sam
     torch.set_num_threads(2)
     resumed = simulate(ThreadTuner(2, period=100, window=8, lead=10), range(150, 400), cost)
     # the resumed tuner starts at two threads; from its first decision (step 226) on it runs as the whole run did
-    assert resumed[226 - 150:] == whole[226:]
+    assert resumed[226 - 150 :] == whole[226:]
 
 
-def test_training_restores_the_thread_count_and_the_setting_turns_the_tuner_off(tmp_path, threads_restored,
-                                                                               monkeypatch):
+def test_training_restores_the_thread_count_and_the_setting_turns_the_tuner_off(
+    tmp_path, threads_restored, monkeypatch
+):
     store = tmp_path / "a.zarr"
     synthetic_atlas(store, n_cells=600, n_genes=200, seed=0)
     SCVI.setup_zarr(store, batch_key="batch")

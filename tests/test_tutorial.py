@@ -65,8 +65,15 @@ def test_the_quick_start_tutorial_runs_and_its_outputs_hold(adata, tmp_path):
     SCVI.setup_anndata(adata, layer="counts", batch_key="batch")
     model = SCVI(adata, n_layers=2, n_latent=10, gene_likelihood="nb")
     model.view_anndata_setup()
-    model.train(max_epochs=40, early_stopping=True, check_val_every_n_epoch=1, plan_kwargs={"lr": 1e-3},
-                accelerator="cpu", devices=1, enable_progress_bar=False)
+    model.train(
+        max_epochs=40,
+        early_stopping=True,
+        check_val_every_n_epoch=1,
+        plan_kwargs={"lr": 1e-3},
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+    )
     history = model.history
     SCVI_LATENT_KEY = "X_scVI"
     adata.obsm[SCVI_LATENT_KEY] = model.get_latent_representation()
@@ -75,31 +82,43 @@ def test_the_quick_start_tutorial_runs_and_its_outputs_hold(adata, tmp_path):
     SCVI_NORMALIZED_KEY = "scvi_normalized"
     adata.layers[SCVI_NORMALIZED_KEY] = model.get_normalized_expression(library_size=10e4)
     genes = list(adata.var_names[:10])
-    denoised = model.get_normalized_expression(adata, indices=np.arange(50), gene_list=genes,
-                                               transform_batch="celseq2", n_samples=5, library_size=1e4)
+    denoised = model.get_normalized_expression(
+        adata, indices=np.arange(50), gene_list=genes, transform_batch="celseq2", n_samples=5, library_size=1e4
+    )
     de_leiden = model.differential_expression(groupby="leiden", n_samples_overall=1000)
-    de_change = model.differential_expression(groupby="cell_line", group1="H1975", mode="change",
-                                              batch_correction=True)
+    de_change = model.differential_expression(groupby="cell_line", group1="H1975", mode="change", batch_correction=True)
     de_uniform = model.differential_expression(groupby="cell_line", group1="H1975", n_samples_overall=500)
-    de_importance = model.differential_expression(groupby="cell_line", group1="H1975", weights="importance",
-                                                  importance_weighting_kwargs={"max_cells": 64, "n_mc_samples": 20},
-                                                  n_samples_overall=500)
+    de_importance = model.differential_expression(
+        groupby="cell_line",
+        group1="H1975",
+        weights="importance",
+        importance_weighting_kwargs={"max_cells": 64, "n_mc_samples": 20},
+        n_samples_overall=500,
+    )
     elbo = model.get_elbo()
     reconstruction = model.get_reconstruction_error()
     marginal_ll = model.get_marginal_ll(n_mc_samples=20)
     samples = model.posterior_predictive_sample(n_samples=3)
     parameters = model.get_likelihood_parameters(indices=np.arange(100))
-    correlation = model.get_feature_correlation_matrix(indices=np.arange(100), n_samples=2,
-                                                       correlation_type="pearson")
+    correlation = model.get_feature_correlation_matrix(indices=np.arange(100), n_samples=2, correlation_type="pearson")
     one_draw = model.get_latent_representation(give_mean=False)
     mean, variance = model.get_latent_representation(return_dist=True)
     model.save(tmp_path / "model", save_anndata=True, overwrite=True)
     loaded = SCVI.load(tmp_path / "model", adata=adata)
     loaded.to_device("cpu")
     # --- end of tutorial ---------------------------------------------------------------------------------------
-    for key in ("train_loss", "elbo_train", "reconstruction_loss_train", "kl_local_train", "kl_global_train",
-                "validation_loss", "elbo_validation", "reconstruction_loss_validation", "kl_local_validation",
-                "kl_global_validation"):
+    for key in (
+        "train_loss",
+        "elbo_train",
+        "reconstruction_loss_train",
+        "kl_local_train",
+        "kl_global_train",
+        "validation_loss",
+        "elbo_validation",
+        "reconstruction_loss_validation",
+        "kl_local_validation",
+        "kl_global_validation",
+    ):
         assert key in history and len(history[key]) >= 1, key
     latent = adata.obsm[SCVI_LATENT_KEY]
     assert latent.shape == (adata.n_obs, 10)
@@ -113,6 +132,7 @@ def test_the_quick_start_tutorial_runs_and_its_outputs_hold(adata, tmp_path):
     top = de_change.sort_values("proba_de", ascending=False).head(20)
     raw_sign = np.sign(np.log(top["raw_normalized_mean1"] + 1e-4) - np.log(top["raw_normalized_mean2"] + 1e-4))
     assert (np.sign(top["lfc_mean"]) == raw_sign).mean() > 0.8 and "is_de_fdr_0.05" in de_change
+
     # importance weights re-weigh the group's posterior draws: its mean expression moves, but stays that group's
     def log_scale(frame, column):
         return np.log(frame.loc[adata.var_names, column].to_numpy())
@@ -141,8 +161,14 @@ def test_the_scarches_tutorial_maps_a_query_anndata(adata):
     query = query[:, [name for name in query.var_names[::-1] if name not in set(missing)]].copy()
     # --- tutorial ---------------------------------------------------------------------------------------------
     SCVI.setup_anndata(reference, batch_key="batch")
-    vae_ref = SCVI(reference, n_layers=2, encode_covariates=True, deeply_inject_covariates=False,
-                   use_layer_norm="both", use_batch_norm="none")
+    vae_ref = SCVI(
+        reference,
+        n_layers=2,
+        encode_covariates=True,
+        deeply_inject_covariates=False,
+        use_layer_norm="both",
+        use_batch_norm="none",
+    )
     vae_ref.train(max_epochs=60, accelerator="cpu", enable_progress_bar=False)
     SCVI.prepare_query_anndata(query, vae_ref)
     vae_q = SCVI.load_query_data(query, vae_ref)
@@ -151,9 +177,11 @@ def test_the_scarches_tutorial_maps_a_query_anndata(adata):
     # --- end of tutorial ---------------------------------------------------------------------------------------
     assert list(query.var_names) == list(reference.var_names)  # padded and reordered in place
     padded = query[:, missing]
-    assert not any(np.asarray(m.todense() if hasattr(m, "todense") else m).any()
-                   for m in [padded.X, *padded.layers.values()])
+    assert not any(
+        np.asarray(m.todense() if hasattr(m, "todense") else m).any() for m in [padded.X, *padded.layers.values()]
+    )
     reference_latent = vae_q.get_latent_representation(reference)
-    accuracy = knn_accuracy(query.obsm["X_scVI"], query.obs["cell_line"].to_numpy(), reference_latent,
-                            reference.obs["cell_line"].to_numpy())
+    accuracy = knn_accuracy(
+        query.obsm["X_scVI"], query.obs["cell_line"].to_numpy(), reference_latent, reference.obs["cell_line"].to_numpy()
+    )
     assert accuracy > 0.8

@@ -70,7 +70,12 @@ def _exit_code_and_line(args, error: Exception) -> tuple[int, str]:
         return 2, f"error: {_one_line(error)}"
     if isinstance(error, OSError) and error.errno in USER_OS_ERRORS:
         # a write to an open file (disk full) names no file: then the place this command writes to
-        where = error.filename or getattr(args, "output_store", None) or getattr(args, "out", None) or getattr(args, "store", None)
+        where = (
+            error.filename
+            or getattr(args, "output_store", None)
+            or getattr(args, "out", None)
+            or getattr(args, "store", None)
+        )
         return 2, f"error: {where}: {error.strerror}; {USER_OS_ERRORS[error.errno]}"
     return 1, f"{type(error).__name__}: {_one_line(error)} (--debug for the traceback)"
 

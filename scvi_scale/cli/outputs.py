@@ -45,8 +45,12 @@ def add_commands(subparsers) -> None:
     _common(latent)
     latent.add_argument("--key", default="X_scvi")
     latent.add_argument("--sample", action="store_true", help="one draw of q(z | x) instead of its mean")
-    latent.add_argument("--mc-samples", type=int, default=default(SCVI.get_latent_representation, "mc_samples"),
-                        help='draws for the mean with latent "ln"')
+    latent.add_argument(
+        "--mc-samples",
+        type=int,
+        default=default(SCVI.get_latent_representation, "mc_samples"),
+        help='draws for the mean with latent "ln"',
+    )
     latent.add_argument("--return-dist", action="store_true", help="also write the variance as obsm/<key>_var")
     latent.set_defaults(run=run_latent)
 
@@ -67,8 +71,9 @@ def add_commands(subparsers) -> None:
     de.add_argument("--delta", type=float, default=DEOptions.delta)
     de.add_argument("--batch-correction", action="store_true")
     de.add_argument("--fdr-target", type=float, default=DEOptions.fdr_target)
-    de.add_argument("--n-samples-overall", type=int, default=DEOptions.n_samples_overall,
-                    help="posterior samples per group")
+    de.add_argument(
+        "--n-samples-overall", type=int, default=DEOptions.n_samples_overall, help="posterior samples per group"
+    )
     de.add_argument("--key", help="uns key (default: de_<groupby>)")
     de.add_argument("--table", help="also write the table here (parquet if pyarrow is installed, else csv)")
     de.set_defaults(run=run_de)
@@ -104,8 +109,12 @@ def _run(args, write) -> int:
     started = time.perf_counter()
     with _client(args) as client:
         options = dict(
-            output_store=args.output_store, overwrite=args.overwrite, client=client,
-            model_dir=args.model if client is not None else None, seed=args.seed, chunk_rows=args.chunk_rows,
+            output_store=args.output_store,
+            overwrite=args.overwrite,
+            client=client,
+            model_dir=args.model if client is not None else None,
+            seed=args.seed,
+            chunk_rows=args.chunk_rows,
         )
         written = write(model, options)
     seconds = time.perf_counter() - started
@@ -124,8 +133,12 @@ def _run(args, write) -> int:
 def run_latent(args) -> int:
     def write(model, options):
         model.write_latent_representation(
-            args.key, give_mean=not args.sample, mc_samples=args.mc_samples, batch_size=args.batch_size,
-            return_dist=args.return_dist, **options,
+            args.key,
+            give_mean=not args.sample,
+            mc_samples=args.mc_samples,
+            batch_size=args.batch_size,
+            return_dist=args.return_dist,
+            **options,
         )
         return [f"obsm/{args.key}"] + ([f"obsm/{args.key}_var"] if args.return_dist else [])
 
@@ -137,8 +150,12 @@ def run_normalize(args) -> int:
 
     def write(model, options):
         model.get_normalized_expression(
-            transform_batch=args.transform_batch, library_size=library_size, n_samples=args.n_samples,
-            batch_size=args.batch_size, write_to=args.key, **options,
+            transform_batch=args.transform_batch,
+            library_size=library_size,
+            n_samples=args.n_samples,
+            batch_size=args.batch_size,
+            write_to=args.key,
+            **options,
         )
         return [f"layers/{args.key}"]
 
@@ -152,9 +169,19 @@ def run_de(args) -> int:
 
     def write(model, options):
         model.differential_expression(
-            groupby=args.groupby, group1=args.group1, group2=args.group2, mode=args.mode, delta=args.delta,
-            batch_size=args.batch_size, batch_correction=args.batch_correction, fdr_target=args.fdr_target,
-            silent=True, n_samples_overall=args.n_samples_overall, write_to=key, table_path=args.table, **options,
+            groupby=args.groupby,
+            group1=args.group1,
+            group2=args.group2,
+            mode=args.mode,
+            delta=args.delta,
+            batch_size=args.batch_size,
+            batch_correction=args.batch_correction,
+            fdr_target=args.fdr_target,
+            silent=True,
+            n_samples_overall=args.n_samples_overall,
+            write_to=key,
+            table_path=args.table,
+            **options,
         )
         return [f"uns/{key}"] + ([args.table] if args.table else [])
 
@@ -164,8 +191,11 @@ def run_de(args) -> int:
 def run_sample(args) -> int:
     def write(model, options):
         model.posterior_predictive_sample(
-            transform_batch=args.transform_batch, n_samples=args.n_samples, batch_size=args.batch_size,
-            write_to=args.key, **options,
+            transform_batch=args.transform_batch,
+            n_samples=args.n_samples,
+            batch_size=args.batch_size,
+            write_to=args.key,
+            **options,
         )
         keys = [args.key] if args.n_samples == 1 else [f"{args.key}_{draw}" for draw in range(args.n_samples)]
         return [f"layers/{key}" for key in keys]

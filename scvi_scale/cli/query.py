@@ -12,16 +12,24 @@ from scvi_scale.outputs import write_obsm
 from scvi_scale.outputs.labels import transfer_labels
 from scvi_scale.train import TrainingConfig
 
-FREEZE_OPTIONS = ("freeze_dropout", "freeze_expression", "freeze_decoder_first_layer", "freeze_batchnorm_encoder",
-                  "freeze_batchnorm_decoder")
+FREEZE_OPTIONS = (
+    "freeze_dropout",
+    "freeze_expression",
+    "freeze_decoder_first_layer",
+    "freeze_batchnorm_encoder",
+    "freeze_batchnorm_decoder",
+)
 
 
 def add_commands(subparsers) -> None:
     """`scvi-scale map QUERY_STORE --reference MODEL_DIR --out MODEL_DIR`: map, fine-tune, save, transfer labels."""
     p = subparsers.add_parser("map", help="map a query store onto a trained reference (scArches) and save the model")
-    p.add_argument("query", help="AnnData-Zarr store of the query cells; another gene panel maps as it is "
-                                  "(missing reference genes read as zeros, a warning says how many; the store is "
-                                  "not rewritten)")
+    p.add_argument(
+        "query",
+        help="AnnData-Zarr store of the query cells; another gene panel maps as it is "
+        "(missing reference genes read as zeros, a warning says how many; the store is "
+        "not rewritten)",
+    )
     p.add_argument("--reference", required=True, help="reference model directory (scvi-scale train)")
     p.add_argument("--out", required=True, help="directory for the query model")
     p.add_argument("--reference-store", help="the reference's store: needed for --labels-key")
@@ -35,8 +43,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=default(SCVI.train, "seed"))
     p.add_argument("--unfrozen", action="store_true", help="train every weight")
     for option in FREEZE_OPTIONS:
-        p.add_argument(f"--{option.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                       default=default(SCVI.load_query_data, option))
+        p.add_argument(
+            f"--{option.replace('_', '-')}",
+            action=argparse.BooleanOptionalAction,
+            default=default(SCVI.load_query_data, option),
+        )
     p.add_argument("--latent-key", default="X_scVI", help="obsm key for the query latent")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model, latent or prediction")
     p.set_defaults(run=_run_map)
@@ -45,7 +56,9 @@ def add_commands(subparsers) -> None:
 def _run_map(args) -> int:
     out = Path(args.out)
     if persist.model_path(out).exists() and not args.overwrite:
-        raise FileExistsError(f"{persist.model_path(out)} exists: pass --overwrite to replace it or choose another --out")
+        raise FileExistsError(
+            f"{persist.model_path(out)} exists: pass --overwrite to replace it or choose another --out"
+        )
     if args.labels_key and not args.reference_store:
         raise ValueError("--labels-key needs --reference-store (the reference cells' latent and labels)")
     query_store = SCVI.prepare_query_zarr(args.query, args.reference)

@@ -16,8 +16,12 @@ def add_commands(commands) -> None:
     p.add_argument("--model", required=True, help="model directory written by `scvi-scale train` / model.save")
     p.add_argument("--labels-key", help="obs column of cell labels (default: the registered one, if any)")
     p.add_argument("--out", default="report", help="folder for report.html, its PNGs and report.json")
-    p.add_argument("--max-cells", type=int, default=default(SCVI.report, "max_cells"),
-                   help="cells of the seeded subsample the UMAP and the metrics use")
+    p.add_argument(
+        "--max-cells",
+        type=int,
+        default=default(SCVI.report, "max_cells"),
+        help="cells of the seeded subsample the UMAP and the metrics use",
+    )
     p.add_argument("--seed", type=int, help="seed of the subsample (default settings.seed)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.set_defaults(run=run_report)
@@ -25,8 +29,17 @@ def add_commands(commands) -> None:
 
 def run_report(args) -> int:
     model = SCVI.load(args.model, args.store)
-    report = model.report(Path(args.out), labels_key=args.labels_key, max_cells=args.max_cells, seed=args.seed,
-                          overwrite=args.overwrite)
-    print(json.dumps({"report": str(Path(args.out) / "report.html"), "cells": report["cells"],
-                      "scib_aggregate": report["scib"]["aggregate"]}, indent=2))
+    report = model.report(
+        Path(args.out), labels_key=args.labels_key, max_cells=args.max_cells, seed=args.seed, overwrite=args.overwrite
+    )
+    print(
+        json.dumps(
+            {
+                "report": str(Path(args.out) / "report.html"),
+                "cells": report["cells"],
+                "scib_aggregate": report["scib"]["aggregate"],
+            },
+            indent=2,
+        )
+    )
     return 0

@@ -27,10 +27,23 @@ from scvi_scale.train import TrainingConfig, stop_on_signals
 
 LOCK_FILE = ".train.lock"
 
-SETUP_KEYS = ("layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
-              "continuous_covariate_keys")
-MODEL_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion", "gene_likelihood",
-              "latent_distribution")
+SETUP_KEYS = (
+    "layer",
+    "batch_key",
+    "labels_key",
+    "size_factor_key",
+    "categorical_covariate_keys",
+    "continuous_covariate_keys",
+)
+MODEL_KEYS = (
+    "n_hidden",
+    "n_latent",
+    "n_layers",
+    "dropout_rate",
+    "dispersion",
+    "gene_likelihood",
+    "latent_distribution",
+)
 
 
 def add_commands(commands) -> None:
@@ -45,8 +58,11 @@ def add_commands(commands) -> None:
     p.add_argument("--continuous-covariate-keys", nargs="*", help="continuous obs columns")
     for name, kind in (("n_hidden", int), ("n_latent", int), ("n_layers", int), ("dropout_rate", float)):
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default(SCVI.__init__, name))
-    for name, choices in (("dispersion", DISPERSIONS), ("gene_likelihood", GENE_LIKELIHOODS),
-                          ("latent_distribution", LATENT_DISTRIBUTIONS)):
+    for name, choices in (
+        ("dispersion", DISPERSIONS),
+        ("gene_likelihood", GENE_LIKELIHOODS),
+        ("latent_distribution", LATENT_DISTRIBUTIONS),
+    ):
         p.add_argument(f"--{name.replace('_', '-')}", default=default(SCVI.__init__, name), choices=choices)
     p.add_argument("--max-epochs", type=int, help="default: scvi-tools' heuristic from the number of cells")
     p.add_argument("--batch-size", type=int, default=default(SCVI.train, "batch_size"))
@@ -54,17 +70,31 @@ def add_commands(commands) -> None:
     p.add_argument("--lr", type=float, default=TrainingConfig.lr)
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--accelerator", default=default(SCVI.train, "accelerator"), help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=settings.seed,
-                   help="initial weights, split, block order and draws: the same seed gives the same model")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=settings.seed,
+        help="initial weights, split, block order and draws: the same seed gives the same model",
+    )
     p.add_argument("--drop-last", action="store_true", help="leave out each epoch's last, incomplete minibatch")
-    p.add_argument("--checkpoint-every", type=float, default=TrainingConfig.checkpoint_every_seconds, metavar="SECONDS",
-                   help="checkpoint at least this often (and at every epoch's end), so a kill loses at most this")
-    p.add_argument("--report", action="store_true", help="write the integration report into --out/report/ after "
-                   "training (needs scvi-scale[report])")
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=TrainingConfig.checkpoint_every_seconds,
+        metavar="SECONDS",
+        help="checkpoint at least this often (and at every epoch's end), so a kill loses at most this",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="write the integration report into --out/report/ after training (needs scvi-scale[report])",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out after a kill")
     p.add_argument("--overwrite", action="store_true", help="start over, replacing the model and checkpoint in --out")
     p.add_argument(
-        "--nproc", type=int, default=1,
+        "--nproc",
+        type=int,
+        default=1,
         help="data-parallel processes on this machine (gloo on CPU, nccl on GPUs); --batch-size is per process",
     )
     p.set_defaults(run=run_train)
@@ -82,8 +112,10 @@ def training_lock(out: Path):
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 file.seek(0)
-                raise FileExistsError(f"{out} is being trained by another run ({file.read().strip() or 'a process'})"
-                                      ": wait for it to end, or choose another --out") from None
+                raise FileExistsError(
+                    f"{out} is being trained by another run ({file.read().strip() or 'a process'})"
+                    ": wait for it to end, or choose another --out"
+                ) from None
             file.truncate(0)
             file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             file.flush()
@@ -106,8 +138,10 @@ def _train_run(args) -> int:
     out = Path(args.out)
     existing = [path for path in (persist.model_path(out), out / CHECKPOINT_FILE) if path.exists()]
     if existing and not (args.overwrite or args.resume):
-        raise FileExistsError(f"{existing[0]} exists: pass --resume to continue that run, --overwrite to start over, "
-                              "or choose another --out")
+        raise FileExistsError(
+            f"{existing[0]} exists: pass --resume to continue that run, --overwrite to start over, "
+            "or choose another --out"
+        )
     if args.overwrite and not args.resume:
         for path in existing:
             path.unlink()

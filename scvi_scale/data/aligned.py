@@ -37,12 +37,16 @@ def missing_genes_message(n_shared: int, n_reference: int, filled: str) -> tuple
     if n_missing == 0:
         return "", False
     fraction = n_shared / n_reference
-    text = (f"{n_missing} of the reference's {n_reference} genes are missing from the query and {filled}; the "
-            f"query has {n_shared} ({fraction:.1%}) of the reference genes")
+    text = (
+        f"{n_missing} of the reference's {n_reference} genes are missing from the query and {filled}; the "
+        f"query has {n_shared} ({fraction:.1%}) of the reference genes"
+    )
     poor = fraction < MIN_SHARED_GENE_FRACTION
     if poor:
-        text = (f"Query data contains less than {MIN_SHARED_GENE_FRACTION:.0%} of reference var names. This may "
-                f"result in poor performance. {text}")
+        text = (
+            f"Query data contains less than {MIN_SHARED_GENE_FRACTION:.0%} of reference var names. This may "
+            f"result in poor performance. {text}"
+        )
     return text, poor
 
 

@@ -178,12 +178,24 @@ class StoreCollection:
     # --- pickling and description ------------------------------------------------------------------------------
 
     def __getstate__(self):
-        return {"paths": self.paths, "join": self.join, "layer": self.layer, "var_names": self._given_var_names,
-                "label": self.label, "keys": self.keys}
+        return {
+            "paths": self.paths,
+            "join": self.join,
+            "layer": self.layer,
+            "var_names": self._given_var_names,
+            "label": self.label,
+            "keys": self.keys,
+        }
 
     def __setstate__(self, state):
-        self.__init__(state["paths"], state["join"], state["layer"], var_names=state["var_names"],
-                      label=state["label"], keys=state["keys"])
+        self.__init__(
+            state["paths"],
+            state["join"],
+            state["layer"],
+            var_names=state["var_names"],
+            label=state["label"],
+            keys=state["keys"],
+        )
 
     def __repr__(self) -> str:
         kind = "CSR" if self.is_sparse else "dense"
@@ -257,7 +269,8 @@ class StoreCollection:
             return pd.Series(values, name=key)
         parts = [
             store.obs_column(key).reset_index(drop=True).to_frame()
-            if key in store.obs_keys() else pd.DataFrame(index=pd.RangeIndex(store.n_obs))  # outer join: NaN
+            if key in store.obs_keys()
+            else pd.DataFrame(index=pd.RangeIndex(store.n_obs))  # outer join: NaN
             for store in self.stores
         ]
         dtypes = [part[key].dtype for part in parts if key in part]
@@ -325,8 +338,12 @@ class StoreCollection:
         parts = []
         for index, store in enumerate(self.stores):
             lazy = store.to_dask()
-            parts.append(lazy.map_blocks(
-                functools.partial(self._in_joined_genes, index), chunks=(lazy.chunks[0], (self.n_vars,)),
-                dtype=np.float32, meta=meta,
-            ))
+            parts.append(
+                lazy.map_blocks(
+                    functools.partial(self._in_joined_genes, index),
+                    chunks=(lazy.chunks[0], (self.n_vars,)),
+                    dtype=np.float32,
+                    meta=meta,
+                )
+            )
         return da.concatenate(parts, axis=0)

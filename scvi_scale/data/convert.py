@@ -344,9 +344,7 @@ def _tenx_source(folder: Path, target: Path) -> _Source:
         )
 
     def blocks(block_rows: int):
-        yield from _tenx_blocks(
-            matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, block_rows, target
-        )
+        yield from _tenx_blocks(matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, block_rows, target)
 
     return _Source(blocks, var, True, str(folder))
 
@@ -367,8 +365,13 @@ def _tenx_blocks(matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, 
         buckets = [scratch / f"block-{index}.bin" for index in range(n_blocks)]
         n_read = 0
         reader = pd.read_csv(
-            matrix_path, sep=r"\s+", header=None, names=["gene", "cell", "value"], skiprows=n_header_lines,
-            dtype={"gene": np.int64, "cell": np.int64, "value": np.float64}, chunksize=MTX_ENTRIES_PER_READ,
+            matrix_path,
+            sep=r"\s+",
+            header=None,
+            names=["gene", "cell", "value"],
+            skiprows=n_header_lines,
+            dtype={"gene": np.int64, "cell": np.int64, "value": np.float64},
+            chunksize=MTX_ENTRIES_PER_READ,
         )
         for piece in reader:
             entries = np.empty(len(piece), dtype=_MTX_ENTRY)

@@ -117,8 +117,10 @@ def _numeric(store: CountStore, key: str, positive: bool = False) -> np.ndarray:
         bad |= values <= 0
     if bad.any():
         need = "finite and > 0" if positive else "finite (no NaN or inf)"
-        raise StoreError(f"{store.path}: obs column {key!r} must be {need}; it is not in "
-                         f"{_describe_rows(store, np.flatnonzero(bad))}")
+        raise StoreError(
+            f"{store.path}: obs column {key!r} must be {need}; it is not in "
+            f"{_describe_rows(store, np.flatnonzero(bad))}"
+        )
     return values
 
 
@@ -301,13 +303,19 @@ class Registry:
             "batch": coded(self.batch_key, self.batch_categories, "batch"),
             "labels": coded(self.labels_key, self.label_categories, "labels"),
             "cat_covs": np.stack(
-                [coded(key, self.categorical_covariate_categories[key], "categorical covariate")
-                 for key in self.categorical_covariate_keys],
+                [
+                    coded(key, self.categorical_covariate_categories[key], "categorical covariate")
+                    for key in self.categorical_covariate_keys
+                ],
                 axis=1,
-            ) if self.categorical_covariate_keys else np.zeros((n_obs, 0), dtype=np.int8),
-            "cont_covs": np.stack(
-                [_numeric(store, key) for key in self.continuous_covariate_keys], axis=1
-            ).astype(np.float32) if self.continuous_covariate_keys else np.zeros((n_obs, 0), dtype=np.float32),
+            )
+            if self.categorical_covariate_keys
+            else np.zeros((n_obs, 0), dtype=np.int8),
+            "cont_covs": np.stack([_numeric(store, key) for key in self.continuous_covariate_keys], axis=1).astype(
+                np.float32
+            )
+            if self.continuous_covariate_keys
+            else np.zeros((n_obs, 0), dtype=np.float32),
         }
         if self.size_factor_key:
             encoded["size_factor"] = _numeric(store, self.size_factor_key, positive=True).astype(np.float32)

@@ -45,10 +45,22 @@ RETRY_ATTEMPTS = 6
 RETRY_FIRST_DELAY_S = 0.2
 RETRY_MAX_DELAY_S = 10.0
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_TIMEOUT_NAMES = frozenset({"TimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "FSTimeoutError",
-                            "ServerTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
-                            "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError",
-                            "IncompleteRead", "ResponseParserError"})
+_TIMEOUT_NAMES = frozenset(
+    {
+        "TimeoutError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "FSTimeoutError",
+        "ServerTimeoutError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ClientConnectorError",
+        "IncompleteRead",
+        "ResponseParserError",
+    }
+)
 _NO_CREDENTIALS_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"})
 # Given to s3fs unless the caller's storage_options say otherwise: botocore's retries off, ours instead.
 _S3_DEFAULTS = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
@@ -113,11 +125,13 @@ def zarr_store(path, storage_options: dict | None = None, read_only: bool = True
     if scheme in READ_ONLY_SCHEMES and not read_only:
         raise RemoteStoreError(f"{path}: http(s) stores are read-only; write outputs to a local, s3:// or gs:// store")
     try:
-        store = FsspecStore.from_url(path, storage_options=_options_with_defaults(path, storage_options, True),
-                                     read_only=read_only)
+        store = FsspecStore.from_url(
+            path, storage_options=_options_with_defaults(path, storage_options, True), read_only=read_only
+        )
     except ImportError as error:
-        raise RemoteStoreError(f"{path}: reading {scheme}:// needs {error.name or 'its fsspec package'}: "
-                               "pip install 'scvi-scale[cloud]'") from None
+        raise RemoteStoreError(
+            f"{path}: reading {scheme}:// needs {error.name or 'its fsspec package'}: pip install 'scvi-scale[cloud]'"
+        ) from None
     if scheme == "s3":
         store.fs.retries = 1  # s3fs retries timeouts and SlowDown 5 times itself (a class attribute): ours instead
     return _Retrying(store, path)
@@ -132,8 +146,9 @@ def filesystem(url: str, storage_options: dict | None = None):
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as error:
-        raise RemoteStoreError(f"{url}: needs {error.name or 'its fsspec package'}: pip install 'scvi-scale[cloud]'") \
-            from None
+        raise RemoteStoreError(
+            f"{url}: needs {error.name or 'its fsspec package'}: pip install 'scvi-scale[cloud]'"
+        ) from None
 
 
 def group_exists(url: str) -> bool:
@@ -151,8 +166,9 @@ def upload_node(node: Path, url: str) -> None:
     if fs.exists(target):
         remove_node(url)
     markers = [name for name in NODE_METADATA if (node / name).is_file()]
-    files = [path for path in sorted(node.rglob("*"))
-             if path.is_file() and path.relative_to(node).as_posix() not in markers]
+    files = [
+        path for path in sorted(node.rglob("*")) if path.is_file() and path.relative_to(node).as_posix() not in markers
+    ]
     if files:
         fs.put([str(path) for path in files], [f"{target}/{path.relative_to(node).as_posix()}" for path in files])
     for name in markers:
@@ -200,11 +216,15 @@ def _credentials_problem(url: str, error: BaseException) -> str | None:
     for link in _chain(error):
         if type(link).__name__ in _NO_CREDENTIALS_NAMES:
             if url.startswith("s3://"):
-                return (f"{url}: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                        "AWS_PROFILE, or ~/.aws/credentials), or pass storage_options={'anon': True} for a public "
-                        "bucket")
-            return (f"{url}: no Google credentials found: run `gcloud auth application-default login` or set "
-                    "GOOGLE_APPLICATION_CREDENTIALS, or pass storage_options={'token': 'anon'} for a public bucket")
+                return (
+                    f"{url}: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                    "AWS_PROFILE, or ~/.aws/credentials), or pass storage_options={'anon': True} for a public "
+                    "bucket"
+                )
+            return (
+                f"{url}: no Google credentials found: run `gcloud auth application-default login` or set "
+                "GOOGLE_APPLICATION_CREDENTIALS, or pass storage_options={'token': 'anon'} for a public bucket"
+            )
     return None
 
 
@@ -235,8 +255,10 @@ def is_transient(error: BaseException) -> bool:
     """Throttling, a 5xx answer, a timeout or a dropped connection: worth another try."""
     if isinstance(error, RemoteStoreError):
         return False
-    if any(type(link).__name__ in _TIMEOUT_NAMES or isinstance(link, (TimeoutError, ConnectionError))
-           for link in _chain(error)):
+    if any(
+        type(link).__name__ in _TIMEOUT_NAMES or isinstance(link, (TimeoutError, ConnectionError))
+        for link in _chain(error)
+    ):
         return True
     return _http_status(error) in _TRANSIENT_STATUS
 
@@ -276,8 +298,16 @@ class _Retrying(WrapperStore):
                         f"{f'HTTP {status}' if status else type(error).__name__}); the server is failing or "
                         "unreachable, try again later"
                     ) from None
-                logger.info("%s/%s: %s failed (%s), try %d of %d in %.1f s", self.url, key, what,
-                            type(error).__name__, attempt + 1, RETRY_ATTEMPTS, delay)
+                logger.info(
+                    "%s/%s: %s failed (%s), try %d of %d in %.1f s",
+                    self.url,
+                    key,
+                    what,
+                    type(error).__name__,
+                    attempt + 1,
+                    RETRY_ATTEMPTS,
+                    delay,
+                )
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 2, RETRY_MAX_DELAY_S)
 

@@ -190,10 +190,15 @@ class CountStore:
             arrays = (counts,)
             if not every_chunk_written and counts.nchunks_initialized < counts.nchunks:
                 _say_once(
-                    logging.WARNING, self.path, "absent dense chunks",
+                    logging.WARNING,
+                    self.path,
+                    "absent dense chunks",
                     "%s: %d of the %d chunks of %s are not on disk and read as zeros: zarr skips writing chunks that "
                     "hold only zeros, but a chunk lost in a copy reads the same (write_store rewrites the store with "
-                    "every chunk written)", self.path, counts.nchunks - counts.nchunks_initialized, counts.nchunks,
+                    "every chunk written)",
+                    self.path,
+                    counts.nchunks - counts.nchunks_initialized,
+                    counts.nchunks,
                     counts_path,
                 )
         else:
@@ -209,10 +214,14 @@ class CountStore:
         self.checksummed = all(_has_checksums(array) for array in arrays)
         if not self.checksummed:
             _say_once(
-                logging.INFO, self.path, "no checksums",
+                logging.INFO,
+                self.path,
+                "no checksums",
                 "%s: %s carries no chunk checksums (Zarr format %d, written by another tool or an older scvi-scale); "
                 "its structure is still checked on every read (write_store rewrites it with checksums)",
-                self.path, counts_path, counts.metadata.zarr_format,
+                self.path,
+                counts_path,
+                counts.metadata.zarr_format,
             )
         self._root = root
         self._counts = counts
@@ -370,10 +379,15 @@ class CountStore:
         block = sp.csr_matrix((data, indices, indptr - first), shape=(stop - start, self._n_columns))
         if not block.has_canonical_format:
             _say_once(
-                logging.WARNING, self.path, "unsorted",
+                logging.WARNING,
+                self.path,
+                "unsorted",
                 "%s: %s is not sorted within rows (or repeats a column in a row), first in rows [%d, %d); each "
                 "block is sorted on read, which costs time (write_store rewrites the store sorted)",
-                self.path, self._indices.path, start, stop,
+                self.path,
+                self._indices.path,
+                start,
+                stop,
             )
             block.sum_duplicates()
         return block

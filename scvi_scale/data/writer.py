@@ -376,8 +376,12 @@ class StoreWriter:
         """Create X sized for the first block: CSR data/indices chunks hold a quarter of a block's non-zeros."""
         if not self.sparse:
             dense = self._root.create_array(
-                "X", shape=(0, self.n_vars), chunks=(self.chunk_rows, self.n_vars), dtype="float32",
-                compressors=self._compressors, config=WRITE_EVERY_CHUNK,
+                "X",
+                shape=(0, self.n_vars),
+                chunks=(self.chunk_rows, self.n_vars),
+                dtype="float32",
+                compressors=self._compressors,
+                config=WRITE_EVERY_CHUNK,
             )
             dense.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0", EVERY_CHUNK_ATTR: True})
             self._appenders["X"] = _ChunkAlignedAppender(dense)
@@ -446,7 +450,11 @@ class StoreWriter:
         group = self._root["X"]
         wide = group["indptr"]
         narrow = group.create_array(
-            "indptr_int32", shape=wide.shape, chunks=wide.chunks, dtype="int32", compressors=self._compressors,
+            "indptr_int32",
+            shape=wide.shape,
+            chunks=wide.chunks,
+            dtype="int32",
+            compressors=self._compressors,
             config=WRITE_EVERY_CHUNK,
         )
         for start in range(0, wide.shape[0], wide.chunks[0]):

@@ -11,28 +11,80 @@ from __future__ import annotations
 import warnings
 
 # Lightning Trainer arguments scvi-tools passes through **trainer_kwargs: nothing to configure in our loop.
-LIGHTNING_TRAINER_ARGUMENTS = frozenset({
-    "logger", "log_every_n_steps", "enable_checkpointing", "checkpointing_monitor", "learning_rate_monitor",
-    "callbacks", "precision", "strategy", "num_nodes", "deterministic", "benchmark", "profiler",
-    "accumulate_grad_batches", "limit_train_batches", "limit_val_batches", "num_sanity_val_steps",
-    "val_check_interval", "default_root_dir", "progress_bar_refresh_rate", "simple_progress_bar",
-    "save_log_on_disk", "reload_dataloaders_every_n_epochs", "detect_anomaly", "inference_mode",
-    "use_distributed_sampler", "sync_batchnorm", "min_epochs", "min_steps", "max_time", "overfit_batches",
-    "early_stopping_mode",
-})
+LIGHTNING_TRAINER_ARGUMENTS = frozenset(
+    {
+        "logger",
+        "log_every_n_steps",
+        "enable_checkpointing",
+        "checkpointing_monitor",
+        "learning_rate_monitor",
+        "callbacks",
+        "precision",
+        "strategy",
+        "num_nodes",
+        "deterministic",
+        "benchmark",
+        "profiler",
+        "accumulate_grad_batches",
+        "limit_train_batches",
+        "limit_val_batches",
+        "num_sanity_val_steps",
+        "val_check_interval",
+        "default_root_dir",
+        "progress_bar_refresh_rate",
+        "simple_progress_bar",
+        "save_log_on_disk",
+        "reload_dataloaders_every_n_epochs",
+        "detect_anomaly",
+        "inference_mode",
+        "use_distributed_sampler",
+        "sync_batchnorm",
+        "min_epochs",
+        "min_steps",
+        "max_time",
+        "overfit_batches",
+        "early_stopping_mode",
+    }
+)
 # torch DataLoader options scvi-tools' data loaders take (**data_loader_kwargs, datasplitter_kwargs): our
 # readers are threads over the store; the batch size is the method's own batch_size.
-DATA_LOADER_ARGUMENTS = frozenset({
-    "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "shuffle", "collate_fn", "timeout",
-    "worker_init_fn", "multiprocessing_context", "generator", "sampler", "batch_sampler", "iter_mode",
-    "load_sparse_tensor", "data_and_attributes", "distributed_sampler", "drop_dataset_tail", "pin_memory_device",
-    "external_indexing", "n_samples_per_label",
-})
+DATA_LOADER_ARGUMENTS = frozenset(
+    {
+        "num_workers",
+        "pin_memory",
+        "persistent_workers",
+        "prefetch_factor",
+        "shuffle",
+        "collate_fn",
+        "timeout",
+        "worker_init_fn",
+        "multiprocessing_context",
+        "generator",
+        "sampler",
+        "batch_sampler",
+        "iter_mode",
+        "load_sparse_tensor",
+        "data_and_attributes",
+        "distributed_sampler",
+        "drop_dataset_tail",
+        "pin_memory_device",
+        "external_indexing",
+        "n_samples_per_label",
+    }
+)
 # scvi-tools TrainingPlan options with no counterpart in our loop.
-PLAN_ARGUMENTS = frozenset({
-    "optimizer_creator", "compile", "compile_kwargs", "loss_kwargs", "update_only_decoder", "on_step", "on_epoch",
-    "max_kl_weight_steps",
-})
+PLAN_ARGUMENTS = frozenset(
+    {
+        "optimizer_creator",
+        "compile",
+        "compile_kwargs",
+        "loss_kwargs",
+        "update_only_decoder",
+        "on_step",
+        "on_epoch",
+        "max_kl_weight_steps",
+    }
+)
 
 # why the data-loader arguments are ignored (named in the warning)
 IGNORED_LOADER = "scvi-scale reads the data itself, in threads (the method's batch_size sets the forward pass)"
@@ -46,8 +98,11 @@ def explain_ignored(method: str, names, why: str) -> None:
     if not fresh:
         return
     _explained.update((method, name) for name in fresh)
-    warnings.warn(f"{method}: {', '.join(fresh)} accepted for scvi-tools compatibility and ignored: {why}",
-                  UserWarning, stacklevel=3)
+    warnings.warn(
+        f"{method}: {', '.join(fresh)} accepted for scvi-tools compatibility and ignored: {why}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def split_known(kwargs: dict, known, method: str, ignorable, why: str) -> dict:

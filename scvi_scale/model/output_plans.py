@@ -26,9 +26,15 @@ def latent(model, give_mean: bool, mc_samples: int, return_dist: bool, write_to:
     if written and return_dist:
         written["variance"] = OutputSpec("obsm", f"{write_to}_var", "dense", n_latent)
     return OutputPlan(
-        "latent", jobs.LatentJob(give_mean=give_mean, mc_samples=mc_samples, return_dist=return_dist),
-        written=written, record={"method": "get_latent_representation", "give_mean": give_mean,
-                                 "mc_samples": mc_samples, "return_dist": return_dist},
+        "latent",
+        jobs.LatentJob(give_mean=give_mean, mc_samples=mc_samples, return_dist=return_dist),
+        written=written,
+        record={
+            "method": "get_latent_representation",
+            "give_mean": give_mean,
+            "mc_samples": mc_samples,
+            "return_dist": return_dist,
+        },
         shape=pick("latent", "variance") if return_dist else pick("latent"),
     )
 
@@ -41,16 +47,28 @@ def library_size(model, give_mean: bool, write_to: str | None) -> OutputPlan:
             "`give_mean` to False to use the observed library size instead."
         )
     return OutputPlan(
-        "library size", jobs.LibraryJob(give_mean=give_mean), shape=pick("library"),
+        "library size",
+        jobs.LibraryJob(give_mean=give_mean),
+        shape=pick("library"),
         written=None if write_to is None else {"library": OutputSpec("obsm", write_to, "dense", 1)},
         record={"method": "get_latent_library_size", "give_mean": give_mean},
     )
 
 
-def normalized_expression(model, transform_batch, gene_list, library_size, n_samples: int,
-                          n_samples_overall: int | None, weights: str | None, return_mean: bool,
-                          return_numpy: bool | None, write_to: str | None, dtype: str,
-                          importance: ImportanceOptions) -> OutputPlan:
+def normalized_expression(
+    model,
+    transform_batch,
+    gene_list,
+    library_size,
+    n_samples: int,
+    n_samples_overall: int | None,
+    weights: str | None,
+    return_mean: bool,
+    return_numpy: bool | None,
+    write_to: str | None,
+    dtype: str,
+    importance: ImportanceOptions,
+) -> OutputPlan:
     """get_normalized_expression: per cell (layers/<write_to>, or obsm/<write_to> for a gene_list), or draws
     pooled over the cells (n_samples_overall)."""
     transform = arguments.batch_codes(model.registry.batch_categories, transform_batch)
@@ -62,9 +80,19 @@ def normalized_expression(model, transform_batch, gene_list, library_size, n_sam
     if n_samples_overall is not None:
         if write_to is not None:
             raise writer.OutputError("n_samples_overall draws are not per cell, so they cannot be written")
-        return OutputPlan("samples overall", compute=partial(
-            analyses.samples_overall, n_samples_overall=n_samples_overall, transform=transform, genes=genes,
-            library_size=library_size, weights=weights, importance=importance), shape=lambda draws, *_: draws)
+        return OutputPlan(
+            "samples overall",
+            compute=partial(
+                analyses.samples_overall,
+                n_samples_overall=n_samples_overall,
+                transform=transform,
+                genes=genes,
+                library_size=library_size,
+                weights=weights,
+                importance=importance,
+            ),
+            shape=lambda draws, *_: draws,
+        )
     if weights == "importance":
         raise ValueError("weights='importance' weighs draws pooled over cells: pass n_samples_overall")
     if dtype not in ("float32", "float16"):
@@ -86,13 +114,24 @@ def normalized_expression(model, transform_batch, gene_list, library_size, n_sam
         return pd.DataFrame(expression, index=names, columns=columns)
 
     return OutputPlan(
-        "normalized expression", jobs.ExpressionJob(transform_batches=transform, genes=genes, n_samples=n_samples,
-                                                    library_size=library_size, return_mean=return_mean),
-        written=None if write_to is None else {"expression": OutputSpec(
-            "layers" if genes is None else "obsm", write_to, "dense", len(columns), dtype)},
-        record={"method": "get_normalized_expression", "transform_batch": _batch_record(transform),
-                "library_size": library_size, "n_samples": n_samples,
-                "genes": None if genes is None else list(columns)},
+        "normalized expression",
+        jobs.ExpressionJob(
+            transform_batches=transform,
+            genes=genes,
+            n_samples=n_samples,
+            library_size=library_size,
+            return_mean=return_mean,
+        ),
+        written=None
+        if write_to is None
+        else {"expression": OutputSpec("layers" if genes is None else "obsm", write_to, "dense", len(columns), dtype)},
+        record={
+            "method": "get_normalized_expression",
+            "transform_batch": _batch_record(transform),
+            "library_size": library_size,
+            "n_samples": n_samples,
+            "genes": None if genes is None else list(columns),
+        },
         shape=shape,
     )
 
@@ -105,12 +144,17 @@ def likelihood_parameters(model, n_samples: int, give_mean: bool, write_to: str 
     if write_to is not None and each_draw:
         raise writer.OutputError("a layer holds one value per cell and gene: use give_mean=True to write")
     return OutputPlan(
-        "likelihood parameters", jobs.LikelihoodJob(n_samples=n_samples, give_mean=give_mean),
-        written=None if write_to is None else {
-            name: OutputSpec("layers", f"{write_to}_{name}", "dense", model.store.n_vars) for name in names},
+        "likelihood parameters",
+        jobs.LikelihoodJob(n_samples=n_samples, give_mean=give_mean),
+        written=None
+        if write_to is None
+        else {name: OutputSpec("layers", f"{write_to}_{name}", "dense", model.store.n_vars) for name in names},
         record={"method": "get_likelihood_parameters", "n_samples": n_samples, "give_mean": give_mean},
-        shape=lambda values, *_: {name: np.moveaxis(value, 1, 0) for name, value in values.items()}
-        if write_to is None and each_draw else values,
+        shape=lambda values, *_: (
+            {name: np.moveaxis(value, 1, 0) for name, value in values.items()}
+            if write_to is None and each_draw
+            else values
+        ),
     )
 
 
@@ -121,8 +165,9 @@ def posterior_predictive(model, transform_batch, n_samples: int, gene_list, writ
     transform = arguments.batch_codes(model.registry.batch_categories, transform_batch)
     genes = arguments.gene_positions(model.var_names, gene_list)
     if model.module.gene_likelihood == "normal":
-        raise NotImplementedError("posterior predictive samples are drawn for count likelihoods (zinb, nb, "
-                                  "poisson); this model's is 'normal'")
+        raise NotImplementedError(
+            "posterior predictive samples are drawn for count likelihoods (zinb, nb, poisson); this model's is 'normal'"
+        )
     if write_to is not None and genes is not None:
         raise writer.OutputError("a layer holds every gene: write without gene_list (select genes when reading)")
     names = [f"sample_{draw}" for draw in range(n_samples)]
@@ -134,45 +179,69 @@ def posterior_predictive(model, transform_batch, n_samples: int, gene_list, writ
         return as_gcxs([values[name] for name in names])
 
     return OutputPlan(
-        "posterior predictive", jobs.PosteriorPredictiveJob(transform_batches=transform, genes=genes,
-                                                            n_samples=n_samples),
-        written=None if write_to is None else {
-            name: OutputSpec("layers", key, "csr", model.store.n_vars) for name, key in zip(names, keys)},
-        record={"method": "posterior_predictive_sample", "transform_batch": _batch_record(transform),
-                "n_samples": n_samples},
+        "posterior predictive",
+        jobs.PosteriorPredictiveJob(transform_batches=transform, genes=genes, n_samples=n_samples),
+        written=None
+        if write_to is None
+        else {name: OutputSpec("layers", key, "csr", model.store.n_vars) for name, key in zip(names, keys)},
+        record={
+            "method": "posterior_predictive_sample",
+            "transform_batch": _batch_record(transform),
+            "n_samples": n_samples,
+        },
         shape=shape,
     )
 
 
-def feature_correlation(model, n_samples: int, rna_size_factor: int, transform_batch,
-                        correlation_type: str) -> OutputPlan:
+def feature_correlation(
+    model, n_samples: int, rna_size_factor: int, transform_batch, correlation_type: str
+) -> OutputPlan:
     """get_feature_correlation_matrix: a genes x genes DataFrame."""
     if correlation_type not in ("spearman", "pearson"):
         raise ValueError("Unknown correlation type. Choose one of 'spearman', 'pearson'.")
     transform = arguments.batch_codes(model.registry.batch_categories, transform_batch)
     return OutputPlan(
-        "denoised samples", compute=partial(analyses.feature_correlation, transform=transform, n_samples=n_samples,
-                                            rna_size_factor=rna_size_factor, correlation_type=correlation_type),
+        "denoised samples",
+        compute=partial(
+            analyses.feature_correlation,
+            transform=transform,
+            n_samples=n_samples,
+            rna_size_factor=rna_size_factor,
+            correlation_type=correlation_type,
+        ),
         shape=lambda matrix, *_: pd.DataFrame(matrix, index=model.var_names, columns=model.var_names),
     )
 
 
-def differential_expression(model, comparison: dict, options: differential.DEOptions, write_to: str | None,
-                            table_path) -> OutputPlan:
+def differential_expression(
+    model, comparison: dict, options: differential.DEOptions, write_to: str | None, table_path
+) -> OutputPlan:
     """differential_expression: the table, also as uns/<write_to> and the file table_path."""
-    return OutputPlan("differential expression", compute=partial(
-        analyses.differential_expression, comparison=comparison, options=options, write_to=write_to,
-        batch_categories=list(model.registry.batch_categories), var_names=model.var_names, table_path=table_path),
-        shape=lambda table, *_: table)
+    return OutputPlan(
+        "differential expression",
+        compute=partial(
+            analyses.differential_expression,
+            comparison=comparison,
+            options=options,
+            write_to=write_to,
+            batch_categories=list(model.registry.batch_categories),
+            var_names=model.var_names,
+            table_path=table_path,
+        ),
+        shape=lambda table, *_: table,
+    )
 
 
 def minified(model, qzm_key: str, qzv_key: str) -> OutputPlan:
     """minify_adata's posterior: obsm/<qzm_key> and obsm/<qzv_key>, (n, n_latent) each."""
     n_latent = model.module.n_latent
     return OutputPlan(
-        "latent posterior", jobs.LatentJob(return_dist=True),
-        written={"latent": OutputSpec("obsm", qzm_key, "dense", n_latent),
-                 "variance": OutputSpec("obsm", qzv_key, "dense", n_latent)},
+        "latent posterior",
+        jobs.LatentJob(return_dist=True),
+        written={
+            "latent": OutputSpec("obsm", qzm_key, "dense", n_latent),
+            "variance": OutputSpec("obsm", qzv_key, "dense", n_latent),
+        },
         record={"method": "minify_adata", "give_mean": True, "return_dist": True},
     )
 

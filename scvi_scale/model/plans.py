@@ -54,13 +54,20 @@ class OutputCall:
 
     def request(self, inputs: ModelInputs) -> OutputRequest:
         """The OutputRequest of this call over `inputs`."""
-        options = compat.split_known(self.options, OutputRequest.OPTIONS, self.method, compat.DATA_LOADER_ARGUMENTS,
-                                     compat.IGNORED_LOADER)
+        options = compat.split_known(
+            self.options, OutputRequest.OPTIONS, self.method, compat.DATA_LOADER_ARGUMENTS, compat.IGNORED_LOADER
+        )
         if isinstance(inputs.store, AnnDataSource) and options.get("client") is not None:
-            raise ValueError(f"{self.method}: a model over an in-memory AnnData runs here; dask workers need a store "
-                             "(scvi_scale.data.write_store(adata, 'cells.zarr'))")
-        return OutputRequest.of_call(indices=sources.cell_positions(self.indices, inputs.store.n_obs),
-                                     batch_size=self.batch_size, silent=self.silent, **options)
+            raise ValueError(
+                f"{self.method}: a model over an in-memory AnnData runs here; dask workers need a store "
+                "(scvi_scale.data.write_store(adata, 'cells.zarr'))"
+            )
+        return OutputRequest.of_call(
+            indices=sources.cell_positions(self.indices, inputs.store.n_obs),
+            batch_size=self.batch_size,
+            silent=self.silent,
+            **options,
+        )
 
 
 def _values(values: dict, inputs: ModelInputs, request: OutputRequest) -> dict:
@@ -141,7 +148,11 @@ def per_cell(model, call: OutputCall, compute: Callable[[dict], torch.Tensor]) -
     model.module.eval()
     source = model._source(call.adata)
     rows = sources.cell_positions(call.indices, source.n_obs)
-    stream = SequentialSampler(source, None if rows is None else np.unique(rows),
-                               batch_size=call.batch_size or EVALUATION_BATCH_SIZE, obs_arrays=model._encoded(source))
+    stream = SequentialSampler(
+        source,
+        None if rows is None else np.unique(rows),
+        batch_size=call.batch_size or EVALUATION_BATCH_SIZE,
+        obs_arrays=model._encoded(source),
+    )
     parts = [compute(to_tensors(minibatch, model.device)).cpu().numpy() for minibatch in stream]
     return np.concatenate(parts, axis=0)

@@ -5,7 +5,6 @@ persist.py's.
 
 from __future__ import annotations
 
-
 import torch
 
 from scvi_scale import persist
@@ -19,10 +18,16 @@ def saved_form(model) -> persist.SavedModel:
     """What a model directory holds of `model` (an SCVI): weights, init parameters, registry, history, split, run
     measurements, minified keys, and the store's path (None for an AnnData)."""
     return persist.SavedModel(
-        module_state=model.module.state_dict(), var_names=list(model.var_names), init_params=model.init_params,
-        registry=model.registry, history=model.history_, is_trained=model.is_trained,
-        train_indices=model.train_indices, validation_indices=model.validation_indices,
-        data_path=None if isinstance(model.store, AnnDataSource) else data_path(model.store), run=model.run_info,
+        module_state=model.module.state_dict(),
+        var_names=list(model.var_names),
+        init_params=model.init_params,
+        registry=model.registry,
+        history=model.history_,
+        is_trained=model.is_trained,
+        train_indices=model.train_indices,
+        validation_indices=model.validation_indices,
+        data_path=None if isinstance(model.store, AnnDataSource) else data_path(model.store),
+        run=model.run_info,
         minified=None if model.minified_data_type is None else (model.minified_data_type, *model._minified_keys),
     )
 
@@ -49,5 +54,8 @@ def from_saved(cls, saved: persist.SavedModel, adata, device: torch.device):
 
 def data_path(store) -> str | list[str]:
     """What the model directory records of its store, to reopen it: its path, or a collection's paths."""
-    return [remote.resolved(path) for path in sources.data_paths(store)] if isinstance(store, StoreCollection) \
+    return (
+        [remote.resolved(path) for path in sources.data_paths(store)]
+        if isinstance(store, StoreCollection)
         else remote.resolved(store.path)
+    )

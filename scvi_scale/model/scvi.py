@@ -55,8 +55,15 @@ from scvi_scale.settings import settings
 MINIFIED_TYPE = "latent_posterior_parameters"
 CHECKED_CELLS = 1 << 20  # cells whose obs codes are range-checked at once (int64 while checked: 8 MB a field)
 IMPORTANCE_KEYS = tuple(field.name for field in dataclasses.fields(ImportanceOptions))
-DE_KEYS = ("n_samples_overall", "use_permutation", "m_permutation", "pseudocounts", "threshold_counts", "test_mode",
-           "max_sample_bytes")
+DE_KEYS = (
+    "n_samples_overall",
+    "use_permutation",
+    "m_permutation",
+    "pseudocounts",
+    "threshold_counts",
+    "test_mode",
+    "max_sample_bytes",
+)
 
 
 class SCVI:
@@ -81,26 +88,46 @@ class SCVI:
         batch_embedding_kwargs, use_batch_norm, use_layer_norm, var_activation, extra_{encoder,decoder}_kwargs.
     """
 
-    def __init__(self, adata=None, registry: Registry | None = None, n_hidden: int = 128, n_latent: int = 10,
-                 n_layers: int = 1, dropout_rate: float = 0.1,
-                 dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-                 gene_likelihood: Literal["zinb", "nb", "poisson", "normal"] = "zinb",
-                 use_observed_lib_size: bool = True, latent_distribution: Literal["normal", "ln"] = "normal",
-                 **kwargs):
+    def __init__(
+        self,
+        adata=None,
+        registry: Registry | None = None,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+        gene_likelihood: Literal["zinb", "nb", "poisson", "normal"] = "zinb",
+        use_observed_lib_size: bool = True,
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        **kwargs,
+    ):
         if adata is None:
-            raise ValueError("SCVI needs its data: an AnnData set up with SCVI.setup_anndata, or a store path set "
-                             "up with SCVI.setup_zarr (a datamodule-only model is not supported)")
+            raise ValueError(
+                "SCVI needs its data: an AnnData set up with SCVI.setup_anndata, or a store path set "
+                "up with SCVI.setup_zarr (a datamodule-only model is not supported)"
+            )
         if not isinstance(registry, Registry):  # None, or scvi-tools' registry dict (for data-less models)
             registry = sources.setup_of(adata)
         ignored = [key for key in ("extra_payload_autotune", "use_size_factor_key") if key in kwargs]
-        compat.explain_ignored("SCVI", ignored, "size factors are read from the registry (size_factor_key) and our "
-                                                "decoder keeps its softmax; autotune payloads are not produced")
+        compat.explain_ignored(
+            "SCVI",
+            ignored,
+            "size factors are read from the registry (size_factor_key) and our "
+            "decoder keeps its softmax; autotune payloads are not produced",
+        )
         self.registry = registry
         self.store = sources.source_for_model(adata, registry)
         self.init_params = dict(
-            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate, dispersion=dispersion,
-            gene_likelihood=gene_likelihood, use_observed_lib_size=use_observed_lib_size,
-            latent_distribution=latent_distribution, **{k: v for k, v in kwargs.items() if k not in ignored},
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            use_observed_lib_size=use_observed_lib_size,
+            latent_distribution=latent_distribution,
+            **{k: v for k, v in kwargs.items() if k not in ignored},
         )
         if not use_observed_lib_size:
             flat = [c for c, v in zip(registry.batch_categories, registry.library_log_vars, strict=True) if not v > 0]
@@ -137,10 +164,17 @@ class SCVI:
     # --- set-up and data -----------------------------------------------------------------------------------------
 
     @classmethod
-    def setup_anndata(cls, adata, layer: str | None = None, batch_key: str | None = None,
-                      labels_key: str | None = None, size_factor_key: str | None = None,
-                      categorical_covariate_keys: list[str] | None = None,
-                      continuous_covariate_keys: list[str] | None = None, **kwargs) -> None:
+    def setup_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        **kwargs,
+    ) -> None:
         """scvi-tools' setup_anndata, in place: one pass over the counts checks them and computes the per-batch
         library statistics, a uuid goes into adata.uns["_scvi_uuid"], nothing else is changed or copied.
 
@@ -156,17 +190,33 @@ class SCVI:
             scvi-tools' other fields: ignored with a warning.
         """
         compat.explain_ignored("setup_anndata", kwargs, "no other fields are registered for SCVI")
-        sources.remember_anndata_setup(adata, Registry.build(
-            AnnDataSource(adata, layer=layer), batch_key=batch_key, labels_key=labels_key,
-            size_factor_key=size_factor_key, categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
-        ))
+        sources.remember_anndata_setup(
+            adata,
+            Registry.build(
+                AnnDataSource(adata, layer=layer),
+                batch_key=batch_key,
+                labels_key=labels_key,
+                size_factor_key=size_factor_key,
+                categorical_covariate_keys=categorical_covariate_keys,
+                continuous_covariate_keys=continuous_covariate_keys,
+            ),
+        )
 
     @classmethod
-    def setup_zarr(cls, path, layer: str | None = None, batch_key: str | None = None, labels_key: str | None = None,
-                   size_factor_key: str | None = None, categorical_covariate_keys: list[str] | None = None,
-                   continuous_covariate_keys: list[str] | None = None, *, join: Literal["inner", "outer"] = "inner",
-                   store_key: str | None = None, storage_options: dict | None = None) -> Registry:
+    def setup_zarr(
+        cls,
+        path,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        *,
+        join: Literal["inner", "outer"] = "inner",
+        store_key: str | None = None,
+        storage_options: dict | None = None,
+    ) -> Registry:
         """setup_anndata for a store, without loading X: one streaming pass validates the counts (finite,
         non-negative integers; the error names the rows) and computes the library prior's statistics. Only reads.
 
@@ -189,8 +239,16 @@ class SCVI:
             The set-up (also kept for `SCVI(path)`).
         """
         return sources.setup_store(
-            path, layer, join, store_key, storage_options, batch_key=batch_key, labels_key=labels_key, size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
+            path,
+            layer,
+            join,
+            store_key,
+            storage_options,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
         )
 
     def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
@@ -240,18 +298,40 @@ class SCVI:
 
     def _inputs(self, adata=None) -> ModelInputs:
         source = self._source(adata)
-        return ModelInputs(self.module, source, self._encoded(source), minified=self.minified_data_type is not None,
-                           save=lambda folder: self.save(folder, overwrite=True))
+        return ModelInputs(
+            self.module,
+            source,
+            self._encoded(source),
+            minified=self.minified_data_type is not None,
+            save=lambda folder: self.save(folder, overwrite=True),
+        )
 
     # --- training ------------------------------------------------------------------------------------------------
 
-    def train(self, max_epochs: int | None = None, accelerator: str = "auto", devices: int | list[int] | str = "auto",
-              train_size: float | None = None, validation_size: float | None = None, shuffle_set_split: bool = True,
-              load_sparse_tensor: bool = False, batch_size: int = 128, early_stopping: bool = False,
-              datasplitter_kwargs: dict | None = None, plan_config: dict | None = None, plan_kwargs: dict | None = None,
-              datamodule=None, trainer_config: dict | None = None, *, checkpoint_dir: str | os.PathLike | None = None,
-              resume: bool = False, seed: int | None = None, block_rows: int | None = None,
-              buffer_blocks: int | None = None, **trainer_kwargs) -> None:
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        datasplitter_kwargs: dict | None = None,
+        plan_config: dict | None = None,
+        plan_kwargs: dict | None = None,
+        datamodule=None,
+        trainer_config: dict | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        seed: int | None = None,
+        block_rows: int | None = None,
+        buffer_blocks: int | None = None,
+        **trainer_kwargs,
+    ) -> None:
         """Train with scvi-tools' defaults (Adam lr 1e-3, eps 0.01, weight decay 1e-6, KL warm-up over 400 epochs,
         90/10 split; no validation unless early stopping, LR on plateau or check_val_every_n_epoch asks). Under
         torch.distributed (torchrun, `distributed.launch`) every rank trains on its share; rank 0 checkpoints (save
@@ -284,17 +364,34 @@ class SCVI:
         if self.minified_data_type is not None:
             raise ValueError("a minified model holds no counts to train on; train the full model")
         if devices not in ("auto", 1, [0], "1"):
-            compat.explain_ignored("train", ["devices"], "one process trains on one device; for several, run "
-                                                         "under torchrun or `scvi-scale train --nproc N`")
+            compat.explain_ignored(
+                "train",
+                ["devices"],
+                "one process trains on one device; for several, run under torchrun or `scvi-scale train --nproc N`",
+            )
         if load_sparse_tensor:
             compat.explain_ignored("train", ["load_sparse_tensor"], "sparse counts are always read as CSR")
-        training.train_model(self, training.TrainingSetup.of_call(
-            self.store.n_obs, max_epochs=max_epochs, early_stopping=early_stopping,
-            plan={**(plan_config or {}), **(plan_kwargs or {})}, trainer={**(trainer_config or {}), **trainer_kwargs},
-            splitter=datasplitter_kwargs, train_size=train_size, checkpoint_dir=checkpoint_dir, seed=seed,
-            validation_size=validation_size, shuffle=shuffle_set_split, batch_size=batch_size, resume=resume,
-            block_rows=block_rows, buffer_blocks=buffer_blocks, accelerator=accelerator,
-        ))
+        training.train_model(
+            self,
+            training.TrainingSetup.of_call(
+                self.store.n_obs,
+                max_epochs=max_epochs,
+                early_stopping=early_stopping,
+                plan={**(plan_config or {}), **(plan_kwargs or {})},
+                trainer={**(trainer_config or {}), **trainer_kwargs},
+                splitter=datasplitter_kwargs,
+                train_size=train_size,
+                checkpoint_dir=checkpoint_dir,
+                seed=seed,
+                validation_size=validation_size,
+                shuffle=shuffle_set_split,
+                batch_size=batch_size,
+                resume=resume,
+                block_rows=block_rows,
+                buffer_blocks=buffer_blocks,
+                accelerator=accelerator,
+            ),
+        )
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
@@ -303,8 +400,16 @@ class SCVI:
 
     # --- evaluation: minibatch by minibatch, over the counts -------------------------------------------------------
 
-    def get_elbo(self, adata=None, indices=None, batch_size: int | None = None, dataloader=None,
-                 return_mean: bool = True, data_loader_kwargs: dict | None = None, **kwargs) -> float | np.ndarray:
+    def get_elbo(
+        self,
+        adata=None,
+        indices=None,
+        batch_size: int | None = None,
+        dataloader=None,
+        return_mean: bool = True,
+        data_loader_kwargs: dict | None = None,
+        **kwargs,
+    ) -> float | np.ndarray:
         """The ELBO, reconstruction log-likelihood minus KL (higher is better, as scvi-tools returns it).
 
         Parameters
@@ -321,16 +426,35 @@ class SCVI:
         float or np.ndarray
             The mean, or the ELBO per cell (n_cells,).
         """
+
         def elbo_per_cell(tensors):
             losses = self.module.loss(tensors)
             return -(losses["reconstruction_loss"] + losses["kl_local"])
 
-        elbo = per_cell(self, OutputCall("get_elbo", adata, indices, batch_size, options={
-            **(data_loader_kwargs or {}), **kwargs}, dataloader=dataloader), elbo_per_cell)
+        elbo = per_cell(
+            self,
+            OutputCall(
+                "get_elbo",
+                adata,
+                indices,
+                batch_size,
+                options={**(data_loader_kwargs or {}), **kwargs},
+                dataloader=dataloader,
+            ),
+            elbo_per_cell,
+        )
         return float(elbo.mean()) if return_mean else elbo
 
-    def get_reconstruction_error(self, adata=None, indices=None, batch_size: int | None = None, dataloader=None,
-                                 return_mean: bool = True, data_loader_kwargs: dict | None = None, **kwargs) -> dict:
+    def get_reconstruction_error(
+        self,
+        adata=None,
+        indices=None,
+        batch_size: int | None = None,
+        dataloader=None,
+        return_mean: bool = True,
+        data_loader_kwargs: dict | None = None,
+        **kwargs,
+    ) -> dict:
         """-log p(x | z), as scvi-tools.
 
         Parameters
@@ -343,14 +467,31 @@ class SCVI:
         dict
             {"reconstruction_loss": the mean over cells, or per cell (n_cells,)}.
         """
-        loss = per_cell(self, OutputCall("get_reconstruction_error", adata, indices, batch_size, options={
-            **(data_loader_kwargs or {}), **kwargs}, dataloader=dataloader),
-            lambda tensors: self.module.loss(tensors)["reconstruction_loss"])
+        loss = per_cell(
+            self,
+            OutputCall(
+                "get_reconstruction_error",
+                adata,
+                indices,
+                batch_size,
+                options={**(data_loader_kwargs or {}), **kwargs},
+                dataloader=dataloader,
+            ),
+            lambda tensors: self.module.loss(tensors)["reconstruction_loss"],
+        )
         return {"reconstruction_loss": float(loss.mean()) if return_mean else loss}
 
-    def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size: int | None = None,
-                        return_mean: bool = True, dataloader=None, data_loader_kwargs: dict | None = None,
-                        **kwargs) -> float | np.ndarray:
+    def get_marginal_ll(
+        self,
+        adata=None,
+        indices=None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        dataloader=None,
+        data_loader_kwargs: dict | None = None,
+        **kwargs,
+    ) -> float | np.ndarray:
         """Importance-sampled estimate of log p(x) (higher is better).
 
         Parameters
@@ -366,16 +507,35 @@ class SCVI:
             The mean over cells, or per cell (n_cells,).
         """
         per_pass = int(kwargs.pop("n_mc_samples_per_pass", 1))
-        ll = per_cell(self, OutputCall("get_marginal_ll", adata, indices, batch_size, options={
-            **(data_loader_kwargs or {}), **kwargs}, dataloader=dataloader),
-            lambda tensors: self.module.marginal_ll(tensors, n_mc_samples=n_mc_samples, n_mc_samples_per_pass=per_pass))
+        ll = per_cell(
+            self,
+            OutputCall(
+                "get_marginal_ll",
+                adata,
+                indices,
+                batch_size,
+                options={**(data_loader_kwargs or {}), **kwargs},
+                dataloader=dataloader,
+            ),
+            lambda tensors: self.module.marginal_ll(tensors, n_mc_samples=n_mc_samples, n_mc_samples_per_pass=per_pass),
+        )
         return float(ll.mean()) if return_mean else ll
 
     # --- latent space --------------------------------------------------------------------------------------------
 
-    def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True, mc_samples: int = 5000,
-                                  batch_size: int | None = None, return_dist: bool = False, dataloader=None, *,
-                                  write_to: str | None = None, **kwargs):
+    def get_latent_representation(
+        self,
+        adata=None,
+        indices=None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+        dataloader=None,
+        *,
+        write_to: str | None = None,
+        **kwargs,
+    ):
         """The posterior of z per cell; draws are keyed by seed and cell (a cell gets the same values whatever else is
         computed with it).
 
@@ -393,9 +553,11 @@ class SCVI:
         np.ndarray or tuple of np.ndarray
             (n_cells, n_latent) float32, or (mean, variance); lazy arrays when written to a store.
         """
-        return execute(self, OutputCall("get_latent_representation", adata, indices, batch_size, options=kwargs,
-                                        dataloader=dataloader),
-                       output_plans.latent(self, give_mean, mc_samples, return_dist, write_to))
+        return execute(
+            self,
+            OutputCall("get_latent_representation", adata, indices, batch_size, options=kwargs, dataloader=dataloader),
+            output_plans.latent(self, give_mean, mc_samples, return_dist, write_to),
+        )
 
     def write_latent_representation(self, key: str = "X_scvi", **kwargs):
         """get_latent_representation(write_to=key, **kwargs) of every cell.
@@ -409,9 +571,17 @@ class SCVI:
         """
         return self.get_latent_representation(write_to=key, **kwargs)
 
-    def get_latent_library_size(self, adata=None, indices=None, give_mean: bool = True,
-                                batch_size: int | None = None, dataloader=None, *, write_to: str | None = None,
-                                **kwargs) -> np.ndarray:
+    def get_latent_library_size(
+        self,
+        adata=None,
+        indices=None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        dataloader=None,
+        *,
+        write_to: str | None = None,
+        **kwargs,
+    ) -> np.ndarray:
         """The library size l_n per cell.
 
         Parameters
@@ -426,11 +596,15 @@ class SCVI:
         np.ndarray
             (n_cells, 1).
         """
-        return execute(self, OutputCall("get_latent_library_size", adata, indices, batch_size, options=kwargs,
-                                        dataloader=dataloader), output_plans.library_size(self, give_mean, write_to))
+        return execute(
+            self,
+            OutputCall("get_latent_library_size", adata, indices, batch_size, options=kwargs, dataloader=dataloader),
+            output_plans.library_size(self, give_mean, write_to),
+        )
 
-    def get_aggregated_posterior(self, adata=None, indices=None, batch_size: int | None = None,
-                                 dof: float | None = 3.0) -> torch.distributions.Distribution:
+    def get_aggregated_posterior(
+        self, adata=None, indices=None, batch_size: int | None = None, dof: float | None = 3.0
+    ) -> torch.distributions.Distribution:
         """The cells' aggregated posterior, as scvi-tools: an equal-weight mixture of their q(z | x).
 
         Parameters
@@ -448,9 +622,17 @@ class SCVI:
         loc, variance = self.get_latent_representation(adata, indices, batch_size=batch_size, return_dist=True)
         return analyses.aggregated_posterior(loc, variance, dof, self.device)
 
-    def differential_abundance(self, adata=None, adata_sub=None, sample_key: str | None = None,
-                               batch_size: int = 128, num_cells_posterior: int | None = None,
-                               dof: float | None = None, dataloader=None, seed: int = 0) -> pd.DataFrame:
+    def differential_abundance(
+        self,
+        adata=None,
+        adata_sub=None,
+        sample_key: str | None = None,
+        batch_size: int = 128,
+        num_cells_posterior: int | None = None,
+        dof: float | None = None,
+        dataloader=None,
+        seed: int = 0,
+    ) -> pd.DataFrame:
         """Log density of each cell of adata_sub under each sample's aggregated posterior, as scvi-tools.
 
         Parameters
@@ -472,18 +654,32 @@ class SCVI:
         compat.refuse("differential_abundance", dataloader=dataloader)
         if sample_key is None:
             raise ValueError("differential_abundance needs sample_key, the obs column of the samples")
-        return analyses.differential_abundance(self, adata, adata_sub, sample_key, batch_size, num_cells_posterior,
-                                               dof, seed)
+        return analyses.differential_abundance(
+            self, adata, adata_sub, sample_key, batch_size, num_cells_posterior, dof, seed
+        )
 
     # --- expression ----------------------------------------------------------------------------------------------
 
     def get_normalized_expression(
-        self, adata=None, indices=None, transform_batch=None, gene_list=None,
-        library_size: float | Literal["latent"] = 1, n_samples: int = 1, n_samples_overall: int | None = None,
-        weights: Literal["uniform", "importance"] | None = None, batch_size: int | None = None,
-        return_mean: bool = True, return_numpy: bool | None = None, silent: bool = True, dataloader=None,
-        data_loader_kwargs: dict | None = None, *, write_to: str | None = None,
-        dtype: Literal["float32", "float16"] = "float32", **kwargs,
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        gene_list=None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: Literal["uniform", "importance"] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        dataloader=None,
+        data_loader_kwargs: dict | None = None,
+        *,
+        write_to: str | None = None,
+        dtype: Literal["float32", "float16"] = "float32",
+        **kwargs,
     ):
         """The decoded expression, px_scale times library_size ("latent": px_rate): as scvi-tools, a DataFrame
         (cells x genes) unless return_numpy, (n_samples, n_cells, n_genes) for n_samples > 1 without return_mean.
@@ -512,15 +708,46 @@ class SCVI:
             See above; a lazy array when written to a store.
         """
         importance = ImportanceOptions(**{key: kwargs.pop(key) for key in IMPORTANCE_KEYS if key in kwargs})
-        call = OutputCall("get_normalized_expression", adata, indices, batch_size, silent,
-                          {**(data_loader_kwargs or {}), **kwargs}, dataloader)
-        return execute(self, call, output_plans.normalized_expression(
-            self, transform_batch, gene_list, library_size, n_samples, n_samples_overall, weights, return_mean,
-            return_numpy, write_to, dtype, importance))
+        call = OutputCall(
+            "get_normalized_expression",
+            adata,
+            indices,
+            batch_size,
+            silent,
+            {**(data_loader_kwargs or {}), **kwargs},
+            dataloader,
+        )
+        return execute(
+            self,
+            call,
+            output_plans.normalized_expression(
+                self,
+                transform_batch,
+                gene_list,
+                library_size,
+                n_samples,
+                n_samples_overall,
+                weights,
+                return_mean,
+                return_numpy,
+                write_to,
+                dtype,
+                importance,
+            ),
+        )
 
-    def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
-                                  batch_size: int | None = None, dataloader=None, *, write_to: str | None = None,
-                                  **kwargs) -> dict:
+    def get_likelihood_parameters(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+        dataloader=None,
+        *,
+        write_to: str | None = None,
+        **kwargs,
+    ) -> dict:
         """The parameters of the counts' likelihood per cell and gene.
 
         Parameters
@@ -536,13 +763,26 @@ class SCVI:
             {"mean": px_rate, "dispersions": theta (NB, ZINB), "dropout": sigmoid(zi_logits) (ZINB)}, (n_cells, n_genes)
             each, or (n_samples, n_cells, n_genes) for n_samples > 1 without give_mean.
         """
-        return execute(self, OutputCall("get_likelihood_parameters", adata, indices, batch_size, options=kwargs,
-                                        dataloader=dataloader),
-                       output_plans.likelihood_parameters(self, n_samples, give_mean, write_to))
+        return execute(
+            self,
+            OutputCall("get_likelihood_parameters", adata, indices, batch_size, options=kwargs, dataloader=dataloader),
+            output_plans.likelihood_parameters(self, n_samples, give_mean, write_to),
+        )
 
-    def posterior_predictive_sample(self, adata=None, indices=None, transform_batch=None, n_samples: int = 1,
-                                    gene_list=None, batch_size: int | None = None, dataloader=None,
-                                    silent: bool = True, *, write_to: str | None = None, **kwargs):
+    def posterior_predictive_sample(
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        n_samples: int = 1,
+        gene_list=None,
+        batch_size: int | None = None,
+        dataloader=None,
+        silent: bool = True,
+        *,
+        write_to: str | None = None,
+        **kwargs,
+    ):
         """Counts drawn from p(x_hat | x): a draw of q(z, l | x), then of the fitted NB / ZINB / Poisson.
 
         Parameters
@@ -560,14 +800,24 @@ class SCVI:
             As scvi-tools, (n_cells, n_genes), or (n_cells, n_genes, n_samples) for n_samples > 1; written to a
             store, its lazy CSR arrays (one, or a list).
         """
-        return execute(self, OutputCall("posterior_predictive_sample", adata, indices, batch_size, silent, kwargs,
-                                        dataloader),
-                       output_plans.posterior_predictive(self, transform_batch, n_samples, gene_list, write_to))
+        return execute(
+            self,
+            OutputCall("posterior_predictive_sample", adata, indices, batch_size, silent, kwargs, dataloader),
+            output_plans.posterior_predictive(self, transform_batch, n_samples, gene_list, write_to),
+        )
 
-    def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = 10, batch_size: int = 64,
-                                       rna_size_factor: int = 1000, transform_batch=None,
-                                       correlation_type: Literal["spearman", "pearson"] = "spearman",
-                                       silent: bool = True, seed: int = 0) -> pd.DataFrame:
+    def get_feature_correlation_matrix(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch=None,
+        correlation_type: Literal["spearman", "pearson"] = "spearman",
+        silent: bool = True,
+        seed: int = 0,
+    ) -> pd.DataFrame:
         """Gene-gene correlation of scvi-tools' denoised samples (jobs.DenoisedJob), over cells and draws. Holds the
         draws in memory: subset cells with indices on a large store.
 
@@ -587,18 +837,37 @@ class SCVI:
         pd.DataFrame
             genes x genes.
         """
-        return execute(self, OutputCall("get_feature_correlation_matrix", adata, indices, batch_size, silent,
-                                        {"seed": seed}),
-                       output_plans.feature_correlation(self, n_samples, rna_size_factor, transform_batch,
-                                                        correlation_type))
+        return execute(
+            self,
+            OutputCall("get_feature_correlation_matrix", adata, indices, batch_size, silent, {"seed": seed}),
+            output_plans.feature_correlation(self, n_samples, rna_size_factor, transform_batch, correlation_type),
+        )
 
     def differential_expression(
-        self, adata=None, groupby: str | None = None, group1=None, group2=None, idx1=None, idx2=None,
-        mode: Literal["vanilla", "change"] = "vanilla", delta: float = 0.25, batch_size: int | None = None,
-        all_stats: bool = True, batch_correction: bool = False, batchid1=None, batchid2=None,
-        fdr_target: float = 0.05, silent: bool = False, weights: Literal["uniform", "importance"] | None = "uniform",
-        filter_outlier_cells: bool = False, importance_weighting_kwargs: dict | None = None, dataloader=None, *,
-        write_to: str | None = None, table_path=None, **kwargs,
+        self,
+        adata=None,
+        groupby: str | None = None,
+        group1=None,
+        group2=None,
+        idx1=None,
+        idx2=None,
+        mode: Literal["vanilla", "change"] = "vanilla",
+        delta: float = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1=None,
+        batchid2=None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        weights: Literal["uniform", "importance"] | None = "uniform",
+        filter_outlier_cells: bool = False,
+        importance_weighting_kwargs: dict | None = None,
+        dataloader=None,
+        *,
+        write_to: str | None = None,
+        table_path=None,
+        **kwargs,
     ) -> pd.DataFrame:
         """scVI's Bayesian differential expression (vanilla: Lopez et al. 2018; change: Boyeau et al. 2019) as
         scvi-tools': one DataFrame indexed by gene, a block of rows per comparison, its columns and row order.
@@ -622,24 +891,41 @@ class SCVI:
         pd.DataFrame
         """
         de_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in DE_KEYS}
-        compat.explain_ignored("differential_expression", [
-            key for key in ("change_fn", "m1_domain_fn", "cred_interval_lvls") if kwargs.pop(key, None) is not None],
-            "the change and domain functions are scvi-tools' defaults (log fold change, |lfc| >= delta)")
+        compat.explain_ignored(
+            "differential_expression",
+            [key for key in ("change_fn", "m1_domain_fn", "cred_interval_lvls") if kwargs.pop(key, None) is not None],
+            "the change and domain functions are scvi-tools' defaults (log fold change, |lfc| >= delta)",
+        )
         call = OutputCall("differential_expression", adata, None, batch_size, silent, kwargs, dataloader)
         options = differential.DEOptions(
-            mode=mode, delta=delta, all_stats=all_stats, batch_correction=batch_correction, batchid1=batchid1,
-            batchid2=batchid2, fdr_target=fdr_target, weights=weights or "uniform",
+            mode=mode,
+            delta=delta,
+            all_stats=all_stats,
+            batch_correction=batch_correction,
+            batchid1=batchid1,
+            batchid2=batchid2,
+            fdr_target=fdr_target,
+            weights=weights or "uniform",
             filter_outlier_cells=filter_outlier_cells,
-            importance=ImportanceOptions(**(importance_weighting_kwargs or {})), **de_kwargs,
+            importance=ImportanceOptions(**(importance_weighting_kwargs or {})),
+            **de_kwargs,
         )
         comparison = dict(groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2)
-        return execute(self, call, output_plans.differential_expression(self, comparison, options, write_to,
-                                                                        table_path))
+        return execute(
+            self, call, output_plans.differential_expression(self, comparison, options, write_to, table_path)
+        )
 
     # --- report and minified models ------------------------------------------------------------------------------
 
-    def report(self, out_dir, adata=None, labels_key: str | None = None, max_cells: int = 200_000,
-               seed: int | None = None, overwrite: bool = False) -> dict:
+    def report(
+        self,
+        out_dir,
+        adata=None,
+        labels_key: str | None = None,
+        max_cells: int = 200_000,
+        seed: int | None = None,
+        overwrite: bool = False,
+    ) -> dict:
         """The integration report (extra `scvi-scale[report]`): training history, run measurements, a UMAP and scIB
         metrics of the latent against an uncorrected PCA baseline on a seeded subsample, and the outputs in the store.
 
@@ -659,11 +945,16 @@ class SCVI:
         dict
             report.json's content.
         """
-        return analyses.report(self, out_dir, adata, labels_key, max_cells, settings.seed if seed is None else seed,
-                               overwrite)
+        return analyses.report(
+            self, out_dir, adata, labels_key, max_cells, settings.seed if seed is None else seed, overwrite
+        )
 
-    def minify_adata(self, minified_data_type: Literal["latent_posterior_parameters"] = MINIFIED_TYPE,
-                     use_latent_qzm_key: str = "X_latent_qzm", use_latent_qzv_key: str = "X_latent_qzv") -> None:
+    def minify_adata(
+        self,
+        minified_data_type: Literal["latent_posterior_parameters"] = MINIFIED_TYPE,
+        use_latent_qzm_key: str = "X_latent_qzm",
+        use_latent_qzv_key: str = "X_latent_qzv",
+    ) -> None:
         """scvi-tools' minified model: q(z | x) and the observed library size of every cell are kept, and the outputs
         read them, not the counts. Nothing else of the data changes (a store keeps X); training, get_elbo and the like
         are then refused.
@@ -678,10 +969,14 @@ class SCVI:
         if minified_data_type != MINIFIED_TYPE:
             raise NotImplementedError(f"minified_data_type={minified_data_type!r}: only {MINIFIED_TYPE!r}")
         if not self.module.use_observed_lib_size:
-            raise NotImplementedError("minifying needs an observed library (use_observed_lib_size=True), as in "
-                                      "scvi-tools")
-        execute(self, OutputCall("minify_adata", options={"overwrite": True}),
-                output_plans.minified(self, use_latent_qzm_key, use_latent_qzv_key))
+            raise NotImplementedError(
+                "minifying needs an observed library (use_observed_lib_size=True), as in scvi-tools"
+            )
+        execute(
+            self,
+            OutputCall("minify_adata", options={"overwrite": True}),
+            output_plans.minified(self, use_latent_qzm_key, use_latent_qzv_key),
+        )
         analyses.write_observed_library(self.store, minified_data_type)
         self.minified_data_type = minified_data_type
         self._minified_keys = (use_latent_qzm_key, use_latent_qzv_key)
@@ -689,9 +984,18 @@ class SCVI:
 
     # --- persistence ---------------------------------------------------------------------------------------------
 
-    def save(self, dir_path, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False,
-             save_kwargs: dict | None = None, legacy_mudata_format: bool = False, datamodule=None,
-             format: Literal["scvi-scale", "scvi-tools"] = "scvi-scale", **anndata_write_kwargs) -> None:
+    def save(
+        self,
+        dir_path,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        save_kwargs: dict | None = None,
+        legacy_mudata_format: bool = False,
+        datamodule=None,
+        format: Literal["scvi-scale", "scvi-tools"] = "scvi-scale",
+        **anndata_write_kwargs,
+    ) -> None:
         """Write dir_path/{prefix}model.pt: weights, init parameters, registry, var names, history and the store's path
         (so load can reopen it).
 
@@ -707,21 +1011,35 @@ class SCVI:
             "scvi-tools" writes what scvi-tools' SCVI.load reads.
         """
         compat.refuse("save", datamodule=datamodule)
-        compat.explain_ignored("save", [k for k, v in (("save_kwargs", save_kwargs), ("legacy_mudata_format",
-                                                                                       legacy_mudata_format)) if v],
-                               "model.pt is written with torch.save; there is no MuData here")
-        persist.write_model(dir_path, saving.saved_form(self), module=self.module, overwrite=overwrite,
-                            format=format, prefix=prefix)
+        compat.explain_ignored(
+            "save",
+            [k for k, v in (("save_kwargs", save_kwargs), ("legacy_mudata_format", legacy_mudata_format)) if v],
+            "model.pt is written with torch.save; there is no MuData here",
+        )
+        persist.write_model(
+            dir_path, saving.saved_form(self), module=self.module, overwrite=overwrite, format=format, prefix=prefix
+        )
         if save_anndata and isinstance(self.store, AnnDataSource):
             self.store.adata.write_h5ad(persist.anndata_path(dir_path, prefix), **anndata_write_kwargs)
         elif save_anndata:
-            compat.explain_ignored("save", ["save_anndata"], f"the counts stay in the store {self.store.path}, "
-                                                             "whose path the model directory records")
+            compat.explain_ignored(
+                "save",
+                ["save_anndata"],
+                f"the counts stay in the store {self.store.path}, whose path the model directory records",
+            )
 
     @classmethod
-    def load(cls, dir_path, adata=None, accelerator: str = "auto", device: int | str = "auto",
-             prefix: str | None = None, backup_url: str | None = None, datamodule=None,
-             allowed_classes_names_list: list[str] | None = None) -> SCVI:
+    def load(
+        cls,
+        dir_path,
+        adata=None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+        datamodule=None,
+        allowed_classes_names_list: list[str] | None = None,
+    ) -> SCVI:
         """A model that `save` (or scvi-tools' SCVI.save) wrote.
 
         Parameters
@@ -741,9 +1059,15 @@ class SCVI:
         SCVI
         """
         compat.refuse("load", datamodule=datamodule)
-        compat.explain_ignored("load", [k for k, v in (("backup_url", backup_url),
-                                                       ("allowed_classes_names_list", allowed_classes_names_list))
-                                        if v is not None], "files are read from dir_path only")
+        compat.explain_ignored(
+            "load",
+            [
+                k
+                for k, v in (("backup_url", backup_url), ("allowed_classes_names_list", allowed_classes_names_list))
+                if v is not None
+            ],
+            "files are read from dir_path only",
+        )
         saved = persist.read_model(dir_path, prefix=prefix)
         if adata is None:
             adata = persist.saved_data(dir_path, prefix, saved)
@@ -752,8 +1076,7 @@ class SCVI:
     # --- query mapping (scArches): query.py ----------------------------------------------------------------------
 
     @staticmethod
-    def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False,
-                              inplace: bool = True):
+    def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True):
         """scvi-tools' prepare_query_anndata: the query with exactly the reference's genes, in its order. Missing genes
         become zero columns in X and every layer (format and dtype kept), the query's own are dropped; obs, obsm, obsp,
         uns and raw are kept. ValueError when no gene is shared; a warning under 80% of them. For a store:
@@ -800,12 +1123,24 @@ class SCVI:
         return query.aligned_store(query_path, reference, layer)
 
     @classmethod
-    def load_query_data(cls, adata=None, reference_model=None, registry: dict | None = None,
-                        inplace_subset_query_vars: bool = False, accelerator: str = "auto",
-                        device: int | str = "auto", unfrozen: bool = False, freeze_dropout: bool = False,
-                        freeze_expression: bool = True, freeze_decoder_first_layer: bool = True,
-                        freeze_batchnorm_encoder: bool = True, freeze_batchnorm_decoder: bool = False,
-                        freeze_classifier: bool = True, transfer_batch: bool = True, datamodule=None) -> SCVI:
+    def load_query_data(
+        cls,
+        adata=None,
+        reference_model=None,
+        registry: dict | None = None,
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+        freeze_classifier: bool = True,
+        transfer_batch: bool = True,
+        datamodule=None,
+    ) -> SCVI:
         """A model over the query with the reference's weights, its batch encoding extended, ready to train.
 
         Parameters
@@ -828,12 +1163,22 @@ class SCVI:
         SCVI
         """
         compat.refuse("load_query_data", datamodule=datamodule, registry=registry)
-        freeze = dict(unfrozen=unfrozen, freeze_dropout=freeze_dropout, freeze_expression=freeze_expression,
-                      freeze_decoder_first_layer=freeze_decoder_first_layer,
-                      freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-                      freeze_batchnorm_decoder=freeze_batchnorm_decoder)
-        return query.query_model(cls, adata, reference_model, inplace_subset_query_vars=inplace_subset_query_vars,
-                                 device=training.resolve_device(accelerator, device), freeze=freeze)
+        freeze = dict(
+            unfrozen=unfrozen,
+            freeze_dropout=freeze_dropout,
+            freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer,
+            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+        )
+        return query.query_model(
+            cls,
+            adata,
+            reference_model,
+            inplace_subset_query_vars=inplace_subset_query_vars,
+            device=training.resolve_device(accelerator, device),
+            freeze=freeze,
+        )
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}: {v!r}" for k, v in self.init_params.items())

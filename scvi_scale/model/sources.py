@@ -18,11 +18,9 @@ import os
 import uuid
 
 import numpy as np
-
 import pandas as pd
 
-from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError
-from scvi_scale.data import remote
+from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError, remote
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
 
@@ -77,7 +75,10 @@ def open_source(data, layer: str | None, collection: dict | None = None):
         join = record.get("join", "inner")
         stores = record.get("stores", [])
         return StoreCollection(
-            list(data), join="inner" if join == "given" else join, layer=layer, label=record.get("label"),
+            list(data),
+            join="inner" if join == "given" else join,
+            layer=layer,
+            label=record.get("label"),
             keys=[store["key"] for store in stores] if len(stores) == len(data) else None,
         )
     return CountStore(data, layer=layer)
@@ -131,8 +132,9 @@ def data_paths(source) -> list[str]:
     return list(source.paths) if isinstance(source, StoreCollection) else [source.path]
 
 
-def setup_store(path, layer: str | None, join: str, store_key: str | None, storage_options: dict | None,
-                **fields) -> Registry:
+def setup_store(
+    path, layer: str | None, join: str, store_key: str | None, storage_options: dict | None, **fields
+) -> Registry:
     """SCVI.setup_zarr's work: `path` opened (one store, or a list of stores or a StoreCollection read as one;
     URLs reached with `storage_options`, kept in memory for them), its `fields` (Registry.build's keys) registered in
     one streaming pass, the set-up kept for SCVI(path)."""
@@ -141,8 +143,11 @@ def setup_store(path, layer: str | None, join: str, store_key: str | None, stora
             remote.remember_options(os.fspath(url), storage_options)
     if is_collection(path):
         keys = None if isinstance(path, StoreCollection) else [_stem(p) for p in path]
-        store = path if isinstance(path, StoreCollection) else StoreCollection(
-            list(path), join=join, layer=layer, label=store_key, keys=keys)
+        store = (
+            path
+            if isinstance(path, StoreCollection)
+            else StoreCollection(list(path), join=join, layer=layer, label=store_key, keys=keys)
+        )
     else:
         store = CountStore(path, layer=layer, storage_options=storage_options)
     registry = Registry.build(store, **fields)
@@ -156,10 +161,14 @@ def describe_setup(source, registry: Registry, hide_state_registries: bool) -> s
     """view_anndata_setup's lines: the data, the registered fields and, unless hide_state_registries, their
     categories."""
     lines = [f"Set-up of {source!r}", f"  layer: {registry.layer or 'X'}; {registry.n_vars} genes"]
-    fields = [("batch", registry.batch_key, registry.batch_categories),
-              ("labels", registry.labels_key, registry.label_categories)]
-    fields += [("categorical covariate", key, registry.categorical_covariate_categories[key])
-               for key in registry.categorical_covariate_keys]
+    fields = [
+        ("batch", registry.batch_key, registry.batch_categories),
+        ("labels", registry.labels_key, registry.label_categories),
+    ]
+    fields += [
+        ("categorical covariate", key, registry.categorical_covariate_categories[key])
+        for key in registry.categorical_covariate_keys
+    ]
     for role, key, categories in fields:
         shown = "" if hide_state_registries else f": {list(categories)[:20]}"
         lines.append(f"  {role} {key!r}: {len(categories)} categories{shown}" if key else f"  {role}: none")

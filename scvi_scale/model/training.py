@@ -59,25 +59,47 @@ class TrainingSetup:
     accelerator: str = "auto"
 
     @classmethod
-    def of_call(cls, n_obs: int, *, max_epochs: int | None = None, early_stopping: bool = False, plan: dict,
-                trainer: dict, splitter: dict | None = None, train_size: float | None = None,
-                checkpoint_dir: str | os.PathLike | None = None, seed: int | None = None, **options) -> TrainingSetup:
+    def of_call(
+        cls,
+        n_obs: int,
+        *,
+        max_epochs: int | None = None,
+        early_stopping: bool = False,
+        plan: dict,
+        trainer: dict,
+        splitter: dict | None = None,
+        train_size: float | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        seed: int | None = None,
+        **options,
+    ) -> TrainingSetup:
         """The set-up of a train call over `n_obs` cells: scvi-tools' plan arguments (plan_kwargs and plan_config,
         merged), trainer arguments (trainer_kwargs and trainer_config) and data-splitter arguments, the ones without
         a meaning here explained with a warning, any other unknown name a TypeError; `options` are the fields of
         the same names (batch_size, validation_size, shuffle, block_rows, buffer_blocks, resume, accelerator)."""
         names = {field.name for field in dataclasses.fields(TrainingConfig)} - {"max_epochs", "early_stopping"}
         known_plan = compat.split_known(plan, names, "train(plan_kwargs)", compat.PLAN_ARGUMENTS, IGNORED_PLAN)
-        known_trainer = compat.split_known(trainer, names | {"enable_progress_bar", "max_steps"}, "train",
-                                           compat.LIGHTNING_TRAINER_ARGUMENTS, IGNORED_TRAINER)
-        known_splitter = compat.split_known(splitter or {}, ("drop_last",), "train", compat.DATA_LOADER_ARGUMENTS,
-                                            compat.IGNORED_LOADER)
+        known_trainer = compat.split_known(
+            trainer,
+            names | {"enable_progress_bar", "max_steps"},
+            "train",
+            compat.LIGHTNING_TRAINER_ARGUMENTS,
+            IGNORED_TRAINER,
+        )
+        known_splitter = compat.split_known(
+            splitter or {}, ("drop_last",), "train", compat.DATA_LOADER_ARGUMENTS, compat.IGNORED_LOADER
+        )
         progress_bar = known_trainer.pop("enable_progress_bar", True)
         max_steps = known_trainer.pop("max_steps", None)
-        config = TrainingConfig(max_epochs=max_epochs or max_epochs_heuristic(n_obs), early_stopping=early_stopping,
-                                **known_plan, **known_trainer)
+        config = TrainingConfig(
+            max_epochs=max_epochs or max_epochs_heuristic(n_obs),
+            early_stopping=early_stopping,
+            **known_plan,
+            **known_trainer,
+        )
         return cls(
-            config, progress_bar=progress_bar,
+            config,
+            progress_bar=progress_bar,
             max_steps=None if max_steps is not None and max_steps < 0 else max_steps,  # < 0: Lightning's "no limit"
             drop_last=bool(known_splitter.get("drop_last", False)),
             train_size=0.9 if train_size is None else train_size,
@@ -94,21 +116,33 @@ def train_model(model, setup: TrainingSetup) -> None:
     rank, world_size = distributed.world()
     torch.manual_seed(distributed.rank_seed(setup.seed))
     model.train_indices, model.validation_indices = train_validation_split(
-        model.store.n_obs, train_size=setup.train_size, validation_size=setup.validation_size, seed=setup.seed,
+        model.store.n_obs,
+        train_size=setup.train_size,
+        validation_size=setup.validation_size,
+        seed=setup.seed,
         shuffle=setup.shuffle,
     )
     train_stream, validation_stream = _streams(model, setup, rank, world_size)
     started = time.perf_counter()
     with _progress_bars(setup.progress_bar):
-        state = fit(model.module, train_stream, validation_stream, setup.config, device=device,
-                    checkpoint_path=setup.checkpoint_path, resume=setup.resume, max_steps=setup.max_steps)
+        state = fit(
+            model.module,
+            train_stream,
+            validation_stream,
+            setup.config,
+            device=device,
+            checkpoint_path=setup.checkpoint_path,
+            resume=setup.resume,
+            max_steps=setup.max_steps,
+        )
     epoch_seconds = [value for _, value in state.history.get("epoch_seconds", [])]
     model.run_info = {
         "seconds": round(time.perf_counter() - started, 2),
         "epochs": len(state.history.get("train_loss", [])),
         # per epoch, from its own clock: a resumed run's time before the kill is not in `seconds`
         "train_cells_per_second": round(len(model.train_indices) / float(np.median(epoch_seconds)), 1)
-        if epoch_seconds else None,
+        if epoch_seconds
+        else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -126,16 +160,28 @@ def _streams(model, setup: TrainingSetup, rank: int, world_size: int):
     # building the dense counts would cost the training thread more than the first layer's densifying scatter
     csr_only = {"return_csr": store.is_sparse, "dense": not store.is_sparse}
     train_stream = BlockShuffleSampler(
-        store, model.train_indices, batch_size=setup.batch_size, obs_arrays=obs_arrays, seed=setup.seed, rank=rank,
-        world_size=world_size, block_rows=setup.block_rows, buffer_blocks=setup.buffer_blocks,
-        drop_last=setup.drop_last, **csr_only,
+        store,
+        model.train_indices,
+        batch_size=setup.batch_size,
+        obs_arrays=obs_arrays,
+        seed=setup.seed,
+        rank=rank,
+        world_size=world_size,
+        block_rows=setup.block_rows,
+        buffer_blocks=setup.buffer_blocks,
+        drop_last=setup.drop_last,
+        **csr_only,
     )
     if len(model.validation_indices) < world_size or setup.config.validation_every is None:
         return train_stream, None
     validation_share = np.array_split(model.validation_indices, world_size)[rank]
-    return train_stream, SequentialSampler(store, validation_share,
-                                           batch_size=max(setup.batch_size, VALIDATION_BATCH_SIZE),
-                                           obs_arrays=obs_arrays, **csr_only)
+    return train_stream, SequentialSampler(
+        store,
+        validation_share,
+        batch_size=max(setup.batch_size, VALIDATION_BATCH_SIZE),
+        obs_arrays=obs_arrays,
+        **csr_only,
+    )
 
 
 @contextlib.contextmanager

@@ -51,8 +51,9 @@ def cell_mask(store, selection, name: str) -> np.ndarray:
         if len(selection) != n_obs:
             raise ValueError(f"{name} is a mask of {len(selection)} entries; the store has {n_obs} cells")
         return selection
-    if not np.issubdtype(selection.dtype, np.integer) or (selection.size and (
-            selection.min() < -n_obs or selection.max() >= n_obs)):
+    if not np.issubdtype(selection.dtype, np.integer) or (
+        selection.size and (selection.min() < -n_obs or selection.max() >= n_obs)
+    ):
         raise ValueError(f"{name} must be a boolean mask, integer cell positions in [0, {n_obs}) or a query")
     mask = np.zeros(n_obs, dtype=bool)
     mask[selection] = True

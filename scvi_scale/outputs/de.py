@@ -92,8 +92,12 @@ class GroupStatistics:
         return {
             name: columns[name]
             for name in (
-                "raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2",
-                "raw_normalized_mean1", "raw_normalized_mean2",
+                "raw_mean1",
+                "raw_mean2",
+                "non_zeros_proportion1",
+                "non_zeros_proportion2",
+                "raw_normalized_mean1",
+                "raw_normalized_mean2",
             )
         }
 
@@ -114,6 +118,7 @@ def pair_samples(
     same batches on both sides, samples are paired within each batch (m_permutation // n_batches pairs per batch
     when use_permutation); otherwise all samples are paired in order (or m_permutation random pairs).
     """
+
     def pairs(first: np.ndarray, second: np.ndarray, n_pairs: int):
         if use_permutation:
             return first[rng.choice(len(first), n_pairs)], second[rng.choice(len(second), n_pairs)]
@@ -140,7 +145,10 @@ def pair_samples(
 
 
 def estimate_pseudocounts_offset(
-    scales_a: np.ndarray, scales_b: np.ndarray, where_zero_a: np.ndarray, where_zero_b: np.ndarray,
+    scales_a: np.ndarray,
+    scales_b: np.ndarray,
+    where_zero_a: np.ndarray,
+    where_zero_b: np.ndarray,
     quantile: float = 0.9,
 ) -> float:
     """scvi-tools' pseudocount: per group, the `quantile` of the largest sampled scale among genes that group does

@@ -153,8 +153,12 @@ def compare_groups(store, groupby=None, group1=None, group2=None, idx1=None, idx
 
 
 def differential_expression(
-    inputs: ModelInputs, request: OutputRequest, comparisons: Comparisons, options: DEOptions,
-    batch_categories: list, var_names: pd.Index,
+    inputs: ModelInputs,
+    request: OutputRequest,
+    comparisons: Comparisons,
+    options: DEOptions,
+    batch_categories: list,
+    var_names: pd.Index,
 ) -> pd.DataFrame:
     """One DataFrame (index: gene names, one block of rows per comparison, scvi-tools' columns and row order)."""
     statistics = None
@@ -174,8 +178,16 @@ def differential_expression(
         passed = comparisons.pairs[first : first + per_pass]
         rows, batches, numbers, blocks = _pick_cells(comparisons, passed, conditions, per_condition, picker)
         with _DrawFile(numbers, inputs.store.n_vars) as draws:
-            for drawn, values in scale_draws(inputs, request, rows, batches, numbers, genes=None, library_size=1.0,
-                                             description="DE posterior samples"):
+            for drawn, values in scale_draws(
+                inputs,
+                request,
+                rows,
+                batches,
+                numbers,
+                genes=None,
+                library_size=1.0,
+                description="DE posterior samples",
+            ):
                 draws.put(drawn, values)
             for pair, own_blocks in zip(passed, blocks):
                 sides = {side: _side_samples(draws, numbers, own_blocks, side) for side in (1, 2)}
@@ -193,8 +205,7 @@ def group_statistics(inputs: ModelInputs, request: OutputRequest, codes: np.ndar
     # merged as units finish (each unit's are n_groups x G sums, ~1 MB for 20 groups of 2,000 genes, and an atlas
     # has thousands of units), in unit order whatever order workers finish in: the same float sums every time
     waiting, next_unit = {}, 0
-    for index, result in iter_results(inputs, RawStatsJob(n_groups), units, request,
-                                      description="DE raw statistics"):
+    for index, result in iter_results(inputs, RawStatsJob(n_groups), units, request, description="DE raw statistics"):
         waiting[index] = result["stats"]
         while next_unit in waiting:
             statistics.merge(waiting.pop(next_unit))
@@ -216,8 +227,9 @@ def _cells_per_condition(n_samples_overall: int, conditions: dict) -> dict[int, 
     per_condition = {side: int(n_samples_overall / len(conditions[side])) for side in (1, 2)}
     for side in (1, 2):
         if per_condition[side] == 0:
-            warnings.warn("very small sample size, please consider increasing `n_samples_overall`", UserWarning,
-                          stacklevel=3)
+            warnings.warn(
+                "very small sample size, please consider increasing `n_samples_overall`", UserWarning, stacklevel=3
+            )
             per_condition[side] = 2
     return per_condition
 
@@ -234,8 +246,9 @@ class _Picker:
     def __call__(self, cells: np.ndarray, n_samples: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         first = self.next_number
         if self.options.weights == "importance":
-            rows, numbers = importance_sample(self.inputs, self.request, cells, n_samples, batch,
-                                              self.options.importance, self.rng, first)
+            rows, numbers = importance_sample(
+                self.inputs, self.request, cells, n_samples, batch, self.options.importance, self.rng, first
+            )
             self.next_number = first + (n_samples // len(cells) + 1) * len(cells)
             return rows, numbers
         self.next_number = first + n_samples
@@ -315,23 +328,37 @@ def _frame(sides, pair, comparisons: Comparisons, statistics, options: DEOptions
     group1, group2 = pair
     use_observed_batches = not options.batch_correction
     scales1, scales2 = de.pair_samples(
-        *sides[1], *sides[2], use_observed_batches=use_observed_batches, use_permutation=options.use_permutation,
-        m_permutation=options.m_permutation, rng=rng,
+        *sides[1],
+        *sides[2],
+        use_observed_batches=use_observed_batches,
+        use_permutation=options.use_permutation,
+        m_permutation=options.m_permutation,
+        rng=rng,
     )
     raw = None if statistics is None else statistics.properties(group1, group2)
     where_zero = {}
     if raw is not None:
-        where_zero = {"where_zero1": raw["raw_mean1"] < options.threshold_counts,
-                      "where_zero2": raw["raw_mean2"] < options.threshold_counts}
+        where_zero = {
+            "where_zero1": raw["raw_mean1"] < options.threshold_counts,
+            "where_zero2": raw["raw_mean2"] < options.threshold_counts,
+        }
     columns = de.bayes_factors(
-        scales1, scales2, sides[1][0].mean(0), sides[2][0].mean(0), mode=options.mode, delta=options.delta,
-        pseudocounts=options.pseudocounts, test_mode=options.test_mode, **where_zero,
+        scales1,
+        scales2,
+        sides[1][0].mean(0),
+        sides[2][0].mean(0),
+        mode=options.mode,
+        delta=options.delta,
+        pseudocounts=options.pseudocounts,
+        test_mode=options.test_mode,
+        **where_zero,
     )
     if options.all_stats:
         columns.update(raw)
     frame = pd.DataFrame(columns, index=pd.Index(var_names))
-    frame = frame.sort_values(by="proba_de" if options.mode == "change" else "bayes_factor", ascending=False,
-                              kind="stable")
+    frame = frame.sort_values(
+        by="proba_de" if options.mode == "change" else "bayes_factor", ascending=False, kind="stable"
+    )
     if options.mode == "change":
         frame[f"is_de_fdr_{options.fdr_target}"] = de.fdr_de_prediction(
             frame["proba_de"].to_numpy(), fdr=options.fdr_target

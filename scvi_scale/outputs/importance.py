@@ -36,12 +36,12 @@ class ImportanceOptions:
 
 
 @torch.no_grad()
-def gather_anchors(inputs: ModelInputs, cells: np.ndarray, options: ImportanceOptions, rng, batch_size: int,
-                   seed: int) -> Anchors:
+def gather_anchors(
+    inputs: ModelInputs, cells: np.ndarray, options: ImportanceOptions, rng, batch_size: int, seed: int
+) -> Anchors:
     """The anchors of a group: its cells, or max_cells of them at random; their counts, q(z | x) and log p(x)
     (marginal_ll draws from torch's generator, forked and seeded with `seed`, so the result is reproducible)."""
-    anchors = np.sort(cells if len(cells) <= options.max_cells else rng.choice(cells, options.max_cells,
-                                                                               replace=False))
+    anchors = np.sort(cells if len(cells) <= options.max_cells else rng.choice(cells, options.max_cells, replace=False))
     module = inputs.module.eval()
     parts = {name: [] for name in ("x", "library", "qz_loc", "qz_scale", "log_px")}
     stream = SequentialSampler(inputs.store, anchors, batch_size=batch_size, obs_arrays=inputs.obs_arrays)
@@ -58,14 +58,22 @@ def _add_anchor_block(module, minibatch: dict, tensors: dict, options: Importanc
     parts["library"].append(minibatch["library"])
     parts["qz_loc"].append(qz.loc.cpu().numpy())
     parts["qz_scale"].append(qz.scale.cpu().numpy())
-    parts["log_px"].append(module.marginal_ll(
-        tensors, options.n_mc_samples, n_mc_samples_per_pass=options.n_mc_samples_per_pass
-    ).cpu().numpy())
+    parts["log_px"].append(
+        module.marginal_ll(tensors, options.n_mc_samples, n_mc_samples_per_pass=options.n_mc_samples_per_pass)
+        .cpu()
+        .numpy()
+    )
 
 
 def importance_sample(
-    inputs: ModelInputs, request: OutputRequest, cells: np.ndarray, n_samples_overall: int, batch: int,
-    options: ImportanceOptions, rng: np.random.Generator, first_number: int,
+    inputs: ModelInputs,
+    request: OutputRequest,
+    cells: np.ndarray,
+    n_samples_overall: int,
+    batch: int,
+    options: ImportanceOptions,
+    rng: np.random.Generator,
+    first_number: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(store rows, draw numbers) of n_samples_overall draws of the group `cells`, decoded in `batch`, picked by
     importance weight from a pool of draws numbered first_number, first_number + 1, ... (see the module

@@ -88,9 +88,11 @@ def decode(module, z: torch.Tensor, library: torch.Tensor, tensors: dict, transf
     """
     n_draws, n_cells = z.shape[:2]
     tensors = {key: value for key, value in tensors.items() if key != "x_csr"}  # the decoder does not read x
-    tiled = tensors if n_draws == 1 else {
-        key: value.repeat(n_draws, *([1] * (value.dim() - 1))) for key, value in tensors.items()
-    }
+    tiled = (
+        tensors
+        if n_draws == 1
+        else {key: value.repeat(n_draws, *([1] * (value.dim() - 1))) for key, value in tensors.items()}
+    )
     decoded = module.generative(
         z.reshape(n_draws * n_cells, -1),
         library.reshape(n_draws * n_cells, 1),
@@ -380,8 +382,10 @@ class ImportanceJob:
     def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
         positions, batches, requests = unit.payload
         order = np.argsort(batches, kind="stable")
-        anchors = {name: torch.from_numpy(np.asarray(getattr(self.anchors, name))).to(device)
-                   for name in ("x", "library", "qz_loc", "qz_scale", "log_px")}
+        anchors = {
+            name: torch.from_numpy(np.asarray(getattr(self.anchors, name))).to(device)
+            for name in ("x", "library", "qz_loc", "qz_scale", "log_px")
+        }
         weights = []
         for batch in np.unique(batches):
             chosen = order[batches[order] == batch]
@@ -414,8 +418,10 @@ class ImportanceJob:
                     return value
                 return value[0][rows, None, :].expand(-1, n_anchors, -1).reshape(k * n_anchors, n_genes)
 
-            log_px_z.append(kernels.count_log_likelihood(
-                x, mu, per_pair(theta), per_pair(zi), module.gene_likelihood
-            ).reshape(k, n_anchors))
+            log_px_z.append(
+                kernels.count_log_likelihood(x, mu, per_pair(theta), per_pair(zi), module.gene_likelihood).reshape(
+                    k, n_anchors
+                )
+            )
         log_px_z = torch.cat(log_px_z)
         return log_pz - torch.logsumexp(log_qz, 1) + torch.logsumexp(log_px_z - anchors["log_px"][None, :], 1)

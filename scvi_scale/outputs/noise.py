@@ -24,7 +24,6 @@ import scipy.sparse as sp
 import torch
 from scipy import special
 
-
 NOISE_VERSION = 2  # recorded with written outputs; raise it whenever a draw changes for the same (seed, cell)
 MAX_WALK = 64  # CDF steps taken one by one; entries beyond are bisected (heavy NB tails take thousands of steps)
 LONG_NORMAL_SEQUENCE = 128  # normals per cell from which Philox makes them (measured crossover ~100)

@@ -184,15 +184,21 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
     per store, its rows offset), read back as one lazy array over the collection."""
     if request.indices is not None:
         raise writer.OutputError("outputs written to a store cover every cell: pass indices=None with write_to")
-    record = {**arguments, "seed": request.seed, "batch_size": request.batch_size,
-              "model": model_digest(inputs.module), "noise": NOISE_VERSION}  # other streams would mix two sets of draws
+    record = {
+        **arguments,
+        "seed": request.seed,
+        "batch_size": request.batch_size,
+        "model": model_digest(inputs.module),
+        "noise": NOISE_VERSION,
+    }  # other streams would mix two sets of draws
     members = getattr(inputs.store, "stores", None)
     if members is None:
         new_store = request.output_store is not None and not writer.store_exists(request.output_store)
         target = writer.output_store(inputs.store.path, request.output_store)
         with writer.exclusive_writer(target):
-            return _write_into(inputs, job, request, outputs, record, description, target, inputs.store.n_obs, 0,
-                               new_store)
+            return _write_into(
+                inputs, job, request, outputs, record, description, target, inputs.store.n_obs, 0, new_store
+            )
     if request.output_store is not None:
         raise writer.OutputError("the outputs of a collection of stores go into each store; output_store= names one")
     for member in members:  # all of them before any work
@@ -200,20 +206,33 @@ def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec]
     parts = []
     for member, first in zip(members, inputs.store.offsets[:-1]):
         with writer.exclusive_writer(member.path):
-            parts.append(_write_into(inputs, job, request, outputs, record, description, member.path, member.n_obs,
-                                     int(first), False))
+            parts.append(
+                _write_into(
+                    inputs, job, request, outputs, record, description, member.path, member.n_obs, int(first), False
+                )
+            )
     return {name: da.concatenate([part[name] for part in parts]) for name in outputs}
 
 
-def _write_into(inputs, job, request, outputs: dict[str, OutputSpec], record: dict, description: str, target: str,
-                n_rows: int, first_row: int, new_store: bool) -> dict:
+def _write_into(
+    inputs,
+    job,
+    request,
+    outputs: dict[str, OutputSpec],
+    record: dict,
+    description: str,
+    target: str,
+    n_rows: int,
+    first_row: int,
+    new_store: bool,
+) -> dict:
     """Write the results of inputs' rows first_row ... first_row + n_rows as outputs of the store `target`
     (`new_store`: this call created it, so a failure removes it)."""
     chunk_rows = request.unit_rows(inputs.store)
     chunked = {
         name: writer.DenseOutput(target, spec.group, spec.key, n_rows, spec.n_columns, chunk_rows, record, spec.dtype)
-        if spec.kind == "dense" else writer.CsrOutput(target, spec.group, spec.key, n_rows, spec.n_columns, chunk_rows,
-                                                      record)
+        if spec.kind == "dense"
+        else writer.CsrOutput(target, spec.group, spec.key, n_rows, spec.n_columns, chunk_rows, record)
         for name, spec in outputs.items()
     }
     # A call writing several outputs (posterior samples <key>_0, <key>_1, ...) that was killed after finishing some
@@ -241,8 +260,9 @@ def _write_into(inputs, job, request, outputs: dict[str, OutputSpec], record: di
     return {name: writer.read_output(target, output.entry) for name, output in chunked.items()}
 
 
-def request_units(inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray,
-                  numbers: np.ndarray) -> list[Unit]:
+def request_units(
+    inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray, numbers: np.ndarray
+) -> list[Unit]:
     """Units over the cells of requests: request i is cell rows[i] decoded in batches[i] (jobs.OWN_BATCH: its
     own batch), keyed by numbers[i]; each cell is read once however often it is requested. A unit's payload is
     (positions of its requests' cells in the unit, their batches, their numbers)."""
@@ -262,8 +282,15 @@ def request_units(inputs: ModelInputs, request: OutputRequest, rows: np.ndarray,
 
 
 def scale_draws(
-    inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray, numbers: np.ndarray, *,
-    genes, library_size, description: str = "posterior samples",
+    inputs: ModelInputs,
+    request: OutputRequest,
+    rows: np.ndarray,
+    batches: np.ndarray,
+    numbers: np.ndarray,
+    *,
+    genes,
+    library_size,
+    description: str = "posterior samples",
 ):
     """Posterior draws of px_scale * library_size, request i being cell rows[i] decoded in batches[i] and keyed by
     numbers[i] (a number asked for twice is one draw: each is decoded once). Yields (numbers (k,), draws (k, G')
@@ -278,8 +305,16 @@ def scale_draws(
 
 
 def posterior_scales(
-    inputs: ModelInputs, request: OutputRequest, rows: np.ndarray, batches: np.ndarray, *, genes, library_size,
-    first_request: int = 0, numbers: np.ndarray | None = None, description: str = "posterior samples",
+    inputs: ModelInputs,
+    request: OutputRequest,
+    rows: np.ndarray,
+    batches: np.ndarray,
+    *,
+    genes,
+    library_size,
+    first_request: int = 0,
+    numbers: np.ndarray | None = None,
+    description: str = "posterior samples",
 ) -> np.ndarray:
     """scale_draws in request order, request i keyed by numbers[i] (default first_request + i): (len(rows), G')
     float32."""
@@ -288,8 +323,9 @@ def posterior_scales(
     unique, repeat = np.unique(np.asarray(numbers, dtype=np.int64), return_inverse=True)
     n_genes = inputs.store.n_vars if genes is None else len(genes)
     scales = np.empty((len(unique), n_genes), dtype=np.float32)
-    for drawn, values in scale_draws(inputs, request, rows, batches, numbers, genes=genes,
-                                     library_size=library_size, description=description):
+    for drawn, values in scale_draws(
+        inputs, request, rows, batches, numbers, genes=genes, library_size=library_size, description=description
+    ):
         scales[np.searchsorted(unique, drawn)] = values
     return scales if np.array_equal(repeat, np.arange(len(repeat))) else scales[repeat]
 
@@ -298,7 +334,11 @@ def posterior_scales(
 
 
 def run_units(
-    inputs: ModelInputs, job, units: list[Unit], request: OutputRequest, outputs: dict | None = None,
+    inputs: ModelInputs,
+    job,
+    units: list[Unit],
+    request: OutputRequest,
+    outputs: dict | None = None,
     description: str = "",
 ) -> list[dict] | None:
     """Run `job` on every unit. With `outputs` ({result name: DenseOutput | CsrOutput}), unit k's results are
@@ -308,8 +348,14 @@ def run_units(
     return None if outputs is not None else [results[unit.index] for unit in units]
 
 
-def iter_results(inputs: ModelInputs, job, units: list[Unit], request: OutputRequest, outputs: dict | None = None,
-                 description: str = ""):
+def iter_results(
+    inputs: ModelInputs,
+    job,
+    units: list[Unit],
+    request: OutputRequest,
+    outputs: dict | None = None,
+    description: str = "",
+):
     """Yield (unit index, result, or None where `outputs` were written) as units finish, with a progress bar:
     run_units for a caller that keeps only a share of each result."""
     with contextlib.ExitStack() as stack:
@@ -318,8 +364,9 @@ def iter_results(inputs: ModelInputs, job, units: list[Unit], request: OutputReq
         else:
             reference = stack.enter_context(_worker_reference(inputs, request))
             finished = _run_on_workers(request.client, reference, job, units, request, outputs)
-        progress = stack.enter_context(tqdm(total=len(units), desc=description, unit="chunk",
-                                            disable=request.silent or not settings.progress_bar))
+        progress = stack.enter_context(
+            tqdm(total=len(units), desc=description, unit="chunk", disable=request.silent or not settings.progress_bar)
+        )
         for index, result in finished:
             progress.update(1)
             yield index, result
@@ -349,7 +396,10 @@ def _minibatches(inputs: ModelInputs, job, rows: np.ndarray, unit_size: int):
         )
     sparse = inputs.store.is_sparse
     sampler = SequentialSampler(
-        inputs.store, rows, batch_size=unit_size, obs_arrays=inputs.obs_arrays,
+        inputs.store,
+        rows,
+        batch_size=unit_size,
+        obs_arrays=inputs.obs_arrays,
         return_csr=sparse or getattr(job, "needs_csr", False),
         dense=not sparse or getattr(job, "needs_dense", False),
     )
@@ -501,8 +551,9 @@ def _remote_unit(unit: Unit, reference: ModelReference, job, seed: int, batch_si
     return None
 
 
-def _run_on_workers(client, reference: ModelReference, job, units: list[Unit], request: OutputRequest,
-                    outputs: dict | None):
+def _run_on_workers(
+    client, reference: ModelReference, job, units: list[Unit], request: OutputRequest, outputs: dict | None
+):
     """Yield (unit index, result or None when written there) as the client's workers finish units."""
     from distributed import as_completed
 

@@ -224,8 +224,10 @@ def check_writable(store: str | os.PathLike) -> None:
     """Raise OutputError when this process may not write into the local folder `store` (a read-only store or file
     system): before any work, saying that its outputs can still be had in memory or written elsewhere."""
     if "://" not in os.fspath(store) and Path(store).exists() and not os.access(store, os.W_OK):
-        raise OutputError(f"{store} is read-only for this process: get the outputs in memory (no write_to), or write "
-                          "them into another store (output_store=, --output-store)")
+        raise OutputError(
+            f"{store} is read-only for this process: get the outputs in memory (no write_to), or write "
+            "them into another store (output_store=, --output-store)"
+        )
 
 
 @contextlib.contextmanager
@@ -241,8 +243,10 @@ def exclusive_writer(store: str | os.PathLike):
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputError(f"{store}: another process is writing outputs into it; run again when it has ended (an "
-                              "unfinished output with the same settings resumes)") from None
+            raise OutputError(
+                f"{store}: another process is writing outputs into it; run again when it has ended (an "
+                "unfinished output with the same settings resumes)"
+            ) from None
         yield
     finally:
         os.close(descriptor)
@@ -316,8 +320,9 @@ class _ChunkedOutput:
         if self.key not in group:
             return False
         state = group[self.key].attrs.get(OUTPUT_ATTR) or {}
-        return bool(state.get("complete")) and _json_round_trip({k: v for k, v in state.items() if k != "complete"}) \
-            == _json_round_trip(self.record())
+        return bool(state.get("complete")) and _json_round_trip(
+            {k: v for k, v in state.items() if k != "complete"}
+        ) == _json_round_trip(self.record())
 
     def bounds(self, chunk: int) -> tuple[int, int]:
         """Rows [start, stop) of chunk `chunk`."""
@@ -466,8 +471,10 @@ class DenseOutput(_ChunkedOutput):
             array[start:stop] = values
             self._piece(chunk).touch()
         except FileNotFoundError as error:
-            raise OutputError(f"{self.store}: {self.entry} was finished or removed by another writer while this one "
-                              "was writing it; run one writer of an output at a time") from error
+            raise OutputError(
+                f"{self.store}: {self.entry} was finished or removed by another writer while this one "
+                "was writing it; run one writer of an output at a time"
+            ) from error
 
     def _assemble(self, staged: zarr.Group) -> None:
         """The array is whole once its chunks are written."""
@@ -515,7 +522,9 @@ class CsrOutput(_ChunkedOutput):
             "data": layer.create_array("data", shape=(offsets[-1],), chunks=(CSR_VALUES_CHUNK,), dtype="float32"),
             "indices": layer.create_array("indices", shape=(offsets[-1],), chunks=(CSR_VALUES_CHUNK,), dtype="int32"),
             "indptr": layer.create_array(
-                "indptr", shape=(self.n_rows + 1,), chunks=(self.chunk_rows * INDPTR_CHUNK_BLOCKS,),
+                "indptr",
+                shape=(self.n_rows + 1,),
+                chunks=(self.chunk_rows * INDPTR_CHUNK_BLOCKS,),
                 dtype=indptr_dtype,
             ),
         }
@@ -587,8 +596,16 @@ def read_output(store: str | os.PathLike, entry: str):
         record = json.loads(record_path.read_text())
         output_class = DenseOutput if record["kind"] == "dense" else CsrOutput
         n_rows, n_cols = record["shape"]
-        output = output_class(store, group_name, key, n_rows, n_cols, record["chunk_rows"], record["settings"],
-                              **({"dtype": record.get("dtype", "float32")} if output_class is DenseOutput else {}))
+        output = output_class(
+            store,
+            group_name,
+            key,
+            n_rows,
+            n_cols,
+            record["chunk_rows"],
+            record["settings"],
+            **({"dtype": record.get("dtype", "float32")} if output_class is DenseOutput else {}),
+        )
         done = len(output.done_chunks())
         raise OutputIncompleteError(
             f"{store}: {entry} is incomplete: {done} of {output.n_chunks} chunks are written; a write is running "
@@ -703,8 +720,10 @@ def check_table_path(path, overwrite: bool = False) -> Path:
     needs pyarrow), and no file there unless overwrite=True. Returns the path."""
     path = Path(path)
     if path.suffix.lower() not in TABLE_FORMATS:
-        raise OutputError(f"{path}: a table is written as {' or '.join(TABLE_FORMATS)}, chosen by the path's suffix "
-                          f"(not {path.suffix or 'none'!r})")
+        raise OutputError(
+            f"{path}: a table is written as {' or '.join(TABLE_FORMATS)}, chosen by the path's suffix "
+            f"(not {path.suffix or 'none'!r})"
+        )
     if path.suffix.lower() == ".parquet":
         try:
             import pyarrow  # noqa: F401
@@ -745,11 +764,13 @@ def describe_outputs(store: str | os.PathLike) -> list[dict]:
             node = root[group_name][key]
             size = _stored_bytes(store, f"{group_name}/{key}")
             state = node.attrs.get(OUTPUT_ATTR)
-            described.append({
-                "entry": f"{group_name}/{key}",
-                "kind": node.attrs.get("encoding-type", "array" if isinstance(node, zarr.Array) else "group"),
-                "shape": list(node.shape) if isinstance(node, zarr.Array) else node.attrs.get("shape"),
-                "bytes": size,
-                "complete": None if state is None else bool(state.get("complete")),
-            })
+            described.append(
+                {
+                    "entry": f"{group_name}/{key}",
+                    "kind": node.attrs.get("encoding-type", "array" if isinstance(node, zarr.Array) else "group"),
+                    "shape": list(node.shape) if isinstance(node, zarr.Array) else node.attrs.get("shape"),
+                    "bytes": size,
+                    "complete": None if state is None else bool(state.get("complete")),
+                }
+            )
     return described

@@ -15,5 +15,13 @@ from scvi_scale.report.extra import missing_extra, require_extra
 from scvi_scale.report.history import plot_loss_curves, write_history_table
 from scvi_scale.report.metrics import log_normalize, subsample_rows
 
-__all__ = ["build_report", "check_report_dir", "log_normalize", "missing_extra", "plot_loss_curves", "require_extra",
-           "subsample_rows", "write_history_table"]
+__all__ = [
+    "build_report",
+    "check_report_dir",
+    "log_normalize",
+    "missing_extra",
+    "plot_loss_curves",
+    "require_extra",
+    "subsample_rows",
+    "write_history_table",
+]

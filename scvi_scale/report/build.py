@@ -24,16 +24,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scvi_scale.data.writer import write_atomically
 from scvi_scale.report.extra import require_extra
 from scvi_scale.report.figures import UMAP_NEIGHBORS, plot_scib_scores, plot_umap, umap_coordinates
-from scvi_scale.data.writer import write_atomically
 from scvi_scale.report.history import (
-    check_history, elapsed_seconds, history_frame, plot_loss_curves, write_history_table,
+    check_history,
+    elapsed_seconds,
+    history_frame,
+    plot_loss_curves,
+    write_history_table,
 )
 from scvi_scale.report.html import render_page
 from scvi_scale.report.metrics import (
-    AGGREGATES, BATCH_CORRECTION, BIO_CONSERVATION, EMBEDDING_TITLES, LEFT_OUT, N_NEIGHBORS, aggregate_scores,
-    category_codes, nearest_neighbors, neighbor_search, pca_baseline, scib_scores, subsample_rows,
+    AGGREGATES,
+    BATCH_CORRECTION,
+    BIO_CONSERVATION,
+    EMBEDDING_TITLES,
+    LEFT_OUT,
+    N_NEIGHBORS,
+    aggregate_scores,
+    category_codes,
+    nearest_neighbors,
+    neighbor_search,
+    pca_baseline,
+    scib_scores,
+    subsample_rows,
 )
 
 LIBRARY_SIZE = "library_size"
@@ -43,8 +58,9 @@ REPORT_FORMAT = "scvi-scale report 1"
 def _check_inputs(latent, obs, batch_key, labels_key, history, counts_for_baseline, max_cells) -> None:
     """Every check that needs no computation, so that bad input fails before minutes of work."""
     if min(len(obs), max_cells) <= N_NEIGHBORS:
-        raise ValueError(f"the report needs more than {N_NEIGHBORS} cells (its neighbourhoods), not "
-                         f"{min(len(obs), max_cells)}")
+        raise ValueError(
+            f"the report needs more than {N_NEIGHBORS} cells (its neighbourhoods), not {min(len(obs), max_cells)}"
+        )
     if latent.ndim != 2:
         raise ValueError(f"latent has shape {latent.shape}: expected (n_cells, n_latent)")
     if latent.shape[0] != len(obs):
@@ -54,12 +70,15 @@ def _check_inputs(latent, obs, batch_key, labels_key, history, counts_for_baseli
             raise ValueError(f"obs has no column {key!r} ({role}); its columns are {list(obs.columns)}")
     bad = ~np.isfinite(latent).all(axis=1)
     if bad.any():
-        raise ValueError(f"the latent is not finite in {int(bad.sum())} cells, first rows "
-                         f"{np.flatnonzero(bad)[:5].tolist()}")
+        raise ValueError(
+            f"the latent is not finite in {int(bad.sum())} cells, first rows {np.flatnonzero(bad)[:5].tolist()}"
+        )
     check_history(history)
     if not callable(counts_for_baseline) and counts_for_baseline.shape[0] != len(obs):
-        raise ValueError(f"counts_for_baseline has {counts_for_baseline.shape[0]} rows but there are {len(obs)} "
-                         "cells: give all cells' rows (they are subsampled here) or a callable of the rows")
+        raise ValueError(
+            f"counts_for_baseline has {counts_for_baseline.shape[0]} rows but there are {len(obs)} "
+            "cells: give all cells' rows (they are subsampled here) or a callable of the rows"
+        )
 
 
 def _json_ready(value):
@@ -82,8 +101,9 @@ def check_report_dir(out_dir: str | Path, overwrite: bool = False) -> None:
     """Raise FileExistsError when `out_dir` holds a report (and overwrite is False): one is never replaced unasked."""
     existing = [Path(out_dir) / name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass overwrite (--overwrite) to replace the report, or choose "
-                              "another folder")
+        raise FileExistsError(
+            f"{existing[0]} exists; pass overwrite (--overwrite) to replace the report, or choose another folder"
+        )
 
 
 def build_report(
@@ -137,6 +157,7 @@ def build_report(
 
     import scib_metrics  # noqa: F401  (jax: ~3 s, timed apart from the work)
     import umap  # noqa: F401
+
     lap("imports")
 
     rows = subsample_rows(len(obs), max_cells, seed)
@@ -157,8 +178,9 @@ def build_report(
 
     batches = category_codes(sub_obs[batch_key]) if batch_key is not None else None
     labels = category_codes(sub_obs[labels_key]) if labels_key is not None else None
-    scores = {name: scib_scores(points, neighbors[name], baseline, batches, labels)
-              for name, points in embeddings.items()}
+    scores = {
+        name: scib_scores(points, neighbors[name], baseline, batches, labels) for name, points in embeddings.items()
+    }
     aggregates = {name: aggregate_scores(values) for name, values in scores.items()}
     lap("scib_metrics")
 
@@ -172,8 +194,10 @@ def build_report(
     images["umap"] = plot_umap(coordinates, colourings, out_dir / "umap.png", seed)
     if any(scores.values()):
         bars = {EMBEDDING_TITLES[name]: {**scores[name], **aggregates[name]} for name in scores}
-        groups = [[name for name in group if name in bars[EMBEDDING_TITLES["scvi"]]]
-                  for group in (BATCH_CORRECTION, BIO_CONSERVATION, AGGREGATES)]
+        groups = [
+            [name for name in group if name in bars[EMBEDDING_TITLES["scvi"]]]
+            for group in (BATCH_CORRECTION, BIO_CONSERVATION, AGGREGATES)
+        ]
         images["scib"] = plot_scib_scores(bars, [group for group in groups if group], out_dir / "scib.png")
     write_history_table(history, out_dir)
     lap("figures")
@@ -201,13 +225,13 @@ def build_report(
             "n_batches": int(len(np.unique(batches))) if batches is not None else None,
             "n_labels": int(len(np.unique(labels))) if labels is not None else None,
             "baseline": f"Baseline: PCA ({baseline.shape[1]} components, as many as the latent's dimensions) of the "
-                        "log1p-normalised counts of the same cells, uncorrected for batch; it is also PCR "
-                        "comparison's pre-integration embedding, so its own PCR comparison is 0.",
+            "log1p-normalised counts of the same cells, uncorrected for batch; it is also PCR "
+            "comparison's pre-integration embedding, so its own PCR comparison is 0.",
             "scores": scores,
             "aggregate": aggregates,
             "categories": {"Batch correction": list(BATCH_CORRECTION), "Bio conservation": list(BIO_CONSERVATION)},
             "aggregate_rule": "Aggregates as scib-metrics' Benchmarker (min_max_scale=False): the mean of each "
-                              "category's computed scores; Total = 0.4 batch correction + 0.6 bio conservation.",
+            "category's computed scores; Total = 0.4 batch correction + 0.6 bio conservation.",
             "left_out": LEFT_OUT if labels is not None else {},
             "why_none": None if any(scores.values()) else "it needs two batches or two labels in the subsample",
         },

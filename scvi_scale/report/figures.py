@@ -44,8 +44,9 @@ def _palette(n_colours: int) -> list:
     return [colormaps["hsv"](i / n_colours) for i in range(n_colours)]
 
 
-def plot_umap(coordinates: np.ndarray, colourings: dict[str, pd.Series | np.ndarray], path: str | Path,
-              seed: int) -> Path:
+def plot_umap(
+    coordinates: np.ndarray, colourings: dict[str, pd.Series | np.ndarray], path: str | Path, seed: int
+) -> Path:
     """One panel per colouring, side by side, in a PNG at `path`. colourings: title -> (n_cells,) values; a
     categorical Series is drawn with a colour per category (legend up to MAX_LEGEND_ENTRIES), numbers on a log
     colour scale with a colour bar. Cells are drawn in a seeded random order, so no group is painted over the rest."""
@@ -75,8 +76,16 @@ def plot_umap(coordinates: np.ndarray, colourings: dict[str, pd.Series | np.ndar
             values = np.asarray(values, dtype=np.float64)[order]
             positive = values[values > 0]
             norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if len(positive) else None
-            points = axis.scatter(x, y, c=np.where(values > 0, values, np.nan), s=point_size, linewidths=0,
-                                  cmap="viridis", norm=norm, rasterized=True)
+            points = axis.scatter(
+                x,
+                y,
+                c=np.where(values > 0, values, np.nan),
+                s=point_size,
+                linewidths=0,
+                cmap="viridis",
+                norm=norm,
+                rasterized=True,
+            )
             figure.colorbar(points, ax=axis, shrink=0.8)
         axis.set_title(title, fontsize=11)
         axis.set_xticks([])

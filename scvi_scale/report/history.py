@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from scvi_scale.report.extra import require_extra
 from scvi_scale.data.writer import write_atomically
+from scvi_scale.report.extra import require_extra
 
 History = dict[str, list[tuple[int, float]]]
 
@@ -51,8 +51,10 @@ def history_frame(history: History) -> pd.DataFrame:
     """One row per epoch (index `epoch`), one column per metric in the history's order; NaN where a metric was
     not computed in that epoch."""
     check_history(history)
-    columns = {key: pd.Series({int(epoch): float(value) for epoch, value in pairs}, dtype=float)
-               for key, pairs in history.items()}
+    columns = {
+        key: pd.Series({int(epoch): float(value) for epoch, value in pairs}, dtype=float)
+        for key, pairs in history.items()
+    }
     frame = pd.DataFrame(columns)
     frame.index.name = "epoch"
     return frame.sort_index()

@@ -77,7 +77,7 @@ def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
     head = "".join(f"<th>{_text(cell)}</th>" for cell in header)
     body = []
     for row in rows:
-        cells = [f'<td{" class=number" if i >= numeric_from else ""}>{_text(cell)}</td>' for i, cell in enumerate(row)]
+        cells = [f"<td{' class=number' if i >= numeric_from else ''}>{_text(cell)}</td>" for i, cell in enumerate(row)]
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -88,8 +88,10 @@ def _image(path: Path, alt: str) -> str:
 
 
 def _cards(cards: list[tuple[str, str]]) -> str:
-    items = "".join(f'<div class="card"><div class="value">{_text(v)}</div><div class="label">{_text(k)}</div></div>'
-                    for k, v in cards)
+    items = "".join(
+        f'<div class="card"><div class="value">{_text(v)}</div><div class="label">{_text(k)}</div></div>'
+        for k, v in cards
+    )
     return f'<div class="cards">{items}</div>'
 
 
@@ -120,8 +122,8 @@ def _umap_section(report: dict, images: dict[str, Path]) -> str:
     cells = report["cells"]
     return (
         f'<p class="note">UMAP (umap-learn, {report["umap"]["n_neighbors"]} nearest neighbours in the latent space, '
-        f'{_text(report["scib"]["neighbor_search"])}) of {cells["subsample"]:,} of the {cells["n_cells"]:,} cells, '
-        f'drawn uniformly at random with seed {cells["seed"]} (at most {cells["max_cells"]:,}); the scIB metrics '
+        f"{_text(report['scib']['neighbor_search'])}) of {cells['subsample']:,} of the {cells['n_cells']:,} cells, "
+        f"drawn uniformly at random with seed {cells['seed']} (at most {cells['max_cells']:,}); the scIB metrics "
         "below use the same cells.</p>"
         + _image(images["umap"], "UMAP of the latent coloured by batch, label and library size")
     )
@@ -133,18 +135,24 @@ def _scib_section(report: dict, images: dict[str, Path]) -> str:
     if not any(scib["scores"].values()):
         return f'<p class="note">No scIB metric was computed: {_text(scib["why_none"])}</p>'
     computed = {name for values in scib["scores"].values() for name in values}
-    rows = [[name, category] + [format_value("", scib["scores"][e].get(name)) for e in embeddings]
-            for category, names in scib["categories"].items() for name in names if name in computed]
+    rows = [
+        [name, category] + [format_value("", scib["scores"][e].get(name)) for e in embeddings]
+        for category, names in scib["categories"].items()
+        for name in names
+        if name in computed
+    ]
     aggregate_names = list(dict.fromkeys(name for values in scib["aggregate"].values() for name in values))
-    rows += [[name, "aggregate"] + [format_value("", scib["aggregate"][e].get(name)) for e in embeddings]
-             for name in aggregate_names]
+    rows += [
+        [name, "aggregate"] + [format_value("", scib["aggregate"][e].get(name)) for e in embeddings]
+        for name in aggregate_names
+    ]
     left_out = "".join(f"<li><b>{_text(name)}</b>: {_text(why)}</li>" for name, why in scib["left_out"].items())
     left_out = f'<p class="note">Not computed:</p><ul class="note">{left_out}</ul>' if left_out else ""
     return (
         f'<p class="note">scib-metrics {_text(scib["scib_metrics_version"])} on the {report["cells"]["subsample"]:,} '
-        f'cells of the UMAP, {scib["n_neighbors"]} nearest neighbours per embedding '
-        f'({_text(scib["neighbor_search"])}). Every score is in [0, 1], higher is better. '
-        f'{_text(scib["baseline"])}</p>'
+        f"cells of the UMAP, {scib['n_neighbors']} nearest neighbours per embedding "
+        f"({_text(scib['neighbor_search'])}). Every score is in [0, 1], higher is better. "
+        f"{_text(scib['baseline'])}</p>"
         + _table(["metric", "category"] + [EMBEDDING_TITLES[e] for e in embeddings], rows, numeric_from=2)
         + _image(images["scib"], "scIB scores of the scVI latent and of the PCA baseline")
         + f'<p class="note">{_text(scib["aggregate_rule"])}</p>'
@@ -156,8 +164,16 @@ def _outputs_section(report: dict) -> str:
     outputs = report["outputs"]
     if not outputs:
         return '<p class="note">Nothing has been written into the store yet.</p>'
-    rows = [[entry.get("entry"), entry.get("kind"), format_value("", entry.get("shape")),
-             format_value("bytes", entry.get("bytes")), format_value("", entry.get("complete"))] for entry in outputs]
+    rows = [
+        [
+            entry.get("entry"),
+            entry.get("kind"),
+            format_value("", entry.get("shape")),
+            format_value("bytes", entry.get("bytes")),
+            format_value("", entry.get("complete")),
+        ]
+        for entry in outputs
+    ]
     return _table(["entry", "kind", "shape", "size", "complete"], rows)
 
 
@@ -166,11 +182,15 @@ def render_page(report: dict, images: dict[str, Path]) -> str:
     cells = report["cells"]
     keys = report["keys"]
     scib = report["scib"]
-    cards = [("cells", f'{cells["n_cells"]:,}'), ("epochs", str(report["history_summary"]["epochs"]))]
+    cards = [("cells", f"{cells['n_cells']:,}"), ("epochs", str(report["history_summary"]["epochs"]))]
     for name in ("Total", "Batch correction", "Bio conservation"):
         if name in scib["aggregate"].get("scvi", {}):
-            cards.append((f"scIB {name.lower()}: scVI / PCA", f'{scib["aggregate"]["scvi"][name]:.3f} / '
-                                                                 f'{scib["aggregate"]["pca"][name]:.3f}'))
+            cards.append(
+                (
+                    f"scIB {name.lower()}: scVI / PCA",
+                    f"{scib['aggregate']['scvi'][name]:.3f} / {scib['aggregate']['pca'][name]:.3f}",
+                )
+            )
     sections = [
         _section("history", _history_section(report, images)),
         _section("run", _run_section(report)),
@@ -184,7 +204,7 @@ def render_page(report: dict, images: dict[str, Path]) -> str:
         f"<title>scvi-scale report</title><style>{STYLE}</style></head><body><main>"
         "<h1>scvi-scale report</h1>"
         f'<p class="lead">{cells["n_cells"]:,} cells; batch key {_text(keys["batch_key"])}, labels key '
-        f'{_text(keys["labels_key"])}; generated {_text(report["generated_at"])}.</p>'
+        f"{_text(keys['labels_key'])}; generated {_text(report['generated_at'])}.</p>"
         + _cards(cards)
         + "".join(sections)
         + "</main></body></html>\n"

@@ -104,8 +104,9 @@ def category_codes(values) -> np.ndarray:
     return np.where(codes < 0, codes.max(initial=-1) + 1, codes)
 
 
-def scib_scores(embedding: np.ndarray, neighbors, pre_integration: np.ndarray, batches: np.ndarray | None,
-                labels: np.ndarray | None) -> dict[str, float]:
+def scib_scores(
+    embedding: np.ndarray, neighbors, pre_integration: np.ndarray, batches: np.ndarray | None, labels: np.ndarray | None
+) -> dict[str, float]:
     """The metrics of the module docstring for one embedding (n_cells, n_dims), with its `nearest_neighbors`,
     the baseline PCA as `pre_integration`, and integer batch and label codes (n_cells,) or None."""
     import scib_metrics
@@ -121,7 +122,8 @@ def scib_scores(embedding: np.ndarray, neighbors, pre_integration: np.ndarray, b
                 # scIB's silhouette batch is within labels: undefined when every label lies in one batch
                 scores["Silhouette batch"] = scib_metrics.silhouette_batch(embedding, labels, batches)
             scores["Graph connectivity"] = scib_metrics.graph_connectivity(
-                neighbors.subset_neighbors(GRAPH_NEIGHBORS), labels)
+                neighbors.subset_neighbors(GRAPH_NEIGHBORS), labels
+            )
     if labels is not None and len(np.unique(labels)) > 1:
         scores["cLISI"] = scib_metrics.clisi_knn(neighbors, labels)
         scores["Silhouette label"] = scib_metrics.silhouette_label(embedding, labels)
