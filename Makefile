@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# Two entry points: `make demo` and `make test` (which runs `make lint` first). Both create .venv on first use.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -19,7 +19,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m scvi_scale.demo --out $(DEMO_DIR)
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
-.PHONY: install demo test
+.PHONY: install demo lint test

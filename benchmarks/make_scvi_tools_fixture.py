@@ -22,7 +22,8 @@ With --outputs it records, with the scvi-tools it runs (1.5.1 here), on the fixt
                      normal likelihood) and expected.npz of each: latent means and px_rate at them
 Then it checks the other direction once: the main environment (.venv, scvi-scale without scvi-tools) loads the
 fixture and writes it back in scvi-tools' format (SCVI.save(format="scvi-tools")) into a temporary folder,
-scvi-tools loads that, and the script prints how far the two latents are apart (it fails above 1e-5). --check-only skips making the fixture.
+scvi-tools loads that, and the script prints how far the two latents are apart (it fails above 1e-5).
+--check-only skips making the fixture.
 """
 
 from __future__ import annotations

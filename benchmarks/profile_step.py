@@ -46,6 +46,11 @@ CATEGORIES = (
 )
 
 
+def is_product(category: str) -> bool:
+    """The categories whose time is the G-wide matrix products (the rate line's denominator)."""
+    return "product" in category or "first layer," in category
+
+
 def as_tensors(minibatch: dict, counts: str) -> dict:
     """The module's inputs from a sampler minibatch: dense x, or the CSR arrays alone."""
     tensors = {
@@ -307,7 +312,7 @@ def main() -> None:
     print(
         "| G-wide product rate, GFLOP/s (products' FLOPs / their time) | "
         + " | ".join(
-            f"{sum(work.values()) / (m * sum(s[c] for c in CATEGORIES if 'product' in c or 'first layer,' in c)) / 1e9:.0f}"
+            f"{sum(work.values()) / (m * sum(s[c] for c in CATEGORIES if is_product(c))) / 1e9:.0f}"
             for m, s, _ in results.values()
         )
         + " |"

@@ -1,7 +1,8 @@
 """Start-up: what a fresh process pays before and during its first job, scvi-scale against scvi-tools, in one run.
 
     .venv/bin/python benchmarks/startup.py --peer-python /path/to/peer-venv/bin/python
-        [--baseline-python /path/to/other-checkout/.venv/bin/python] [--cells 20000] [--genes 2000] [--epochs 2] [--batch-size 128] [--threads 2] [--repeats 2]
+        [--baseline-python /path/to/other-checkout/.venv/bin/python] [--cells 20000] [--genes 2000] [--epochs 2]
+        [--batch-size 128] [--threads 2] [--repeats 2]
 
 Each side runs in fresh processes, with every cache empty ("cold": a new HOME cache, TMPDIR and
 TORCHINDUCTOR_CACHE_DIR) and then again with the caches the cold run left ("warm"). A process reports its

@@ -1,7 +1,8 @@
 """Training throughput, peak memory and held-out ELBO: scvi-scale against scvi-tools' SCVI, in one run.
 
     .venv/bin/python benchmarks/train.py --peer-python /path/to/peer-venv/bin/python
-        [--baseline-python /path/to/other-checkout/.venv/bin/python] [--sizes 100000 1000000] [--batch-sizes 128 1024] [--genes 2000 15000] [--steps 300] [--threads 2]
+        [--baseline-python /path/to/other-checkout/.venv/bin/python] [--sizes 100000 1000000] [--batch-sizes 128 1024]
+        [--genes 2000 15000] [--steps 300] [--threads 2]
         [--elbo-cells 20000 --elbo-epochs 10 --elbo-seeds 5] [--data-dir /tmp/scvi-scale-bench]
 
 Both sides train the same architecture (scvi-tools' SCVI defaults: 128 hidden, 10 latent, 1 layer, ZINB, gene
@@ -68,7 +69,8 @@ print(json.dumps({"cells_per_s": steps * batch_size / seconds, "peak_rss_mb":
 OURS_ELBO = r"""
 import json, sys, torch
 from scvi_scale import SCVI, settings
-train_store, test_store, epochs, threads, model_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+train_store, test_store, model_dir = sys.argv[1], sys.argv[2], sys.argv[5]
+epochs, threads = int(sys.argv[3]), int(sys.argv[4])
 seed = int(sys.argv[6])
 torch.set_num_threads(threads)
 settings.seed = seed  # the initial weights too, as scvi.settings.seed on the peer's side
@@ -84,7 +86,8 @@ print(json.dumps({"test_elbo": held_out.get_elbo()}))
 PEER_ELBO = r"""
 import json, logging, sys, warnings, torch, anndata, scvi
 warnings.filterwarnings("ignore"); logging.getLogger("lightning").setLevel(logging.ERROR)
-train_store, test_store, epochs, threads, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+train_store, test_store = sys.argv[1], sys.argv[2]
+epochs, threads, seed = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 scvi.settings.seed = seed
 train, test = anndata.read_zarr(train_store), anndata.read_zarr(test_store)

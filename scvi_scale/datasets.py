@@ -16,8 +16,9 @@ Generative model (natural logs unless a name says log2; the constants below the 
 - Batches: cells are in contiguous runs of batches (cell i is in batch floor(i * n_batches / n_cells)), as in an
   atlas concatenated from studies; batch k multiplies each gene by exp(e_kg), e_kg ~ Normal(0, 0.4), shifts the
   median library size by exp(Normal(0, 0.25)), and has its own cell-type composition ~ Dirichlet(3, ..., 3).
-- Continuous covariate obs["cycling_score"] ~ Normal(0, 1) scales a programme of 40 "cycling" genes (fewer when n_genes < ~1300; disjoint
-  from markers) by exp(c_g * score), c_g ~ Uniform(0.3, 0.8), recorded in var["cycling_coef"] (0 elsewhere).
+- Continuous covariate obs["cycling_score"] ~ Normal(0, 1) scales a programme of 40 "cycling" genes (fewer when
+  n_genes < ~1300; disjoint from markers) by exp(c_g * score), c_g ~ Uniform(0.3, 0.8), recorded in
+  var["cycling_coef"] (0 elsewhere).
 - Library size l_i ~ LogNormal(log library_median + batch shift, 0.4), library_median 2000 by default (non-zeros
   per cell grow slowly with it: ~200 at 2000 genes, ~235 at 3000). Counts: x_ig ~ NB(mean l_i * softmax_g(type
   profile logits + e_k + c score_i), inverse dispersion theta_g), the means in float32 (`negative_binomial_csr`:

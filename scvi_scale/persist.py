@@ -6,10 +6,10 @@
 A directory holds `{prefix}model.pt` (MODEL_FILE), a torch pickle of {"model_state_dict", "var_names",
 "attr_dict"}: scvi-tools' layout, which ours follows, and, when saved with the data, `{prefix}adata.h5ad`. Ours has
 attr_dict keys init_params_ (our SCVI keyword arguments), registry_ (Registry.to_dict), history_ (metric ->
-[(epoch, value)]), is_trained_, train_indices_, validation_indices_, data_path_ (the store it was trained on),
-minified_ (type, latent mean and variance keys) and scvi_scale_version; scvi-tools' has its own init_params_ /
-registry_ / history_ (pandas frames), translated by scvi_tools_format.py. Every write goes to a temporary file first and is renamed into place,
-so a kill never leaves a torn model.pt.
+[(epoch, value)]), is_trained_, train_indices_, validation_indices_, data_path_ (the store it was trained on), minified_
+(type, latent mean and variance keys) and scvi_scale_version; scvi-tools' has its own init_params_ / registry_ /
+history_ (pandas frames), translated by scvi_tools_format.py. Every write goes to a temporary file first and is renamed
+into place, so a kill never leaves a torn model.pt.
 
 Reading runs no code from the file: torch.load(weights_only=True) with only _safe_globals() allowed besides torch's
 own tensor types (numpy arrays, the two variance activations a model may name, and the pandas frames of
@@ -210,7 +210,7 @@ def saved_data(dir_path, prefix: str | None, saved: SavedModel):
 
 
 def history_frames(history: dict[str, list[tuple[int, float]]]) -> dict[str, pd.DataFrame]:
-    """metric -> [(epoch, value)] as scvi-tools shows its history: metric -> DataFrame (one column, indexed by epoch)."""
+    """metric -> [(epoch, value)] as scvi-tools shows its history: metric -> DataFrame (one column, by epoch)."""
     return {
         key: pd.DataFrame({key: [value for _, value in pairs]}, index=pd.Index([e for e, _ in pairs], name="epoch"))
         for key, pairs in history.items()

@@ -576,11 +576,12 @@ class BlockShuffleSampler(_MinibatchStream):
        `batch_size`; cells left over at the end of a buffer start the next minibatch.
     Balance for DistributedDataParallel: every rank yields the same number K of minibatches, because pieces differ
     by at most one cell. With drop_last=False, K = ceil((N // world_size) / batch_size): every minibatch holds
-    batch_size cells except each rank's last, which holds the rest of its piece (batch_size + 1 cells in the rare
-    case that N // world_size is a multiple of batch_size and the rank holds one of the N % world_size extra
-    cells); when that rest would be 1 or 2 cells, too few for BatchNorm in training (the k * batch_size + 1 cells
-    case), they join the last full minibatch instead: K is one less and the last holds up to batch_size + 3. With drop_last=True, K = (N // world_size) // batch_size minibatches of exactly batch_size cells; a
-    rank's cells past K * batch_size (the tail of its block order) are skipped and never read.
+    batch_size cells except each rank's last, which holds the rest of its piece (batch_size + 1 cells in the rare case
+    that N // world_size is a multiple of batch_size and the rank holds one of the N % world_size extra cells); when
+    that rest would be 1 or 2 cells, too few for BatchNorm in training (the k * batch_size + 1 cells case), they join
+    the last full minibatch instead: K is one less and the last holds up to batch_size + 3. With drop_last=True, K = (N
+    // world_size) // batch_size minibatches of exactly batch_size cells; a rank's cells past K * batch_size (the tail
+    of its block order) are skipped and never read.
 
     State: (epoch, minibatches done). Iterating runs the rest of the current epoch and then moves to the next
     epoch (epoch + 1, 0 done); breaking off keeps the position, so the next iteration resumes there. A minibatch

@@ -26,10 +26,7 @@ moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the
 from helpers import FaultyProxy  # noqa: E402
 
 from scvi_scale import SCVI  # noqa: E402
-from scvi_scale.data import (
-    CountStore,  # noqa: E402
-    remote,  # noqa: E402
-)
+from scvi_scale.data import CountStore, remote  # noqa: E402
 from scvi_scale.datasets import synthetic_atlas  # noqa: E402
 
 SECRET = "cloud-test-secret-" + uuid.uuid4().hex  # the fake secret key: searched for where it must not be

@@ -369,9 +369,9 @@ def decoder_reference(inputs, likelihood, cell_weights):
     With s = hidden W^T + b, p = softmax(s), mu = exp(l) p, z = hidden Wd^T + bd and a = mu * dlogp/dmu:
     dL/ds = a - p * sum_genes(a) (the softmax's Jacobian), dL/dl = sum_genes(a), and the linear layers' chain rule.
     """
-    h, w_scale, l = inputs["hidden"], inputs["scale_weight"], inputs["log_library"]
+    h, w_scale, log_l = inputs["hidden"], inputs["scale_weight"], inputs["log_library"]
     p = sps.softmax(h @ w_scale.T + inputs["scale_bias"], axis=-1)
-    mu = np.exp(l)[:, None] * p
+    mu = np.exp(log_l)[:, None] * p
     zi = None if likelihood != "zinb" else h @ inputs["dropout_weight"].T + inputs["dropout_bias"]
     out = log_prob_reference(inputs["x"], mu, inputs["theta"], zi, likelihood).sum(-1)
     (d_mu, d_mu_magnitude), d_theta, d_z = log_prob_gradients_reference(

@@ -528,7 +528,7 @@ def killed_before_change(monkeypatch, number: int):
     with monkeypatch.context() as patched:
         for name in FILE_SYSTEM_CHANGES:
 
-            def change(*args, _real=getattr(os, name), **kwargs):
+            def change(*args, _real=getattr(os, name), **kwargs):  # noqa: B008 - binds this name's function
                 if made[0] + 1 >= number:
                     raise Killed(f"killed before file-system change {number}")
                 made[0] += 1

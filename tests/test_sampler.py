@@ -271,7 +271,7 @@ def test_a_small_set_is_read_twice_then_kept_and_its_minibatches_stay_those_of_r
     monkeypatch.setattr(sampler_module, "KEPT_BYTES", kept_blocks * block_bytes)
     kept = BlockShuffleSampler(kinds["kept"], batch_size=64, block_rows=100, return_csr=True, seed=3)
     reads_per_epoch = []
-    for epoch in range(4):
+    for _ in range(4):
         reads_before = len(kinds["kept"].reads)
         for got, want in zip(kept, reading, strict=True):
             np.testing.assert_array_equal(got["rows"], want["rows"])
@@ -497,7 +497,7 @@ def test_stopping_early_leaves_no_thread_running():
     assert not loader_threads()
     with pytest.raises(ZeroDivisionError):
         for _ in SequentialSampler(reader, batch_size=10):
-            1 / 0
+            raise ZeroDivisionError
     assert not loader_threads()
     minibatches = iter(sampler)
     next(minibatches)

@@ -7,9 +7,9 @@
     scvi-scale map QUERY --reference MODEL_DIR --out MODEL_DIR [--reference-store STORE --labels-key cell_type]
     scvi-scale report STORE --model MODEL_DIR [--labels-key cell_type] [--out report/]   # needs scvi-scale[report]
 
-One module per command group (convert.py, train.py, outputs.py, query.py, report.py), each with `add_commands(subparsers)`
-registering its parsers, whose default `run` is the runner (args -> exit code). Defaults and choices come from
-where they are defined (SCVI's signature, module.py's option lists), not restated here.
+One module per command group (convert.py, train.py, outputs.py, query.py, report.py), each with
+`add_commands(subparsers)` registering its parsers, whose default `run` is the runner (args -> exit code). Defaults and
+choices come from where they are defined (SCVI's signature, module.py's option lists), not restated here.
 
 Errors: bad input (a damaged store or model file, a missing column, a refused argument, an existing output) and
 an OS error of a place the user named (disk full, no permission, a read-only file system) end the command with

@@ -152,8 +152,8 @@ class CountStore:
 
     Opening checks the layout and every read proves its block (see the module docstring); both raise StoreError naming
     what is wrong and where. Thread-safe for reading: a prefetcher may call read_csr/read_dense from several threads
-    at once. Pickles as (path, layer, storage_options), so dask workers reopen the store themselves. A CountStore is path-like
-    (os.fspath gives its path), so it can be passed wherever a store's path is asked for.
+    at once. Pickles as (path, layer, storage_options), so dask workers reopen the store themselves. A CountStore is
+    path-like (os.fspath gives its path), so it can be passed wherever a store's path is asked for.
 
     path may be a URL (s3://, gs://, https://; see data.remote); storage_options (fsspec's, e.g. credentials or an
     endpoint) are remembered for it in this process, so later opens of the same URL need not repeat them.

@@ -413,10 +413,11 @@ class ImportanceJob:
             mu = (scale[rows, None, :] * anchors["library"][None, :, None]).reshape(k * n_anchors, n_genes)
             x = anchors["x"].expand(k, -1, -1).reshape(k * n_anchors, n_genes)
 
+            # called within this iteration only, so the loop variables it reads are this iteration's
             def per_pair(value):  # (s, G) or (G,) -> one row per (sample, anchor) pair, or as it is
                 if value is None or value.dim() == 1:
                     return value
-                return value[0][rows, None, :].expand(-1, n_anchors, -1).reshape(k * n_anchors, n_genes)
+                return value[0][rows, None, :].expand(-1, n_anchors, -1).reshape(k * n_anchors, n_genes)  # noqa: B023
 
             log_px_z.append(
                 kernels.count_log_likelihood(x, mu, per_pair(theta), per_pair(zi), module.gene_likelihood).reshape(

@@ -73,11 +73,11 @@ class ModelInputs:
 class OutputRequest:
     """How one output call runs and where its results go, built once per public call.
 
-    indices: store rows of the cells (None: all), results in their order; batch_size: cells per forward pass;
-    seed: keys every random draw (jobs.py; default settings.seed); chunk_rows: cells per unit and per written row chunk (None: the
-    store's chunk_rows); client: a dask.distributed Client to fan units out over; model_dir: where the workers
-    load the model from (None: it is saved to a temporary folder); output_store: where written outputs go (None:
-    the input store); overwrite: replace an existing output of that key; silent: no progress bar.
+    indices: store rows of the cells (None: all), results in their order; batch_size: cells per forward pass; seed:
+    keys every random draw (jobs.py; default settings.seed); chunk_rows: cells per unit and per written row chunk
+    (None: the store's chunk_rows); client: a dask.distributed Client to fan units out over; model_dir: where the
+    workers load the model from (None: it is saved to a temporary folder); output_store: where written outputs go
+    (None: the input store); overwrite: replace an existing output of that key; silent: no progress bar.
     """
 
     indices: np.ndarray | None = None

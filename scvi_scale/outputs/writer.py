@@ -406,7 +406,7 @@ class _ChunkedOutput:
         self.tidy()
 
     def abandon(self) -> None:
-        """Delete an unfinished output's progress folder (record, pieces, staging): its call stops and leaves nothing."""
+        """Delete an unfinished output's progress folder (record, pieces, staging): the call stops, leaving nothing."""
         _remove_progress(self.store, self.entry)
 
     def tidy(self) -> None:
