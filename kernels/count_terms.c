@@ -172,7 +172,7 @@ static void nonzero_count_entries(int64_t n, int likelihood, const float *restri
         return;
     }
     /* Five loops, not one: every vector call clobbers all vector registers, so one loop holding all the terms
-     * spends most of its time spilling them (measured 2x slower); these read and write L1-resident rows. */
+     * spends most of its time spilling them; these read and write L1-resident rows. */
 #pragma omp simd
     for (int64_t k = 0; k < n; k++) {  /* bd0(theta, theta (1 + v)) and h(v), sharing log(1 + v) */
         float xk = x[k], m = mu[k], th = theta[k];

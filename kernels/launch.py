@@ -1,6 +1,6 @@
 """Launch helpers shared by the Triton ops: block sizes, how many programs share a loop, output buffers.
 
-Under TRITON_INTERPRET=1 (CPU tensors) every program instance costs ~5 ms whatever its size, so blocks are as large
+Under TRITON_INTERPRET=1 (CPU tensors) every program instance has a fixed cost whatever its size, so blocks are as large
 as the data and each loop runs in one program. On a GPU, blocks are sized for registers and tl.dot (every dimension
 of a dot >= 16), and a loop over tiles is split between programs until there are ~4 per streaming multiprocessor.
 """

@@ -1,7 +1,7 @@
 """The count likelihood's terms as a small C kernel (count_terms.c) built on the user's machine: torch_ops.count_terms
 at compiled speed without torch.compile's start-up.
 
-torch.compile (inductor) made these terms ~10x faster than eager PyTorch, but compiling them cost tens of seconds
+torch.compile (inductor) made these terms far faster than eager PyTorch, but compiling them cost tens of seconds
 in every fresh process with empty caches (benchmarks/startup.py). The same two loops written in C compile in well
 under a second with the system's C compiler and vectorize through glibc's libmvec. The shared library is cached in
 the user's cache directory, keyed by the source, the compiler, its flags and the CPU (so a home directory shared by
@@ -50,7 +50,7 @@ CFLAGS = (
     "-Wl,-z,defs",
 )
 # GCC only: without these passes GCC keeps each vector logarithm unconditional instead of moving it into the
-# branch of a select, where it was evaluated on masked lanes (the non-zero counts' loop ran 2x faster here).
+# branch of a select, where it was evaluated on masked lanes (benchmarks/history/issue-24.md: the non-zero loop).
 GCC_FLAGS = ("-fno-tree-sink", "-fno-tree-pre", "-fno-ssa-phiopt")
 LIBS = ("-lmvec", "-lm")
 LIKELIHOOD_CODES = {"poisson": 0, "nb": 1, "zinb": 2}
@@ -231,7 +231,7 @@ def count_terms(
     )
 
     # One thread, the caller's: handing rows to a pool of Python threads beside torch's spinning OpenMP threads made
-    # training ~10% slower than this (benchmarks/RESULTS.md, start-up section)
+    # training slower than this (benchmarks/history/issue-24.md, steady state)
     if library.scvi_count_terms_f32(0, n_cells, *arguments) != 0:
         raise MemoryError(f"the native likelihood kernel could not allocate scratch for {n_genes} genes")
     return per_cell, d_log_mu, d_theta, d_zi

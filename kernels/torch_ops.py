@@ -32,8 +32,8 @@ as one torch.compile'd call (see there). Where the C kernel builds (native.py), 
 (count_terms(native=True)) and nothing is compiled by torch. The decoder op (DecoderLogLikelihood) keeps only
 per-entry gradients (B x G each, at most three), so its backward is four products and no elementwise pass.
 
-Measured (benchmarks/profile_step.py, training step at B = 128, G = 2000, 10% non-zero, quiet 2-core machine,
-1 thread): the step went from 21-22 ms to 17.5-18.7 ms with x_csr minibatches (1.21x; 2 threads 13.3 -> 11.4 ms).
+CSR minibatches (x_csr) made the training step faster than dense ones (benchmarks/profile_step.py; the figures:
+benchmarks/history/from-code.md).
 """
 
 from __future__ import annotations
@@ -283,12 +283,12 @@ def all_terms(rows, cols, values, p, scale, theta, zi_logits, is_zero, likelihoo
 
 
 # torch.compile fuses all_terms into two loops, one over every entry and one over the non-zeros (eager PyTorch would
-# make a B x G temporary per operation); see benchmarks/kernels.py for the gain. It needs a C++ toolchain (dropped
-# for eager if it fails) and costs ~10-30 s once (then cached on disk), so it runs from COMPILE_MIN_ENTRIES entries
-# on: 16 cells x 2,048 genes, so that a small store's 50-cell validation minibatch runs compiled too (5-6 ms eager,
-# each of scvi-tools' 400 epochs), and never where a size is 0 or 1 (torch.compile specialises those and would
-# compile again). The choice depends on the input's sizes alone, never on what ran before in the process: the same
-# seed gives the same model in a fresh process and after other work.
+# make a B x G temporary per operation); see benchmarks/kernels.py for the gain. It needs a C++ toolchain (dropped for
+# eager if it fails) and costs tens of seconds once (then cached on disk), so it runs from COMPILE_MIN_ENTRIES entries
+# on: 16 cells x 2,048 genes, so that a small store's 50-cell validation minibatch runs compiled too (eager, it
+# weighed on each of scvi-tools' 400 epochs: benchmarks/history/issue-16.md), and never where a size is 0 or 1
+# (torch.compile specialises those and would compile again). The choice depends on the input's sizes alone, never on
+# what ran before in the process: the same seed gives the same model in a fresh process and after other work.
 COMPILE_MIN_ENTRIES = 1 << 15
 _compiled: dict = {}
 
@@ -385,7 +385,7 @@ def count_terms(x, p, scale, theta, zi_logits, likelihood: str, native: bool):
         return native_kernel.count_terms(crow, cols, values, p, scale, theta, zi_logits, likelihood)
     rows, cols, values = nonzero_entries(x)
     flat = rows * p.shape[1] + cols
-    # (scatter_ measured ~3x faster than index_put_ for these 1-D writes)
+    # (scatter_: faster than index_put_ for these 1-D writes)
     is_zero = torch.ones(p.shape, dtype=torch.bool, device=p.device)
     is_zero.view(-1).scatter_(0, flat, values == 0)
     # Integer counts take stirlerr from a table. Finding out reads a value back to the host, which costs a device

@@ -127,8 +127,8 @@ def _check_code_range(name: str, codes: torch.Tensor, n_categories: int) -> None
 
 
 def _scattered_dense(csr: torch.Tensor) -> torch.Tensor:
-    """A sparse CSR tensor as a dense one, by one scatter of its values (1.5x faster than torch's to_dense at
-    128 x 2000, 10% non-zero, 1 thread)."""
+    """A sparse CSR tensor as a dense one, by one scatter of its values (faster than torch's to_dense at
+    minibatch sizes: benchmarks/history/from-code.md)."""
     n_rows, n_cols = csr.shape
     crow_indices = csr.crow_indices()
     rows = torch.repeat_interleave(torch.arange(n_rows, device=csr.device), crow_indices[1:] - crow_indices[:-1])

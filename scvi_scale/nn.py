@@ -48,8 +48,8 @@ def one_hot_covariates(
 def linear_with_covariates(linear: nn.Linear, x: torch.Tensor, covariates: list[torch.Tensor]) -> torch.Tensor:
     """linear([x, *covariates]) with the inputs concatenated along the last axis.
 
-    x: (B, n) dense, or sparse CSR. The sparse product skips the zeros; measured on 2 CPU cores at
-    B = 128, G = 2000, 90% zeros it is ~2.5x faster than the dense product in a forward pass, but its backward
+    x: (B, n) dense, or sparse CSR. The sparse product skips the zeros: at single-cell sparsity it is faster
+    than the dense product in a forward pass (benchmarks/history/from-code.md), but its backward
     is slower than the dense one, so the encoder uses it when no gradient is needed (see module.VAE).
     """
     if not x.is_sparse_csr:

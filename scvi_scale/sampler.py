@@ -31,8 +31,9 @@ Reading paths. read_with="direct" (the default) calls the reader's read_csr/read
 read_with="dask" computes the slice of the reader's dask view (`to_dask()`) for each block, in the same threads with
 dask's synchronous scheduler (our threads are the thread pool: dask's threaded scheduler called from several
 threads would start a pool per calling thread); it is how any lazy dask array of counts streams in.
-benchmarks/loader.py measures both: dask adds about 4 ms to each 4096-row block (about 40% of its read time) and
-far more to small blocks, past the 10% of loader throughput we allow, so direct reading is the default hot path.
+benchmarks/loader.py measures both: dask adds a fixed cost to each block, large against a block's read and larger
+for small blocks, past the 10% of loader throughput we allow (benchmarks/history/issue-03.md), so direct reading is
+the default hot path.
 
 Threads. Zarr's codecs release the GIL while decompressing, so `num_workers` reader threads overlap decoding with
 the caller's compute; at most `prefetch_blocks` block reads are queued or running, and at most `prefetch_batches`
@@ -61,17 +62,18 @@ from scvi_scale.data.store import StoreError
 
 DEFAULT_TRAIN_BATCH_SIZE = 128  # scvi-tools' default
 DEFAULT_INFERENCE_BATCH_SIZE = 4096
-# Training defaults chosen from the randomness/speed measurements of benchmarks/loader.py: on a 1M-cell CSR
-# store (chunk_rows 4096), 1024-row blocks x 64 per buffer mix batches within minibatches at 0.96 of a fully random
-# order, against 0.80 for 4096-row blocks x 16, at the same buffer memory and 10-30% fewer cells/s. CSR data chunks
-# are not row-aligned (our writer cuts about four per chunk_rows block), so a 1024-row block decodes little more
-# than it uses; a dense chunk is decoded whole, so dense stores keep their chunk as the block.
+# Training defaults chosen from the randomness/speed measurements of benchmarks/loader.py: on a 1M-cell CSR store
+# (chunk_rows 4096), 1024-row blocks x 64 per buffer mix batches within minibatches at 0.96 of a fully random order,
+# against 0.80 for 4096-row blocks x 16, at the same buffer memory and fewer cells/s (benchmarks/history/issue-03.md).
+# CSR data chunks are not row-aligned (our writer cuts about four per chunk_rows block), so a 1024-row block decodes
+# little more than it uses; a dense chunk is decoded whole, so dense stores keep their chunk as the block.
 DEFAULT_CSR_BLOCK_ROWS = 1024
 DEFAULT_BUFFER_CELLS = 65_536  # buffer_blocks defaults to DEFAULT_BUFFER_CELLS // block_rows
 DEFAULT_NUM_WORKERS = 2
 DEFAULT_PREFETCH_BATCHES = 8
 # A stream over at most KEPT_ROWS cells keeps its decoded blocks (up to KEPT_BYTES) from its second pass on: scvi-tools
-# trains such small sets for 400 epochs, and reading a 450-cell store's one block cost 4.4 ms of each epoch's ~90.
+# trains such small sets for 400 epochs, and reading a small store's one block was a large share of each epoch
+# (benchmarks/history/issue-16.md, small sets).
 KEPT_ROWS, KEPT_BYTES = 20_000, 128 << 20
 READ_PATHS = ("direct", "dask")
 RESERVED_KEYS = frozenset({"x", "x_csr", "rows", "library"})

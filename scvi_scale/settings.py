@@ -19,12 +19,12 @@ generator of their own, so torch's global generator is neither used nor changed)
 block order, dropout and z draws) and the outputs' seed= (draws keyed by cell). Unlike scvi-tools' setting,
 assigning it seeds nothing at once: it is read when a model is built, trained or asked for outputs.
 
-adaptive_threads: training on the CPU with more than one torch thread, while other processes use CPU, times its
-steps at a few fixed steps, compares them with one thread, and keeps the faster (`threads.ThreadTuner`): beside
-other busy processes, torch's spinning OpenMP threads made whole training 8-14x slower here, one thread about
-1.1x. On a quiet machine the tuner does nothing: the choice stays torch's thread count, and the same seed gives
-the same model; under changing load it may not, since one and two threads round sums differently. False keeps
-torch's thread count for the whole run.
+adaptive_threads: training on the CPU with more than one torch thread, while other processes use CPU, times its steps
+at a few fixed steps, compares them with one thread, and keeps the faster (`threads.ThreadTuner`): beside other busy
+processes, torch's spinning OpenMP threads made whole training many times slower, one thread hardly slower
+(benchmarks/RESULTS.md, Threads under contention). On a quiet machine the tuner does nothing: the choice stays torch's
+thread count, and the same seed gives the same model; under changing load it may not, since one and two threads round
+sums differently. False keeps torch's thread count for the whole run.
 """
 
 from __future__ import annotations

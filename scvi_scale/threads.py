@@ -42,16 +42,16 @@ class ThreadTuner:
     """Keeps CPU training at the faster of `threads` torch threads and one, as measured on its own steps.
 
     Why: with two threads on two cores and one other busy process, torch's OpenMP threads spin while they wait for
-    each other and for the sampler's reader threads, and whole training ran 8-14x slower (one thread: ~1.1x slower;
-    benchmarks/contention.py --training, RESULTS.md). From step `lead` on (after the first steps' compilation),
-    every `period` steps the tuner times `window` steps at the thread count in use, then `window` steps at the
-    other one, and keeps the faster by median step time (the wall time from one step's start to the next's, the
-    wait for the minibatch included), switching only when the other is faster by more than `margin`. One thread is
-    probed only while other processes use at least OTHERS_BUSY_CORES of CPU (`others_cpu`, measured since the last
-    probe's start): on a quiet machine the tuner never leaves torch's count, since the first steps at one thread
-    cost ~1 s once per process where torch.compile'd graphs recompile for it; under load a probe costs `window`
-    slower steps a period (~1%). A probe of more threads always runs (the load may be gone), and stops after its
-    first steps if each is over twice as slow. The schedule is by global step, so a resumed run probes at the same
+    each other and for the sampler's reader threads, and whole training ran many times slower, one thread hardly
+    slower (benchmarks/contention.py --training; benchmarks/RESULTS.md, Threads under contention). From step `lead` on
+    (after the first steps' compilation), every `period` steps the tuner times `window` steps at the thread count in
+    use, then `window` steps at the other one, and keeps the faster by median step time (the wall time from one step's
+    start to the next's, the wait for the minibatch included), switching only when the other is faster by more than
+    `margin`. One thread is probed only while other processes use at least OTHERS_BUSY_CORES of CPU (`others_cpu`,
+    measured since the last probe's start): on a quiet machine the tuner never leaves torch's count, since the first
+    steps at one thread are slow once per process where torch.compile'd graphs recompile for it; under load a probe
+    costs `window` slower steps a period. A probe of more threads always runs (the load may be gone), and stops after
+    its first steps if each is over twice as slow. The schedule is by global step, so a resumed run probes at the same
     steps as an uninterrupted one.
     `step_started(global_step)` is called before every step, `restore()` at the end of training.
     """
@@ -131,9 +131,9 @@ class ThreadTuner:
         self.others_since = (now, others)
 
     def _cut_a_hopeless_probe(self, global_step: int, timed_at: int) -> None:
-        """Stop a probe of more threads after PROBE_CUT_STEPS steps each over PROBE_CUT_FACTOR times the median in
-        use (two threads beside a busy process cost ~8x a step: the rest of the window is not worth it). A probe of
-        one thread is never cut: its first steps in a process are slow for a reason of their own (setup)."""
+        """Stop a probe of more threads after PROBE_CUT_STEPS steps each over PROBE_CUT_FACTOR times the median in use
+        (two threads beside a busy process cost several times a step: the rest of the window is not worth it). A probe
+        of one thread is never cut: its first steps in a process are slow for a reason of their own (setup)."""
         probe, in_use = self.durations.get(timed_at), self.durations.get(self.in_use)
         if timed_at <= self.in_use or in_use is None or len(probe) < PROBE_CUT_STEPS:
             return

@@ -1,6 +1,6 @@
 """The package's shape: one room a layer, imports only downward, no cycles, no side effects at import.
 
-Layers, bottom to top (README "Architecture"); a module may import its own layer and the layers below:
+Layers, bottom to top (docs/architecture.md); a module may import its own layer and the layers below:
     0 settings, version
     1 data, datasets, sampler
     2 kernels, nn, module, surgery

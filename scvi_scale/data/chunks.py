@@ -1,8 +1,8 @@
 """Ranges of a local Zarr-format-3 1-D array read straight from its chunk files, checked and decoded with numcodecs.
 
 zarr-python reads a chunk through an async pipeline (event loop, buffer prototypes, codec objects per chunk) whose
-CPU cost is several times that of reading the file, checking its crc32c and Blosc-decoding it (benchmarks/
-RESULTS.md, issue 27). `ChunkFileReader` does just those three steps for the arrays our writer
+CPU cost is several times that of reading the file, checking its crc32c and Blosc-decoding it
+(benchmarks/history/issue-27.md). `ChunkFileReader` does just those three steps for the arrays our writer
 makes: Zarr format 3, a regular 1-D chunk grid, codecs bytes (little-endian) -> blosc -> crc32c, on a local
 directory. Any other array (format 2, another codec chain, sharding, a remote store) gets no reader and is read by
 zarr as before.

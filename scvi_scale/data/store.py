@@ -396,7 +396,8 @@ class CountStore:
         """indptr[start:stop] as int64, from decoded indptr chunks kept in memory (at most INDPTR_CACHE_BYTES of
         them, the least recently used dropped first). Why: a training block of 1,024 rows reads ~1,025 entries of a
         65,536-entry chunk, so without the cache every block decodes that chunk again, one of its three zarr reads
-        (~15% of a block's read time, benchmarks/RESULTS.md). A chunk is proven (present, checksum) when decoded."""
+        (a sizeable share of a block's read time: benchmarks/history/issue-16.md). A chunk is proven (present,
+        checksum) when decoded."""
         size = self._indptr.chunks[0]
         pieces = []
         for chunk in range(start // size, (stop - 1) // size + 1):

@@ -22,9 +22,9 @@ Layout written (Zarr format 3 by default, which anndata >= 0.11 reads; 2 on requ
   same way and appended column by column; arrays chunked by chunk_rows. Categorical columns must carry the same
   categories in every block.
 - var, uns and the empty obsm/varm/obsp/varp/layers groups: `anndata.io.write_elem`.
-Compression: Blosc lz4hc level 3 with byte shuffle, chosen by measurement (benchmarks/RESULTS.md, issue 27): on
-count data it decodes ~4x faster than zstd level 3 (the loader decodes every chunk at least once an epoch) for
-~20% more bytes, and encodes about as fast. Stores written with another codec (e.g. zstd, as scvi-scale wrote
+Compression: Blosc lz4hc level 3 with byte shuffle, chosen by measurement (benchmarks/history/issue-27.md): on count
+data it decodes several times faster than zstd level 3 (the loader decodes every chunk at least once an epoch) for
+somewhat more bytes, and encodes about as fast. Stores written with another codec (e.g. zstd, as scvi-scale wrote
 before) read as before: the codec is in each array's metadata. Values are cast to float32 after validation (integer
 counts are exact in float32 up to 2^24; a value beyond float32's range is refused, not stored as inf).
 
@@ -32,9 +32,8 @@ Integrity: in format 3 every array (X, obs, var, uns) ends each chunk with a crc
 codec), which zarr verifies on every read: a flipped bit, a truncated or overwritten chunk is an error, never a
 wrong count. Format 2 has no codec for it, so format-2 stores carry no checksums (CountStore says so once).
 Every chunk of X is written, even one of zeros (zarr skips those by default), and X's attribute
-`scvi_scale_every_chunk_written` says so: an absent chunk is then known to be lost (see store.py). Cost, measured
-with benchmarks/integrity.py (200k cells, one decoding thread, CPU time): reading a block of a format-3 store takes
-about 4% more than of a format-2 one in zarr-python 3.1, and its checksum about 4% more again.
+`scvi_scale_every_chunk_written` says so: an absent chunk is then known to be lost (see store.py). Cost: a few
+percent of a block read (benchmarks/integrity.py; benchmarks/RESULTS.md, Integrity checks).
 
 Crash safety: everything is written to a hidden sibling directory `.<name>.partial-<host>-<pid>-<random>` and
 renamed onto the final path only after the last block, obs, uns and the consolidated metadata are written; an

@@ -2,7 +2,7 @@
 
 A scvi-tools notebook passes Lightning trainer arguments, data-loader keyword arguments and the like; our loop and
 our streaming readers have no use for them. Rather than a TypeError, each is named in one UserWarning saying why it
-is ignored (README, "scvi-tools compatibility"). What would change the result silently (a data module, a custom
+is ignored (docs/compatibility.md). What would change the result silently (a data module, a custom
 data loader) is refused instead.
 """
 

@@ -5,12 +5,12 @@ so a cell's draws do not depend on which other cells share its chunk or minibatc
 process that computes it, or on whether the run was resumed. Two counter-based generators, each fast where the
 other is slow:
 - uniforms, one per gene (thousands per cell): Philox (Salmon et al. 2011) with its key derived from the seed and
-  its counter moved to (stream, cell key); moving costs about 2 microseconds per cell, then values come at numpy's
+  its counter moved to (stream, cell key); moving costs microseconds per cell, then values come at numpy's
   speed;
-- normals, a few per cell (the latent's dimensions, the library): SplitMix64 (Steele et al. 2014) started at a
-  hash of (seed, stream, cell key), computed for all cells at once in numpy, then Box-Muller; for 10 normals per
-  cell this is 5x cheaper than moving Philox cell by cell. From LONG_NORMAL_SEQUENCE normals per cell (the 5000
-  draws of the "ln" latent mean, n_samples draws of the latent) Philox is cheaper again and makes them.
+- normals, a few per cell (the latent's dimensions, the library): SplitMix64 (Steele et al. 2014) started at a hash of
+  (seed, stream, cell key), computed for all cells at once in numpy, then Box-Muller; for a few normals per cell this
+  is cheaper than moving Philox cell by cell (benchmarks/history/from-code.md). From LONG_NORMAL_SEQUENCE normals per
+  cell (the 5000 draws of the "ln" latent mean, n_samples draws of the latent) Philox is cheaper again and makes them.
 
     noise = CellNoise(seed, keys)               # keys (B,): store rows, or request numbers
     noise.normal(stream, (n_draws, n_latent))   # (B, n_draws, n_latent) float32 standard normals
@@ -26,7 +26,7 @@ from scipy import special
 
 NOISE_VERSION = 2  # recorded with written outputs; raise it whenever a draw changes for the same (seed, cell)
 MAX_WALK = 64  # CDF steps taken one by one; entries beyond are bisected (heavy NB tails take thousands of steps)
-LONG_NORMAL_SEQUENCE = 128  # normals per cell from which Philox makes them (measured crossover ~100)
+LONG_NORMAL_SEQUENCE = 128  # normals per cell from which Philox makes them (just above the measured crossover)
 NORMAL_BLOCK_VALUES = 1 << 20  # normals made per block of cells: bounds the uint64 temporaries to a few MB
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio, odd)
 

@@ -43,7 +43,7 @@ from scvi_scale.outputs.noise import NOISE_VERSION
 from scvi_scale.sampler import SequentialSampler, stack_rows
 from scvi_scale.settings import settings
 
-DEFAULT_BATCH_SIZE = 1024  # cells per forward pass (scvi-tools' 128: 1.3-1.6x slower on 2 cores, 200k cells)
+DEFAULT_BATCH_SIZE = 1024  # cells per forward pass (scvi-tools' 128 was slower: benchmarks/history/from-code.md)
 IN_FLIGHT_BYTES = 2 << 30  # in-process, units compute at once while their dense counts and outputs fit in this
 MAX_MODELS_PER_WORKER = 2
 
@@ -409,9 +409,8 @@ def _minibatches(inputs: ModelInputs, job, rows: np.ndarray, unit_size: int):
 @contextlib.contextmanager
 def _compute_threads(device, unit_bytes: int):
     """How many units compute at once in-process: on the CPU, one per torch thread, each unit's torch operations
-    on its own thread (measured on 2 cores at 200k cells: normalized expression 25k cells/s with one unit on 2
-    torch threads, 31k with one on 1, 31-37k with two on 1 each, bound by writing 1.6 GB; posterior samples,
-    mostly numpy on one thread, 8.5k -> 16.8k; latent 80k -> 94k), as many as IN_FLIGHT_BYTES holds of units of
+    on its own thread (faster than one unit on all threads for every output, the numpy-bound posterior samples
+    most: benchmarks/history/from-code.md), as many as IN_FLIGHT_BYTES holds of units of
     `unit_bytes` (a unit of 4096 cells x 33k genes holds ~1 GB); on an accelerator, one."""
     if torch.device(device).type != "cpu":
         yield 1

@@ -21,7 +21,7 @@ the store or the whole output.
 Dense outputs (obsm, layers). A float32 array with anndata's encoding attributes, created NaN-filled when the
 output starts, rows chunked by `chunk_rows` (columns cut so one Zarr chunk holds at most MAX_CHUNK_VALUES values),
 stored uncompressed: computed float32 values have noisy mantissas, and Zarr's default zstd shrank normalized
-expression by 1.08x for 10 us of CPU per cell of 2000 genes, as much as the model's forward pass on the 2 cores.
+expression barely, for as much CPU as the model's forward pass (benchmarks/history/issue-06.md).
 Each chunk of rows is written whole by a single task, so two tasks never share a Zarr chunk, and writing a chunk
 twice (a lost dask worker's task recomputed) rewrites the same bytes.
 

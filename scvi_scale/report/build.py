@@ -5,8 +5,8 @@
     out_dir/history.png, umap.png, scib.png, history.csv
 
 Work is bounded on an atlas: the UMAP and the scIB metrics run on one seeded subsample of at most `max_cells`
-cells (`subsample_rows`), and only those cells' counts are asked for. On 2 cores the slowest parts are the
-silhouettes (quadratic in the subsample: ~40 s each at 50k cells) and the UMAP layout (~50 s at 50k).
+cells (`subsample_rows`), and only those cells' counts are asked for. The slowest parts are the silhouettes
+(quadratic in the subsample) and the UMAP layout (benchmarks/history/from-code.md).
 The files are written one by one, each atomically; report.html is removed first and written last, so its
 presence means the report is whole.
 """

@@ -86,9 +86,9 @@ def nearest_neighbors(embedding: np.ndarray, n_neighbors: int = N_NEIGHBORS, see
     """scib-metrics' NeighborsResults of the `n_neighbors` nearest cells of every cell (itself first), Euclidean.
 
     Exact (scikit-learn's k-d tree) up to EXACT_NEIGHBORS_MAX_CELLS cells; above, pynndescent as the Benchmarker
-    runs it, seeded. Measured on 2 busy cores, k = 90, 10 dimensions, CPU seconds: at 50k cells the k-d tree takes
-    10 s on clustered points and 63 s on isotropic ones, pynndescent 18-21 s (recall 1.00) after a 32 s numba
-    compilation once per process; at 200k clustered cells 165 s against 84 s."""
+    runs it, seeded: the k-d tree is exact, but its time varies widely with the points' shape and grows faster with
+    the cells than pynndescent's (recall 1.00 where compared; a numba compilation once per process). The figures:
+    benchmarks/history/from-code.md."""
     from scib_metrics.nearest_neighbors import NeighborsResults, pynndescent
     from sklearn.neighbors import NearestNeighbors
 
