@@ -2,7 +2,11 @@
 thread (the training thread, the loader's threads, torch's OpenMP threads).
 
     .venv/bin/python benchmarks/profile_epoch.py [--cells 200000] [--batch-size 128] [--threads 2]
-        [--warmup-steps 20] [--data-dir /tmp/scvi-scale-bench]
+        [--warmup-steps 20] [--data-dir /tmp/scvi-scale-bench] [--switch-interval 0.005]
+
+Settings to compare on a quiet machine, one process each: OMP_WAIT_POLICY=PASSIVE or GOMP_SPINCOUNT=N in the
+environment (torch's OpenMP workers spin between parallel regions on the cores the loader's threads need),
+--threads 1, --switch-interval.
 
 One warm-up run of --warmup-steps steps, then one epoch of `SCVI(store).train(max_epochs=1)` on
 `synthetic_atlas(cells)` (benchmarks/train.py's store), as benchmarks/train.py times it. The timers are wrappers this
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -143,7 +148,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        help="sys.setswitchinterval for the run (seconds; Python's default 0.005): how long the training thread may "
+        "wait for the GIL while a loader thread holds it",
+    )
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     from scvi_scale.kernels import csr_linear, torch_ops
     from train import atlas  # the cached synthetic store benchmarks/train.py uses
@@ -197,6 +210,8 @@ def main() -> None:
     for kind, seconds in sorted(by_thread.items(), key=lambda item: -item[1]):
         print(f"| {kind} | {seconds:.2f} | {1e3 * seconds / steps:.3f} |")
     print(f"| **process (os.times)** | **{total_cpu:.2f}** | **{1e3 * total_cpu / steps:.3f}** |")
+    settings_used = {key: os.environ[key] for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if key in os.environ}
+    print(f"\nOpenMP environment: {settings_used or 'defaults'}; switch interval {sys.getswitchinterval()} s")
 
 
 if __name__ == "__main__":

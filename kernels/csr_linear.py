@@ -37,9 +37,11 @@ _lock = threading.Lock()
 def _load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.scvi_csr_to_csc.restype = None
+    library.scvi_csr_to_csc.argtypes = [i64, i64, pointer, pointer, pointer, pointer, pointer, pointer]
     for name in ("scvi_csr_linear_forward_f32", "scvi_csr_linear_weight_grad_f32"):
         function = getattr(library, name)
-        function.restype = None
+        function.restype = ctypes.c_int
         function.argtypes = [i64, i64, i64, i64, pointer, pointer, pointer, pointer, pointer, pointer, pointer]
     return library
 
@@ -103,6 +105,11 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _checked(status: int, n_out: int) -> None:
+    if status != 0:
+        raise MemoryError(f"the sparse first layer could not allocate a tile of {n_out} hidden units")
+
+
 class CsrLinear(torch.autograd.Function):
     """[x, dense] @ weight.T + bias for x in CSR; gradients for weight and bias only (see the module docstring)."""
 
@@ -115,52 +122,65 @@ class CsrLinear(torch.autograd.Function):
         n_dense = 0 if dense is None else dense.shape[1]
         n_sparse = weight.shape[1] - n_dense
         crow, cols, values = crow.long().contiguous(), cols.long().contiguous(), values.detach().contiguous()
+        # x grouped by column (CSC), shared by the forward and the backward product
+        col_ptr = torch.empty(n_sparse + 1, dtype=torch.int64)
+        entry_rows = torch.empty(values.shape[0], dtype=torch.int32)
+        entry_values = torch.empty(values.shape[0], dtype=torch.float32)
+        library.scvi_csr_to_csc(
+            n_rows,
+            n_sparse,
+            crow.data_ptr(),
+            cols.data_ptr(),
+            values.data_ptr(),
+            col_ptr.data_ptr(),
+            entry_rows.data_ptr(),
+            entry_values.data_ptr(),
+        )
         dense = None if dense is None else dense.detach().contiguous()
-        # (S + D, H): each stored entry then reads one contiguous row of H weights
-        weight_t = weight.detach().t().contiguous()
         out = torch.empty(n_rows, n_out, dtype=torch.float32)
-        library.scvi_csr_linear_forward_f32(
+        status = library.scvi_csr_linear_forward_f32(
             n_rows,
             n_sparse,
             n_dense,
             n_out,
-            crow.data_ptr(),
-            cols.data_ptr(),
-            values.data_ptr(),
+            col_ptr.data_ptr(),
+            entry_rows.data_ptr(),
+            entry_values.data_ptr(),
             _pointer(dense),
-            weight_t.data_ptr(),
+            weight.detach().contiguous().data_ptr(),
             _pointer(None if bias is None else bias.detach().contiguous()),
             out.data_ptr(),
         )
-        ctx.save_for_backward(crow, cols, values, dense)
+        _checked(status, n_out)
+        ctx.save_for_backward(col_ptr, entry_rows, entry_values, dense)
         ctx.sizes = (n_rows, n_sparse, n_dense, n_out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        crow, cols, values, dense = ctx.saved_tensors
+        col_ptr, entry_rows, entry_values, dense = ctx.saved_tensors
         n_rows, n_sparse, n_dense, n_out = ctx.sizes
         needs_weight, needs_bias = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         if not (needs_weight or needs_bias):
             return None, None, None, None, None, None
         grad_out = grad_out.contiguous()
-        grad_weight_t = torch.empty(n_sparse + n_dense, n_out, dtype=torch.float32)
+        grad_weight = torch.empty(n_out, n_sparse + n_dense, dtype=torch.float32)
         grad_bias = torch.empty(n_out, dtype=torch.float32) if needs_bias else None
-        _state["library"].scvi_csr_linear_weight_grad_f32(
+        status = _state["library"].scvi_csr_linear_weight_grad_f32(
             n_rows,
             n_sparse,
             n_dense,
             n_out,
-            crow.data_ptr(),
-            cols.data_ptr(),
-            values.data_ptr(),
+            col_ptr.data_ptr(),
+            entry_rows.data_ptr(),
+            entry_values.data_ptr(),
             _pointer(dense),
             grad_out.data_ptr(),
-            grad_weight_t.data_ptr(),
+            grad_weight.data_ptr(),
             _pointer(grad_bias),
         )
-        grad_weight = grad_weight_t.t().contiguous() if needs_weight else None
-        return None, None, None, None, grad_weight, grad_bias
+        _checked(status, n_out)
+        return None, None, None, None, grad_weight if needs_weight else None, grad_bias
 
 
 def csr_linear(crow, cols, values, dense, weight, bias) -> torch.Tensor:
