@@ -22,6 +22,8 @@ of them exist, so the default path carries no timing code. Parts (ms per step, w
     checkpoint checks  checkpoint_due and checkpoints during the epoch
     epoch end          end_epoch: metrics, validation, scheduler; the epoch's checkpoint
     rest of the loop   the epoch's wall time less all of the above (loop and step Python, the loss read-back)
+Beside each part's wall time, the training thread's CPU time inside it (time.thread_time): under load, wall time
+above it is time off the core (preempted, waiting for the GIL or an OpenMP barrier's sleep).
 The first minibatch's wait (the first shuffle buffer) is given on its own and left out of "loader wait".
 CPU seconds by thread come from /proc/self/task/<tid>/stat over the timed epoch (Linux only).
 """
@@ -57,6 +59,7 @@ class Timers:
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu_seconds: dict[str, float] = defaultdict(float)  # the training thread's, inside each part
         self.calls: dict[str, int] = defaultdict(int)
         self.first_wait: float | None = None
 
@@ -66,11 +69,12 @@ class Timers:
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 self.seconds[part] += time.perf_counter() - start
+                self.cpu_seconds[part] += time.thread_time() - cpu_start
                 self.calls[part] += 1
 
         setattr(owner, name, timed)
@@ -83,7 +87,7 @@ class Timers:
         def timed_iter(stream):
             iterator = original(stream)
             while True:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.thread_time()
                 try:
                     item = next(iterator)
                 except StopIteration:
@@ -93,6 +97,7 @@ class Timers:
                     timers.first_wait = waited
                 else:
                     timers.seconds["loader wait"] += waited
+                    timers.cpu_seconds["loader wait"] += time.thread_time() - cpu_start
                 yield item
 
         cls.__iter__ = timed_iter
@@ -188,11 +193,12 @@ def main() -> None:
         f"train() wall {wall:.2f} s, {steps * args.batch_size / wall:,.0f} cells/s; first minibatch's wait "
         f"{timers.first_wait or 0:.3f} s\n"
     )
-    print("| part | ms per step | share of the epoch |\n|---|---|---|")
+    print("| part | ms per step | share of the epoch | training thread's CPU ms per step |\n|---|---|---|---|")
     accounted = sum(timers.seconds[part] for part in PARTS) + (timers.first_wait or 0.0)
-    rows = [(part, timers.seconds[part]) for part in PARTS] + [("rest of the loop", wall - accounted)]
-    for part, seconds in rows:
-        print(f"| {part} | {1e3 * seconds / steps:.3f} | {seconds / wall:.1%} |")
+    rows = [(part, timers.seconds[part], timers.cpu_seconds[part]) for part in PARTS]
+    for part, seconds, cpu in rows + [("rest of the loop", wall - accounted, None)]:
+        cpu_cell = "" if cpu is None else f"{1e3 * cpu / steps:.3f}"
+        print(f"| {part} | {1e3 * seconds / steps:.3f} | {seconds / wall:.1%} | {cpu_cell} |")
     print(
         f"| **all (train() wall less the first wait)** | **{1e3 * (wall - (timers.first_wait or 0)) / steps:.3f}** | |"
     )
