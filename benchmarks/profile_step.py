@@ -16,8 +16,13 @@ evaluation of one backward node, an optimizer call) is put in a category by its 
 profiler adds its own overhead per op, so shares are of the profiled time, scaled to the unprofiled median.
 
 FLOPs of one step (multiply-adds count 2), printed with the table: the encoder's first layer 2 B G H forward and
-2 B G H for its weight gradient (x needs no gradient), each decoder head (scale; dropout for ZINB) 2 B G H forward
-and 4 B G H backward (the first layer stays dense in training with CSR counts too: see module.py).
+2 B G H for its weight gradient (x needs no gradient; with --counts csr and the C kernel of kernels/csr_linear.py,
+2 nnz H each), each decoder head (scale; dropout for ZINB) 2 B G H forward and 4 B G H backward.
+
+Each row also gives its floor: the larger of the part's FLOPs at the rate of a (B, H) @ (H, G) float32 product and
+its bytes (`floor_work`) at the bandwidth of a 256 MiB copy (main memory), both measured in the same run at the same
+thread count. Parts whose data stay in cache (the optimizer's ~3 MB) can beat the bandwidth floor; the backward
+products' shapes can beat the forward product's rate.
 """
 
 from __future__ import annotations
@@ -185,7 +190,7 @@ def _categorize(event, n_genes: int, backward: bool) -> str:
         return "likelihood elementwise, backward" if backward else "likelihood elementwise, forward"
     if node == "aten::log1p" or "sparse_csr" in node or "_validate" in node:
         return "encoder input (log1p, CSR checks)"
-    if "FirstLayer" in node:
+    if "FirstLayer" in node or "CsrLinear" in node:
         return "encoder first layer, weight gradient" if backward else "encoder first layer, forward"
     for product in (e for e in [event, *_descendants(event)] if e.name in PRODUCTS):
         found = _product_category(_shapes(product), n_genes, backward)
@@ -237,14 +242,57 @@ def profile_shares(module, optimizer, batches: list[dict], n_genes: int, trace: 
     return {category: totals.get(category, 0.0) / wall_us for category in CATEGORIES}
 
 
-def flops(batch_size: int, n_genes: int, n_hidden: int, zinb: bool = True) -> dict:
-    """FLOPs of the G-wide products of one step (the encoder's first layer is dense in training either way)."""
+def flops(batch_size: int, n_genes: int, n_hidden: int, first_layer_entries: int, zinb: bool = True) -> dict:
+    """FLOPs of the G-wide products of one step. first_layer_entries: the entries of x the first layer multiplies,
+    B G for the dense product, nnz for the C kernel on CSR (kernels/csr_linear.py)."""
     product = 2 * batch_size * n_genes * n_hidden
     heads = 1 + int(zinb)
     return {
-        "encoder first layer (forward + weight gradient)": 2 * product,
+        "encoder first layer (forward + weight gradient)": 2 * 2 * first_layer_entries * n_hidden,
         "decoder heads (forward + both gradients)": 3 * heads * product,
     }
+
+
+def floor_work(batch_size: int, n_genes: int, n_hidden: int, first_layer_entries: int, n_parameters: int) -> dict:
+    """{category: (FLOPs, bytes)}: the least arithmetic and memory traffic each part of a ZINB step needs (float32;
+    a B x G array read or written once is 4 B G bytes, a G x H weight 4 G H). The elementwise likelihood's floor is
+    its traffic: p and the logits read, two B x G gradients written (its logarithms are arithmetic too, not counted
+    here); the optimizer's: fused Adam reads parameter, gradient and two moments and writes three back."""
+    bg, gh, bh = 4 * batch_size * n_genes, 4 * n_genes * n_hidden, 4 * batch_size * n_hidden
+    first = 2 * first_layer_entries * n_hidden
+    entries_bytes = 12 * first_layer_entries  # value and column per stored entry (CSR), or x's dense bytes at most
+    heads = 2
+    return {
+        "encoder first layer, forward": (first, gh + entries_bytes + bh),
+        "encoder first layer, weight gradient": (first, gh + entries_bytes + bh),
+        "encoder input (log1p, CSR checks)": (0, 2 * entries_bytes),
+        "decoder heads, forward products": (heads * 2 * batch_size * n_genes * n_hidden, heads * (gh + bg)),
+        "decoder heads, backward products": (heads * 4 * batch_size * n_genes * n_hidden, heads * (2 * gh + bg)),
+        "softmax, forward and backward": (0, 4 * bg),
+        "likelihood elementwise, forward": (0, 4 * bg),
+        "likelihood elementwise, backward": (0, 3 * bg),
+        "small layers (BN, ReLU, dropout, 128-wide linears), KL, loss": (0, 0),
+        "optimizer (fused Adam, zero_grad)": (0, 7 * 4 * n_parameters),
+        "python, autograd engine": (0, 0),
+    }
+
+
+def machine_rates(batch_size: int, n_genes: int, n_hidden: int, repeats: int = 20) -> tuple[float, float]:
+    """(FLOP/s of a float32 (B, H) @ (H, G) product, bytes/s of copying a 256 MiB float32 array), at the thread
+    count in use: the best of `repeats` runs each, measured in this run beside the step."""
+    hidden, weight = torch.randn(batch_size, n_hidden), torch.randn(n_hidden, n_genes)
+    out = torch.empty(batch_size, n_genes)
+    best_mm = min(_seconds(lambda: torch.mm(hidden, weight, out=out)) for _ in range(repeats))
+    source = torch.ones(1 << 26)
+    target = torch.empty_like(source)
+    best_copy = min(_seconds(lambda: target.copy_(source)) for _ in range(max(3, repeats // 4)))
+    return 2 * batch_size * n_hidden * n_genes / best_mm, 2 * source.numel() * 4 / best_copy
+
+
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -269,7 +317,13 @@ def main() -> None:
     first = batches[0]
     nnz = first["x_csr"][2].numel() if "x_csr" in first else int((first["x"] > 0).sum())
     density = nnz / (args.batch_size * n_genes)
-    work = flops(args.batch_size, n_genes, n_hidden)
+    from scvi_scale.kernels import csr_linear
+
+    sparse_first_layer = args.counts == "csr" and csr_linear.ready_for(torch.device("cpu"), torch.float32)
+    first_layer_entries = nnz if sparse_first_layer else args.batch_size * n_genes
+    work = flops(args.batch_size, n_genes, n_hidden, first_layer_entries)
+    n_parameters = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    floors = floor_work(args.batch_size, n_genes, n_hidden, first_layer_entries, n_parameters)
     print(
         f"torch {torch.__version__}; B={args.batch_size}, G={n_genes}, H={n_hidden}, ZINB, {density:.1%} non-zero, "
         f"counts given as {args.counts}"
@@ -280,22 +334,45 @@ def main() -> None:
         + f"; total {sum(work.values()) / 1e6:.0f} MFLOP"
     )
 
-    results = {}
+    results, rates = {}, {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         step_times(module, optimizer, batches[:warmup])
         median = statistics.median(step_times(module, optimizer, batches[warmup:]))
         shares = profile_shares(module, optimizer, batches[warmup:], n_genes, args.trace)
         loader = loader_seconds_per_step(module, optimizer, sampler, args.steps, args.counts)
+        rates[threads] = machine_rates(args.batch_size, n_genes, n_hidden)
         results[threads] = (median, shares, loader)
 
-    header = " | ".join(f"{t} thread{'s' * (t > 1)}: ms (share)" for t in args.threads)
+    print(
+        "Machine rates in this run (best of repeats): "
+        + "; ".join(
+            f"{t} thread(s): (B, H) @ (H, G) {gemm / 1e9:.0f} GFLOP/s, 256 MiB copy {bandwidth / 1e9:.1f} GB/s"
+            for t, (gemm, bandwidth) in rates.items()
+        )
+    )
+    print(
+        "Floor of a part = the larger of its FLOPs / the product's rate and its bytes / the copy's bandwidth "
+        "(floor_work; "
+        f"first layer {'on CSR, the C kernel' if sparse_first_layer else 'dense'})"
+    )
+    header = " | ".join(f"{t} thread{'s' * (t > 1)}: ms (share), floor ms" for t in args.threads)
     print(f"\n| part of the step | {header} |\n|---|" + "---|" * len(args.threads))
     for category in CATEGORIES:
+        category_flops, category_bytes = floors[category]
         cells = " | ".join(
-            f"{1e3 * median * shares[category]:.2f} ({shares[category]:.0%})" for median, shares, _ in results.values()
+            f"{1e3 * median * shares[category]:.2f} ({shares[category]:.0%}), "
+            f"{1e3 * max(category_flops / rates[t][0], category_bytes / rates[t][1]):.3f}"
+            for t, (median, shares, _) in results.items()
         )
         print(f"| {category} | {cells} |")
+    print(
+        "| **floor of the step (sum)** | "
+        + " | ".join(
+            f"**{1e3 * sum(max(f / rates[t][0], b / rates[t][1]) for f, b in floors.values()):.2f}**" for t in results
+        )
+        + " |"
+    )
     print(
         "| **step (median, unprofiled)** | " + " | ".join(f"**{1e3 * m:.2f}**" for m, _, _ in results.values()) + " |"
     )

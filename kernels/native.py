@@ -83,9 +83,9 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def build_key(compiler: str) -> str:
+def build_key(compiler: str, source: Path = SOURCE) -> str:
     """A digest of everything the built library depends on: the source, the compiler and flags, the CPU."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(source.read_bytes())
     for part in (
         compiler,
         os.path.realpath(shutil.which(compiler) or compiler),
@@ -97,9 +97,10 @@ def build_key(compiler: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def build(directory: Path | None = None) -> Path:
-    """Builds count_terms.c into `directory` (default cache_dir()), or finds it built; returns the library's path.
-    Raises RuntimeError with the compiler's message when it cannot be built."""
+def build(directory: Path | None = None, source: Path = SOURCE) -> Path:
+    """Builds `source` (a C file beside this one: count_terms.c, csr_linear.c) into `directory` (default
+    cache_dir()), or finds it built; returns the library's path. Raises RuntimeError with the compiler's message
+    when it cannot be built."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc; or set CC)")
@@ -110,7 +111,7 @@ def build(directory: Path | None = None) -> Path:
         probe.close()
     except OSError:
         directory = Path(tempfile.mkdtemp(prefix="scvi-scale-kernels-"))
-    target = directory / f"count_terms-{build_key(compiler)}.so"
+    target = directory / f"{source.stem}-{build_key(compiler, source)}.so"
     if target.exists():
         return target
     fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".partial")
@@ -118,7 +119,7 @@ def build(directory: Path | None = None) -> Path:
     try:
         for flags in (CFLAGS + GCC_FLAGS, CFLAGS):  # then the portable flags alone (another compiler: clang)
             result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", partial, *LIBS], capture_output=True, text=True
+                [compiler, *flags, str(source), "-o", partial, *LIBS], capture_output=True, text=True
             )
             if result.returncode == 0:
                 break

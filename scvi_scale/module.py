@@ -21,11 +21,12 @@ Minibatches are dicts of torch tensors (B cells):
                   size_factor_key also swaps the softmax for a softplus; here px_scale stays a softmax, so that
                   the fused decoder serves both)
     "x_csr"       optional (crow_indices (B + 1,), col_indices (nnz,), values (nnz,)): the same rows of x in CSR
-                  form. The likelihood then reads the non-zeros from it. When no gradient is needed (inference,
-                  validation) the encoder's first product also skips the zeros (see `nn.linear_with_covariates`);
-                  training keeps the dense product (torch's sparse product with its weight gradient is not faster
-                  at 10% non-zeros, benchmarks/profile_step.py), from x, or from x_csr alone with log1p taken on
-                  the non-zeros before the input is made dense.
+                  form. The likelihood then reads the non-zeros from it, and so does the encoder's first product
+                  (see `nn.linear_with_covariates`): torch.sparse.mm without a gradient (inference, validation),
+                  in training the C kernel of kernels/csr_linear.py with the weight gradient. Where that kernel
+                  does not run (no C compiler, a GPU), training keeps the dense product (torch's sparse product
+                  with its weight gradient is not faster at 10% non-zeros), from x, or from x_csr alone with log1p
+                  taken on the non-zeros before the input is made dense.
 Other keys are ignored. `to_tensors` makes this dict from a sampler minibatch (numpy arrays), for training and
 outputs alike. The per-step path checks shapes and dtypes only: reading a value back to the host would cost a
 device sync per step, so code ranges and CSR structure are checked once at the data boundary (`check_inputs`;
@@ -55,6 +56,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from scvi_scale import kernels
+from scvi_scale.kernels import csr_linear
 from scvi_scale.nn import DecoderSCVI, Encoder
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
@@ -458,19 +460,26 @@ class VAE(nn.Module):
 
     def _encoder_input(self, minibatch: Minibatch) -> torch.Tensor:
         """log1p(x) (x itself without log_variational), with the continuous covariates and the batch embedding
-        appended when covariates are encoded: (B, n_input_encoder). Sparse CSR when x_csr is given, no gradient
-        is needed and there are no appended columns (the first product then skips the zeros)."""
+        appended when covariates are encoded: (B, n_input_encoder). Sparse CSR when x_csr is given, there are no
+        appended columns and the first product can take it (`_first_layer_reads_csr`: it then skips the zeros)."""
         appended = []
         if self.encode_covariates:
             appended = [t for t in (minibatch.cont_covs, self._batch_embedding(minibatch.batch)) if t is not None]
         transform = torch.log1p if self.log_variational else None
-        if minibatch.x_csr is not None and not appended and not torch.is_grad_enabled():
+        if minibatch.x_csr is not None and not appended and self._first_layer_reads_csr(minibatch):
             return self._csr_counts(minibatch, transform)
         if minibatch.x is not None:
             encoder_input = minibatch.x if transform is None else transform(minibatch.x)
         else:  # x_csr alone: the transform runs on the non-zeros, one scatter makes the input dense
             encoder_input = _scattered_dense(self._csr_counts(minibatch, transform))
         return torch.cat([encoder_input, *appended], dim=-1) if appended else encoder_input
+
+    @staticmethod
+    def _first_layer_reads_csr(minibatch: Minibatch) -> bool:
+        """Whether the encoders' first product takes x as CSR: without a gradient (torch.sparse.mm), or with one
+        where the C kernel runs (kernels/csr_linear.py); else x is made dense first."""
+        values = minibatch.x_csr[2]
+        return not torch.is_grad_enabled() or csr_linear.ready_for(values.device, values.dtype)
 
     def _batch_embedding(self, batch: torch.Tensor) -> torch.Tensor | None:
         """The batch embedding (B, d) for batch_representation="embedding", else None."""

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
+from scvi_scale.kernels import csr_linear
+
 # scvi-tools' batch-norm settings (inherited from the original TensorFlow scVI).
 BATCH_NORM_MOMENTUM = 0.01
 BATCH_NORM_EPS = 0.001
@@ -48,12 +50,17 @@ def one_hot_covariates(
 def linear_with_covariates(linear: nn.Linear, x: torch.Tensor, covariates: list[torch.Tensor]) -> torch.Tensor:
     """linear([x, *covariates]) with the inputs concatenated along the last axis.
 
-    x: (B, n) dense, or sparse CSR. The sparse product skips the zeros: at single-cell sparsity it is faster
-    than the dense product in a forward pass (benchmarks/history/from-code.md), but its backward
-    is slower than the dense one, so the encoder uses it when no gradient is needed (see module.VAE).
+    x: (B, n) dense, or sparse CSR. The sparse products skip the zeros. Where a gradient is wanted and the C
+    kernel runs (kernels/csr_linear.py: float32 CPU tensors), it computes the product and the weight's gradient
+    from the stored entries; x and the covariates get no gradient there. Otherwise torch.sparse.mm, whose backward
+    is slower than the dense product's, so the encoder hands x over as CSR in training only where the C kernel
+    runs (see module.VAE).
     """
     if not x.is_sparse_csr:
         return linear(torch.cat([x, *covariates], dim=-1) if covariates else x)
+    if torch.is_grad_enabled() and csr_linear.ready_for(x.device, x.dtype):
+        dense = torch.cat(covariates, dim=-1) if covariates else None
+        return csr_linear.csr_linear(x.crow_indices(), x.col_indices(), x.values(), dense, linear.weight, linear.bias)
     n_sparse = x.shape[1]
     out = torch.sparse.mm(x, linear.weight[:, :n_sparse].t())
     if covariates:

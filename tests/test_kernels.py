@@ -638,10 +638,17 @@ def test_decoder_log_likelihood_rejects_bad_input(change, message):
     [dict(), dict(dispersion="gene-cell"), dict(use_observed_lib_size=False)],
     ids=["decoder-op", "count-op", "latent-library"],
 )
-def test_csr_minibatch_gives_the_loss_and_gradients_of_dense_x(options):
+def test_csr_minibatch_gives_the_loss_and_gradients_of_dense_x(options, monkeypatch):
     """Training on x_csr alone (the likelihood reads the non-zeros, log1p(x) is made dense by a scatter) gives the
-    loss and every parameter's gradient that dense x gives, at a training minibatch's size (the compiled path)."""
+    loss and every parameter's gradient that dense x gives, at a training minibatch's size (the compiled path).
+    The first layer keeps the dense product here: its C kernel on CSR (csr_linear.py) sums in another order, which
+    moves the linear's bias gradient before batch norm (zero up to rounding) by its rounding; that kernel is checked
+    against float64 by the csr_linear tests."""
+    from scvi_scale.kernels import csr_linear
+
     from scvi_scale.module import VAE
+
+    monkeypatch.setattr(csr_linear, "ready_for", lambda device, dtype: False)
 
     generator = torch.Generator().manual_seed(3)
     x = torch.poisson(torch.rand(128, 1024, generator=generator) * 4) * (
@@ -696,3 +703,99 @@ def test_training_through_fused_ops_matches_pytorch_path(likelihood, monkeypatch
     unfused, fused = loss_curve("torch"), loss_curve("triton")
     assert unfused[-1] < unfused[0]  # it learns
     np.testing.assert_allclose(fused, unfused, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- the first layer on CSR (csr_linear.py)
+
+
+def _csr_linear_case(rng, n_rows, n_sparse, n_dense, n_out, density, explicit_zeros=0):
+    """CSR x (float32, log1p'd counts, some rows empty), dense columns, weight and bias; x as a dense float64 copy."""
+    counts = rng.poisson(3.0, size=(n_rows, n_sparse)) * (rng.random((n_rows, n_sparse)) < density)
+    x = np.log1p(counts).astype(np.float32)
+    crow, cols, values = [0], [], []
+    for row in x:
+        stored = np.flatnonzero(row)
+        zeros = rng.choice(np.flatnonzero(row == 0), size=min(explicit_zeros, int((row == 0).sum())), replace=False)
+        stored = np.sort(np.concatenate([stored, zeros])).astype(np.int64)  # explicit zeros stored among them
+        cols.extend(stored)
+        values.extend(row[stored])
+        crow.append(len(cols))
+    csr = [torch.tensor(crow, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64), torch.tensor(values)]
+    dense = torch.from_numpy(rng.standard_normal((n_rows, n_dense)).astype(np.float32)) if n_dense else None
+    weight = torch.from_numpy(rng.standard_normal((n_out, n_sparse + n_dense)).astype(np.float32) / 10)
+    bias = torch.from_numpy(rng.standard_normal(n_out).astype(np.float32))
+    return csr, dense, weight.requires_grad_(), bias.requires_grad_(), torch.from_numpy(x).double()
+
+
+def _native_csr_linear():
+    from scvi_scale.kernels import csr_linear
+
+    if not csr_linear.ready():
+        pytest.skip("the C kernel cannot be built here (no C compiler: see the scvi_scale.kernels log)")
+    return csr_linear
+
+
+@pytest.mark.parametrize(
+    "n_rows, n_sparse, n_dense, n_out, density, explicit_zeros",
+    [
+        (128, 2000, 2, 128, 0.1, 0),  # training's shape: B, G, one-hot batch, H
+        (37, 301, 3, 19, 0.3, 2),  # odd sizes, explicit stored zeros
+        (9, 50, 0, 7, 0.05, 1),  # no covariates, mostly empty rows
+        (6, 40, 2, 5, 0.0, 0),  # an all-zero minibatch: no stored entries
+    ],
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_csr_linear_matches_a_float64_dense_product(
+    rng, n_rows, n_sparse, n_dense, n_out, density, explicit_zeros, with_bias
+):
+    """Output, weight and bias gradients against [x, dense] @ W^T + b and its gradients in float64, same inputs."""
+    csr_linear = _native_csr_linear()
+    (crow, cols, values), dense, weight, bias, x64 = _csr_linear_case(
+        rng, n_rows, n_sparse, n_dense, n_out, density, explicit_zeros
+    )
+    bias = bias if with_bias else None
+    grad_out = torch.from_numpy(rng.standard_normal((n_rows, n_out)).astype(np.float32))
+    out = csr_linear.csr_linear(crow, cols, values, dense, weight, bias)
+    out.backward(grad_out)
+    inputs = x64 if dense is None else torch.cat([x64, dense.double()], dim=1)
+    want = inputs @ weight.detach().double().t() + (0 if bias is None else bias.detach().double())
+    want_weight = grad_out.double().t() @ inputs
+    # norm-wise, as the likelihood's float32 checks; the magnitude of a sum of products is the sum of |products|
+    magnitude = inputs.abs() @ weight.detach().double().abs().t()
+    assert float((out.detach().double() - want).norm()) <= FLOAT32_TOL * max(float(magnitude.norm()), 1.0)
+    weight_magnitude = grad_out.double().abs().t() @ inputs.abs()
+    assert float((weight.grad.double() - want_weight).norm()) <= FLOAT32_TOL * max(float(weight_magnitude.norm()), 1.0)
+    if density == 0.0:
+        assert torch.equal(weight.grad[:, :n_sparse], torch.zeros(n_out, n_sparse))
+    if with_bias:
+        bias_error = (bias.grad.double() - grad_out.double().sum(0)).norm()
+        assert float(bias_error) <= FLOAT32_TOL * max(float(grad_out.double().abs().sum(0).norm()), 1.0)
+
+
+def test_first_layer_on_csr_trains_as_the_dense_product(rng):
+    """FCLayers' first block with CSR x (the C kernel) and with dense x: the same output and parameter gradients."""
+    from scvi_scale.nn import FCLayers
+
+    _native_csr_linear()
+    (crow, cols, values), _, _, _, x64 = _csr_linear_case(rng, 64, 500, 0, 1, 0.12)
+    torch.manual_seed(0)
+    # no batch norm: after one, the linear's bias gradient is zero up to rounding, and rounding is all it would compare
+    layers = FCLayers(500, 32, n_cat_list=[3], n_hidden=32, dropout_rate=0.0, use_batch_norm=False)
+    batch = torch.from_numpy(rng.integers(0, 3, 64))
+    shape = (64, 500)
+    sparse_x = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=True)
+    results = []
+    for x in (sparse_x, x64.float()):
+        layers.zero_grad(set_to_none=True)
+        out = layers(x, batch)
+        out.pow(2).sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in layers.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_csr_linear_refuses_inputs_that_need_a_gradient(rng):
+    csr_linear = _native_csr_linear()
+    (crow, cols, values), dense, weight, bias, _ = _csr_linear_case(rng, 4, 30, 2, 5, 0.3)
+    with pytest.raises(ValueError, match="no gradient for x or the dense columns"):
+        csr_linear.csr_linear(crow, cols, values.requires_grad_(), dense, weight, bias)

@@ -11,10 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from scvi_scale.kernels import csr_linear
 from torch import nn
 
 from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, VAE
 from scvi_scale.nn import FCLayers
+from scvi_scale.settings import settings
 
 N_GENES = 40
 
@@ -436,8 +438,9 @@ def test_csr_alone_gives_what_x_gives(options):
         module.inference({k: v for k, v in csr_only.items() if k != "x_csr"})
 
 
-def test_sparse_first_product_runs_only_without_gradients():
-    """CSR values that disagree with x show which input the encoder read."""
+def test_sparse_first_product_runs_without_gradients_and_in_training_where_the_c_kernel_runs(monkeypatch):
+    """CSR values that disagree with x show which input the encoder read: the CSR without gradients; with them the
+    CSR where the C kernel runs (kernels/csr_linear.py), x under kernel_backend "torch"."""
     module, tensors = build(dict())
     module.eval()
     tensors = with_csr(tensors)
@@ -445,6 +448,9 @@ def test_sparse_first_product_runs_only_without_gradients():
     wrong = dict(tensors, x_csr=(crow_indices, col_indices, values * 2))
     with torch.no_grad():
         assert not torch.allclose(module.inference(wrong)["qz"].loc, module.inference(tensors)["qz"].loc)
+    read_csr = not torch.allclose(module.inference(wrong)["qz"].loc, module.inference(tensors)["qz"].loc)
+    assert read_csr == csr_linear.ready_for(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(settings, "kernel_backend", "torch")
     torch.testing.assert_close(module.inference(wrong)["qz"].loc, module.inference(tensors)["qz"].loc)
 
 
