@@ -174,59 +174,6 @@ def _scattered_dense(csr: torch.Tensor) -> torch.Tensor:
     return dense.scatter_(0, rows * n_cols + csr.col_indices(), csr.values()).view(n_rows, n_cols)
 
 
-def _checked_options(
-    *,
-    n_input: int,
-    n_batch: int,
-    n_labels: int,
-    n_hidden: int,
-    n_latent: int,
-    n_continuous_cov: int,
-    n_cats_per_cov: list[int] | None,
-    dispersion: str,
-    gene_likelihood: str,
-    latent_distribution: str,
-    use_batch_norm: str,
-    use_layer_norm: str,
-    batch_representation: str,
-    extra_encoder_kwargs: dict | None,
-    extra_decoder_kwargs: dict | None,
-) -> list[int]:
-    """VAE's options checked (ValueError naming the option and what it may be) before any weight is drawn;
-    returns n_cats_per_cov as a list of ints."""
-    for name, value, choices in (
-        ("dispersion", dispersion, DISPERSIONS),
-        ("gene_likelihood", gene_likelihood, GENE_LIKELIHOODS),
-        ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS),
-        ("use_batch_norm", use_batch_norm, NORM_PLACEMENTS),
-        ("use_layer_norm", use_layer_norm, NORM_PLACEMENTS),
-        ("batch_representation", batch_representation, BATCH_REPRESENTATIONS),
-    ):
-        if value not in choices:
-            raise ValueError(f"{name}={value!r}: expected one of {choices}")
-    for name, value in (("n_input", n_input), ("n_hidden", n_hidden), ("n_latent", n_latent)):
-        if value < 1:
-            raise ValueError(f"{name}={value}: must be at least 1")
-    for name, value in (("n_batch", n_batch), ("n_labels", n_labels), ("n_continuous_cov", n_continuous_cov)):
-        if value < 0:
-            raise ValueError(f"{name}={value}: must not be negative")
-    n_cats_per_cov = [int(n) for n in (n_cats_per_cov or [])]
-    if any(n < 1 for n in n_cats_per_cov):
-        raise ValueError(f"n_cats_per_cov={n_cats_per_cov}: every covariate needs at least one category")
-    if dispersion == "gene-batch" and n_batch < 1:
-        raise ValueError("dispersion='gene-batch' needs n_batch >= 1")
-    if dispersion == "gene-label" and n_labels < 1:
-        raise ValueError("dispersion='gene-label' needs n_labels >= 1")
-    for name, given, allowed in (
-        ("extra_encoder_kwargs", extra_encoder_kwargs, ENCODER_EXTRA_KEYS),
-        ("extra_decoder_kwargs", extra_decoder_kwargs, DECODER_EXTRA_KEYS),
-    ):
-        unknown = sorted(set(given or {}) - set(allowed))
-        if unknown:
-            raise ValueError(f"{name} {unknown}: the options these networks take are {list(allowed)}")
-    return n_cats_per_cov
-
-
 class VAE(nn.Module):
     """scVI's VAE. Options have scvi-tools' names and defaults (see the module docstring for the model).
 
@@ -266,29 +213,12 @@ class VAE(nn.Module):
         extra_decoder_kwargs: dict | None = None,
     ):
         super().__init__()
-        n_cats_per_cov = _checked_options(
-            n_input=n_input,
-            n_batch=n_batch,
-            n_labels=n_labels,
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_continuous_cov=n_continuous_cov,
-            n_cats_per_cov=n_cats_per_cov,
-            dispersion=dispersion,
-            gene_likelihood=gene_likelihood,
-            latent_distribution=latent_distribution,
-            use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm,
-            batch_representation=batch_representation,
-            extra_encoder_kwargs=extra_encoder_kwargs,
-            extra_decoder_kwargs=extra_decoder_kwargs,
-        )
         self.n_input = n_input
         self.n_batch = n_batch
         self.n_labels = n_labels
         self.n_latent = n_latent
         self.n_continuous_cov = n_continuous_cov
-        self.n_cats_per_cov = n_cats_per_cov
+        self.n_cats_per_cov = [int(n) for n in (n_cats_per_cov or [])]
         self.dispersion = dispersion
         self.gene_likelihood = gene_likelihood
         self.latent_distribution = latent_distribution
@@ -296,7 +226,7 @@ class VAE(nn.Module):
         self.use_observed_lib_size = use_observed_lib_size
         self.log_variational = log_variational
         self.batch_representation = batch_representation
-
+        self._check_options(n_hidden, use_batch_norm, use_layer_norm, extra_encoder_kwargs, extra_decoder_kwargs)
         # Batch codes index a prior table with one row even when there are no batches.
         self.n_batch_codes = max(n_batch, 1)
         if not use_observed_lib_size:
@@ -314,6 +244,47 @@ class VAE(nn.Module):
             extra_encoder_kwargs or {},
             extra_decoder_kwargs or {},
         )
+
+    def _check_options(
+        self,
+        n_hidden: int,
+        use_batch_norm: str,
+        use_layer_norm: str,
+        extra_encoder_kwargs: dict | None,
+        extra_decoder_kwargs: dict | None,
+    ) -> None:
+        """ValueError naming an option (these, and those __init__ kept as attributes) and what it may be, before
+        any weight is drawn."""
+        for name, value, choices in (
+            ("dispersion", self.dispersion, DISPERSIONS),
+            ("gene_likelihood", self.gene_likelihood, GENE_LIKELIHOODS),
+            ("latent_distribution", self.latent_distribution, LATENT_DISTRIBUTIONS),
+            ("use_batch_norm", use_batch_norm, NORM_PLACEMENTS),
+            ("use_layer_norm", use_layer_norm, NORM_PLACEMENTS),
+            ("batch_representation", self.batch_representation, BATCH_REPRESENTATIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}: expected one of {choices}")
+        for name, value in (("n_input", self.n_input), ("n_hidden", n_hidden), ("n_latent", self.n_latent)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: must be at least 1")
+        counts = (("n_batch", self.n_batch), ("n_labels", self.n_labels), ("n_continuous_cov", self.n_continuous_cov))
+        for name, value in counts:
+            if value < 0:
+                raise ValueError(f"{name}={value}: must not be negative")
+        if any(n < 1 for n in self.n_cats_per_cov):
+            raise ValueError(f"n_cats_per_cov={self.n_cats_per_cov}: every covariate needs at least one category")
+        if self.dispersion == "gene-batch" and self.n_batch < 1:
+            raise ValueError("dispersion='gene-batch' needs n_batch >= 1")
+        if self.dispersion == "gene-label" and self.n_labels < 1:
+            raise ValueError("dispersion='gene-label' needs n_labels >= 1")
+        for name, given, allowed in (
+            ("extra_encoder_kwargs", extra_encoder_kwargs, ENCODER_EXTRA_KEYS),
+            ("extra_decoder_kwargs", extra_decoder_kwargs, DECODER_EXTRA_KEYS),
+        ):
+            unknown = sorted(set(given or {}) - set(allowed))
+            if unknown:
+                raise ValueError(f"{name} {unknown}: the options these networks take are {list(allowed)}")
 
     def _build_networks(
         self,

@@ -158,14 +158,17 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
             scvi-tools' other fields: ignored with a warning.
         """
         compat.explain_ignored("setup_anndata", kwargs, "no other fields are registered for SCVI")
-        obs_keys = dict(
-            batch_key=batch_key,
-            labels_key=labels_key,
-            size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
+        sources.remember_anndata_setup(
+            adata,
+            Registry.build(
+                AnnDataSource(adata, layer=layer),
+                batch_key=batch_key,
+                labels_key=labels_key,
+                size_factor_key=size_factor_key,
+                categorical_covariate_keys=categorical_covariate_keys,
+                continuous_covariate_keys=continuous_covariate_keys,
+            ),
         )
-        sources.remember_anndata_setup(adata, Registry.build(AnnDataSource(adata, layer=layer), **obs_keys))
 
     @classmethod
     @docs.fill
@@ -204,14 +207,18 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
         Registry
             The set-up (also kept for `SCVI(path)`).
         """
-        obs_keys = dict(
+        return sources.setup_store(
+            path,
+            layer,
+            join,
+            store_key,
+            storage_options,
             batch_key=batch_key,
             labels_key=labels_key,
             size_factor_key=size_factor_key,
             categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
         )
-        return sources.setup_store(path, layer, join, store_key, storage_options, **obs_keys)
 
     @docs.fill
     def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
