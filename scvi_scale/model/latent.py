@@ -5,6 +5,8 @@ latent representation, the aggregated posterior and differential abundance.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
@@ -12,9 +14,19 @@ import torch
 from scvi_scale.model import analyses, compat, docs, output_plans
 from scvi_scale.model.plans import OutputCall, execute, per_cell
 
+if TYPE_CHECKING:
+    from scvi_scale.module import VAE
+
 
 class LatentMixin:
     """SCVI's latent-space and evaluation methods (see the module's docstring)."""
+
+    module: VAE  # SCVI's
+
+    @property
+    def device(self) -> torch.device:
+        """Where the module is."""
+        return next(self.module.parameters()).device
 
     # --- evaluation: minibatch by minibatch, over the counts -------------------------------------------------------
 

@@ -5,7 +5,7 @@ query mapping. The files themselves are persist.py's.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import torch
 
@@ -15,11 +15,18 @@ from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.data.registry import library_log_stats
 from scvi_scale.model import compat, docs, sources, training
 
+if TYPE_CHECKING:
+    from scvi_scale.data import CountStore
+    from scvi_scale.module import VAE
+
 ModelT = TypeVar("ModelT", bound="SavingMixin")
 
 
 class SavingMixin:
     """SCVI's save and load (mixed into SCVI)."""
+
+    module: VAE  # SCVI's, as store
+    store: CountStore
 
     def save(
         self,

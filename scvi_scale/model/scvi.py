@@ -39,7 +39,7 @@ from scvi_scale.module import VAE
 from scvi_scale.outputs.runner import ModelInputs
 from scvi_scale.settings import settings
 
-MINIFIED_TYPE = "latent_posterior_parameters"
+MINIFIED_TYPE: Literal["latent_posterior_parameters"] = "latent_posterior_parameters"
 IGNORED_INIT = (
     "size factors are read from the registry (size_factor_key) and our decoder keeps its softmax; autotune payloads "
     "are not produced"
@@ -115,7 +115,7 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
         self.run_info: dict = {}  # measurements of the last training run (report)
         self.minified_data_type: str | None = None
         self._minified_keys: tuple[str, str] | None = None
-        self._obs_arrays = None
+        self._obs_arrays: dict[str, np.ndarray] | None = None
 
     @property
     def var_names(self) -> pd.Index:
@@ -125,10 +125,6 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
     def adata(self):
         """The AnnData the model was built over (None for a model over a Zarr store: see `store`)."""
         return self.store.adata if isinstance(self.store, AnnDataSource) else None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
 
     # --- set-up and data -----------------------------------------------------------------------------------------
 
@@ -252,7 +248,7 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
         if source is self.store and self._obs_arrays is not None and not isinstance(source, AnnDataSource):
             return self._obs_arrays
         encoded = sources.checked_obs_arrays(source, self.registry, self.module)
-        if self.minified_data_type is not None:
+        if self._minified_keys is not None:  # set with minified_data_type
             encoded.update(analyses.cached_posterior(source, *self._minified_keys))
         if source is self.store:
             self._obs_arrays = encoded

@@ -29,6 +29,8 @@ from scvi_scale.train import TrainingConfig, fit, max_epochs_heuristic
 if TYPE_CHECKING:
     import pandas as pd
 
+    from scvi_scale.data import CountStore
+
 CHECKPOINT_FILE = "checkpoint.pt"
 VALIDATION_BATCH_SIZE = 1024  # cells per validation forward pass, at least the training batch size
 IGNORED_TRAINER = "scvi-scale trains in its own loop, not Lightning's"
@@ -37,6 +39,10 @@ IGNORED_PLAN = "scvi-scale's loop is plain PyTorch (no compile or custom optimiz
 
 class TrainingMixin:
     """SCVI's train and history (mixed into SCVI, whose store, module and minified state they use)."""
+
+    store: CountStore  # SCVI's, as the next two
+    minified_data_type: str | None
+    history_: dict[str, list[tuple[int, float]]]
 
     @docs.fill
     def train(
