@@ -346,6 +346,9 @@ def _grad_weights_kernel(
     BLOCK_GENES: tl.constexpr,
     BLOCK_HIDDEN: tl.constexpr,
 ):
+    """The weight, bias and theta gradients of a tile of genes, summed over one split's cell tiles. It reads better
+    whole: one pass over the cells whose accumulators stay in registers; split into jit helpers, each would return
+    and pass back the five accumulators."""
     split = tl.program_id(1)
     genes = tl.program_id(0) * BLOCK_GENES + tl.arange(0, BLOCK_GENES)
     gene_mask = genes < n_genes

@@ -345,35 +345,41 @@ def synthetic_atlas(
             "true_log2_scale": true_log2_scale(params),
         }
     }
-    # Blocks are drawn in threads (numpy releases the GIL) while this thread hands the earlier ones to the writer,
-    # which compresses and writes them. Results are taken in block order, so the store does not depend on the
-    # threads; at most 2 * GENERATION_THREADS blocks are in flight.
+    # validate=False: the sampler only produces non-negative integers, so checking them would only cost time.
+    with StoreWriter(
+        path, var, chunk_rows=chunk_rows, zarr_format=zarr_format, overwrite=overwrite, validate=False
+    ) as writer:
+        _write_generated_blocks(writer, params, seed, n_cells, batch_dtype, type_dtype)
+        writer.close(uns=uns)
+    return CountStore(path)
+
+
+def _write_generated_blocks(writer: StoreWriter, params, seed: int, n_cells: int, batch_dtype, type_dtype) -> None:
+    """Append the atlas's n_cells cells to `writer`, block by block (generate_block), with their obs.
+
+    Blocks are drawn in threads (numpy releases the GIL) while this thread hands the earlier ones to the writer,
+    which compresses and writes them. Results are taken in block order, so the store does not depend on the
+    threads; at most 2 * GENERATION_THREADS blocks are in flight."""
     blocks = iter(range(-(-n_cells // GENERATION_BLOCK_ROWS)))
     pool = ThreadPoolExecutor(GENERATION_THREADS, thread_name_prefix="scvi-scale-atlas")
     try:
-        # validate=False: the sampler only produces non-negative integers, so checking them would only cost time.
-        with StoreWriter(
-            path, var, chunk_rows=chunk_rows, zarr_format=zarr_format, overwrite=overwrite, validate=False
-        ) as writer:
-            in_flight = deque(
-                pool.submit(generate_block, params, seed, block, n_cells)
-                for block in itertools.islice(blocks, 2 * GENERATION_THREADS)
+        in_flight = deque(
+            pool.submit(generate_block, params, seed, block, n_cells)
+            for block in itertools.islice(blocks, 2 * GENERATION_THREADS)
+        )
+        while in_flight:
+            counts, batch, cell_type, score = in_flight.popleft().result()
+            for block in itertools.islice(blocks, 1):
+                in_flight.append(pool.submit(generate_block, params, seed, block, n_cells))
+            first = writer.n_obs
+            obs = pd.DataFrame(
+                {
+                    "batch": pd.Categorical.from_codes(batch, dtype=batch_dtype),
+                    "cell_type": pd.Categorical.from_codes(cell_type, dtype=type_dtype),
+                    "cycling_score": score,
+                },
+                index=[f"cell_{index}" for index in range(first, first + counts.shape[0])],
             )
-            while in_flight:
-                counts, batch, cell_type, score = in_flight.popleft().result()
-                for block in itertools.islice(blocks, 1):
-                    in_flight.append(pool.submit(generate_block, params, seed, block, n_cells))
-                first = writer.n_obs
-                obs = pd.DataFrame(
-                    {
-                        "batch": pd.Categorical.from_codes(batch, dtype=batch_dtype),
-                        "cell_type": pd.Categorical.from_codes(cell_type, dtype=type_dtype),
-                        "cycling_score": score,
-                    },
-                    index=[f"cell_{index}" for index in range(first, first + counts.shape[0])],
-                )
-                writer.append(counts, obs)
-            writer.close(uns=uns)
+            writer.append(counts, obs)
     finally:
         pool.shutdown(cancel_futures=True)
-    return CountStore(path)

@@ -11,7 +11,9 @@ Inference: q(z | log1p(x)[, s, c]) and, for a latent library, q(l | log1p(x)[, s
 Loss per cell (a negative ELBO): -log p(x | z, l) + kl_weight * KL(q(z) || p(z)) + KL(q(l) || p(l)); scvi-tools'
 KL warm-up weighs the z term only.
 
-Minibatches are dicts of torch tensors (B cells):
+A minibatch is a `Minibatch` of torch tensors (B cells), built once where its tensors are made (`to_tensors`, from
+a sampler minibatch); the module's methods also take the dict form, with the same keys, converted at entry
+(`Minibatch.of`):
     "x"           (B, G) float counts; may be absent when "x_csr" is given (made dense from it where needed)
     "batch"       (B,) or (B, 1) integer batch codes; may be absent when n_batch <= 1 (all cells in batch 0)
     "labels"      (B,) or (B, 1) integer label codes; read by dispersion "gene-label" only
@@ -27,11 +29,11 @@ Minibatches are dicts of torch tensors (B cells):
                   does not run (no C compiler, a GPU), training keeps the dense product (torch's sparse product
                   with its weight gradient is not faster at 10% non-zeros), from x, or from x_csr alone with log1p
                   taken on the non-zeros before the input is made dense.
-Other keys are ignored. `to_tensors` makes this dict from a sampler minibatch (numpy arrays), for training and
-outputs alike. The per-step path checks shapes and dtypes only: reading a value back to the host would cost a
-device sync per step, so code ranges and CSR structure are checked once at the data boundary (`check_inputs`;
-the store's readers prove the CSR they hand out, the registry's encoding the codes). The reconstruction term runs
-through `scvi_scale.kernels`, the single dispatch point of the fused likelihood ops.
+A minified model's minibatches hold "qzm", "qzv" (B, L) and "observed_lib_size" (B,) instead of the counts. Other
+keys of the dict form are ignored. The per-step path checks shapes and dtypes only: reading a value back to the host
+would cost a device sync per step, so code ranges and CSR structure are checked once at the data boundary
+(`check_inputs`; the store's readers prove the CSR they hand out, the registry's encoding the codes). The
+reconstruction term runs through `scvi_scale.kernels`, the single dispatch point of the fused likelihood ops.
 
 Draws. The one reparameterised draw is `Encoder.draw` (loc + scale * noise, then the "ln" transform). Training
 takes its noise from torch's generator; outputs pass their own standard normals (`inference(noise=...)`,
@@ -48,7 +50,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -68,14 +70,45 @@ DECODER_EXTRA_KEYS = ("activation_fn", "use_activation", "bias")
 LATENT_DISTRIBUTIONS = ("normal", "ln")
 NORM_PLACEMENTS = ("none", "encoder", "decoder", "both")
 GENERATIVE_OUTPUTS = ("px_scale", "px_rate", "theta", "zi_logits", "hidden")
-# Minibatch entries the module reads; a sampler's other entries (rows, library) stay on the host.
+# Per-cell sampler entries the module reads; a sampler's other entries (rows, library) stay on the host.
 MODULE_KEYS = ("x", "batch", "labels", "cat_covs", "cont_covs", "size_factor", "qzm", "qzv", "observed_lib_size")
+CSR_TENSORS = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (crow_indices (B + 1,), col_indices, values (nnz,))
 
 
-def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> dict[str, torch.Tensor]:
-    """The module's inputs from a sampler minibatch (a dict of numpy arrays, see sampler.py) as tensors on
+@dataclass(frozen=True)
+class Minibatch:
+    """The module's input: B cells' tensors on one device, each field as the module docstring's key of the same
+    name describes it; None where not given. Its values are not checked here (see `VAE.check_inputs`)."""
+
+    x: torch.Tensor | None = None
+    x_csr: CSR_TENSORS | None = None
+    batch: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    cat_covs: torch.Tensor | None = None
+    cont_covs: torch.Tensor | None = None
+    size_factor: torch.Tensor | None = None
+    qzm: torch.Tensor | None = None
+    qzv: torch.Tensor | None = None
+    observed_lib_size: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, tensors: Minibatch | Mapping) -> Minibatch:
+        """`tensors` as a Minibatch: the dict form's entries of the fields' names (others are ignored), or a
+        Minibatch as it is."""
+        if isinstance(tensors, Minibatch):
+            return tensors
+        return cls(**{field.name: tensors[field.name] for field in fields(cls) if field.name in tensors})
+
+    def repeated(self, k: int) -> Minibatch:
+        """The cells repeated k times, draw after draw, without the counts: what decoding k draws at once reads."""
+        counts = ("x", "x_csr")
+        return Minibatch(**{f.name: _tile(getattr(self, f.name), k) for f in fields(self) if f.name not in counts})
+
+
+def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> Minibatch:
+    """The module's input from a sampler minibatch (a dict of numpy arrays, see sampler.py) as tensors on
     `device` (no copy on the CPU), for the minibatch's cells `cells` (a slice). A CSR form of the counts,
-    minibatch["x_csr"] = (indptr, indices, data), becomes "x_csr" = (crow_indices, col_indices, values) of those
+    minibatch["x_csr"] = (indptr, indices, data), becomes x_csr = (crow_indices, col_indices, values) of those
     cells."""
     tensors = {
         key: torch.from_numpy(np.ascontiguousarray(minibatch[key][cells])).to(device, non_blocking=True)
@@ -91,15 +124,20 @@ def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> dict[s
             torch.from_numpy(array).to(device, non_blocking=True)
             for array in (row_starts - row_starts[0], indices[entries], data[entries])
         )
-    return tensors
+    return Minibatch(**tensors)
+
+
+def _tile(tensor: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """`tensor` (B, ...) repeated k times along its first axis, (k * B, ...); None stays None."""
+    return tensor if tensor is None or k == 1 else tensor.repeat(k, *([1] * (tensor.dim() - 1)))
 
 
 @dataclass
-class Minibatch:
-    """A checked minibatch. batch: (B,) int64; labels: (B,) int64 for "gene-label", else None; cat_covs: one
-    (B,) int64 per extra categorical covariate; cont_covs: (B, c) or None; log_size_factor: (B, 1) or None;
-    x_csr: x's CSR arrays or None; cached: (qzm (B, L), qzv (B, L), observed library (B,)) of a minified model,
-    else None."""
+class CheckedMinibatch:
+    """A Minibatch checked against the module's options, in the form the networks read. batch: (B,) int64;
+    labels: (B,) int64 for "gene-label", else None; cat_covs: one (B,) int64 per extra categorical covariate;
+    cont_covs: (B, c) or None; log_size_factor: (B, 1) or None; x_csr: x's CSR arrays or None; cached: (qzm (B, L),
+    qzv (B, L), observed library (B,)) of a minified model, else None."""
 
     x: torch.Tensor | None
     batch: torch.Tensor
@@ -177,28 +215,70 @@ class VAE(nn.Module):
         extra_decoder_kwargs: dict | None = None,
     ):
         super().__init__()
+        self.n_input = n_input
+        self.n_batch = n_batch
+        self.n_labels = n_labels
+        self.n_latent = n_latent
+        self.n_continuous_cov = n_continuous_cov
+        self.n_cats_per_cov = [int(n) for n in (n_cats_per_cov or [])]
+        self.dispersion = dispersion
+        self.gene_likelihood = gene_likelihood
+        self.latent_distribution = latent_distribution
+        self.encode_covariates = encode_covariates
+        self.use_observed_lib_size = use_observed_lib_size
+        self.log_variational = log_variational
+        self.batch_representation = batch_representation
+        self._check_options(n_hidden, use_batch_norm, use_layer_norm, extra_encoder_kwargs, extra_decoder_kwargs)
+        # Batch codes index a prior table with one row even when there are no batches.
+        self.n_batch_codes = max(n_batch, 1)
+        if not use_observed_lib_size:
+            self.register_buffer("library_log_means", self._library_prior("library_log_means", library_log_means))
+            self.register_buffer("library_log_vars", self._library_prior("library_log_vars", library_log_vars))
+        self._build_networks(
+            n_hidden,
+            n_layers,
+            dropout_rate,
+            deeply_inject_covariates,
+            use_batch_norm,
+            use_layer_norm,
+            batch_embedding_kwargs,
+            var_activation,
+            extra_encoder_kwargs or {},
+            extra_decoder_kwargs or {},
+        )
+
+    def _check_options(
+        self,
+        n_hidden: int,
+        use_batch_norm: str,
+        use_layer_norm: str,
+        extra_encoder_kwargs: dict | None,
+        extra_decoder_kwargs: dict | None,
+    ) -> None:
+        """ValueError naming an option (these, and those __init__ kept as attributes) and what it may be, before
+        any weight is drawn."""
         for name, value, choices in (
-            ("dispersion", dispersion, DISPERSIONS),
-            ("gene_likelihood", gene_likelihood, GENE_LIKELIHOODS),
-            ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS),
+            ("dispersion", self.dispersion, DISPERSIONS),
+            ("gene_likelihood", self.gene_likelihood, GENE_LIKELIHOODS),
+            ("latent_distribution", self.latent_distribution, LATENT_DISTRIBUTIONS),
             ("use_batch_norm", use_batch_norm, NORM_PLACEMENTS),
             ("use_layer_norm", use_layer_norm, NORM_PLACEMENTS),
-            ("batch_representation", batch_representation, BATCH_REPRESENTATIONS),
+            ("batch_representation", self.batch_representation, BATCH_REPRESENTATIONS),
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: expected one of {choices}")
-        for name, value in (("n_input", n_input), ("n_hidden", n_hidden), ("n_latent", n_latent)):
+        for name, value in (("n_input", self.n_input), ("n_hidden", n_hidden), ("n_latent", self.n_latent)):
             if value < 1:
                 raise ValueError(f"{name}={value}: must be at least 1")
-        for name, value in (("n_batch", n_batch), ("n_labels", n_labels), ("n_continuous_cov", n_continuous_cov)):
+        counts = (("n_batch", self.n_batch), ("n_labels", self.n_labels), ("n_continuous_cov", self.n_continuous_cov))
+        for name, value in counts:
             if value < 0:
                 raise ValueError(f"{name}={value}: must not be negative")
-        n_cats_per_cov = [int(n) for n in (n_cats_per_cov or [])]
-        if any(n < 1 for n in n_cats_per_cov):
-            raise ValueError(f"n_cats_per_cov={n_cats_per_cov}: every covariate needs at least one category")
-        if dispersion == "gene-batch" and n_batch < 1:
+        if any(n < 1 for n in self.n_cats_per_cov):
+            raise ValueError(f"n_cats_per_cov={self.n_cats_per_cov}: every covariate needs at least one category")
+        if self.dispersion == "gene-batch" and self.n_batch < 1:
             raise ValueError("dispersion='gene-batch' needs n_batch >= 1")
-        if dispersion == "gene-label" and n_labels < 1:
+        if self.dispersion == "gene-label" and self.n_labels < 1:
             raise ValueError("dispersion='gene-label' needs n_labels >= 1")
         for name, given, allowed in (
             ("extra_encoder_kwargs", extra_encoder_kwargs, ENCODER_EXTRA_KEYS),
@@ -208,37 +288,27 @@ class VAE(nn.Module):
             if unknown:
                 raise ValueError(f"{name} {unknown}: the options these networks take are {list(allowed)}")
 
-        self.n_input = n_input
-        self.n_batch = n_batch
-        self.n_labels = n_labels
-        self.n_latent = n_latent
-        self.n_continuous_cov = n_continuous_cov
-        self.n_cats_per_cov = n_cats_per_cov
-        self.dispersion = dispersion
-        self.gene_likelihood = gene_likelihood
-        self.latent_distribution = latent_distribution
-        self.encode_covariates = encode_covariates
-        self.use_observed_lib_size = use_observed_lib_size
-        self.log_variational = log_variational
-        self.batch_representation = batch_representation
-
-        # Batch codes index a prior table with one row even when there are no batches.
-        self.n_batch_codes = max(n_batch, 1)
-        if not use_observed_lib_size:
-            self.register_buffer("library_log_means", self._library_prior("library_log_means", library_log_means))
-            self.register_buffer("library_log_vars", self._library_prior("library_log_vars", library_log_vars))
-            if not torch.all(self.library_log_vars > 0):
-                raise ValueError("library_log_vars must be positive (they are variances of log library sizes)")
-
-        # theta = exp(px_r); scvi-tools initialises px_r from a standard normal.
-        if gene_likelihood != "poisson":
-            if dispersion == "gene":
-                self.px_r = nn.Parameter(torch.randn(n_input))
-            elif dispersion == "gene-batch":
-                self.px_r = nn.Parameter(torch.randn(n_input, n_batch))
-            elif dispersion == "gene-label":
-                self.px_r = nn.Parameter(torch.randn(n_input, n_labels))
-
+    def _build_networks(
+        self,
+        n_hidden: int,
+        n_layers: int,
+        dropout_rate: float,
+        deeply_inject_covariates: bool,
+        use_batch_norm: str,
+        use_layer_norm: str,
+        batch_embedding_kwargs: dict | None,
+        var_activation,
+        extra_encoder_kwargs: dict,
+        extra_decoder_kwargs: dict,
+    ) -> None:
+        """px_r, the batch embedding (if any), z_encoder, l_encoder (latent library only) and decoder, in that order
+        (the order their initial weights are drawn in), for the options __init__ took."""
+        n_input, n_latent, n_continuous_cov = self.n_input, self.n_latent, self.n_continuous_cov
+        # theta = exp(px_r); scvi-tools initialises px_r from a standard normal
+        if self.gene_likelihood != "poisson" and self.dispersion != "gene-cell":
+            columns = {"gene": (), "gene-batch": (self.n_batch,), "gene-label": (self.n_labels,)}[self.dispersion]
+            self.px_r = nn.Parameter(torch.randn(n_input, *columns))
+        encode_covariates, latent_distribution = self.encode_covariates, self.latent_distribution
         batch_norm_encoder = use_batch_norm in ("encoder", "both")
         batch_norm_decoder = use_batch_norm in ("decoder", "both")
         layer_norm_encoder = use_layer_norm in ("encoder", "both")
@@ -246,11 +316,11 @@ class VAE(nn.Module):
         # "embedding": a learnt vector per batch joins the decoder's input (and the encoder's when covariates are
         # encoded) instead of a one-hot injected into every layer; scvi-tools' name for it in the state dict.
         n_embedded = 0
-        if batch_representation == "embedding":
+        if self.batch_representation == "embedding":
             embedding_options = {"embedding_dim": 5, **(batch_embedding_kwargs or {})}
             self._embeddings_dict = nn.ModuleDict({"batch": nn.Embedding(self.n_batch_codes, **embedding_options)})
             n_embedded = self._embeddings_dict["batch"].embedding_dim
-        cat_list = [*([] if n_embedded else [n_batch]), *n_cats_per_cov]
+        cat_list = [*([] if n_embedded else [self.n_batch]), *self.n_cats_per_cov]
         encoder_cat_list = cat_list if encode_covariates else None
         n_input_encoder = n_input + ((n_continuous_cov + n_embedded) if encode_covariates else 0)
         encoder_options = dict(
@@ -261,12 +331,12 @@ class VAE(nn.Module):
             use_batch_norm=batch_norm_encoder,
             use_layer_norm=layer_norm_encoder,
             var_activation=var_activation,
-            **(extra_encoder_kwargs or {}),
+            **extra_encoder_kwargs,
         )
         self.z_encoder = Encoder(
             n_input_encoder, n_latent, n_layers=n_layers, distribution=latent_distribution, **encoder_options
         )
-        if not use_observed_lib_size:
+        if not self.use_observed_lib_size:
             self.l_encoder = Encoder(n_input_encoder, 1, n_layers=1, **encoder_options)
         self.decoder = DecoderSCVI(
             n_latent + n_continuous_cov + n_embedded,
@@ -277,9 +347,9 @@ class VAE(nn.Module):
             inject_covariates=deeply_inject_covariates,
             use_batch_norm=batch_norm_decoder,
             use_layer_norm=layer_norm_decoder,
-            zero_inflated=gene_likelihood == "zinb",
-            dispersion_per_cell=dispersion == "gene-cell" and gene_likelihood != "poisson",
-            **(extra_decoder_kwargs or {}),
+            zero_inflated=self.gene_likelihood == "zinb",
+            dispersion_per_cell=self.dispersion == "gene-cell" and self.gene_likelihood != "poisson",
+            **extra_decoder_kwargs,
         )
 
     @classmethod
@@ -306,110 +376,135 @@ class VAE(nn.Module):
             raise ValueError(f"{name} has {values.shape[1]} values, expected {self.n_batch_codes} (one per batch)")
         if not torch.all(torch.isfinite(values)):
             raise ValueError(f"{name} has non-finite values")
+        if name == "library_log_vars" and not torch.all(values > 0):
+            raise ValueError("library_log_vars must be positive (they are variances of log library sizes)")
         return values
 
     # ----------------------------------------------------------------------------------------------- inputs
 
-    def _minibatch(self, tensors: dict, cells_like: torch.Tensor | None = None) -> Minibatch:
-        """Checks a minibatch dict against the options the module was built with (see the module docstring).
-        cells_like: for the decoder, which reads no counts: a tensor with one row per cell, used when the
-        minibatch has neither x nor x_csr."""
-        x, x_csr = tensors.get("x"), tensors.get("x_csr")
+    def _checked(self, tensors: Minibatch | Mapping, cells_like: torch.Tensor | None = None) -> CheckedMinibatch:
+        """A minibatch (or its dict form) checked against the options the module was built with, shapes and dtypes
+        only (see the module docstring). cells_like: for the decoder, which reads no counts: a tensor with one row
+        per cell, used when the minibatch has neither x nor x_csr."""
+        minibatch = Minibatch.of(tensors)
+        n_cells, device, dtype = self._cells_of(minibatch, cells_like)
+        batch, labels, cat_covs = self._checked_codes(minibatch, n_cells, device)
+        return CheckedMinibatch(
+            minibatch.x,
+            batch,
+            labels,
+            cat_covs,
+            self._checked_cont_covs(minibatch.cont_covs, n_cells, dtype),
+            self._checked_log_size_factor(minibatch.size_factor, n_cells, dtype),
+            self._checked_csr(minibatch.x_csr, n_cells),
+            self._checked_cache(minibatch, n_cells, dtype),
+        )
+
+    def _cells_of(self, minibatch: Minibatch, cells_like: torch.Tensor | None) -> tuple[int, torch.device, torch.dtype]:
+        """(B, device, floating dtype) of the minibatch: from x, x_csr, a minified model's qzm, or cells_like."""
+        x, x_csr = minibatch.x, minibatch.x_csr
         if x is not None:
             if x.dim() != 2 or x.shape[1] != self.n_input or not x.dtype.is_floating_point:
                 raise ValueError(
                     f"tensors['x'] is {x.dtype} of shape {tuple(x.shape)}, expected float counts of shape "
                     f"(cells, {self.n_input})"
                 )
-            n_cells, device, dtype = x.shape[0], x.device, x.dtype
-        elif x_csr is not None:
+            return x.shape[0], x.device, x.dtype
+        if x_csr is not None:
             if len(x_csr) != 3 or x_csr[0].dim() != 1 or not x_csr[2].dtype.is_floating_point:
                 raise ValueError("tensors['x_csr'] must be (crow_indices, col_indices, float values)")
-            n_cells, device, dtype = x_csr[0].shape[0] - 1, x_csr[2].device, x_csr[2].dtype
-        elif "qzm" in tensors:  # a minified model: the cached posterior stands in for the counts
-            n_cells, device, dtype = tensors["qzm"].shape[0], tensors["qzm"].device, tensors["qzm"].dtype
-        elif cells_like is not None:
-            n_cells, device, dtype = cells_like.shape[0], cells_like.device, cells_like.dtype
-        else:
-            raise ValueError("tensors has no 'x' (the counts), nor 'x_csr'")
+            return x_csr[0].shape[0] - 1, x_csr[2].device, x_csr[2].dtype
+        if minibatch.qzm is not None:  # a minified model: the cached posterior stands in for the counts
+            return minibatch.qzm.shape[0], minibatch.qzm.device, minibatch.qzm.dtype
+        if cells_like is not None:
+            return cells_like.shape[0], cells_like.device, cells_like.dtype
+        raise ValueError("tensors has no 'x' (the counts), nor 'x_csr'")
 
-        if "batch" in tensors:
-            batch = _codes("batch", tensors["batch"], n_cells)
+    def _checked_codes(self, minibatch: Minibatch, n_cells: int, device: torch.device) -> tuple:
+        """(batch (B,), labels (B,) or None, [each categorical covariate's codes (B,)]) as int64."""
+        if minibatch.batch is not None:
+            batch = _codes("batch", minibatch.batch, n_cells)
         elif self.n_batch <= 1:
             batch = torch.zeros(n_cells, dtype=torch.long, device=device)
         else:
             raise ValueError(f"tensors has no 'batch', needed with n_batch={self.n_batch}")
-
         labels = None
         if self.dispersion == "gene-label":  # the only use of labels in scVI
-            if "labels" not in tensors:
+            if minibatch.labels is None:
                 raise ValueError("tensors has no 'labels', needed by dispersion='gene-label'")
-            labels = _codes("labels", tensors["labels"], n_cells)
+            labels = _codes("labels", minibatch.labels, n_cells)
+        n_extra, columns = len(self.n_cats_per_cov), minibatch.cat_covs
+        if not n_extra:
+            if columns is not None and columns.shape[-1] > 0:  # (B, 0): none, as Registry.encode gives
+                raise ValueError("tensors has 'cat_covs' but the module was built with no categorical covariates")
+            return batch, labels, []
+        if columns is None:
+            raise ValueError(f"tensors has no 'cat_covs', needed with n_cats_per_cov={self.n_cats_per_cov}")
+        if tuple(columns.shape) != (n_cells, n_extra):
+            raise ValueError(f"tensors['cat_covs'] has shape {tuple(columns.shape)}, expected ({n_cells}, {n_extra})")
+        return batch, labels, [_codes(f"cat_covs[:, {j}]", columns[:, j], n_cells) for j in range(n_extra)]
 
-        cat_covs = []
-        n_extra = len(self.n_cats_per_cov)
-        if n_extra:
-            if "cat_covs" not in tensors:
-                raise ValueError(f"tensors has no 'cat_covs', needed with n_cats_per_cov={self.n_cats_per_cov}")
-            columns = tensors["cat_covs"]
-            if tuple(columns.shape) != (n_cells, n_extra):
-                raise ValueError(
-                    f"tensors['cat_covs'] has shape {tuple(columns.shape)}, expected ({n_cells}, {n_extra})"
-                )
-            cat_covs = [_codes(f"cat_covs[:, {j}]", columns[:, j], n_cells) for j in range(n_extra)]
-        elif "cat_covs" in tensors and tensors["cat_covs"].shape[-1] > 0:  # (B, 0): none, as Registry.encode gives
-            raise ValueError("tensors has 'cat_covs' but the module was built with no categorical covariates")
+    def _checked_cont_covs(self, cont_covs: torch.Tensor | None, n_cells: int, dtype) -> torch.Tensor | None:
+        """The continuous covariates (B, c) in the counts' dtype, or None when the module has none."""
+        if not self.n_continuous_cov:
+            if cont_covs is not None and cont_covs.shape[-1] > 0:
+                raise ValueError("tensors has 'cont_covs' but the module was built with n_continuous_cov=0")
+            return None
+        if cont_covs is None:
+            raise ValueError(f"tensors has no 'cont_covs', needed with n_continuous_cov={self.n_continuous_cov}")
+        if tuple(cont_covs.shape) != (n_cells, self.n_continuous_cov):
+            raise ValueError(
+                f"tensors['cont_covs'] has shape {tuple(cont_covs.shape)}, "
+                f"expected ({n_cells}, {self.n_continuous_cov})"
+            )
+        return cont_covs.to(dtype)
 
-        cont_covs = None
-        if self.n_continuous_cov:
-            if "cont_covs" not in tensors:
-                raise ValueError(f"tensors has no 'cont_covs', needed with n_continuous_cov={self.n_continuous_cov}")
-            cont_covs = tensors["cont_covs"]
-            if tuple(cont_covs.shape) != (n_cells, self.n_continuous_cov):
-                raise ValueError(
-                    f"tensors['cont_covs'] has shape {tuple(cont_covs.shape)}, "
-                    f"expected ({n_cells}, {self.n_continuous_cov})"
-                )
-            cont_covs = cont_covs.to(dtype)
-        elif "cont_covs" in tensors and tensors["cont_covs"].shape[-1] > 0:
-            raise ValueError("tensors has 'cont_covs' but the module was built with n_continuous_cov=0")
+    def _checked_log_size_factor(self, size_factor: torch.Tensor | None, n_cells: int, dtype) -> torch.Tensor | None:
+        """log(size_factor) (B, 1), the observed library given instead of the row sums of x; None when not given."""
+        if size_factor is None:
+            return None
+        if not self.use_observed_lib_size:
+            raise ValueError(
+                "tensors has 'size_factor' (an observed library) but the module was built with "
+                "use_observed_lib_size=False (a latent library)"
+            )
+        if tuple(size_factor.shape) not in ((n_cells,), (n_cells, 1)):
+            raise ValueError(f"tensors['size_factor'] has shape {tuple(size_factor.shape)}, expected ({n_cells},)")
+        return torch.log(size_factor.reshape(n_cells, 1).to(dtype))
 
-        log_size_factor = None
-        if "size_factor" in tensors:
-            if not self.use_observed_lib_size:
-                raise ValueError(
-                    "tensors has 'size_factor' (an observed library) but the module was built with "
-                    "use_observed_lib_size=False (a latent library)"
-                )
-            size_factor = tensors["size_factor"]
-            if tuple(size_factor.shape) not in ((n_cells,), (n_cells, 1)):
-                raise ValueError(f"tensors['size_factor'] has shape {tuple(size_factor.shape)}, expected ({n_cells},)")
-            log_size_factor = torch.log(size_factor.reshape(n_cells, 1).to(dtype))
+    @staticmethod
+    def _checked_csr(x_csr: CSR_TENSORS | None, n_cells: int) -> CSR_TENSORS | None:
+        """x_csr, its arrays' shapes checked against the B rows (their values: check_inputs)."""
+        if x_csr is None:
+            return None
+        if len(x_csr) != 3:
+            raise ValueError("tensors['x_csr'] must be (crow_indices, col_indices, values)")
+        crow_indices, col_indices, values = x_csr
+        if tuple(crow_indices.shape) != (n_cells + 1,) or col_indices.shape != values.shape or values.dim() != 1:
+            raise ValueError(
+                f"tensors['x_csr'] has arrays of shapes {[tuple(a.shape) for a in x_csr]}, expected "
+                f"({n_cells + 1},), (nnz,), (nnz,) for the {n_cells} rows of x"
+            )
+        return x_csr
 
-        if x_csr is not None:
-            if len(x_csr) != 3:
-                raise ValueError("tensors['x_csr'] must be (crow_indices, col_indices, values)")
-            crow_indices, col_indices, values = x_csr
-            if tuple(crow_indices.shape) != (n_cells + 1,) or col_indices.shape != values.shape or values.dim() != 1:
-                raise ValueError(
-                    f"tensors['x_csr'] has arrays of shapes {[tuple(a.shape) for a in x_csr]}, expected "
-                    f"({n_cells + 1},), (nnz,), (nnz,) for the {n_cells} rows of x"
-                )
-        cached = None
-        if "qzm" in tensors:
-            cached = (tensors["qzm"].to(dtype), tensors["qzv"].to(dtype), tensors["observed_lib_size"].to(dtype))
-            if tuple(cached[0].shape) != (n_cells, self.n_latent) or cached[1].shape != cached[0].shape:
-                raise ValueError(
-                    f"tensors['qzm'] / ['qzv'] have shapes {tuple(cached[0].shape)} / {tuple(cached[1].shape)}, "
-                    f"expected ({n_cells}, {self.n_latent})"
-                )
-        return Minibatch(x, batch, labels, cat_covs, cont_covs, log_size_factor, x_csr, cached)
+    def _checked_cache(self, minibatch: Minibatch, n_cells: int, dtype) -> tuple | None:
+        """A minified model's (qzm (B, L), qzv (B, L), observed library (B,)) in the counts' dtype, else None."""
+        if minibatch.qzm is None:
+            return None
+        cached = (minibatch.qzm.to(dtype), minibatch.qzv.to(dtype), minibatch.observed_lib_size.to(dtype))
+        if tuple(cached[0].shape) != (n_cells, self.n_latent) or cached[1].shape != cached[0].shape:
+            raise ValueError(
+                f"tensors['qzm'] / ['qzv'] have shapes {tuple(cached[0].shape)} / {tuple(cached[1].shape)}, "
+                f"expected ({n_cells}, {self.n_latent})"
+            )
+        return cached
 
-    def check_inputs(self, tensors: dict) -> None:
+    def check_inputs(self, tensors: Minibatch | Mapping) -> None:
         """The value checks the per-step path leaves out (they read values back to the host): category codes
-        within the module's sizes and a well-formed x_csr, on top of `_minibatch`'s shape checks. For the data
+        within the module's sizes and a well-formed x_csr, on top of `_checked`'s shape checks. For the data
         boundary, once: e.g. on the per-cell obs arrays of a whole store, or on a minibatch a caller built."""
-        minibatch = self._minibatch(tensors, cells_like=self._cells_like(tensors))
+        tensors = Minibatch.of(tensors)
+        minibatch = self._checked(tensors, cells_like=self._cells_like(tensors))
         _check_code_range("batch", minibatch.batch, self.n_batch_codes)
         if minibatch.labels is not None:
             _check_code_range("labels", minibatch.labels, self.n_labels)
@@ -431,16 +526,14 @@ class VAE(nn.Module):
                 raise ValueError(f"tensors['x_csr'] is not a valid CSR matrix of x's shape: {error}") from error
 
     @staticmethod
-    def _cells_like(tensors: dict) -> torch.Tensor | None:
-        """A per-cell tensor of `tensors` that tells the number of cells when there are no counts."""
-        return next(
-            (tensors[key] for key in ("batch", "labels", "cat_covs", "cont_covs", "size_factor") if key in tensors),
-            None,
-        )
+    def _cells_like(minibatch: Minibatch) -> torch.Tensor | None:
+        """A per-cell tensor of `minibatch` that tells the number of cells when there are no counts."""
+        per_cell = (minibatch.batch, minibatch.labels, minibatch.cat_covs, minibatch.cont_covs, minibatch.size_factor)
+        return next((tensor for tensor in per_cell if tensor is not None), None)
 
     # -------------------------------------------------------------------------------------------- inference
 
-    def inference(self, tensors: dict, n_samples: int = 1, noise: dict | None = None) -> dict:
+    def inference(self, tensors: Minibatch | Mapping, n_samples: int = 1, noise: dict | None = None) -> dict:
         """q(z | x) and the library. Returns
             qz:      Normal over the untransformed latent, loc and scale (B, L)
             z:       a draw, transformed ("ln": softmax), (B, L), or (n_samples, B, L) when n_samples > 1
@@ -451,14 +544,14 @@ class VAE(nn.Module):
         """
         if n_samples < 1:
             raise ValueError(f"n_samples={n_samples}: must be at least 1")
-        return self._inference(self._minibatch(tensors), n_samples, noise)
+        return self._inference(self._checked(tensors), n_samples, noise)
 
     def draw_latent(self, qz: Normal, noise: torch.Tensor) -> torch.Tensor:
         """z = loc + scale * noise, transformed as the decoder sees it ("ln": softmax): noise (..., B, L) standard
         normals, result of the same shape."""
         return self.z_encoder.draw(qz, noise)
 
-    def _encoder_input(self, minibatch: Minibatch) -> torch.Tensor:
+    def _encoder_input(self, minibatch: CheckedMinibatch) -> torch.Tensor:
         """log1p(x) (x itself without log_variational), with the continuous covariates and the batch embedding
         appended when covariates are encoded: (B, n_input_encoder). Sparse CSR when x_csr is given, there are no
         appended columns and the first product can take it (`_first_layer_reads_csr`: it then skips the zeros)."""
@@ -475,7 +568,7 @@ class VAE(nn.Module):
         return torch.cat([encoder_input, *appended], dim=-1) if appended else encoder_input
 
     @staticmethod
-    def _first_layer_reads_csr(minibatch: Minibatch) -> bool:
+    def _first_layer_reads_csr(minibatch: CheckedMinibatch) -> bool:
         """Whether the encoders' first product takes x as CSR: without a gradient (torch.sparse.mm), or with one
         where the C kernel runs (kernels/csr_linear.py); else x is made dense first."""
         values = minibatch.x_csr[2]
@@ -485,13 +578,13 @@ class VAE(nn.Module):
         """The batch embedding (B, d) for batch_representation="embedding", else None."""
         return self._embeddings_dict["batch"](batch) if self.batch_representation == "embedding" else None
 
-    def _covariate_codes(self, minibatch: Minibatch) -> tuple:
+    def _covariate_codes(self, minibatch: CheckedMinibatch) -> tuple:
         """The category codes the networks one-hot encode: batch (unless embedded) and the categorical
         covariates."""
         batch = () if self.batch_representation == "embedding" else (minibatch.batch,)
         return (*batch, *minibatch.cat_covs)
 
-    def _csr_counts(self, minibatch: Minibatch, transform=None) -> torch.Tensor:
+    def _csr_counts(self, minibatch: CheckedMinibatch, transform=None) -> torch.Tensor:
         """x_csr as a sparse CSR tensor (B, G), `transform` applied to its values. Not checked here (that costs a
         device sync): the store's readers prove the CSR they hand out, check_inputs proves one built by hand."""
         crow_indices, col_indices, values = minibatch.x_csr
@@ -501,13 +594,13 @@ class VAE(nn.Module):
             values = values if transform is None else transform(values)
             return torch.sparse_csr_tensor(crow_indices, col_indices, values, shape, check_invariants=False)
 
-    def _dense_counts(self, minibatch: Minibatch) -> torch.Tensor:
+    def _dense_counts(self, minibatch: CheckedMinibatch) -> torch.Tensor:
         """x (B, G); made from x_csr, once (by one scatter), when only the CSR form was given."""
         if minibatch.x is None:
             minibatch.x = _scattered_dense(self._csr_counts(minibatch))
         return minibatch.x
 
-    def _library_sizes(self, minibatch: Minibatch) -> torch.Tensor:
+    def _library_sizes(self, minibatch: CheckedMinibatch) -> torch.Tensor:
         """Observed library sizes (B, 1): the row sums of x (in float64 from x_csr, exact for integer counts)."""
         if minibatch.x is not None:
             return minibatch.x.sum(dim=1, keepdim=True)
@@ -515,7 +608,7 @@ class VAE(nn.Module):
         running = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
         return (running[crow_indices[1:]] - running[crow_indices[:-1]]).to(values.dtype).unsqueeze(1)
 
-    def _inference(self, minibatch: Minibatch, n_samples: int = 1, noise: dict | None = None) -> dict:
+    def _inference(self, minibatch: CheckedMinibatch, n_samples: int = 1, noise: dict | None = None) -> dict:
         noise = noise or {}
         if minibatch.cached is not None:  # minified: q(z | x) was stored, the counts are not read
             qzm, qzv, observed_library = minibatch.cached
@@ -562,7 +655,7 @@ class VAE(nn.Module):
         self,
         z: torch.Tensor,
         library: torch.Tensor,
-        tensors: dict,
+        tensors: Minibatch | Mapping,
         transform_batch: int | None = None,
         outputs: tuple[str, ...] = GENERATIVE_OUTPUTS,
     ) -> dict:
@@ -584,7 +677,7 @@ class VAE(nn.Module):
             raise ValueError(
                 f"z has shape {tuple(z.shape)}, expected (cells, {self.n_latent}): decode one draw at a time"
             )
-        minibatch = self._minibatch(tensors, cells_like=z)
+        minibatch = self._checked(tensors, cells_like=z)
         if transform_batch is not None:
             if not 0 <= int(transform_batch) < self.n_batch_codes:
                 raise ValueError(
@@ -594,7 +687,7 @@ class VAE(nn.Module):
         return self._generative(z, library.reshape(-1, 1), minibatch, outputs)
 
     def _generative(
-        self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch, outputs=GENERATIVE_OUTPUTS
+        self, z: torch.Tensor, library: torch.Tensor, minibatch: CheckedMinibatch, outputs=GENERATIVE_OUTPUTS
     ) -> dict:
         hidden = self._decoder_hidden(z, minibatch)
         result = {"hidden": hidden}
@@ -611,14 +704,14 @@ class VAE(nn.Module):
             result["zi_logits"] = self.decoder.px_dropout_decoder(hidden) if zinb else None
         return result
 
-    def _decoder_hidden(self, z: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
+    def _decoder_hidden(self, z: torch.Tensor, minibatch: CheckedMinibatch) -> torch.Tensor:
         """The decoder's last hidden layer (B, n_hidden): continuous covariates (and a batch embedding) join z at
         the input, the batch (one-hot) and categorical covariates are injected."""
         joined = [t for t in (minibatch.cont_covs, self._batch_embedding(minibatch.batch)) if t is not None]
         decoder_input = torch.cat([z, *joined], dim=-1) if joined else z
         return self.decoder(decoder_input, *self._covariate_codes(minibatch))
 
-    def _theta(self, hidden: torch.Tensor, minibatch: Minibatch) -> torch.Tensor | None:
+    def _theta(self, hidden: torch.Tensor, minibatch: CheckedMinibatch) -> torch.Tensor | None:
         """Inverse dispersion exp(px_r) (for "normal": the standard deviation): (G,) for "gene", (B, G) for the
         others; None for Poisson."""
         if self.gene_likelihood == "poisson":
@@ -633,12 +726,12 @@ class VAE(nn.Module):
             log_theta = self.decoder.px_r_decoder(hidden)
         return torch.exp(log_theta)
 
-    def _likelihood_counts(self, minibatch: Minibatch) -> torch.Tensor:
+    def _likelihood_counts(self, minibatch: CheckedMinibatch) -> torch.Tensor:
         """The counts as the fused ops take them: the sparse CSR tensor when x_csr is given (the CPU path reads only
         the non-zeros, with no search for them in a dense x), else x."""
         return self._csr_counts(minibatch) if minibatch.x_csr is not None else minibatch.x
 
-    def _log_likelihood(self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
+    def _log_likelihood(self, z: torch.Tensor, library: torch.Tensor, minibatch: CheckedMinibatch) -> torch.Tensor:
         """log p(x | z, l) per cell (B,), through the fused ops. z: (B, L); library: (B, 1)."""
         if self.gene_likelihood == "normal":  # scvi-tools' Normal(px_rate, exp(px_r)), for non-count data: unfused
             outputs = self._generative(z, library, minibatch, ("px_rate", "theta"))
@@ -678,7 +771,7 @@ class VAE(nn.Module):
         variances = self.library_log_vars[0, batch].unsqueeze(-1)
         return Normal(means, variances.sqrt(), validate_args=False)
 
-    def loss(self, tensors: dict, kl_weight: float = 1.0) -> dict:
+    def loss(self, tensors: Minibatch | Mapping, kl_weight: float = 1.0) -> dict:
         """The negative ELBO on one minibatch. Returns per-cell (B,) tensors
             reconstruction_loss  -log p(x | z, l)
             kl_z                 KL(q(z | x) || N(0, I))
@@ -686,7 +779,7 @@ class VAE(nn.Module):
             kl_local             kl_z + kl_l
         and the scalar "loss" = mean over cells of reconstruction_loss + kl_weight * kl_z + kl_l.
         """
-        minibatch = self._minibatch(tensors)
+        minibatch = self._checked(tensors)
         inference = self._inference(minibatch)
         reconstruction_loss = -self._log_likelihood(inference["z"], inference["library"], minibatch)
         qz = inference["qz"]
@@ -704,26 +797,24 @@ class VAE(nn.Module):
             "kl_l": kl_l,
         }
 
-    def _repeated(self, minibatch: Minibatch, k: int) -> Minibatch:
+    def _repeated(self, minibatch: CheckedMinibatch, k: int) -> CheckedMinibatch:
         """The minibatch's cells repeated k times (draw after draw), for decoding k draws in one pass."""
         if k == 1:
             return minibatch
-
-        def tile(tensor):
-            return None if tensor is None else tensor.repeat(k, *([1] * (tensor.dim() - 1)))
-
-        return Minibatch(
-            tile(self._dense_counts(minibatch)),
-            tile(minibatch.batch),
-            tile(minibatch.labels),
-            [tile(codes) for codes in minibatch.cat_covs],
-            tile(minibatch.cont_covs),
-            tile(minibatch.log_size_factor),
+        return CheckedMinibatch(
+            _tile(self._dense_counts(minibatch), k),
+            _tile(minibatch.batch, k),
+            _tile(minibatch.labels, k),
+            [_tile(codes, k) for codes in minibatch.cat_covs],
+            _tile(minibatch.cont_covs, k),
+            _tile(minibatch.log_size_factor, k),
             None,
         )
 
     @torch.no_grad()
-    def marginal_ll(self, tensors: dict, n_mc_samples: int, n_mc_samples_per_pass: int = 1) -> torch.Tensor:
+    def marginal_ll(
+        self, tensors: Minibatch | Mapping, n_mc_samples: int, n_mc_samples_per_pass: int = 1
+    ) -> torch.Tensor:
         """Importance-sampled log p(x) per cell (B,) with n_mc_samples draws from q (call in eval mode):
             log (1/K) sum_k p(x | z_k, l_k) p(z_k) p(l_k) / (q(z_k | x) q(l_k | x))
         The densities of z are taken on the untransformed draw, so the estimate is the same for "ln" (the
@@ -733,7 +824,7 @@ class VAE(nn.Module):
         if n_mc_samples < 1:
             raise ValueError(f"n_mc_samples={n_mc_samples}: must be at least 1")
         per_pass = max(1, min(int(n_mc_samples_per_pass), n_mc_samples))
-        minibatch = self._minibatch(tensors)
+        minibatch = self._checked(tensors)
         inference = self._inference(minibatch)
         qz, ql = inference["qz"], inference["ql"]
         standard_normal = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale), validate_args=False)

@@ -649,6 +649,15 @@ class BlockShuffleSampler(_MinibatchStream):
         runs = _block_runs(self.rows, self.block_bounds)
         self._block_first, self._block_cells = runs[:-1], np.diff(runs)
 
+        self._batch_sizes = self._plan_this_rank()
+        self.epoch = 0
+        self.batches_done = 0
+
+    def _plan_this_rank(self) -> np.ndarray:
+        """The sizes of this rank's minibatches in an epoch (int64): the ranks share the rows (their first
+        self._rank_start, cells emitted self._n_emit, both set here); drop_last drops the short last minibatch,
+        else 1 or 2 leftover cells join the last full one. Warns of an epoch of one minibatch too small for
+        BatchNorm."""
         n_cells = len(self.rows)
         per_rank, extra = divmod(n_cells, self.world_size)
         if per_rank == 0:
@@ -668,17 +677,16 @@ class BlockShuffleSampler(_MinibatchStream):
             if n_batches > 1 and 0 < tail < SMALL_LAST_BATCH:
                 n_batches -= 1  # 1 or 2 leftover cells join the last full minibatch (the same on every rank)
             self._n_emit = per_rank + (self.rank < extra)
-        self._batch_sizes = np.full(n_batches, self.batch_size, dtype=np.int64)
-        self._batch_sizes[-1] = self._n_emit - (n_batches - 1) * self.batch_size
-        if self._batch_sizes[-1] < SMALL_LAST_BATCH:
+        batch_sizes = np.full(n_batches, self.batch_size, dtype=np.int64)
+        batch_sizes[-1] = self._n_emit - (n_batches - 1) * self.batch_size
+        if batch_sizes[-1] < SMALL_LAST_BATCH:
             warnings.warn(
-                f"every epoch is one minibatch of {self._batch_sizes[-1]} cell(s), too few for BatchNorm in "
+                f"every epoch is one minibatch of {batch_sizes[-1]} cell(s), too few for BatchNorm in "
                 "training; train on more cells",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        self.epoch = 0
-        self.batches_done = 0
+        return batch_sizes
 
     def __len__(self) -> int:
         return len(self._batch_sizes)

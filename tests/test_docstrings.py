@@ -1,19 +1,23 @@
 """Every public SCVI method has a numpydoc Parameters section naming each of its parameters (editor help and an
-API reference read it), with the choices scvi-tools gives as Literal in the annotations."""
+API reference read it), with the choices scvi-tools gives as Literal in the annotations; the shared descriptions
+(model/docs.py) are filled in, as help() shows them."""
 
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 
 import pytest
 
 from scvi_scale import SCVI
+from scvi_scale.model import docs
 
-METHODS = sorted(
+METHODS = sorted(  # SCVI's own and its mixins' (model/training.py, latent.py, expression.py, saving.py, query.py)
     name
-    for name, member in vars(SCVI).items()
-    if not name.startswith("_") and isinstance(member, (staticmethod, classmethod, type(lambda: 0)))
+    for name in {name for cls in SCVI.__mro__ for name in vars(cls)}
+    if not name.startswith("_")
+    and isinstance(inspect.getattr_static(SCVI, name), (staticmethod, classmethod, type(lambda: 0)))
 )
 
 
@@ -63,3 +67,55 @@ def test_scvi_tools_choices_are_literal_annotations():
     assert choices["latent_distribution"] == {"normal", "ln"}
     assert choices["correlation_type"] == {"spearman", "pearson"}
     assert choices["mode"] == {"vanilla", "change"}
+
+
+def test_the_methods_scvi_tools_has_are_all_checked():
+    assert {"train", "get_elbo", "get_normalized_expression", "save", "load", "load_query_data"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", METHODS + ["__init__"])
+def test_no_placeholder_is_left_unfilled(name):
+    doc = SCVI.__doc__ if name == "__init__" else getattr(SCVI, name).__doc__
+    assert not docs.PLACEHOLDER.search(doc), (
+        f"SCVI.{name}'s docstring has an unfilled {docs.PLACEHOLDER.search(doc)[0]}"
+    )
+
+
+def test_a_shared_entry_is_filled_in_whole_at_the_placeholder_indent():
+    doc = inspect.getdoc(SCVI.get_elbo)
+    entry = doc[doc.index("\nadata\n") + 1 :].splitlines()
+    assert entry[0] == "adata"
+    assert entry[1] == "    " + docs.PARAMETERS["adata"][1]
+    assert entry[2] == "indices"
+    help_text = inspect.getdoc(SCVI.get_latent_representation)
+    write_to = help_text[help_text.index("\nwrite_to\n") + 1 :].splitlines()
+    assert write_to[0] == "write_to" and write_to[1].startswith("    A key to write the output to")
+    assert "    Here obsm/<key> (and with return_dist the variance, obsm/<key>_var)." in write_to[2:5]
+
+
+def test_a_placeholder_without_a_shared_entry_is_refused_naming_it():
+    def method(self, frobnicate=None):
+        """Does it.
+
+        Parameters
+        ----------
+        {frobnicate}
+        """
+
+    with pytest.raises(KeyError, match=re.escape("method's docstring names {frobnicate}")):
+        docs.fill(method)
+
+
+def test_filling_keeps_the_function_and_its_signature():
+    def method(self, adata=None, silent: bool = True):
+        """Does it.
+
+        Parameters
+        ----------
+        {adata}
+        {silent}
+        """
+
+    signature = inspect.signature(method)
+    assert docs.fill(method) is method and inspect.signature(method) == signature
+    assert "{" not in method.__doc__

@@ -10,11 +10,12 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from scvi_scale.kernels import csr_linear
 from torch import nn
 
-from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, VAE
+from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, VAE, Minibatch, to_tensors
 from scvi_scale.nn import FCLayers
 from scvi_scale.settings import settings
 
@@ -595,3 +596,35 @@ def test_a_training_step_reads_no_value_back_to_the_host(name, monkeypatch):
         module.inference({k: v for k, v in csr.items() if k != "x"})
         module.loss(csr)
     assert reads == []
+
+
+def test_a_minibatch_from_a_sampler_is_typed_and_gives_what_its_dict_form_gives():
+    """to_tensors builds the Minibatch once at the data boundary; the dict form (scvi-tools' way, and the tests')
+    is converted at the module's entry, to the same values."""
+    tensors = make_tensors(n_batch=3, n_cats_per_cov=(2,), n_cont=2)
+    sampler_minibatch = {key: value.numpy() for key, value in tensors.items()} | {"rows": np.arange(32)}
+    csr = sp.csr_matrix(sampler_minibatch["x"])
+    sampler_minibatch["x_csr"] = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
+    minibatch = to_tensors(sampler_minibatch, "cpu", slice(4, 20))
+    assert isinstance(minibatch, Minibatch) and minibatch.labels is None and minibatch.qzm is None
+    torch.testing.assert_close(minibatch.x, tensors["x"][4:20])
+    crow_indices, col_indices, values = minibatch.x_csr
+    dense = torch.sparse_csr_tensor(crow_indices, col_indices, values, (16, N_GENES), check_invariants=True).to_dense()
+    torch.testing.assert_close(dense, tensors["x"][4:20])
+    module = VAE(N_GENES, n_batch=3, n_cats_per_cov=[2], n_continuous_cov=2).eval()
+    as_dict = {key: value[4:20] for key, value in tensors.items()} | {"unused": torch.zeros(1)}
+    assert Minibatch.of(as_dict) == Minibatch(**{key: as_dict[key] for key in ("x", "batch", "cat_covs", "cont_covs")})
+    assert Minibatch.of(minibatch) is minibatch
+    with torch.no_grad():
+        from_sampler = seeded(lambda: module.loss(minibatch)["loss"])
+        from_dict = seeded(lambda: module.loss(dict(as_dict, x_csr=minibatch.x_csr))["loss"])
+    torch.testing.assert_close(from_sampler, from_dict)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_repeated_minibatch_tiles_every_per_cell_field_and_drops_the_counts(k):
+    tensors = make_tensors(n_cells=5, n_batch=2, n_labels=2, n_cont=1, size_factor=True)
+    repeated = Minibatch.of(tensors).repeated(k)
+    assert repeated.x is None and repeated.x_csr is None
+    for key in ("batch", "labels", "cont_covs", "size_factor"):
+        torch.testing.assert_close(getattr(repeated, key), torch.cat([tensors[key]] * k))

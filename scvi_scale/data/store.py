@@ -182,25 +182,8 @@ class CountStore:
             ) from None
         self._chunk_files: dict = {}  # none while _open_csr reads indptr's ends; filled below
         if isinstance(counts, zarr.Array):
-            if counts.ndim != 2:
-                raise StoreError(f"{where} is a {counts.ndim}-D array; counts must be 2-D (cells x genes)")
-            self.is_sparse = False
-            self.shape = (int(counts.shape[0]), int(counts.shape[1]))
-            self.chunk_rows = int(counts.chunks[0])
+            self._open_dense(counts, counts_path, where, every_chunk_written)
             arrays = (counts,)
-            if not every_chunk_written and counts.nchunks_initialized < counts.nchunks:
-                _say_once(
-                    logging.WARNING,
-                    self.path,
-                    "absent dense chunks",
-                    "%s: %d of the %d chunks of %s are not on disk and read as zeros: zarr skips writing chunks that "
-                    "hold only zeros, but a chunk lost in a copy reads the same (write_store rewrites the store with "
-                    "every chunk written)",
-                    self.path,
-                    counts.nchunks - counts.nchunks_initialized,
-                    counts.nchunks,
-                    counts_path,
-                )
         else:
             self._open_csr(counts, where)
             arrays = (self._data, self._indices, self._indptr)
@@ -225,7 +208,33 @@ class CountStore:
             )
         self._root = root
         self._counts = counts
-        obs = root["obs"]
+        self._check_obs_and_var(root["obs"])
+
+    def _open_dense(self, counts: zarr.Array, counts_path: str, where: str, every_chunk_written: bool) -> None:
+        """Check a dense counts array and keep its shape and chunk_rows; warn once when chunks are absent (read as
+        zeros) from a store not known to have every chunk written."""
+        if counts.ndim != 2:
+            raise StoreError(f"{where} is a {counts.ndim}-D array; counts must be 2-D (cells x genes)")
+        self.is_sparse = False
+        self.shape = (int(counts.shape[0]), int(counts.shape[1]))
+        self.chunk_rows = int(counts.chunks[0])
+        if not every_chunk_written and counts.nchunks_initialized < counts.nchunks:
+            _say_once(
+                logging.WARNING,
+                self.path,
+                "absent dense chunks",
+                "%s: %d of the %d chunks of %s are not on disk and read as zeros: zarr skips writing chunks that "
+                "hold only zeros, but a chunk lost in a copy reads the same (write_store rewrites the store with "
+                "every chunk written)",
+                self.path,
+                counts.nchunks - counts.nchunks_initialized,
+                counts.nchunks,
+                counts_path,
+            )
+
+    def _check_obs_and_var(self, obs: zarr.Group) -> None:
+        """StoreError when obs has no index or another number of rows than the counts, or var's names are
+        duplicated or not one per column."""
         index_key = obs.attrs.get("_index", "_index")
         if index_key not in obs:
             raise StoreError(f"{self.path}: obs has no index array {index_key!r}; the store is damaged")

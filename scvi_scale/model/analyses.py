@@ -1,6 +1,7 @@
 """The outputs of `SCVI` that are more than one job over the cells: draws pooled over cells, gene correlations,
 differential expression and abundance, the aggregated posterior, minified models' arrays and the report. Each
-takes what the method's plan (output_plans.py) decided; SCVI (scvi.py) documents the arguments.
+takes what the method's plan (output_plans.py) decided; SCVI's methods (scvi.py, latent.py, expression.py) document
+the arguments.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One OutputPlan per output method of `SCVI`: its own arguments checked (before any work) and turned into what to
 compute (a job, or a computation of several passes from analyses.py), where it goes (the written entries, when
 write_to names a key) and how the result is shaped as scvi-tools returns it. plans.execute runs them; the methods'
-docstrings (scvi.py) say what each argument means.
+docstrings (scvi.py, latent.py, expression.py) say what each argument means.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 
 from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.model import compat, sources
-from scvi_scale.module import to_tensors
+from scvi_scale.module import Minibatch, to_tensors
 from scvi_scale.outputs import writer
 from scvi_scale.outputs.runner import ModelInputs, OutputRequest, OutputSpec, run
 from scvi_scale.sampler import SequentialSampler
@@ -138,7 +138,7 @@ def as_gcxs(samples: list):
 
 
 @torch.no_grad()
-def per_cell(model, call: OutputCall, compute: Callable[[dict], torch.Tensor]) -> np.ndarray:
+def per_cell(model, call: OutputCall, compute: Callable[[Minibatch], torch.Tensor]) -> np.ndarray:
     """Stack `compute(tensors)` (a (B, ...) tensor per minibatch) over the call's cells, in store order: the walk
     of get_elbo and the like, which read the counts minibatch by minibatch. Their **kwargs are data-loader
     arguments only, all explained and ignored."""

@@ -23,8 +23,10 @@ import pandas as pd
 from scvi_scale.data import CountStore, Registry, StoreCollection, StoreError, remote
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
+from scvi_scale.module import VAE, to_tensors
 
 SETUP_UUID_KEY = "_scvi_uuid"  # scvi-tools' uns key for the set-up of an AnnData
+CHECKED_CELLS = 1 << 20  # cells whose obs codes are range-checked at once (int64 while checked: 8 MB a field)
 
 _anndata_setups: dict[str, Registry] = {}
 _store_setups: dict[tuple[str, str | None], Registry] = {}
@@ -113,6 +115,27 @@ def query_source(data, reference_var_names: list[str], layer: str | None) -> Cou
     if store.var_names.equals(_index(reference_var_names)):
         return store
     return AlignedStore(path, reference_var_names, layer=store.layer)
+
+
+def checked_obs_arrays(source: CountStore, registry: Registry, module: VAE) -> dict[str, np.ndarray]:
+    """`registry.encode(source)`, each cell's codes checked against `module`'s categories (the data boundary: the
+    module's per-step path reads no values back)."""
+    encoded = registry.encode(source)
+    for first in range(0, source.n_obs, CHECKED_CELLS):  # in parts: the check widens the codes to int64
+        module.check_inputs(to_tensors(encoded, "cpu", slice(first, first + CHECKED_CELLS)))
+    return encoded
+
+
+def check_library_prior(registry: Registry) -> None:
+    """The log-normal prior of a latent library (use_observed_lib_size=False) needs each batch's log library sizes
+    to vary: ValueError naming the batches whose do not."""
+    flat = [c for c, v in zip(registry.batch_categories, registry.library_log_vars, strict=True) if not v > 0]
+    if flat:
+        raise ValueError(
+            f"use_observed_lib_size=False puts a log-normal prior on each batch's library sizes, but batches "
+            f"{flat} of {registry.batch_key!r} have log library sizes of variance 0 (one cell, or equal "
+            "library sizes): keep the observed library (the default), or merge those batches"
+        )
 
 
 def cell_positions(indices, n_obs: int) -> np.ndarray | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scvi_scale.module import to_tensors
+from scvi_scale.module import Minibatch, to_tensors
 from scvi_scale.outputs.jobs import Anchors, ImportanceJob
 from scvi_scale.outputs.runner import ModelInputs, OutputRequest, request_units, run_units
 from scvi_scale.sampler import SequentialSampler
@@ -52,7 +52,7 @@ def gather_anchors(
     return Anchors(**{name: np.concatenate(values).astype(np.float32) for name, values in parts.items()})
 
 
-def _add_anchor_block(module, minibatch: dict, tensors: dict, options: ImportanceOptions, parts: dict) -> None:
+def _add_anchor_block(module, minibatch: dict, tensors: Minibatch, options: ImportanceOptions, parts: dict) -> None:
     qz = module.inference(tensors)["qz"]
     parts["x"].append(minibatch["x"])
     parts["library"].append(minibatch["library"])

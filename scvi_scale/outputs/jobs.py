@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from scvi_scale import kernels
-from scvi_scale.module import to_tensors
+from scvi_scale.module import Minibatch, to_tensors
 from scvi_scale.outputs.de import GroupStatistics
 from scvi_scale.outputs.noise import CellNoise, invert_counts
 
@@ -66,7 +66,7 @@ def stream_offset(transform_batch: int) -> int:
     return N_STREAMS * (int(transform_batch) + 1)
 
 
-def posterior_draws(module, tensors: dict, noise: CellNoise, n_draws: int, transform_batch: int = OWN_BATCH):
+def posterior_draws(module, tensors: Minibatch, noise: CellNoise, n_draws: int, transform_batch: int = OWN_BATCH):
     """n_draws draws of (z, log library) per cell from q, to be decoded in `transform_batch`: z (S, B, L)
     transformed as the decoder sees it ("ln": softmax), library (S, B, 1): the observed one, or draws of q(l | x)."""
     offset = stream_offset(transform_batch)
@@ -80,23 +80,17 @@ def posterior_draws(module, tensors: dict, noise: CellNoise, n_draws: int, trans
     return inference["z"], inference["library"]
 
 
-def decode(module, z: torch.Tensor, library: torch.Tensor, tensors: dict, transform_batch: int, outputs: tuple):
+def decode(module, z: torch.Tensor, library: torch.Tensor, tensors: Minibatch, transform_batch: int, outputs: tuple):
     """The decoder's `outputs` for S draws at once: px_scale, px_rate, zi_logits (S, B, G); theta (G,) or
     (S, B, G).
 
     The draws are stacked along the cell axis (each input tensor repeated S times) for one generative call.
     """
     n_draws, n_cells = z.shape[:2]
-    tensors = {key: value for key, value in tensors.items() if key != "x_csr"}  # the decoder does not read x
-    tiled = (
-        tensors
-        if n_draws == 1
-        else {key: value.repeat(n_draws, *([1] * (value.dim() - 1))) for key, value in tensors.items()}
-    )
     decoded = module.generative(
         z.reshape(n_draws * n_cells, -1),
         library.reshape(n_draws * n_cells, 1),
-        tiled,
+        tensors.repeated(n_draws),  # without the counts: the decoder does not read them
         transform_batch=None if transform_batch == OWN_BATCH else int(transform_batch),
         outputs=outputs,
     )

@@ -130,25 +130,35 @@ def invert_counts(
     if dropout is not None:
         entry_dropout = entries(dropout)
         entry_uniform = (entry_uniform - entry_dropout) / (1.0 - entry_dropout)
+    values = _nonzero_counts(entry_uniform, entry_mean, None if theta is None else entries(theta))
+    rows, columns = np.divmod(positions.numpy(), n_genes)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    return sp.csr_matrix((values, columns.astype(np.int32), indptr), shape=(n_rows, n_genes))
+
+
+def _nonzero_counts(entry_uniform: np.ndarray, entry_mean: np.ndarray, entry_theta: np.ndarray | None) -> np.ndarray:
+    """The counts (float32, each at least 1) of entries whose uniform is above the zero threshold: float64 uniforms
+    (for zero inflation, already rescaled past the dropout), means and inverse dispersions (None: Poisson), one per
+    entry. They walk up the CDF together for at most MAX_WALK steps; those left are bisected (`_bisect_counts`)."""
     # pmf(k + 1) = pmf(k) (slope k + intercept) / (k + 1): Poisson slope 0, intercept mean; NB slope
     # mean / (theta + mean), intercept theta times that.
-    if theta is None:
-        entry_theta, slope, intercept = None, np.zeros_like(entry_mean), entry_mean
+    if entry_theta is None:
+        slope, intercept = np.zeros_like(entry_mean), entry_mean
         pmf = np.exp(-entry_mean)
     else:
-        entry_theta = entries(theta)
         slope = entry_mean / (entry_theta + entry_mean)
         intercept = entry_theta * slope
         pmf = np.exp(-entry_theta * np.log1p(entry_mean / entry_theta))
     cdf = pmf.copy()
     numerator = intercept.copy()  # slope k + intercept at step k
-    values = np.ones(len(positions), dtype=np.float32)  # every entry here is at least 1
-    # walking[i]: the entry (of all `positions`) followed in slot i; counts grow by 1 per step the CDF stays at or
-    # below the uniform. Finished entries keep their value; the arrays shrink when a quarter or fewer still walk
-    # (in place otherwise: the walk is bound by memory traffic, and most entries stop at 1 or 2).
-    walking = np.arange(len(positions))
+    values = np.ones(len(entry_uniform), dtype=np.float32)  # every entry here is at least 1
+    # walking[i]: the entry followed in slot i; counts grow by 1 per step the CDF stays at or below the uniform.
+    # Finished entries keep their value; the arrays shrink when a quarter or fewer still walk (in place otherwise:
+    # the walk is bound by memory traffic, and most entries stop at 1 or 2).
+    walking = np.arange(len(entry_uniform))
     counts = values.copy()
-    below = np.ones(len(positions), dtype=bool)
+    below = np.ones(len(entry_uniform), dtype=bool)
     for k in range(MAX_WALK):
         pmf *= numerator
         pmf *= 1.0 / (k + 1)
@@ -172,10 +182,7 @@ def invert_counts(
         values[tail] = _bisect_counts(
             entry_uniform[below], entry_mean[tail], None if entry_theta is None else entry_theta[tail], MAX_WALK
         )
-    rows, columns = np.divmod(positions.numpy(), n_genes)
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    return sp.csr_matrix((values, columns.astype(np.int32), indptr), shape=(n_rows, n_genes))
+    return values
 
 
 def _cdf(k: np.ndarray, mean: np.ndarray, theta: np.ndarray | None) -> np.ndarray:

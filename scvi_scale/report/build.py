@@ -17,6 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -146,52 +147,89 @@ def build_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.html").unlink(missing_ok=True)  # an earlier report's page must not outlive a failed run
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = now - clock
-        clock = now
-
+    clock = _StageClock()
     import scib_metrics  # noqa: F401  (jax: ~3 s, timed apart from the work)
     import umap  # noqa: F401
 
-    lap("imports")
-
+    clock.lap("imports")
     rows = subsample_rows(len(obs), max_cells, seed)
-    embedding = latent[rows].astype(np.float32)
     sub_obs = obs.iloc[rows]
+    batches = category_codes(sub_obs[batch_key]) if batch_key is not None else None
+    labels = category_codes(sub_obs[labels_key]) if labels_key is not None else None
+    coordinates, baseline, scores, aggregates = _analyse(
+        latent, rows, counts_for_baseline, batches, labels, seed, clock
+    )
+    colourings = {f"{kind} ({key})": sub_obs[key] for kind, key in (("batch", batch_key), ("label", labels_key)) if key}
+    images = _figures(
+        out_dir, history, coordinates, colourings, sub_obs[LIBRARY_SIZE].to_numpy(), scores, aggregates, seed
+    )
+    write_history_table(history, out_dir)
+    clock.lap("figures")
+
+    report = {
+        "format": REPORT_FORMAT,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cells": {"n_cells": len(obs), "subsample": len(rows), "max_cells": max_cells, "seed": seed},
+        "keys": {"batch_key": batch_key, "labels_key": labels_key},
+        "history": {key: [[int(epoch), float(value)] for epoch, value in pairs] for key, pairs in history.items()},
+        "history_summary": _history_summary(history),
+        "run": run,
+        "outputs": outputs,
+        "umap": {"n_neighbors": UMAP_NEIGHBORS, "seed": seed, "umap_learn_version": version("umap-learn")},
+        "scib": _scib_section(scores, aggregates, batches, labels, len(rows), baseline.shape[1]),
+        "images": {name: path.name for name, path in images.items()},
+        "seconds": clock.seconds,
+    }
+    report = _json_ready(report)
+    write_atomically(out_dir / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
+    page = render_page(report, images)
+    write_atomically(out_dir / "report.html", lambda path: path.write_text(page, encoding="utf-8"))
+    return report
+
+
+@dataclass
+class _StageClock:
+    """Seconds per stage of the report's work: lap(stage) ends the stage begun at the last lap (or at creation)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self.started
+        self.started = now
+
+
+def _analyse(latent: np.ndarray, rows: np.ndarray, counts_for_baseline, batches, labels, seed: int, clock):
+    """The analysis of the subsample `rows` (batches, labels: their codes, or None): (UMAP coordinates of its
+    latent, its PCA baseline, scIB scores and aggregates of both embeddings), each stage timed on `clock`."""
+    embedding = latent[rows].astype(np.float32)
     log_counts = counts_for_baseline(rows) if callable(counts_for_baseline) else counts_for_baseline[rows]
     if log_counts.shape[0] != len(rows):
         raise ValueError(f"counts_for_baseline gave {log_counts.shape[0]} rows for {len(rows)} subsampled cells")
-    lap("subsample")
-
+    clock.lap("subsample")
     baseline = pca_baseline(log_counts, latent.shape[1], seed)
     embeddings = {"scvi": embedding, "pca": baseline}
-    lap("pca_baseline")
+    clock.lap("pca_baseline")
     neighbors = {name: nearest_neighbors(points, seed=seed) for name, points in embeddings.items()}
-    lap("neighbors")
+    clock.lap("neighbors")
     coordinates = umap_coordinates(embedding, neighbors["scvi"], seed)
-    lap("umap")
-
-    batches = category_codes(sub_obs[batch_key]) if batch_key is not None else None
-    labels = category_codes(sub_obs[labels_key]) if labels_key is not None else None
+    clock.lap("umap")
     scores = {
         name: scib_scores(points, neighbors[name], baseline, batches, labels) for name, points in embeddings.items()
     }
     aggregates = {name: aggregate_scores(values) for name, values in scores.items()}
-    lap("scib_metrics")
+    clock.lap("scib_metrics")
+    return coordinates, baseline, scores, aggregates
 
+
+def _figures(out_dir: Path, history, coordinates, colourings: dict, library_sizes, scores, aggregates, seed) -> dict:
+    """The report's PNGs in out_dir: the loss curves, the UMAP coloured by each of `colourings` (obs columns, as
+    categories) and by library size, and the scIB scores when any were computed. Returns {name: path}."""
     images = {"history": plot_loss_curves(history, out_dir / "history.png")}
-    colourings = {}
-    if batch_key is not None:
-        colourings[f"batch ({batch_key})"] = sub_obs[batch_key].astype("category").reset_index(drop=True)
-    if labels_key is not None:
-        colourings[f"label ({labels_key})"] = sub_obs[labels_key].astype("category").reset_index(drop=True)
-    colourings["library size (total counts)"] = sub_obs[LIBRARY_SIZE].to_numpy()
-    images["umap"] = plot_umap(coordinates, colourings, out_dir / "umap.png", seed)
+    umap_colours = {title: values.astype("category").reset_index(drop=True) for title, values in colourings.items()}
+    umap_colours["library size (total counts)"] = library_sizes
+    images["umap"] = plot_umap(coordinates, umap_colours, out_dir / "umap.png", seed)
     if any(scores.values()):
         bars = {EMBEDDING_TITLES[name]: {**scores[name], **aggregates[name]} for name in scores}
         groups = [
@@ -199,47 +237,36 @@ def build_report(
             for group in (BATCH_CORRECTION, BIO_CONSERVATION, AGGREGATES)
         ]
         images["scib"] = plot_scib_scores(bars, [group for group in groups if group], out_dir / "scib.png")
-    write_history_table(history, out_dir)
-    lap("figures")
+    return images
 
+
+def _history_summary(history: dict[str, list[tuple[int, float]]]) -> dict:
+    """Epochs trained, the training's seconds (None when not recorded) and each metric's last value."""
     frame = history_frame(history)
     elapsed = elapsed_seconds(history)
-    report = {
-        "format": REPORT_FORMAT,
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cells": {"n_cells": len(obs), "subsample": len(rows), "max_cells": max_cells, "seed": seed},
-        "keys": {"batch_key": batch_key, "labels_key": labels_key},
-        "history": {key: [[int(epoch), float(value)] for epoch, value in pairs] for key, pairs in history.items()},
-        "history_summary": {
-            "epochs": len(frame),
-            "training_seconds": max(elapsed.values()) if elapsed else None,
-            "final": {key: frame[key].dropna().iloc[-1] for key in frame.columns if frame[key].notna().any()},
-        },
-        "run": run,
-        "outputs": outputs,
-        "umap": {"n_neighbors": UMAP_NEIGHBORS, "seed": seed, "umap_learn_version": version("umap-learn")},
-        "scib": {
-            "scib_metrics_version": version("scib-metrics"),
-            "n_neighbors": N_NEIGHBORS,
-            "neighbor_search": neighbor_search(len(rows)),
-            "n_batches": int(len(np.unique(batches))) if batches is not None else None,
-            "n_labels": int(len(np.unique(labels))) if labels is not None else None,
-            "baseline": f"Baseline: PCA ({baseline.shape[1]} components, as many as the latent's dimensions) of the "
-            "log1p-normalised counts of the same cells, uncorrected for batch; it is also PCR "
-            "comparison's pre-integration embedding, so its own PCR comparison is 0.",
-            "scores": scores,
-            "aggregate": aggregates,
-            "categories": {"Batch correction": list(BATCH_CORRECTION), "Bio conservation": list(BIO_CONSERVATION)},
-            "aggregate_rule": "Aggregates as scib-metrics' Benchmarker (min_max_scale=False): the mean of each "
-            "category's computed scores; Total = 0.4 batch correction + 0.6 bio conservation.",
-            "left_out": LEFT_OUT if labels is not None else {},
-            "why_none": None if any(scores.values()) else "it needs two batches or two labels in the subsample",
-        },
-        "images": {name: path.name for name, path in images.items()},
-        "seconds": seconds,
+    return {
+        "epochs": len(frame),
+        "training_seconds": max(elapsed.values()) if elapsed else None,
+        "final": {key: frame[key].dropna().iloc[-1] for key in frame.columns if frame[key].notna().any()},
     }
-    report = _json_ready(report)
-    write_atomically(out_dir / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
-    page = render_page(report, images)
-    write_atomically(out_dir / "report.html", lambda path: path.write_text(page, encoding="utf-8"))
-    return report
+
+
+def _scib_section(scores: dict, aggregates: dict, batches, labels, n_rows: int, n_components: int) -> dict:
+    """report.json's "scib": the scores and aggregates of each embedding and how they were computed."""
+    return {
+        "scib_metrics_version": version("scib-metrics"),
+        "n_neighbors": N_NEIGHBORS,
+        "neighbor_search": neighbor_search(n_rows),
+        "n_batches": int(len(np.unique(batches))) if batches is not None else None,
+        "n_labels": int(len(np.unique(labels))) if labels is not None else None,
+        "baseline": f"Baseline: PCA ({n_components} components, as many as the latent's dimensions) of the "
+        "log1p-normalised counts of the same cells, uncorrected for batch; it is also PCR "
+        "comparison's pre-integration embedding, so its own PCR comparison is 0.",
+        "scores": scores,
+        "aggregate": aggregates,
+        "categories": {"Batch correction": list(BATCH_CORRECTION), "Bio conservation": list(BIO_CONSERVATION)},
+        "aggregate_rule": "Aggregates as scib-metrics' Benchmarker (min_max_scale=False): the mean of each "
+        "category's computed scores; Total = 0.4 batch correction + 0.6 bio conservation.",
+        "left_out": LEFT_OUT if labels is not None else {},
+        "why_none": None if any(scores.values()) else "it needs two batches or two labels in the subsample",
+    }
