@@ -143,14 +143,14 @@ def setup_store(
             remote.remember_options(os.fspath(url), storage_options)
     if is_collection(path):
         keys = None if isinstance(path, StoreCollection) else [_stem(p) for p in path]
-        store = (
+        store: CountStore | StoreCollection = (
             path
             if isinstance(path, StoreCollection)
             else StoreCollection(list(path), join=join, layer=layer, label=store_key, keys=keys)
         )
     else:
         store = CountStore(path, layer=layer, storage_options=storage_options)
-    registry = Registry.build(store, **fields)
+    registry = Registry.build(store, **fields)  # type: ignore[arg-type]  # a StoreCollection reads as a CountStore
     if isinstance(store, StoreCollection):
         registry.collection = store.describe()
     remember_store_setup(store, registry)
