@@ -48,6 +48,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,12 +71,12 @@ GENERATIVE_OUTPUTS = ("px_scale", "px_rate", "theta", "zi_logits", "hidden")
 MODULE_KEYS = ("x", "batch", "labels", "cat_covs", "cont_covs", "size_factor", "qzm", "qzv", "observed_lib_size")
 
 
-def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> dict[str, torch.Tensor]:
+def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> dict[str, Any]:
     """The module's inputs from a sampler minibatch (a dict of numpy arrays, see sampler.py) as tensors on
     `device` (no copy on the CPU), for the minibatch's cells `cells` (a slice). A CSR form of the counts,
     minibatch["x_csr"] = (indptr, indices, data), becomes "x_csr" = (crow_indices, col_indices, values) of those
     cells."""
-    tensors = {
+    tensors: dict[str, Any] = {
         key: torch.from_numpy(np.ascontiguousarray(minibatch[key][cells])).to(device, non_blocking=True)
         for key in MODULE_KEYS
         if key in minibatch
@@ -146,6 +147,9 @@ class VAE(nn.Module):
     variance of log total counts, required when use_observed_lib_size is False.
     """
 
+    library_log_means: torch.Tensor  # buffers, registered when use_observed_lib_size is False
+    library_log_vars: torch.Tensor
+
     def __init__(
         self,
         n_input: int,
@@ -185,12 +189,12 @@ class VAE(nn.Module):
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: expected one of {choices}")
-        for name, value in (("n_input", n_input), ("n_hidden", n_hidden), ("n_latent", n_latent)):
-            if value < 1:
-                raise ValueError(f"{name}={value}: must be at least 1")
-        for name, value in (("n_batch", n_batch), ("n_labels", n_labels), ("n_continuous_cov", n_continuous_cov)):
-            if value < 0:
-                raise ValueError(f"{name}={value}: must not be negative")
+        for name, size in (("n_input", n_input), ("n_hidden", n_hidden), ("n_latent", n_latent)):
+            if size < 1:
+                raise ValueError(f"{name}={size}: must be at least 1")
+        for name, size in (("n_batch", n_batch), ("n_labels", n_labels), ("n_continuous_cov", n_continuous_cov)):
+            if size < 0:
+                raise ValueError(f"{name}={size}: must not be negative")
         n_cats_per_cov = [int(n) for n in (n_cats_per_cov or [])]
         if any(n < 1 for n in n_cats_per_cov):
             raise ValueError(f"n_cats_per_cov={n_cats_per_cov}: every covariate needs at least one category")
@@ -247,7 +251,7 @@ class VAE(nn.Module):
         if batch_representation == "embedding":
             embedding_options = {"embedding_dim": 5, **(batch_embedding_kwargs or {})}
             self._embeddings_dict = nn.ModuleDict({"batch": nn.Embedding(self.n_batch_codes, **embedding_options)})
-            n_embedded = self._embeddings_dict["batch"].embedding_dim
+            n_embedded = self._embeddings_dict["batch"].embedding_dim  # type: ignore[assignment]  # an int
         cat_list = [*([] if n_embedded else [n_batch]), *n_cats_per_cov]
         encoder_cat_list = cat_list if encode_covariates else None
         n_input_encoder = n_input + ((n_continuous_cov + n_embedded) if encode_covariates else 0)
@@ -485,7 +489,7 @@ class VAE(nn.Module):
     def _csr_counts(self, minibatch: Minibatch, transform=None) -> torch.Tensor:
         """x_csr as a sparse CSR tensor (B, G), `transform` applied to its values. Not checked here (that costs a
         device sync): the store's readers prove the CSR they hand out, check_inputs proves one built by hand."""
-        crow_indices, col_indices, values = minibatch.x_csr
+        crow_indices, col_indices, values = minibatch.x_csr  # type: ignore[misc]  # called when x_csr is given
         shape = (crow_indices.shape[0] - 1, self.n_input)
         with warnings.catch_warnings():  # torch calls its CSR tensors beta; the operations used here are tested
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
@@ -502,7 +506,7 @@ class VAE(nn.Module):
         """Observed library sizes (B, 1): the row sums of x (in float64 from x_csr, exact for integer counts)."""
         if minibatch.x is not None:
             return minibatch.x.sum(dim=1, keepdim=True)
-        crow_indices, _, values = minibatch.x_csr
+        crow_indices, _, values = minibatch.x_csr  # type: ignore[misc]  # x is None: x_csr is given
         running = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
         return (running[crow_indices[1:]] - running[crow_indices[:-1]]).to(values.dtype).unsqueeze(1)
 
@@ -528,7 +532,7 @@ class VAE(nn.Module):
             ql = self.l_encoder(encoder_input, *encoder_codes)
             library = self.l_encoder.draw(ql, self._draw_noise(noise.get("library"), ql, n_samples))
         else:
-            library = minibatch.log_size_factor
+            library = minibatch.log_size_factor  # type: ignore[assignment]  # None is replaced below
             if library is None:
                 library = torch.log(self._library_sizes(minibatch))
             if n_samples > 1:
@@ -588,7 +592,7 @@ class VAE(nn.Module):
         self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch, outputs=GENERATIVE_OUTPUTS
     ) -> dict:
         hidden = self._decoder_hidden(z, minibatch)
-        result = {"hidden": hidden}
+        result: dict[str, torch.Tensor | None] = {"hidden": hidden}
         if "px_scale" in outputs or "px_rate" in outputs:
             px_scale = torch.softmax(self.decoder.px_scale_decoder(hidden), dim=-1)
             if "px_rate" in outputs:
@@ -599,7 +603,7 @@ class VAE(nn.Module):
             result["theta"] = self._theta(hidden, minibatch)
         if "zi_logits" in outputs:
             zinb = self.gene_likelihood == "zinb"
-            result["zi_logits"] = self.decoder.px_dropout_decoder(hidden) if zinb else None
+            result["zi_logits"] = self.decoder.px_dropout_decoder(hidden) if zinb else None  # type: ignore[misc]
         return result
 
     def _decoder_hidden(self, z: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
@@ -615,19 +619,19 @@ class VAE(nn.Module):
         if self.gene_likelihood == "poisson":
             return None
         if self.dispersion == "gene":
-            log_theta = self.px_r
+            log_theta: torch.Tensor = self.px_r
         elif self.dispersion == "gene-batch":
             log_theta = self.px_r.t()[minibatch.batch]
         elif self.dispersion == "gene-label":
             log_theta = self.px_r.t()[minibatch.labels]
         else:
-            log_theta = self.decoder.px_r_decoder(hidden)
+            log_theta = self.decoder.px_r_decoder(hidden)  # type: ignore[misc]  # built for "gene-cell"
         return torch.exp(log_theta)
 
     def _likelihood_counts(self, minibatch: Minibatch) -> torch.Tensor:
         """The counts as the fused ops take them: the sparse CSR tensor when x_csr is given (the CPU path reads only
         the non-zeros, with no search for them in a dense x), else x."""
-        return self._csr_counts(minibatch) if minibatch.x_csr is not None else minibatch.x
+        return self._csr_counts(minibatch) if minibatch.x_csr is not None else minibatch.x  # type: ignore[return-value]
 
     def _log_likelihood(self, z: torch.Tensor, library: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
         """log p(x | z, l) per cell (B,), through the fused ops. z: (B, L); library: (B, 1)."""
@@ -656,8 +660,8 @@ class VAE(nn.Module):
             library,
             self._likelihood_counts(minibatch),
             theta=self._theta(hidden, minibatch),
-            dropout_weight=dropout_head.weight if zero_inflated else None,
-            dropout_bias=dropout_head.bias if zero_inflated else None,
+            dropout_weight=dropout_head.weight if zero_inflated else None,  # type: ignore[union-attr]  # zinb has it
+            dropout_bias=dropout_head.bias if zero_inflated else None,  # type: ignore[union-attr]
             likelihood=self.gene_likelihood,
         )
 
@@ -742,6 +746,6 @@ class VAE(nn.Module):
                 - qz.log_prob(z_draw).sum(dim=-1)
             )
             if ql is not None:
-                log_weight = log_weight + (library_prior.log_prob(library) - ql.log_prob(library)).sum(dim=-1)
+                log_weight = log_weight + (library_prior.log_prob(library) - ql.log_prob(library)).sum(dim=-1)  # type: ignore[union-attr]
             log_weights.append(log_weight)
         return torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(n_mc_samples)

@@ -185,9 +185,9 @@ class CountStore:
             if counts.ndim != 2:
                 raise StoreError(f"{where} is a {counts.ndim}-D array; counts must be 2-D (cells x genes)")
             self.is_sparse = False
-            self.shape = (int(counts.shape[0]), int(counts.shape[1]))
+            self.shape: tuple[int, ...] = (int(counts.shape[0]), int(counts.shape[1]))
             self.chunk_rows = int(counts.chunks[0])
-            arrays = (counts,)
+            arrays: tuple = (counts,)
             if not every_chunk_written and counts.nchunks_initialized < counts.nchunks:
                 _say_once(
                     logging.WARNING,
@@ -304,7 +304,7 @@ class CountStore:
         return {"path": self.path, "layer": self.layer, "storage_options": self._storage_options}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["layer"], state.get("storage_options"))
+        self.__init__(state["path"], state["layer"], state.get("storage_options"))  # type: ignore[misc]  # unpickling
 
     def __repr__(self) -> str:
         kind = "CSR" if self.is_sparse else "dense"
@@ -510,7 +510,7 @@ class CountStore:
         """Rows [start, stop) as a float32 numpy array of shape (stop - start, n_vars)."""
         block = self.read_raw(start, stop)
         if self.is_sparse:
-            return block.astype(np.float32, copy=False).toarray()
+            return block.astype(np.float32, copy=False).toarray()  # type: ignore[union-attr]  # CSR; scipy is untyped
         return block.astype(np.float32, copy=False)
 
     def block_bounds(self, block_rows: int | None = None) -> np.ndarray:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 import pandas as pd
@@ -52,7 +52,7 @@ from scvi_scale.outputs.importance import ImportanceOptions
 from scvi_scale.outputs.runner import ModelInputs
 from scvi_scale.settings import settings
 
-MINIFIED_TYPE = "latent_posterior_parameters"
+MINIFIED_TYPE: Final = "latent_posterior_parameters"
 CHECKED_CELLS = 1 << 20  # cells whose obs codes are range-checked at once (int64 while checked: 8 MB a field)
 IMPORTANCE_KEYS = tuple(field.name for field in dataclasses.fields(ImportanceOptions))
 DE_KEYS = (
@@ -130,7 +130,7 @@ class SCVI:
             **{k: v for k, v in kwargs.items() if k not in ignored},
         )
         if not use_observed_lib_size:
-            flat = [c for c, v in zip(registry.batch_categories, registry.library_log_vars, strict=True) if not v > 0]
+            flat = [c for c, v in zip(registry.batch_categories, registry.library_log_vars, strict=True) if not v > 0]  # type: ignore[arg-type]
             if flat:
                 raise ValueError(
                     f"use_observed_lib_size=False puts a log-normal prior on each batch's library sizes, but batches "
@@ -146,7 +146,7 @@ class SCVI:
         self.run_info: dict = {}  # measurements of the last training run (report)
         self.minified_data_type: str | None = None
         self._minified_keys: tuple[str, str] | None = None
-        self._obs_arrays = None
+        self._obs_arrays: dict[str, np.ndarray] | None = None
 
     @property
     def var_names(self) -> pd.Index:
@@ -286,7 +286,7 @@ class SCVI:
         for first in range(0, source.n_obs, CHECKED_CELLS):  # in parts: the check widens the codes to int64
             self.module.check_inputs(to_tensors(encoded, "cpu", slice(first, first + CHECKED_CELLS)))
         if self.minified_data_type is not None:
-            encoded.update(analyses.cached_posterior(source, *self._minified_keys))
+            encoded.update(analyses.cached_posterior(source, *self._minified_keys))  # type: ignore[misc]  # set with it
         if source is self.store:
             self._obs_arrays = encoded
         return encoded
