@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy  # what it checks and how: [tool.mypy] in pyproject.toml
 
 test: lint
 	$(PY) -m pytest -q

@@ -155,7 +155,7 @@ def count_log_likelihood(
         _check_2d("zi_logits", zi_logits, (n_cells, n_genes))
     device = _check_devices(x=x, mu=mu, theta=theta, zi_logits=zi_logits)
     dtype = _compute_dtype(x, mu, theta, zi_logits)
-    x, mu, theta, zi_logits = (None if t is None else t.to(dtype) for t in (x, mu, theta, zi_logits))
+    x, mu, theta, zi_logits = (None if t is None else t.to(dtype) for t in (x, mu, theta, zi_logits))  # type: ignore[assignment]
     backend = _choose_backend(device, dtype)
     if backend == "triton" and x.numel() > 0:  # (an empty grid is no launch: PyTorch answers)
         return _triton_module("count_likelihood").count_log_likelihood(_dense(x), mu, theta, zi_logits, likelihood)
@@ -202,6 +202,8 @@ def decoder_log_likelihood(
     )
     if dropout_weight is not None:
         _check_2d("dropout_weight", dropout_weight, (n_genes, n_hidden))
+        if dropout_bias is None:
+            raise ValueError("dropout_weight needs dropout_bias")
         if tuple(dropout_bias.shape) != (n_genes,):
             raise ValueError(f"dropout_bias has shape {tuple(dropout_bias.shape)}, expected ({n_genes},)")
     inputs = dict(
@@ -219,7 +221,7 @@ def decoder_log_likelihood(
     inputs = {name: None if t is None else t.to(dtype) for name, t in inputs.items()}
     backend = _choose_backend(device, dtype)
     if backend == "triton" and x.numel() > 0:
-        inputs["x"] = _dense(inputs["x"])
+        inputs["x"] = _dense(inputs["x"])  # type: ignore[arg-type]  # x is a tensor
         return _triton_module("decoder_likelihood").decoder_log_likelihood(**inputs, likelihood=likelihood)
     return torch_ops.decoder_log_likelihood(**inputs, likelihood=likelihood, native=backend == "native")
 

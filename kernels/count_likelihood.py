@@ -177,7 +177,7 @@ def count_log_likelihood_backward(x, mu, theta, zi_logits, likelihood: str, grad
         BLOCK_GENES=block_genes,
         num_warps=NUM_WARPS,
     )
-    if theta_per_gene:
+    if theta_per_gene and grad_theta is not None:
         grad_theta = grad_theta.sum(0)
     return grad_mu, grad_theta, grad_zi
 

@@ -96,6 +96,7 @@ def _mismatch() -> str | None:
         "bias gradient": grad_out.double().sum(0),
     }
     for name, got in (("output", out), ("weight gradient", weight.grad), ("bias gradient", bias.grad)):
+        assert got is not None, "backward ran above: every gradient is set"
         if not torch.allclose(got.double(), want[name], rtol=1e-5, atol=1e-5):
             return f"{name}: largest difference {float((got.double() - want[name]).abs().max()):.3g}"
     return None

@@ -619,7 +619,7 @@ def _grad_weights(shared, sizes, theta, likelihood: str, grid: _Launch):
         THETA_PER_GENE=theta_per_gene,
         **grid.options(),
     )
-    grad_theta = (grad_theta.sum(0) if theta_per_gene else grad_theta) if has_theta else None
+    grad_theta = (grad_theta.sum(0) if theta_per_gene else grad_theta) if has_theta else None  # type: ignore[assignment]
     if not zinb:
         return scale_weight.sum(0), scale_bias.sum(0), grad_theta, None, None
     return scale_weight.sum(0), scale_bias.sum(0), grad_theta, dropout_weight.sum(0), dropout_bias.sum(0)

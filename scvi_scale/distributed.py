@@ -75,14 +75,14 @@ class _LossOf(torch.nn.Module):
         self.module = module
 
     def forward(self, tensors: dict, kl_weight: float) -> dict:
-        return self.module.loss(tensors, kl_weight=kl_weight)
+        return self.module.loss(tensors, kl_weight=kl_weight)  # type: ignore[operator]  # VAE.loss, a method
 
 
 def data_parallel_loss(module: torch.nn.Module, device: torch.device) -> Callable[..., dict]:
     """A function (tensors, kl_weight) -> loss dict that trains `module`: DDP-wrapped when world_size > 1 (rank 0's
     parameters and buffers are broadcast to all ranks here), else module.loss itself."""
     if world()[1] == 1:
-        return module.loss
+        return module.loss  # type: ignore[return-value]  # VAE.loss, a method
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(_LossOf(module), device_ids=device_ids)
 

@@ -51,6 +51,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class Minibatch:
     def repeated(self, k: int) -> Minibatch:
         """The cells repeated k times, draw after draw, without the counts: what decoding k draws at once reads."""
         counts = ("x", "x_csr")
-        return Minibatch(**{f.name: _tile(getattr(self, f.name), k) for f in fields(self) if f.name not in counts})
+        return Minibatch(**{f.name: _tile(getattr(self, f.name), k) for f in fields(self) if f.name not in counts})  # type: ignore[arg-type]  # fields by name
 
 
 def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> Minibatch:
@@ -110,7 +111,7 @@ def to_tensors(minibatch: Mapping, device, cells: slice = slice(None)) -> Miniba
     `device` (no copy on the CPU), for the minibatch's cells `cells` (a slice). A CSR form of the counts,
     minibatch["x_csr"] = (indptr, indices, data), becomes x_csr = (crow_indices, col_indices, values) of those
     cells."""
-    tensors = {
+    tensors: dict[str, Any] = {
         key: torch.from_numpy(np.ascontiguousarray(minibatch[key][cells])).to(device, non_blocking=True)
         for key in MODULE_KEYS
         if key in minibatch
@@ -185,6 +186,9 @@ class VAE(nn.Module):
     library_log_means / library_log_vars: (n_batch,) arrays (one entry when n_batch is 0), the per-batch mean and
     variance of log total counts, required when use_observed_lib_size is False.
     """
+
+    library_log_means: torch.Tensor  # buffers, registered when use_observed_lib_size is False
+    library_log_vars: torch.Tensor
 
     def __init__(
         self,
@@ -267,13 +271,14 @@ class VAE(nn.Module):
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: expected one of {choices}")
-        for name, value in (("n_input", self.n_input), ("n_hidden", n_hidden), ("n_latent", self.n_latent)):
-            if value < 1:
-                raise ValueError(f"{name}={value}: must be at least 1")
+        sizes = (("n_input", self.n_input), ("n_hidden", n_hidden), ("n_latent", self.n_latent))
+        for size_name, size in sizes:
+            if size < 1:
+                raise ValueError(f"{size_name}={size}: must be at least 1")
         counts = (("n_batch", self.n_batch), ("n_labels", self.n_labels), ("n_continuous_cov", self.n_continuous_cov))
-        for name, value in counts:
-            if value < 0:
-                raise ValueError(f"{name}={value}: must not be negative")
+        for count_name, count in counts:
+            if count < 0:
+                raise ValueError(f"{count_name}={count}: must not be negative")
         if any(n < 1 for n in self.n_cats_per_cov):
             raise ValueError(f"n_cats_per_cov={self.n_cats_per_cov}: every covariate needs at least one category")
         if self.dispersion == "gene-batch" and self.n_batch < 1:
@@ -319,7 +324,7 @@ class VAE(nn.Module):
         if self.batch_representation == "embedding":
             embedding_options = {"embedding_dim": 5, **(batch_embedding_kwargs or {})}
             self._embeddings_dict = nn.ModuleDict({"batch": nn.Embedding(self.n_batch_codes, **embedding_options)})
-            n_embedded = self._embeddings_dict["batch"].embedding_dim
+            n_embedded = self._embeddings_dict["batch"].embedding_dim  # type: ignore[assignment]  # an int
         cat_list = [*([] if n_embedded else [self.n_batch]), *self.n_cats_per_cov]
         encoder_cat_list = cat_list if encode_covariates else None
         n_input_encoder = n_input + ((n_continuous_cov + n_embedded) if encode_covariates else 0)
@@ -491,6 +496,8 @@ class VAE(nn.Module):
         """A minified model's (qzm (B, L), qzv (B, L), observed library (B,)) in the counts' dtype, else None."""
         if minibatch.qzm is None:
             return None
+        if minibatch.qzv is None or minibatch.observed_lib_size is None:
+            raise ValueError("a minified model's minibatch needs qzv and observed_lib_size beside qzm")
         cached = (minibatch.qzm.to(dtype), minibatch.qzv.to(dtype), minibatch.observed_lib_size.to(dtype))
         if tuple(cached[0].shape) != (n_cells, self.n_latent) or cached[1].shape != cached[0].shape:
             raise ValueError(
@@ -571,7 +578,7 @@ class VAE(nn.Module):
     def _first_layer_reads_csr(minibatch: CheckedMinibatch) -> bool:
         """Whether the encoders' first product takes x as CSR: without a gradient (torch.sparse.mm), or with one
         where the C kernel runs (kernels/csr_linear.py); else x is made dense first."""
-        values = minibatch.x_csr[2]
+        values = minibatch.x_csr[2]  # type: ignore[index]  # called when x_csr is given
         return not torch.is_grad_enabled() or csr_linear.ready_for(values.device, values.dtype)
 
     def _batch_embedding(self, batch: torch.Tensor) -> torch.Tensor | None:
@@ -587,7 +594,7 @@ class VAE(nn.Module):
     def _csr_counts(self, minibatch: CheckedMinibatch, transform=None) -> torch.Tensor:
         """x_csr as a sparse CSR tensor (B, G), `transform` applied to its values. Not checked here (that costs a
         device sync): the store's readers prove the CSR they hand out, check_inputs proves one built by hand."""
-        crow_indices, col_indices, values = minibatch.x_csr
+        crow_indices, col_indices, values = minibatch.x_csr  # type: ignore[misc]  # called when x_csr is given
         shape = (crow_indices.shape[0] - 1, self.n_input)
         with warnings.catch_warnings():  # torch calls its CSR tensors beta; the operations used here are tested
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
@@ -604,7 +611,7 @@ class VAE(nn.Module):
         """Observed library sizes (B, 1): the row sums of x (in float64 from x_csr, exact for integer counts)."""
         if minibatch.x is not None:
             return minibatch.x.sum(dim=1, keepdim=True)
-        crow_indices, _, values = minibatch.x_csr
+        crow_indices, _, values = minibatch.x_csr  # type: ignore[misc]  # x is None: x_csr is given
         running = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
         return (running[crow_indices[1:]] - running[crow_indices[:-1]]).to(values.dtype).unsqueeze(1)
 
@@ -630,7 +637,7 @@ class VAE(nn.Module):
             ql = self.l_encoder(encoder_input, *encoder_codes)
             library = self.l_encoder.draw(ql, self._draw_noise(noise.get("library"), ql, n_samples))
         else:
-            library = minibatch.log_size_factor
+            library = minibatch.log_size_factor  # type: ignore[assignment]  # None is replaced below
             if library is None:
                 library = torch.log(self._library_sizes(minibatch))
             if n_samples > 1:
@@ -698,10 +705,10 @@ class VAE(nn.Module):
             if "px_scale" in outputs:
                 result["px_scale"] = px_scale
         if "theta" in outputs:
-            result["theta"] = self._theta(hidden, minibatch)
+            result["theta"] = self._theta(hidden, minibatch)  # type: ignore[assignment]  # None for Poisson
         if "zi_logits" in outputs:
             zinb = self.gene_likelihood == "zinb"
-            result["zi_logits"] = self.decoder.px_dropout_decoder(hidden) if zinb else None
+            result["zi_logits"] = self.decoder.px_dropout_decoder(hidden) if zinb else None  # type: ignore[misc,assignment]
         return result
 
     def _decoder_hidden(self, z: torch.Tensor, minibatch: CheckedMinibatch) -> torch.Tensor:
@@ -716,6 +723,7 @@ class VAE(nn.Module):
         others; None for Poisson."""
         if self.gene_likelihood == "poisson":
             return None
+        log_theta: torch.Tensor
         if self.dispersion == "gene":
             log_theta = self.px_r
         elif self.dispersion == "gene-batch":
@@ -723,13 +731,13 @@ class VAE(nn.Module):
         elif self.dispersion == "gene-label":
             log_theta = self.px_r.t()[minibatch.labels]
         else:
-            log_theta = self.decoder.px_r_decoder(hidden)
+            log_theta = self.decoder.px_r_decoder(hidden)  # type: ignore[misc]  # built for "gene-cell"
         return torch.exp(log_theta)
 
     def _likelihood_counts(self, minibatch: CheckedMinibatch) -> torch.Tensor:
         """The counts as the fused ops take them: the sparse CSR tensor when x_csr is given (the CPU path reads only
         the non-zeros, with no search for them in a dense x), else x."""
-        return self._csr_counts(minibatch) if minibatch.x_csr is not None else minibatch.x
+        return self._csr_counts(minibatch) if minibatch.x_csr is not None else minibatch.x  # type: ignore[return-value]
 
     def _log_likelihood(self, z: torch.Tensor, library: torch.Tensor, minibatch: CheckedMinibatch) -> torch.Tensor:
         """log p(x | z, l) per cell (B,), through the fused ops. z: (B, L); library: (B, 1)."""
@@ -758,8 +766,8 @@ class VAE(nn.Module):
             library,
             self._likelihood_counts(minibatch),
             theta=self._theta(hidden, minibatch),
-            dropout_weight=dropout_head.weight if zero_inflated else None,
-            dropout_bias=dropout_head.bias if zero_inflated else None,
+            dropout_weight=dropout_head.weight if zero_inflated else None,  # type: ignore[union-attr]  # zinb has it
+            dropout_bias=dropout_head.bias if zero_inflated else None,  # type: ignore[union-attr]
             likelihood=self.gene_likelihood,
         )
 
@@ -803,9 +811,9 @@ class VAE(nn.Module):
             return minibatch
         return CheckedMinibatch(
             _tile(self._dense_counts(minibatch), k),
-            _tile(minibatch.batch, k),
+            _tile(minibatch.batch, k),  # type: ignore[arg-type]  # a tensor stays a tensor
             _tile(minibatch.labels, k),
-            [_tile(codes, k) for codes in minibatch.cat_covs],
+            [_tile(codes, k) for codes in minibatch.cat_covs],  # type: ignore[misc]
             _tile(minibatch.cont_covs, k),
             _tile(minibatch.log_size_factor, k),
             None,
@@ -842,6 +850,6 @@ class VAE(nn.Module):
                 - qz.log_prob(z_draw).sum(dim=-1)
             )
             if ql is not None:
-                log_weight = log_weight + (library_prior.log_prob(library) - ql.log_prob(library)).sum(dim=-1)
+                log_weight = log_weight + (library_prior.log_prob(library) - ql.log_prob(library)).sum(dim=-1)  # type: ignore[union-attr]
             log_weights.append(log_weight)
         return torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(n_mc_samples)

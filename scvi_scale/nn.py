@@ -103,7 +103,7 @@ class FCLayers(nn.Module):
         blocks = []
         for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
             injected = n_covariate_inputs if self._injects_into(index) else 0
-            parts = [nn.Linear(width_in + injected, width_out, bias=bias)]
+            parts: list[nn.Module] = [nn.Linear(width_in + injected, width_out, bias=bias)]
             if use_batch_norm:
                 parts.append(nn.BatchNorm1d(width_out, momentum=BATCH_NORM_MOMENTUM, eps=BATCH_NORM_EPS))
             if use_layer_norm:
@@ -122,8 +122,10 @@ class FCLayers(nn.Module):
         """x: (B, n_in), dense or sparse CSR; cat_codes: one integer tensor (B,) or (B, 1) per entry of
         n_cat_list. Returns (B, n_out)."""
         covariates = one_hot_covariates(cat_codes, self.n_cat_list, x.dtype)
+        linear: nn.Linear  # each block is a Sequential (Linear, then the rest): torch types its items as Module
+        rest: list[nn.Module]
         for index, block in enumerate(self.fc_layers):
-            linear, *rest = block
+            linear, *rest = block  # type: ignore[misc]
             x = linear_with_covariates(linear, x, covariates if self._injects_into(index) else [])
             for layer in rest:
                 x = layer(x)

@@ -48,7 +48,7 @@ def _safe_globals() -> list:
     try:
         from numpy._core import multiarray
     except ImportError:  # numpy 1
-        from numpy.core import multiarray
+        from numpy.core import multiarray  # type: ignore[no-redef]
     from pandas._libs.internals import _unpickle_block
     from pandas.core.indexes.base import _new_Index
     from pandas.core.internals.managers import BlockManager

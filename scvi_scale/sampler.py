@@ -52,8 +52,9 @@ import queue
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -339,7 +340,7 @@ class _Buffer:
         for wanted in np.split(sorted_rows, runs[1:-1]):
             start, stop = int(wanted[0]), int(wanted[-1]) + 1
             self.reads.append((start, stop, None if len(wanted) == stop - start else wanted - start))
-        self.counts = None
+        self.counts: Any = None  # _PairedCsr or a dense array, once loaded
         self.released = False  # every cell gathered into a minibatch: its counts' storage may be reused
 
     def take(self, start: int, stop: int) -> np.ndarray:
@@ -347,7 +348,7 @@ class _Buffer:
         return self.counts[start:stop] if self.positions is None else self.counts[self.positions[start:stop]]
 
 
-def _cut(pieces: Iterable[tuple[object, int]], batch_sizes: np.ndarray) -> Iterator[list[tuple[object, int, int]]]:
+def _cut(pieces: Iterable[tuple[_Buffer, int]], batch_sizes: np.ndarray) -> Iterator[list[tuple[_Buffer, int, int]]]:
     """Cut the cells of consecutive pieces into minibatches of the given sizes, carrying leftovers forward.
 
     pieces: (piece, n_cells) pairs in emission order, holding exactly sum(batch_sizes) cells in all.
@@ -487,7 +488,7 @@ class _MinibatchStream:
     def _assemble(self, parts: list[tuple[_Buffer, int, int]]) -> dict:
         """One minibatch dict (see the module docstring) from its (buffer, start, stop) cell ranges."""
         rows = np.concatenate([buffer.rows[start:stop] for buffer, start, stop in parts])
-        minibatch = {"rows": rows}
+        minibatch: dict[str, Any] = {"rows": rows}
         if self._is_sparse:  # gathered into new arrays: nothing handed out shares memory with a buffer
             indptr, indices, data, minibatch["library"] = _gather_csr(parts)
             if self.dense:
@@ -540,7 +541,7 @@ class _MinibatchStream:
             executor.shutdown(wait=True, cancel_futures=True)
             self._storages = storages
 
-    def _stream(self, buffer_rows: Iterator[np.ndarray], batch_sizes: np.ndarray) -> Iterator[dict]:
+    def _stream(self, buffer_rows: Iterator[np.ndarray], batch_sizes: np.ndarray) -> Generator[dict, None, None]:
         """Minibatches of the given sizes over the buffers' cells, prepared by a producer thread."""
         self._passes += 1
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
@@ -646,7 +647,7 @@ class BlockShuffleSampler(_MinibatchStream):
         self.rank = int(rank)
 
         # The blocks that hold any of the rows: block_first[b] indexes self.rows, block_cells[b] counts them.
-        runs = _block_runs(self.rows, self.block_bounds)
+        runs = _block_runs(self.rows, self.block_bounds)  # type: ignore[arg-type]  # an array: no _keeps_ranges
         self._block_first, self._block_cells = runs[:-1], np.diff(runs)
 
         self._batch_sizes = self._plan_this_rank()
@@ -818,7 +819,9 @@ class SequentialSampler(_MinibatchStream):
     def __iter__(self) -> Iterator[dict]:
         if isinstance(self.rows, range):
             edges = np.unique(np.clip(self.block_bounds, self.rows.start, self.rows.stop))
-            buffer_rows = (np.arange(start, stop, dtype=np.int64) for start, stop in zip(edges[:-1], edges[1:]))
+            buffer_rows: Iterator[np.ndarray] = (
+                np.arange(start, stop, dtype=np.int64) for start, stop in zip(edges[:-1], edges[1:])
+            )
         else:
             buffer_rows = iter(np.split(self.rows, _block_runs(self.rows, self.block_bounds)[1:-1]))
         batch_sizes = np.full(len(self), self.batch_size, dtype=np.int64)

@@ -29,6 +29,7 @@ Only the weights, set-up, training history flag and split indices are carried ov
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from torch import nn
 
 from scvi_scale.data.registry import NO_KEY_CATEGORIES, Registry
 from scvi_scale.nn import Encoder
+
+if TYPE_CHECKING:
+    from scvi_scale.module import VAE
 
 SCVI_TOOLS_VERSION = "1.4.2"  # the scvi-tools version whose format this writes (and the fixture was made with)
 # SCVI's named arguments, as scvi-tools keeps them in init_params_["non_kwargs"]
@@ -183,7 +187,7 @@ def to_ours(payload: dict, dir_path) -> dict:
     }
 
 
-def _scvi_tools_state(module: nn.Module, params: dict) -> dict:
+def _scvi_tools_state(module: VAE, params: dict) -> dict:
     """Our module's state dict in scvi-tools' names, with the parts scvi-tools always builds filled in."""
     state = {}
     for key, value in module.state_dict().items():
@@ -191,9 +195,9 @@ def _scvi_tools_state(module: nn.Module, params: dict) -> dict:
     n_input, n_hidden = module.n_input, params.get("n_hidden", 128)
     if "l_encoder." in _unused_parts(params):
         encoder_first = module.z_encoder.encoder.fc_layers[0]
-        norms = {type(layer) for layer in encoder_first}
+        norms = {type(layer) for layer in encoder_first}  # type: ignore[attr-defined]  # a Sequential, typed Module
         library_encoder = Encoder(
-            module.z_encoder.encoder.fc_layers[0][0].in_features
+            module.z_encoder.encoder.fc_layers[0][0].in_features  # type: ignore[index]
             - sum(n for n in module.z_encoder.encoder.n_cat_list if n > 1),
             1,
             n_cat_list=module.z_encoder.encoder.n_cat_list,
@@ -278,7 +282,7 @@ def _scvi_tools_registry(registry: Registry) -> dict:
     }
 
 
-def from_ours(saved, module: nn.Module, history_frames: dict) -> dict:
+def from_ours(saved, module: VAE, history_frames: dict) -> dict:
     """scvi-tools' model.pt payload for a persist.SavedModel whose weights are `module`'s, with the history as
     scvi-tools keeps it (metric -> DataFrame). A size_factor_key registry cannot be written (scvi-tools would
     decode it with a softplus)."""

@@ -29,10 +29,15 @@ reference) to fine-tune with freezing again.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from scvi_scale.nn import FCLayers
+
+if TYPE_CHECKING:
+    from scvi_scale.module import VAE
 
 ENCODER_MODULES = ("z_encoder", "l_encoder")
 # scvi-tools leaves the library encoder out of the freezing: it learns whole, with no hooks.
@@ -56,10 +61,10 @@ def _batch_column_start(fc: FCLayers, linear: nn.Linear, n_batch: int) -> int | 
 
 def _injected_linears(fc: FCLayers):
     """(block index, Linear) of fc's blocks that take the covariates."""
-    return [(index, block[0]) for index, block in enumerate(fc.fc_layers) if fc._injects_into(index)]
+    return [(index, block[0]) for index, block in enumerate(fc.fc_layers) if fc._injects_into(index)]  # type: ignore[index]  # Sequentials, typed Module
 
 
-def transfer_reference_weights(module: nn.Module, reference_state: dict, n_reference_batch: int) -> None:
+def transfer_reference_weights(module: VAE, reference_state: dict, n_reference_batch: int) -> None:
     """Load the reference's weights into `module`, built for more batches, keeping the new columns' fresh values.
 
     Linear maps that take the batch one-hot get new columns after the reference batches' ones; the "gene-batch"
@@ -132,7 +137,7 @@ def _set_trainable(parameter: nn.Parameter, trainable: torch.Tensor) -> None:
 
 
 def freeze_for_query(
-    module: nn.Module,
+    module: VAE,
     n_reference_batch: int,
     *,
     unfrozen: bool = False,
@@ -173,7 +178,7 @@ def freeze_for_query(
             top == "decoder" and not freeze_decoder_first_layer
         )
         for index, block in enumerate(child.fc_layers):
-            linear = block[0]
+            linear = block[0]  # type: ignore[index]  # a Sequential, typed Module
             if index == 0 and first_layer_learns:
                 linear.weight.requires_grad_(True)
                 linear.bias.requires_grad_(True)

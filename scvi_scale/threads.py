@@ -135,7 +135,7 @@ class ThreadTuner:
         (two threads beside a busy process cost several times a step: the rest of the window is not worth it). A probe
         of one thread is never cut: its first steps in a process are slow for a reason of their own (setup)."""
         probe, in_use = self.durations.get(timed_at), self.durations.get(self.in_use)
-        if timed_at <= self.in_use or in_use is None or len(probe) < PROBE_CUT_STEPS:
+        if timed_at <= self.in_use or probe is None or in_use is None or len(probe) < PROBE_CUT_STEPS:
             return
         if min(probe[-PROBE_CUT_STEPS:]) > PROBE_CUT_FACTOR * float(np.median(in_use)):
             self.probe_cut_in = (global_step - self.lead) // self.period

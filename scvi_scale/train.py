@@ -37,6 +37,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,7 +203,7 @@ class _EpochSums:
         totals = distributed.all_reduce_sum(list(values.values()), device)
         reduced = dict(zip(values, totals))
         reduced["n_cells"] = int(reduced["n_cells"])
-        return _EpochSums(**reduced)
+        return _EpochSums(**reduced)  # type: ignore[arg-type]  # n_cells made an int above
 
     def metrics(self, mode: str, kl_weight: float) -> dict[str, float]:
         """The epoch's metrics in scvi-tools' names (see the module docstring); loss at `kl_weight` for
@@ -261,7 +262,7 @@ def evaluate(module: torch.nn.Module, stream, device: torch.device, kl_weight: f
     sums = _EpochSums()
     try:
         for minibatch in stream:
-            sums.add(module.loss(to_tensors(minibatch, device), kl_weight=1.0))
+            sums.add(module.loss(to_tensors(minibatch, device), kl_weight=1.0))  # type: ignore[operator]  # VAE.loss
     finally:
         module.train(was_training)
     return sums.all_reduced(device).metrics("validation", kl_weight)
@@ -419,7 +420,7 @@ class _Loop:
                 min_lr=config.lr_min,
             )
         self.state = TrainingState()
-        self.progress = None
+        self.progress: Any = None  # the tqdm bar, while progress_bar() is open
         self.recent_losses: deque[float] = deque(maxlen=RECENT_LOSSES)
         self.last_step: tuple[dict, float] | None = None  # (minibatch, KL weight) of the last step, for healthy()
         self.last_checkpoint_time = time.monotonic()

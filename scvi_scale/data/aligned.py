@@ -61,7 +61,7 @@ class AlignedStore(CountStore):
     def __init__(self, path, reference_var_names, layer: str | None = None):
         self._reference_var_names = None  # the store's own genes until the alignment below is set
         super().__init__(path, layer=layer)
-        self.query_var_names = CountStore.var_names.func(self)
+        self.query_var_names = CountStore.var_names.func(self)  # type: ignore[attr-defined]  # a cached_property
         reference = pd.Index([str(name) for name in reference_var_names])
         if reference.has_duplicates:
             duplicated = list(reference[reference.duplicated()][:5])
@@ -90,7 +90,7 @@ class AlignedStore(CountStore):
     @property
     def var_names(self) -> pd.Index:
         if self._reference_var_names is None:
-            return CountStore.var_names.func(self)
+            return CountStore.var_names.func(self)  # type: ignore[attr-defined]  # a cached_property
         return self._reference_var_names
 
     @property
@@ -101,12 +101,12 @@ class AlignedStore(CountStore):
         )
 
     def __getstate__(self):
-        return {"path": self.path, "layer": self.layer, "reference_var_names": list(self._reference_var_names)}
+        return {"path": self.path, "layer": self.layer, "reference_var_names": list(self.var_names)}
 
     def __setstate__(self, state):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # warned once already, in the process that aligned it
-            self.__init__(state["path"], state["reference_var_names"], layer=state["layer"])
+            self.__init__(state["path"], state["reference_var_names"], layer=state["layer"])  # type: ignore[misc]  # unpickling
 
     def __repr__(self) -> str:
         return f"Aligned{super().__repr__()[:-1]}, aligned to {self.n_vars} reference genes)"

@@ -188,7 +188,7 @@ class StoreCollection:
         }
 
     def __setstate__(self, state):
-        self.__init__(
+        self.__init__(  # type: ignore[misc]  # unpickling rebuilds through __init__
             state["paths"],
             state["join"],
             state["layer"],
@@ -282,7 +282,7 @@ class StoreCollection:
     def var_frame(self) -> pd.DataFrame:
         """var of the joined genes: each column from the first store that has it (anndata's merge="first")."""
         frames = [store.var_frame().reindex(self.var_names) for store in self.stores]
-        columns = {}
+        columns: dict[str, pd.Series] = {}
         for frame in frames:
             for column in frame.columns:
                 columns.setdefault(column, frame[column])
@@ -296,7 +296,7 @@ class StoreCollection:
         if not 0 <= start <= stop <= self.n_obs:
             raise IndexError(f"row range [{start}, {stop}) is outside [0, {self.n_obs}) of {self!r}")
         first = min(int(np.searchsorted(self.offsets, start, side="right")) - 1, len(self.stores) - 1)
-        parts = []
+        parts: list[sp.csr_matrix | np.ndarray] = []
         for index in range(first, len(self.stores)):
             low, high = max(start, self.offsets[index]), min(stop, self.offsets[index + 1])
             if parts and low >= high:
@@ -339,8 +339,8 @@ class StoreCollection:
         for index, store in enumerate(self.stores):
             lazy = store.to_dask()
             parts.append(
-                lazy.map_blocks(
-                    functools.partial(self._in_joined_genes, index),
+                lazy.map_blocks(  # type: ignore[call-arg]  # dask types the method as da.map_blocks
+                    functools.partial(self._in_joined_genes, index),  # type: ignore[arg-type]
                     chunks=(lazy.chunks[0], (self.n_vars,)),
                     dtype=np.float32,
                     meta=meta,

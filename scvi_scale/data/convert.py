@@ -84,7 +84,9 @@ def write_store(
     """
     if isinstance(source, (sp.spmatrix, sp.sparray, np.ndarray)):
         obs_rows = None if obs is None else _ObsRows.of_frame(obs)
-        source_context = contextlib.nullcontext(_matrix_source(source, obs_rows, var, {}, "the matrix"))
+        source_context: contextlib.AbstractContextManager[_Source] = contextlib.nullcontext(
+            _matrix_source(source, obs_rows, var, {}, "the matrix")
+        )
     else:
         if obs is not None or var is not None:
             raise TypeError("obs= and var= are only for a matrix source; other sources carry their own")
@@ -386,8 +388,8 @@ def _tenx_blocks(matrix_path, n_header_lines, n_genes, n_cells, n_entries, obs, 
             order = np.argsort(block_of_entry, kind="stable")
             block_ids, starts = np.unique(block_of_entry[order], return_index=True)
             for block_id, part in zip(block_ids.tolist(), np.split(entries[order], starts[1:])):
-                with open(buckets[block_id], "ab") as bucket:
-                    part.tofile(bucket)
+                with open(buckets[block_id], "ab") as bucket_file:
+                    part.tofile(bucket_file)
         if n_read != n_entries:
             raise StoreError(f"{matrix_path}: the header announces {n_entries} entries but the file has {n_read}")
         for block_id, bucket in enumerate(buckets):

@@ -187,8 +187,8 @@ class Registry:
     categorical_covariate_keys: list[str] = field(default_factory=list)
     categorical_covariate_categories: dict[str, list] = field(default_factory=dict)
     continuous_covariate_keys: list[str] = field(default_factory=list)
-    library_log_means: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
-    library_log_vars: np.ndarray = field(default_factory=lambda: np.ones(1, np.float32))
+    library_log_means: np.ndarray | None = field(default_factory=lambda: np.zeros(1, np.float32))
+    library_log_vars: np.ndarray | None = field(default_factory=lambda: np.ones(1, np.float32))
     n_obs: int = 0
     collection: dict | None = None  # StoreCollection.describe() when set up over several stores
 
@@ -232,7 +232,7 @@ class Registry:
         categoricals; continuous finite; size factors finite and > 0), then makes one pass over the counts for the
         library statistics, which proves every block of the store and validates the counts unless validate=False.
         """
-        if isinstance(store, (str, os.PathLike)) and not hasattr(store, "read_raw"):
+        if isinstance(store, str) or (isinstance(store, os.PathLike) and not hasattr(store, "read_raw")):
             store = CountStore(store, layer=layer)
         if store.n_obs < 2:
             raise StoreError(
@@ -291,7 +291,7 @@ class Registry:
         "size_factor" (N,) float32 when a size_factor_key is registered. A value outside the registered categories
         raises StoreError naming it and its rows (for new batches, use extend_batches first).
         """
-        if isinstance(store, (str, os.PathLike)) and not hasattr(store, "read_raw"):
+        if isinstance(store, str) or (isinstance(store, os.PathLike) and not hasattr(store, "read_raw")):
             store = CountStore(store, layer=self.layer)
         self.check_var_names(store)
         n_obs = store.n_obs
@@ -328,7 +328,7 @@ class Registry:
         keep their library statistics, new ones get theirs from the query (one pass, validating unless told not
         to). Labels and categorical covariates must stay within the registered categories.
         """
-        if isinstance(query, (str, os.PathLike)) and not hasattr(query, "read_raw"):
+        if isinstance(query, str) or (isinstance(query, os.PathLike) and not hasattr(query, "read_raw")):
             query = CountStore(query, layer=self.layer)
         if self.batch_key is None:
             raise StoreError("the registry has no batch_key, so there are no batch categories to extend")

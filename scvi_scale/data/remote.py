@@ -228,7 +228,7 @@ def _credentials_problem(url: str, error: BaseException) -> str | None:
     return None
 
 
-def _chain(error: BaseException):
+def _chain(error: BaseException | None):
     """`error` and its causes / contexts."""
     seen = set()
     while error is not None and id(error) not in seen:

@@ -159,6 +159,9 @@ class CountStore:
     endpoint) are remembered for it in this process, so later opens of the same URL need not repeat them.
     """
 
+    shape: tuple[int, ...]  # set by _open_dense or _open_csr
+    chunk_rows: int
+
     def __init__(self, path, layer: str | None = None, storage_options: dict | None = None):
         self.path = os.fspath(path)
         self.layer = layer
@@ -183,7 +186,7 @@ class CountStore:
         self._chunk_files: dict = {}  # none while _open_csr reads indptr's ends; filled below
         if isinstance(counts, zarr.Array):
             self._open_dense(counts, counts_path, where, every_chunk_written)
-            arrays = (counts,)
+            arrays: tuple = (counts,)
         else:
             self._open_csr(counts, where)
             arrays = (self._data, self._indices, self._indptr)
@@ -313,7 +316,7 @@ class CountStore:
         return {"path": self.path, "layer": self.layer, "storage_options": self._storage_options}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["layer"], state.get("storage_options"))
+        self.__init__(state["path"], state["layer"], state.get("storage_options"))  # type: ignore[misc]  # unpickling
 
     def __repr__(self) -> str:
         kind = "CSR" if self.is_sparse else "dense"
@@ -520,7 +523,7 @@ class CountStore:
         """Rows [start, stop) as a float32 numpy array of shape (stop - start, n_vars)."""
         block = self.read_raw(start, stop)
         if self.is_sparse:
-            return block.astype(np.float32, copy=False).toarray()
+            return block.astype(np.float32, copy=False).toarray()  # type: ignore[union-attr]  # CSR; scipy is untyped
         return block.astype(np.float32, copy=False)
 
     def block_bounds(self, block_rows: int | None = None) -> np.ndarray:

@@ -55,10 +55,11 @@ def find_bad_count(block: sp.spmatrix | np.ndarray) -> BadCount | None:
         return None
     position = int(np.argmax(bad))
     if sp.issparse(block):
-        row = int(np.searchsorted(block.indptr, position, side="right") - 1)
-        column = int(block.indices[position])
+        # scipy is untyped here, so issparse does not narrow `block` to the CSR it is
+        row = int(np.searchsorted(block.indptr, position, side="right") - 1)  # type: ignore[call-overload, union-attr]
+        column = int(block.indices[position])  # type: ignore[union-attr]
     else:
-        row, column = np.unravel_index(position, values.shape)
+        row, column = map(int, np.unravel_index(position, values.shape))
     value = values.flat[position]
     if not np.isfinite(value):
         problem = "finite"
@@ -90,7 +91,9 @@ def check_counts(block, start: int, cell_names, gene_names, where: str) -> None:
         raise count_error(bad, start, start + block.shape[0], cell_names[bad.row], gene_names[bad.column], where)
 
 
-def checked_blocks(store: CountStore, block_rows: int | None = None) -> Iterator[tuple[int, int, object]]:
+def checked_blocks(
+    store: CountStore, block_rows: int | None = None
+) -> Iterator[tuple[int, int, sp.csr_matrix | np.ndarray]]:
     """Yield (start, stop, block in the stored dtype) over the whole store, validating each block first."""
     bounds = store.block_bounds(block_rows)
     where = store.path if store.layer is None else f"{store.path} (layer {store.layer!r})"

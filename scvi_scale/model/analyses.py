@@ -6,6 +6,8 @@ the arguments.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 import torch
@@ -24,7 +26,7 @@ def samples_overall(
     inputs: ModelInputs,
     request: OutputRequest,
     n_samples_overall: int,
-    transform: list,
+    transform: Sequence[int],
     genes,
     library_size,
     weights: str | None,
@@ -65,7 +67,7 @@ def samples_overall(
 def feature_correlation(
     inputs: ModelInputs,
     request: OutputRequest,
-    transform: list,
+    transform: Sequence[int],
     n_samples: int,
     rna_size_factor: int,
     correlation_type: str,
@@ -108,8 +110,9 @@ def differential_expression(
     comparisons = differential.compare_groups(inputs.store, **comparison)
     result = differential.differential_expression(inputs, request, comparisons, options, batch_categories, var_names)
     for target in targets:  # a collection's table goes into each of its stores
+        assert write_to is not None, "targets only when written to"
         writer.write_uns(target, write_to, result, overwrite=request.overwrite)
-    if write_to is not None and in_anndata:
+    if write_to is not None and isinstance(inputs.store, AnnDataSource):
         inputs.store.adata.uns[write_to] = result
     if table_path is not None:
         writer.write_table(result, table_path, overwrite=request.overwrite)
@@ -147,7 +150,7 @@ def differential_abundance(
 
 
 def aggregated_posterior(
-    loc: np.ndarray, variance: np.ndarray, dof: float | None, device: torch.device
+    loc: np.ndarray | torch.Tensor, variance: np.ndarray, dof: float | None, device: torch.device
 ) -> torch.distributions.Distribution:
     """An equal-weight mixture of the cells' q(z | x) (Student's t with `dof` degrees of freedom, or Normal)."""
     loc = torch.as_tensor(loc, device=device)

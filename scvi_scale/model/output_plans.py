@@ -171,7 +171,7 @@ def posterior_predictive(model, transform_batch, n_samples: int, gene_list, writ
     if write_to is not None and genes is not None:
         raise writer.OutputError("a layer holds every gene: write without gene_list (select genes when reading)")
     names = [f"sample_{draw}" for draw in range(n_samples)]
-    keys = [write_to] if n_samples == 1 else [f"{write_to}_{draw}" for draw in range(n_samples)]
+    keys = [f"{write_to}"] if n_samples == 1 else [f"{write_to}_{draw}" for draw in range(n_samples)]
 
     def shape(values, inputs, request):
         if write_to is not None and not isinstance(inputs.store, AnnDataSource):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ class OutputPlan:
 
     description: str
     job: object = None
-    compute: Callable[[ModelInputs, OutputRequest], object] | None = None
+    compute: Callable[[ModelInputs, OutputRequest], Any] | None = None  # values of the plan's own shape
     written: dict[str, OutputSpec] | None = None
     record: dict | None = None
     shape: Callable[[dict, ModelInputs, OutputRequest], object] = _values

@@ -129,6 +129,7 @@ def checked_obs_arrays(source: CountStore, registry: Registry, module: VAE) -> d
 def check_library_prior(registry: Registry) -> None:
     """The log-normal prior of a latent library (use_observed_lib_size=False) needs each batch's log library sizes
     to vary: ValueError naming the batches whose do not."""
+    assert registry.library_log_vars is not None, "the registry computes the library prior at set-up"
     flat = [c for c, v in zip(registry.batch_categories, registry.library_log_vars, strict=True) if not v > 0]
     if flat:
         raise ValueError(
@@ -166,14 +167,14 @@ def setup_store(
             remote.remember_options(os.fspath(url), storage_options)
     if is_collection(path):
         keys = None if isinstance(path, StoreCollection) else [_stem(p) for p in path]
-        store = (
+        store: CountStore | StoreCollection = (
             path
             if isinstance(path, StoreCollection)
             else StoreCollection(list(path), join=join, layer=layer, label=store_key, keys=keys)
         )
     else:
         store = CountStore(path, layer=layer, storage_options=storage_options)
-    registry = Registry.build(store, **fields)
+    registry = Registry.build(store, **fields)  # type: ignore[arg-type]  # a StoreCollection reads as a CountStore
     if isinstance(store, StoreCollection):
         registry.collection = store.describe()
     remember_store_setup(store, registry)

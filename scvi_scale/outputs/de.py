@@ -222,6 +222,8 @@ def bayes_factors(
     if test_mode not in TEST_MODES:
         raise ValueError(f"test_mode={test_mode!r}: expected one of {TEST_MODES}")
     if pseudocounts is None:
+        if where_zero1 is None or where_zero2 is None:
+            raise ValueError("pseudocounts=None: where_zero1 and where_zero2 are needed to estimate it")
         pseudocounts = estimate_pseudocounts_offset(scales1, scales2, where_zero1, where_zero2)
 
     def lfc(offset: float) -> np.ndarray:

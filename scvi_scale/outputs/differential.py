@@ -298,7 +298,7 @@ class _DrawFile:
         positions, draws = positions[order], np.ascontiguousarray(draws[order], dtype=np.float32)
         starts = np.flatnonzero(np.diff(positions, prepend=-2) != 1)
         for start, stop in zip(starts, [*starts[1:], len(positions)]):
-            data = memoryview(draws[start:stop]).cast("B")
+            data = memoryview(draws[start:stop]).cast("B")  # type: ignore[arg-type]  # numpy stubs: __buffer__ from 3.12
             offset = int(positions[start]) * self.row_bytes
             while data:  # pwrite may write less than asked
                 written = os.pwrite(self.file.fileno(), data, offset)
@@ -323,7 +323,15 @@ def _side_samples(draws: _DrawFile, numbers: np.ndarray, blocks, side: int) -> t
     return scales, batches
 
 
-def _frame(sides, pair, comparisons: Comparisons, statistics, options: DEOptions, var_names, rng) -> pd.DataFrame:
+def _frame(
+    sides: dict[int, tuple[np.ndarray, np.ndarray]],
+    pair,
+    comparisons: Comparisons,
+    statistics,
+    options: DEOptions,
+    var_names,
+    rng,
+) -> pd.DataFrame:
     """The result rows of one comparison, sorted as scvi-tools sorts them."""
     group1, group2 = pair
     use_observed_batches = not options.batch_correction
@@ -354,6 +362,7 @@ def _frame(sides, pair, comparisons: Comparisons, statistics, options: DEOptions
         **where_zero,
     )
     if options.all_stats:
+        assert raw is not None, "all_stats: group_statistics ran"
         columns.update(raw)
     frame = pd.DataFrame(columns, index=pd.Index(var_names))
     frame = frame.sort_values(

@@ -43,7 +43,7 @@ def gather_anchors(
     (marginal_ll draws from torch's generator, forked and seeded with `seed`, so the result is reproducible)."""
     anchors = np.sort(cells if len(cells) <= options.max_cells else rng.choice(cells, options.max_cells, replace=False))
     module = inputs.module.eval()
-    parts = {name: [] for name in ("x", "library", "qz_loc", "qz_scale", "log_px")}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("x", "library", "qz_loc", "qz_scale", "log_px")}
     stream = SequentialSampler(inputs.store, anchors, batch_size=batch_size, obs_arrays=inputs.obs_arrays)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -85,6 +85,7 @@ def importance_sample(
     pool_numbers = first_number + np.arange(len(pool_rows), dtype=np.int64)
     units = request_units(inputs, request, pool_rows, np.full(len(pool_rows), batch), pool_numbers)
     results = run_units(inputs, ImportanceJob(anchors), units, request, description="importance weights")
+    assert results is not None, "no outputs: the results come back"
     log_weights = np.empty(len(pool_rows), dtype=np.float64)
     for result in results:
         log_weights[result["requests"] - first_number] = result["log_weights"]

@@ -193,12 +193,13 @@ class ExpressionJob:
     def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
         parts = []
         for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
-            total = 0.0
+            total: torch.Tensor | float = 0.0
             for batch in self.transform_batches:
                 z, library = posterior_draws(module, tensors, noise, self.n_samples, batch)
                 outputs = decode(module, z, library, tensors, batch, expression_outputs(self.library_size))
                 values = scaled_expression(outputs, self.library_size)
                 total = total + (values if self.genes is None else values[..., list(self.genes)])
+            assert isinstance(total, torch.Tensor), "transform_batches is never empty"
             expression = total / len(self.transform_batches)  # (S, B, G')
             if self.n_samples == 1:
                 parts.append(expression[0])
@@ -245,17 +246,19 @@ class PosteriorPredictiveJob:
     n_samples: int = 1
 
     def compute(self, module, minibatch, unit, seed, batch_size, device) -> dict:
-        parts = [[] for _ in range(self.n_samples)]
+        parts: list[list[sp.csr_matrix]] = [[] for _ in range(self.n_samples)]
         genes = slice(None) if self.genes is None else list(self.genes)
         for tensors, noise in sub_batches(minibatch, CellNoise(seed, unit.rows), batch_size, device):
             n_cells, n_genes = len(noise.keys), module.n_input
-            total = 0
+            total: sp.csr_matrix = 0  # the sum of the batches' CSR counts
             for batch in self.transform_batches:
                 z, library = posterior_draws(module, tensors, noise, self.n_samples, batch)
                 outputs = decode(module, z, library, tensors, batch, LIKELIHOOD_OUTPUTS)
 
                 def stacked(value):  # (S, B, G) -> (S * B, G') on the CPU, draws one after the other
-                    return value[..., genes].reshape(-1, value.shape[-1] if self.genes is None else len(genes)).cpu()
+                    return (
+                        value[..., genes].reshape(-1, value.shape[-1] if self.genes is None else len(self.genes)).cpu()
+                    )
 
                 uniforms = noise.uniform(STREAM_COUNTS + stream_offset(batch), self.n_samples * n_genes)
                 uniforms = uniforms.reshape(n_cells, self.n_samples, n_genes)[..., genes].transpose(1, 0, 2)
@@ -400,7 +403,7 @@ class ImportanceJob:
         scale = outputs["px_scale"][0]  # (s, G)
         theta, zi = outputs["theta"], outputs["zi_logits"]
         block = max(1, LIKELIHOOD_BLOCK_VALUES // max(1, n_anchors * n_genes))
-        log_px_z = []
+        log_px_z_parts = []
         for start in range(0, n_samples, block):
             rows = slice(start, start + block)
             k = scale[rows].shape[0]
@@ -413,10 +416,10 @@ class ImportanceJob:
                     return value
                 return value[0][rows, None, :].expand(-1, n_anchors, -1).reshape(k * n_anchors, n_genes)  # noqa: B023
 
-            log_px_z.append(
+            log_px_z_parts.append(
                 kernels.count_log_likelihood(x, mu, per_pair(theta), per_pair(zi), module.gene_likelihood).reshape(
                     k, n_anchors
                 )
             )
-        log_px_z = torch.cat(log_px_z)
+        log_px_z = torch.cat(log_px_z_parts)
         return log_pz - torch.logsumexp(log_qz, 1) + torch.logsumexp(log_px_z - anchors["log_px"][None, :], 1)

@@ -94,7 +94,10 @@ class CellNoise:
 
 
 def invert_counts(
-    uniform: np.ndarray, mean: torch.Tensor, theta: torch.Tensor | None = None, dropout: torch.Tensor | None = None
+    uniform: np.ndarray | torch.Tensor,
+    mean: torch.Tensor,
+    theta: torch.Tensor | None = None,
+    dropout: torch.Tensor | None = None,
 ) -> sp.csr_matrix:
     """Counts (B, G) as float32 CSR, one uniform in [0, 1) per entry, by inverting the CDF of the likelihood.
 
@@ -192,7 +195,9 @@ def _cdf(k: np.ndarray, mean: np.ndarray, theta: np.ndarray | None) -> np.ndarra
     return special.betainc(theta, k + 1, theta / (theta + mean))
 
 
-def _bisect_counts(uniform: np.ndarray, mean: np.ndarray, theta: np.ndarray | None, low: int) -> np.ndarray:
+def _bisect_counts(
+    uniform: np.ndarray, mean: np.ndarray, theta: np.ndarray | None, low: int | np.ndarray
+) -> np.ndarray:
     """The smallest k > low with CDF(k) > uniform, for entries known to have CDF(low) <= uniform."""
     low = np.full(len(uniform), float(low))
     high = 2 * low

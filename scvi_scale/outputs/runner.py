@@ -165,13 +165,15 @@ def run(
 
 
 def _in_memory(inputs: ModelInputs, job, request: OutputRequest, description: str) -> dict:
-    rows, restore = range(inputs.store.n_obs), None
+    rows: np.ndarray | range = range(inputs.store.n_obs)
+    restore = None
     if request.indices is not None:
         rows = request.indices.astype(np.int64)
         if not np.all(rows[1:] > rows[:-1]):  # results come in store order: put them back in the caller's
             order = np.argsort(rows, kind="stable")
             rows, restore = rows[order], np.argsort(order)
     results = run_units(inputs, job, cut_units(rows, request.unit_rows(inputs.store)), request, description=description)
+    assert results is not None, "no outputs: the results come back"
     joined = {}
     for name in list(results[0]):
         values = stack_rows([result.pop(name) for result in results])
@@ -384,7 +386,7 @@ def _write(outputs: dict, unit: Unit, result: dict) -> None:
         output.write_chunk(unit.index, result[name])
 
 
-def _minibatches(inputs: ModelInputs, job, rows: np.ndarray, unit_size: int):
+def _minibatches(inputs: ModelInputs, job, rows: np.ndarray | range, unit_size: int):
     """The sampler's minibatches of unit_size cells over `rows`, read ahead in threads. A CSR store's counts come
     as CSR only (the encoder reads the non-zeros; the module makes them dense where it must), unless the job asks
     for dense counts too (needs_dense); a dense store's come dense, with CSR too if the job asks (needs_csr).
@@ -428,8 +430,8 @@ def _joined_rows(units: list[Unit]) -> np.ndarray | range:
     """The units' rows as one index: a range when they are consecutive ranges (every chunk of a written output),
     so that the sampler needs no row array; else one array."""
     ranges = all(isinstance(unit.rows, range) for unit in units)
-    if ranges and all(before.rows.stop == after.rows.start for before, after in zip(units, units[1:])):
-        return range(units[0].rows.start, units[-1].rows.stop)
+    if ranges and all(before.rows.stop == after.rows.start for before, after in zip(units, units[1:])):  # type: ignore[union-attr]  # ranges, checked above
+        return range(units[0].rows.start, units[-1].rows.stop)  # type: ignore[union-attr]
     return np.concatenate([np.asarray(unit.rows, dtype=np.int64) for unit in units])
 
 

@@ -549,6 +549,7 @@ class _ChunkFiller:
     under a chunk plus the last values appended."""
 
     def __init__(self, array: zarr.Array):
+        self.held: list[np.ndarray]
         self.array, self.written, self.held, self.n_held = array, 0, [], 0
 
     def append(self, values: np.ndarray) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from scvi_scale.data.writer import write_atomically
 from scvi_scale.report.extra import require_extra
@@ -117,7 +118,7 @@ def build_report(
     history: dict[str, list[tuple[int, float]]],
     run: dict,
     outputs: list[dict],
-    counts_for_baseline: Callable[[np.ndarray], object] | object,
+    counts_for_baseline: Callable[[np.ndarray], np.ndarray | sp.csr_matrix] | np.ndarray | sp.csr_matrix,
     max_cells: int = 200_000,
     seed: int = 0,
     overwrite: bool = False,
