@@ -172,6 +172,17 @@ def library() -> ctypes.CDLL | None:
     return _state["library"]
 
 
+def build_in_background() -> None:
+    """Starts library() in a thread of its own (once a process), so the compiler runs on another core while the
+    caller goes on setting up; the first library() call waits for it (the lock). Not a daemon thread: exiting
+    while it builds waits for the build rather than leaving a partial file in the cache."""
+    with _lock:
+        if "library" in _state or "builder" in _state:
+            return
+        _state["builder"] = threading.Thread(target=library, name="scvi-scale-kernel-build")
+    _state["builder"].start()
+
+
 def disable(reason: str) -> None:
     """Stops using the kernel in this process (it disagreed with the PyTorch path: `reason`)."""
     logger.warning("the native likelihood kernel disagrees with the PyTorch path (%s); using the PyTorch path", reason)

@@ -122,3 +122,37 @@ def test_an_unbuildable_kernel_falls_back_to_the_pytorch_path(tmp_path):
 
     want = sum(scipy.stats.nbinom.logpmf(k, n, n / (n + m)) for k, m, n in ((0, 0.5, 1), (2, 1.5, 2), (1, 2.0, 3)))
     assert abs(float(result.stdout.strip()) - want) < 1e-5
+
+
+NO_DYNAMO_PROCESS = textwrap.dedent("""
+    import json, sys
+    from scvi_scale import SCVI
+    from scvi_scale.datasets import synthetic_atlas
+
+    store = sys.argv[1]
+    synthetic_atlas(store, n_cells=400, n_genes=100, seed=0)
+    SCVI.setup_zarr(store, batch_key="batch")
+    model = SCVI(store, n_latent=4)
+    model.train(max_epochs=2, batch_size=128, check_val_every_n_epoch=1, train_size=0.9, early_stopping=True)
+    model.get_latent_representation()
+    model.get_normalized_expression()
+    print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "history": sorted(model.history_)}))
+""")
+
+
+def test_a_fresh_process_training_and_its_outputs_never_import_torch_dynamo(tmp_path):
+    """torch.optim's optimizers import torch._dynamo (seconds) on first use; training (with validation and early
+    stopping) and the first outputs use none of it (counted in sys.modules, not timed)."""
+    environment = dict(os.environ, SCVI_SCALE_CACHE_DIR=str(tmp_path / "cache"), SCVI_SCALE_PROGRESS="0")
+    environment.pop("SCVI_SCALE_KERNELS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", NO_DYNAMO_PROCESS, str(tmp_path / "atlas.zarr")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "elbo_validation" in seen["history"]  # validation ran
+    assert seen["dynamo"] is False

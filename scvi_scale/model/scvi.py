@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scvi_scale import persist
+from scvi_scale import kernels, persist
 from scvi_scale.data import CountStore, Registry
 from scvi_scale.data.aligned import AlignedStore
 from scvi_scale.data.anndata_source import AnnDataSource
@@ -107,6 +107,7 @@ class SCVI:
                 "SCVI needs its data: an AnnData set up with SCVI.setup_anndata, or a store path set "
                 "up with SCVI.setup_zarr (a datamodule-only model is not supported)"
             )
+        kernels.build_native_in_background()
         if not isinstance(registry, Registry):  # None, or scvi-tools' registry dict (for data-less models)
             registry = sources.setup_of(adata)
         ignored = [key for key in ("extra_payload_autotune", "use_size_factor_key") if key in kwargs]
@@ -189,6 +190,7 @@ class SCVI:
         **kwargs
             scvi-tools' other fields: ignored with a warning.
         """
+        kernels.build_native_in_background()
         compat.explain_ignored("setup_anndata", kwargs, "no other fields are registered for SCVI")
         sources.remember_anndata_setup(
             adata,
@@ -238,6 +240,7 @@ class SCVI:
         Registry
             The set-up (also kept for `SCVI(path)`).
         """
+        kernels.build_native_in_background()  # gcc on the other core while the store is opened and checked
         return sources.setup_store(
             path,
             layer,
