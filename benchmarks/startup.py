@@ -12,7 +12,8 @@ epochs at --batch-size), `second train` (a new model, the same epochs, in the sa
 process's wall time from the parent (interpreter start, imports, setup, the first train and nothing else: a
 pipeline's short training job). scvi-scale trains on the Zarr store, scvi-tools on the same counts read from it
 into memory (anndata.read_zarr, counted in its setup). --baseline-python runs scvi-scale's side again with another
-checkout's environment (e.g. main before a change) in the same run.
+checkout's environment (e.g. main before a change) in the same run. The last column says whether the process
+imported torch._dynamo (torch.optim's optimizers and Lightning do, at seconds of start-up).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ if outputs:
     for call in ("first outputs", "second outputs"):
         model.get_latent_representation(); model.get_normalized_expression()
         now = mark(call, now)
+timeline["dynamo"] = "torch._dynamo" in sys.modules
 print(json.dumps(timeline))
 """
 
@@ -80,6 +82,7 @@ if outputs:
     for call in ("first outputs", "second outputs"):
         model.get_latent_representation(); model.get_normalized_expression()
         now = mark(call, now)
+timeline["dynamo"] = "torch._dynamo" in sys.modules
 print(json.dumps(timeline))
 """
 
@@ -160,13 +163,14 @@ def main() -> None:
         f"{args.threads} threads; seconds (min over {args.repeats} repeats; 'cold job': a process that sets up "
         "and trains once, nothing else)\n"
     )
-    print("| side | caches | " + " | ".join(COLUMNS) + " |")
-    print("| --- | --- |" + " --- |" * len(COLUMNS))
+    print("| side | caches | " + " | ".join(COLUMNS) + " | torch._dynamo imported |")
+    print("| --- | --- |" + " --- |" * (len(COLUMNS) + 1))
     for side, _, _ in sides:
         for state in ("cold job", "cold", "warm"):
             timelines = [t for s, c, _, t in rows if s == side and c == state]
             cells = [f"{min(t[c] for t in timelines):.2f}" if c in timelines[0] else "" for c in COLUMNS]
-            print(f"| {side} | {state} | " + " | ".join(cells) + " |")
+            dynamo = "yes" if any(t.get("dynamo") for t in timelines) else "no"
+            print(f"| {side} | {state} | " + " | ".join(cells) + f" | {dynamo} |")
     if args.peer_python:
         ours = min(t["job"] for s, c, _, t in rows if s == "scvi-scale" and c == "cold job")
         peer = min(t["job"] for s, c, _, t in rows if s == "scvi-tools" and c == "cold job")

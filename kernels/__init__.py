@@ -8,7 +8,8 @@
 Backend (`scvi_scale.settings.kernel_backend`, environment variable SCVI_SCALE_KERNELS):
     "auto"    CUDA tensors run the fused Triton kernels (count_likelihood.py, decoder_likelihood.py);
               CPU tensors run the PyTorch path (torch_ops.py) with the likelihood's terms from the C kernel
-              (native.py, built on first use) where it builds, else torch_ops' own (torch.compile'd).
+              (native.py, built from the model's set-up on, in a thread) where it builds, else torch_ops' own
+              (torch.compile'd).
     "triton"  always Triton; on CPU tensors this works only under TRITON_INTERPRET=1 (how the tests run it),
               which must be set before the kernel modules are first imported.
     "native"  the PyTorch path with the C kernel's terms; an error where it cannot be built. float64 inputs run
@@ -29,7 +30,7 @@ import logging
 import os
 
 import torch
-from scvi_scale.kernels import torch_ops
+from scvi_scale.kernels import csr_linear, native, torch_ops
 from scvi_scale.kernels.torch_ops import LIKELIHOODS
 
 from scvi_scale.settings import settings
@@ -46,6 +47,14 @@ def _interpreting() -> bool:
 
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def build_native_in_background() -> None:
+    """Starts building the C kernel (native.py) in a thread, where settings.kernel_backend may use it ("auto" or
+    "native"): the model's set-up calls this so that the compiler runs while the data is opened (a cold cache's
+    build is not paid on the first step). Does nothing once built or started."""
+    if settings.kernel_backend in ("auto", "native"):
+        native.build_in_background(csr_linear.ready)
 
 
 def _choose_backend(device: torch.device, dtype: torch.dtype) -> str:

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -171,6 +172,24 @@ def library() -> ctypes.CDLL | None:
             except (RuntimeError, OSError) as error:
                 logger.info("native likelihood kernel unavailable (%s); using the PyTorch path", error)
     return _state["library"]
+
+
+def build_in_background(*also: Callable[[], object]) -> None:
+    """Starts library() and then each of `also` (other kernels' loaders, e.g. csr_linear.ready) in a thread of its
+    own (once a process), so the compiler runs on another core while the caller goes on setting up; the first
+    library() call waits for it (the lock). Not a daemon thread: exiting while it builds waits for the build rather
+    than leaving a partial file in the cache."""
+
+    def build_all() -> None:
+        library()
+        for load in also:
+            load()
+
+    with _lock:
+        if "library" in _state or "builder" in _state:
+            return
+        _state["builder"] = threading.Thread(target=build_all, name="scvi-scale-kernel-build")
+    _state["builder"].start()
 
 
 def disable(reason: str) -> None:

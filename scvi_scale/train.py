@@ -29,7 +29,10 @@ checkpoint) and raises TrainingInterrupted, from which a resume continues as an 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import gc
 import logging
 import math
 import signal
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scvi_scale import distributed, persist, surgery
+from scvi_scale import distributed, optim, persist, surgery
 from scvi_scale.data.writer import remove_abandoned_siblings
 from scvi_scale.module import to_tensors
 from scvi_scale.settings import settings
@@ -341,6 +344,15 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, train_stream) -> T
     )
 
 
+@functools.cache  # once a process
+def _skip_the_collection_at_exit() -> None:
+    """At interpreter exit, move every live object out of the garbage collector's reach (gc.freeze): finalization's
+    last collection otherwise walks every object the imports made (torch's above all), seconds of a short job's
+    wall time under load, to free memory the process hands back anyway. Python promises no finalizers for objects
+    still alive at exit; atexit handlers and weakref.finalize callbacks still run. Registered by the first fit."""
+    atexit.register(gc.freeze)
+
+
 def fit(
     module: torch.nn.Module,
     train_stream,
@@ -364,6 +376,7 @@ def fit(
     max_steps: stop after this many optimizer steps in total (a checkpoint is written first); for tests and
         time-boxed jobs.
     """
+    _skip_the_collection_at_exit()
     loop = _Loop(module, train_stream, validation_stream, config, torch.device(device), checkpoint_path)
     if loop.checkpoint_path is not None:
         remove_abandoned_siblings(loop.checkpoint_path)  # the temporary file of a run killed while saving
@@ -399,19 +412,20 @@ class _Loop:
         self.world_size = distributed.world()[1]
         self.train_loss = distributed.data_parallel_loss(module, device)  # module.loss, or DDP around it
         self.trainable = [p for p in module.parameters() if p.requires_grad]
-        # fused: one kernel over all parameters, cheaper than the per-tensor loop (benchmarks/history/issue-04.md)
-        optimizer = torch.optim.AdamW if config.optimizer == "AdamW" else torch.optim.Adam
-        self.optimizer = optimizer(
+        # fused: one kernel over all parameters, cheaper than the per-tensor loop (benchmarks/history/issue-04.md);
+        # optim's own, as torch.optim's would import torch._dynamo (seconds of start-up)
+        self.optimizer = optim.make_optimizer(
             self.trainable,
+            config.optimizer,
             lr=config.lr,
             eps=config.eps,
             weight_decay=config.weight_decay,
-            fused=device.type in ("cpu", "cuda"),
+            device=device,
         )
         self.frozen = surgery.partly_frozen(module)  # query models: entries restored after each step
         self.scheduler = None
         if config.reduce_lr_on_plateau:
-            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.scheduler = optim.ReduceLROnPlateau(
                 self.optimizer,
                 factor=config.lr_factor,
                 patience=config.lr_patience,

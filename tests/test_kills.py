@@ -79,8 +79,6 @@ import scvi_scale.cli
 from scvi_scale import persist
 from scvi_scale.outputs import writer
 
-torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first construction imports torch._dynamo: 2 s a run
-
 CHANGES = ("replace", "rename", "unlink", "remove", "rmdir", "mkdir")
 LANDMARKS = {"finish": (writer._ChunkedOutput, "finish"), "save": (persist, "write_model")}
 MAX_SECONDS = 300

@@ -4,7 +4,8 @@ Layers, bottom to top (docs/architecture.md); a module may import its own layer 
     0 settings, version
     1 data, datasets, sampler
     2 kernels, nn, module, surgery
-    3 train, threads (the training loop's thread tuner), distributed, persist, scvi_tools_format, outputs, report
+    3 train, optim (its optimizer), threads (the training loop's thread tuner), distributed, persist,
+      scvi_tools_format, outputs, report
     4 model
     5 cli, demo, and the package's __init__ (the public face)
 """
@@ -24,6 +25,7 @@ LAYERS = [
     ["scvi_scale.kernels", "scvi_scale.nn", "scvi_scale.module", "scvi_scale.surgery"],
     [
         "scvi_scale.train",
+        "scvi_scale.optim",
         "scvi_scale.threads",
         "scvi_scale.distributed",
         "scvi_scale.persist",

@@ -17,6 +17,8 @@ import textwrap
 import pytest
 from scvi_scale.kernels import torch_ops
 
+from scvi_scale.datasets import synthetic_atlas
+
 pytestmark = pytest.mark.skipif(
     not torch_ops.native_ready(), reason="the C kernel cannot be built here (no C compiler or libmvec)"
 )
@@ -124,3 +126,44 @@ def test_an_unbuildable_kernel_falls_back_to_the_pytorch_path(tmp_path):
 
     want = sum(scipy.stats.nbinom.logpmf(k, n, n / (n + m)) for k, m, n in ((0, 0.5, 1), (2, 1.5, 2), (1, 2.0, 3)))
     assert abs(float(result.stdout.strip()) - want) < 1e-5
+
+
+NOT_IMPORTED = ("torch._dynamo", "anndata", "dask", "h5py", "matplotlib", "sklearn")
+TRAIN_AND_OUTPUTS = textwrap.dedent("""
+    import atexit, gc, json, sys
+    from scvi_scale import SCVI
+
+    store = sys.argv[1]
+    SCVI.setup_zarr(store, batch_key="batch")
+    model = SCVI(store, n_latent=4)
+    model.train(max_epochs=2, batch_size=128, check_val_every_n_epoch=1, train_size=0.9, early_stopping=True)
+    model.get_latent_representation()
+    model.get_normalized_expression()
+    imported = [name for name in json.loads(sys.argv[2]) if name in sys.modules]
+    atexit._run_exitfuncs()  # what exit runs first: train's handler freezes the objects (no collection at exit)
+    frozen = gc.get_freeze_count()
+    print(json.dumps({"imported": imported, "history": sorted(model.history_), "frozen": frozen}))
+""")
+
+
+def test_a_fresh_process_training_from_a_store_imports_neither_torch_dynamo_nor_anndata(tmp_path):
+    """What a store's training (with validation and early stopping) and its first outputs import: not torch._dynamo
+    (torch.optim's optimizers import it on first use: seconds), nor anndata and dask, h5py, matplotlib, sklearn
+    (~1 s together; needed only for AnnData, written outputs, .h5ad, figures). Counted in sys.modules, not timed;
+    and that exit will not walk the objects with the garbage collector (gc.freeze, counted)."""
+    store = tmp_path / "atlas.zarr"
+    synthetic_atlas(store, n_cells=400, n_genes=100, seed=0)
+    environment = dict(os.environ, SCVI_SCALE_CACHE_DIR=str(tmp_path / "cache"), SCVI_SCALE_PROGRESS="0")
+    environment.pop("SCVI_SCALE_KERNELS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", TRAIN_AND_OUTPUTS, str(store), json.dumps(NOT_IMPORTED)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "elbo_validation" in seen["history"]  # validation ran
+    assert seen["imported"] == []
+    assert seen["frozen"] > 100_000  # exit skips the collector's walk over every object the imports made

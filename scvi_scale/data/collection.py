@@ -29,14 +29,18 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from natsort import natsorted
 
 from scvi_scale.data.store import CountStore, StoreError
+
+# imported where used: importing anndata (which imports dask) costs ~1 s of a process's start
+if TYPE_CHECKING:
+    import dask.array as da
 
 JOINS = ("inner", "outer")
 
@@ -334,6 +338,8 @@ class StoreCollection:
     def to_dask(self) -> da.Array:
         """The counts as a lazy float32 dask array (n_obs, n_vars): the stores' own dask views (one chunk per
         chunk_rows rows of each store, the chunks of block_bounds()) with their columns mapped, one after the other."""
+        import dask.array as da
+
         meta = sp.csr_matrix((0, 0), dtype=np.float32) if self.is_sparse else np.empty((0, 0), dtype=np.float32)
         parts = []
         for index, store in enumerate(self.stores):

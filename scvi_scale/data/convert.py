@@ -23,9 +23,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -34,6 +33,11 @@ from scvi_scale.data import remote
 from scvi_scale.data.store import CountStore, StoreError, open_anndata_group
 from scvi_scale.data.validate import CountValidationError
 from scvi_scale.data.writer import DEFAULT_CHUNK_ROWS, DEFAULT_ZARR_FORMAT, StoreWriter, scratch_sibling
+
+# imported where used: importing anndata (which imports dask) and h5py costs ~1 s of a process's start
+if TYPE_CHECKING:
+    import anndata
+    import h5py
 
 MTX_ENTRIES_PER_READ = 2_000_000  # Matrix Market entries parsed at once (~50 MB of parser memory)
 # One non-zero of a 10x matrix, as kept in the per-block bucket files: 1-based cell and gene, value as read.
@@ -125,6 +129,9 @@ def _layer_hint(source: _Source) -> str:
 def _open_source(source, layer: str | None, target) -> Iterator[_Source]:
     """Recognise the source and yield it as a _Source (closing any file it opened afterwards). A URL is read as an
     AnnData Zarr store (data.remote); `target`, the store to write, may be one too."""
+    import anndata
+    import h5py
+
     if isinstance(source, anndata.AnnData):
         yield _anndata_source(source, layer)
         return
@@ -180,6 +187,8 @@ class _ObsRows:
         Handles the encodings anndata writes for obs columns: categorical (codes sliced, categories read once),
         numeric array and string-array; a frame with any other column (e.g. nullable integers) is read whole.
         """
+        import anndata
+
         index_key = group.attrs["_index"]
         readers = {}
         for name in [index_key, *group.attrs["column-order"]]:
@@ -210,6 +219,8 @@ def _categorical_rows(codes, dtype: pd.CategoricalDtype, start: int, stop: int) 
 
 def _array_rows(element, start: int, stop: int) -> np.ndarray:
     """Rows of a 1-D array; strings come back as an object array of str, as anndata.io.read_elem gives them."""
+    import h5py
+
     if isinstance(element, h5py.Dataset) and h5py.check_string_dtype(element.dtype) is not None:
         return element.asstr()[start:stop]
     values = np.asarray(element[start:stop])
@@ -221,6 +232,8 @@ def _array_rows(element, start: int, stop: int) -> np.ndarray:
 
 def _matrix_source(matrix, obs: _ObsRows | None, var: pd.DataFrame | None, uns: dict, where: str) -> _Source:
     """Rows of any row-sliceable matrix: scipy sparse, numpy, h5py dataset or anndata's backed sparse dataset."""
+    import anndata
+
     if len(matrix.shape) != 2:
         raise StoreError(f"{where}: counts must be 2-D (cells x genes), got shape {matrix.shape}")
     n_obs, n_vars = matrix.shape
@@ -258,6 +271,9 @@ def _anndata_source(adata: anndata.AnnData, layer: str | None) -> _Source:
 
 def _h5ad_source(h5ad: h5py.File, layer: str | None, where: str) -> _Source:
     """An .h5ad file read lazily through h5py: X (or the layer) and obs by row blocks, var and uns whole."""
+    import anndata
+    import h5py
+
     if "obs" not in h5ad or "var" not in h5ad:
         raise StoreError(f"{where}: not an AnnData file (no obs/var groups; members {sorted(h5ad.keys())})")
     layers = sorted(h5ad["layers"].keys()) if "layers" in h5ad else []
@@ -278,6 +294,8 @@ def _h5ad_source(h5ad: h5py.File, layer: str | None, where: str) -> _Source:
 
 def _zarr_source(path: str, layer: str | None) -> _Source:
     """An existing AnnData Zarr store, re-blocked (e.g. to rechunk a store written by others)."""
+    import anndata
+
     store = CountStore(path, layer)
     root = open_anndata_group(path)
     obs = _ObsRows.of_group(root["obs"])

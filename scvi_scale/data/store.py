@@ -40,9 +40,8 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-import anndata
-import dask.array as da
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -54,6 +53,10 @@ from zarr.storage import WrapperStore
 from scvi_scale.data import remote
 from scvi_scale.data.chunks import ChunkReadFailed, chunk_file_reader
 from scvi_scale.data.remote import RemoteStoreError
+
+# anndata and dask are imported where used: importing anndata (which imports dask) costs ~1 s of a process's start
+if TYPE_CHECKING:
+    import dask.array as da
 
 logger = logging.getLogger("scvi_scale.data")
 
@@ -86,6 +89,24 @@ class StoreError(ValueError):
 
 class CountValidationError(StoreError):
     """Count values are not finite, non-negative integers; the message names the rows, the cell and the value."""
+
+
+def read_element(element):
+    """anndata.io.read_elem of one obs or var column (or index) of a Zarr store: string-array and array read as
+    zarr reads them, categorical as pandas.Categorical of its codes and categories, as anndata reads them; other
+    encodings (nullable integers, ...) by anndata itself. Training reads only these, so it never imports anndata."""
+    encoding = element.attrs.get("encoding-type")
+    if encoding in ("string-array", "array"):
+        return np.asarray(element[...])
+    if encoding == "categorical":
+        return pd.Categorical.from_codes(
+            np.asarray(element["codes"][...]),
+            categories=read_element(element["categories"]),
+            ordered=bool(element.attrs.get("ordered", False)),
+        )
+    import anndata
+
+    return anndata.io.read_elem(element)
 
 
 def open_anndata_group(path, storage_options: dict | None = None) -> zarr.Group:
@@ -328,12 +349,12 @@ class CountStore:
     @functools.cached_property
     def var_names(self) -> pd.Index:
         var = self._root["var"]
-        return pd.Index(anndata.io.read_elem(var[var.attrs.get("_index", "_index")]))
+        return pd.Index(read_element(var[var.attrs.get("_index", "_index")]))
 
     @functools.cached_property
     def obs_names(self) -> pd.Index:
         obs = self._root["obs"]
-        return pd.Index(anndata.io.read_elem(obs[obs.attrs.get("_index", "_index")]))
+        return pd.Index(read_element(obs[obs.attrs.get("_index", "_index")]))
 
     def obs_name_hashes(self) -> np.ndarray:
         """(n_obs,) uint64 hashes of the obs names, read block by block (8 bytes a cell, never the names whole):
@@ -358,13 +379,15 @@ class CountStore:
         asked for); categoricals stay categorical. Reads only that column."""
         if key not in self.obs_keys():
             raise StoreError(f"{self.path}: obs has no column {key!r}; its columns are {self.obs_keys()}")
-        values = anndata.io.read_elem(self._root["obs"][key])
+        values = read_element(self._root["obs"][key])
         if len(values) != self.n_obs:
             raise StoreError(f"{self.path}: obs column {key!r} has {len(values)} rows, the counts have {self.n_obs}")
         return pd.Series(values, name=key)
 
     def var_frame(self) -> pd.DataFrame:
         """The whole var DataFrame (small: one row per gene)."""
+        import anndata
+
         return anndata.io.read_elem(self._root["var"])
 
     # --- counts ------------------------------------------------------------------------------------------------
@@ -538,6 +561,8 @@ class CountStore:
 
         Each chunk spans all genes; for CSR stores the chunks are scipy CSR matrices.
         """
+        import dask.array as da
+
         bounds = self.block_bounds()
         read = self.read_csr if self.is_sparse else self.read_dense
         meta = sp.csr_matrix((0, 0), dtype=np.float32) if self.is_sparse else np.empty((0, 0), dtype=np.float32)

@@ -57,7 +57,6 @@ import uuid
 import warnings
 from pathlib import Path
 
-import anndata
 import numcodecs
 import numpy as np
 import pandas as pd
@@ -153,6 +152,8 @@ def _is_gone(host: str, pid: int) -> bool:
 
 def write_elem(group: zarr.Group, key: str, value, **kwargs) -> None:
     """anndata.io.write_elem without zarr's notice that v3 sharding will change defaults (we set chunks ourselves)."""
+    import anndata
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
         anndata.io.write_elem(group, key, value, **kwargs)

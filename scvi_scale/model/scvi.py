@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scvi_scale import kernels
 from scvi_scale.data import CountStore, Registry
 from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.model import analyses, compat, docs, output_plans, sources
@@ -87,6 +88,7 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
                 "SCVI needs its data: an AnnData set up with SCVI.setup_anndata, or a store path set "
                 "up with SCVI.setup_zarr (a datamodule-only model is not supported)"
             )
+        kernels.build_native_in_background()
         if not isinstance(registry, Registry):  # None, or scvi-tools' registry dict (for data-less models)
             registry = sources.setup_of(adata)
         ignored = [key for key in ("extra_payload_autotune", "use_size_factor_key") if key in kwargs]
@@ -153,6 +155,7 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
         **kwargs
             scvi-tools' other fields: ignored with a warning.
         """
+        kernels.build_native_in_background()
         compat.explain_ignored("setup_anndata", kwargs, "no other fields are registered for SCVI")
         sources.remember_anndata_setup(
             adata,
@@ -203,6 +206,7 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
         Registry
             The set-up (also kept for `SCVI(path)`).
         """
+        kernels.build_native_in_background()  # gcc on the other core while the store is opened and checked
         return sources.setup_store(
             path,
             layer,

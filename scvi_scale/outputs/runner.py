@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -184,6 +183,8 @@ def _in_memory(inputs: ModelInputs, job, request: OutputRequest, description: st
 def _written(inputs, job, request: OutputRequest, outputs: dict[str, OutputSpec], arguments: dict, description):
     """Every cell's results written into the store; a collection's cells into the store each came from (one call
     per store, its rows offset), read back as one lazy array over the collection."""
+    import dask.array as da
+
     if request.indices is not None:
         raise writer.OutputError("outputs written to a store cover every cell: pass indices=None with write_to")
     record = {

@@ -60,8 +60,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anndata
-import dask.array as da
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -171,6 +169,8 @@ def publish(node: Path, store: str, entry: str) -> None:
 
 
 def _index(group: zarr.Group) -> pd.Index:
+    import anndata
+
     return pd.Index(anndata.io.read_elem(group[group.attrs.get("_index", "_index")]))
 
 
@@ -181,6 +181,8 @@ def output_store(input_store: str | os.PathLike, path: str | os.PathLike | None 
     holding the input's obs and var, no X, and empty layers, obsm, varm, obsp, varp and uns. An existing one must
     describe the same cells and genes, in the same order.
     """
+    import anndata
+
     input_store = os.fspath(input_store)
     if path is None or remote.resolved(path) == remote.resolved(input_store):
         check_writable(input_store)
@@ -585,6 +587,9 @@ def read_output(store: str | os.PathLike, entry: str):
     Raises OutputIncompleteError, naming the missing chunks' count, while the output is being written or after an
     interrupted write, and OutputError when there is no such entry.
     """
+    import anndata
+    import dask.array as da
+
     store = os.fspath(store)
     group_name, key = split_entry(entry)
     root = _root(store, mode="r")
