@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class FusedAdam:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if not value >= 0.0:
                 raise ValueError(f"{name}={value}: must be at least 0")
-        self.param_groups = [
+        self.param_groups: list[dict[str, Any]] = [
             {
                 "params": params,
                 "lr": lr,
@@ -67,7 +68,7 @@ class FusedAdam:
                 "decoupled_weight_decay": decoupled_weight_decay,
             }
         ]
-        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        self.state: dict[torch.Tensor, dict[str, Any]] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -144,7 +145,7 @@ class FusedAdam:
                 f"the optimizer state has {len(saved_groups)} parameter group(s), "
                 f"this optimizer {len(self.param_groups)}"
             )
-        params_of = {}
+        params_of: dict[int, torch.Tensor] = {}
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
@@ -155,7 +156,7 @@ class FusedAdam:
         self.state = {}
         for index, saved_state in state_dict["state"].items():
             param = params_of[int(index)]
-            state = {}
+            state: dict[str, Any] = {}
             for key, value in saved_state.items():
                 if key == "step":
                     value = torch.as_tensor(value, dtype=torch.float32).to(param.device)
