@@ -121,6 +121,45 @@ def test_a_store_in_a_bucket_reads_as_its_local_copy(s3_atlas, local_atlas):
     pd.testing.assert_series_equal(there.obs_column("batch"), here.obs_column("batch"))
 
 
+def test_a_pass_over_an_s3_store_keeps_chunk_gets_in_flight_and_sends_nothing_else(s3_atlas, proxy, local_atlas):
+    """Through 50 ms a request: the sequential pass of the outputs reads with REMOTE_NUM_WORKERS threads (a local
+    store keeps DEFAULT_NUM_WORKERS), several GETs wait at the server at once, every request is a GET (s3fs's HEAD
+    before each object is turned off) and the cells are the local copy's."""
+    from scvi_scale.sampler import DEFAULT_NUM_WORKERS, REMOTE_NUM_WORKERS, SequentialSampler
+
+    here, there = CountStore(local_atlas), CountStore(s3_atlas)
+    assert SequentialSampler(here).num_workers == DEFAULT_NUM_WORKERS
+    stream = SequentialSampler(there, batch_size=64, block_rows=32, return_csr=True, dense=False)
+    assert stream.num_workers == REMOTE_NUM_WORKERS
+    proxy.latency_s, proxy.max_in_flight = 0.05, 0
+    proxy.requests.clear()
+    indptr, indices, data = (np.concatenate(parts) for parts in zip(*(batch["x_csr"] for batch in stream)))
+    expected = here.read_raw(0, here.n_obs)
+    np.testing.assert_array_equal(data, expected.data)
+    np.testing.assert_array_equal(indices, expected.indices)
+    assert {method for method, _ in proxy.requests} == {"GET"}
+    assert proxy.max_in_flight >= 4, proxy.max_in_flight
+
+
+def test_gets_of_one_chunk_at_once_share_one_request(s3_atlas, proxy, local_atlas):
+    """Two neighbouring row blocks read at once need the chunk between them: one GET serves both."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store = remote.zarr_store(s3_atlas)
+    proxy.latency_s = 0.05
+    proxy.requests.clear()
+
+    async def two_readers():
+        return await asyncio.gather(*(store.get("X/data/c/1", default_buffer_prototype()) for _ in range(2)))
+
+    first, second = sync(two_readers())
+    assert first.to_bytes() == second.to_bytes() == (local_atlas / "X/data/c/1").read_bytes()
+    assert sum(path.endswith("/X/data/c/1") for _, path in proxy.requests) == 1
+
+
 def fit_and_apply(path) -> dict:
     """Everything the must-hold list names, on one store, with fixed seeds."""
     SCVI.setup_zarr(path, batch_key="batch")
