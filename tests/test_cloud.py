@@ -525,3 +525,52 @@ def test_an_https_style_store_reads_as_its_local_copy_and_refuses_writes(local_a
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- model directories in a bucket ------------------------------------------------------------------------------
+
+
+def test_a_model_saved_into_a_bucket_loads_back_and_uploads_model_pt_last(bucket, local_atlas, proxy):
+    """SCVI.save(url) over an AnnData with save_anndata: the h5ad is uploaded before model.pt (the file that makes
+    the folder a model), no credential is in the bucket, load(url) gives the same model, and a second save without
+    overwrite is refused before anything is written."""
+    adata = anndata.read_zarr(local_atlas)
+    adata.X = adata.X.toarray()
+    SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, seed=0)
+    url = f"s3://{bucket}/models/reference"
+    proxy.requests.clear()
+    model.save(url, save_anndata=True)
+    puts = [path.rsplit("/", 1)[-1] for method, path in proxy.requests if method == "PUT"]
+    assert puts.index("model.pt") == len(puts) - 1 and "adata.h5ad" in puts, puts
+    fs, root = remote.filesystem(url)
+    written = b"".join(fs.cat_file(path) for path in fs.find(root))
+    assert SECRET.encode() not in written and b"cloud-test-key" not in written
+    assert not remote.staging_folder(url).exists()
+    loaded = SCVI.load(url)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+    with pytest.raises(FileExistsError, match="model.pt exists"):
+        model.save(url)
+    model.save(url, overwrite=True)
+    np.testing.assert_array_equal(SCVI.load(url).get_latent_representation(), model.get_latent_representation())
+
+
+def test_the_cli_trains_into_a_bucket_model_directory_and_reads_the_model_from_it(s3_atlas, bucket, capsys):
+    model_url = f"s3://{bucket}/models/cli"
+    train = ["train", s3_atlas, "--batch-key", "batch", "--out", model_url, "--max-epochs", "1", "--n-latent", "4"]
+    code, err = run_cli(train, capsys)
+    assert code == 0, err
+    fs, root = remote.filesystem(model_url)
+    assert {"model.pt", "history.csv"} <= {path.rsplit("/", 1)[-1] for path in fs.find(root)}
+    assert not remote.staging_folder(model_url).exists()
+    code, err = run_cli(train, capsys)
+    assert code == 2 and "model.pt exists" in err, err
+    output_url = s3_atlas.replace("atlas.zarr", "from-bucket-model.zarr")
+    code, err = run_cli(["latent", s3_atlas, "--model", model_url, "--output-store", output_url], capsys)
+    assert code == 0, err
+    import fsspec
+
+    clear_filesystem_cache()
+    written = anndata.read_zarr(fsspec.get_mapper(output_url)).obsm["X_scvi"]
+    np.testing.assert_array_equal(written, SCVI.load(model_url, s3_atlas).get_latent_representation())
