@@ -209,7 +209,6 @@ def model_folder(dir_path, prefix: str | None = None, overwrite: bool = False, k
         path = model_path(dir_path, prefix)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        Path(dir_path).mkdir(parents=True, exist_ok=True)
         yield Path(dir_path)
         return
     url = os.fspath(dir_path).rstrip("/")

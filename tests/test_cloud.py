@@ -574,3 +574,77 @@ def test_the_cli_trains_into_a_bucket_model_directory_and_reads_the_model_from_i
     clear_filesystem_cache()
     written = anndata.read_zarr(fsspec.get_mapper(output_url)).obsm["X_scvi"]
     np.testing.assert_array_equal(written, SCVI.load(model_url, s3_atlas).get_latent_representation())
+
+
+# --- query mapping and the report over bucket stores ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_dir(local_atlas, tmp_path_factory) -> Path:
+    """A reference trained on the local atlas' genes 20.. in reverse order: a query of all 100 genes maps with 20
+    dropped and the rest reordered."""
+    from scvi_scale.data import write_store
+
+    here = anndata.read_zarr(local_atlas)
+    folder = tmp_path_factory.mktemp("reference")
+    store = write_store(here[:, here.var_names[20:][::-1]].copy(), folder / "reference.zarr", chunk_rows=64)
+    SCVI.setup_zarr(store.path, batch_key="batch")
+    model = SCVI(store.path, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, seed=0)
+    model.save(folder / "model")
+    return folder / "model"
+
+
+def test_prepare_query_zarr_reads_a_bucket_store_as_its_local_copy(s3_atlas, local_atlas, reference_dir):
+    here = SCVI.prepare_query_zarr(local_atlas, str(reference_dir))
+    there = SCVI.prepare_query_zarr(s3_atlas, str(reference_dir))
+    assert list(there.var_names) == list(here.var_names) and there.n_vars == 80
+    assert (there.read_csr(0, there.n_obs) != here.read_csr(0, here.n_obs)).nnz == 0
+
+
+def test_the_map_command_maps_a_bucket_query_into_a_bucket_model_as_it_maps_the_local_copy(
+    s3_atlas, local_atlas, reference_dir, bucket, capsys, tmp_path
+):
+    import shutil
+
+    import fsspec
+
+    local_query = tmp_path / "query.zarr"
+    shutil.copytree(local_atlas, local_query)
+    torch.set_num_threads(1)
+    common = ["--reference", str(reference_dir), "--max-epochs", "1", "--seed", "2"]
+    code, err = run_cli(["map", str(local_query), "--out", str(tmp_path / "query-model"), *common], capsys)
+    assert code == 0, err
+    model_url = f"s3://{bucket}/models/query"
+    code, err = run_cli(["map", s3_atlas, "--out", model_url, *common], capsys)
+    assert code == 0, err
+    clear_filesystem_cache()
+    expected = anndata.read_zarr(local_query).obsm["X_scVI"]
+    np.testing.assert_array_equal(anndata.read_zarr(fsspec.get_mapper(s3_atlas)).obsm["X_scVI"], expected)
+    fs, root = remote.filesystem(model_url)
+    assert fs.exists(f"{root}/model.pt") and not fs.exists(f"{root}/checkpoint.pt")
+
+
+def test_the_report_runs_on_a_bucket_store_as_on_its_local_copy(s3_atlas, local_atlas, tmp_path):
+    import json
+
+    from scvi_scale.report import missing_extra
+
+    if missing_extra() is not None:
+        pytest.skip(str(missing_extra()))
+    torch.set_num_threads(1)
+    reports, latents = [], []
+    for path in (local_atlas, s3_atlas):
+        SCVI.setup_zarr(path, batch_key="batch", labels_key="cell_type")
+        model = SCVI(path, n_latent=4, n_hidden=16)
+        model.train(max_epochs=1, batch_size=64, seed=0)
+        latents.append(model.get_latent_representation())
+        folder = tmp_path / f"report-{len(reports)}"
+        model.report(folder, labels_key="cell_type", seed=0)
+        reports.append(json.loads((folder / "report.json").read_text()))
+    # after one epoch the two latents differ in the last bit of some values (the two-epoch run of
+    # test_training_and_outputs_on_an_s3_store_equal_those_on_the_local_copy is bit for bit; not yet explained)
+    np.testing.assert_allclose(latents[1], latents[0], rtol=0, atol=1e-6)
+    assert reports[1]["cells"] == reports[0]["cells"]
+    for method, scores in reports[0]["scib"]["aggregate"].items():
+        assert reports[1]["scib"]["aggregate"][method] == pytest.approx(scores, rel=1e-4), method

@@ -1018,6 +1018,7 @@ class SCVI:
         )
         with persist.model_folder(dir_path, prefix, overwrite) as folder:  # a URL: staged, model.pt uploaded last
             if save_anndata and isinstance(self.store, AnnDataSource):  # before model.pt, which completes the folder
+                folder.mkdir(parents=True, exist_ok=True)
                 self.store.adata.write_h5ad(persist.anndata_path(folder, prefix), **anndata_write_kwargs)
             persist.write_model(
                 folder, saving.saved_form(self), module=self.module, overwrite=overwrite, format=format, prefix=prefix
