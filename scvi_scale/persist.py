@@ -20,8 +20,11 @@ convert_trusted_model rewrites a trusted one in the allowed types. A damaged fil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,13 +195,82 @@ def anndata_path(dir_path, prefix: str | None = None) -> Path:
     return Path(dir_path) / f"{prefix or ''}{ANNDATA_FILE}"
 
 
+# --- model directories at URLs (s3://, gs://; http(s):// to read) ----------------------------------------------
+
+
+@contextlib.contextmanager
+def model_folder(dir_path, prefix: str | None = None, overwrite: bool = False, keep: tuple[str, ...] = ()):
+    """The local folder to write the model directory `dir_path` in: dir_path itself, or for a URL a staging folder
+    under TMPDIR (remote.staging_folder) uploaded to it when the block ends without error, every model file last
+    (publish_model_folder; the files named in `keep` stay local). FileExistsError first when dir_path holds
+    {prefix}model.pt and not overwrite. The staging folder is kept after an error (a resumed run finds its
+    checkpoint there) and removed after the upload."""
+    if not remote.is_url(os.fspath(dir_path)):
+        path = model_path(dir_path, prefix)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        yield Path(dir_path)
+        return
+    url = os.fspath(dir_path).rstrip("/")
+    if url.split("://", 1)[0].lower() in remote.READ_ONLY_SCHEMES:
+        raise remote.RemoteStoreError(f"{url}: http(s) URLs are read-only; save the model to s3://, gs:// or disk")
+    fs, root = remote.filesystem(url)
+    if not overwrite and fs.exists(f"{root}/{prefix or ''}{MODEL_FILE}"):
+        raise FileExistsError(f"{url}/{prefix or ''}{MODEL_FILE} exists; pass overwrite=True to replace it")
+    folder = remote.staging_folder(url)
+    folder.mkdir(exist_ok=True)
+    yield folder
+    publish_model_folder(folder, url, keep)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish_model_folder(folder: Path, url: str, keep: tuple[str, ...] = ()) -> None:
+    """Upload the local model directory `folder` to `url`: first every file but the model files (*model.pt) and
+    those named in `keep`, then the model files. An object appears whole or not at all, and model.pt is what makes
+    a directory a model, so a reader sees no model, or the old one, until everything it refers to is there. No
+    credential is written: the directory holds what SCVI.save writes, and the storage options stay in memory."""
+    fs, root = remote.filesystem(url)
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name not in keep)
+    last = [path for path in files if path.name.endswith(MODEL_FILE) and path.parent == folder]
+    first = [path for path in files if path not in last and ".partial" not in path.name]
+    for group in (first, last):
+        if group:
+            fs.put([str(path) for path in group], [f"{root}/{path.relative_to(folder).as_posix()}" for path in group])
+
+
+@contextlib.contextmanager
+def _fetched(dir_path, name: str):
+    """The file `name` of the model directory `dir_path` as a local path: itself, or for a URL a copy downloaded
+    into a temporary folder (removed afterwards); FileNotFoundError naming it when it is not there."""
+    if not remote.is_url(os.fspath(dir_path)):
+        yield Path(dir_path) / name
+        return
+    url = f"{os.fspath(dir_path).rstrip('/')}/{name}"
+    fs, path = remote.filesystem(url)
+    with tempfile.TemporaryDirectory(prefix="scvi-scale-model-") as scratch:
+        local = Path(scratch) / name
+        try:
+            fs.get_file(path, str(local))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url} does not exist") from None
+        yield local
+
+
+def _exists(dir_path, name: str) -> bool:
+    if not remote.is_url(os.fspath(dir_path)):
+        return (Path(dir_path) / name).exists()
+    fs, root = remote.filesystem(os.fspath(dir_path).rstrip("/"))
+    return fs.exists(f"{root}/{name}")
+
+
 def saved_data(dir_path, prefix: str | None, saved: SavedModel):
     """The data to load a model over when none is given: the AnnData saved beside it, else the store it was saved
     from (when it still exists)."""
     import anndata
 
-    if anndata_path(dir_path, prefix).exists():
-        return anndata.read_h5ad(anndata_path(dir_path, prefix))
+    if _exists(dir_path, f"{prefix or ''}{ANNDATA_FILE}"):
+        with _fetched(dir_path, f"{prefix or ''}{ANNDATA_FILE}") as path:
+            return anndata.read_h5ad(path)
     paths = [saved.data_path] if isinstance(saved.data_path, str) else saved.data_path or []
     # a URL is taken as it is: opening it says what is wrong, if anything (a bucket cannot be asked cheaply)
     if paths and all(remote.is_url(path) or Path(path).exists() for path in paths):
@@ -229,14 +301,20 @@ def history_lists(frames: dict) -> dict[str, list[tuple[int, float]]]:
 def read_model(dir_path, prefix: str | None = None) -> SavedModel:
     """The model saved in `dir_path`, written by our save or by scvi-tools' SCVI.save (translated; an option we
     cannot map raises scvi_tools_format.UnsupportedScviToolsModel naming it)."""
-    path = model_path(dir_path, prefix)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: a model directory (SCVI.save) holds {MODEL_FILE}")
+    name = f"{prefix or ''}{MODEL_FILE}"
+    if not _exists(dir_path, name):
+        where = (
+            f"{os.fspath(dir_path).rstrip('/')}/{name}"
+            if remote.is_url(os.fspath(dir_path))
+            else model_path(dir_path, prefix)
+        )
+        raise FileNotFoundError(f"{where} does not exist: a model directory (SCVI.save) holds {MODEL_FILE}")
     hint = (
         f"If you trust whoever wrote it, rewrite it in the allowed types with "
         f"scvi_scale.persist.convert_trusted_model({str(dir_path)!r}, NEW_DIR)"
     )
-    return _saved_model(load_torch_file(path, _safe_globals(), hint), dir_path)
+    with _fetched(dir_path, name) as path:
+        return _saved_model(load_torch_file(path, _safe_globals(), hint), dir_path)
 
 
 def convert_trusted_model(dir_path, new_dir_path, prefix: str | None = None) -> Path:
@@ -282,15 +360,12 @@ def write_model(
     overwrite: bool = False,
     format: str = "scvi-scale",
     prefix: str | None = None,
-) -> Path:
-    """Write `saved` as `dir_path/{prefix}model.pt`, atomically; returns its path. format="scvi-tools" writes the
-    directory scvi-tools' SCVI.load reads, and needs the `module` itself (scvi-tools builds parts ours leaves
-    out)."""
+) -> Path | str:
+    """Write `saved` as `dir_path/{prefix}model.pt`, atomically (a URL: uploaded, see model_folder); returns its
+    path. format="scvi-tools" writes the directory scvi-tools' SCVI.load reads, and needs the `module` itself
+    (scvi-tools builds parts ours leaves out)."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: expected one of {FORMATS}")
-    path = model_path(dir_path, prefix)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if format == "scvi-tools":
         payload = scvi_tools_format.from_ours(saved, module, history_frames(saved.history))
     else:
@@ -310,4 +385,6 @@ def write_model(
                 "scvi_scale_version": __version__,
             },
         }
-    return save_torch_file(payload, path)
+    with model_folder(dir_path, prefix, overwrite) as folder:  # a URL: staged, then uploaded
+        written = save_torch_file(payload, model_path(folder, prefix))
+    return written if not remote.is_url(os.fspath(dir_path)) else f"{os.fspath(dir_path).rstrip('/')}/{written.name}"

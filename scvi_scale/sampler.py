@@ -17,7 +17,8 @@ Both streams read ahead in background threads and yield one dict of numpy arrays
 
 The reader is a `scvi_scale.data.CountStore` or any object with the same `n_obs`, `n_vars`, `chunk_rows`,
 `is_sparse`, `read_csr(start, stop)`, `read_dense(start, stop)` and `block_bounds(block_rows)` (where
-its blocks start: a collection of stores restarts them at each store), plus `to_dask()` for read_with="dask".
+its blocks start: a collection of stores restarts them at each store), plus `to_dask()` for read_with="dask", and
+optionally `is_remote` (its reads wait on a network: more reader threads by default, see Threads).
 
     >>> train_rows, validation_rows = train_validation_split(store.n_obs, train_size=0.9, seed=0)
     >>> sampler = BlockShuffleSampler(store, train_rows, batch_size=128, obs_arrays={"batch": batch_codes})
@@ -36,7 +37,8 @@ for small blocks, past the 10% of loader throughput we allow (benchmarks/history
 the default hot path.
 
 Threads. Zarr's codecs release the GIL while decompressing, so `num_workers` reader threads overlap decoding with
-the caller's compute; at most `prefetch_blocks` block reads are queued or running, and at most `prefetch_batches`
+the caller's compute (DEFAULT_NUM_WORKERS of them; REMOTE_NUM_WORKERS for a remote reader, whose threads mostly
+wait on requests); at most `prefetch_blocks` block reads are queued or running, and at most `prefetch_batches`
 finished minibatches wait in a queue. One producer thread turns blocks into minibatches. Closing the iterator early
 (break, an exception, generator close) stops and joins every thread before it returns; a failed block read
 surfaces in the consumer as `BlockReadError` naming the row range, with the original error as its cause (a
@@ -71,6 +73,11 @@ DEFAULT_INFERENCE_BATCH_SIZE = 4096
 DEFAULT_CSR_BLOCK_ROWS = 1024
 DEFAULT_BUFFER_CELLS = 65_536  # buffer_blocks defaults to DEFAULT_BUFFER_CELLS // block_rows
 DEFAULT_NUM_WORKERS = 2
+# Reader threads for a reader whose reads wait on a network (is_remote): each block read spends most of its time
+# waiting for its chunk requests (20-50 ms each, two rounds: indices and data), so 8 in flight keep a ~10k cells/s
+# training step fed with room to spare (Little's law: blocks in flight = blocks read per second x seconds per block,
+# 10 x ~0.1 s), and read a 64-block shuffle buffer in ~8 rounds, not 32.
+REMOTE_NUM_WORKERS = 8
 DEFAULT_PREFETCH_BATCHES = 8
 # A stream over at most KEPT_ROWS cells keeps its decoded blocks (up to KEPT_BYTES) from its second pass on: scvi-tools
 # trains such small sets for 400 epochs, and reading a small store's one block was a large share of each epoch
@@ -384,7 +391,7 @@ class _MinibatchStream:
         obs_arrays: Mapping[str, np.ndarray] | None,
         return_csr: bool,
         read_with: str,
-        num_workers: int,
+        num_workers: int | None,
         prefetch_blocks: int | None,
         prefetch_batches: int,
         minimum_prefetch_blocks: int,
@@ -405,6 +412,8 @@ class _MinibatchStream:
             raise ValueError(f"read_with={read_with!r}: expected one of {READ_PATHS}")
         self.read_with = read_with
         self._lazy = reader.to_dask() if read_with == "dask" else None
+        if num_workers is None:
+            num_workers = REMOTE_NUM_WORKERS if getattr(reader, "is_remote", False) else DEFAULT_NUM_WORKERS
         self.num_workers = _positive_int(num_workers, "num_workers")
         if prefetch_blocks is None:
             prefetch_blocks = max(minimum_prefetch_blocks, 2 * self.num_workers)
@@ -610,15 +619,15 @@ class BlockShuffleSampler(_MinibatchStream):
         obs_arrays: Mapping[str, np.ndarray] | None = None,
         return_csr: bool = False,
         read_with: str = "direct",
-        num_workers: int = DEFAULT_NUM_WORKERS,
+        num_workers: int | None = None,
         prefetch_blocks: int | None = None,
         prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
         dense: bool = True,
     ):
         """Arguments beyond those in the class docstring: prefetch_blocks (block reads queued or running; default
         max(buffer_blocks, 2 * num_workers), i.e. the next buffer is read while the current one is consumed),
-        prefetch_batches (finished minibatches waiting), num_workers (reader threads), read_with and dense (see
-        the module docstring)."""
+        prefetch_batches (finished minibatches waiting), num_workers (reader threads; default DEFAULT_NUM_WORKERS,
+        REMOTE_NUM_WORKERS for a remote reader), read_with and dense (see the module docstring)."""
         if block_rows is None:
             block_rows = min(reader.chunk_rows, DEFAULT_CSR_BLOCK_ROWS) if reader.is_sparse else reader.chunk_rows
         block_rows = _positive_int(block_rows, "block_rows")
@@ -793,7 +802,7 @@ class SequentialSampler(_MinibatchStream):
         obs_arrays: Mapping[str, np.ndarray] | None = None,
         return_csr: bool = False,
         read_with: str = "direct",
-        num_workers: int = DEFAULT_NUM_WORKERS,
+        num_workers: int | None = None,
         prefetch_blocks: int | None = None,
         prefetch_batches: int = 2,
         dense: bool = True,

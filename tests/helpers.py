@@ -51,7 +51,8 @@ class FaultyProxy:
     rules: [(method, key substring, action, times)], action "503" (answer 503 Service Unavailable) or a float
     (seconds to wait before forwarding: beyond the client's read timeout it is a timeout); `times` requests that
     match are hit (None: all). latency_s: added to every request. requests: (method, path) of each request seen;
-    response_bytes: the bytes of all answers' bodies. Used by tests/test_cloud.py and benchmarks/cloud.py.
+    response_bytes: the bytes of all answers' bodies; max_in_flight: the most requests it held at once (reset it
+    to 0 to count anew). Used by tests/test_cloud.py and benchmarks/cloud.py.
     """
 
     def __init__(self, upstream: str):
@@ -60,6 +61,8 @@ class FaultyProxy:
         self.latency_s = 0.0
         self.requests: list[tuple[str, str]] = []
         self.response_bytes = 0
+        self.in_flight = self.max_in_flight = 0
+        self._counting = threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -103,7 +106,17 @@ class FaultyProxy:
                     self.wfile.write(payload)
                 connection.close()
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+            def _counted(self):
+                with proxy._counting:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._forward()
+                finally:
+                    with proxy._counting:
+                        proxy.in_flight -= 1
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _counted
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -121,6 +121,45 @@ def test_a_store_in_a_bucket_reads_as_its_local_copy(s3_atlas, local_atlas):
     pd.testing.assert_series_equal(there.obs_column("batch"), here.obs_column("batch"))
 
 
+def test_a_pass_over_an_s3_store_keeps_chunk_gets_in_flight_and_sends_nothing_else(s3_atlas, proxy, local_atlas):
+    """Through 50 ms a request: the sequential pass of the outputs reads with REMOTE_NUM_WORKERS threads (a local
+    store keeps DEFAULT_NUM_WORKERS), several GETs wait at the server at once, every request is a GET (s3fs's HEAD
+    before each object is turned off) and the cells are the local copy's."""
+    from scvi_scale.sampler import DEFAULT_NUM_WORKERS, REMOTE_NUM_WORKERS, SequentialSampler
+
+    here, there = CountStore(local_atlas), CountStore(s3_atlas)
+    assert SequentialSampler(here).num_workers == DEFAULT_NUM_WORKERS
+    stream = SequentialSampler(there, batch_size=64, block_rows=32, return_csr=True, dense=False)
+    assert stream.num_workers == REMOTE_NUM_WORKERS
+    proxy.latency_s, proxy.max_in_flight = 0.05, 0
+    proxy.requests.clear()
+    indptr, indices, data = (np.concatenate(parts) for parts in zip(*(batch["x_csr"] for batch in stream)))
+    expected = here.read_raw(0, here.n_obs)
+    np.testing.assert_array_equal(data, expected.data)
+    np.testing.assert_array_equal(indices, expected.indices)
+    assert {method for method, _ in proxy.requests} == {"GET"}
+    assert proxy.max_in_flight >= 4, proxy.max_in_flight
+
+
+def test_gets_of_one_chunk_at_once_share_one_request(s3_atlas, proxy, local_atlas):
+    """Two neighbouring row blocks read at once need the chunk between them: one GET serves both."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store = remote.zarr_store(s3_atlas)
+    proxy.latency_s = 0.05
+    proxy.requests.clear()
+
+    async def two_readers():
+        return await asyncio.gather(*(store.get("X/data/c/1", default_buffer_prototype()) for _ in range(2)))
+
+    first, second = sync(two_readers())
+    assert first.to_bytes() == second.to_bytes() == (local_atlas / "X/data/c/1").read_bytes()
+    assert sum(path.endswith("/X/data/c/1") for _, path in proxy.requests) == 1
+
+
 def fit_and_apply(path) -> dict:
     """Everything the must-hold list names, on one store, with fixed seeds."""
     SCVI.setup_zarr(path, batch_key="batch")
@@ -486,3 +525,126 @@ def test_an_https_style_store_reads_as_its_local_copy_and_refuses_writes(local_a
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- model directories in a bucket ------------------------------------------------------------------------------
+
+
+def test_a_model_saved_into_a_bucket_loads_back_and_uploads_model_pt_last(bucket, local_atlas, proxy):
+    """SCVI.save(url) over an AnnData with save_anndata: the h5ad is uploaded before model.pt (the file that makes
+    the folder a model), no credential is in the bucket, load(url) gives the same model, and a second save without
+    overwrite is refused before anything is written."""
+    adata = anndata.read_zarr(local_atlas)
+    adata.X = adata.X.toarray()
+    SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, seed=0)
+    url = f"s3://{bucket}/models/reference"
+    proxy.requests.clear()
+    model.save(url, save_anndata=True)
+    puts = [path.rsplit("/", 1)[-1] for method, path in proxy.requests if method == "PUT"]
+    assert puts.index("model.pt") == len(puts) - 1 and "adata.h5ad" in puts, puts
+    fs, root = remote.filesystem(url)
+    written = b"".join(fs.cat_file(path) for path in fs.find(root))
+    assert SECRET.encode() not in written and b"cloud-test-key" not in written
+    assert not remote.staging_folder(url).exists()
+    loaded = SCVI.load(url)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+    with pytest.raises(FileExistsError, match="model.pt exists"):
+        model.save(url)
+    model.save(url, overwrite=True)
+    np.testing.assert_array_equal(SCVI.load(url).get_latent_representation(), model.get_latent_representation())
+
+
+def test_the_cli_trains_into_a_bucket_model_directory_and_reads_the_model_from_it(s3_atlas, bucket, capsys):
+    model_url = f"s3://{bucket}/models/cli"
+    train = ["train", s3_atlas, "--batch-key", "batch", "--out", model_url, "--max-epochs", "1", "--n-latent", "4"]
+    code, err = run_cli(train, capsys)
+    assert code == 0, err
+    fs, root = remote.filesystem(model_url)
+    assert {"model.pt", "history.csv"} <= {path.rsplit("/", 1)[-1] for path in fs.find(root)}
+    assert not remote.staging_folder(model_url).exists()
+    code, err = run_cli(train, capsys)
+    assert code == 2 and "model.pt exists" in err, err
+    output_url = s3_atlas.replace("atlas.zarr", "from-bucket-model.zarr")
+    code, err = run_cli(["latent", s3_atlas, "--model", model_url, "--output-store", output_url], capsys)
+    assert code == 0, err
+    import fsspec
+
+    clear_filesystem_cache()
+    written = anndata.read_zarr(fsspec.get_mapper(output_url)).obsm["X_scvi"]
+    np.testing.assert_array_equal(written, SCVI.load(model_url, s3_atlas).get_latent_representation())
+
+
+# --- query mapping and the report over bucket stores ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_dir(local_atlas, tmp_path_factory) -> Path:
+    """A reference trained on the local atlas' genes 20.. in reverse order: a query of all 100 genes maps with 20
+    dropped and the rest reordered."""
+    from scvi_scale.data import write_store
+
+    here = anndata.read_zarr(local_atlas)
+    folder = tmp_path_factory.mktemp("reference")
+    store = write_store(here[:, here.var_names[20:][::-1]].copy(), folder / "reference.zarr", chunk_rows=64)
+    SCVI.setup_zarr(store.path, batch_key="batch")
+    model = SCVI(store.path, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, seed=0)
+    model.save(folder / "model")
+    return folder / "model"
+
+
+def test_prepare_query_zarr_reads_a_bucket_store_as_its_local_copy(s3_atlas, local_atlas, reference_dir):
+    here = SCVI.prepare_query_zarr(local_atlas, str(reference_dir))
+    there = SCVI.prepare_query_zarr(s3_atlas, str(reference_dir))
+    assert list(there.var_names) == list(here.var_names) and there.n_vars == 80
+    assert (there.read_csr(0, there.n_obs) != here.read_csr(0, here.n_obs)).nnz == 0
+
+
+def test_the_map_command_maps_a_bucket_query_into_a_bucket_model_as_it_maps_the_local_copy(
+    s3_atlas, local_atlas, reference_dir, bucket, capsys, tmp_path
+):
+    import shutil
+
+    import fsspec
+
+    local_query = tmp_path / "query.zarr"
+    shutil.copytree(local_atlas, local_query)
+    torch.set_num_threads(1)
+    common = ["--reference", str(reference_dir), "--max-epochs", "1", "--seed", "2"]
+    code, err = run_cli(["map", str(local_query), "--out", str(tmp_path / "query-model"), *common], capsys)
+    assert code == 0, err
+    model_url = f"s3://{bucket}/models/query"
+    code, err = run_cli(["map", s3_atlas, "--out", model_url, *common], capsys)
+    assert code == 0, err
+    clear_filesystem_cache()
+    expected = anndata.read_zarr(local_query).obsm["X_scVI"]
+    np.testing.assert_array_equal(anndata.read_zarr(fsspec.get_mapper(s3_atlas)).obsm["X_scVI"], expected)
+    fs, root = remote.filesystem(model_url)
+    assert fs.exists(f"{root}/model.pt") and not fs.exists(f"{root}/checkpoint.pt")
+
+
+def test_the_report_runs_on_a_bucket_store_as_on_its_local_copy(s3_atlas, local_atlas, tmp_path):
+    import json
+
+    from scvi_scale.report import missing_extra
+
+    if missing_extra() is not None:
+        pytest.skip(str(missing_extra()))
+    torch.set_num_threads(1)
+    reports, latents = [], []
+    for path in (local_atlas, s3_atlas):
+        SCVI.setup_zarr(path, batch_key="batch", labels_key="cell_type")
+        model = SCVI(path, n_latent=4, n_hidden=16)
+        model.train(max_epochs=1, batch_size=64, seed=0)
+        latents.append(model.get_latent_representation())
+        folder = tmp_path / f"report-{len(reports)}"
+        model.report(folder, labels_key="cell_type", seed=0)
+        reports.append(json.loads((folder / "report.json").read_text()))
+    # after one epoch the two latents differ in the last bit of some values (the two-epoch run of
+    # test_training_and_outputs_on_an_s3_store_equal_those_on_the_local_copy is bit for bit; not yet explained)
+    np.testing.assert_allclose(latents[1], latents[0], rtol=0, atol=1e-6)
+    assert reports[1]["cells"] == reports[0]["cells"]
+    for method, scores in reports[0]["scib"]["aggregate"].items():
+        assert reports[1]["scib"]["aggregate"][method] == pytest.approx(scores, rel=1e-4), method

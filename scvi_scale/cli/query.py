@@ -8,6 +8,7 @@ from pathlib import Path
 
 from scvi_scale import SCVI, persist
 from scvi_scale.cli.defaults import default
+from scvi_scale.model.training import CHECKPOINT_FILE
 from scvi_scale.outputs import write_obsm
 from scvi_scale.outputs.labels import transfer_labels
 from scvi_scale.train import TrainingConfig
@@ -68,18 +69,20 @@ def _run_map(args) -> int:
         unfrozen=args.unfrozen,
         **{option: getattr(args, option) for option in FREEZE_OPTIONS},
     )
-    model.train(
-        max_epochs=args.max_epochs,
-        accelerator=args.accelerator,
-        batch_size=args.batch_size,
-        plan_kwargs={"lr": args.lr, "weight_decay": args.weight_decay},
-        checkpoint_dir=out,
-        seed=args.seed,
-    )
-    model.save(out, overwrite=True)
+    # --out at a URL: trained in its staging folder, then uploaded with model.pt last (the checkpoint stays local)
+    with persist.model_folder(args.out, overwrite=args.overwrite, keep=(CHECKPOINT_FILE,)) as folder:
+        model.train(
+            max_epochs=args.max_epochs,
+            accelerator=args.accelerator,
+            batch_size=args.batch_size,
+            plan_kwargs={"lr": args.lr, "weight_decay": args.weight_decay},
+            checkpoint_dir=folder,
+            seed=args.seed,
+        )
+        model.save(folder, overwrite=True)
     latent = model.get_latent_representation()
     write_obsm(args.query, args.latent_key, latent, overwrite=args.overwrite)
-    print(f"query model saved to {out}; latent written to {args.query} obsm/{args.latent_key}")
+    print(f"query model saved to {args.out}; latent written to {args.query} obsm/{args.latent_key}")
     if args.labels_key:
         reference = SCVI.load(args.reference, args.reference_store)
         result = transfer_labels(

@@ -2,12 +2,17 @@
 or as the ranks of a data-parallel job (`--nproc N`, or torchrun). MODEL_DIR also gets the history as a table
 (history.csv) and its loss curves (loss_curves.png), and with --report the integration report.
 
+MODEL_DIR may be an s3:// or gs:// URL: the run then works in a staging folder under TMPDIR (its lock and checkpoint
+stay there, so --resume continues a killed run on the same machine) and uploads the directory when training ends,
+model.pt last (persist.model_folder), so no reader sees a partial model.
+
 One run per MODEL_DIR at a time: a run holds an flock on MODEL_DIR/LOCK_FILE (released by the OS when the process
 ends, however it ends), and a second is refused. In one process, SIGINT and SIGTERM stop the run after its current
 step with a checkpoint, exit code 130 / 143; `--resume` continues it (train.stop_on_signals)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from scvi_scale import SCVI, distributed, persist, settings
 from scvi_scale.cli.defaults import default
+from scvi_scale.data import remote
 from scvi_scale.data.writer import remove_abandoned_siblings
 from scvi_scale.model.training import CHECKPOINT_FILE
 from scvi_scale.module import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
@@ -127,11 +133,23 @@ def training_lock(out: Path):
 
 
 def run_train(args) -> int:
+    if remote.is_url(args.out):
+        return _train_into_bucket(args)
     if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 holds the lock
         return _train_run(args)
     one_process = args.nproc == 1 and os.environ.get("WORLD_SIZE", "1") == "1"
     with training_lock(Path(args.out)), stop_on_signals() if one_process else contextlib.nullcontext():
         return _train_run(args)
+
+
+def _train_into_bucket(args) -> int:
+    """run_train with --out at a URL: trained into the URL's staging folder, which rank 0 uploads at the end."""
+    url = args.out.rstrip("/")
+    local = argparse.Namespace(**{**vars(args), "out": str(remote.staging_folder(url)), "model_url": url})
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks write nothing
+        return run_train(local)
+    with persist.model_folder(url, overwrite=args.overwrite or args.resume, keep=(CHECKPOINT_FILE, LOCK_FILE)):
+        return run_train(local)
 
 
 def _train_run(args) -> int:
@@ -193,7 +211,9 @@ def train_and_save(args) -> None:
     history = model.history_
     epochs = len(history.get("elbo_train", []))
     summary = {
-        "model": str(persist.model_path(out)),
+        "model": f"{args.model_url}/{persist.MODEL_FILE}"
+        if getattr(args, "model_url", None)
+        else str(persist.model_path(out)),
         "epochs": epochs,
         "seconds": round(seconds, 1),
         "processes": world_size,

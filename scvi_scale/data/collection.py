@@ -113,6 +113,7 @@ class StoreCollection:
     joined by " + "; a collection has no single path). Also: stores (the CountStores), paths, offsets (n_stores
     + 1,) int64 (store s holds rows [offsets[s], offsets[s + 1])), store_columns (per store: each of its columns'
     joined position or -1), store_index (per cell: its store). Thread-safe for reading; pickles as its arguments.
+    is_remote: whether any store is at a URL (the samplers then read more blocks at once).
     """
 
     def __init__(
@@ -175,6 +176,7 @@ class StoreCollection:
         self.n_obs = int(self.offsets[-1])
         self.shape = (self.n_obs, self.n_vars)
         self.is_sparse = any(store.is_sparse for store in self.stores)
+        self.is_remote = any(store.is_remote for store in self.stores)
         self.chunk_rows = min(store.chunk_rows for store in self.stores)
         if label is not None and any(label in store.obs_keys() for store in self.stores):
             raise ValueError(f"label={label!r} is already an obs column of a store; choose another name")

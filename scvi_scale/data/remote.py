@@ -62,8 +62,15 @@ _TIMEOUT_NAMES = frozenset(
     }
 )
 _NO_CREDENTIALS_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"})
-# Given to s3fs unless the caller's storage_options say otherwise: botocore's retries off, ours instead.
-_S3_DEFAULTS = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+# Given to zarr_store's s3fs unless the caller's storage_options say otherwise: botocore's retries off (ours
+# instead); a connection pool as deep as the requests our readers keep in flight (sampler.REMOTE_NUM_WORKERS block
+# reads, each fetching its chunks at once; botocore's default pool of 10 would queue them); max_concurrency 1, because
+# above 1 s3fs sends a HEAD before every whole-object GET (to split objects over 50 MB, which chunks never are):
+# twice the requests and the latency per chunk.
+_S3_DEFAULTS = {
+    "max_concurrency": 1,
+    "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}, "max_pool_connections": 64},
+}
 
 # Metadata files of a Zarr node, in the order upload_node puts them last (format 2: the attributes before the file
 # that makes the node exist).
@@ -108,10 +115,11 @@ def _bucket_url(url: str) -> str:
 
 def _options_with_defaults(url: str, storage_options: dict | None, retried_by_us: bool) -> dict:
     """options_for(url) over our defaults: listings never cached (a store being written changes under them), and
-    for zarr_store's S3 requests botocore's retries off (ours instead)."""
+    for zarr_store's S3 requests _S3_DEFAULTS."""
     options = {"use_listings_cache": False, **options_for(url, storage_options)}
     if retried_by_us and url.lower().startswith("s3://"):  # merged into the caller's botocore config, not replaced
-        options["config_kwargs"] = {**_S3_DEFAULTS["config_kwargs"], **options.get("config_kwargs", {})}
+        config = {**_S3_DEFAULTS["config_kwargs"], **options.get("config_kwargs", {})}
+        options = {**_S3_DEFAULTS, **options, "config_kwargs": config}
     return options
 
 
@@ -265,11 +273,15 @@ def is_transient(error: BaseException) -> bool:
 
 class _Retrying(WrapperStore):
     """A zarr store whose requests are retried when they fail transiently, then fail with RemoteStoreError naming
-    the object (see the module docstring)."""
+    the object (see the module docstring). A whole-object GET of a key that is being fetched already waits for that
+    request instead of sending its own: neighbouring row blocks read at once share the chunk between them (a
+    1,024-row block's data starts and ends inside chunks of ~1,000 rows), and each such chunk then costs one request,
+    not two. Nothing is kept once the request is answered, so no answer can be stale."""
 
     def __init__(self, store: FsspecStore, url: str):
         super().__init__(store)
         self.url = url.rstrip("/")
+        self._fetching: dict[tuple, asyncio.Future] = {}  # (event loop, key, buffer prototype) -> its GET
 
     def _with_store(self, store):
         return type(self)(store, self.url)
@@ -312,7 +324,16 @@ class _Retrying(WrapperStore):
                 delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     async def get(self, key, prototype, byte_range=None):
-        return await self._call("GET", key, lambda: self._store.get(key, prototype, byte_range))
+        if byte_range is not None:
+            return await self._call("GET", key, lambda: self._store.get(key, prototype, byte_range))
+        fetch = (id(asyncio.get_running_loop()), key, prototype)
+        shared = self._fetching.get(fetch)
+        if shared is None:
+            shared = self._fetching[fetch] = asyncio.ensure_future(
+                self._call("GET", key, lambda: self._store.get(key, prototype))
+            )
+            shared.add_done_callback(lambda _: self._fetching.pop(fetch, None))
+        return await asyncio.shield(shared)  # a cancelled reader leaves the request to the others waiting on it
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)

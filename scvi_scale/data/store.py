@@ -333,6 +333,11 @@ class CountStore:
     def __fspath__(self) -> str:
         return self.path
 
+    @property
+    def is_remote(self) -> bool:
+        """Whether the store is at a URL: its reads wait on requests (the samplers read more blocks at once)."""
+        return remote.is_url(self.path)
+
     def __getstate__(self):  # storage options travel to dask workers in memory, as the store object does
         return {"path": self.path, "layer": self.layer, "storage_options": self._storage_options}
 

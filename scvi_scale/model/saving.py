@@ -46,7 +46,7 @@ class SavingMixin:
         Parameters
         ----------
         dir_path, prefix, overwrite
-            The folder, a prefix of its file names, and whether to replace a model there.
+            The folder (or an s3:// or gs:// URL), a prefix of its file names, and whether to replace a model there.
         save_anndata, **anndata_write_kwargs
             Write the AnnData beside it ({prefix}adata.h5ad, as scvi-tools); a store's counts stay where they are.
         save_kwargs, legacy_mudata_format, datamodule
@@ -60,12 +60,14 @@ class SavingMixin:
             [k for k, v in (("save_kwargs", save_kwargs), ("legacy_mudata_format", legacy_mudata_format)) if v],
             "model.pt is written with torch.save; there is no MuData here",
         )
-        persist.write_model(
-            dir_path, saved_form(self), module=self.module, overwrite=overwrite, format=format, prefix=prefix
-        )
-        if save_anndata and isinstance(self.store, AnnDataSource):
-            self.store.adata.write_h5ad(persist.anndata_path(dir_path, prefix), **anndata_write_kwargs)
-        elif save_anndata:
+        with persist.model_folder(dir_path, prefix, overwrite) as folder:  # a URL: staged, model.pt uploaded last
+            if save_anndata and isinstance(self.store, AnnDataSource):  # before model.pt, which completes the folder
+                folder.mkdir(parents=True, exist_ok=True)
+                self.store.adata.write_h5ad(persist.anndata_path(folder, prefix), **anndata_write_kwargs)
+            persist.write_model(
+                folder, saved_form(self), module=self.module, overwrite=overwrite, format=format, prefix=prefix
+            )
+        if save_anndata and not isinstance(self.store, AnnDataSource):
             compat.explain_ignored(
                 "save",
                 ["save_anndata"],
@@ -90,7 +92,7 @@ class SavingMixin:
         Parameters
         ----------
         dir_path, prefix
-            The model's folder and file-name prefix.
+            The model's folder (or its s3://, gs:// or https:// URL) and file-name prefix.
         adata
             An AnnData (checked against the saved set-up, and set up in place), a store path or CountStore; None: the
             AnnData saved beside the model, or the store it was saved from.

@@ -28,13 +28,13 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from scvi_scale import persist
+from scvi_scale.data import remote
 from scvi_scale.data.store import CountStore, StoreError
 from scvi_scale.outputs import writer
 from scvi_scale.outputs.jobs import ScaleSampleJob
@@ -502,7 +502,7 @@ def _worker_reference(inputs: ModelInputs, request: OutputRequest):
     afterwards, when the request names no model_dir."""
     digest = model_digest(inputs.module)
     if request.model_dir is not None:
-        yield ModelReference(str(Path(request.model_dir).resolve()), digest, inputs.store.path, inputs.store)
+        yield ModelReference(remote.resolved(request.model_dir), digest, inputs.store.path, inputs.store)
         return
     if inputs.save is None:
         raise ValueError("outputs on dask workers need a model_dir, or a model that can save itself")
