@@ -317,7 +317,7 @@ def read_model(dir_path, prefix: str | None = None) -> SavedModel:
         return _saved_model(load_torch_file(path, _safe_globals(), hint), dir_path)
 
 
-def convert_trusted_model(dir_path, new_dir_path, prefix: str | None = None) -> Path:
+def convert_trusted_model(dir_path, new_dir_path, prefix: str | None = None) -> Path | str:
     """Rewrite the model in `dir_path` (ours, of any earlier version, or scvi-tools') as our directory in
     `new_dir_path` that read_model loads. This loads the old file with weights_only=False, which runs whatever
     code it holds: only for a file whose source you trust. Returns the new model file's path."""

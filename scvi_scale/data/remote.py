@@ -33,6 +33,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from zarr.storage import FsspecStore, WrapperStore
@@ -67,7 +68,7 @@ _NO_CREDENTIALS_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsErro
 # reads, each fetching its chunks at once; botocore's default pool of 10 would queue them); max_concurrency 1, because
 # above 1 s3fs sends a HEAD before every whole-object GET (to split objects over 50 MB, which chunks never are):
 # twice the requests and the latency per chunk.
-_S3_DEFAULTS = {
+_S3_DEFAULTS: dict[str, Any] = {
     "max_concurrency": 1,
     "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}, "max_pool_connections": 64},
 }
