@@ -106,7 +106,10 @@ def run(python: str, script: str, caches: Path, threads: int, *args) -> dict:
     }
     env.pop("SCVI_SCALE_CACHE_DIR", None)
     started = time.perf_counter()
-    result = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True, env=env)
+    # cwd: a fresh folder, so that `python -c` imports the package installed in that python's venv, not the one here
+    result = subprocess.run(
+        [python, "-c", script, *map(str, args)], capture_output=True, text=True, env=env, cwd=caches / "tmp"
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{python} failed:\n{result.stderr[-3000:]}")
