@@ -32,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 OURS_THROUGHPUT = r"""
@@ -102,7 +103,11 @@ print(json.dumps({"test_elbo": float(model.get_elbo(test))}))
 def run_json(python: str, script: str, *args, threads: int) -> dict:
     """Run `script` with `python` in a fresh process (OMP_NUM_THREADS=threads) and parse the JSON it prints last."""
     env = {**os.environ, "SCVI_SCALE_PROGRESS": "0", "OMP_NUM_THREADS": str(threads)}
-    result = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True, env=env)
+    # cwd: a fresh folder, so that `python -c` imports the package installed in that python's venv, not the one here
+    with tempfile.TemporaryDirectory() as folder:
+        result = subprocess.run(
+            [python, "-c", script, *map(str, args)], capture_output=True, text=True, env=env, cwd=folder
+        )
     if result.returncode != 0:
         raise RuntimeError(f"{python} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
