@@ -17,7 +17,6 @@ from scvi_scale.datasets import synthetic_atlas
 from scvi_scale.model import SCVI
 from scvi_scale.outputs.labels import nearest_neighbours, transfer_labels, weighted_votes
 from scvi_scale.outputs.writer import write_obs_column
-from scvi_scale.settings import settings
 
 N_GENES = 200
 QUERY_BATCH = "batch_3"
@@ -48,7 +47,6 @@ def _write_subset(atlas: CountStore, rows, path, columns=None, extra_genes: int 
 @pytest.fixture(scope="module")
 def mapped(tmp_path_factory):
     """Reference trained on batches 0-2, its saved directory, and the query model fine-tuned on batch 3."""
-    settings.progress_bar = False
     folder = tmp_path_factory.mktemp("mapping")
     atlas = synthetic_atlas(folder / "atlas.zarr", n_cells=1000, n_genes=N_GENES, n_batches=4, n_cell_types=4, seed=3)
     batch = atlas.obs_column("batch").astype(str).to_numpy()

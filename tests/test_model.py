@@ -274,7 +274,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     resumed = SCVI(store)
     resumed.train(max_epochs=3, batch_size=64, seed=5, checkpoint_dir=run_dir, resume=True, check_val_every_n_epoch=1)
     for (name, a), (_, b) in zip(uninterrupted.module.state_dict().items(), resumed.module.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name} (killed at step {saved['global_step']}): {m}"
+        )
     for key in ("elbo_train", "elbo_validation"):
         np.testing.assert_allclose(
             [v for _, v in resumed.history_[key]], [v for _, v in uninterrupted.history_[key]], rtol=1e-5
