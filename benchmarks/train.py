@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train.py --peer-python /path/to/peer-venv/bin/python
         [--baseline-python /path/to/other-checkout/.venv/bin/python] [--sizes 100000 1000000] [--batch-sizes 128 1024]
-        [--genes 2000 15000] [--steps 300] [--threads 2]
+        [--genes 2000 15000] [--steps 300] [--rounds 1] [--threads 2]
         [--elbo-cells 20000 --elbo-epochs 10 --elbo-seeds 5] [--data-dir /tmp/scvi-scale-bench]
 
 Both sides train the same architecture (scvi-tools' SCVI defaults: 128 hidden, 10 latent, 1 layer, ZINB, gene
@@ -13,7 +13,8 @@ own (ru_maxrss). Throughput is cells per second over `--steps` optimizer steps o
 after a 20-step warm-up run in the same process on both sides (torch.compile, Lightning's start-up, first reads).
 
 --baseline-python runs scvi-scale's side again with another checkout's environment (e.g. main before a change),
-alternating with this one, so a change's effect on throughput is measured in the same run.
+alternating with this one, so a change's effect on throughput is measured in the same run. --rounds N runs every
+side N times, interleaved (ours, baseline, peer, ours, ...), and the table gives each side's median with every round.
 
 Held-out ELBO: each side trains on the same 90% of an atlas with seeds 0 .. --elbo-seeds - 1 and is scored on the
 other 10%. After 2 epochs on 5,000 cells the seed-to-seed spread is ~30 nats (2.5%) on either side, so one seed
@@ -140,6 +141,12 @@ def split_store(path: Path) -> tuple[Path, Path]:
     return train_path, test_path
 
 
+def median_and_rounds(values: list[float]) -> str:
+    """'9,787' for one run; '9,787 (9,896 / 9,876 / 7,692)': the median, then every round in order."""
+    median = f"{statistics.median(values):,.0f}"
+    return median if len(values) == 1 else f"{median} ({' / '.join(f'{v:,.0f}' for v in values)})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-python", help="python of an environment with scvi-tools (omit to skip the peer)")
@@ -149,6 +156,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--genes", type=int, nargs="+", default=[2000])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each side, interleaved; the table: medians")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--elbo-cells", type=int, default=20_000)
     parser.add_argument("--elbo-epochs", type=int, default=10)
@@ -171,36 +179,29 @@ def main() -> None:
             store = atlas(args.data_dir, n_cells, n_genes)
             for batch_size in args.batch_sizes:
                 steps = max(20, args.steps * 128 // batch_size)
-                ours = run_json(
-                    sys.executable, OURS_THROUGHPUT, store, batch_size, steps, args.threads, threads=args.threads
-                )
-                baseline = (
-                    ""
-                    if not args.baseline_python
-                    else " {cells_per_s:,.0f} | {peak_rss_mb:,.0f} |".format(
-                        **run_json(
-                            args.baseline_python,
-                            OURS_THROUGHPUT,
-                            store,
-                            batch_size,
-                            steps,
-                            args.threads,
-                            threads=args.threads,
-                        )
-                    )
-                )
-                peer = {"cells_per_s": float("nan"), "peak_rss_mb": float("nan")}
+                sides = {"ours": sys.executable, "baseline": args.baseline_python}
                 if n_cells in peer_sizes:
-                    peer = run_json(
-                        args.peer_python, PEER_THROUGHPUT, store, batch_size, steps, args.threads, threads=args.threads
-                    )
-                ratio = ours["cells_per_s"] / peer["cells_per_s"]
-                print(
-                    f"| {n_cells:,} | {n_genes:,} | {batch_size} | {ours['cells_per_s']:,.0f} | "
-                    f"{ours['peak_rss_mb']:,.0f} |{baseline} {peer['cells_per_s']:,.0f} | "
-                    f"{peer['peak_rss_mb']:,.0f} | {ratio:.2f} |",
-                    flush=True,
-                )
+                    sides["peer"] = args.peer_python
+                rounds: dict[str, list[dict]] = {side: [] for side, python in sides.items() if python}
+                for _ in range(args.rounds):  # interleaved, so the host's drift falls on every side alike
+                    for side in rounds:
+                        script = PEER_THROUGHPUT if side == "peer" else OURS_THROUGHPUT
+                        rounds[side].append(
+                            run_json(sides[side], script, store, batch_size, steps, args.threads, threads=args.threads)
+                        )
+                cells = {side: [run["cells_per_s"] for run in runs] for side, runs in rounds.items()}
+                rss = {side: max(run["peak_rss_mb"] for run in runs) for side, runs in rounds.items()}
+                row = [f"{n_cells:,}", f"{n_genes:,}", str(batch_size)]
+                for side in ("ours", "baseline", "peer"):
+                    if side == "baseline" and not args.baseline_python:
+                        continue
+                    if side in cells:
+                        row += [median_and_rounds(cells[side]), f"{rss[side]:,.0f}"]
+                    else:
+                        row += ["-", "-"]
+                ratio = statistics.median(cells["ours"]) / statistics.median(cells["peer"]) if "peer" in cells else None
+                row.append("-" if ratio is None else f"{ratio:.2f}")
+                print("| " + " | ".join(row) + " |", flush=True)
 
     if args.elbo_seeds < 1:
         return
