@@ -3,12 +3,14 @@ store; and what an epoch costs in GET requests and bytes.
 
     .venv/bin/python benchmarks/cloud.py                                   # 200k cells x 2000 genes, 20 ms
     .venv/bin/python benchmarks/cloud.py --cells 3000 --genes 200 --latency-ms 20   # a check that it runs
+    .venv/bin/python benchmarks/cloud.py --client-cpus 0-1 --server-cpus 2-7   # the server off training's cores
 
 The store comes from scvi_scale.datasets.synthetic_atlas (made once into --data-dir, then reused) and is uploaded
 to a bucket of moto's S3 server (as in tests/test_cloud.py); every request of the s3:// runs goes through the
 latency proxy of tests/helpers.py (FaultyProxy), which waits --latency-ms before forwarding each one. Server and
 proxy run in a subprocess of their own (no GIL shared with training), but on a machine with few cores they still
-take CPU from it, so the s3:// figures are then a lower bound.
+take CPU from it, so the s3:// figures are then a lower bound. On a machine with cores to spare, --client-cpus and
+--server-cpus (Linux CPU lists, "0-1", "2,3") pin each side to cores of its own, as a bucket's servers are.
 
 After one untimed run on the local store (a process's first training pays one-time costs), for each store (the
 local path, the s3:// URL with no latency injected, then the s3:// URL through --latency-ms a request), with the
@@ -87,12 +89,13 @@ def serve(latency_ms: float) -> None:
 class Server:
     """The serve() subprocess, driven over its stdin and stdout."""
 
-    def __init__(self, latency_ms: float):
+    def __init__(self, latency_ms: float, cpus: set[int] | None = None):
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", "--latency-ms", str(latency_ms)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)),
         )
         self.urls = json.loads(self.process.stdout.readline())
 
@@ -144,6 +147,15 @@ def measure(path, args, storage_options=None, server: Server | None = None) -> d
     return result
 
 
+def cpu_list(text: str) -> set[int]:
+    """{0, 1, 4, 5} for "0-1,4,5" (Linux's CPU list syntax)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=200_000)
@@ -152,6 +164,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/scvi-scale-bench"))
+    parser.add_argument("--client-cpus", type=cpu_list, help="cores training and the latent run on, e.g. 0-1")
+    parser.add_argument("--server-cpus", type=cpu_list, help="cores of the S3 server and the proxy, e.g. 2-7")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -159,6 +173,8 @@ def main() -> None:
         return
 
     os.environ.setdefault("SCVI_SCALE_PROGRESS", "0")
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)  # before torch starts its threads
     import torch
 
     from scvi_scale.datasets import synthetic_atlas
@@ -166,7 +182,7 @@ def main() -> None:
     local = args.data_dir / f"cloud-{args.cells}x{args.genes}.zarr"
     if not local.exists():
         synthetic_atlas(local, n_cells=args.cells, n_genes=args.genes, n_batches=4)
-    server = Server(args.latency_ms)
+    server = Server(args.latency_ms, args.server_cpus)
     try:
         import s3fs
 
@@ -195,6 +211,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "client_cpus": sorted(os.sched_getaffinity(0)),
+        "server_cpus": sorted(args.server_cpus) if args.server_cpus else "shared",
     }
     print(json.dumps(results, indent=1))
 
