@@ -565,7 +565,7 @@ def test_the_cli_trains_into_a_bucket_model_directory_and_reads_the_model_from_i
     assert {"model.pt", "history.csv"} <= {path.rsplit("/", 1)[-1] for path in fs.find(root)}
     assert not remote.staging_folder(model_url).exists()
     code, err = run_cli(train, capsys)
-    assert code == 2 and "model.pt exists" in err, err
+    assert code == 2 and "model.pt exists: pass --overwrite" in err, err
     output_url = s3_atlas.replace("atlas.zarr", "from-bucket-model.zarr")
     code, err = run_cli(["latent", s3_atlas, "--model", model_url, "--output-store", output_url], capsys)
     assert code == 0, err
