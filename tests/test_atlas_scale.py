@@ -120,11 +120,13 @@ def test_int64_store_trains_and_writes_outputs_as_the_int32_store(index_width_st
 # The measure is the peak traced memory per extra cell between two store sizes, both larger than every buffer: a
 # stage may hold the int64 row index it is given or implies (8 B per cell) and little more. MAX_BYTES_PER_CELL = 20
 # is 0.19 GiB at 10M cells: the issue's +20% RSS from 1M to 10M cells on a ~1 GB process. One reader thread and
-# one queued minibatch make the peak repeat to within ~1 B per cell.
+# one queued minibatch make the peak repeat to within ~1 B per cell once the small store's peak is the largest
+# of a few runs (test_peak_memory_does_not_grow_with_the_cells).
 
 SMALL, LARGE = 8_192, 65_536
 N_GENES = 200
 MAX_BYTES_PER_CELL = 20
+SMALL_STORE_RUNS = 3
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +170,15 @@ STAGES = {
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_peak_memory_does_not_grow_with_the_cells(sized_stores, stage):
+    """The peak at each size; at the small one the largest of SMALL_STORE_RUNS runs: its 32 minibatches do not
+    always fill the reader's queue at once (the peak then misses a minibatch in flight, ~0.25 MiB, which reads as
+    ~4 B per cell more at the large one), while the large store's 256 always do."""
     peaks = {}
     for n_cells, path in sized_stores.items():
         # the caller's per-cell arrays are made outside the trace: they are not the stage's
         codes = CountStore(path).obs_column("batch").cat.codes.to_numpy().astype(np.int64)
-        peaks[n_cells] = _traced_peak(lambda: STAGES[stage](path, codes))
+        runs = SMALL_STORE_RUNS if n_cells == SMALL else 1
+        peaks[n_cells] = max(_traced_peak(lambda: STAGES[stage](path, codes)) for _ in range(runs))
     _assert_flat(stage, peaks)
 
 
