@@ -91,6 +91,14 @@ class DamagedModelFile(ValueError):
     """A model file or checkpoint that is not a whole torch file (truncated, overwritten, another kind of file)."""
 
 
+class ModelExists(FileExistsError):
+    """The model directory holds a model file already (`where`: its path or URL) and overwrite was not asked for."""
+
+    def __init__(self, where: str):
+        super().__init__(f"{where} exists; pass overwrite=True to replace it")
+        self.where = where
+
+
 class UnsafeModelFile(ValueError):
     """A model file or checkpoint that needs a type loading does not allow (it could run code); names the types."""
 
@@ -202,13 +210,13 @@ def anndata_path(dir_path, prefix: str | None = None) -> Path:
 def model_folder(dir_path, prefix: str | None = None, overwrite: bool = False, keep: tuple[str, ...] = ()):
     """The local folder to write the model directory `dir_path` in: dir_path itself, or for a URL a staging folder
     under TMPDIR (remote.staging_folder) uploaded to it when the block ends without error, every model file last
-    (publish_model_folder; the files named in `keep` stay local). FileExistsError first when dir_path holds
+    (publish_model_folder; the files named in `keep` stay local). ModelExists first when dir_path holds
     {prefix}model.pt and not overwrite. The staging folder is kept after an error (a resumed run finds its
     checkpoint there) and removed after the upload."""
     if not remote.is_url(os.fspath(dir_path)):
         path = model_path(dir_path, prefix)
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+            raise ModelExists(str(path))
         yield Path(dir_path)
         return
     url = os.fspath(dir_path).rstrip("/")
@@ -216,7 +224,7 @@ def model_folder(dir_path, prefix: str | None = None, overwrite: bool = False, k
         raise remote.RemoteStoreError(f"{url}: http(s) URLs are read-only; save the model to s3://, gs:// or disk")
     fs, root = remote.filesystem(url)
     if not overwrite and fs.exists(f"{root}/{prefix or ''}{MODEL_FILE}"):
-        raise FileExistsError(f"{url}/{prefix or ''}{MODEL_FILE} exists; pass overwrite=True to replace it")
+        raise ModelExists(f"{url}/{prefix or ''}{MODEL_FILE}")
     folder = remote.staging_folder(url)
     folder.mkdir(exist_ok=True)
     yield folder

@@ -148,11 +148,11 @@ def _train_into_bucket(args) -> int:
     local = argparse.Namespace(**{**vars(args), "out": str(remote.staging_folder(url)), "model_url": url})
     if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks write nothing
         return run_train(local)
-    fs, root = remote.filesystem(url)
-    if not (args.overwrite or args.resume) and fs.exists(f"{root}/{persist.MODEL_FILE}"):  # in the CLI's words
-        raise FileExistsError(f"{url}/{persist.MODEL_FILE} exists: pass --overwrite to replace it, or another --out")
-    with persist.model_folder(url, overwrite=args.overwrite or args.resume, keep=(CHECKPOINT_FILE, LOCK_FILE)):
-        return run_train(local)
+    try:  # model_folder checks --out on entering, before any training
+        with persist.model_folder(url, overwrite=args.overwrite or args.resume, keep=(CHECKPOINT_FILE, LOCK_FILE)):
+            return run_train(local)
+    except persist.ModelExists as error:  # in the CLI's words
+        raise FileExistsError(f"{error.where} exists: pass --overwrite to replace it, or another --out") from None
 
 
 def _train_run(args) -> int:
