@@ -1,4 +1,5 @@
-"""CPU training's thread count under contention: `ThreadTuner` keeps the faster of torch's thread count and one.
+"""CPU training's thread count under contention: `ThreadTuner` keeps the faster of torch's thread count and one;
+`torch_threads`, a block that puts torch's thread count back as it found it.
 
 Beside another busy process on a small machine, torch's OpenMP threads spin while they wait for each other and for
 the sampler's reader threads; one thread can then be far faster. The tuner measures that on the training steps
@@ -8,6 +9,7 @@ loop (train.py) calls `step_started` before each step and `restore` at the end; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +25,20 @@ PROBE_CUT_STEPS, PROBE_CUT_FACTOR = 3, 2.0
 # runs torch.compile'd (no C kernel: scvi_scale.kernels), a recompile for the new thread count (~1 s once per
 # process). With the C kernel a thread change compiles nothing (tests/test_startup.py).
 OTHERS_BUSY_CORES = 0.25
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None = None):
+    """torch at `count` threads inside the block (None: as it is), and at its thread count from before after it,
+    whatever the block changed (numba's parallel loops, pynndescent's and umap-learn's, share the OpenMP runtime
+    with torch and set its thread count to every core when their pool starts)."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def others_cpu_seconds() -> float | None:

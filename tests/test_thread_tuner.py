@@ -12,7 +12,7 @@ import torch
 
 from scvi_scale import SCVI, settings
 from scvi_scale.datasets import synthetic_atlas
-from scvi_scale.threads import OTHERS_BUSY_CORES, ThreadTuner, others_cpu_seconds
+from scvi_scale.threads import OTHERS_BUSY_CORES, ThreadTuner, others_cpu_seconds, torch_threads
 
 
 @pytest.fixture
@@ -153,3 +153,19 @@ def test_the_first_slow_steps_at_one_thread_do_not_stop_its_probe(threads_restor
 
     used = simulate(tuner, range(120), cost)
     assert used[18:26] == [1] * 8 and set(used[26:118]) == {1}  # median 10 ms of 8 against 80: switched
+
+
+def test_torch_threads_puts_the_count_back_after_the_block_changed_it(threads_restored):
+    """torch_threads sets its count inside the block and restores the count from before it, even when the block
+    set another one and raised (as numba's pool does to the report's caller)."""
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            torch.set_num_threads(3)
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2
+    with torch_threads():
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+    assert torch.get_num_threads() == 2

@@ -41,6 +41,7 @@ from scvi_scale.outputs.jobs import ScaleSampleJob
 from scvi_scale.outputs.noise import NOISE_VERSION
 from scvi_scale.sampler import SequentialSampler, stack_rows
 from scvi_scale.settings import settings
+from scvi_scale.threads import torch_threads
 
 DEFAULT_BATCH_SIZE = 1024  # cells per forward pass (scvi-tools' 128 was slower: benchmarks/history/from-code.md)
 IN_FLIGHT_BYTES = 2 << 30  # in-process, units compute at once while their dense counts and outputs fit in this
@@ -420,11 +421,8 @@ def _compute_threads(device, unit_bytes: int):
         return
     threads = torch.get_num_threads()
     n_units = max(1, min(threads, IN_FLIGHT_BYTES // max(1, unit_bytes)))
-    torch.set_num_threads(max(1, threads // n_units))
-    try:
+    with torch_threads(max(1, threads // n_units)):
         yield n_units
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _joined_rows(units: list[Unit]) -> np.ndarray | range:

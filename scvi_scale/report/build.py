@@ -13,7 +13,6 @@ presence means the report is whole.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
 from scvi_scale.data.writer import write_atomically
 from scvi_scale.report.extra import require_extra
@@ -159,10 +157,9 @@ def build_report(
     sub_obs = obs.iloc[rows]
     batches = category_codes(sub_obs[batch_key]) if batch_key is not None else None
     labels = category_codes(sub_obs[labels_key]) if labels_key is not None else None
-    with _torch_threads_kept():
-        coordinates, baseline, scores, aggregates = _analyse(
-            latent, rows, counts_for_baseline, batches, labels, seed, clock
-        )
+    coordinates, baseline, scores, aggregates = _analyse(
+        latent, rows, counts_for_baseline, batches, labels, seed, clock
+    )
     colourings = {f"{kind} ({key})": sub_obs[key] for kind, key in (("batch", batch_key), ("label", labels_key)) if key}
     images = _figures(
         out_dir, history, coordinates, colourings, sub_obs[LIBRARY_SIZE].to_numpy(), scores, aggregates, seed
@@ -202,18 +199,6 @@ class _StageClock:
         now = time.perf_counter()
         self.seconds[stage] = now - self.started
         self.started = now
-
-
-@contextlib.contextmanager
-def _torch_threads_kept():
-    """Puts torch's thread count back as it was: numba's parallel loops (pynndescent's, umap-learn's) share the
-    OpenMP runtime with torch and set its thread count to every core when their pool starts, so training after a
-    report would otherwise run (and round its sums) at another thread count."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _analyse(latent: np.ndarray, rows: np.ndarray, counts_for_baseline, batches, labels, seed: int, clock):

@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 
 from scvi_scale.data.writer import write_atomically
+from scvi_scale.threads import torch_threads
 
 UMAP_NEIGHBORS = 15  # umap-learn's default
 MAX_LEGEND_ENTRIES = 30
 DPI = 100
 
 
+@torch_threads()  # numba's pool (pynndescent, umap-learn) would leave torch at every core
 def umap_coordinates(embedding: np.ndarray, neighbors, seed: int) -> np.ndarray:
     """(n_cells, 2) UMAP of `embedding` (n_cells, n_dims) from its nearest neighbours (scib-metrics
     NeighborsResults, at least UMAP_NEIGHBORS columns, itself first), umap-learn's defaults otherwise. Seeded, so

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scvi_scale.threads import torch_threads
+
 N_NEIGHBORS = 90
 EXACT_NEIGHBORS_MAX_CELLS = 20_000
 KBET_NEIGHBORS = 50
@@ -82,6 +84,7 @@ def neighbor_search(n_cells: int) -> str:
     return "exact (scikit-learn)" if n_cells <= EXACT_NEIGHBORS_MAX_CELLS else "approximate (pynndescent)"
 
 
+@torch_threads()  # numba's pool (pynndescent, umap-learn) would leave torch at every core
 def nearest_neighbors(embedding: np.ndarray, n_neighbors: int = N_NEIGHBORS, seed: int = 0):
     """scib-metrics' NeighborsResults of the `n_neighbors` nearest cells of every cell (itself first), Euclidean.
 
@@ -104,6 +107,7 @@ def category_codes(values) -> np.ndarray:
     return np.where(codes < 0, codes.max(initial=-1) + 1, codes)
 
 
+@torch_threads()  # numba's pool (pynndescent, umap-learn) would leave torch at every core
 def scib_scores(
     embedding: np.ndarray, neighbors, pre_integration: np.ndarray, batches: np.ndarray | None, labels: np.ndarray | None
 ) -> dict[str, float]:
