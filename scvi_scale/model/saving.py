@@ -143,8 +143,8 @@ def from_saved(cls, saved: persist.SavedModel, adata, device: torch.device):
         registry.library_log_means, registry.library_log_vars = statistics
     if sources.is_anndata(adata):
         sources.remember_anndata_setup(adata, registry)
-    model = cls(adata, registry=registry, **saved.init_params)
-    model.module = saved.build_module().to(device)
+    model = cls.__new__(cls)  # the saved weights, not a random module built and replaced
+    model._hold(registry, source, dict(saved.init_params), saved.build_module().to(device))
     model.history_, model.is_trained, model.run_info = saved.history, saved.is_trained, saved.run
     model.train_indices, model.validation_indices = saved.train_indices, saved.validation_indices
     if saved.minified is not None:

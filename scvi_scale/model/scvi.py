@@ -88,16 +88,14 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
                 "SCVI needs its data: an AnnData set up with SCVI.setup_anndata, or a store path set "
                 "up with SCVI.setup_zarr (a datamodule-only model is not supported)"
             )
-        kernels.build_native_in_background()
         if not isinstance(registry, Registry):  # None, or scvi-tools' registry dict (for data-less models)
             registry = sources.setup_of(adata)
         ignored = [key for key in ("extra_payload_autotune", "use_size_factor_key") if key in kwargs]
         compat.explain_ignored("SCVI", ignored, IGNORED_INIT)
         if not use_observed_lib_size:
             sources.check_library_prior(registry)
-        self.registry = registry
-        self.store = sources.source_for_model(adata, registry)
-        self.init_params = dict(
+        store = sources.source_for_model(adata, registry)
+        init_params = dict(
             n_hidden=n_hidden,
             n_latent=n_latent,
             n_layers=n_layers,
@@ -110,7 +108,14 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
         )
         with torch.random.fork_rng(devices=[]):  # the initial weights come from settings.seed, reproducibly
             torch.manual_seed(settings.seed)
-            self.module = VAE.from_registry(registry, **self.init_params)
+            module = VAE.from_registry(registry, **init_params)
+        self._hold(registry, store, init_params, module)
+
+    def _hold(self, registry: Registry, store: CountStore, init_params: dict, module: VAE) -> None:
+        """Become an untrained model of `module` (built with init_params) over `store`, set up by `registry`: the
+        end of __init__, and all of it for a saved model (saving.from_saved), whose module and store are ready."""
+        kernels.build_native_in_background()
+        self.registry, self.store, self.init_params, self.module = registry, store, init_params, module
         self.is_trained = False
         self.history_: dict[str, list[tuple[int, float]]] = {}
         self.train_indices = self.validation_indices = None
