@@ -248,7 +248,7 @@ def test_count_log_likelihood_float64(backend, rng, likelihood):
 @pytest.mark.slow
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
 def test_count_log_likelihood_full_genome(backend, rng, likelihood):
-    check_count_log_likelihood(rng, 128, 33538, likelihood, False, torch.float32, FLOAT32_TOL)
+    check_count_log_likelihood(rng, 40, 33538, likelihood, False, torch.float32, FLOAT32_TOL)
 
 
 def test_count_log_likelihood_only_zeros(backend, rng):
@@ -446,7 +446,7 @@ def test_decoder_log_likelihood_float64(backend, rng, likelihood):
 
 @pytest.mark.slow
 def test_decoder_log_likelihood_full_genome(backend, rng):
-    check_decoder_log_likelihood(rng, 128, 33538, 128, "zinb", False, torch.float32, FLOAT32_TOL)
+    check_decoder_log_likelihood(rng, 40, 33538, 128, "zinb", False, torch.float32, FLOAT32_TOL)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
