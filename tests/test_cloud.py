@@ -286,6 +286,52 @@ def test_an_upload_stopped_before_its_marker_is_seen_by_no_reader_and_the_rerun_
     np.testing.assert_array_equal(read_output(s3_atlas, "obsm/X_test").compute(), values)
 
 
+@invisible_prefix
+def test_obs_columns_go_into_a_bucket_store_whole_or_not_at_all(s3_atlas, local_atlas, monkeypatch):
+    """write_obs_column into a bucket (label transfer's and minify's writer): anndata reads the new column through
+    fsspec; an upload that dies before the column's metadata leaves the store without it (and a replaced column
+    gone, never half-written); the rerun writes it; without overwrite an existing column is refused."""
+    import fsspec
+    import s3fs
+
+    from scvi_scale.outputs.writer import write_obs_column
+
+    n_obs = anndata.read_zarr(local_atlas).n_obs
+    rng = np.random.default_rng(0)
+    labels = pd.Series(pd.Categorical(rng.choice(["B", "T", "NK"], n_obs)))
+    scores = pd.Series(rng.random(n_obs).astype(np.float32))
+
+    def obs_seen() -> pd.DataFrame:
+        clear_filesystem_cache()
+        return anndata.read_zarr(fsspec.get_mapper(s3_atlas)).obs
+
+    write_obs_column(s3_atlas, "predicted", labels)
+    write_obs_column(s3_atlas, "score", scores)
+    obs = obs_seen()
+    np.testing.assert_array_equal(obs["predicted"].astype(str), labels.astype(str))
+    np.testing.assert_array_equal(obs["score"], scores)
+    assert list(obs.columns) == [*anndata.read_zarr(local_atlas).obs.columns, "predicted", "score"]
+    with pytest.raises(FileExistsError, match="obs/score exists"):
+        write_obs_column(s3_atlas, "score", scores)
+
+    real_put_file = s3fs.S3FileSystem._put_file
+
+    async def put_file_failing_at_the_marker(self, lpath, rpath, *args, **kwargs):
+        if rpath.endswith("obs/score/zarr.json"):
+            raise ConnectionError("injected: the writer died here")
+        return await real_put_file(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", put_file_failing_at_the_marker)
+    clear_filesystem_cache()
+    with pytest.raises(ConnectionError):
+        write_obs_column(s3_atlas, "score", scores * 2, overwrite=True)
+    assert "score" not in obs_seen() and "predicted" in obs_seen()
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", real_put_file)
+    clear_filesystem_cache()
+    write_obs_column(s3_atlas, "score", scores * 2, overwrite=True)
+    np.testing.assert_array_equal(obs_seen()["score"], scores * 2)
+
+
 KILLED_WRITER = r"""
 import sys
 import numpy as np

@@ -683,29 +683,44 @@ def write_uns(store: str | os.PathLike, key: str, value, overwrite: bool = False
 
 
 def write_obs_column(store, key: str, values: pd.Series, overwrite: bool = False) -> None:
-    """Add (or with overwrite=True replace) obs/<key> of a local AnnData-Zarr store, in anndata's encoding.
+    """Add (or with overwrite=True replace) obs/<key> of an AnnData-Zarr store, in anndata's encoding.
 
-    X and the other columns are never touched. The column is encoded into a hidden sibling name first and renamed
-    into place, and only then listed in obs' column-order and in the consolidated metadata, so a crash at any
-    point leaves a store that anndata reads (with or without the new column).
+    X and the other columns are never touched. The column is listed in obs' column-order (what anndata reads) and
+    in the consolidated metadata only once it is whole, so a crash at any point leaves a store that anndata reads
+    with or without the new column: in a local store it is encoded into a hidden sibling name and renamed into
+    place; into a bucket it is encoded under TMPDIR and uploaded with its metadata last, and a column it replaces
+    leaves column-order before it is deleted.
     """
     store = os.fspath(store)
-    folder = Path(store) / "obs"
-    if remote.is_url(store) or not folder.is_dir():
-        raise StoreError(f"{store}: obs columns can only be written into a store on the local file system")
-    obs = zarr.open_group(store, mode="r+", use_consolidated=False)["obs"]
-    index_name = obs.attrs.get("_index", "_index")
-    order = list(obs.attrs.get("column-order", []))
-    n_obs = obs[index_name].shape[0]
-    if key == index_name or "/" in key or key.startswith("."):
-        raise ValueError(f"obs column name {key!r} is not allowed (the index, or a path)")
-    if len(values) != n_obs:
-        raise ValueError(f"obs/{key}: {len(values)} values for the store's {n_obs} cells")
-    if key in obs and not overwrite:
-        raise FileExistsError(f"{store}: obs/{key} exists; pass overwrite=True to replace it")
+    in_bucket = remote.is_url(store)
+    if not in_bucket and not (Path(store) / "obs").is_dir():
+        raise StoreError(f"{store}: no obs folder; obs columns are written into AnnData-Zarr stores")
+    with exclusive_writer(store):
+        obs = _root(store)["obs"]
+        index_name = obs.attrs.get("_index", "_index")
+        n_obs = obs[index_name].shape[0]
+        if key == index_name or "/" in key or key.startswith("."):
+            raise ValueError(f"obs column name {key!r} is not allowed (the index, or a path)")
+        if len(values) != n_obs:
+            raise ValueError(f"obs/{key}: {len(values)} values for the store's {n_obs} cells")
+        if key in obs and not overwrite:
+            raise FileExistsError(f"{store}: obs/{key} exists; pass overwrite=True to replace it")
+        encoded = values.array if isinstance(values.dtype, pd.CategoricalDtype) else values.to_numpy()
+        if in_bucket:
+            _upload_obs_column(store, obs, key, encoded)
+        else:
+            _rename_obs_column_into_place(Path(store) / "obs", obs, key, encoded)
+        order = list(obs.attrs.get("column-order", []))
+        if key not in order:
+            obs.attrs["column-order"] = order + [key]
+        reconsolidate(store)
+
+
+def _rename_obs_column_into_place(folder: Path, obs: zarr.Group, key: str, encoded) -> None:
+    """write_obs_column in a local store: encoded as a hidden sibling of obs/<key>, then renamed over it."""
     token = uuid.uuid4().hex[:12]
     partial = f".{key}.partial-{token}"
-    write_elem(obs, partial, values.to_numpy() if not isinstance(values.dtype, pd.CategoricalDtype) else values.array)
+    write_elem(obs, partial, encoded)
     if key in obs:
         replaced = folder / f".{key}.replaced-{token}"
         os.replace(folder / key, replaced)
@@ -713,9 +728,22 @@ def write_obs_column(store, key: str, values: pd.Series, overwrite: bool = False
         shutil.rmtree(replaced)
     else:
         os.replace(folder / partial, folder / key)
-    if key not in order:
-        obs.attrs["column-order"] = order + [key]
-    reconsolidate(store)
+
+
+def _upload_obs_column(store: str, obs: zarr.Group, key: str, encoded) -> None:
+    """write_obs_column into a bucket: a column being replaced first leaves column-order (readers see the store
+    without it), then the new one is encoded under TMPDIR and uploaded, its metadata last."""
+    order = list(obs.attrs.get("column-order", []))
+    if key in order:
+        obs.attrs["column-order"] = [name for name in order if name != key]
+        reconsolidate(store)
+    if key in obs:
+        remote.remove_node(f"{store}/obs/{key}")
+    scratch = progress_folder(store, f"obs/{key}") / "staging"
+    shutil.rmtree(scratch, ignore_errors=True)
+    write_elem(zarr.open_group(str(scratch), mode="w", zarr_format=obs.metadata.zarr_format), key, encoded)
+    publish(scratch / key, store, f"obs/{key}")
+    _remove_progress(store, f"obs/{key}")
 
 
 TABLE_FORMATS = (".csv", ".parquet")  # a result table's format is its path's suffix
