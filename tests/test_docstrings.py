@@ -13,7 +13,7 @@ import pytest
 from scvi_scale import SCVI
 from scvi_scale.model import docs
 
-METHODS = sorted(  # SCVI's own and its mixins' (model/training.py, latent.py, expression.py, saving.py, query.py)
+METHODS = sorted(  # SCVI's, those bound from model/training.py, latent.py, expression.py, saving.py, query.py too
     name
     for name in {name for cls in SCVI.__mro__ for name in vars(cls)}
     if not name.startswith("_")

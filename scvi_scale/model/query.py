@@ -1,6 +1,6 @@
-"""Query mapping (scArches; QueryMixin holds SCVI's methods): a query made ready for a reference (scvi-tools'
-prepare_query_anndata, or a store aligned on the fly) and the query model holding the reference's weights
-(load_query_data).
+"""Query mapping (scArches; the methods of scvi-tools' ArchesMixin, bound in SCVI's class body): a query made ready
+for a reference (scvi-tools' prepare_query_anndata, or a store aligned on the fly) and the query model holding the
+reference's weights (load_query_data).
 
     >>> SCVI.prepare_query_anndata(query, "reference_model/")        # in place: the reference's genes, in order
     >>> SCVI.load_query_data(query, "reference_model/")
@@ -30,120 +30,116 @@ from scvi_scale.model import compat, docs, saving, sources, training
 
 logger = logging.getLogger("scvi_scale.model")
 
-ModelT = TypeVar("ModelT", bound="QueryMixin")
+ModelT = TypeVar("ModelT")  # SCVI, as saving.ModelT
 
 
-class QueryMixin:
-    """SCVI's query mapping methods, scvi-tools' ArchesMixin (mixed into SCVI)."""
+def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True):
+    """scvi-tools' prepare_query_anndata: the query with exactly the reference's genes, in its order. Missing genes
+    become zero columns in X and every layer (format and dtype kept), the query's own are dropped; obs, obsm, obsp,
+    uns and raw are kept. ValueError when no gene is shared; a warning under 80% of them. For a store:
+    prepare_query_zarr.
 
-    @staticmethod
-    def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True):
-        """scvi-tools' prepare_query_anndata: the query with exactly the reference's genes, in its order. Missing genes
-        become zero columns in X and every layer (format and dtype kept), the query's own are dropped; obs, obsm, obsp,
-        uns and raw are kept. ValueError when no gene is shared; a warning under 80% of them. For a store:
-        prepare_query_zarr.
+    Parameters
+    ----------
+    adata
+        The query AnnData.
+    reference_model
+        A model or a model directory, ours or scvi-tools'.
+    return_reference_var_names
+        Return the reference's var names and touch nothing.
+    inplace
+        Change `adata` itself (scvi-tools' default); False returns a new AnnData.
 
-        Parameters
-        ----------
-        adata
-            The query AnnData.
-        reference_model
-            A model or a model directory, ours or scvi-tools'.
-        return_reference_var_names
-            Return the reference's var names and touch nothing.
-        inplace
-            Change `adata` itself (scvi-tools' default); False returns a new AnnData.
+    Returns
+    -------
+    None, anndata.AnnData or pd.Index
+    """
+    var_names = pd.Index(reference(reference_model).var_names)
+    if return_reference_var_names:
+        return var_names
+    return pad_and_sort(adata, var_names, inplace)
 
-        Returns
-        -------
-        None, anndata.AnnData or pd.Index
-        """
-        var_names = pd.Index(reference(reference_model).var_names)
-        if return_reference_var_names:
-            return var_names
-        return pad_and_sort(adata, var_names, inplace)
 
-    @classmethod
-    def prepare_query_zarr(cls, query_path, reference, layer: str | None = None) -> AlignedStore:
-        """The query store read with the reference's genes: missing ones as zeros (warned, with how many), extra ones
-        dropped, in the reference's order; nothing is rewritten.
+def prepare_query_zarr(cls, query_path, reference, layer: str | None = None) -> AlignedStore:
+    """The query store read with the reference's genes: missing ones as zeros (warned, with how many), extra ones
+    dropped, in the reference's order; nothing is rewritten.
 
-        Parameters
-        ----------
-        query_path
-            The query store.
-        reference
-            A model or a model directory.
-        layer
-            The counts' layer (default: the reference's).
+    Parameters
+    ----------
+    query_path
+        The query store.
+    reference
+        A model or a model directory.
+    layer
+        The counts' layer (default: the reference's).
 
-        Returns
-        -------
-        AlignedStore
-        """
-        return aligned_store(query_path, reference, layer)
+    Returns
+    -------
+    AlignedStore
+    """
+    return aligned_store(query_path, reference, layer)
 
-    @classmethod
-    @docs.fill
-    def load_query_data(
-        cls: type[ModelT],
-        adata=None,
-        reference_model=None,
-        registry: dict | None = None,
-        inplace_subset_query_vars: bool = False,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-        unfrozen: bool = False,
-        freeze_dropout: bool = False,
-        freeze_expression: bool = True,
-        freeze_decoder_first_layer: bool = True,
-        freeze_batchnorm_encoder: bool = True,
-        freeze_batchnorm_decoder: bool = False,
-        freeze_classifier: bool = True,
-        transfer_batch: bool = True,
-        datamodule=None,
-    ) -> ModelT:
-        """A model over the query with the reference's weights, its batch encoding extended, ready to train.
 
-        Parameters
-        ----------
-        adata
-            An AnnData with the reference's genes (prepare_query_anndata), or a store (aligned on the fly), with
-            the reference's batch column (labels only for dispersion "gene-label").
-        reference_model
-            A model or a directory written by SCVI.save (ours or scvi-tools').
-        inplace_subset_query_vars
-            Subset an AnnData with extra genes to the reference's, in place.
-        {accelerator}
-        {device}
-        unfrozen, freeze_dropout, freeze_expression, freeze_decoder_first_layer, freeze_batchnorm_encoder,
-        freeze_batchnorm_decoder
-            scvi-tools' freezing (surgery.py); unfrozen=True trains everything.
-        freeze_classifier, transfer_batch, registry
-            SCANVI's and SYSVI's (no use for SCVI); registry is refused.
-        {datamodule}
+@docs.fill
+def load_query_data(
+    cls: type[ModelT],
+    adata=None,
+    reference_model=None,
+    registry: dict | None = None,
+    inplace_subset_query_vars: bool = False,
+    accelerator: str = "auto",
+    device: int | str = "auto",
+    unfrozen: bool = False,
+    freeze_dropout: bool = False,
+    freeze_expression: bool = True,
+    freeze_decoder_first_layer: bool = True,
+    freeze_batchnorm_encoder: bool = True,
+    freeze_batchnorm_decoder: bool = False,
+    freeze_classifier: bool = True,
+    transfer_batch: bool = True,
+    datamodule=None,
+) -> ModelT:
+    """A model over the query with the reference's weights, its batch encoding extended, ready to train.
 
-        Returns
-        -------
-        SCVI
-        """
-        compat.refuse("load_query_data", datamodule=datamodule, registry=registry)
-        freeze = dict(
-            unfrozen=unfrozen,
-            freeze_dropout=freeze_dropout,
-            freeze_expression=freeze_expression,
-            freeze_decoder_first_layer=freeze_decoder_first_layer,
-            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
-        )
-        return query_model(
-            cls,
-            adata,
-            reference_model,
-            inplace_subset_query_vars=inplace_subset_query_vars,
-            device=training.resolve_device(accelerator, device),
-            freeze=freeze,
-        )
+    Parameters
+    ----------
+    adata
+        An AnnData with the reference's genes (prepare_query_anndata), or a store (aligned on the fly), with
+        the reference's batch column (labels only for dispersion "gene-label").
+    reference_model
+        A model or a directory written by SCVI.save (ours or scvi-tools').
+    inplace_subset_query_vars
+        Subset an AnnData with extra genes to the reference's, in place.
+    {accelerator}
+    {device}
+    unfrozen, freeze_dropout, freeze_expression, freeze_decoder_first_layer, freeze_batchnorm_encoder,
+    freeze_batchnorm_decoder
+        scvi-tools' freezing (surgery.py); unfrozen=True trains everything.
+    freeze_classifier, transfer_batch, registry
+        SCANVI's and SYSVI's (no use for SCVI); registry is refused.
+    {datamodule}
+
+    Returns
+    -------
+    SCVI
+    """
+    compat.refuse("load_query_data", datamodule=datamodule, registry=registry)
+    freeze = dict(
+        unfrozen=unfrozen,
+        freeze_dropout=freeze_dropout,
+        freeze_expression=freeze_expression,
+        freeze_decoder_first_layer=freeze_decoder_first_layer,
+        freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+        freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+    )
+    return query_model(
+        cls,
+        adata,
+        reference_model,
+        inplace_subset_query_vars=inplace_subset_query_vars,
+        device=training.resolve_device(accelerator, device),
+        freeze=freeze,
+    )
 
 
 def reference(model_or_dir) -> persist.SavedModel:

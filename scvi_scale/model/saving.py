@@ -1,11 +1,11 @@
-"""SCVI.save and SCVI.load (SavingMixin), and an `SCVI` as persist.SavedModel and back: what SCVI.save writes
-(`saved_form`) and the one way a saved model becomes an SCVI over some data again (`from_saved`), for SCVI.load and
-query mapping. The files themselves are persist.py's.
+"""SCVI.save and SCVI.load (bound in SCVI's class body), and an `SCVI` as persist.SavedModel and back: what SCVI.save
+writes (`saved_form`) and the one way a saved model becomes an SCVI over some data again (`from_saved`), for SCVI.load
+and query mapping. The files themselves are persist.py's.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import torch
 
@@ -15,104 +15,94 @@ from scvi_scale.data.anndata_source import AnnDataSource
 from scvi_scale.data.registry import library_log_stats
 from scvi_scale.model import compat, docs, sources, training
 
-if TYPE_CHECKING:
-    from scvi_scale.data import CountStore
-    from scvi_scale.module import VAE
-
-ModelT = TypeVar("ModelT", bound="SavingMixin")
+ModelT = TypeVar("ModelT")  # SCVI; unbound, as a bound would import scvi.py, which imports this module
 
 
-class SavingMixin:
-    """SCVI's save and load (mixed into SCVI)."""
+def save(
+    self,
+    dir_path,
+    prefix: str | None = None,
+    overwrite: bool = False,
+    save_anndata: bool = False,
+    save_kwargs: dict | None = None,
+    legacy_mudata_format: bool = False,
+    datamodule=None,
+    format: Literal["scvi-scale", "scvi-tools"] = "scvi-scale",
+    **anndata_write_kwargs,
+) -> None:
+    """Write dir_path/{prefix}model.pt: weights, init parameters, registry, var names, history and the store's path
+    (so load can reopen it).
 
-    module: VAE  # SCVI's, as store
-    store: CountStore
-
-    def save(
-        self,
-        dir_path,
-        prefix: str | None = None,
-        overwrite: bool = False,
-        save_anndata: bool = False,
-        save_kwargs: dict | None = None,
-        legacy_mudata_format: bool = False,
-        datamodule=None,
-        format: Literal["scvi-scale", "scvi-tools"] = "scvi-scale",
-        **anndata_write_kwargs,
-    ) -> None:
-        """Write dir_path/{prefix}model.pt: weights, init parameters, registry, var names, history and the store's path
-        (so load can reopen it).
-
-        Parameters
-        ----------
-        dir_path, prefix, overwrite
-            The folder (or an s3:// or gs:// URL), a prefix of its file names, and whether to replace a model there.
-        save_anndata, **anndata_write_kwargs
-            Write the AnnData beside it ({prefix}adata.h5ad, as scvi-tools); a store's counts stay where they are.
-        save_kwargs, legacy_mudata_format, datamodule
-            Ignored with a warning (torch.save; no MuData); a datamodule is refused.
-        format
-            "scvi-tools" writes what scvi-tools' SCVI.load reads.
-        """
-        compat.refuse("save", datamodule=datamodule)
+    Parameters
+    ----------
+    dir_path, prefix, overwrite
+        The folder (or an s3:// or gs:// URL), a prefix of its file names, and whether to replace a model there.
+    save_anndata, **anndata_write_kwargs
+        Write the AnnData beside it ({prefix}adata.h5ad, as scvi-tools); a store's counts stay where they are.
+    save_kwargs, legacy_mudata_format, datamodule
+        Ignored with a warning (torch.save; no MuData); a datamodule is refused.
+    format
+        "scvi-tools" writes what scvi-tools' SCVI.load reads.
+    """
+    compat.refuse("save", datamodule=datamodule)
+    compat.explain_ignored(
+        "save",
+        [k for k, v in (("save_kwargs", save_kwargs), ("legacy_mudata_format", legacy_mudata_format)) if v],
+        "model.pt is written with torch.save; there is no MuData here",
+    )
+    with persist.model_folder(dir_path, prefix, overwrite) as folder:  # a URL: staged, model.pt uploaded last
+        if save_anndata and isinstance(self.store, AnnDataSource):  # before model.pt, which completes the folder
+            folder.mkdir(parents=True, exist_ok=True)
+            self.store.adata.write_h5ad(persist.anndata_path(folder, prefix), **anndata_write_kwargs)
+        persist.write_model(
+            folder, saved_form(self), module=self.module, overwrite=overwrite, format=format, prefix=prefix
+        )
+    if save_anndata and not isinstance(self.store, AnnDataSource):
         compat.explain_ignored(
             "save",
-            [k for k, v in (("save_kwargs", save_kwargs), ("legacy_mudata_format", legacy_mudata_format)) if v],
-            "model.pt is written with torch.save; there is no MuData here",
+            ["save_anndata"],
+            f"the counts stay in the store {self.store.path}, whose path the model directory records",
         )
-        with persist.model_folder(dir_path, prefix, overwrite) as folder:  # a URL: staged, model.pt uploaded last
-            if save_anndata and isinstance(self.store, AnnDataSource):  # before model.pt, which completes the folder
-                folder.mkdir(parents=True, exist_ok=True)
-                self.store.adata.write_h5ad(persist.anndata_path(folder, prefix), **anndata_write_kwargs)
-            persist.write_model(
-                folder, saved_form(self), module=self.module, overwrite=overwrite, format=format, prefix=prefix
-            )
-        if save_anndata and not isinstance(self.store, AnnDataSource):
-            compat.explain_ignored(
-                "save",
-                ["save_anndata"],
-                f"the counts stay in the store {self.store.path}, whose path the model directory records",
-            )
 
-    @classmethod
-    @docs.fill
-    def load(
-        cls: type[ModelT],
-        dir_path,
-        adata=None,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-        prefix: str | None = None,
-        backup_url: str | None = None,
-        datamodule=None,
-        allowed_classes_names_list: list[str] | None = None,
-    ) -> ModelT:
-        """A model that `save` (or scvi-tools' SCVI.save) wrote.
 
-        Parameters
-        ----------
-        dir_path, prefix
-            The model's folder (or its s3://, gs:// or https:// URL) and file-name prefix.
-        adata
-            An AnnData (checked against the saved set-up, and set up in place), a store path or CountStore; None: the
-            AnnData saved beside the model, or the store it was saved from.
-        {accelerator}
-        {device}
-        backup_url, allowed_classes_names_list
-            Ignored with a warning (files are read from dir_path only).
-        {datamodule}
+@docs.fill
+def load(
+    cls: type[ModelT],
+    dir_path,
+    adata=None,
+    accelerator: str = "auto",
+    device: int | str = "auto",
+    prefix: str | None = None,
+    backup_url: str | None = None,
+    datamodule=None,
+    allowed_classes_names_list: list[str] | None = None,
+) -> ModelT:
+    """A model that `save` (or scvi-tools' SCVI.save) wrote.
 
-        Returns
-        -------
-        SCVI
-        """
-        compat.refuse("load", datamodule=datamodule)
-        given = (("backup_url", backup_url), ("allowed_classes_names_list", allowed_classes_names_list))
-        compat.explain_ignored("load", [k for k, v in given if v is not None], "files are read from dir_path only")
-        saved = persist.read_model(dir_path, prefix=prefix)
-        if adata is None:
-            adata = persist.saved_data(dir_path, prefix, saved)
-        return from_saved(cls, saved, adata, training.resolve_device(accelerator, device))
+    Parameters
+    ----------
+    dir_path, prefix
+        The model's folder (or its s3://, gs:// or https:// URL) and file-name prefix.
+    adata
+        An AnnData (checked against the saved set-up, and set up in place), a store path or CountStore; None: the
+        AnnData saved beside the model, or the store it was saved from.
+    {accelerator}
+    {device}
+    backup_url, allowed_classes_names_list
+        Ignored with a warning (files are read from dir_path only).
+    {datamodule}
+
+    Returns
+    -------
+    SCVI
+    """
+    compat.refuse("load", datamodule=datamodule)
+    given = (("backup_url", backup_url), ("allowed_classes_names_list", allowed_classes_names_list))
+    compat.explain_ignored("load", [k for k, v in given if v is not None], "files are read from dir_path only")
+    saved = persist.read_model(dir_path, prefix=prefix)
+    if adata is None:
+        adata = persist.saved_data(dir_path, prefix, saved)
+    return from_saved(cls, saved, adata, training.resolve_device(accelerator, device))
 
 
 def saved_form(model) -> persist.SavedModel:

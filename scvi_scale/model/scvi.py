@@ -8,14 +8,14 @@
     >>> model.save("model_dir/", save_anndata=True); model = SCVI.load("model_dir/", adata)
 
 A thin face: each method checks scvi-tools' arguments and hands them over. An output method makes one OutputPlan
-(what to compute, where it goes, how to shape it) for plans.execute, which does the walk they all share. As
-scvi-tools composes its SCVI of mixins, the methods live by area: here the model's construction, set-up and data,
-the report and minifying; train in training.py; the latent space and the ELBO and the like in latent.py; the
-gene-space outputs (expression, likelihood, predictive samples, correlation, differential expression) in
-expression.py; save and load in saving.py; query mapping in query.py. The parameters they share are described once,
-in docs.py. Behind them: analyses.py (outputs of several passes), sources.py (where the cells come from: a Zarr
-store streamed in row blocks, or an AnnData read in place) and compat.py (scvi-tools arguments without a use here,
-explained with a warning).
+(what to compute, where it goes, how to shape it) for plans.execute, which does the walk they all share. The methods
+are written by area, as functions of the model (`self`), and bound in SCVI's class body here, so that the class lists
+them all: here the model's construction, set-up and data, the report and minifying; train in training.py; the latent
+space and the ELBO and the like in latent.py; the gene-space outputs (expression, likelihood, predictive samples,
+correlation, differential expression) in expression.py; save and load in saving.py; query mapping in query.py. The
+parameters they share are described once, in docs.py. Behind them: analyses.py (outputs of several passes),
+sources.py (where the cells come from: a Zarr store streamed in row blocks, or an AnnData read in place) and compat.py
+(scvi-tools arguments without a use here, explained with a warning).
 """
 
 from __future__ import annotations
@@ -29,13 +29,8 @@ import torch
 from scvi_scale import kernels
 from scvi_scale.data import CountStore, Registry
 from scvi_scale.data.anndata_source import AnnDataSource
-from scvi_scale.model import analyses, compat, docs, output_plans, sources
-from scvi_scale.model.expression import ExpressionMixin
-from scvi_scale.model.latent import LatentMixin
+from scvi_scale.model import analyses, compat, docs, expression, latent, output_plans, query, saving, sources, training
 from scvi_scale.model.plans import OutputCall, execute
-from scvi_scale.model.query import QueryMixin
-from scvi_scale.model.saving import SavingMixin
-from scvi_scale.model.training import TrainingMixin
 from scvi_scale.module import VAE
 from scvi_scale.outputs.runner import ModelInputs
 from scvi_scale.settings import settings
@@ -47,7 +42,7 @@ IGNORED_INIT = (
 )
 
 
-class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin):
+class SCVI:
     """scVI (Lopez et al. 2018) over an AnnData set up with `setup_anndata` or a store set up with `setup_zarr`.
 
     Parameters
@@ -349,3 +344,39 @@ class SCVI(TrainingMixin, LatentMixin, ExpressionMixin, SavingMixin, QueryMixin)
         params = ", ".join(f"{k}: {v!r}" for k, v in self.init_params.items())
         status = "trained" if self.is_trained else "not trained"
         return f"SCVI model with the following parameters:\n{params}\nData: {self.store!r}\nTraining status: {status}"
+
+    # --- training (training.py) ----------------------------------------------------------------------------------
+
+    train = training.train
+    history = property(training.history)
+
+    # --- the latent space and the evaluation of the fit (latent.py) ----------------------------------------------
+
+    device = property(latent.device)
+    get_elbo = latent.get_elbo
+    get_reconstruction_error = latent.get_reconstruction_error
+    get_marginal_ll = latent.get_marginal_ll
+    get_latent_representation = latent.get_latent_representation
+    write_latent_representation = latent.write_latent_representation
+    get_aggregated_posterior = latent.get_aggregated_posterior
+    differential_abundance = latent.differential_abundance
+
+    # --- outputs in gene space (expression.py) -------------------------------------------------------------------
+
+    get_latent_library_size = expression.get_latent_library_size
+    get_normalized_expression = expression.get_normalized_expression
+    get_likelihood_parameters = expression.get_likelihood_parameters
+    posterior_predictive_sample = expression.posterior_predictive_sample
+    get_feature_correlation_matrix = expression.get_feature_correlation_matrix
+    differential_expression = expression.differential_expression
+
+    # --- save and load (saving.py) -------------------------------------------------------------------------------
+
+    save = saving.save
+    load: classmethod[SCVI, ..., SCVI] = classmethod(saving.load)  # mypy infers no classmethod(generic function)
+
+    # --- query mapping (query.py) --------------------------------------------------------------------------------
+
+    prepare_query_anndata = staticmethod(query.prepare_query_anndata)
+    prepare_query_zarr = classmethod(query.prepare_query_zarr)
+    load_query_data: classmethod[SCVI, ..., SCVI] = classmethod(query.load_query_data)  # as load

@@ -1,5 +1,6 @@
-"""`SCVI.train` (TrainingMixin) and its set-up: scvi-tools' train arguments as one `TrainingSetup`, then the split,
-the two samplers, the run of train.fit and what it measured (`train_model`).
+"""`SCVI.train` and `SCVI.history` (functions of the model, `self`, bound in SCVI's class body) and training's
+set-up: scvi-tools' train arguments as one `TrainingSetup`, then the split, the two samplers, the run of train.fit and
+what it measured (`train_model`).
 
     >>> setup = TrainingSetup.of_call(model.store.n_obs, max_epochs=20, plan={"lr": 2e-3}, trainer={})
     >>> train_model(model, setup)       # model.train_indices, history_, run_info, is_trained are set
@@ -29,104 +30,95 @@ from scvi_scale.train import TrainingConfig, fit, max_epochs_heuristic
 if TYPE_CHECKING:
     import pandas as pd
 
-    from scvi_scale.data import CountStore
-
 CHECKPOINT_FILE = "checkpoint.pt"
 VALIDATION_BATCH_SIZE = 1024  # cells per validation forward pass, at least the training batch size
 IGNORED_TRAINER = "scvi-scale trains in its own loop, not Lightning's"
 IGNORED_PLAN = "scvi-scale's loop is plain PyTorch (no compile or custom optimizer creator)"
 
 
-class TrainingMixin:
-    """SCVI's train and history (mixed into SCVI, whose store, module and minified state they use)."""
+@docs.fill
+def train(
+    self,
+    max_epochs: int | None = None,
+    accelerator: str = "auto",
+    devices: int | list[int] | str = "auto",
+    train_size: float | None = None,
+    validation_size: float | None = None,
+    shuffle_set_split: bool = True,
+    load_sparse_tensor: bool = False,
+    batch_size: int = 128,
+    early_stopping: bool = False,
+    datasplitter_kwargs: dict | None = None,
+    plan_config: dict | None = None,
+    plan_kwargs: dict | None = None,
+    datamodule=None,
+    trainer_config: dict | None = None,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    seed: int | None = None,
+    block_rows: int | None = None,
+    buffer_blocks: int | None = None,
+    **trainer_kwargs,
+) -> None:
+    """Train with scvi-tools' defaults (Adam lr 1e-3, eps 0.01, weight decay 1e-6, KL warm-up over 400 epochs,
+    90/10 split; no validation unless early stopping, LR on plateau or check_val_every_n_epoch asks). Under
+    torch.distributed (torchrun, `distributed.launch`) every rank trains on its share; rank 0 checkpoints (save
+    with `distributed.on_rank_zero`).
 
-    store: CountStore  # SCVI's, as the next two
-    minified_data_type: str | None
-    history_: dict[str, list[tuple[int, float]]]
+    Parameters
+    ----------
+    max_epochs
+        Default scvi-tools' heuristic, min(400, round(20,000 / n_cells * 400)).
+    accelerator, devices
+        "auto", "cpu", "gpu" or "cuda"; one process trains on one device (more: torchrun; else warned).
+    train_size, validation_size, shuffle_set_split, batch_size, early_stopping
+        scvi-tools' split (default 0.9 and the rest), cells per step and rank, stopping on the monitor.
+    load_sparse_tensor, datasplitter_kwargs
+        Ignored with a warning (CSR is read anyway); drop_last (data-loader options warned).
+    {datamodule}
+    plan_config, plan_kwargs
+        TrainingPlan options: lr, weight_decay, eps, optimizer ("Adam", "AdamW"), n_epochs_kl_warmup,
+        n_steps_kl_warmup, max_kl_weight, min_kl_weight, reduce_lr_on_plateau, lr_factor, lr_patience,
+        lr_threshold, lr_min, lr_scheduler_metric.
+    trainer_config, **trainer_kwargs
+        check_val_every_n_epoch, early_stopping_{monitor,patience,min_delta,warmup_epochs}, enable_progress_bar,
+        gradient_clip_val, max_steps, checkpoint_every_{n_steps,seconds}; Lightning's others are warned.
+    checkpoint_dir, resume
+        Checkpoint written atomically each epoch; resume=True continues a killed run to where it would have got.
+    seed, block_rows, buffer_blocks
+        Seeds split, sampler and torch (default settings.seed, which drew the initial weights: the same seed,
+        machine and thread count give the same model); the sampler's shuffle block and buffer sizes.
+    """
+    compat.refuse("train", datamodule=datamodule)
+    if self.minified_data_type is not None:
+        raise ValueError("a minified model holds no counts to train on; train the full model")
+    setup = TrainingSetup.of_call(
+        self.store.n_obs,
+        max_epochs=max_epochs,
+        early_stopping=early_stopping,
+        plan={**(plan_config or {}), **(plan_kwargs or {})},
+        trainer={**(trainer_config or {}), **trainer_kwargs},
+        splitter=datasplitter_kwargs,
+        train_size=train_size,
+        checkpoint_dir=checkpoint_dir,
+        seed=seed,
+        devices=devices,
+        load_sparse_tensor=load_sparse_tensor,
+        validation_size=validation_size,
+        shuffle=shuffle_set_split,
+        batch_size=batch_size,
+        resume=resume,
+        block_rows=block_rows,
+        buffer_blocks=buffer_blocks,
+        accelerator=accelerator,
+    )
+    train_model(self, setup)
 
-    @docs.fill
-    def train(
-        self,
-        max_epochs: int | None = None,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        train_size: float | None = None,
-        validation_size: float | None = None,
-        shuffle_set_split: bool = True,
-        load_sparse_tensor: bool = False,
-        batch_size: int = 128,
-        early_stopping: bool = False,
-        datasplitter_kwargs: dict | None = None,
-        plan_config: dict | None = None,
-        plan_kwargs: dict | None = None,
-        datamodule=None,
-        trainer_config: dict | None = None,
-        *,
-        checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool = False,
-        seed: int | None = None,
-        block_rows: int | None = None,
-        buffer_blocks: int | None = None,
-        **trainer_kwargs,
-    ) -> None:
-        """Train with scvi-tools' defaults (Adam lr 1e-3, eps 0.01, weight decay 1e-6, KL warm-up over 400 epochs,
-        90/10 split; no validation unless early stopping, LR on plateau or check_val_every_n_epoch asks). Under
-        torch.distributed (torchrun, `distributed.launch`) every rank trains on its share; rank 0 checkpoints (save
-        with `distributed.on_rank_zero`).
 
-        Parameters
-        ----------
-        max_epochs
-            Default scvi-tools' heuristic, min(400, round(20,000 / n_cells * 400)).
-        accelerator, devices
-            "auto", "cpu", "gpu" or "cuda"; one process trains on one device (more: torchrun; else warned).
-        train_size, validation_size, shuffle_set_split, batch_size, early_stopping
-            scvi-tools' split (default 0.9 and the rest), cells per step and rank, stopping on the monitor.
-        load_sparse_tensor, datasplitter_kwargs
-            Ignored with a warning (CSR is read anyway); drop_last (data-loader options warned).
-        {datamodule}
-        plan_config, plan_kwargs
-            TrainingPlan options: lr, weight_decay, eps, optimizer ("Adam", "AdamW"), n_epochs_kl_warmup,
-            n_steps_kl_warmup, max_kl_weight, min_kl_weight, reduce_lr_on_plateau, lr_factor, lr_patience,
-            lr_threshold, lr_min, lr_scheduler_metric.
-        trainer_config, **trainer_kwargs
-            check_val_every_n_epoch, early_stopping_{monitor,patience,min_delta,warmup_epochs}, enable_progress_bar,
-            gradient_clip_val, max_steps, checkpoint_every_{n_steps,seconds}; Lightning's others are warned.
-        checkpoint_dir, resume
-            Checkpoint written atomically each epoch; resume=True continues a killed run to where it would have got.
-        seed, block_rows, buffer_blocks
-            Seeds split, sampler and torch (default settings.seed, which drew the initial weights: the same seed,
-            machine and thread count give the same model); the sampler's shuffle block and buffer sizes.
-        """
-        compat.refuse("train", datamodule=datamodule)
-        if self.minified_data_type is not None:
-            raise ValueError("a minified model holds no counts to train on; train the full model")
-        setup = TrainingSetup.of_call(
-            self.store.n_obs,
-            max_epochs=max_epochs,
-            early_stopping=early_stopping,
-            plan={**(plan_config or {}), **(plan_kwargs or {})},
-            trainer={**(trainer_config or {}), **trainer_kwargs},
-            splitter=datasplitter_kwargs,
-            train_size=train_size,
-            checkpoint_dir=checkpoint_dir,
-            seed=seed,
-            devices=devices,
-            load_sparse_tensor=load_sparse_tensor,
-            validation_size=validation_size,
-            shuffle=shuffle_set_split,
-            batch_size=batch_size,
-            resume=resume,
-            block_rows=block_rows,
-            buffer_blocks=buffer_blocks,
-            accelerator=accelerator,
-        )
-        train_model(self, setup)
-
-    @property
-    def history(self) -> dict[str, pd.DataFrame]:
-        """Per-epoch metrics as scvi-tools shows them: metric name -> DataFrame indexed by epoch."""
-        return persist.history_frames(self.history_)
+def history(self) -> dict[str, pd.DataFrame]:
+    """Per-epoch metrics as scvi-tools shows them: metric name -> DataFrame indexed by epoch."""
+    return persist.history_frames(self.history_)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The statistics are scvi-tools' (`DifferentialComputation.get_bayes_factors`, `_de_core`,
 `scrna_raw_counts_properties`), with their names, defaults and output columns; see `bayes_factors`. What differs is
-only how the inputs are gathered (the model side, in mixin.py): the raw statistics of every group come from one
+only how the inputs are gathered (differential.py): the raw statistics of every group come from one
 streaming pass over the counts (`GroupStatistics`), never from the counts of a group held in memory.
 
 Shapes: G genes; posterior samples are (n_samples, G) float32 arrays of px_scale (expression fractions).
