@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+import zarr
 from scipy import stats
 
 from scvi_scale import SCVI
@@ -161,8 +162,18 @@ def test_writer_never_touches_x_or_existing_entries(scratch_store):
     assert adata.obsm["X_small"].shape == (300, 2) and adata.uns["table"]["a"].tolist() == [1.0, 2.0]
 
 
-def test_separate_output_store_is_a_valid_anndata_store(scratch_store, tmp_path):
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_separate_output_store_is_a_valid_anndata_store(tmp_path, zarr_format):
+    """The new store holds the input's obs and var (a local input's files copied) in the input's Zarr format, and
+    not what a killed obs-column write left in the input's obs folder."""
+    scratch_store = tmp_path / "small.zarr"
+    synthetic_atlas(scratch_store, n_cells=300, n_genes=600, n_batches=2, n_cell_types=3, zarr_format=zarr_format)
+    leftover = scratch_store / "obs" / ".score.partial-0123456789ab"
+    leftover.mkdir()
+    (leftover / "zarr.json").write_text("{}")
     target = output_store(scratch_store, tmp_path / "outputs.zarr")
+    assert zarr.open_group(str(target), mode="r").metadata.zarr_format == zarr_format
+    assert not (Path(target) / "obs" / leftover.name).exists()
     write_obsm(target, "X_new", np.arange(600).reshape(300, 2))
     adata, source = anndata.read_zarr(target), anndata.read_zarr(scratch_store)
     assert adata.X is None and adata.obsm["X_new"][299, 1] == 599
