@@ -8,6 +8,7 @@ credentials never reach a model directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -249,6 +250,28 @@ def entry_seen(url: str, group: str, key: str) -> list:
     ]
 
 
+@contextlib.contextmanager
+def uploads_failing_at(suffix: str, monkeypatch):
+    """Inside the block, s3fs's upload of an object whose key ends with `suffix` fails as a dying writer's would
+    (a node's metadata: its completion marker); other uploads go through."""
+    import s3fs
+
+    real_put_file = s3fs.S3FileSystem._put_file
+
+    async def put_file_failing(self, lpath, rpath, *args, **kwargs):
+        if rpath.endswith(suffix):
+            raise ConnectionError("injected: the writer died here")
+        return await real_put_file(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", put_file_failing)
+    clear_filesystem_cache()  # new instances bind their sync methods to the patched one
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", real_put_file)
+        clear_filesystem_cache()
+
+
 # zarr warns of a prefix without metadata (an upload before its marker) and skips it: the invisibility we rely on
 invisible_prefix = pytest.mark.filterwarnings("ignore:Object at .* is not recognized as a component")
 
@@ -257,29 +280,17 @@ invisible_prefix = pytest.mark.filterwarnings("ignore:Object at .* is not recogn
 def test_an_upload_stopped_before_its_marker_is_seen_by_no_reader_and_the_rerun_finishes(s3_atlas, monkeypatch):
     """publish uploads an entry's chunks, then its metadata (the marker): fail the marker's PUT and the chunks are in
     the bucket but no reader lists the entry; read_output says it is incomplete; the rerun replaces them."""
-    import s3fs
-
     from scvi_scale.outputs.writer import OutputIncompleteError, read_output, write_obsm
 
     values = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
-    real_put_file = s3fs.S3FileSystem._put_file
-
-    async def put_file_failing_at_the_marker(self, lpath, rpath, *args, **kwargs):
-        if rpath.endswith("obsm/X_test/zarr.json"):
-            raise ConnectionError("injected: the writer died here")
-        return await real_put_file(self, lpath, rpath, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", put_file_failing_at_the_marker)
-    clear_filesystem_cache()  # new instances bind their sync methods to the patched one
-    with pytest.raises(ConnectionError):
-        write_obsm(s3_atlas, "X_test", values, chunk_rows=32)
-    fs, root = remote.filesystem(s3_atlas)
-    assert fs.find(f"{root}/obsm/X_test"), "the chunks were uploaded"
-    assert entry_seen(s3_atlas, "obsm", "X_test") == [None, None]
-    with pytest.raises(OutputIncompleteError, match="incomplete"):
-        read_output(s3_atlas, "obsm/X_test")
-    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", real_put_file)
-    clear_filesystem_cache()
+    with uploads_failing_at("obsm/X_test/zarr.json", monkeypatch):
+        with pytest.raises(ConnectionError):
+            write_obsm(s3_atlas, "X_test", values, chunk_rows=32)
+        fs, root = remote.filesystem(s3_atlas)
+        assert fs.find(f"{root}/obsm/X_test"), "the chunks were uploaded"
+        assert entry_seen(s3_atlas, "obsm", "X_test") == [None, None]
+        with pytest.raises(OutputIncompleteError, match="incomplete"):
+            read_output(s3_atlas, "obsm/X_test")
     write_obsm(s3_atlas, "X_test", values, chunk_rows=32)
     for view in entry_seen(s3_atlas, "obsm", "X_test"):
         np.testing.assert_array_equal(view, values)
@@ -292,7 +303,6 @@ def test_obs_columns_go_into_a_bucket_store_whole_or_not_at_all(s3_atlas, local_
     fsspec; an upload that dies before the column's metadata leaves the store without it (and a replaced column
     gone, never half-written); the rerun writes it; without overwrite an existing column is refused."""
     import fsspec
-    import s3fs
 
     from scvi_scale.outputs.writer import write_obs_column
 
@@ -314,20 +324,10 @@ def test_obs_columns_go_into_a_bucket_store_whole_or_not_at_all(s3_atlas, local_
     with pytest.raises(FileExistsError, match="obs/score exists"):
         write_obs_column(s3_atlas, "score", scores)
 
-    real_put_file = s3fs.S3FileSystem._put_file
-
-    async def put_file_failing_at_the_marker(self, lpath, rpath, *args, **kwargs):
-        if rpath.endswith("obs/score/zarr.json"):
-            raise ConnectionError("injected: the writer died here")
-        return await real_put_file(self, lpath, rpath, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", put_file_failing_at_the_marker)
-    clear_filesystem_cache()
-    with pytest.raises(ConnectionError):
-        write_obs_column(s3_atlas, "score", scores * 2, overwrite=True)
-    assert "score" not in obs_seen() and "predicted" in obs_seen()
-    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", real_put_file)
-    clear_filesystem_cache()
+    with uploads_failing_at("obs/score/zarr.json", monkeypatch):
+        with pytest.raises(ConnectionError):
+            write_obs_column(s3_atlas, "score", scores * 2, overwrite=True)
+        assert "score" not in obs_seen() and "predicted" in obs_seen()
     write_obs_column(s3_atlas, "score", scores * 2, overwrite=True)
     np.testing.assert_array_equal(obs_seen()["score"], scores * 2)
 
