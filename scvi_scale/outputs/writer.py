@@ -739,13 +739,12 @@ def _rename_obs_column_into_place(folder: Path, obs: zarr.Group, key: str, encod
 
 def _upload_obs_column(store: str, obs: zarr.Group, key: str, encoded) -> None:
     """write_obs_column into a bucket: a column being replaced first leaves column-order (readers see the store
-    without it), then the new one is encoded under TMPDIR and uploaded, its metadata last."""
+    without it), then the new one is encoded under TMPDIR and uploaded, its metadata last (publish deletes the old
+    one's objects first)."""
     order = list(obs.attrs.get("column-order", []))
     if key in order:
         obs.attrs["column-order"] = [name for name in order if name != key]
         reconsolidate(store)
-    if key in obs:
-        remote.remove_node(f"{store}/obs/{key}")
     scratch = progress_folder(store, f"obs/{key}") / "staging"
     shutil.rmtree(scratch, ignore_errors=True)
     write_elem(zarr.open_group(str(scratch), mode="w", zarr_format=obs.metadata.zarr_format), key, encoded)
